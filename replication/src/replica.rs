@@ -1,0 +1,32 @@
+//! The replica abstraction. Every kind of replica (local file or device today,
+//! a remote replica server later, a copy-on-write snapshot store after that)
+//! implements [`Replica`]; the nexus sees nothing else.
+//!
+//! A `Replica` value is a *per-queue handle*: it runs on one ublk queue thread and
+//! may hold that thread's io_uring, so it is not `Send`. State shared between queues
+//! (open files, connections) sits behind an `Arc` inside the implementation.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::error::Errno;
+use crate::ids::{ByteLen, ByteOffset};
+
+pub type IoResult = Result<(), Errno>;
+/// Boxed so `dyn Replica` works across replica kinds; one small allocation per op.
+pub type IoFuture<'a> = Pin<Box<dyn Future<Output = IoResult> + 'a>>;
+
+pub trait Replica {
+    /// Human-readable location (path, address) for logs and the CLI.
+    fn location(&self) -> &str;
+    /// Fill `buf` from `offset`. The whole buffer or an error: never short.
+    fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a>;
+    /// Write all of `buf` at `offset`; with `fua`, durable before completion.
+    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a>;
+    /// Make every completed write durable.
+    fn flush(&self) -> IoFuture<'_>;
+    /// Advisory: the range's contents become unspecified. Unsupported is not an error.
+    fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_>;
+    /// The range reads back as zeroes afterwards.
+    fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_>;
+}

@@ -1,0 +1,134 @@
+//! An in-memory replica with fault injection, for unit tests of the nexus logic
+//! (and of anything built on it). Not used by the daemon.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::Errno;
+use crate::ids::{ByteLen, ByteOffset};
+use crate::replica::{IoFuture, Replica};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    None = 0,
+    /// Every operation fails with EIO.
+    All = 1,
+    /// Reads fail with EIO; everything else works.
+    Reads = 2,
+    /// Writes (and flush/discard/zeroes) fail with EIO; reads work.
+    Writes = 3,
+}
+
+/// The shared contents of one in-memory replica.
+pub struct MemStore {
+    data: Mutex<Vec<u8>>,
+    fault: AtomicU8,
+    reads: AtomicU64,
+    flushes: AtomicU64,
+}
+
+impl MemStore {
+    pub fn new(size: usize) -> Arc<MemStore> {
+        Arc::new(MemStore {
+            data: Mutex::new(vec![0; size]),
+            fault: AtomicU8::new(Fault::None as u8),
+            reads: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        self.fault.store(f as u8, Ordering::SeqCst);
+    }
+
+    pub fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
+        self.data.lock().unwrap()[off..off + len].to_vec()
+    }
+
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    fn fails(&self, is_read: bool) -> bool {
+        match self.fault.load(Ordering::SeqCst) {
+            x if x == Fault::All as u8 => true,
+            x if x == Fault::Reads as u8 => is_read,
+            x if x == Fault::Writes as u8 => !is_read,
+            _ => false,
+        }
+    }
+
+    fn mutate(&self, f: impl FnOnce(&mut Vec<u8>)) -> Result<(), Errno> {
+        if self.fails(false) {
+            return Err(Errno::EIO);
+        }
+        f(&mut self.data.lock().unwrap());
+        Ok(())
+    }
+}
+
+pub struct MemReplica {
+    store: Arc<MemStore>,
+    location: String,
+}
+
+impl MemReplica {
+    pub fn new(store: Arc<MemStore>) -> MemReplica {
+        MemReplica {
+            location: format!("mem:{:p}", Arc::as_ptr(&store)),
+            store,
+        }
+    }
+}
+
+fn range(off: ByteOffset, len: u64) -> std::ops::Range<usize> {
+    off.0 as usize..(off.0 + len) as usize
+}
+
+impl Replica for MemReplica {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
+        self.store.reads.fetch_add(1, Ordering::SeqCst);
+        let res = if self.store.fails(true) {
+            Err(Errno::EIO)
+        } else {
+            let data = self.store.data.lock().unwrap();
+            buf.copy_from_slice(&data[range(offset, buf.len() as u64)]);
+            Ok(())
+        };
+        Box::pin(std::future::ready(res))
+    }
+
+    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], _fua: bool) -> IoFuture<'a> {
+        let res = self
+            .store
+            .mutate(|d| d[range(offset, buf.len() as u64)].copy_from_slice(buf));
+        Box::pin(std::future::ready(res))
+    }
+
+    fn flush(&self) -> IoFuture<'_> {
+        let res = self.store.mutate(|_| ());
+        if res.is_ok() {
+            self.store.flushes.fetch_add(1, Ordering::SeqCst);
+        }
+        Box::pin(std::future::ready(res))
+    }
+
+    fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
+        let res = self.store.mutate(|d| d[range(offset, len.0)].fill(0));
+        Box::pin(std::future::ready(res))
+    }
+
+    fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, _no_unmap: bool) -> IoFuture<'_> {
+        let res = self.store.mutate(|d| d[range(offset, len.0)].fill(0));
+        Box::pin(std::future::ready(res))
+    }
+}

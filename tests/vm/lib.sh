@@ -1,0 +1,301 @@
+# Guest-side helpers (busybox sh). Sourced by the runner (/init -> run_suite) and by each scenario
+# process. A suite file (tests/vm/suites/NAME.sh) defines:
+#   SCENARIOS="a b c"        the scenarios in run order
+#   a() { ...; }             one function per scenario; return 0 = pass, `fail MSG` = fail
+#   timeout_a=300            optional per-scenario timeout in seconds (default $DEFAULT_TIMEOUT)
+# Each scenario runs in its own process group (setsid) with its own scratch dir $T, so a hang is
+# killed without taking the whole run down, and leftovers are cleaned up before the next one.
+
+# Real tools by full path: Debian's busybox sh runs its own applet for a bare `losetup`, `mount`,
+# ... even when another binary comes first in PATH, and the applets lack options we use.
+UBLKD=/usr/local/bin/ublkd
+UBLKCTL=/usr/local/bin/ublkctl
+MKFS_EXT4=/usr/sbin/mkfs.ext4
+E2FSCK=/usr/sbin/e2fsck
+LOSETUP=/usr/sbin/losetup
+BLOCKDEV=/usr/sbin/blockdev
+DMSETUP=/usr/sbin/dmsetup
+MOUNT=/usr/bin/mount
+UMOUNT=/usr/bin/umount
+FIO=/usr/bin/fio
+SOCK=/run/ublkd/ublkd.sock
+DEFAULT_TIMEOUT=180
+# No udev in the guest: tell libdevmapper not to wait for it (it would hang on a udev cookie).
+export DM_DISABLE_UDEV=1
+export RUST_BACKTRACE=1
+
+now() { cut -d' ' -f1 /proc/uptime; }
+say() { echo "[$(now)] $*"; }
+
+# Fail the current scenario. Only meaningful in the scenario's main shell (not in a `( ... ) &`).
+fail() {
+  say "FAIL: $*"
+  [ -s "$T/reason" ] || echo "$*" > "$T/reason"
+  exit 1
+}
+
+# run CMD...: run and log a command, fail the scenario if it exits non-zero.
+run() {
+  say "+ $*"
+  "$@"
+  _rc=$?
+  [ $_rc -eq 0 ] || fail "'$*' exited $_rc"
+}
+
+# need_ublk: the kernel side must be there, or the scenario fails (never passes vacuously).
+need_ublk() {
+  [ -c /dev/ublk-control ] || fail "/dev/ublk-control missing (ublk_drv not loaded?)"
+  [ -x "$UBLKD" ] || fail "$UBLKD missing from the initramfs"
+  [ -x "$UBLKCTL" ] || fail "$UBLKCTL missing from the initramfs"
+}
+
+# alive PID: running and not a zombie (a killed child stays in /proc until wait()ed; orphans
+# reparented to PID 1 may stay zombies forever).
+alive() {
+  [ -r "/proc/$1/stat" ] || return 1
+  _st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -n "$_st" ] && [ "$_st" != Z ]
+}
+
+# Pids of live ublkd processes.
+ublkd_pids() {
+  for _p in $(pidof ublkd 2>/dev/null); do alive "$_p" && echo "$_p"; done
+}
+no_ublkd() { [ -z "$(ublkd_pids)" ]; }
+
+# wait_for SECS CMD...: poll CMD every 0.2 s until it succeeds; non-zero after SECS.
+wait_for() {
+  _deadline=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
+  while ! "$@" >/dev/null 2>&1; do
+    [ "$(cut -d. -f1 /proc/uptime)" -lt "$_deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+# wait_pid PID SECS: wait() for a child with a deadline (SIGKILL after SECS). Returns its status.
+wait_pid() {
+  ( sleep "$2"; kill -KILL "$1" 2>/dev/null && echo "wait_pid: killed $1 after $2 s" ) &
+  _w=$!
+  wait "$1"
+  _rc=$?
+  kill "$_w" 2>/dev/null
+  return $_rc
+}
+
+# mkconf FILE VOLUME SIZE REPLICA...: write a ublkd config. Knobs: BS (block_size, 4096),
+# QUEUES (1), DEPTH (128), DEVICE_ID (0), LOG_LEVEL (info), STATE_DIR.
+mkconf() {
+  _f=$1 _vol=$2 _size=$3; shift 3
+  _reps=""
+  for _r in "$@"; do _reps="$_reps${_reps:+, }{ local = \"$_r\" }"; done
+  cat > "$_f" <<EOF
+[node]
+state_dir = "${STATE_DIR:-/var/lib/ublkd/$SCENARIO}"
+control_socket = "$SOCK"
+log_level = "${LOG_LEVEL:-info}"
+
+[[volume]]
+name = "$_vol"
+size = "$_size"
+block_size = ${BS:-4096}
+queues = ${QUEUES:-1}
+depth = ${DEPTH:-128}
+device_id = ${DEVICE_ID:-0}
+replicas = [ $_reps ]
+EOF
+  # The runner's cleanup uses the last config to recover a device a killed daemon left behind.
+  cp "$_f" "$T/last.conf"
+  say "config $_f:"; sed 's/^/    /' "$_f"
+}
+
+# start_ublkd CONF: start the daemon in the background (log: $T/ublkd.log); sets DPID.
+# It is a child of the scenario shell, never of a writer, so killing it orphans nothing we wait on.
+start_ublkd() {
+  echo "==== $(now) ublkd --config $1" >> "$T/ublkd.log"
+  "$UBLKD" --config "$1" >> "$T/ublkd.log" 2>&1 &
+  DPID=$!
+  say "started ublkd pid $DPID"
+}
+
+# stop_ublkd [SECS]: SIGTERM the daemon started by start_ublkd, wait for it; returns its status.
+stop_ublkd() {
+  kill -TERM "$DPID" 2>/dev/null
+  wait_pid "$DPID" "${1:-30}"
+}
+
+# wait_dev DEV [SECS]: the block device node exists and a direct read of its first block works.
+dev_ready() { [ -b "$1" ] && timeout 10 dd if="$1" of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; }
+wait_dev() {
+  wait_for "${2:-20}" dev_ready "$1" || fail "$1 not ready within ${2:-20}s (see ublkd.log)"
+  say "$1 ready"
+}
+
+# vol_status VOL: `ublkctl status VOL --output json`, flattened to one line without whitespace.
+vol_status() {
+  timeout 10 "$UBLKCTL" --socket "$SOCK" status "$1" --output json 2>>"$T/ublkctl.err" | tr -d ' \t\r\n'
+}
+
+# Crude JSON access for busybox (no jq). Works on the flattened form; string values must not
+# contain braces or brackets (true for our paths and states).
+# json_strip_nested: drop every nested {...}/[...] inside the outermost object.
+json_strip_nested() {
+  sed 's/^{//; s/}$//' | sed -e ':a' -e 's/{[^{}]*}//g; s/\[[^][]*\]//g; ta'
+}
+# json_top_field KEY: value of a top-level key, quotes removed.
+json_top_field() {
+  json_strip_nested | tr ',' '\n' | sed -n "s/^\"$1\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -n1
+}
+# json_replicas: one replica object per line (the elements of the "replicas" array).
+json_replicas() {
+  awk '{
+    i = index($0, "\"replicas\":[")
+    if (i == 0) exit
+    s = substr($0, i + length("\"replicas\":["))
+    depth = 0; cur = ""
+    for (k = 1; k <= length(s); k++) {
+      c = substr(s, k, 1)
+      if (depth == 0 && c == "]") break
+      if (c == "{" || c == "[") depth++
+      if (c == "}" || c == "]") depth--
+      if (depth > 0 || c == "}") cur = cur c
+      if (depth == 0 && c == "}") { print cur; cur = "" }
+    }
+  }'
+}
+# replica_state JSON INDEX: "online", "faulted", ... of replica INDEX.
+replica_state() {
+  echo "$1" | json_replicas | while read -r _o; do
+    _i=$(echo "$_o" | json_top_field index)
+    [ "$_i" = "$2" ] && echo "$_o" | json_top_field state
+  done | head -n1
+}
+
+# wait_live VOL [SECS]: the daemon answers and reports the volume live.
+vol_is_live() { [ "$(vol_status "$1" | json_top_field state)" = live ]; }
+wait_live() {
+  wait_for "${2:-30}" vol_is_live "$1" || fail "volume $1 not live within ${2:-30}s (status: $(vol_status "$1"))"
+  say "volume $1 live"
+}
+
+# Kernel log since this scenario started (the runner writes a marker to /dev/kmsg).
+dmesg_since_start() { dmesg | awk -v m="vmtest: start $SCENARIO" 'index($0, m) {p = 1} p'; }
+
+# no_kernel_errors DEV: fail if the kernel logged I/O errors for DEV (e.g. ublkb0) or ext4
+# errors during this scenario. Errors on a replica device (dm-N) are expected in fault tests.
+no_kernel_errors() {
+  _e=$(dmesg_since_start | grep -E "I/O error.*dev $1|Buffer I/O error on dev $1|EXT4-fs error|EXT4-fs.*$1.*(error|abort)|BUG:|Oops|WARNING:" | head -n 5)
+  [ -z "$_e" ] || fail "kernel errors: $(echo "$_e" | tr '\n' ' ')"
+}
+
+# dm_dev NAME: /dev/dm-N of a device-mapper device (no udev, so no /dev/mapper/NAME).
+dm_dev() {
+  for _d in /sys/block/dm-*; do
+    [ "$(cat "$_d/dm/name" 2>/dev/null)" = "$1" ] && { echo "/dev/${_d##*/}"; return 0; }
+  done
+  return 1
+}
+
+# drop_caches: make the next reads go to the device (i.e. through ublkd), not the page cache.
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# ---------------------------------------------------------------------------------------------
+# Runner (called from /init).
+# ---------------------------------------------------------------------------------------------
+
+# Leave the guest as the next scenario expects it, whatever this one did: no stray processes,
+# no mounts, no ublk/dm/loop devices. Best effort; prints what it had to do.
+cleanup_scenario() {
+  _pg=$1
+  # Everything else in the scenario's process group (writers, fio), but not the daemon yet: with
+  # a filesystem still mounted on its device it must stay up to let the umount flush.
+  for _p in $(ls /proc | grep -E '^[0-9]+$'); do
+    [ -r "/proc/$_p/stat" ] || continue
+    _pgrp=$(sed 's/.*) //' "/proc/$_p/stat" 2>/dev/null | cut -d' ' -f3)
+    [ "$_pgrp" = "$_pg" ] || continue
+    case " $(ublkd_pids | tr '\n' ' ') " in *" $_p "*) continue ;; esac
+    kill -KILL "$_p" 2>/dev/null && echo "cleanup: killed pid $_p ($(cat /proc/$_p/comm 2>/dev/null))"
+  done
+  # A device left QUIESCED by a killed daemon blocks every I/O (umount would hang): recover it.
+  if ls /sys/class/ublk-char/ 2>/dev/null | grep -q ublkc && [ -z "$(ublkd_pids)" ] && [ -f "$T/last.conf" ]; then
+    echo "cleanup: ublk devices but no daemon: recovering with $T/last.conf"
+    "$UBLKD" --config "$T/last.conf" >> "$T/ublkd-cleanup.log" 2>&1 &
+    sleep 3
+  fi
+  for _m in $(awk '$2 ~ /^\/mnt\// {print $2}' /proc/mounts | sort -r); do
+    echo "cleanup: umount $_m"
+    timeout 30 "$UMOUNT" "$_m" || echo "cleanup: umount $_m failed"
+  done
+  for _p in $(ublkd_pids); do
+    echo "cleanup: SIGTERM ublkd $_p"
+    kill -TERM "$_p"
+  done
+  wait_for 20 no_ublkd
+  for _p in $(ublkd_pids); do echo "cleanup: SIGKILL ublkd $_p"; kill -KILL "$_p"; done
+  timeout 20 "$DMSETUP" remove_all --force >/dev/null 2>&1
+  timeout 20 "$LOSETUP" -D >/dev/null 2>&1
+  if ls /sys/class/ublk-char/ 2>/dev/null | grep -q ublkc; then
+    echo "@@WARN leftover ublk devices after $SCENARIO: $(ls /sys/class/ublk-char/ | tr '\n' ' ')"
+  fi
+}
+
+# Diagnostics for a failed scenario, between markers the host extracts.
+print_diag() {
+  echo "@@LOG BEGIN $SCENARIO"
+  echo "--- scenario log (last 60 lines) ---"; tail -n 60 "$T/scenario.log"
+  for _l in "$T"/ublkd*.log "$T"/ublkctl.err "$T"/*.fio.log; do
+    [ -s "$_l" ] || continue
+    echo "--- $(basename "$_l") (last 60 lines) ---"; tail -n 60 "$_l"
+  done
+  echo "--- ublk devices ---"; ls /sys/class/ublk-char/ /dev/ 2>&1 | grep -E 'ublk' | tr '\n' ' '; echo
+  echo "--- dmesg since start (last 40 lines) ---"; dmesg_since_start | tail -n 40
+  echo "@@LOG END $SCENARIO"
+}
+
+run_one() {
+  SCENARIO=$1
+  T=/tmp/t/$SCENARIO
+  rm -rf "$T"; mkdir -p "$T"
+  export SCENARIO T
+  eval "_to=\${timeout_$SCENARIO:-$DEFAULT_TIMEOUT}"
+  echo "vmtest: start $SCENARIO" > /dev/kmsg
+  echo "@@START $SCENARIO"
+  _t0=$(cut -d. -f1 /proc/uptime)
+  # Output goes to the console live (via tee) and to scenario.log for the failure report.
+  mkfifo "$T/out"
+  tee "$T/scenario.log" < "$T/out" &
+  _tee=$!
+  # setsid: own process group, so the timeout can kill the whole scenario (pid == pgid).
+  setsid /bin/sh -c ". /tests/lib.sh; . /tests/suites/$SUITE.sh; cd \$T; $SCENARIO" > "$T/out" 2>&1 < /dev/null &
+  _pid=$!
+  ( sleep "$_to"
+    if alive "$_pid"; then echo "timed out after ${_to}s" > "$T/timeout"; kill -KILL -- "-$_pid"; fi ) &
+  _wd=$!
+  wait "$_pid"
+  _rc=$?
+  kill "$_wd" 2>/dev/null
+  _secs=$(( $(cut -d. -f1 /proc/uptime) - _t0 ))
+  if [ -f "$T/timeout" ]; then _verdict=FAIL; _reason=$(cat "$T/timeout")
+  elif [ $_rc -eq 0 ]; then _verdict=PASS; _reason=""
+  else _verdict=FAIL; _reason=$(cat "$T/reason" 2>/dev/null); _reason=${_reason:-exit status $_rc}
+  fi
+  # Stragglers in the group still hold the fifo: the cleanup kills them, then tee sees EOF.
+  cleanup_scenario "$_pid" > "$T/cleanup.log" 2>&1
+  sleep 0.2; kill "$_tee" 2>/dev/null; wait "$_tee" 2>/dev/null
+  cat "$T/cleanup.log"
+  [ $_verdict = PASS ] || print_diag
+  echo "@@RESULT $_verdict $SCENARIO $_secs $(echo "$_reason" | tr '\n' ' ' | cut -c1-300)"
+}
+
+run_suite() {
+  . "/tests/suites/$SUITE.sh"
+  # REQUESTED comes from /etc/vmtest.env (run SUITE SCENARIO...); empty = the whole suite.
+  _list=${REQUESTED:-$SCENARIOS}
+  echo "@@PLAN $_list"
+  for _s in $_list; do
+    if ! type "$_s" >/dev/null 2>&1; then
+      echo "@@RESULT FAIL $_s 0 no such scenario in suite $SUITE"
+      continue
+    fi
+    run_one "$_s"
+  done
+}

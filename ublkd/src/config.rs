@@ -1,0 +1,1654 @@
+//! Configuration file (`ublk.toml`) loading and validation.
+//!
+//! The file is deserialized in two stages:
+//!
+//! 1. TOML text -> private `Raw*` structs. Every field is wrapped in
+//!    [`toml::Spanned`] so that the byte offset (and therefore the line) of
+//!    every value is known, and every table uses `deny_unknown_fields`.
+//!    Type errors reported by `toml`/`serde` are turned into
+//!    [`ConfigError::Parse`], which names the offending key and line.
+//! 2. `Raw*` -> public [`Config`], applying defaults and semantic checks
+//!    (ranges, alignment, uniqueness, absolute paths). Violations become
+//!    [`ConfigError::Invalid`], again naming the key and its line.
+//!
+//! A configuration with zero volumes is valid (the daemon idles); callers
+//! may want to log a warning when [`Config::volumes`] is empty.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default for `[node] state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ublkd";
+/// Default for `[node] control_socket`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ublkd/ublkd.sock";
+/// Default for `[node] log_level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Accepted values of `[node] log_level`.
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// Default for `block_size` (bytes).
+pub const DEFAULT_BLOCK_SIZE: u32 = 512;
+/// Default for `queues`.
+pub const DEFAULT_QUEUES: u16 = 1;
+/// Upper bound for `queues`.
+pub const MAX_QUEUES: u16 = 32;
+/// Default for `depth`.
+pub const DEFAULT_DEPTH: u16 = 128;
+/// Upper bound for `depth`.
+pub const MAX_DEPTH: u16 = 4096;
+/// Default for `max_io` (bytes).
+pub const DEFAULT_MAX_IO_BYTES: u32 = 512 * 1024;
+/// Lower bound for `max_io` (bytes); `max_io` must also be a multiple of it.
+pub const MIN_MAX_IO_BYTES: u32 = 4096;
+/// Upper bound for `max_io` (bytes), the kernel's ublk limit.
+pub const MAX_MAX_IO_BYTES: u32 = 32 * 1024 * 1024;
+/// Upper bound (exclusive) for `device_id`.
+pub const MAX_DEVICE_ID: u32 = 1 << 20;
+/// Upper bound (inclusive) for `size` (bytes).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
+/// Upper bound for the number of replicas of one volume.
+pub const MAX_REPLICAS: usize = 8;
+/// Maximum length of a volume name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    /// Volumes in file order. May be empty (the daemon then idles).
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// The `[node]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Absolute directory for daemon state.
+    pub state_dir: PathBuf,
+    /// Absolute path of the control unix socket.
+    pub control_socket: PathBuf,
+    /// One of [`LOG_LEVELS`], always lower case.
+    pub log_level: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
+        }
+    }
+}
+
+/// One `[[volume]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// `[A-Za-z0-9_.-]{1,64}` (not `.` or `..`), unique.
+    pub name: String,
+    /// Size in bytes: > 0, multiple of `block_size`, <= 2^63.
+    pub size: u64,
+    /// 512 or 4096.
+    pub block_size: u32,
+    /// 1..=32.
+    pub queues: u16,
+    /// 1..=4096.
+    pub depth: u16,
+    /// From key `max_io`: multiple of 4096 in 4KiB..=32MiB.
+    pub max_io_bytes: u32,
+    /// Stable `/dev/ublkbN` id, unique, < 2^20. `None` = kernel picks.
+    pub device_id: Option<u32>,
+    /// 1..=8 replicas with distinct backing paths.
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+/// One replica of a volume.
+///
+/// TOML: each element of `replicas` is an inline table whose keys select the
+/// kind, e.g. `{ local = "/abs/path" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplicaConfig {
+    /// A local file (created sparse by the daemon) or block device.
+    Local { path: PathBuf },
+}
+
+impl ReplicaConfig {
+    /// The local backing path, if this replica is local.
+    pub fn local_path(&self) -> Option<&Path> {
+        match self {
+            ReplicaConfig::Local { path } => Some(path),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a configuration file. The path (as given) is used as
+    /// the origin in error messages.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses configuration text. `origin` (usually the file name) prefixes
+    /// error messages, e.g. `ublk.toml:12: ...`.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parse_error(text, origin, &e))?;
+        Validator { text, origin }.config(raw)
+    }
+
+    /// Looks up a volume by name.
+    pub fn volume(&self, name: &str) -> Option<&VolumeConfig> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+}
+
+/// Errors from loading a configuration. `Display` is always a single line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax error or a value of the wrong type / an unknown key.
+    #[error("{origin}:{line}:{column}: {}{message}", prefix(section, key))]
+    Parse {
+        origin: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column (in characters).
+        column: usize,
+        /// e.g. `volume "vol0"`, `volume #2`, `[node]`; `None` if unknown or top level.
+        section: Option<String>,
+        /// Key path relative to `section`, e.g. `block_size`,
+        /// `replicas[1].local`; `None` if it could not be determined.
+        key: Option<String>,
+        message: String,
+    },
+    /// The file is well-formed but a value violates a rule.
+    #[error("{origin}:{line}: {}{message}", prefix(section, &Some(key.clone())))]
+    Invalid {
+        origin: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// e.g. `volume "vol0"`, `volume #2`, `[node]`; `None` at top level.
+        section: Option<String>,
+        /// Key path relative to `section`, e.g. `block_size`, `replicas[1].local`.
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// 1-based line of the error, if it has one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Parse { line, .. } | ConfigError::Invalid { line, .. } => Some(*line),
+        }
+    }
+
+    /// The offending key, if known.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Parse { key, .. } => key.as_deref(),
+            ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+fn prefix(section: &Option<String>, key: &Option<String>) -> String {
+    let mut s = String::new();
+    if let Some(section) = section {
+        s.push_str(section);
+        s.push_str(": ");
+    }
+    if let Some(key) = key {
+        s.push_str(&format!("key \"{key}\": "));
+    }
+    s
+}
+
+/// Parses a size such as `"10GiB"`, `"512 KiB"`, `"4k"` or `"4096"` into bytes.
+///
+/// Units are binary and case-insensitive: `B`, `KiB`, `MiB`, `GiB`, `TiB`,
+/// with `K`, `M`, `G`, `T` accepted as aliases. No unit means bytes.
+/// Decimal units (`KB`, `GB`, ...) and fractions are rejected.
+pub fn parse_size(input: &str) -> Result<u64, String> {
+    const ACCEPTED: &str = "accepted units: B, KiB, MiB, GiB, TiB (binary; K, M, G, T are aliases)";
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(format!("empty size; expected e.g. \"10GiB\"; {ACCEPTED}"));
+    }
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, rest) = s.split_at(digits_end);
+    if number.is_empty() {
+        return Err(format!(
+            "{input:?} is not a size: expected a whole number optionally followed by a unit, e.g. \"10GiB\"; {ACCEPTED}"
+        ));
+    }
+    if rest.starts_with(['.', ',']) {
+        return Err(format!(
+            "{input:?}: fractional sizes are not supported; use a smaller unit (e.g. \"1536MiB\" instead of \"1.5GiB\")"
+        ));
+    }
+    let unit = rest.trim_start();
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        lower @ ("kb" | "mb" | "gb" | "tb") => {
+            let binary = format!("{}iB", lower[..1].to_ascii_uppercase());
+            return Err(format!(
+                "{input:?}: decimal unit \"{unit}\" is not accepted, did you mean \"{number}{binary}\"? {ACCEPTED}"
+            ));
+        }
+        _ => return Err(format!("{input:?}: unknown unit \"{unit}\"; {ACCEPTED}")),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{input:?} is too large"))?;
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{input:?} is too large"))
+}
+
+// ---------------------------------------------------------------------------
+// Raw (spanned) representation
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<RawNode>,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<Spanned<RawVolume>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    state_dir: Option<Spanned<String>>,
+    control_socket: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Option<Spanned<String>>,
+    size: Option<Spanned<RawSize>>,
+    block_size: Option<Spanned<i64>>,
+    queues: Option<Spanned<i64>>,
+    depth: Option<Spanned<i64>>,
+    max_io: Option<Spanned<RawSize>>,
+    device_id: Option<Spanned<i64>>,
+    replicas: Option<Spanned<Vec<Spanned<RawReplica>>>>,
+}
+
+/// One element of `replicas`. Each replica kind is a key; exactly one kind
+/// key must be present. A future `remote = "host:port"` kind adds its fields
+/// (`remote`, `id`) here and a branch in `Validator::replica`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    local: Option<Spanned<String>>,
+}
+
+/// A size as written: a string with unit or a bare integer (bytes).
+enum RawSize {
+    Int(i64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size string such as \"10GiB\" or an integer number of bytes")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawSize, E> {
+                i64::try_from(v)
+                    .map(RawSize::Int)
+                    .map_err(|_| E::custom("size is too large"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Str(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl RawSize {
+    /// Bytes, or an error message (without key/line).
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            RawSize::Int(v) => u64::try_from(*v).map_err(|_| format!("must be positive, got {v}")),
+            RawSize::Str(s) => parse_size(s),
+        }
+    }
+
+    fn as_written(&self) -> String {
+        match self {
+            RawSize::Int(v) => v.to_string(),
+            RawSize::Str(s) => format!("{s:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Semantic validation
+// ---------------------------------------------------------------------------
+
+struct Validator<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+/// Where a backing path was first seen, for duplicate diagnostics.
+struct PathUse {
+    volume: String,
+    replica: usize,
+    line: usize,
+}
+
+impl Validator<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    fn invalid(
+        &self,
+        span: &Range<usize>,
+        section: &Option<String>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            line: self.line(span),
+            section: section.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let node = match raw.node {
+            Some(n) => self.node(n)?,
+            None => NodeConfig::default(),
+        };
+        let mut volumes: Vec<VolumeConfig> = Vec::with_capacity(raw.volumes.len());
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut device_ids: HashMap<u32, (String, usize)> = HashMap::new();
+        let mut paths: HashMap<PathBuf, PathUse> = HashMap::new();
+        for (index, raw_volume) in raw.volumes.into_iter().enumerate() {
+            let volume_span = raw_volume.span();
+            let volume = self.volume(
+                index,
+                volume_span,
+                raw_volume.into_inner(),
+                &mut names,
+                &mut device_ids,
+                &mut paths,
+            )?;
+            volumes.push(volume);
+        }
+        Ok(Config { node, volumes })
+    }
+
+    fn node(&self, raw: RawNode) -> Result<NodeConfig, ConfigError> {
+        let section = Some("[node]".to_string());
+        let mut node = NodeConfig::default();
+        if let Some(v) = raw.state_dir {
+            node.state_dir = self.absolute_path(&v, &section, "state_dir")?;
+        }
+        if let Some(v) = raw.control_socket {
+            node.control_socket = self.absolute_path(&v, &section, "control_socket")?;
+        }
+        if let Some(v) = raw.log_level {
+            let level = v.get_ref().to_ascii_lowercase();
+            if !LOG_LEVELS.contains(&level.as_str()) {
+                return Err(self.invalid(
+                    &v.span(),
+                    &section,
+                    "log_level",
+                    format!(
+                        "must be one of {}, got {:?}",
+                        LOG_LEVELS.join("|"),
+                        v.get_ref()
+                    ),
+                ));
+            }
+            node.log_level = level;
+        }
+        Ok(node)
+    }
+
+    fn absolute_path(
+        &self,
+        v: &Spanned<String>,
+        section: &Option<String>,
+        key: &str,
+    ) -> Result<PathBuf, ConfigError> {
+        let path = Path::new(v.get_ref());
+        if !path.is_absolute() {
+            return Err(self.invalid(
+                &v.span(),
+                section,
+                key,
+                format!("path must be absolute, got {:?}", v.get_ref()),
+            ));
+        }
+        Ok(path.to_path_buf())
+    }
+
+    /// Checks an integer against an inclusive range.
+    fn ranged(
+        &self,
+        v: &Spanned<i64>,
+        section: &Option<String>,
+        key: &str,
+        min: i64,
+        max: i64,
+    ) -> Result<i64, ConfigError> {
+        let value = *v.get_ref();
+        if value < min || value > max {
+            return Err(self.invalid(
+                &v.span(),
+                section,
+                key,
+                format!("must be between {min} and {max}, got {value}"),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn volume(
+        &self,
+        index: usize,
+        volume_span: Range<usize>,
+        raw: RawVolume,
+        names: &mut HashMap<String, usize>,
+        device_ids: &mut HashMap<u32, (String, usize)>,
+        paths: &mut HashMap<PathBuf, PathUse>,
+    ) -> Result<VolumeConfig, ConfigError> {
+        // Until the name is validated, refer to the volume by position.
+        let mut section = Some(format!("volume #{}", index + 1));
+        let missing = |key: &str, what: &str| {
+            self.invalid(
+                &volume_span,
+                &section,
+                key,
+                format!("missing required key ({what})"),
+            )
+        };
+
+        // name
+        let Some(name_v) = raw.name else {
+            return Err(missing("name", "e.g. name = \"vol0\""));
+        };
+        let name = name_v.get_ref().clone();
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            && name != "."
+            && name != "..";
+        if !name_ok {
+            return Err(self.invalid(
+                &name_v.span(),
+                &section,
+                "name",
+                format!(
+                    "must be 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-] (and not \".\" or \"..\"), got {name:?}"
+                ),
+            ));
+        }
+        if let Some(first) = names.get(&name) {
+            return Err(self.invalid(
+                &name_v.span(),
+                &section,
+                "name",
+                format!("duplicate volume name {name:?} (first defined at line {first})"),
+            ));
+        }
+        names.insert(name.clone(), self.line(&name_v.span()));
+        section = Some(format!("volume {name:?}"));
+
+        // block_size (needed to validate size)
+        let block_size = match &raw.block_size {
+            None => DEFAULT_BLOCK_SIZE,
+            Some(v) => match *v.get_ref() {
+                512 => 512,
+                4096 => 4096,
+                other => {
+                    return Err(self.invalid(
+                        &v.span(),
+                        &section,
+                        "block_size",
+                        format!("must be 512 or 4096, got {other}"),
+                    ))
+                }
+            },
+        };
+
+        // size
+        let Some(size_v) = &raw.size else {
+            return Err(self.invalid(
+                &volume_span,
+                &section,
+                "size",
+                "missing required key (e.g. size = \"10GiB\")",
+            ));
+        };
+        let size = size_v
+            .get_ref()
+            .bytes()
+            .map_err(|m| self.invalid(&size_v.span(), &section, "size", m))?;
+        let written = size_v.get_ref().as_written();
+        if size == 0 {
+            return Err(self.invalid(
+                &size_v.span(),
+                &section,
+                "size",
+                format!("must be greater than 0, got {written}"),
+            ));
+        }
+        if size > MAX_VOLUME_SIZE {
+            return Err(self.invalid(
+                &size_v.span(),
+                &section,
+                "size",
+                format!("must be at most 2^63 bytes (8388608TiB), got {written}"),
+            ));
+        }
+        if size % u64::from(block_size) != 0 {
+            return Err(self.invalid(
+                &size_v.span(),
+                &section,
+                "size",
+                format!(
+                    "must be a multiple of block_size ({block_size}), got {written} = {size} bytes"
+                ),
+            ));
+        }
+
+        // queues, depth
+        let queues = match &raw.queues {
+            None => DEFAULT_QUEUES,
+            Some(v) => self.ranged(v, &section, "queues", 1, i64::from(MAX_QUEUES))? as u16,
+        };
+        let depth = match &raw.depth {
+            None => DEFAULT_DEPTH,
+            Some(v) => self.ranged(v, &section, "depth", 1, i64::from(MAX_DEPTH))? as u16,
+        };
+
+        // max_io
+        let max_io_bytes = match &raw.max_io {
+            None => DEFAULT_MAX_IO_BYTES,
+            Some(v) => {
+                let bytes = v
+                    .get_ref()
+                    .bytes()
+                    .map_err(|m| self.invalid(&v.span(), &section, "max_io", m))?;
+                let written = v.get_ref().as_written();
+                if !(u64::from(MIN_MAX_IO_BYTES)..=u64::from(MAX_MAX_IO_BYTES)).contains(&bytes) {
+                    return Err(self.invalid(
+                        &v.span(),
+                        &section,
+                        "max_io",
+                        format!("must be between 4KiB and 32MiB, got {written}"),
+                    ));
+                }
+                if bytes % u64::from(MIN_MAX_IO_BYTES) != 0 {
+                    return Err(self.invalid(
+                        &v.span(),
+                        &section,
+                        "max_io",
+                        format!("must be a multiple of 4KiB (4096 bytes), got {written} = {bytes} bytes"),
+                    ));
+                }
+                bytes as u32
+            }
+        };
+
+        // device_id
+        let device_id = match &raw.device_id {
+            None => None,
+            Some(v) => {
+                let id =
+                    self.ranged(v, &section, "device_id", 0, i64::from(MAX_DEVICE_ID - 1))? as u32;
+                if let Some((other, line)) = device_ids.get(&id) {
+                    return Err(self.invalid(
+                        &v.span(),
+                        &section,
+                        "device_id",
+                        format!("device_id {id} is already used by volume {other:?} (line {line})"),
+                    ));
+                }
+                device_ids.insert(id, (name.clone(), self.line(&v.span())));
+                Some(id)
+            }
+        };
+
+        // replicas
+        let Some(replicas_v) = raw.replicas else {
+            return Err(self.invalid(
+                &volume_span,
+                &section,
+                "replicas",
+                "missing required key (e.g. replicas = [ { local = \"/var/lib/ublkd/vol0-a.img\" } ])",
+            ));
+        };
+        let replicas_span = replicas_v.span();
+        let raw_replicas = replicas_v.into_inner();
+        if raw_replicas.is_empty() || raw_replicas.len() > MAX_REPLICAS {
+            return Err(self.invalid(
+                &replicas_span,
+                &section,
+                "replicas",
+                format!(
+                    "must list between 1 and {MAX_REPLICAS} replicas, got {}",
+                    raw_replicas.len()
+                ),
+            ));
+        }
+        let mut replicas = Vec::with_capacity(raw_replicas.len());
+        for (i, r) in raw_replicas.into_iter().enumerate() {
+            replicas.push(self.replica(&name, &section, i, r, paths)?);
+        }
+
+        Ok(VolumeConfig {
+            name,
+            size,
+            block_size,
+            queues,
+            depth,
+            max_io_bytes,
+            device_id,
+            replicas,
+        })
+    }
+
+    fn replica(
+        &self,
+        volume: &str,
+        section: &Option<String>,
+        index: usize,
+        raw: Spanned<RawReplica>,
+        paths: &mut HashMap<PathBuf, PathUse>,
+    ) -> Result<ReplicaConfig, ConfigError> {
+        let span = raw.span();
+        match raw.into_inner() {
+            RawReplica { local: Some(local) } => {
+                let key = format!("replicas[{index}].local");
+                let path = self.absolute_path(&local, section, &key)?;
+                let line = self.line(&local.span());
+                if let Some(first) = paths.get(&normalize(&path)) {
+                    let owner = if first.volume == volume {
+                        "this volume".to_string()
+                    } else {
+                        format!("volume {:?}", first.volume)
+                    };
+                    return Err(self.invalid(
+                        &local.span(),
+                        section,
+                        &key,
+                        format!(
+                            "backing path {:?} is already used by replicas[{}] of {owner} (line {}); every replica needs its own file or device",
+                            local.get_ref(),
+                            first.replica,
+                            first.line
+                        ),
+                    ));
+                }
+                paths.insert(
+                    normalize(&path),
+                    PathUse {
+                        volume: volume.to_string(),
+                        replica: index,
+                        line,
+                    },
+                );
+                Ok(ReplicaConfig::Local { path })
+            }
+            RawReplica { local: None } => Err(self.invalid(
+                &span,
+                section,
+                &format!("replicas[{index}]"),
+                "replica must specify its kind, e.g. { local = \"/abs/path\" }",
+            )),
+        }
+    }
+}
+
+/// Lexical normalization (no filesystem access): drops `.`, resolves `..`,
+/// collapses repeated separators. Used only to detect duplicate paths.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// 1-based (line, column in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+// ---------------------------------------------------------------------------
+// Turning toml/serde errors into ConfigError::Parse with key + line
+// ---------------------------------------------------------------------------
+
+fn parse_error(text: &str, origin: &str, err: &toml::de::Error) -> ConfigError {
+    let message = err
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+        .replace("expected i64", "expected an integer");
+    let span = err.span().unwrap_or(0..0);
+    let (line, column) = line_col(text, span.start);
+
+    // A key named by the message itself (unknown/missing/duplicate key).
+    let named = ["unknown field `", "missing field `", "duplicate key `"]
+        .iter()
+        .find_map(|p| {
+            let rest = &message[message.find(p)? + p.len()..];
+            Some(rest[..rest.find('`')?].to_string())
+        });
+
+    // Locate the error in a generic, spanned parse of the document (only
+    // possible when the syntax is valid, i.e. for type/unknown-key errors).
+    let mut path: Vec<Seg> = match toml::from_str::<Node>(text) {
+        Ok(root) if err.span().is_some() => {
+            let mut path = Vec::new();
+            root.locate(span.start, &mut path);
+            path
+        }
+        Ok(_) => Vec::new(),
+        Err(_) => {
+            // Syntax error: fall back to the `key = ...` text of the line.
+            let key = named.clone().or_else(|| key_on_line(text, span.start));
+            return ConfigError::Parse {
+                origin: origin.to_string(),
+                line,
+                column,
+                section: None,
+                key,
+                message,
+            };
+        }
+    };
+    if let Some(named) = &named {
+        // `unknown field` spans the key itself; `missing field` spans the
+        // table. For a key in a table header (`[[volumes]]`) the key lies
+        // inside its own value's span, so cut the path back to the container.
+        let named_seg = Seg::Key(named.clone());
+        if on_header_line(text, span.start) {
+            if let Some(i) = path.iter().rposition(|s| *s == named_seg) {
+                path.truncate(i);
+            }
+        }
+        if path.last() != Some(&named_seg) {
+            path.push(named_seg);
+        }
+    }
+
+    let (section, rest) = match path.as_slice() {
+        [Seg::Key(v), Seg::Index(i), rest @ ..] if v == "volume" => {
+            let name = toml::from_str::<Node>(text)
+                .ok()
+                .and_then(|root| root.volume_name(*i));
+            let section = match name {
+                Some(n) => format!("volume {n:?}"),
+                None => format!("volume #{}", i + 1),
+            };
+            (Some(section), rest)
+        }
+        [Seg::Key(n), rest @ ..] if n == "node" && !rest.is_empty() => {
+            (Some("[node]".to_string()), rest)
+        }
+        rest => (None, rest),
+    };
+    let key = if rest.is_empty() {
+        None
+    } else {
+        Some(render_path(rest))
+    };
+
+    let mut message = message;
+    if key.as_deref() == Some("volume") && message.contains("expected a sequence") {
+        message.push_str(" (declare volumes with [[volume]], double brackets)");
+    }
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        line,
+        column,
+        section,
+        key,
+        message,
+    }
+}
+
+/// Whether the line containing `offset` is a table header (`[x]`, `[[x]]`).
+fn on_header_line(text: &str, offset: usize) -> bool {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    text[start..].trim_start().starts_with('[')
+}
+
+/// Best effort: the `key` of a `key = value` line containing `offset`.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[start..end];
+    let key = line[..line.find('=')?].trim();
+    let is_key = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | '\'' | ' '));
+    is_key.then(|| key.to_string())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn render_path(path: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// Generic spanned TOML tree, used only to map an error offset to a key path.
+enum Node {
+    Scalar(Option<String>),
+    Table(Vec<(String, Spanned<Node>)>),
+    Array(Vec<Spanned<Node>>),
+}
+
+impl Node {
+    /// Appends to `path` the deepest chain of values whose span contains `pos`.
+    fn locate(&self, pos: usize, path: &mut Vec<Seg>) {
+        let contains = |s: Range<usize>| s.start <= pos && (pos < s.end || s.start == s.end);
+        match self {
+            Node::Scalar(_) => {}
+            Node::Table(entries) => {
+                if let Some((k, v)) = entries.iter().find(|(_, v)| contains(v.span())) {
+                    path.push(Seg::Key(k.clone()));
+                    v.get_ref().locate(pos, path);
+                }
+            }
+            Node::Array(items) => {
+                if let Some((i, v)) = items.iter().enumerate().find(|(_, v)| contains(v.span())) {
+                    path.push(Seg::Index(i));
+                    v.get_ref().locate(pos, path);
+                }
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Node> {
+        match self {
+            Node::Table(entries) => entries
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.get_ref()),
+            _ => None,
+        }
+    }
+
+    fn volume_name(&self, index: usize) -> Option<String> {
+        match self.get("volume")? {
+            Node::Array(items) => match items.get(index)?.get_ref().get("name")? {
+                Node::Scalar(Some(name)) => Some(name.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any TOML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Scalar(None))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Node, E> {
+                Ok(Node::Scalar(Some(v.to_string())))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<Node>>()? {
+                    items.push(item);
+                }
+                Ok(Node::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key.starts_with("$__toml_private") {
+                        // A datetime, presented by toml as a magic map.
+                        map.next_value::<IgnoredAny>()?;
+                        return Ok(Node::Scalar(None));
+                    }
+                    entries.push((key, map.next_value::<Spanned<Node>>()?));
+                }
+                Ok(Node::Table(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "ublk.toml";
+
+    fn ok(text: &str) -> Config {
+        match Config::parse(text, ORIGIN) {
+            Ok(c) => c,
+            Err(e) => panic!("expected Ok, got error: {e}"),
+        }
+    }
+
+    fn err(text: &str) -> ConfigError {
+        match Config::parse(text, ORIGIN) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Asserts the error is on `line`, names `key`, is a single line and
+    /// contains every string in `contains`.
+    fn assert_err(e: &ConfigError, line: usize, key: &str, contains: &[&str]) {
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "multi-line message: {s:?}");
+        assert!(
+            s.starts_with(&format!("{ORIGIN}:{line}:")),
+            "expected line {line} in {s:?}"
+        );
+        assert!(
+            s.contains(&format!("key \"{key}\"")),
+            "expected key {key:?} in {s:?}"
+        );
+        assert_eq!(e.line(), Some(line), "{s}");
+        assert_eq!(e.key(), Some(key), "{s}");
+        for c in contains {
+            assert!(s.contains(c), "expected {c:?} in {s:?}");
+        }
+    }
+
+    /// A valid single volume; `extra` lines are inserted after `name`
+    /// (line 3 is the first extra line).
+    fn vol(extra: &str) -> String {
+        format!(
+            "[[volume]]\nname = \"vol0\"\n{extra}\nsize = \"1GiB\"\nreplicas = [ {{ local = \"/data/vol0-a.img\" }} ]\n"
+        )
+    }
+
+    // ---- size parsing ---------------------------------------------------
+
+    #[test]
+    fn size_units() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("3MiB"), Ok(3 << 20));
+        assert_eq!(parse_size("3M"), Ok(3 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10gib"), Ok(10 << 30));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("2TiB"), Ok(2 << 40));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+    }
+
+    #[test]
+    fn size_whitespace() {
+        assert_eq!(parse_size("  1GiB  "), Ok(1 << 30));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("\t512\tKiB\n"), Ok(512 << 10));
+    }
+
+    #[test]
+    fn size_overflow() {
+        assert!(parse_size("16777216TiB").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999999999")
+            .unwrap_err()
+            .contains("too large"));
+        assert_eq!(parse_size("8388608TiB"), Ok(1 << 63));
+    }
+
+    #[test]
+    fn size_garbage() {
+        for bad in [
+            "", "   ", "GiB", "-1GiB", "abc", "1.5GiB", "1,5G", "10 GiB x", "1_024", "0x10",
+        ] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+        assert!(parse_size("1.5GiB").unwrap_err().contains("fractional"));
+        let e = parse_size("10PiB").unwrap_err();
+        assert!(e.contains("unknown unit \"PiB\""), "{e}");
+        assert!(e.contains("KiB, MiB, GiB, TiB"), "{e}");
+    }
+
+    #[test]
+    fn size_decimal_unit_suggests_binary() {
+        let e = parse_size("10GB").unwrap_err();
+        assert!(e.contains("did you mean \"10GiB\""), "{e}");
+        let e = parse_size("4 kb").unwrap_err();
+        assert!(e.contains("\"4KiB\""), "{e}");
+    }
+
+    // ---- defaults and full parse ------------------------------------------
+
+    #[test]
+    fn empty_file_uses_defaults_and_has_no_volumes() {
+        let c = ok("");
+        assert_eq!(c.node, NodeConfig::default());
+        assert_eq!(c.node.state_dir, Path::new("/var/lib/ublkd"));
+        assert_eq!(c.node.control_socket, Path::new("/run/ublkd/ublkd.sock"));
+        assert_eq!(c.node.log_level, "info");
+        assert!(c.volumes.is_empty());
+        assert!(c.volume("vol0").is_none());
+    }
+
+    #[test]
+    fn volume_defaults() {
+        let c = ok(&vol(""));
+        let v = c.volume("vol0").unwrap();
+        assert_eq!(v.size, 1 << 30);
+        assert_eq!(v.block_size, 512);
+        assert_eq!(v.queues, 1);
+        assert_eq!(v.depth, 128);
+        assert_eq!(v.max_io_bytes, 512 * 1024);
+        assert_eq!(v.device_id, None);
+        assert_eq!(
+            v.replicas,
+            vec![ReplicaConfig::Local {
+                path: PathBuf::from("/data/vol0-a.img")
+            }]
+        );
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = r#"
+[node]
+state_dir = "/srv/ublkd"
+control_socket = "/run/x.sock"
+log_level = "DEBUG"
+
+[[volume]]
+name = "vol0"
+size = "1GiB"
+block_size = 4096
+queues = 2
+depth = 64
+max_io = "1MiB"
+device_id = 0
+replicas = [ { local = "/var/lib/ublkd/vol0-a.img" }, { local = "/dev/sdb" } ]
+
+[[volume]]
+name = "Vol_1.b-2"
+size = 1048576
+max_io = 8192
+device_id = 1048575
+replicas = [
+    { local = "/var/lib/ublkd/v1.img" },
+]
+"#;
+        let c = ok(text);
+        assert_eq!(
+            c.node,
+            NodeConfig {
+                state_dir: "/srv/ublkd".into(),
+                control_socket: "/run/x.sock".into(),
+                log_level: "debug".into(),
+            }
+        );
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(
+            c.volumes[0],
+            VolumeConfig {
+                name: "vol0".into(),
+                size: 1 << 30,
+                block_size: 4096,
+                queues: 2,
+                depth: 64,
+                max_io_bytes: 1 << 20,
+                device_id: Some(0),
+                replicas: vec![
+                    ReplicaConfig::Local {
+                        path: "/var/lib/ublkd/vol0-a.img".into()
+                    },
+                    ReplicaConfig::Local {
+                        path: "/dev/sdb".into()
+                    },
+                ],
+            }
+        );
+        let v1 = c.volume("Vol_1.b-2").unwrap();
+        assert_eq!(v1.size, 1 << 20);
+        assert_eq!(v1.max_io_bytes, 8192);
+        assert_eq!(v1.device_id, Some(1_048_575));
+        assert_eq!(
+            v1.replicas[0].local_path(),
+            Some(Path::new("/var/lib/ublkd/v1.img"))
+        );
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let c = ok(include_str!("../../ublk.toml.example"));
+        assert_eq!(c.node, NodeConfig::default());
+        assert_eq!(c.volumes.len(), 1);
+        let v = c.volume("vol0").unwrap();
+        assert_eq!(v.size, 1 << 30);
+        assert_eq!(v.block_size, 4096);
+        assert_eq!(v.queues, 2);
+        assert_eq!(v.device_id, Some(0));
+        assert_eq!(v.replicas.len(), 2);
+        for r in &v.replicas {
+            assert!(r.local_path().unwrap().starts_with("/var/lib/ublkd/"));
+        }
+    }
+
+    #[test]
+    fn from_file_missing_is_io_error() {
+        let e = Config::from_file(Path::new("/nonexistent/ublk.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }));
+        let s = e.to_string();
+        assert!(s.contains("/nonexistent/ublk.toml"), "{s}");
+        assert!(!s.contains('\n'));
+    }
+
+    #[test]
+    fn from_file_uses_path_as_origin() {
+        let dir = std::env::temp_dir().join(format!("ublkd-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[node]\nlog_level = \"loud\"\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.to_string().starts_with(&format!("{}:2:", path.display())),
+            "{e}"
+        );
+    }
+
+    // ---- type / syntax errors from toml -----------------------------------
+
+    #[test]
+    fn unknown_top_level_key() {
+        let e = err("[node]\n\n[[volumes]]\nname = \"a\"\n");
+        assert!(matches!(e, ConfigError::Parse { .. }));
+        assert_err(&e, 3, "volumes", &["unknown field"]);
+    }
+
+    #[test]
+    fn unknown_key_named_like_its_table() {
+        let e = err(&vol("volume = 1"));
+        assert_err(&e, 3, "volume", &["volume \"vol0\"", "unknown field"]);
+        let e = err("[node.extra]\nx = 1\n");
+        // `[node]` is only implicitly defined here, so it has no span to
+        // attribute the key to; key and line are still reported.
+        assert_err(&e, 1, "extra", &["unknown field", "state_dir"]);
+    }
+
+    #[test]
+    fn unknown_node_key() {
+        let e = err("[node]\nstate_dir = \"/x\"\nloglevel = \"info\"\n");
+        assert_err(&e, 3, "loglevel", &["[node]", "unknown field", "log_level"]);
+    }
+
+    #[test]
+    fn unknown_volume_key() {
+        let e = err(&vol("blocksize = 4096"));
+        assert_err(
+            &e,
+            3,
+            "blocksize",
+            &["volume \"vol0\"", "unknown field", "block_size"],
+        );
+    }
+
+    #[test]
+    fn unknown_replica_key() {
+        let text = "[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [\n  { local = \"/a\" },\n  { lokal = \"/b\" },\n]\n";
+        let e = err(text);
+        assert_err(
+            &e,
+            6,
+            "replicas[1].lokal",
+            &["volume \"v\"", "unknown field"],
+        );
+    }
+
+    #[test]
+    fn type_error_names_key_and_line() {
+        let e = err(&vol("block_size = \"4096\""));
+        assert!(
+            matches!(
+                e,
+                ConfigError::Parse {
+                    line: 3,
+                    column: 14,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_err(
+            &e,
+            3,
+            "block_size",
+            &["volume \"vol0\"", "invalid type", "expected an integer"],
+        );
+
+        let e = err(&vol("queues = 1.5"));
+        assert_err(&e, 3, "queues", &["invalid type"]);
+
+        let e = err(&vol("device_id = true"));
+        assert_err(&e, 3, "device_id", &["invalid type"]);
+
+        let e = err(&vol("size2 = 1\nmax_io = [1]"));
+        assert_err(&e, 3, "size2", &[]);
+
+        let e = err("[node]\n\nstate_dir = 5\n");
+        assert_err(&e, 3, "state_dir", &["[node]", "invalid type"]);
+    }
+
+    #[test]
+    fn type_error_in_size() {
+        let e = err(&vol("max_io = 1.5"));
+        assert_err(&e, 3, "max_io", &["size string"]);
+        let e = err("[[volume]]\nname = \"v\"\nsize = 1979-05-27\nreplicas = []\n");
+        assert_err(&e, 3, "size", &["volume \"v\""]);
+    }
+
+    #[test]
+    fn replica_must_be_table() {
+        let e = err("[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [ \"/a\" ]\n");
+        assert_err(&e, 4, "replicas[0]", &["invalid type"]);
+    }
+
+    #[test]
+    fn single_bracket_volume_hint() {
+        let e = err("[volume]\nname = \"v\"\n");
+        assert_err(&e, 1, "volume", &["[[volume]]"]);
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_key() {
+        let e = err("[node]\nlog_level = \n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e:?}");
+        assert_err(&e, 2, "log_level", &[]);
+    }
+
+    #[test]
+    fn duplicate_key_is_rejected() {
+        let e = err(&vol("name = \"again\""));
+        assert_err(&e, 3, "name", &["duplicate key"]);
+    }
+
+    // ---- semantic validation ----------------------------------------------
+
+    #[test]
+    fn bad_log_level() {
+        let e = err("[node]\nlog_level = \"loud\"\n");
+        assert!(matches!(e, ConfigError::Invalid { .. }));
+        assert_err(
+            &e,
+            2,
+            "log_level",
+            &["[node]", "error|warn|info|debug|trace", "\"loud\""],
+        );
+    }
+
+    #[test]
+    fn relative_state_dir() {
+        let e = err("[node]\nstate_dir = \"var/lib\"\n");
+        assert_err(&e, 2, "state_dir", &["absolute"]);
+    }
+
+    #[test]
+    fn relative_control_socket() {
+        let e = err("[node]\ncontrol_socket = \"ublkd.sock\"\n");
+        assert_err(&e, 2, "control_socket", &["absolute"]);
+    }
+
+    #[test]
+    fn missing_name() {
+        let e = err("\n[[volume]]\nsize = \"1GiB\"\nreplicas = [ { local = \"/a\" } ]\n");
+        assert_err(&e, 2, "name", &["volume #1", "missing"]);
+    }
+
+    #[test]
+    fn bad_names() {
+        for bad in ["", "a/b", "a b", "ü", ".", "..", &"x".repeat(65)] {
+            let e = err(&format!(
+                "[[volume]]\nname = {bad:?}\nsize = \"1GiB\"\nreplicas = [ {{ local = \"/a\" }} ]\n"
+            ));
+            assert_err(&e, 2, "name", &["volume #1", "[A-Za-z0-9_.-]"]);
+        }
+        ok(&format!(
+            "[[volume]]\nname = \"{}\"\nsize = \"1GiB\"\nreplicas = [ {{ local = \"/a\" }} ]\n",
+            "x".repeat(64)
+        ));
+    }
+
+    #[test]
+    fn duplicate_volume_names() {
+        let text = format!(
+            "{}\n{}",
+            vol(""),
+            vol("").replace("/data/vol0-a.img", "/data/b.img")
+        );
+        let e = err(&text);
+        assert_err(&e, 8, "name", &["duplicate volume name \"vol0\"", "line 2"]);
+    }
+
+    #[test]
+    fn missing_size() {
+        let e = err("[[volume]]\nname = \"v\"\nreplicas = [ { local = \"/a\" } ]\n");
+        assert_err(&e, 1, "size", &["volume \"v\"", "missing"]);
+    }
+
+    #[test]
+    fn zero_size() {
+        let e = err(&vol("size = \"0GiB\"").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 3, "size", &["greater than 0"]);
+        let e = err(&vol("size = 0").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 3, "size", &["greater than 0"]);
+    }
+
+    #[test]
+    fn negative_size() {
+        let e = err(&vol("size = -4096").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 3, "size", &["positive"]);
+    }
+
+    #[test]
+    fn size_bad_unit() {
+        let e = err(&vol("size = \"10GB\"").replace("size = \"1GiB\"\n", ""));
+        assert_err(
+            &e,
+            3,
+            "size",
+            &["volume \"vol0\"", "\"10GiB\"", "KiB, MiB, GiB, TiB"],
+        );
+    }
+
+    #[test]
+    fn size_garbage_in_file() {
+        let e = err(&vol("size = \"big\"").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 3, "size", &["\"big\""]);
+    }
+
+    #[test]
+    fn size_too_large() {
+        let e = err(&vol("size = \"8388609TiB\"").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 3, "size", &["2^63"]);
+        ok(&vol("size = \"8388608TiB\"").replace("size = \"1GiB\"\n", ""));
+    }
+
+    #[test]
+    fn size_unaligned() {
+        let e = err(&vol("size = 1000").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 3, "size", &["multiple of block_size (512)"]);
+        let e = err(&vol("block_size = 4096\nsize = \"6KiB\"").replace("size = \"1GiB\"\n", ""));
+        assert_err(&e, 4, "size", &["multiple of block_size (4096)"]);
+        ok(&vol("size = 1024").replace("size = \"1GiB\"\n", ""));
+    }
+
+    #[test]
+    fn bad_block_size() {
+        let e = err(&vol("block_size = 1000"));
+        assert_err(
+            &e,
+            3,
+            "block_size",
+            &["volume \"vol0\"", "must be 512 or 4096, got 1000"],
+        );
+        assert_eq!(
+            e.to_string(),
+            "ublk.toml:3: volume \"vol0\": key \"block_size\": must be 512 or 4096, got 1000"
+        );
+    }
+
+    #[test]
+    fn queues_out_of_range() {
+        for bad in ["0", "33", "-1", "70000"] {
+            let e = err(&vol(&format!("queues = {bad}")));
+            assert_err(&e, 3, "queues", &["between 1 and 32"]);
+        }
+        assert_eq!(ok(&vol("queues = 32")).volumes[0].queues, 32);
+    }
+
+    #[test]
+    fn depth_out_of_range() {
+        for bad in ["0", "4097", "-5"] {
+            let e = err(&vol(&format!("depth = {bad}")));
+            assert_err(&e, 3, "depth", &["between 1 and 4096"]);
+        }
+        assert_eq!(ok(&vol("depth = 4096")).volumes[0].depth, 4096);
+    }
+
+    #[test]
+    fn max_io_out_of_range() {
+        for bad in ["\"2KiB\"", "\"64MiB\"", "0"] {
+            let e = err(&vol(&format!("max_io = {bad}")));
+            assert_err(&e, 3, "max_io", &["between 4KiB and 32MiB"]);
+        }
+        assert_eq!(
+            ok(&vol("max_io = \"32MiB\"")).volumes[0].max_io_bytes,
+            32 << 20
+        );
+        assert_eq!(ok(&vol("max_io = \"4KiB\"")).volumes[0].max_io_bytes, 4096);
+    }
+
+    #[test]
+    fn max_io_unaligned() {
+        let e = err(&vol("max_io = \"6000\""));
+        assert_err(&e, 3, "max_io", &["multiple of 4KiB"]);
+    }
+
+    #[test]
+    fn max_io_bad_unit() {
+        let e = err(&vol("max_io = \"512KB\""));
+        assert_err(&e, 3, "max_io", &["\"512KiB\""]);
+    }
+
+    #[test]
+    fn device_id_out_of_range() {
+        for bad in ["1048576", "-1"] {
+            let e = err(&vol(&format!("device_id = {bad}")));
+            assert_err(&e, 3, "device_id", &["between 0 and 1048575"]);
+        }
+    }
+
+    #[test]
+    fn duplicate_device_ids() {
+        let a = vol("device_id = 7");
+        let b = vol("device_id = 7")
+            .replace("vol0", "vol1")
+            .replace("/data/vol1-a.img", "/data/other.img");
+        let e = err(&format!("{a}\n{b}"));
+        assert_err(
+            &e,
+            9,
+            "device_id",
+            &[
+                "volume \"vol1\"",
+                "already used by volume \"vol0\" (line 3)",
+            ],
+        );
+    }
+
+    #[test]
+    fn missing_replicas() {
+        let e = err("[[volume]]\nname = \"v\"\nsize = \"1GiB\"\n");
+        assert_err(&e, 1, "replicas", &["missing"]);
+    }
+
+    #[test]
+    fn empty_replicas() {
+        let e = err("[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = []\n");
+        assert_err(&e, 4, "replicas", &["between 1 and 8", "got 0"]);
+    }
+
+    #[test]
+    fn too_many_replicas() {
+        let list: Vec<String> = (0..9).map(|i| format!("{{ local = \"/r{i}\" }}")).collect();
+        let e = err(&format!(
+            "[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [ {} ]\n",
+            list.join(", ")
+        ));
+        assert_err(&e, 4, "replicas", &["between 1 and 8", "got 9"]);
+    }
+
+    #[test]
+    fn replica_without_kind() {
+        let e = err("[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [\n  {},\n]\n");
+        assert_err(&e, 5, "replicas[0]", &["local"]);
+    }
+
+    #[test]
+    fn relative_replica_path() {
+        let e = err(
+            "[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [ { local = \"vol0.img\" } ]\n",
+        );
+        assert_err(
+            &e,
+            4,
+            "replicas[0].local",
+            &["volume \"v\"", "absolute", "\"vol0.img\""],
+        );
+    }
+
+    #[test]
+    fn duplicate_replica_path_within_volume() {
+        let e = err(
+            "[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [\n  { local = \"/d/a.img\" },\n  { local = \"/d/./x/../a.img\" },\n]\n",
+        );
+        assert_err(
+            &e,
+            6,
+            "replicas[1].local",
+            &["already used by replicas[0] of this volume (line 5)"],
+        );
+    }
+
+    #[test]
+    fn duplicate_replica_path_across_volumes() {
+        let a = vol("");
+        let b = vol("")
+            .replace("vol0", "vol1")
+            .replace("/data/vol1-a.img", "/data//vol0-a.img");
+        let e = err(&format!("{a}\n{b}"));
+        assert_err(
+            &e,
+            11,
+            "replicas[0].local",
+            &[
+                "volume \"vol1\"",
+                "already used by replicas[0] of volume \"vol0\" (line 5)",
+            ],
+        );
+    }
+
+    #[test]
+    fn zero_volumes_is_ok() {
+        let c = ok("[node]\nlog_level = \"warn\"\n");
+        assert!(c.volumes.is_empty());
+        assert_eq!(c.node.log_level, "warn");
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        let text = "a\nüü = 1\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 2), (2, 1));
+        assert_eq!(line_col(text, 6), (2, 3));
+        assert_eq!(line_col(text, 1000), (3, 1));
+    }
+}
