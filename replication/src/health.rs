@@ -48,7 +48,7 @@ impl ReplicaState {
 ///      ▲          │          │          │
 ///      │          ▼          ▼          ▼
 ///      └──────── Failed    Stopping ◀───┘ ─▶ Stopped
-///   Stopped ─▶ Recovering (taking back a QUIESCED device) ─▶ Live | Degraded | Failed
+///   Starting ─▶ Recovering (found our QUIESCED device) ─▶ Live | Degraded | Failed
 /// ```
 /// Live and Degraded are derived from replica health; the others are lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +73,7 @@ impl VolumeState {
             (self, next),
             (Stopped, Starting)
                 | (Stopped, Recovering)
+                | (Starting, Recovering)
                 | (Starting | Recovering, Live | Degraded | Failed | Stopping)
                 | (Live, Degraded)
                 | (Degraded, Live)
@@ -102,6 +103,12 @@ pub struct ReplicaHealth {
 /// Where health changes are made durable (the daemon's state dir, later etcd).
 pub trait StateSink: Send + Sync {
     fn persist(&self, replicas: &[ReplicaHealth]) -> Result<(), ReplicationError>;
+}
+
+impl<T: StateSink + ?Sized> StateSink for std::sync::Arc<T> {
+    fn persist(&self, replicas: &[ReplicaHealth]) -> Result<(), ReplicationError> {
+        (**self).persist(replicas)
+    }
 }
 
 /// A sink that keeps nothing (tests, tools).
@@ -326,7 +333,7 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<Vec<ReplicaHealth>>>, AtomicBool);
-    impl StateSink for Arc<Recorder> {
+    impl StateSink for Recorder {
         fn persist(&self, r: &[ReplicaHealth]) -> Result<(), ReplicationError> {
             if self.1.load(Ordering::SeqCst) {
                 return Err(ReplicationError::Persist("disk full".into()));

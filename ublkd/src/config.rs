@@ -125,6 +125,13 @@ impl ReplicaConfig {
             ReplicaConfig::Local { path } => Some(path),
         }
     }
+
+    /// Stable identity of the replica in state files, logs and the CLI.
+    pub fn location(&self) -> String {
+        match self {
+            ReplicaConfig::Local { path } => path.display().to_string(),
+        }
+    }
 }
 
 impl Config {

@@ -1,0 +1,225 @@
+//! The control socket: a Unix stream socket (mode 0600, root only), one JSON
+//! request per line, one JSON response per line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::Daemon;
+use crate::error::DaemonError;
+
+/// Longest request line accepted: requests are tiny, anything bigger is garbage.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    List,
+    Status {
+        volume: String,
+    },
+    Stop {
+        volume: String,
+        force: bool,
+    },
+    /// Start configured volumes that are not running (all, or one).
+    Recover {
+        volume: Option<String>,
+    },
+    Orphans {
+        remove: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonError> {
+    Ok(match req {
+        Request::List => json(&daemon.list()),
+        Request::Status { volume } => json(&daemon.status(&volume)?),
+        Request::Stop { volume, force } => {
+            daemon.stop(&volume, force)?;
+            json(&daemon.status(&volume)?)
+        }
+        Request::Recover { volume } => {
+            let names: Vec<String> = match volume {
+                Some(v) => vec![v],
+                None => daemon
+                    .list()
+                    .into_iter()
+                    .filter(|s| !s.state.is_serving())
+                    .map(|s| s.name)
+                    .collect(),
+            };
+            for n in &names {
+                daemon.start(n)?;
+            }
+            json(&names)
+        }
+        Request::Orphans { remove: false } => json(&daemon.orphans()),
+        Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),
+    })
+}
+
+fn json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("status types serialize")
+}
+
+/// Bind the socket. A stale socket file from a crashed daemon is replaced; a live
+/// one means another daemon runs here, which is an error.
+pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |message: String| DaemonError::Control {
+        path: path.to_path_buf(),
+        message,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("create directory: {e}")))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(err("another ublkd is already listening".into()));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("remove stale socket: {e}")))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| err(format!("bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(format!("chmod: {e}")))?;
+    Ok(l)
+}
+
+/// Serve connections forever (on the calling thread).
+pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let d = daemon.clone();
+        // A stop can take a while (draining); don't block other clients.
+        std::thread::spawn(move || {
+            if let Err(e) = serve_conn(conn, &d) {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+fn serve_conn(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut out = conn.try_clone()?;
+    let mut reader = BufReader::new(conn).take(MAX_REQUEST);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                tracing::debug!(?req, "control request");
+                match handle(daemon, req) {
+                    Ok(v) => Response::Ok(v),
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        };
+        let mut body = serde_json::to_vec(&resp).expect("response serializes");
+        body.push(b'\n');
+        out.write_all(&body)?;
+        reader.set_limit(MAX_REQUEST);
+    }
+}
+
+/// Client side: one request, one response.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, DaemonError> {
+    let err = |message: String| DaemonError::Control {
+        path: PathBuf::from(socket),
+        message,
+    };
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| err(format!("cannot connect ({e}): is ublkd running?")))?;
+    let mut body = serde_json::to_vec(req).expect("request serializes");
+    body.push(b'\n');
+    s.write_all(&body).map_err(|e| err(e.to_string()))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| err(e.to_string()))?;
+    match serde_json::from_str::<Response>(&line) {
+        Ok(Response::Ok(v)) => Ok(v),
+        Ok(Response::Error(e)) => Err(err(e)),
+        Err(e) => Err(err(format!("bad response from daemon: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_tagged_json() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"stop","volume":"v","force":false}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Stop {
+                volume: "v".into(),
+                force: false
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format","volume":"v"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","volume":"v","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn bind_refuses_a_live_socket_and_replaces_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        let l = bind(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(bind(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("already listening"));
+        drop(l);
+        bind(&p).expect("stale socket replaced");
+    }
+
+    #[test]
+    fn daemon_without_volumes_answers_list_and_rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        let text = format!(
+            "[node]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+            dir.path().join("state").display(),
+            sock.display()
+        );
+        let cfg = crate::config::Config::parse(&text, "t.toml").unwrap();
+        let daemon = Arc::new(Daemon::new(cfg).unwrap());
+        let l = bind(&sock).unwrap();
+        std::thread::spawn(move || serve(l, daemon));
+        assert_eq!(call(&sock, &Request::List).unwrap(), serde_json::json!([]));
+        let e = call(
+            &sock,
+            &Request::Status {
+                volume: "nope".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no volume named \"nope\""), "{e}");
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"{garbage\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("bad request"), "{line}");
+    }
+}

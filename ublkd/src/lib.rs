@@ -1,0 +1,18 @@
+//! ublkd: serves replicated volumes as `/dev/ublkbN`.
+//!
+//! * [`config`] — the TOML config file and its validation.
+//! * [`state`] — what the daemon persists per volume (device id, generation, replica health).
+//! * [`frontend`] — the ublk queue threads: kernel request → [`replication::Nexus`] → result.
+//! * [`volume`] — one volume's lifecycle (add or recover its device, stop it).
+//! * [`daemon`] — all volumes of the node, orphan detection.
+//! * [`control`] — the local control socket `ublkctl` talks to.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod frontend;
+pub mod state;
+pub mod volume;
+
+pub use error::DaemonError;

@@ -1,0 +1,449 @@
+//! One volume's lifecycle on its own control thread: open the replicas, reconcile
+//! the persisted record, add a new ublk device or take back a QUIESCED one (ublk
+//! user recovery), serve until told to stop, then remove the device.
+//!
+//! libublk's control ring is thread-local, so every `UblkCtrl` of a volume is made
+//! and used on that volume's thread; other threads talk to it over a channel.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::UblkFlags;
+use replication::health::{Health, IoStatsSnapshot, ReplicaHealth};
+use replication::local::LocalBacking;
+use replication::request::Geometry;
+use replication::{Generation, ReplicaState, VolumeState};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ReplicaConfig, VolumeConfig};
+use crate::error::DaemonError;
+use crate::frontend::{self, DataPath};
+use crate::state::{RecordSink, StateDir, VolumeRecord};
+
+/// Flags every ublkd device is created with: survive a daemon crash, and re-issue
+/// the requests the dead daemon held instead of failing them.
+pub const CTRL_FLAGS: u64 =
+    (libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+pub enum VolumeCmd {
+    Stop,
+}
+
+/// What the control socket reports about a volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub state: VolumeState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub device: Option<String>,
+    pub device_id: Option<u32>,
+    pub generation: u64,
+    pub size: u64,
+    pub block_size: u32,
+    pub queues: u16,
+    pub depth: u16,
+    /// Feature flags the kernel granted (read back after creation).
+    pub ublk_flags: Option<u64>,
+    pub replicas: Vec<ReplicaStatus>,
+    pub io: IoStatsSnapshot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub index: usize,
+    pub path: String,
+    pub state: ReplicaState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Live {
+    state: Option<VolumeState>,
+    reason: Option<String>,
+    device_id: Option<u32>,
+    generation: Generation,
+    ublk_flags: Option<u64>,
+    queues: u16,
+    depth: u16,
+    health: Option<Arc<Health>>,
+}
+
+/// State shared between a volume's thread and the rest of the daemon.
+pub struct VolumeShared {
+    cfg: VolumeConfig,
+    live: Mutex<Live>,
+}
+
+impl VolumeShared {
+    fn set_state(&self, next: VolumeState, reason: Option<String>) {
+        let mut live = self.live.lock().unwrap();
+        let cur = live.state.unwrap_or(VolumeState::Stopped);
+        assert!(
+            cur == next || cur.can_become(next),
+            "volume {}: illegal transition {cur:?} -> {next:?}",
+            self.cfg.name
+        );
+        live.state = Some(next);
+        live.reason = reason;
+    }
+
+    pub fn state(&self) -> VolumeState {
+        let live = self.live.lock().unwrap();
+        match (live.state.unwrap_or(VolumeState::Stopped), &live.health) {
+            // Live/Degraded follow replica health while serving.
+            (s, Some(h)) if s.is_serving() => h.serving_state(),
+            (s, _) => s,
+        }
+    }
+
+    pub fn device_id(&self) -> Option<u32> {
+        self.live.lock().unwrap().device_id
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let state = self.state();
+        let live = self.live.lock().unwrap();
+        let (replicas, io) = match &live.health {
+            Some(h) => (h.snapshot(), h.stats.snapshot()),
+            None => (
+                self.cfg
+                    .replicas
+                    .iter()
+                    .map(|r| ReplicaHealth {
+                        location: r.location(),
+                        state: ReplicaState::Faulted,
+                        reason: Some("volume not running".into()),
+                        errors: 0,
+                    })
+                    .collect(),
+                IoStatsSnapshot::default(),
+            ),
+        };
+        VolumeStatus {
+            name: self.cfg.name.clone(),
+            state,
+            reason: live.reason.clone(),
+            device: live
+                .device_id
+                .filter(|_| state.is_serving())
+                .map(|id| format!("/dev/ublkb{id}")),
+            device_id: live.device_id,
+            generation: live.generation.0,
+            size: self.cfg.size,
+            block_size: self.cfg.block_size,
+            queues: live.queues,
+            depth: live.depth,
+            ublk_flags: live.ublk_flags,
+            replicas: replicas
+                .into_iter()
+                .enumerate()
+                .map(|(index, r)| ReplicaStatus {
+                    index,
+                    path: r.location,
+                    state: r.state,
+                    reason: r.reason,
+                    errors: r.errors,
+                })
+                .collect(),
+            io,
+        }
+    }
+}
+
+/// A running (or finished) volume thread.
+pub struct VolumeRunner {
+    pub shared: Arc<VolumeShared>,
+    cmd: Sender<VolumeCmd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VolumeRunner {
+    pub fn spawn(cfg: VolumeConfig, state_dir: StateDir) -> VolumeRunner {
+        let shared = Arc::new(VolumeShared {
+            cfg: cfg.clone(),
+            live: Mutex::new(Live::default()),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vol-{}", cfg.name))
+            .spawn(move || {
+                if let Err(e) = run(&cfg, &state_dir, &sh, rx) {
+                    tracing::error!(volume = %cfg.name, error = %e, "volume failed");
+                    sh.set_state(VolumeState::Failed, Some(e.to_string()));
+                }
+            })
+            .expect("spawn volume thread");
+        VolumeRunner {
+            shared,
+            cmd: tx,
+            thread: Some(thread),
+        }
+    }
+
+    /// Status of a configured volume that was never started.
+    pub fn not_started(cfg: &VolumeConfig) -> VolumeStatus {
+        VolumeShared {
+            cfg: cfg.clone(),
+            live: Mutex::new(Live::default()),
+        }
+        .status()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Ask the volume to stop (drain I/O, remove the device) and wait for it.
+    pub fn stop(&mut self) {
+        let _ = self.cmd.send(VolumeCmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+enum Mode {
+    Add {
+        id: i32,
+    },
+    Recover {
+        id: u32,
+        queues: u16,
+        depth: u16,
+        max_io: u32,
+    },
+}
+
+fn run(
+    cfg: &VolumeConfig,
+    state_dir: &StateDir,
+    shared: &Arc<VolumeShared>,
+    cmd: Receiver<VolumeCmd>,
+) -> Result<(), DaemonError> {
+    shared.set_state(VolumeState::Starting, None);
+    let mut record = match state_dir.load(&cfg.name)? {
+        Some(rec) => rec.reconcile(cfg)?,
+        None => VolumeRecord::fresh(cfg),
+    };
+
+    // A replica whose backing cannot be opened is faulted (if another is online):
+    // a dead disk must not keep the volume down.
+    let mut backings = Vec::with_capacity(cfg.replicas.len());
+    for (i, r) in cfg.replicas.iter().enumerate() {
+        let ReplicaConfig::Local { path } = r;
+        match LocalBacking::open(path, cfg.size) {
+            Ok(b) => backings.push((r.location(), Some(Arc::new(b)))),
+            Err(e) => {
+                tracing::error!(volume = %cfg.name, replica = %r.location(), error = %e, "cannot open replica");
+                let h = &mut record.replicas[i];
+                if h.state == ReplicaState::Online {
+                    h.state = ReplicaState::Faulted;
+                    h.reason = Some(format!("cannot open: {e}"));
+                }
+                backings.push((r.location(), None));
+            }
+        }
+    }
+    if !record
+        .replicas
+        .iter()
+        .any(|r| r.state == ReplicaState::Online)
+    {
+        return Err(DaemonError::volume(
+            &cfg.name,
+            "no online replica: every replica is faulted or cannot be opened",
+        ));
+    }
+
+    let mode = match record.device_id {
+        Some(id) if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() => {
+            inspect_existing(cfg, id)?
+        }
+        Some(id) => Mode::Add { id: id as i32 },
+        None => Mode::Add { id: -1 },
+    };
+    if matches!(mode, Mode::Recover { .. }) {
+        shared.set_state(VolumeState::Recovering, None);
+    }
+    record.generation = record.generation.next();
+    state_dir.save(&record)?;
+
+    let sink = Arc::new(RecordSink::new(state_dir.clone(), record.clone()));
+    let health = Arc::new(Health::new(
+        record.replicas.clone(),
+        Box::new(sink.clone()),
+    )?);
+    let (id, queues, depth, max_io, dev_flags) = match mode {
+        Mode::Add { id } => (
+            id,
+            cfg.queues,
+            cfg.depth,
+            cfg.max_io_bytes,
+            UblkFlags::UBLK_DEV_F_ADD_DEV,
+        ),
+        Mode::Recover {
+            id,
+            queues,
+            depth,
+            max_io,
+        } => {
+            let c = UblkCtrl::new_simple(id as i32).map_err(|e| DaemonError::ublk("open", e))?;
+            match c.start_user_recover() {
+                Ok(r) if r >= 0 => {}
+                other => {
+                    return Err(DaemonError::ublk(
+                        format!("START_USER_RECOVERY of ublkc{id}"),
+                        other,
+                    ))
+                }
+            }
+            (
+                id as i32,
+                queues,
+                depth,
+                max_io,
+                UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+            )
+        }
+    };
+    {
+        let mut live = shared.live.lock().unwrap();
+        live.generation = record.generation;
+        live.health = Some(health.clone());
+        live.queues = queues;
+        live.depth = depth;
+    }
+
+    let ctrl = UblkCtrlBuilder::default()
+        .name("ublkd")
+        .id(id)
+        .nr_queues(queues)
+        .depth(depth)
+        .io_buf_bytes(max_io)
+        .ctrl_flags(CTRL_FLAGS)
+        .ctrl_target_flags(frontend::owner_flags(&cfg.name))
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| DaemonError::ublk("add device", e))?;
+    let dev_id = ctrl.dev_info().dev_id;
+    sink.set_device_id(dev_id)?;
+    shared.live.lock().unwrap().device_id = Some(dev_id);
+
+    let dp = Arc::new(DataPath {
+        volume: cfg.name.clone(),
+        geometry: Geometry {
+            size: cfg.size,
+            block_size: cfg.block_size,
+            max_io_bytes: max_io,
+        },
+        backings,
+        health,
+    });
+    let dp_init = dp.clone();
+    let dp_q = dp.clone();
+    let shared_dev = shared.clone();
+    let cmd = Mutex::new(cmd);
+    let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flag = stop_requested.clone();
+    let name = cfg.name.clone();
+    ctrl.run_target(
+        move |dev: &mut UblkDev| {
+            frontend::init_target(dev, &dp_init);
+            Ok(())
+        },
+        move |qid, dev: &UblkDev| frontend::run_queue(qid, dev, &dp_q),
+        move |ctrl: &UblkCtrl| {
+            let info = ctrl.dev_info();
+            shared_dev.live.lock().unwrap().ublk_flags = Some(info.flags);
+            if info.flags & CTRL_FLAGS != CTRL_FLAGS {
+                tracing::warn!(volume = %name, flags = format_args!("{:#x}", info.flags),
+                    "kernel did not grant USER_RECOVERY|REISSUE: a daemon crash will fail I/O");
+            }
+            shared_dev.set_state(VolumeState::Live, None);
+            tracing::info!(volume = %name, device = %ctrl.get_bdev_path(),
+                granted_flags = format_args!("{:#x}", info.flags), queues = info.nr_hw_queues,
+                depth = info.queue_depth, "volume serving");
+            let cdev = format!("/sys/class/ublk-char/ublkc{}", info.dev_id);
+            loop {
+                match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
+                    Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                        stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        shared_dev.set_state(VolumeState::Stopping, None);
+                        // STOP_DEV: the kernel drains in-flight I/O, then the queues
+                        // see their commands aborted and exit.
+                        if let Err(e) = ctrl.kill_dev() {
+                            tracing::error!(volume = %name, error = ?e, "stop device");
+                        }
+                        return;
+                    }
+                    Err(RecvTimeoutError::Timeout) if !Path::new(&cdev).exists() => {
+                        tracing::error!(volume = %name, "ublk device removed behind our back");
+                        return;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            }
+        },
+    )
+    .map_err(|e| DaemonError::ublk("run device", e))?;
+
+    if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
+        // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
+        if let Err(e) = ctrl.del_dev() {
+            tracing::debug!(volume = %cfg.name, error = ?e, "delete device");
+        }
+        shared.set_state(VolumeState::Stopped, None);
+        tracing::info!(volume = %cfg.name, "volume stopped, device removed");
+        Ok(())
+    } else {
+        Err(DaemonError::volume(&cfg.name, "ublk device went away"))
+    }
+}
+
+/// Decide what to do with an existing device that has our recorded id.
+fn inspect_existing(cfg: &VolumeConfig, id: u32) -> Result<Mode, DaemonError> {
+    let c = UblkCtrl::new_simple(id as i32).map_err(|e| DaemonError::ublk("inspect device", e))?;
+    let info = c.dev_info();
+    if info.ublksrv_flags != frontend::owner_flags(&cfg.name) {
+        return Err(DaemonError::volume(
+            &cfg.name,
+            format!("/dev/ublkb{id} exists but was not created by ublkd for this volume"),
+        ));
+    }
+    match info.state as u32 {
+        libublk::sys::UBLK_S_DEV_QUIESCED => {
+            tracing::info!(volume = %cfg.name, id, "found QUIESCED device: recovering it");
+            if (info.nr_hw_queues, info.queue_depth) != (cfg.queues, cfg.depth) {
+                tracing::warn!(volume = %cfg.name, "queues/depth differ from config: keeping the device's until it is recreated");
+            }
+            Ok(Mode::Recover {
+                id,
+                queues: info.nr_hw_queues,
+                depth: info.queue_depth,
+                max_io: info.max_io_buf_bytes,
+            })
+        }
+        libublk::sys::UBLK_S_DEV_LIVE => Err(DaemonError::volume(
+            &cfg.name,
+            format!(
+                "/dev/ublkb{id} is LIVE, served by pid {}: is another ublkd running?",
+                info.ublksrv_pid
+            ),
+        )),
+        _ => {
+            // Added but never started (or stopped): nothing to keep.
+            tracing::info!(volume = %cfg.name, id, "removing dead device before re-adding it");
+            c.del_dev()
+                .map_err(|e| DaemonError::ublk("delete dead device", e))?;
+            Ok(Mode::Add { id: id as i32 })
+        }
+    }
+}
