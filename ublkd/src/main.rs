@@ -80,17 +80,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     }
     signals.thread_block().context("block signals")?;
 
-    // Our own mount namespace: the daemon must never hold a reference to (or flush)
-    // a filesystem mounted on its own devices, which can deadlock its exit.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("make mounts private")?;
+    private_mount_namespace()?;
 
     let listener = ublkd::control::bind(&cfg.node.control_socket)?;
     let socket = cfg.node.control_socket.clone();
@@ -117,6 +107,85 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Move into our own mount namespace and drop every filesystem mounted from a ublk
+/// device from it. The daemon must never hold the last reference to a filesystem on
+/// its own device: tearing that down at exit flushes it through the exiting daemon
+/// (deadlock). A restarted daemon inherits the user's mounts of /dev/ublkbN in the
+/// namespace copy, so they are detached here. Slave propagation lets later unmounts
+/// by the user reach our copy as well.
+fn private_mount_namespace() -> Result<()> {
+    use nix::mount::{umount2, MntFlags, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .context("make mounts slave")?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
+    for target in ublk_mounts(&info).into_iter().rev() {
+        match umount2(target.as_str(), MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                tracing::info!(%target, "detached ublk-backed mount from the daemon's namespace")
+            }
+            Err(e) => tracing::warn!(%target, error = %e, "cannot detach ublk-backed mount"),
+        }
+    }
+    Ok(())
+}
+
+/// Mount points (in mount order) whose source is a ublk block device.
+fn ublk_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let source = post.split(' ').nth(1)?;
+            source
+                .starts_with("/dev/ublkb")
+                .then(|| unescape_octal(pre.split(' ').nth(4)?))
+        })
+        .flatten()
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape_octal(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let v = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).ok()?, 8).ok()?;
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_ublk_mounts_with_escaped_paths() {
+        let info = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    40 22 259:0 / /mnt/my\\040data rw,relatime - ext4 /dev/ublkb0 rw\n\
+                    41 22 259:1 / /srv rw - xfs /dev/ublkb12 rw\n\
+                    42 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n";
+        assert_eq!(
+            ublk_mounts(info),
+            vec!["/mnt/my data".to_string(), "/srv".to_string()]
+        );
     }
 }
 
