@@ -23,6 +23,7 @@ DEFAULT_TIMEOUT=180
 # No udev in the guest: tell libdevmapper not to wait for it (it would hang on a udev cookie).
 export DM_DISABLE_UDEV=1
 export RUST_BACKTRACE=1
+export NO_COLOR=1   # tracing-subscriber: no ANSI escapes in the daemon logs
 
 now() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "[$(now)] $*"; }
@@ -73,8 +74,11 @@ wait_for() {
 }
 
 # wait_pid PID SECS: wait() for a child with a deadline (SIGKILL after SECS). Returns its status.
+# The watchdog traps TERM to take its sleep down with it (no stray `sleep` left behind).
 wait_pid() {
-  ( sleep "$2"; kill -KILL "$1" 2>/dev/null && echo "wait_pid: killed $1 after $2 s" ) &
+  ( trap 'kill $_s 2>/dev/null; exit 0' TERM
+    sleep "$2" & _s=$!; wait $_s
+    kill -KILL "$1" 2>/dev/null && echo "wait_pid: killed $1 after $2 s" ) &
   _w=$!
   wait "$1"
   _rc=$?
@@ -195,6 +199,35 @@ dm_dev() {
   return 1
 }
 
+# mount_holders DEV: "pid(comm)" of every process that sees a mount of DEV in its mount
+# namespace. After our umount this must be empty: a daemon that unshared its mount namespace
+# while the filesystem was mounted keeps a private copy of that mount (pinning the device).
+mount_holders() {
+  for _mi in /proc/[0-9]*/mountinfo; do
+    grep -q " - [^ ]* $1 " "$_mi" 2>/dev/null || continue
+    _p=${_mi#/proc/}; _p=${_p%/mountinfo}
+    echo "$_p($(cat /proc/$_p/comm 2>/dev/null))"
+  done | tr '\n' ' '
+}
+
+# umount_checked DIR DEV: umount, and make sure no other mount namespace still holds DEV.
+umount_checked() {
+  run "$UMOUNT" "$1"
+  _h=$(mount_holders "$2")
+  [ -z "$_h" ] || fail "$2 still mounted after umount, in the mount namespace of: $_h"
+}
+
+# fsck_clean DEV: e2fsck -fn exits 0 and had the device to itself (a filesystem still mounted
+# elsewhere makes e2fsck warn "in use", skip the journal and exit 0 on a stale view).
+fsck_clean() {
+  say "+ $E2FSCK -fn $1"
+  "$E2FSCK" -fn "$1" > "$T/fsck.out" 2>&1
+  _rc=$?
+  cat "$T/fsck.out"
+  [ $_rc -eq 0 ] || fail "e2fsck -fn $1 exited $_rc: $(grep -v '^Pass\|^e2fsck' "$T/fsck.out" | head -n 3 | tr '\n' ' ')"
+  ! grep -qE 'is in use|skipping journal recovery' "$T/fsck.out" || fail "e2fsck: $1 still in use after umount"
+}
+
 # drop_caches: make the next reads go to the device (i.e. through ublkd), not the page cache.
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
@@ -213,7 +246,8 @@ cleanup_scenario() {
     _pgrp=$(sed 's/.*) //' "/proc/$_p/stat" 2>/dev/null | cut -d' ' -f3)
     [ "$_pgrp" = "$_pg" ] || continue
     case " $(ublkd_pids | tr '\n' ' ') " in *" $_p "*) continue ;; esac
-    kill -KILL "$_p" 2>/dev/null && echo "cleanup: killed pid $_p ($(cat /proc/$_p/comm 2>/dev/null))"
+    _c=$(cat /proc/$_p/comm 2>/dev/null)
+    kill -KILL "$_p" 2>/dev/null && echo "cleanup: killed leftover pid $_p ($_c)"
   done
   # A device left QUIESCED by a killed daemon blocks every I/O (umount would hang): recover it.
   if ls /sys/class/ublk-char/ 2>/dev/null | grep -q ublkc && [ -z "$(ublkd_pids)" ] && [ -f "$T/last.conf" ]; then
@@ -247,6 +281,7 @@ print_diag() {
     echo "--- $(basename "$_l") (last 60 lines) ---"; tail -n 60 "$_l"
   done
   echo "--- ublk devices ---"; ls /sys/class/ublk-char/ /dev/ 2>&1 | grep -E 'ublk' | tr '\n' ' '; echo
+  echo "--- processes seeing a ublk mount (before cleanup): $_holders"
   echo "--- dmesg since start (last 40 lines) ---"; dmesg_since_start | tail -n 40
   echo "@@LOG END $SCENARIO"
 }
@@ -267,7 +302,8 @@ run_one() {
   # setsid: own process group, so the timeout can kill the whole scenario (pid == pgid).
   setsid /bin/sh -c ". /tests/lib.sh; . /tests/suites/$SUITE.sh; cd \$T; $SCENARIO" > "$T/out" 2>&1 < /dev/null &
   _pid=$!
-  ( sleep "$_to"
+  ( trap 'kill $_s 2>/dev/null; exit 0' TERM
+    sleep "$_to" & _s=$!; wait $_s
     if alive "$_pid"; then echo "timed out after ${_to}s" > "$T/timeout"; kill -KILL -- "-$_pid"; fi ) &
   _wd=$!
   wait "$_pid"
@@ -278,6 +314,7 @@ run_one() {
   elif [ $_rc -eq 0 ]; then _verdict=PASS; _reason=""
   else _verdict=FAIL; _reason=$(cat "$T/reason" 2>/dev/null); _reason=${_reason:-exit status $_rc}
   fi
+  _holders=$(mount_holders '/dev/ublkb[0-9]*')
   # Stragglers in the group still hold the fifo: the cleanup kills them, then tee sees EOF.
   cleanup_scenario "$_pid" > "$T/cleanup.log" 2>&1
   sleep 0.2; kill "$_tee" 2>/dev/null; wait "$_tee" 2>/dev/null

@@ -172,6 +172,17 @@ fn unescape_octal(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+fn report_orphans(daemon: &Daemon) {
+    for o in daemon.orphans() {
+        tracing::warn!(
+            device_id = o.device_id,
+            state = %o.state,
+            made_by_ublkd = o.made_by_ublkd,
+            "ublk device not owned by any configured volume (remove with `ublkctl orphans --remove`)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,17 +196,6 @@ mod tests {
         assert_eq!(
             ublk_mounts(info),
             vec!["/mnt/my data".to_string(), "/srv".to_string()]
-        );
-    }
-}
-
-fn report_orphans(daemon: &Daemon) {
-    for o in daemon.orphans() {
-        tracing::warn!(
-            device_id = o.device_id,
-            state = %o.state,
-            made_by_ublkd = o.made_by_ublkd,
-            "ublk device not owned by any configured volume (remove with `ublkctl orphans --remove`)"
         );
     }
 }

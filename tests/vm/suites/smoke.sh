@@ -5,7 +5,7 @@
 # initramfs, the extra virtio disk, the dm fixture mirror_fault relies on). Needs no working
 # daemon except `binaries`, which only checks that ublkd/ublkctl start (--help).
 
-SCENARIOS="ublk_control tools binaries virtio_disk dm_fixture"
+SCENARIOS="ublk_control tools binaries virtio_disk dm_fixture loop_fio"
 
 ublk_control() {
   grep -q '^ublk_drv ' /proc/modules || fail "ublk_drv not loaded"
@@ -72,5 +72,18 @@ dm_fixture() {
     fail "write to the error target succeeded"
   fi
   run "$DMSETUP" remove t0
+  run "$LOSETUP" -d "$loopdev"
+}
+
+# Kernel loop device over a tmpfs file with the fio job e2e uses on ublk: checks fio/io_uring on
+# a block device in the guest and gives a TCG speed reference for sizing e2e's fio jobs.
+loop_fio() {
+  run truncate -s 256M "$T/loop.img"
+  loopdev=$("$LOSETUP" -f --show --direct-io=on "$T/loop.img") || fail "losetup failed"
+  run "$FIO" --name=randwrite --filename="$loopdev" --rw=randwrite --bs=4k --iodepth=32 \
+      --ioengine=io_uring --direct=1 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output="$T/loop.fio.log"
+  grep -E 'err=|IOPS=' "$T/loop.fio.log"
+  grep -q 'err= *0' "$T/loop.fio.log" || fail "fio reported errors"
   run "$LOSETUP" -d "$loopdev"
 }
