@@ -1,0 +1,97 @@
+# disks: 2 size=1G
+# timeout: 1800
+#
+# Benchmark: ublkd (one local replica) against the kernel loop driver (losetup --direct-io=on)
+# over the same kind of backing store, in ONE boot so the ratios compare like with like.
+#   bench_virtio  each device on its own virtio disk (the headline: the disk dominates, as on
+#                 real hardware); ublkd uses the raw /dev/vdX as its replica.
+#   bench_tmpfs   each device on a file in tmpfs: no disk cost, so the ratio shows the CPU
+#                 overhead of the ublk path itself.
+# Workloads (fio, io_uring, direct=1, one job: the guest has one vCPU, so one ublk queue):
+# 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
+# Prints `RESULT name=value` lines (the host collects them) and a table.
+
+SCENARIOS="bench_virtio bench_tmpfs"
+timeout_bench_virtio=900
+timeout_bench_tmpfs=900
+
+REGION=256M          # fio working set (prefilled by the sequential write)
+RUNTIME=${BENCH_RUNTIME:-10}
+RAMP=2
+
+# fio_run DEV RW BS QD NAME: run one job, print "iops lat_us MiBps" (terse v3 fields:
+# read 8=iops 7=KiB/s 40=lat mean; write 49=iops 48=KiB/s 81=lat mean).
+fio_run() {
+  _out="$T/$5.terse"
+  "$FIO" --name="$5" --filename="$1" --ioengine=io_uring --direct=1 --rw="$2" --bs="$3" \
+    --iodepth="$4" --numjobs=1 --size=$REGION --time_based --runtime=$RUNTIME --ramp_time=$RAMP \
+    --norandommap --randrepeat=0 --minimal > "$_out" 2> "$T/$5.err" \
+    || fail "fio $5 failed: $(head -c 300 "$T/$5.err")"
+  case "$2" in
+    *read) awk -F';' '{printf "%d %.1f %.1f\n", $8, $40, $7/1024}' "$_out" ;;
+    *)     awk -F';' '{printf "%d %.1f %.1f\n", $49, $81, $48/1024}' "$_out" ;;
+  esac
+}
+
+# bench_pair TAG UBLK_DEV LOOP_DEV: the workload matrix on both devices, alternating them so
+# slow drift of the emulator hits both alike. Emits RESULT lines and ratios.
+bench_pair() {
+  _tag=$1 _u=$2 _l=$3
+  # Prefill both (random reads of never-written blocks would read holes).
+  run "$FIO" --name=fill --filename="$_u" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  run "$FIO" --name=fill --filename="$_l" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "write 128k 8"; do
+    set -- $w
+    name="${1}_qd$3"; [ "$1" = write ] && name="seqwrite128k_qd$3"
+    set -- $(fio_run "$_l" "$1" "$2" "$3" "loop_${_tag}_$name") $(fio_run "$_u" "$1" "$2" "$3" "ublk_${_tag}_$name")
+    l_iops=$1 l_lat=$2 l_mib=$3 u_iops=$4 u_lat=$5 u_mib=$6
+    echo "RESULT ${_tag}_loop_${name}_iops=$l_iops"
+    echo "RESULT ${_tag}_ublk_${name}_iops=$u_iops"
+    echo "RESULT ${_tag}_loop_${name}_lat_us=$l_lat"
+    echo "RESULT ${_tag}_ublk_${name}_lat_us=$u_lat"
+    case $name in seq*) echo "RESULT ${_tag}_loop_${name}_mibps=$l_mib"; echo "RESULT ${_tag}_ublk_${name}_mibps=$u_mib" ;; esac
+    ratio=$(awk -v u="$u_iops" -v l="$l_iops" 'BEGIN { if (l > 0) printf "%.2f", u / l; else print "nan" }')
+    echo "RESULT ${_tag}_ratio_${name}=$ratio"
+    echo "$ratio" > "$T/ratio_$name"
+    printf 'TABLE %-8s %-20s loop %8s IOPS %9s us | ublk %8s IOPS %9s us | ratio %s\n' \
+      "$_tag" "$name" "$l_iops" "$l_lat" "$u_iops" "$u_lat" "$ratio"
+    [ "$u_iops" -gt 0 ] && [ "$l_iops" -gt 0 ] || fail "zero IOPS in $name"
+  done
+}
+
+start_bench_ublkd() {
+  LOG_LEVEL=warn QUEUES=1 DEPTH=128 mkconf "$T/ublkd.conf" bench 512MiB "$1"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev /dev/ublkb0
+}
+
+bench_virtio() {
+  need_ublk
+  set -- $VM_DISKS
+  [ $# -ge 2 ] || fail "need 2 virtio disks, have: $VM_DISKS"
+  start_bench_ublkd "$1"
+  loopdev=$("$LOSETUP" --direct-io=on --show -f "$2") || fail "losetup $2"
+  bench_pair virtio /dev/ublkb0 "$loopdev"
+  for r in randread_qd32 randwrite_qd32; do
+    echo "RESULT ratio_$r=$(cat "$T/ratio_$r")"
+  done
+  run "$LOSETUP" -d "$loopdev"
+  stop_ublkd 60 || fail "ublkd did not stop cleanly"
+}
+
+bench_tmpfs() {
+  need_ublk
+  mkdir -p /tmp/bench
+  run dd if=/dev/zero of=/tmp/bench/loop.img bs=1M count=0 seek=512
+  start_bench_ublkd /tmp/bench/ublk.img
+  loopdev=$("$LOSETUP" --direct-io=on --show -f /tmp/bench/loop.img) || fail "losetup"
+  bench_pair tmpfs /dev/ublkb0 "$loopdev"
+  for r in randread_qd32 randwrite_qd32; do
+    echo "RESULT cpu_ratio_$r=$(cat "$T/ratio_$r")"
+  done
+  run "$LOSETUP" -d "$loopdev"
+  stop_ublkd 60 || fail "ublkd did not stop cleanly"
+  rm -rf /tmp/bench
+}

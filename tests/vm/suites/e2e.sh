@@ -1,0 +1,309 @@
+# timeout: 1500
+#
+# End-to-end tests of ublkd on the real ublk driver. Every scenario asserts on data (checksums),
+# exit codes and kernel logs; none passes if the driver or the binaries are missing (need_ublk).
+# Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
+# its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
+
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault"
+timeout_bad_config=120
+timeout_dd_pattern=120
+timeout_ext4_fsck=240
+timeout_fio_verify=300
+timeout_sigterm_clean=120
+timeout_kill9_recover=360
+timeout_mirror_fault=420
+
+DEV=/dev/ublkb0
+
+# same_file A B WHAT: fail unless A and B have the same content.
+same_file() {
+  _a=$(sha256sum < "$1" | cut -d' ' -f1); _b=$(sha256sum < "$2" | cut -d' ' -f1)
+  [ "$_a" = "$_b" ] || fail "$3: checksum mismatch ($_a vs $_b)"
+}
+
+# fio_ok LOG: fio's report shows no error for any job and no verify failure.
+fio_ok() {
+  grep -q 'err= *0' "$1" || fail "fio report has no 'err= 0' line (see $(basename "$1"))"
+  _bad=$(grep -E 'err= *[1-9]|verify: bad|verify failed|bad magic|io_u error|fio: pid=.*error' "$1" | head -n 3)
+  [ -z "$_bad" ] || fail "fio errors: $(echo "$_bad" | tr '\n' ' ')"
+}
+
+# stop_daemon_clean: SIGTERM the daemon, expect exit 0.
+stop_daemon_clean() {
+  stop_ublkd 30
+  _rc=$?
+  [ $_rc -eq 0 ] || fail "ublkd exited $_rc on SIGTERM (expected 0)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# A bad config is refused by both `check-config` and `--config`, naming the key and its line.
+bad_config() {
+  need_ublk
+  mkconf "$T/good.conf" vol0 64MiB "$T/r0.img"
+  # Baseline: a good config passes, so the failures below are about the bad lines.
+  "$UBLKD" check-config "$T/good.conf" > "$T/good.out" 2>&1
+  rc=$?; cat "$T/good.out"
+  [ $rc -eq 0 ] || fail "check-config rejects a good config (exit $rc): $(head -c 300 "$T/good.out")"
+
+  # case: key, sed script turning the good config into a bad one.
+  n=0
+  for case in \
+    'bogus_key|/^log_level/a bogus_key = 1' \
+    'colour|/^device_id/a colour = "red"' \
+    'block_size|s/^block_size = .*/block_size = 1000/' \
+    'size|s/^size = .*/size = "12XB"/' ; do
+    n=$((n + 1))
+    key=${case%%|*}; script=${case#*|}
+    f="$T/bad$n.conf"
+    sed "$script" "$T/good.conf" > "$f"
+    line=$(grep -n "^$key = " "$f" | head -n1 | cut -d: -f1)
+    [ -n "$line" ] && ! cmp -s "$f" "$T/good.conf" || fail "test bug: could not build bad config for $key"
+    say "bad config $n: '$(sed -n "${line}p" "$f")' at line $line"
+
+    timeout 20 "$UBLKD" check-config "$f" > "$T/check$n.out" 2> "$T/check$n.err"
+    rc=$?; sed 's/^/    check-config: /' "$T/check$n.err"
+    [ $rc -ne 0 ] || fail "check-config accepted bad $key"
+    [ $rc -ne 124 ] && [ $rc -ne 143 ] || fail "check-config hung on bad $key"
+    grep -q "$key" "$T/check$n.err" || fail "check-config stderr does not name '$key': $(head -c 200 "$T/check$n.err")"
+    grep -Eq "line:? *$line([^0-9]|$)|:$line(:|[^0-9]|$)" "$T/check$n.err" \
+      || fail "check-config stderr does not give line $line for '$key': $(head -c 200 "$T/check$n.err")"
+
+    timeout 20 "$UBLKD" --config "$f" > "$T/run$n.out" 2> "$T/run$n.err"
+    rc=$?; sed 's/^/    ublkd --config: /' "$T/run$n.err" | tail -n 5
+    [ $rc -ne 124 ] && [ $rc -ne 143 ] || fail "ublkd --config kept running with bad $key"
+    [ $rc -ne 0 ] || fail "ublkd --config exited 0 with bad $key"
+    grep -q "$key" "$T/run$n.err" || fail "ublkd --config stderr does not name '$key'"
+    ! ls /dev/ublkb* >/dev/null 2>&1 || fail "ublkd created a device from a bad config ($key)"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Direct-I/O patterns at several offsets read back identical, land in the replica file at the
+# same offset, and never-written space reads as zeros.
+dd_pattern() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 64MiB "$T/r0.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  size=$("$BLOCKDEV" --getsize64 $DEV)
+  [ "$size" = 67108864 ] || fail "$DEV is $size bytes, expected 64MiB"
+  lbs=$("$BLOCKDEV" --getss $DEV)
+  [ "$lbs" = 4096 ] || fail "$DEV logical block size $lbs, expected 4096"
+
+  run dd if=/dev/urandom of="$T/pat" bs=1M count=1
+  run dd if=/dev/zero of="$T/zero" bs=1M count=1
+  # MiB offsets: first, unaligned-ish middle ones, last.
+  for off in 0 7 33 63; do
+    run dd if="$T/pat" of=$DEV bs=1M seek=$off oflag=direct conv=fsync
+  done
+  # Small writes at a 4 KiB (not MiB) aligned offset, crossing no MiB boundary.
+  run dd if=/dev/urandom of="$T/small" bs=4096 count=3
+  run dd if="$T/small" of=$DEV bs=4096 seek=12345 oflag=direct conv=fsync
+
+  for off in 0 7 33 63; do
+    run dd if=$DEV of="$T/rb" bs=1M skip=$off count=1 iflag=direct
+    same_file "$T/pat" "$T/rb" "read back at ${off}MiB"
+    # The replica is a plain image: same bytes at the same offset.
+    run dd if="$T/r0.img" of="$T/rr" bs=1M skip=$off count=1
+    same_file "$T/pat" "$T/rr" "replica file at ${off}MiB"
+  done
+  run dd if=$DEV of="$T/rb" bs=4096 skip=12345 count=3 iflag=direct
+  same_file "$T/small" "$T/rb" "4k writes at block 12345"
+  run dd if=$DEV of="$T/rb" bs=1M skip=20 count=1 iflag=direct
+  same_file "$T/zero" "$T/rb" "never-written MiB 20"
+
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# ext4: files survive umount/remount with the page cache dropped; fsck finds nothing.
+ext4_fsck() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  M=/mnt/$SCENARIO; mkdir -p $M
+  run "$MKFS_EXT4" -F -q $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+  mkdir -p $M/d0 $M/d1 $M/d2 $M/d3/deep/er
+  i=0
+  while [ $i -lt 24 ]; do
+    run dd if=/dev/urandom of=$M/d$((i % 4))/f$i bs=4k count=$(( (i * 37 % 97) + 1 ))
+    i=$((i + 1))
+  done
+  run dd if=/dev/urandom of=$M/d3/deep/er/big bs=1M count=48
+  (cd $M && find . -type f | sort | xargs sha256sum) > "$T/sums"
+  [ "$(wc -l < "$T/sums")" -eq 25 ] || fail "expected 25 files, have $(wc -l < "$T/sums")"
+  run sync
+  umount_checked $M $DEV
+  drop_caches
+  fsck_clean $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+  (cd $M && sha256sum -c "$T/sums") > "$T/verify.out" 2>&1 || fail "checksums differ after remount: $(grep -v ': OK$' "$T/verify.out" | head -n 3 | tr '\n' ' ')"
+  umount_checked $M $DEV
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# fio write+verify with deep queues (io_uring, O_DIRECT): random 4k, then large sequential I/O
+# (1 MiB requests are bigger than the daemon's per-request buffer and get split by the kernel).
+fio_verify() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  run "$FIO" --name=randwrite --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 \
+      --ioengine=io_uring --direct=1 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output="$T/randwrite.fio.log"
+  cat "$T/randwrite.fio.log"
+  fio_ok "$T/randwrite.fio.log"
+  run "$FIO" --name=seqwrite --filename=$DEV --rw=write --bs=1M --iodepth=4 --offset=128M \
+      --ioengine=io_uring --direct=1 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output="$T/seqwrite.fio.log"
+  fio_ok "$T/seqwrite.fio.log"
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: exit 0, no device left behind; data written before persists into the next run.
+no_ublk_devices() { ! ls /dev/ublkb* /sys/class/ublk-char/ublkc* >/dev/null 2>&1; }
+sigterm_clean() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 64MiB "$T/r0.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  run dd if=/dev/urandom of="$T/pat" bs=1M count=4
+  run dd if="$T/pat" of=$DEV bs=1M seek=8 oflag=direct conv=fsync
+
+  stop_daemon_clean
+  wait_for 10 no_ublk_devices || fail "devices left after SIGTERM: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
+  no_ublkd || fail "a ublkd process is still running"
+  [ -c /dev/ublk-control ] || fail "/dev/ublk-control vanished"
+
+  # Second life: the data is still there, and the second SIGTERM is as clean.
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  run dd if=$DEV of="$T/rb" bs=1M skip=8 count=4 iflag=direct
+  same_file "$T/pat" "$T/rb" "data after restart"
+  stop_daemon_clean
+  wait_for 10 no_ublk_devices || fail "devices left after second SIGTERM: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 of the daemon under a busy ext4 mount: the device stays (QUIESCED), a new daemon
+# recovers it, the writer never sees an error, every file verifies, fsck is clean. Two rounds.
+KILL_FILES=60
+kill9_writer() {
+  i=0
+  while [ $i -lt $KILL_FILES ]; do
+    # conv=fsync: every file forces I/O to the device, so a kill always finds some in flight.
+    dd if=/dev/urandom of=$M/w$i bs=64k count=8 conv=fsync 2>> "$T/writer.err" \
+      || { echo "dd of file $i failed" >> "$T/writer.err"; exit 1; }
+    sha256sum $M/w$i >> "$T/writer.sums" || exit 1
+    echo $i > "$T/writer.progress"
+    i=$((i + 1))
+  done
+  exit 0
+}
+writer_progress() { cat "$T/writer.progress" 2>/dev/null || echo -1; }
+writer_past() { [ "$(writer_progress)" -ge "$1" ]; }
+
+kill9_recover() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  M=/mnt/$SCENARIO; mkdir -p $M
+  run "$MKFS_EXT4" -F -q $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+
+  # The writer is a sibling of the daemon (both children of this shell), not its child.
+  kill9_writer &
+  WPID=$!
+  for round in 1 2; do
+    wait_for 120 writer_past $((round * 12)) || fail "writer made no progress before kill $round (at $(writer_progress))"
+    alive $WPID || fail "writer ended early"
+    say "round $round: kill -9 ublkd $DPID (writer at file $(writer_progress))"
+    kill -KILL $DPID
+    wait $DPID 2>/dev/null  # reap it, else it stays a zombie
+    sleep 0.5
+    [ -b $DEV ] || fail "$DEV disappeared after kill -9"
+    [ -e /sys/class/ublk-char/ublkc0 ] || fail "ublkc0 disappeared after kill -9"
+    before=$(writer_progress); sleep 2
+    say "writer at $(writer_progress) 2 s after the kill (was $before): I/O should be blocked"
+    alive $WPID || fail "writer ended while the daemon was dead: $(cat "$T/writer.err")"
+    start_ublkd "$T/ublkd.conf"
+    wait_live vol0 30
+    "$UBLKCTL" --socket "$SOCK" list > "$T/list.out" 2>&1 || fail "ublkctl list failed: $(cat "$T/list.out")"
+    grep -q vol0 "$T/list.out" || fail "ublkctl list does not show vol0: $(cat "$T/list.out")"
+    [ -b $DEV ] || fail "$DEV missing after recovery"
+  done
+
+  wait_pid $WPID 240
+  rc=$?
+  [ $rc -eq 0 ] || fail "writer exited $rc: $(tail -n 3 "$T/writer.err" | tr '\n' ' ')"
+  [ "$(wc -l < "$T/writer.sums")" -eq $KILL_FILES ] || fail "writer wrote $(wc -l < "$T/writer.sums") of $KILL_FILES files"
+  run sync
+  umount_checked $M $DEV
+  drop_caches
+  fsck_clean $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+  sha256sum -c "$T/writer.sums" > "$T/verify.out" 2>&1 || fail "files differ after recovery: $(grep -v ': OK$' "$T/verify.out" | head -n 3 | tr '\n' ' ')"
+  umount_checked $M $DEV
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Two replicas (tmpfs file + dm device); the dm device starts failing every I/O mid-fio. fio
+# sees no error and verifies; status shows replica 1 faulted, replica 0 online, volume degraded.
+mirror_fault() {
+  need_ublk
+  run truncate -s 256M "$T/r1back.img"
+  loopdev=$("$LOSETUP" -f --show "$T/r1back.img") || fail "losetup failed"
+  sectors=$((256 * 1024 * 1024 / 512))
+  run "$DMSETUP" create r1 --table "0 $sectors linear $loopdev 0"
+  dm=$(dm_dev r1) || fail "no /dev/dm-N for r1"
+  say "replica 1 is $dm (linear over $loopdev)"
+  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img" "$dm"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  wait_live vol0 20
+  st=$(vol_status vol0)
+  [ "$(replica_state "$st" 0)" = online ] && [ "$(replica_state "$st" 1)" = online ] \
+    || fail "replicas not both online before the fault: $st"
+
+  "$FIO" --name=mirror --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=192M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output="$T/mirror.fio.log" &
+  FPID=$!
+  sleep 3
+  alive $FPID || fail "fio finished within 3 s, before the fault could be injected (make it bigger)"
+  say "injecting fault: $dm -> error target"
+  run "$DMSETUP" suspend r1
+  run "$DMSETUP" load r1 --table "0 $sectors error"
+  run "$DMSETUP" resume r1
+  alive $FPID || fail "fio finished while the fault was being injected (make it bigger)"
+  say "fault injected while fio was running"
+
+  wait_pid $FPID 360
+  rc=$?
+  cat "$T/mirror.fio.log"
+  [ $rc -eq 0 ] || fail "fio exited $rc"
+  fio_ok "$T/mirror.fio.log"
+
+  st=$(vol_status vol0)
+  say "status: $st"
+  [ -n "$st" ] || fail "ublkctl status vol0 gave nothing: $(tail -n 3 "$T/ublkctl.err")"
+  r0=$(replica_state "$st" 0); r1=$(replica_state "$st" 1); vs=$(echo "$st" | json_top_field state)
+  [ "$r1" = faulted ] || fail "replica 1 ($dm) is '$r1', expected faulted"
+  [ "$r0" = online ] || fail "replica 0 is '$r0', expected online"
+  [ "$vs" = degraded ] || fail "volume state is '$vs', expected degraded"
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
