@@ -362,7 +362,13 @@ fn run(
         move |qid, dev: &UblkDev| frontend::run_queue(qid, dev, &dp_q),
         move |ctrl: &UblkCtrl| {
             let info = ctrl.dev_info();
-            shared_dev.live.lock().unwrap().ublk_flags = Some(info.flags);
+            {
+                // What the kernel granted (it caps queues at the CPU count).
+                let mut live = shared_dev.live.lock().unwrap();
+                live.ublk_flags = Some(info.flags);
+                live.queues = info.nr_hw_queues;
+                live.depth = info.queue_depth;
+            }
             if info.flags & CTRL_FLAGS != CTRL_FLAGS {
                 tracing::warn!(volume = %name, flags = format_args!("{:#x}", info.flags),
                     "kernel did not grant USER_RECOVERY|REISSUE: a daemon crash will fail I/O");
