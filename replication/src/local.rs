@@ -212,6 +212,12 @@ impl Drop for AlignedBuf {
 
 const ZERO_CHUNK: usize = 256 * 1024;
 
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write { fua: bool },
+}
+
 /// Per-queue handle of a local replica: the shared backing plus the queue's ring.
 pub struct LocalReplica<U: Uring> {
     backing: Arc<LocalBacking>,
@@ -241,53 +247,45 @@ impl<U: Uring> LocalReplica<U> {
     }
 
     async fn read_impl(&self, offset: u64, buf: &mut [u8]) -> IoResult {
+        self.transfer(Dir::Read, offset, buf.as_mut_ptr(), buf.len())
+            .await
+    }
+
+    async fn write_impl(&self, offset: u64, buf: &[u8], fua: bool) -> IoResult {
+        // The pointer is only read from for writes.
+        self.transfer(
+            Dir::Write { fua },
+            offset,
+            buf.as_ptr().cast_mut(),
+            buf.len(),
+        )
+        .await
+    }
+
+    /// Move `len` bytes at `addr` to/from `offset`, resubmitting after short transfers.
+    /// The caller's borrow of the buffer outlives this future.
+    async fn transfer(&self, dir: Dir, offset: u64, addr: *mut u8, len: usize) -> IoResult {
         let mut done = 0usize;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
+        while done < len {
             let off = offset + done as u64;
-            let fd = self
-                .backing
-                .fd_for(off, rest.len() as u64, rest.as_ptr() as usize);
-            let (ptr, len) = (rest.as_mut_ptr(), rest.len() as u32);
+            // SAFETY: done < len, inside the caller's buffer.
+            let ptr = unsafe { addr.add(done) };
+            let n = (len - done) as u32;
+            let fd = types::Fd(self.backing.fd_for(off, n as u64, ptr as usize));
             let res = self
-                .run(|| {
-                    opcode::Read::new(types::Fd(fd), ptr, len)
+                .run(|| match dir {
+                    Dir::Read => opcode::Read::new(fd, ptr, n).offset(off).build(),
+                    Dir::Write { fua } => opcode::Write::new(fd, ptr, n)
                         .offset(off)
-                        .build()
+                        .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                        .build(),
                 })
                 .await;
             match res {
                 r if r < 0 => return Err(Errno::from_cqe(r)),
                 // The backing was checked to cover the volume: EOF means it shrank.
                 0 => return Err(Errno::EIO),
-                n => done += n as usize,
-            }
-        }
-        Ok(())
-    }
-
-    async fn write_impl(&self, offset: u64, buf: &[u8], fua: bool) -> IoResult {
-        let mut done = 0usize;
-        let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
-        while done < buf.len() {
-            let rest = &buf[done..];
-            let off = offset + done as u64;
-            let fd = self
-                .backing
-                .fd_for(off, rest.len() as u64, rest.as_ptr() as usize);
-            let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
-            let res = self
-                .run(|| {
-                    opcode::Write::new(types::Fd(fd), ptr, len)
-                        .offset(off)
-                        .rw_flags(rw_flags)
-                        .build()
-                })
-                .await;
-            match res {
-                r if r < 0 => return Err(Errno::from_cqe(r)),
-                0 => return Err(Errno::EIO),
-                n => done += n as usize,
+                r => done += r as usize,
             }
         }
         Ok(())
