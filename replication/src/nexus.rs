@@ -112,6 +112,14 @@ impl<'r> Nexus<'r> {
         op: impl Fn(&'a (dyn Replica + 'r)) -> IoFuture<'a>,
     ) -> Result<(), Errno> {
         let attempted = self.health.online_mask();
+        if attempted.count_ones() == 1 {
+            // One replica online: no join, no allocations on the hot path.
+            let i = ReplicaIndex(attempted.trailing_zeros() as u8);
+            return match op(&*self.replicas[i.get()]).await {
+                Ok(()) => self.health.settle(attempted, &[]),
+                Err(e) => self.health.settle(attempted, &[(i, e)]),
+            };
+        }
         let targets: Vec<ReplicaIndex> = indices(attempted).collect();
         let results = join_all(targets.iter().map(|i| op(&*self.replicas[i.get()]))).await;
         let failures: Vec<(ReplicaIndex, Errno)> = targets

@@ -257,9 +257,20 @@ fn run(
         .iter()
         .any(|r| r.state == ReplicaState::Online)
     {
+        let why: Vec<String> = record
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}: {}",
+                    r.location,
+                    r.reason.as_deref().unwrap_or("faulted")
+                )
+            })
+            .collect();
         return Err(DaemonError::volume(
             &cfg.name,
-            "no online replica: every replica is faulted or cannot be opened",
+            format!("no online replica to serve from ({})", why.join("; ")),
         ));
     }
 
