@@ -67,6 +67,15 @@ start_bench_ublkd() {
   wait_dev /dev/ublkb0
 }
 
+# finish_bench TAG PREFIX LOOPDEV: headline ratios under their issue names, then clean up.
+finish_bench() {
+  for r in randread_qd32 randwrite_qd32; do
+    echo "RESULT $2$r=$(cat "$T/ratio_$r")"
+  done
+  run "$LOSETUP" -d "$3"
+  stop_ublkd 60 || fail "ublkd did not stop cleanly"
+}
+
 bench_virtio() {
   need_ublk
   set -- $VM_DISKS
@@ -74,11 +83,7 @@ bench_virtio() {
   start_bench_ublkd "$1"
   loopdev=$("$LOSETUP" --direct-io=on --show -f "$2") || fail "losetup $2"
   bench_pair virtio /dev/ublkb0 "$loopdev"
-  for r in randread_qd32 randwrite_qd32; do
-    echo "RESULT ratio_$r=$(cat "$T/ratio_$r")"
-  done
-  run "$LOSETUP" -d "$loopdev"
-  stop_ublkd 60 || fail "ublkd did not stop cleanly"
+  finish_bench virtio ratio_ "$loopdev"
 }
 
 bench_tmpfs() {
@@ -88,10 +93,6 @@ bench_tmpfs() {
   start_bench_ublkd /tmp/bench/ublk.img
   loopdev=$("$LOSETUP" --direct-io=on --show -f /tmp/bench/loop.img) || fail "losetup"
   bench_pair tmpfs /dev/ublkb0 "$loopdev"
-  for r in randread_qd32 randwrite_qd32; do
-    echo "RESULT cpu_ratio_$r=$(cat "$T/ratio_$r")"
-  done
-  run "$LOSETUP" -d "$loopdev"
-  stop_ublkd 60 || fail "ublkd did not stop cleanly"
+  finish_bench tmpfs cpu_ratio_ "$loopdev"
   rm -rf /tmp/bench
 }
