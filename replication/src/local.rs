@@ -28,6 +28,15 @@ pub enum BackingKind {
     BlockDevice,
 }
 
+/// Whether [`LocalBacking::open`] may create a missing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// First activation of a volume: a missing file is created sparse.
+    IfMissing,
+    /// The volume already has data: a missing backing is an error, not a fresh start.
+    Never,
+}
+
 /// The open backing store of one local replica, shared by all queue threads.
 #[derive(Debug)]
 pub struct LocalBacking {
@@ -46,10 +55,15 @@ pub struct LocalBacking {
 }
 
 impl LocalBacking {
-    /// Open (creating a sparse file of `volume_size` when `path` does not exist).
-    /// Files are locked (`flock`), block devices opened `O_EXCL`, so two daemons
-    /// can never write the same replica.
-    pub fn open(path: &Path, volume_size: u64) -> Result<LocalBacking, ReplicationError> {
+    /// Open a replica's backing. With [`Create::IfMissing`] a missing regular file is
+    /// created sparse at `volume_size` (never under `/dev` but `/dev/shm`: a vanished
+    /// disk must not come back as a file in devtmpfs). Files are locked (`flock`), block devices
+    /// opened `O_EXCL`, so two daemons can never write the same replica.
+    pub fn open(
+        path: &Path,
+        volume_size: u64,
+        create: Create,
+    ) -> Result<LocalBacking, ReplicationError> {
         let err = |what: &'static str| {
             let path = path.to_path_buf();
             move |source| ReplicationError::Open { path, what, source }
@@ -62,7 +76,11 @@ impl LocalBacking {
                     path: path.to_path_buf(),
                 })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && create == Create::IfMissing
+                    && (!path.starts_with("/dev") || path.starts_with("/dev/shm")) =>
+            {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(err("create parent directory"))?;
                 }
@@ -461,7 +479,8 @@ mod tests {
     use futures::executor::block_on;
 
     fn replica(dir: &tempfile::TempDir, size: u64) -> LocalReplica<BlockingUring> {
-        let backing = LocalBacking::open(&dir.path().join("r.img"), size).unwrap();
+        let backing =
+            LocalBacking::open(&dir.path().join("r.img"), size, Create::IfMissing).unwrap();
         LocalReplica::new(Arc::new(backing), BlockingUring::new().unwrap())
     }
 
@@ -539,7 +558,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("small.img");
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        let err = LocalBacking::open(&p, 1 << 20).unwrap_err();
+        let err = LocalBacking::open(&p, 1 << 20, Create::IfMissing).unwrap_err();
         assert!(matches!(err, ReplicationError::TooSmall { .. }), "{err}");
     }
 
@@ -547,15 +566,32 @@ mod tests {
     fn second_open_of_same_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.img");
-        let _first = LocalBacking::open(&p, 1 << 20).unwrap();
-        let err = LocalBacking::open(&p, 1 << 20).unwrap_err();
+        let _first = LocalBacking::open(&p, 1 << 20, Create::IfMissing).unwrap();
+        let err = LocalBacking::open(&p, 1 << 20, Create::IfMissing).unwrap_err();
         assert!(err.to_string().contains("lock"), "{err}");
+    }
+
+    #[test]
+    fn missing_backing_is_created_only_when_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("gone.img");
+        let err = LocalBacking::open(&p, 1 << 20, Create::Never).unwrap_err();
+        assert!(matches!(err, ReplicationError::Open { .. }), "{err}");
+        assert!(!p.exists());
+        let err = LocalBacking::open(
+            Path::new("/dev/ublkd-no-such-disk"),
+            1 << 20,
+            Create::IfMissing,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ReplicationError::Open { .. }), "{err}");
+        assert!(!Path::new("/dev/ublkd-no-such-disk").exists());
     }
 
     #[test]
     fn directory_is_not_a_replica() {
         let dir = tempfile::tempdir().unwrap();
-        let err = LocalBacking::open(dir.path(), 1 << 20).unwrap_err();
+        let err = LocalBacking::open(dir.path(), 1 << 20, Create::IfMissing).unwrap_err();
         assert!(
             matches!(err, ReplicationError::UnsupportedKind { .. }),
             "{err}"

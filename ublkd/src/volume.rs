@@ -14,7 +14,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::UblkFlags;
 use replication::health::{Health, IoStatsSnapshot, ReplicaHealth};
-use replication::local::LocalBacking;
+use replication::local::{Create, LocalBacking};
 use replication::request::Geometry;
 use replication::{Generation, ReplicaState, VolumeState};
 use serde::{Deserialize, Serialize};
@@ -229,9 +229,11 @@ fn run(
     cmd: Receiver<VolumeCmd>,
 ) -> Result<(), DaemonError> {
     shared.set_state(VolumeState::Starting, None);
-    let mut record = match state_dir.load(&cfg.name)? {
-        Some(rec) => rec.reconcile(cfg)?,
-        None => VolumeRecord::fresh(cfg),
+    // Only a volume's first activation creates missing replica files; later, a
+    // missing backing means its data is gone and the replica is faulted.
+    let (mut record, create) = match state_dir.load(&cfg.name)? {
+        Some(rec) => (rec.reconcile(cfg)?, Create::Never),
+        None => (VolumeRecord::fresh(cfg), Create::IfMissing),
     };
 
     // A replica whose backing cannot be opened is faulted (if another is online):
@@ -239,7 +241,7 @@ fn run(
     let mut backings = Vec::with_capacity(cfg.replicas.len());
     for (i, r) in cfg.replicas.iter().enumerate() {
         let ReplicaConfig::Local { path } = r;
-        match LocalBacking::open(path, cfg.size) {
+        match LocalBacking::open(path, cfg.size, create) {
             Ok(b) => backings.push((r.location(), Some(Arc::new(b)))),
             Err(e) => {
                 tracing::error!(volume = %cfg.name, replica = %r.location(), error = %e, "cannot open replica");
