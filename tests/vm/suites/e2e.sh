@@ -5,7 +5,7 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault ops_guards"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
@@ -13,6 +13,7 @@ timeout_fio_verify=300
 timeout_sigterm_clean=120
 timeout_kill9_recover=360
 timeout_mirror_fault=420
+timeout_ops_guards=300
 
 DEV=/dev/ublkb0
 
@@ -305,5 +306,84 @@ mirror_fault() {
   [ "$r0" = online ] || fail "replica 0 is '$r0', expected online"
   [ "$vs" = degraded ] || fail "volume state is '$vs', expected degraded"
   stop_daemon_clean
+
+  # The failed disk comes back (table restored), but it missed writes: after a restart the
+  # persisted fault must keep it out of the mirror, and new writes must not reach it.
+  run "$DMSETUP" suspend r1
+  run "$DMSETUP" load r1 --table "0 $sectors linear $loopdev 0"
+  run "$DMSETUP" resume r1
+  stale=$(sha256sum < "$dm")
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  st=$(vol_status vol0)
+  [ "$(replica_state "$st" 1)" = faulted ] || fail "replica 1 trusted again after restart: $st"
+  [ "$(echo "$st" | json_top_field state)" = degraded ] || fail "volume not degraded after restart: $st"
+  run dd if=/dev/urandom of="$T/pat" bs=1M count=8
+  run dd if="$T/pat" of=$DEV bs=1M seek=100 oflag=direct conv=fsync
+  run dd if=$DEV of="$T/rb" bs=1M skip=100 count=8 iflag=direct
+  same_file "$T/pat" "$T/rb" "read back after restart"
+  stop_daemon_clean
+  [ "$(sha256sum < "$dm")" = "$stale" ] || fail "writes reached the faulted replica after restart"
   no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Operator guards: `stop` refuses a mounted device and works after umount; `recover` brings
+# the volume back with its data; a replica whose backing vanished while the daemon was down is
+# faulted at start (volume degraded, still serving); a device no configured volume owns is an
+# orphan: listed, and removed only when asked.
+ops_guards() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 128MiB "$T/r0.img" "$T/r1.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  M=/mnt/$SCENARIO; mkdir -p $M
+  run "$MKFS_EXT4" -F -q $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+  run dd if=/dev/urandom of=$M/data bs=1M count=4 conv=fsync
+  sum=$(sha256sum < $M/data)
+
+  "$UBLKCTL" --socket "$SOCK" stop vol0 > "$T/stop.out" 2>&1 && fail "stop of a mounted volume succeeded"
+  grep -q "in use" "$T/stop.out" || fail "stop refusal does not say why: $(cat "$T/stop.out")"
+  [ -b $DEV ] || fail "$DEV gone after a refused stop"
+  umount_checked $M $DEV
+  run "$UBLKCTL" --socket "$SOCK" stop vol0
+  [ "$(vol_status vol0 | json_top_field state)" = stopped ] || fail "volume not stopped: $(vol_status vol0)"
+  wait_for 10 eval '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "device left after stop"
+  run "$UBLKCTL" --socket "$SOCK" recover vol0
+  wait_live vol0 30
+  wait_dev $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+  [ "$(sha256sum < $M/data)" = "$sum" ] || fail "data changed across stop/recover"
+  umount_checked $M $DEV
+  stop_daemon_clean
+
+  # Replica 1's backing disappears while the daemon is down.
+  run mv "$T/r1.img" "$T/r1.moved"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  st=$(vol_status vol0)
+  [ "$(replica_state "$st" 1)" = faulted ] || fail "missing replica not faulted: $st"
+  [ "$(echo "$st" | json_top_field state)" = degraded ] || fail "volume not degraded: $st"
+  [ ! -e "$T/r1.img" ] || fail "the daemon recreated a missing replica of an existing volume"
+  run "$MOUNT" -t ext4 $DEV $M
+  [ "$(sha256sum < $M/data)" = "$sum" ] || fail "data wrong when served by the remaining replica"
+  umount_checked $M $DEV
+
+  # kill -9 leaves vol0's device QUIESCED; a daemon whose config no longer has vol0 (another
+  # volume, another state dir) reports it as an orphan and removes it only when asked.
+  kill -KILL $DPID; wait $DPID 2>/dev/null
+  STATE_DIR=/var/lib/ublkd/$SCENARIO-other DEVICE_ID=1 mkconf "$T/other.conf" vol1 64MiB "$T/o0.img"
+  start_ublkd "$T/other.conf"
+  wait_dev /dev/ublkb1
+  "$UBLKCTL" --socket "$SOCK" orphans --output json > "$T/orphans.json" 2>&1 || fail "orphans failed: $(cat "$T/orphans.json")"
+  o=$(tr -d ' \n' < "$T/orphans.json")
+  case "$o" in *'"device_id":0,'*'"state":"quiesced"'*) ;; *) fail "orphan not listed: $o" ;; esac
+  grep -q "not owned by any configured volume" "$T/ublkd.log" || fail "start-up did not report the orphan"
+  [ -e /sys/class/ublk-char/ublkc0 ] || fail "orphan removed without being asked"
+  run "$UBLKCTL" --socket "$SOCK" orphans --remove
+  wait_for 10 eval '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "orphan still present after --remove"
+  [ -b /dev/ublkb1 ] || fail "removing orphans touched the configured volume"
+  stop_daemon_clean
+  no_kernel_errors ublkb1
 }
