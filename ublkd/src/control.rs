@@ -51,20 +51,21 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
             daemon.stop(&volume, force)?;
             json(&daemon.status(&volume)?)
         }
-        Request::Recover { volume } => {
-            let names: Vec<String> = match volume {
-                Some(v) => vec![v],
-                None => daemon
-                    .list()
-                    .into_iter()
-                    .filter(|s| !s.state.is_serving())
-                    .map(|s| s.name)
-                    .collect(),
-            };
-            for n in &names {
-                daemon.start(n)?;
+        // One volume named: its error is the answer.
+        Request::Recover { volume: Some(v) } => {
+            daemon.start(&v)?;
+            json(&[v])
+        }
+        // All: start what can be started; one stuck volume must not block the others.
+        Request::Recover { volume: None } => {
+            let mut started = Vec::new();
+            for s in daemon.list().into_iter().filter(|s| !s.state.is_serving()) {
+                match daemon.start(&s.name) {
+                    Ok(()) => started.push(s.name),
+                    Err(e) => tracing::warn!(volume = %s.name, error = %e, "recover: not started"),
+                }
             }
-            json(&names)
+            json(&started)
         }
         Request::Orphans { remove: false } => json(&daemon.orphans()),
         Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),

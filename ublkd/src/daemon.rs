@@ -120,7 +120,7 @@ impl Daemon {
         let vols = self.volumes.lock().unwrap();
         Ok(match vols.get(name) {
             Some(r) => r.shared.status(),
-            None => VolumeRunner::not_started(self.config.volume(name).unwrap()),
+            None => VolumeRunner::not_started(self.config.volume(name).unwrap(), &self.state_dir),
         })
     }
 

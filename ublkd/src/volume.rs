@@ -57,7 +57,8 @@ pub struct VolumeStatus {
 pub struct ReplicaStatus {
     pub index: usize,
     pub path: String,
-    pub state: ReplicaState,
+    /// `None`: the volume never ran, nothing is known yet.
+    pub state: Option<ReplicaState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub errors: u64,
@@ -78,6 +79,7 @@ struct Live {
 /// State shared between a volume's thread and the rest of the daemon.
 pub struct VolumeShared {
     cfg: VolumeConfig,
+    state_dir: StateDir,
     live: Mutex<Live>,
 }
 
@@ -110,21 +112,30 @@ impl VolumeShared {
     pub fn status(&self) -> VolumeStatus {
         let state = self.state();
         let live = self.live.lock().unwrap();
-        let (replicas, io) = match &live.health {
-            Some(h) => (h.snapshot(), h.stats.snapshot()),
-            None => (
-                self.cfg
-                    .replicas
-                    .iter()
-                    .map(|r| ReplicaHealth {
-                        location: r.location(),
-                        state: ReplicaState::Faulted,
-                        reason: Some("volume not running".into()),
-                        errors: 0,
-                    })
+        // Not serving (yet): the last persisted health, if the volume ever ran.
+        let (replicas, io): (Vec<(String, Option<ReplicaHealth>)>, _) = match &live.health {
+            Some(h) => (
+                h.snapshot()
+                    .into_iter()
+                    .map(|r| (r.location.clone(), Some(r)))
                     .collect(),
-                IoStatsSnapshot::default(),
+                h.stats.snapshot(),
             ),
+            None => {
+                let rec = self.state_dir.load(&self.cfg.name).ok().flatten();
+                let known = |loc: &str| {
+                    rec.as_ref()
+                        .and_then(|r| r.replicas.iter().find(|h| h.location == loc).cloned())
+                };
+                (
+                    self.cfg
+                        .replicas
+                        .iter()
+                        .map(|r| (r.location(), known(&r.location())))
+                        .collect(),
+                    IoStatsSnapshot::default(),
+                )
+            }
         };
         VolumeStatus {
             name: self.cfg.name.clone(),
@@ -144,12 +155,12 @@ impl VolumeShared {
             replicas: replicas
                 .into_iter()
                 .enumerate()
-                .map(|(index, r)| ReplicaStatus {
+                .map(|(index, (path, h))| ReplicaStatus {
                     index,
-                    path: r.location,
-                    state: r.state,
-                    reason: r.reason,
-                    errors: r.errors,
+                    path,
+                    state: h.as_ref().map(|h| h.state),
+                    reason: h.as_ref().and_then(|h| h.reason.clone()),
+                    errors: h.map_or(0, |h| h.errors),
                 })
                 .collect(),
             io,
@@ -168,6 +179,7 @@ impl VolumeRunner {
     pub fn spawn(cfg: VolumeConfig, state_dir: StateDir) -> VolumeRunner {
         let shared = Arc::new(VolumeShared {
             cfg: cfg.clone(),
+            state_dir: state_dir.clone(),
             live: Mutex::new(Live::default()),
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -189,9 +201,10 @@ impl VolumeRunner {
     }
 
     /// Status of a configured volume that was never started.
-    pub fn not_started(cfg: &VolumeConfig) -> VolumeStatus {
+    pub fn not_started(cfg: &VolumeConfig, state_dir: &StateDir) -> VolumeStatus {
         VolumeShared {
             cfg: cfg.clone(),
+            state_dir: state_dir.clone(),
             live: Mutex::new(Live::default()),
         }
         .status()

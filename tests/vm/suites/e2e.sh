@@ -193,6 +193,22 @@ sigterm_clean() {
   stop_daemon_clean
   wait_for 10 no_ublk_devices || fail "devices left after second SIGTERM: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
   no_kernel_errors ublkb0
+
+  # Third life: SIGTERM with writes in flight. The daemon drains what the kernel already
+  # handed it, removes the device and exits 0; the writer then gets errors (its device is
+  # gone) instead of hanging; the kernel logs no bug.
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  "$FIO" --name=busy --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=64M --time_based --runtime=60 --output="$T/busy.fio.log" &
+  FPID=$!
+  sleep 2
+  alive $FPID || fail "fio ended before SIGTERM: $(tail -n 5 "$T/busy.fio.log")"
+  stop_daemon_clean
+  wait_pid $FPID 30 || say "fio exited non-zero after its device was removed (expected)"
+  wait_for 10 no_ublk_devices || fail "devices left after SIGTERM under load"
+  bug=$(dmesg_since_start | grep -E 'BUG:|Oops|WARNING:|hung_task' | head -n 3)
+  [ -z "$bug" ] || fail "kernel complained: $bug"
 }
 
 # ---------------------------------------------------------------------------------------------

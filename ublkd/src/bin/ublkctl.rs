@@ -96,7 +96,7 @@ fn run() -> Result<()> {
                 let online = s
                     .replicas
                     .iter()
-                    .filter(|r| r.state == replication::ReplicaState::Online)
+                    .filter(|r| r.state == Some(replication::ReplicaState::Online))
                     .count();
                 println!(
                     "{:<16} {:<11} {:<14} {:>10} {:>8}",
@@ -176,7 +176,7 @@ fn print_status(s: &VolumeStatus) {
             "  replica #{} {:<40} {:<8} errors {}{}",
             r.index,
             r.path,
-            state.as_str().unwrap_or("?"),
+            state.as_str().unwrap_or("unknown"),
             r.errors,
             r.reason
                 .as_deref()
