@@ -33,6 +33,15 @@ fio_run() {
   esac
 }
 
+# ticks_of PID: user and system clock ticks of all its threads.
+ticks_of() {
+  for _t in /proc/$1/task/*; do sed 's/.*) //' "$_t/stat" | awk '{print $12, $13}'; done \
+    | awk '{u += $1; s += $2} END {print u + 0, s + 0}'
+}
+
+# per_io TICKS: ticks spent over the last ublk run, per request, in µs (USER_HZ is 100).
+per_io() { awk -v d="$1" -v n="$u_iops" -v t=$((RUNTIME + RAMP)) 'BEGIN { printf "%.0f", d * 1e4 / (n * t) }'; }
+
 # bench_pair TAG UBLK_DEV LOOP_DEV: the workload matrix on both devices, alternating them so
 # slow drift of the emulator hits both alike. Emits RESULT lines and ratios.
 bench_pair() {
@@ -45,8 +54,15 @@ bench_pair() {
   for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "write 128k 8"; do
     set -- $w
     name="${1}_qd$3"; [ "$1" = write ] && name="seqwrite128k_qd$3"
-    set -- $(fio_run "$_l" "$1" "$2" "$3" "loop_${_tag}_$name") $(fio_run "$_u" "$1" "$2" "$3" "ublk_${_tag}_$name")
-    l_iops=$1 l_lat=$2 l_mib=$3 u_iops=$4 u_lat=$5 u_mib=$6
+    set -- $(fio_run "$_l" "$1" "$2" "$3" "loop_${_tag}_$name") $(ticks_of "$DPID")
+    l_iops=$1 l_lat=$2 l_mib=$3 c0u=$4 c0s=$5
+    set -- $w
+    set -- $(fio_run "$_u" "$1" "$2" "$3" "ublk_${_tag}_$name") $(ticks_of "$DPID")
+    u_iops=$1 u_lat=$2 u_mib=$3
+    # Daemon CPU per request, user and kernel, in µs of (emulated) CPU.
+    u_cpu=$(per_io $(($4 - c0u))) s_cpu=$(per_io $(($5 - c0s)))
+    echo "RESULT ${_tag}_ublkd_user_us_per_io_${name}=$u_cpu"
+    echo "RESULT ${_tag}_ublkd_sys_us_per_io_${name}=$s_cpu"
     echo "RESULT ${_tag}_loop_${name}_iops=$l_iops"
     echo "RESULT ${_tag}_ublk_${name}_iops=$u_iops"
     echo "RESULT ${_tag}_loop_${name}_lat_us=$l_lat"
@@ -55,8 +71,8 @@ bench_pair() {
     ratio=$(awk -v u="$u_iops" -v l="$l_iops" 'BEGIN { if (l > 0) printf "%.2f", u / l; else print "nan" }')
     echo "RESULT ${_tag}_ratio_${name}=$ratio"
     echo "$ratio" > "$T/ratio_$name"
-    printf 'TABLE %-8s %-20s loop %8s IOPS %9s us | ublk %8s IOPS %9s us | ratio %s\n' \
-      "$_tag" "$name" "$l_iops" "$l_lat" "$u_iops" "$u_lat" "$ratio"
+    printf 'TABLE %-8s %-20s loop %8s IOPS %9s us | ublk %8s IOPS %9s us | ratio %s | ublkd cpu/io user %s us sys %s us\n' \
+      "$_tag" "$name" "$l_iops" "$l_lat" "$u_iops" "$u_lat" "$ratio" "$u_cpu" "$s_cpu"
     [ "$u_iops" -gt 0 ] && [ "$l_iops" -gt 0 ] || fail "zero IOPS in $name"
   done
 }
