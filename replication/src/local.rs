@@ -20,7 +20,6 @@ use crate::uring::Uring;
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKDISCARD: libc::c_ulong = 0x1277;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingKind {
@@ -382,6 +381,8 @@ impl<U: Uring> LocalReplica<U> {
     }
 }
 
+/// A fallocate mode the backing cannot do (EINVAL: e.g. zero-range on a device whose
+/// sector size the range does not fit): try the next way of zeroing.
 fn is_unsupported(res: i32) -> bool {
     res == -libc::EOPNOTSUPP || res == -libc::ENOTSUP || res == -libc::EINVAL
 }
@@ -419,32 +420,13 @@ impl<U: Uring> Replica for LocalReplica<U> {
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
         Box::pin(async move {
-            let res = match self.backing.kind {
-                BackingKind::File => {
-                    self.fallocate(
-                        offset.0,
-                        len.0,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    )
-                    .await
-                }
-                BackingKind::BlockDevice => {
-                    // No async discard on 6.12's io_uring path we can rely on; discards
-                    // are rare and the ioctl is quick to queue.
-                    let range = [offset.0, len.0];
-                    // SAFETY: BLKDISCARD reads two u64s.
-                    let r = unsafe {
-                        libc::ioctl(self.backing.buffered.as_raw_fd(), BLKDISCARD, &range)
-                    };
-                    if r == 0 {
-                        0
-                    } else {
-                        -Errno::last_os_error().0
-                    }
-                }
-            };
-            match res {
-                r if r >= 0 || is_unsupported(r) => Ok(()),
+            // Punching a hole reads back as zeroes on files and on block devices
+            // (zero-out with unmap), so replicas that support it stay identical, and
+            // it goes through io_uring instead of a blocking BLKDISCARD ioctl. A device
+            // that cannot do it keeps its old data: discard is advisory.
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.fallocate(offset.0, len.0, punch).await {
+                r if r >= 0 || r == -libc::EOPNOTSUPP || r == -libc::ENOTSUP => Ok(()),
                 r => Err(Errno::from_cqe(r)),
             }
         })

@@ -10,12 +10,16 @@ use crate::config::Config;
 use crate::error::DaemonError;
 use crate::frontend;
 use crate::state::StateDir;
-use crate::volume::{VolumeRunner, VolumeStatus};
+use crate::volume::{pid_alive, VolumeRunner, VolumeStatus};
 
 pub struct Daemon {
     config: Config,
     state_dir: StateDir,
     volumes: Mutex<BTreeMap<String, VolumeRunner>>,
+    /// Serialises start, stop and orphan removal: a stop drains for a while, and a
+    /// start or an orphan sweep during that window would race the old volume thread
+    /// for the device and the replica locks. Status and list never take it.
+    ops: Mutex<()>,
 }
 
 /// A ublk device on this node that no configured volume owns.
@@ -26,6 +30,8 @@ pub struct Orphan {
     pub pid: i32,
     /// Created by some ublkd (possibly for a volume since removed from the config).
     pub made_by_ublkd: bool,
+    /// Why `orphans --remove` leaves it alone; `None`: it would be removed.
+    pub kept_because: Option<String>,
 }
 
 impl Daemon {
@@ -35,6 +41,7 @@ impl Daemon {
             config,
             state_dir,
             volumes: Mutex::new(BTreeMap::new()),
+            ops: Mutex::new(()),
         })
     }
 
@@ -54,6 +61,7 @@ impl Daemon {
 
     /// Start (or restart after a failure or a stop) one volume.
     pub fn start(&self, name: &str) -> Result<(), DaemonError> {
+        let _ops = self.ops.lock().unwrap();
         let cfg = self
             .config
             .volume(name)
@@ -65,45 +73,71 @@ impl Daemon {
                 return Err(DaemonError::volume(name, "already running"));
             }
         }
+        let reserved = self.reserved_ids(Some(name), &vols);
         vols.insert(
             name.into(),
-            VolumeRunner::spawn(cfg, self.state_dir.clone()),
+            VolumeRunner::spawn(cfg, self.state_dir.clone(), reserved),
         );
         Ok(())
     }
 
+    /// Device ids other volumes own or will ask for: configured, recorded, running.
+    /// A volume without a pinned id must not take one of them.
+    fn reserved_ids(
+        &self,
+        except: Option<&str>,
+        vols: &BTreeMap<String, VolumeRunner>,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for v in self
+            .config
+            .volumes
+            .iter()
+            .filter(|v| Some(v.name.as_str()) != except)
+        {
+            ids.extend(v.device_id);
+            if let Ok(Some(rec)) = self.state_dir.load(&v.name) {
+                ids.extend(rec.device_id);
+            }
+            if let Some(r) = vols.get(&v.name) {
+                ids.extend(r.shared.device_id());
+            }
+        }
+        ids
+    }
+
     /// Stop one volume: drain I/O and remove its device. Unless `force`, refuse
-    /// while something holds the device open exclusively (a mounted filesystem).
+    /// while the device is in use (mounted, held by a holder, or open by a process).
     pub fn stop(&self, name: &str, force: bool) -> Result<(), DaemonError> {
-        let mut runner = {
+        let _ops = self.ops.lock().unwrap();
+        let thread = {
             let mut vols = self.volumes.lock().unwrap();
             let r = vols
-                .get(name)
+                .get_mut(name)
                 .ok_or_else(|| DaemonError::volume(name, "not running"))?;
             if r.is_finished() {
                 return Err(DaemonError::volume(name, "not running"));
             }
             if let (false, Some(id)) = (force, r.shared.device_id()) {
-                if device_busy(id) {
+                if let Some(why) = device_busy(id) {
                     return Err(DaemonError::volume(
                         name,
-                        format!(
-                            "/dev/ublkb{id} is in use (mounted?): unmount it, or stop with --force"
-                        ),
+                        format!("/dev/ublkb{id} is in use ({why}): unmount/close it, or stop with --force"),
                     ));
                 }
             }
-            vols.remove(name).expect("checked above")
+            // The runner stays in the map (status keeps reporting it) while it drains.
+            r.request_stop()
         };
-        runner.stop();
-        let status = runner.shared.status();
-        // Keep the finished runner so `status` still reports it as stopped.
-        self.volumes.lock().unwrap().insert(name.into(), runner);
-        tracing::info!(volume = name, state = ?status.state, "stop requested by control socket");
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        tracing::info!(volume = name, "stopped by control request");
         Ok(())
     }
 
     pub fn stop_all(&self) {
+        let _ops = self.ops.lock().unwrap();
         let mut vols = std::mem::take(&mut *self.volumes.lock().unwrap());
         // Ask all first so devices drain in parallel, then wait.
         std::thread::scope(|s| {
@@ -134,16 +168,16 @@ impl Daemon {
 
     /// ublk devices present on the node that no configured volume owns.
     pub fn orphans(&self) -> Vec<Orphan> {
-        let owned: Vec<u32> = {
+        let (owned, owner_tags) = {
             let vols = self.volumes.lock().unwrap();
-            let mut ids: Vec<u32> = vols.values().filter_map(|r| r.shared.device_id()).collect();
-            for v in &self.config.volumes {
-                if let Ok(Some(rec)) = self.state_dir.load(&v.name) {
-                    ids.extend(rec.device_id);
-                }
-                ids.extend(v.device_id);
-            }
-            ids
+            let tags: Vec<u64> = self
+                .config
+                .volumes
+                .iter()
+                .filter_map(|v| self.state_dir.load(&v.name).ok().flatten())
+                .map(|rec| frontend::owner_flags(rec.uid))
+                .collect();
+            (self.reserved_ids(None, &vols), tags)
         };
         ublk_device_ids()
             .into_iter()
@@ -151,6 +185,17 @@ impl Daemon {
             .filter_map(|id| {
                 let c = UblkCtrl::new_simple(id as i32).ok()?;
                 let info = c.dev_info();
+                let live = info.state as u32 == libublk::sys::UBLK_S_DEV_LIVE;
+                let made_by_ublkd = info.ublksrv_flags & 0xffff_ffff == frontend::OWNER_MAGIC;
+                let removable = if !made_by_ublkd {
+                    Err("not made by ublkd")
+                } else if owner_tags.contains(&info.ublksrv_flags) {
+                    Err("tagged for a configured volume")
+                } else if live && pid_alive(info.ublksrv_pid) {
+                    Err("live, its server is running")
+                } else {
+                    Ok(())
+                };
                 Some(Orphan {
                     device_id: id,
                     state: match info.state as u32 {
@@ -161,16 +206,23 @@ impl Daemon {
                     }
                     .into(),
                     pid: info.ublksrv_pid,
-                    made_by_ublkd: info.ublksrv_flags & 0xffff_ffff == frontend::OWNER_MAGIC,
+                    made_by_ublkd,
+                    kept_because: removable.err().map(str::to_string),
                 })
             })
             .collect()
     }
 
-    /// Delete every orphan device. Returns the ids removed.
+    /// Delete the orphans that are safe to delete: made by a ublkd, not tagged for a
+    /// configured volume, not served by a live process. Returns the ids removed.
     pub fn remove_orphans(&self) -> Result<Vec<u32>, DaemonError> {
+        let _ops = self.ops.lock().unwrap();
         let mut removed = Vec::new();
         for o in self.orphans() {
+            if let Some(why) = &o.kept_because {
+                tracing::warn!(device_id = o.device_id, reason = %why, "orphan kept");
+                continue;
+            }
             let c = UblkCtrl::new_simple(o.device_id as i32)
                 .map_err(|e| DaemonError::ublk("open orphan", e))?;
             c.del_dev()
@@ -194,16 +246,42 @@ pub fn ublk_device_ids() -> Vec<u32> {
     ids
 }
 
-/// A block device opened exclusively by someone (a mounted filesystem, an md/dm
-/// member) refuses another exclusive open with EBUSY.
-fn device_busy(id: u32) -> bool {
+/// Why the device is in use, if it is: an exclusive opener (a mounted filesystem,
+/// an md/dm member) refuses our exclusive open with EBUSY; stacked devices show in
+/// `holders/`; any other process holding it open shows in `/proc/*/fd`.
+fn device_busy(id: u32) -> Option<String> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
+    let dev = format!("/dev/ublkb{id}");
+    if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL)
-        .open(format!("/dev/ublkb{id}"))
+        .open(&dev)
     {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Some("opened exclusively: mounted or part of a stacked device".into());
+        }
     }
+    let holders = std::fs::read_dir(format!("/sys/block/ublkb{id}/holders"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if holders > 0 {
+        return Some(format!("{holders} holder device(s)"));
+    }
+    let me = std::process::id().to_string();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = p.file_name().to_string_lossy().to_string();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        for fd in std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read_link(fd.path()).is_ok_and(|t| t == std::path::Path::new(&dev)) {
+                return Some(format!("open by pid {pid}"));
+            }
+        }
+    }
+    None
 }

@@ -40,15 +40,12 @@ pub struct DataPath {
 }
 
 /// Marks devices created by ublkd in `ublksrv_flags` (which the kernel keeps across
-/// daemon crashes): low 32 bits a magic, high 32 bits a hash of the volume name.
+/// daemon crashes): low 32 bits a magic, high 32 bits the volume's random uid from
+/// its record, so a restarted daemon takes back only the devices of its own volumes.
 pub const OWNER_MAGIC: u64 = 0x6b_64_62_75; // "ubdk"
 
-pub fn owner_flags(volume: &str) -> u64 {
-    // FNV-1a: stable across releases, unlike std's hasher.
-    let h = volume.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ b as u32).wrapping_mul(0x0100_0193)
-    });
-    (h as u64) << 32 | OWNER_MAGIC
+pub fn owner_flags(volume_uid: u32) -> u64 {
+    (volume_uid as u64) << 32 | OWNER_MAGIC
 }
 
 /// Fill the device parameters the kernel will expose.
@@ -94,6 +91,8 @@ pub fn run_queue(qid: u16, dev: &UblkDev, dp: &DataPath) {
         Ok(q) => Rc::new(q),
         Err(e) => {
             tracing::error!(volume = %dp.volume, qid, error = ?e, "cannot set up ublk queue");
+            // Without this, START_DEV would wait forever for this queue's buffers.
+            dev.notify_buffer_registration_complete(true);
             return;
         }
     };
@@ -172,10 +171,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn owner_flags_carry_magic_and_name_hash() {
-        let a = owner_flags("vol0");
+    fn owner_flags_carry_magic_and_volume_uid() {
+        let a = owner_flags(7);
         assert_eq!(a & 0xffff_ffff, OWNER_MAGIC);
-        assert_ne!(a, owner_flags("vol1"));
-        assert_eq!(a, owner_flags("vol0"));
+        assert_eq!(a >> 32, 7);
+        assert_ne!(a, owner_flags(8));
     }
 }

@@ -128,7 +128,7 @@ fn private_mount_namespace() -> Result<()> {
     )
     .context("make mounts slave")?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
-    for target in ublk_mounts(&info).into_iter().rev() {
+    for target in ublk_mounts(&info, block_dev_on_ublk).into_iter().rev() {
         match umount2(target.as_str(), MntFlags::MNT_DETACH) {
             Ok(()) => {
                 tracing::info!(%target, "detached ublk-backed mount from the daemon's namespace")
@@ -139,19 +139,38 @@ fn private_mount_namespace() -> Result<()> {
     Ok(())
 }
 
-/// Mount points (in mount order) whose source is a ublk block device.
-fn ublk_mounts(mountinfo: &str) -> Vec<String> {
+/// Mount points (in mount order) of filesystems whose device (mountinfo's `maj:min`)
+/// `on_ublk` says sits on a ublk device.
+fn ublk_mounts(mountinfo: &str, on_ublk: impl Fn(&str) -> bool) -> Vec<String> {
     mountinfo
         .lines()
         .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let source = post.split(' ').nth(1)?;
-            source
-                .starts_with("/dev/ublkb")
-                .then(|| unescape_octal(pre.split(' ').nth(4)?))
+            let mut f = l.split(' ');
+            let majmin = f.nth(2)?;
+            let target = f.nth(1)?;
+            on_ublk(majmin).then(|| unescape_octal(target))?
         })
-        .flatten()
         .collect()
+}
+
+/// Whether block device `maj:min` is a ublk disk or partition, or is stacked on one
+/// (dm, md, ...: followed through `slaves/`).
+fn block_dev_on_ublk(majmin: &str) -> bool {
+    fn by_name(name: &str, depth: u32) -> bool {
+        if name.starts_with("ublkb") {
+            return true;
+        }
+        depth < 8
+            && std::fs::read_dir(format!("/sys/class/block/{name}/slaves"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| by_name(&e.file_name().to_string_lossy(), depth + 1))
+    }
+    std::fs::read_link(format!("/sys/dev/block/{majmin}"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .is_some_and(|name| by_name(&name, 0))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.
@@ -194,7 +213,7 @@ mod tests {
                     41 22 259:1 / /srv rw - xfs /dev/ublkb12 rw\n\
                     42 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n";
         assert_eq!(
-            ublk_mounts(info),
+            ublk_mounts(info, |mm| mm.starts_with("259:")),
             vec!["/mnt/my data".to_string(), "/srv".to_string()]
         );
     }

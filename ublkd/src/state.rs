@@ -20,6 +20,8 @@ pub const RECORD_VERSION: u32 = 1;
 pub struct VolumeRecord {
     pub version: u32,
     pub name: String,
+    /// Random at creation: tags the volume's ublk device (see `frontend::owner_flags`).
+    pub uid: u32,
     /// The ublk device id once one was allocated: /dev/ublkb<id>.
     pub device_id: Option<u32>,
     /// Bumped on every activation.
@@ -37,6 +39,7 @@ impl VolumeRecord {
         VolumeRecord {
             version: RECORD_VERSION,
             name: cfg.name.clone(),
+            uid: random_u32(),
             device_id: cfg.device_id,
             generation: Generation(0),
             size: cfg.size,
@@ -92,6 +95,14 @@ impl VolumeRecord {
             ..self
         })
     }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom fills the 4-byte buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+    assert_eq!(n, 4, "getrandom failed");
+    u32::from_ne_bytes(b)
 }
 
 /// The state directory (mode 0700).

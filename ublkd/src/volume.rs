@@ -176,7 +176,8 @@ pub struct VolumeRunner {
 }
 
 impl VolumeRunner {
-    pub fn spawn(cfg: VolumeConfig, state_dir: StateDir) -> VolumeRunner {
+    /// `reserved`: device ids other volumes own; an unpinned volume avoids them.
+    pub fn spawn(cfg: VolumeConfig, state_dir: StateDir, reserved: Vec<u32>) -> VolumeRunner {
         let shared = Arc::new(VolumeShared {
             cfg: cfg.clone(),
             state_dir: state_dir.clone(),
@@ -187,7 +188,7 @@ impl VolumeRunner {
         let thread = std::thread::Builder::new()
             .name(format!("vol-{}", cfg.name))
             .spawn(move || {
-                if let Err(e) = run(&cfg, &state_dir, &sh, rx) {
+                if let Err(e) = run(&cfg, &state_dir, &reserved, &sh, rx) {
                     tracing::error!(volume = %cfg.name, error = %e, "volume failed");
                     sh.set_state(VolumeState::Failed, Some(e.to_string()));
                 }
@@ -216,9 +217,42 @@ impl VolumeRunner {
 
     /// Ask the volume to stop (drain I/O, remove the device) and wait for it.
     pub fn stop(&mut self) {
-        let _ = self.cmd.send(VolumeCmd::Stop);
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.request_stop() {
             let _ = t.join();
+        }
+    }
+
+    /// Ask the volume to stop; the caller joins the returned thread.
+    pub fn request_stop(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        let _ = self.cmd.send(VolumeCmd::Stop);
+        self.thread.take()
+    }
+}
+
+/// How long a replica that is transiently unavailable (lock still held by an exiting
+/// daemon, device busy, device node not created yet) is waited for before it is
+/// faulted — a fault is permanent until a rebuild, so do not fault on a blip.
+const OPEN_GRACE: Duration = Duration::from_secs(10);
+
+fn open_with_grace(
+    path: &Path,
+    size: u64,
+    create: Create,
+    deadline: std::time::Instant,
+) -> Result<LocalBacking, replication::ReplicationError> {
+    loop {
+        match LocalBacking::open(path, size, create) {
+            Err(replication::ReplicationError::Open { ref source, .. })
+                if std::time::Instant::now() < deadline
+                    && match source.raw_os_error() {
+                        Some(libc::EWOULDBLOCK) | Some(libc::EBUSY) => true,
+                        Some(libc::ENOENT) => path.starts_with("/dev/"),
+                        _ => false,
+                    } =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
         }
     }
 }
@@ -238,6 +272,7 @@ enum Mode {
 fn run(
     cfg: &VolumeConfig,
     state_dir: &StateDir,
+    reserved: &[u32],
     shared: &Arc<VolumeShared>,
     cmd: Receiver<VolumeCmd>,
 ) -> Result<(), DaemonError> {
@@ -252,9 +287,10 @@ fn run(
     // A replica whose backing cannot be opened is faulted (if another is online):
     // a dead disk must not keep the volume down.
     let mut backings = Vec::with_capacity(cfg.replicas.len());
+    let grace = std::time::Instant::now() + OPEN_GRACE;
     for (i, r) in cfg.replicas.iter().enumerate() {
         let ReplicaConfig::Local { path } = r;
-        match LocalBacking::open(path, cfg.size, create) {
+        match open_with_grace(path, cfg.size, create, grace) {
             Ok(b) => backings.push((r.location(), Some(Arc::new(b)))),
             Err(e) => {
                 tracing::error!(volume = %cfg.name, replica = %r.location(), error = %e, "cannot open replica");
@@ -291,10 +327,19 @@ fn run(
 
     let mode = match record.device_id {
         Some(id) if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() => {
-            inspect_existing(cfg, id)?
+            inspect_existing(cfg, record.uid, id)?
         }
         Some(id) => Mode::Add { id: id as i32 },
-        None => Mode::Add { id: -1 },
+        // The kernel would hand out the lowest free id, possibly one another volume
+        // has recorded: pick the lowest id nobody owns ourselves.
+        None => Mode::Add {
+            id: (0..crate::config::MAX_DEVICE_ID)
+                .find(|id| {
+                    !reserved.contains(id)
+                        && !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+                })
+                .map_or(-1, |id| id as i32),
+        },
     };
     if matches!(mode, Mode::Recover { .. }) {
         shared.set_state(VolumeState::Recovering, None);
@@ -325,10 +370,20 @@ fn run(
             match c.start_user_recover() {
                 Ok(r) if r >= 0 => {}
                 other => {
-                    return Err(DaemonError::ublk(
-                        format!("START_USER_RECOVERY of ublkc{id}"),
-                        other,
-                    ))
+                    // 6.12 refuses a second START_USER_RECOVERY after an attempt that
+                    // died half-way (queues already reset). If the device is still
+                    // QUIESCED, recovering it directly is what that attempt left to do.
+                    let still_quiesced = UblkCtrl::new_simple(id as i32).is_ok_and(|c| {
+                        c.dev_info().state as u32 == libublk::sys::UBLK_S_DEV_QUIESCED
+                    });
+                    if !still_quiesced {
+                        return Err(DaemonError::ublk(
+                            format!("START_USER_RECOVERY of ublkc{id}"),
+                            other,
+                        ));
+                    }
+                    tracing::warn!(volume = %cfg.name, id, result = ?other,
+                        "START_USER_RECOVERY refused but the device is QUIESCED: recovering it directly");
                 }
             }
             (
@@ -355,7 +410,7 @@ fn run(
         .depth(depth)
         .io_buf_bytes(max_io)
         .ctrl_flags(CTRL_FLAGS)
-        .ctrl_target_flags(frontend::owner_flags(&cfg.name))
+        .ctrl_target_flags(frontend::owner_flags(record.uid))
         .dev_flags(dev_flags)
         .build()
         .map_err(|e| DaemonError::ublk("add device", e))?;
@@ -429,8 +484,11 @@ fn run(
 
     if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
         // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
+        // An ADD_DEV control may already have deleted it (ENOENT is fine).
         if let Err(e) = ctrl.del_dev() {
-            tracing::debug!(volume = %cfg.name, error = ?e, "delete device");
+            if Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
+                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the stopped device");
+            }
         }
         shared.set_state(VolumeState::Stopped, None);
         tracing::info!(volume = %cfg.name, "volume stopped, device removed");
@@ -440,11 +498,18 @@ fn run(
     }
 }
 
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks existence.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || nix::errno::Errno::last() != nix::errno::Errno::ESRCH)
+}
+
 /// Decide what to do with an existing device that has our recorded id.
-fn inspect_existing(cfg: &VolumeConfig, id: u32) -> Result<Mode, DaemonError> {
+fn inspect_existing(cfg: &VolumeConfig, uid: u32, id: u32) -> Result<Mode, DaemonError> {
     let c = UblkCtrl::new_simple(id as i32).map_err(|e| DaemonError::ublk("inspect device", e))?;
     let info = c.dev_info();
-    if info.ublksrv_flags != frontend::owner_flags(&cfg.name) {
+    if info.ublksrv_flags != frontend::owner_flags(uid) {
         return Err(DaemonError::volume(
             &cfg.name,
             format!("/dev/ublkb{id} exists but was not created by ublkd for this volume"),
@@ -462,6 +527,25 @@ fn inspect_existing(cfg: &VolumeConfig, id: u32) -> Result<Mode, DaemonError> {
                 depth: info.queue_depth,
                 max_io: info.max_io_buf_bytes,
             })
+        }
+        libublk::sys::UBLK_S_DEV_LIVE if !pid_alive(info.ublksrv_pid) => {
+            // Its server just died: the kernel moves the device to QUIESCED once the
+            // requests the dead server held are dealt with. Give it a moment.
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_millis(200));
+                let c = UblkCtrl::new_simple(id as i32)
+                    .map_err(|e| DaemonError::ublk("inspect device", e))?;
+                if c.dev_info().state as u32 != libublk::sys::UBLK_S_DEV_LIVE {
+                    return inspect_existing(cfg, uid, id);
+                }
+            }
+            Err(DaemonError::volume(
+                &cfg.name,
+                format!(
+                    "/dev/ublkb{id} stays LIVE although its server (pid {}) is gone",
+                    info.ublksrv_pid
+                ),
+            ))
         }
         libublk::sys::UBLK_S_DEV_LIVE => Err(DaemonError::volume(
             &cfg.name,
