@@ -166,9 +166,23 @@ pub fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
+/// Which online replica serves a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadPolicy {
+    /// Round-robin over the online replicas (they are known to be identical).
+    Spread,
+    /// Always the first online replica: after an unclean shutdown replicas may differ
+    /// where writes were in flight, and reads of one block must not flip between
+    /// versions. Kept until a resync (rebuild) proves them identical again.
+    Primary,
+}
+
 pub struct Health {
     /// Bit i set = replica i online. Readers on the fast path use this alone.
     online: AtomicU64,
+    /// `ReadPolicy::Primary` when set.
+    primary_reads: AtomicBool,
     /// A fault is recorded in memory but not yet durable: no I/O that skips a
     /// replica may be acknowledged until it is.
     persist_pending: AtomicBool,
@@ -196,11 +210,25 @@ impl Health {
         }
         Ok(Health {
             online: AtomicU64::new(online),
+            primary_reads: AtomicBool::new(false),
             persist_pending: AtomicBool::new(false),
             inner: Mutex::new(replicas),
             sink,
             stats: IoStats::default(),
         })
+    }
+
+    pub fn set_read_policy(&self, p: ReadPolicy) {
+        self.primary_reads
+            .store(p == ReadPolicy::Primary, Ordering::Release);
+    }
+
+    pub fn read_policy(&self) -> ReadPolicy {
+        if self.primary_reads.load(Ordering::Acquire) {
+            ReadPolicy::Primary
+        } else {
+            ReadPolicy::Spread
+        }
     }
 
     /// Bitmask of online replicas.

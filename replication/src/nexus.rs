@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 
 use crate::error::Errno;
-use crate::health::{bump, indices, Health};
+use crate::health::{bump, indices, Health, ReadPolicy};
 use crate::ids::ReplicaIndex;
 use crate::replica::{IoFuture, Replica};
 use crate::request::BlockRequest;
@@ -101,6 +101,9 @@ impl<'r> Nexus<'r> {
 
     fn pick_reader(&self, online: u64) -> ReplicaIndex {
         debug_assert!(online != 0);
+        if self.health.read_policy() == ReadPolicy::Primary {
+            return ReplicaIndex(online.trailing_zeros() as u8);
+        }
         let n = online.count_ones() as usize;
         let k = self.next_read.get();
         self.next_read.set(k.wrapping_add(1));
@@ -214,6 +217,26 @@ mod tests {
         assert_eq!(stores[1].bytes(4096, 4096), vec![0; 4096]);
         assert_eq!(stores[0].bytes(4096, 4096), vec![7; 4096]);
         assert_eq!(n.health().stats.snapshot().errors, 0);
+    }
+
+    #[test]
+    fn primary_policy_pins_reads_to_the_first_online_replica() {
+        let (stores, n) = setup(3);
+        n.health().set_read_policy(ReadPolicy::Primary);
+        write(&n, 0, 4).unwrap();
+        for _ in 0..6 {
+            read(&n, 0).unwrap();
+        }
+        assert_eq!(
+            (stores[0].reads(), stores[1].reads(), stores[2].reads()),
+            (6, 0, 0)
+        );
+        // The primary fails: the next online replica takes over, still pinned.
+        stores[0].set_fault(Fault::Reads);
+        for _ in 0..3 {
+            assert_eq!(read(&n, 0).unwrap(), vec![4; 4096]);
+        }
+        assert_eq!((stores[1].reads(), stores[2].reads()), (3, 0));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use replication::health::{ReplicaHealth, StateSink};
+use replication::health::{ReadPolicy, ReplicaHealth, StateSink};
 use replication::{Generation, ReplicaState, ReplicationError};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,17 @@ pub struct VolumeRecord {
     pub block_size: u32,
     /// In config order.
     pub replicas: Vec<ReplicaHealth>,
+    /// Set by a clean stop, cleared while serving: a start that finds it unset (and no
+    /// device to recover) follows a host crash or reboot.
+    #[serde(default)]
+    pub clean: bool,
+    /// Pinned to `Primary` after an unclean shutdown, until a resync.
+    #[serde(default = "spread")]
+    pub read_policy: ReadPolicy,
+}
+
+fn spread() -> ReadPolicy {
+    ReadPolicy::Spread
 }
 
 impl VolumeRecord {
@@ -54,6 +65,8 @@ impl VolumeRecord {
                     errors: 0,
                 })
                 .collect(),
+            clean: true,
+            read_policy: ReadPolicy::Spread,
         }
     }
 
@@ -194,6 +207,13 @@ impl RecordSink {
             dir,
             record: Mutex::new(record),
         }
+    }
+
+    /// Record a clean stop (or, with `false`, that the volume is serving).
+    pub fn set_clean(&self, clean: bool) -> Result<(), DaemonError> {
+        let mut rec = self.record.lock().unwrap();
+        rec.clean = clean;
+        self.dir.save(&rec)
     }
 
     pub fn set_device_id(&self, id: u32) -> Result<(), DaemonError> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::UblkFlags;
-use replication::health::{Health, IoStatsSnapshot, ReplicaHealth};
+use replication::health::{Health, IoStatsSnapshot, ReadPolicy, ReplicaHealth};
 use replication::local::{Create, LocalBacking};
 use replication::request::Geometry;
 use replication::{Generation, ReplicaState, VolumeState};
@@ -49,6 +49,7 @@ pub struct VolumeStatus {
     pub depth: u16,
     /// Feature flags the kernel granted (read back after creation).
     pub ublk_flags: Option<u64>,
+    pub read_policy: Option<ReadPolicy>,
     pub replicas: Vec<ReplicaStatus>,
     pub io: IoStatsSnapshot,
 }
@@ -152,6 +153,7 @@ impl VolumeShared {
             queues: live.queues,
             depth: live.depth,
             ublk_flags: live.ublk_flags,
+            read_policy: live.health.as_ref().map(|h| h.read_policy()),
             replicas: replicas
                 .into_iter()
                 .enumerate()
@@ -344,6 +346,22 @@ fn run(
     if matches!(mode, Mode::Recover { .. }) {
         shared.set_state(VolumeState::Recovering, None);
     }
+    let online = record
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Online)
+        .count();
+    if !record.clean && matches!(mode, Mode::Add { .. }) && online > 1 {
+        // No clean stop and no device to recover: the host went down with writes in
+        // flight, which may have reached some replicas only. (A daemon crash is
+        // different: the kernel re-issues those writes to the recovered device.)
+        if record.read_policy != ReadPolicy::Primary {
+            tracing::warn!(volume = %cfg.name,
+                "unclean shutdown: replicas may differ where writes were in flight; reads are pinned to the first online replica until a resync");
+        }
+        record.read_policy = ReadPolicy::Primary;
+    }
+    record.clean = false;
     record.generation = record.generation.next();
     state_dir.save(&record)?;
 
@@ -352,6 +370,7 @@ fn run(
         record.replicas.clone(),
         Box::new(sink.clone()),
     )?);
+    health.set_read_policy(record.read_policy);
     let (id, queues, depth, max_io, dev_flags) = match mode {
         Mode::Add { id } => (
             id,
@@ -490,6 +509,7 @@ fn run(
                 tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the stopped device");
             }
         }
+        sink.set_clean(true)?;
         shared.set_state(VolumeState::Stopped, None);
         tracing::info!(volume = %cfg.name, "volume stopped, device removed");
         Ok(())

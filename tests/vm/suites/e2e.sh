@@ -5,7 +5,7 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault ops_guards"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault ops_guards unclean_restart"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
@@ -14,6 +14,7 @@ timeout_sigterm_clean=120
 timeout_kill9_recover=360
 timeout_mirror_fault=420
 timeout_ops_guards=300
+timeout_unclean_restart=200
 
 DEV=/dev/ublkb0
 
@@ -402,4 +403,41 @@ ops_guards() {
   [ -b /dev/ublkb1 ] || fail "removing orphans touched the configured volume"
   stop_daemon_clean
   no_kernel_errors ublkb1
+}
+
+# ---------------------------------------------------------------------------------------------
+# A host crash (daemon killed AND its device gone, as after a reboot) may leave the mirror's
+# replicas different where writes were in flight: the next start pins reads to one replica
+# (status read_policy "primary"), and that survives a clean restart (no resync yet).
+unclean_restart() {
+  need_ublk
+  mkconf "$T/ublkd.conf" vol0 64MiB "$T/r0.img" "$T/r1.img"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  [ "$(vol_status vol0 | json_top_field read_policy)" = spread ] || fail "fresh volume not spreading reads: $(vol_status vol0)"
+  run dd if=/dev/urandom of="$T/pat" bs=1M count=4
+  run dd if="$T/pat" of=$DEV bs=1M seek=4 oflag=direct conv=fsync
+  kill -KILL $DPID; wait $DPID 2>/dev/null
+  # "Reboot": the QUIESCED device disappears (removed here as an orphan by a daemon that
+  # does not know vol0).
+  STATE_DIR=/var/lib/ublkd/$SCENARIO-other DEVICE_ID=1 mkconf "$T/other.conf" other 16MiB "$T/o.img"
+  start_ublkd "$T/other.conf"
+  wait_dev /dev/ublkb1
+  run "$UBLKCTL" --socket "$SOCK" orphans --remove
+  wait_for 10 eval '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "could not remove vol0's device"
+  stop_daemon_clean
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  st=$(vol_status vol0)
+  [ "$(echo "$st" | json_top_field read_policy)" = primary ] || fail "reads not pinned after an unclean shutdown: $st"
+  grep -q "unclean shutdown" "$T/ublkd.log" || fail "daemon did not log the unclean shutdown"
+  run dd if=$DEV of="$T/rb" bs=1M skip=4 count=4 iflag=direct
+  same_file "$T/pat" "$T/rb" "data after unclean restart"
+  stop_daemon_clean
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  [ "$(vol_status vol0 | json_top_field read_policy)" = primary ] || fail "pinning lost across a clean restart"
+  stop_daemon_clean
+  no_kernel_errors ublkb0
 }

@@ -170,6 +170,9 @@ fn print_status(s: &VolumeStatus) {
     if let Some(r) = &s.reason {
         println!("  reason: {r}");
     }
+    if s.read_policy == Some(replication::health::ReadPolicy::Primary) {
+        println!("  reads: pinned to the first online replica (unclean shutdown; until a resync)");
+    }
     for r in &s.replicas {
         let state = serde_json::to_value(r.state).unwrap_or_default();
         println!(
