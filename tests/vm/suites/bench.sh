@@ -97,6 +97,10 @@ bench_virtio() {
   set -- $VM_DISKS
   [ $# -ge 2 ] || fail "need 2 virtio disks, have: $VM_DISKS"
   start_bench_ublkd "$1"
+  # Idle cost: a serving volume with no I/O should cost (almost) nothing.
+  sleep 2; set -- $(ticks_of "$DPID"); sleep 10; set -- "$@" $(ticks_of "$DPID")
+  echo "RESULT ublkd_idle_cpu_ms_per_10s=$(( ($3 + $4 - $1 - $2) * 10 ))"
+  set -- $VM_DISKS
   loopdev=$("$LOSETUP" --direct-io=on --show -f "$2") || fail "losetup $2"
   bench_pair virtio /dev/ublkb0 "$loopdev"
   finish_bench virtio ratio_ "$loopdev"
