@@ -479,7 +479,7 @@ fn run(
                 depth = info.queue_depth, "volume serving");
             let cdev = format!("/sys/class/ublk-char/ublkc{}", info.dev_id);
             loop {
-                match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
+                match cmd.lock().unwrap().recv_timeout(Duration::from_secs(5)) {
                     Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
                         stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
                         shared_dev.set_state(VolumeState::Stopping, None);

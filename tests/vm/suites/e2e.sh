@@ -119,16 +119,21 @@ dd_pattern() {
   no_kernel_errors ublkb0
 }
 
-# ---------------------------------------------------------------------------------------------
-# ext4: files survive umount/remount with the page cache dropped; fsck finds nothing.
-ext4_fsck() {
-  need_ublk
+# ext4_on_fresh_volume: a one-replica 256 MiB volume with ext4 mounted on $M.
+ext4_on_fresh_volume() {
   mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
   M=/mnt/$SCENARIO; mkdir -p $M
   run "$MKFS_EXT4" -F -q $DEV
   run "$MOUNT" -t ext4 $DEV $M
+}
+
+# ---------------------------------------------------------------------------------------------
+# ext4: files survive umount/remount with the page cache dropped; fsck finds nothing.
+ext4_fsck() {
+  need_ublk
+  ext4_on_fresh_volume
   mkdir -p $M/d0 $M/d1 $M/d2 $M/d3/deep/er
   i=0
   while [ $i -lt 24 ]; do
@@ -233,12 +238,7 @@ writer_past() { [ "$(writer_progress)" -ge "$1" ]; }
 
 kill9_recover() {
   need_ublk
-  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
-  start_ublkd "$T/ublkd.conf"
-  wait_dev $DEV
-  M=/mnt/$SCENARIO; mkdir -p $M
-  run "$MKFS_EXT4" -F -q $DEV
-  run "$MOUNT" -t ext4 $DEV $M
+  ext4_on_fresh_volume
 
   # The writer is a sibling of the daemon (both children of this shell), not its child.
   kill9_writer &
