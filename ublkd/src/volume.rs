@@ -286,6 +286,25 @@ fn run(
         None => (VolumeRecord::fresh(cfg), Create::IfMissing),
     };
 
+    // The device first: a LIVE one served by another daemon must stop us before we
+    // touch (and wait for the locks of) its replicas.
+    let mode = match record.device_id {
+        Some(id) if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() => {
+            inspect_existing(cfg, record.uid, id)?
+        }
+        Some(id) => Mode::Add { id: id as i32 },
+        // The kernel would hand out the lowest free id, possibly one another volume
+        // has recorded: pick the lowest id nobody owns ourselves.
+        None => Mode::Add {
+            id: (0..crate::config::MAX_DEVICE_ID)
+                .find(|id| {
+                    !reserved.contains(id)
+                        && !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+                })
+                .map_or(-1, |id| id as i32),
+        },
+    };
+
     // A replica whose backing cannot be opened is faulted (if another is online):
     // a dead disk must not keep the volume down.
     let mut backings = Vec::with_capacity(cfg.replicas.len());
@@ -327,22 +346,6 @@ fn run(
         ));
     }
 
-    let mode = match record.device_id {
-        Some(id) if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() => {
-            inspect_existing(cfg, record.uid, id)?
-        }
-        Some(id) => Mode::Add { id: id as i32 },
-        // The kernel would hand out the lowest free id, possibly one another volume
-        // has recorded: pick the lowest id nobody owns ourselves.
-        None => Mode::Add {
-            id: (0..crate::config::MAX_DEVICE_ID)
-                .find(|id| {
-                    !reserved.contains(id)
-                        && !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
-                })
-                .map_or(-1, |id| id as i32),
-        },
-    };
     if matches!(mode, Mode::Recover { .. }) {
         shared.set_state(VolumeState::Recovering, None);
     }

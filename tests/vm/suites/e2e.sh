@@ -360,6 +360,20 @@ ops_guards() {
   run dd if=/dev/urandom of=$M/data bs=1M count=4 conv=fsync
   sum=$(sha256sum < $M/data)
 
+  # A second daemon started on the same config (another socket) must leave the serving
+  # one alone: its vol0 fails at once (device LIVE elsewhere), no replica is faulted.
+  sed 's|^control_socket = .*|control_socket = "/run/ublkd/second.sock"|' "$T/ublkd.conf" > "$T/second.conf"
+  "$UBLKD" --config "$T/second.conf" > "$T/second.log" 2>&1 &
+  SPID=$!
+  second_failed() { "$UBLKCTL" --socket /run/ublkd/second.sock status vol0 --output json 2>/dev/null | tr -d ' \n' | grep -q '"state":"failed"'; }
+  wait_for 8 second_failed || fail "second daemon's vol0 did not fail fast: $(cat "$T/second.log")"
+  grep -q "is LIVE, served by pid $DPID" "$T/second.log" || fail "second daemon does not say why: $(tail -n 3 "$T/second.log")"
+  kill -TERM $SPID; wait $SPID
+  st=$(vol_status vol0)
+  [ "$(replica_state "$st" 0)" = online ] && [ "$(replica_state "$st" 1)" = online ] \
+    || fail "a second daemon disturbed the replicas: $st"
+  ! grep -q '"faulted"' /var/lib/ublkd/$SCENARIO/volumes/vol0.json || fail "a second daemon persisted a fault"
+
   "$UBLKCTL" --socket "$SOCK" stop vol0 > "$T/stop.out" 2>&1 && fail "stop of a mounted volume succeeded"
   grep -q "in use" "$T/stop.out" || fail "stop refusal does not say why: $(cat "$T/stop.out")"
   [ -b $DEV ] || fail "$DEV gone after a refused stop"
