@@ -214,4 +214,44 @@ mod tests {
         let err = BlockRequest::from_ublk(op::WRITE_SAME, 0, 8, &GEO).unwrap_err();
         assert!(matches!(err, ReplicationError::UnsupportedOp(4)), "{err}");
     }
+
+    #[test]
+    fn no_input_maps_outside_the_volume() {
+        // Random descriptors, biased towards the edges: every accepted request lies
+        // inside the volume, is block-aligned and fits the buffer.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let sectors = GEO.size / 512;
+        for _ in 0..200_000 {
+            let op = (next() % 8) as u32 | (next() as u32 & (flag::FUA | flag::NOUNMAP));
+            let start = match next() % 4 {
+                0 => next(),
+                1 => sectors - next() % 64,
+                _ => next() % (sectors + 64),
+            };
+            let nr = match next() % 3 {
+                0 => next() as u32,
+                _ => (next() % 4096) as u32,
+            };
+            let Ok(req) = BlockRequest::from_ublk(op, start, nr, &GEO) else {
+                continue;
+            };
+            match req {
+                BlockRequest::Flush => {}
+                BlockRequest::Read { offset, len }
+                | BlockRequest::Write { offset, len, .. }
+                | BlockRequest::Discard { offset, len }
+                | BlockRequest::WriteZeroes { offset, len, .. } => {
+                    assert!(len.0 > 0 && offset.0 + len.0 <= GEO.size, "{req:?}");
+                    assert!(offset.0 % 4096 == 0 && len.0 % 4096 == 0, "{req:?}");
+                    assert!(req.payload_len() <= GEO.max_io_bytes as usize, "{req:?}");
+                }
+            }
+        }
+    }
 }
