@@ -20,6 +20,8 @@ pub struct Daemon {
     /// start or an orphan sweep during that window would race the old volume thread
     /// for the device and the replica locks. Status and list never take it.
     ops: Mutex<()>,
+    /// Set once SIGTERM's stop_all began: no volume may start after it.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// A ublk device on this node that no configured volume owns.
@@ -42,6 +44,7 @@ impl Daemon {
             state_dir,
             volumes: Mutex::new(BTreeMap::new()),
             ops: Mutex::new(()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -62,6 +65,9 @@ impl Daemon {
     /// Start (or restart after a failure or a stop) one volume.
     pub fn start(&self, name: &str) -> Result<(), DaemonError> {
         let _ops = self.ops.lock().unwrap();
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DaemonError::volume(name, "ublkd is shutting down"));
+        }
         let cfg = self
             .config
             .volume(name)
@@ -138,6 +144,8 @@ impl Daemon {
 
     pub fn stop_all(&self) {
         let _ops = self.ops.lock().unwrap();
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut vols = std::mem::take(&mut *self.volumes.lock().unwrap());
         // Ask all first so devices drain in parallel, then wait.
         std::thread::scope(|s| {
