@@ -177,6 +177,11 @@ impl LocalBacking {
         self.size
     }
 
+    /// Flush the backing's written data to stable storage (outside the data path).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.buffered.sync_data()
+    }
+
     /// The descriptor to use for `[offset, offset+len)` with memory at `addr`.
     fn fd_for(&self, offset: u64, len: u64, addr: usize) -> RawFd {
         match &self.direct {
@@ -426,7 +431,9 @@ impl<U: Uring> Replica for LocalReplica<U> {
             // that cannot do it keeps its old data: discard is advisory.
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             match self.fallocate(offset.0, len.0, punch).await {
-                r if r >= 0 || r == -libc::EOPNOTSUPP || r == -libc::ENOTSUP => Ok(()),
+                // EINVAL: a range this backing cannot punch (e.g. 512-byte discard on a
+                // 4Kn device). Advisory, so not a reason to fault the replica.
+                r if r >= 0 || is_unsupported(r) => Ok(()),
                 r => Err(Errno::from_cqe(r)),
             }
         })

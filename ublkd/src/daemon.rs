@@ -79,10 +79,22 @@ impl Daemon {
                 return Err(DaemonError::volume(name, "already running"));
             }
         }
+        // Claim the device id here, under `ops`, so two volumes starting together
+        // cannot both pick the same free id on their own threads.
+        let recorded = match self.state_dir.load(name) {
+            Ok(rec) => rec.and_then(|r| r.device_id),
+            Err(_) => None, // the volume thread reports the bad record
+        };
         let reserved = self.reserved_ids(Some(name), &vols);
+        let id = cfg.device_id.or(recorded).or_else(|| {
+            (0..crate::config::MAX_DEVICE_ID).find(|id| {
+                !reserved.contains(id)
+                    && !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+            })
+        });
         vols.insert(
             name.into(),
-            VolumeRunner::spawn(cfg, self.state_dir.clone(), reserved),
+            VolumeRunner::spawn(cfg, self.state_dir.clone(), id),
         );
         Ok(())
     }
@@ -116,25 +128,31 @@ impl Daemon {
     /// while the device is in use (mounted, held by a holder, or open by a process).
     pub fn stop(&self, name: &str, force: bool) -> Result<(), DaemonError> {
         let _ops = self.ops.lock().unwrap();
-        let thread = {
-            let mut vols = self.volumes.lock().unwrap();
-            let r = vols
-                .get_mut(name)
-                .ok_or_else(|| DaemonError::volume(name, "not running"))?;
-            if r.is_finished() {
-                return Err(DaemonError::volume(name, "not running"));
+        let id = {
+            let vols = self.volumes.lock().unwrap();
+            match vols.get(name) {
+                Some(r) if !r.is_finished() => r.shared.device_id(),
+                _ => return Err(DaemonError::volume(name, "not running")),
             }
-            if let (false, Some(id)) = (force, r.shared.device_id()) {
-                if let Some(why) = device_busy(id) {
-                    return Err(DaemonError::volume(
-                        name,
-                        format!("/dev/ublkb{id} is in use ({why}): unmount/close it, or stop with --force"),
-                    ));
-                }
-            }
-            // The runner stays in the map (status keeps reporting it) while it drains.
-            r.request_stop()
         };
+        // Outside the map lock: the /proc scan is slow and status must stay responsive.
+        if let (false, Some(id)) = (force, id) {
+            if let Some(why) = device_busy(id) {
+                return Err(DaemonError::volume(
+                    name,
+                    format!(
+                        "/dev/ublkb{id} is in use ({why}): unmount/close it, or stop with --force"
+                    ),
+                ));
+            }
+        }
+        // The runner stays in the map (status keeps reporting it) while it drains.
+        let thread = self
+            .volumes
+            .lock()
+            .unwrap()
+            .get_mut(name)
+            .and_then(|r| r.request_stop());
         if let Some(t) = thread {
             let _ = t.join();
         }
@@ -143,9 +161,9 @@ impl Daemon {
     }
 
     pub fn stop_all(&self) {
-        let _ops = self.ops.lock().unwrap();
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ops = self.ops.lock().unwrap();
         let mut vols = std::mem::take(&mut *self.volumes.lock().unwrap());
         // Ask all first so devices drain in parallel, then wait.
         std::thread::scope(|s| {
@@ -176,16 +194,18 @@ impl Daemon {
 
     /// ublk devices present on the node that no configured volume owns.
     pub fn orphans(&self) -> Vec<Orphan> {
-        let (owned, owner_tags) = {
+        let (owned, owner_tags, unreadable) = {
             let vols = self.volumes.lock().unwrap();
-            let tags: Vec<u64> = self
-                .config
-                .volumes
-                .iter()
-                .filter_map(|v| self.state_dir.load(&v.name).ok().flatten())
-                .map(|rec| frontend::owner_flags(rec.uid))
-                .collect();
-            (self.reserved_ids(None, &vols), tags)
+            let mut tags = Vec::new();
+            let mut unreadable = None;
+            for v in &self.config.volumes {
+                match self.state_dir.load(&v.name) {
+                    Ok(Some(rec)) => tags.push(frontend::owner_flags(rec.uid)),
+                    Ok(None) => {}
+                    Err(_) => unreadable = Some(v.name.clone()),
+                }
+            }
+            (self.reserved_ids(None, &vols), tags, unreadable)
         };
         ublk_device_ids()
             .into_iter()
@@ -196,11 +216,18 @@ impl Daemon {
                 let live = info.state as u32 == libublk::sys::UBLK_S_DEV_LIVE;
                 let made_by_ublkd = info.ublksrv_flags & 0xffff_ffff == frontend::OWNER_MAGIC;
                 let removable = if !made_by_ublkd {
-                    Err("not made by ublkd")
+                    Err("not made by ublkd".to_string())
                 } else if owner_tags.contains(&info.ublksrv_flags) {
-                    Err("tagged for a configured volume")
+                    Err("tagged for a configured volume".into())
+                } else if let Some(v) = &unreadable {
+                    // It might be that volume's device: never guess.
+                    Err(format!(
+                        "the state record of configured volume {v} is unreadable"
+                    ))
                 } else if live && pid_alive(info.ublksrv_pid) {
-                    Err("live, its server is running")
+                    Err("live, its server is running".into())
+                } else if let Some(why) = device_busy(id) {
+                    Err(format!("in use: {why}"))
                 } else {
                     Ok(())
                 };
@@ -215,7 +242,7 @@ impl Daemon {
                     .into(),
                     pid: info.ublksrv_pid,
                     made_by_ublkd,
-                    kept_because: removable.err().map(str::to_string),
+                    kept_because: removable.err(),
                 })
             })
             .collect()
@@ -233,7 +260,8 @@ impl Daemon {
             }
             let c = UblkCtrl::new_simple(o.device_id as i32)
                 .map_err(|e| DaemonError::ublk("open orphan", e))?;
-            c.del_dev()
+            // Async: a synchronous DEL_DEV waits for the last opener to go away.
+            c.del_dev_async()
                 .map_err(|e| DaemonError::ublk(format!("delete ublkc{}", o.device_id), e))?;
             tracing::info!(device_id = o.device_id, "removed orphan ublk device");
             removed.push(o.device_id);

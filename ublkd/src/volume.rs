@@ -153,7 +153,15 @@ impl VolumeShared {
             queues: live.queues,
             depth: live.depth,
             ublk_flags: live.ublk_flags,
-            read_policy: live.health.as_ref().map(|h| h.read_policy()),
+            read_policy: match &live.health {
+                Some(h) => Some(h.read_policy()),
+                None => self
+                    .state_dir
+                    .load(&self.cfg.name)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.read_policy),
+            },
             replicas: replicas
                 .into_iter()
                 .enumerate()
@@ -178,19 +186,23 @@ pub struct VolumeRunner {
 }
 
 impl VolumeRunner {
-    /// `reserved`: device ids other volumes own; an unpinned volume avoids them.
-    pub fn spawn(cfg: VolumeConfig, state_dir: StateDir, reserved: Vec<u32>) -> VolumeRunner {
+    /// `device_id`: the id the daemon claimed for this volume (configured, recorded,
+    /// or the lowest one nobody owns); `None` lets the kernel pick.
+    pub fn spawn(cfg: VolumeConfig, state_dir: StateDir, device_id: Option<u32>) -> VolumeRunner {
         let shared = Arc::new(VolumeShared {
             cfg: cfg.clone(),
             state_dir: state_dir.clone(),
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(Live {
+                device_id,
+                ..Live::default()
+            }),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vol-{}", cfg.name))
             .spawn(move || {
-                if let Err(e) = run(&cfg, &state_dir, &reserved, &sh, rx) {
+                if let Err(e) = run(&cfg, &state_dir, device_id, &sh, rx) {
                     tracing::error!(volume = %cfg.name, error = %e, "volume failed");
                     sh.set_state(VolumeState::Failed, Some(e.to_string()));
                 }
@@ -274,7 +286,7 @@ enum Mode {
 fn run(
     cfg: &VolumeConfig,
     state_dir: &StateDir,
-    reserved: &[u32],
+    claimed_id: Option<u32>,
     shared: &Arc<VolumeShared>,
     cmd: Receiver<VolumeCmd>,
 ) -> Result<(), DaemonError> {
@@ -288,21 +300,12 @@ fn run(
 
     // The device first: a LIVE one served by another daemon must stop us before we
     // touch (and wait for the locks of) its replicas.
-    let mode = match record.device_id {
+    let mode = match record.device_id.or(claimed_id) {
         Some(id) if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() => {
             inspect_existing(cfg, record.uid, id)?
         }
         Some(id) => Mode::Add { id: id as i32 },
-        // The kernel would hand out the lowest free id, possibly one another volume
-        // has recorded: pick the lowest id nobody owns ourselves.
-        None => Mode::Add {
-            id: (0..crate::config::MAX_DEVICE_ID)
-                .find(|id| {
-                    !reserved.contains(id)
-                        && !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
-                })
-                .map_or(-1, |id| id as i32),
-        },
+        None => Mode::Add { id: -1 },
     };
 
     // A replica whose backing cannot be opened is faulted (if another is online):
@@ -364,7 +367,8 @@ fn run(
         }
         record.read_policy = ReadPolicy::Primary;
     }
-    record.clean = false;
+    // `clean` is cleared only once the device serves (device_fn): a start that fails
+    // before that changed no data and must not count as an unclean shutdown.
     record.generation = record.generation.next();
     state_dir.save(&record)?;
 
@@ -391,7 +395,7 @@ fn run(
             let c = UblkCtrl::new_simple(id as i32).map_err(|e| DaemonError::ublk("open", e))?;
             match c.start_user_recover() {
                 Ok(r) if r >= 0 => {}
-                other => {
+                other @ Ok(r) if r == -libc::EINVAL => {
                     // 6.12 refuses a second START_USER_RECOVERY after an attempt that
                     // died half-way (queues already reset). If the device is still
                     // QUIESCED, recovering it directly is what that attempt left to do.
@@ -406,6 +410,12 @@ fn run(
                     }
                     tracing::warn!(volume = %cfg.name, id, result = ?other,
                         "START_USER_RECOVERY refused but the device is QUIESCED: recovering it directly");
+                }
+                other => {
+                    return Err(DaemonError::ublk(
+                        format!("START_USER_RECOVERY of ublkc{id}"),
+                        other,
+                    ))
                 }
             }
             (
@@ -453,6 +463,7 @@ fn run(
     let dp_init = dp.clone();
     let dp_q = dp.clone();
     let shared_dev = shared.clone();
+    let sink_dev = sink.clone();
     let cmd = Mutex::new(cmd);
     let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_flag = stop_requested.clone();
@@ -475,6 +486,10 @@ fn run(
             if info.flags & CTRL_FLAGS != CTRL_FLAGS {
                 tracing::warn!(volume = %name, flags = format_args!("{:#x}", info.flags),
                     "kernel did not grant USER_RECOVERY|REISSUE: a daemon crash will fail I/O");
+            }
+            if let Err(e) = sink_dev.set_clean(false) {
+                tracing::error!(volume = %name, error = %e,
+                    "cannot record that the volume is in use: after a host crash its replicas would not be treated as possibly divergent");
             }
             shared_dev.set_state(VolumeState::Live, None);
             tracing::info!(volume = %name, device = %ctrl.get_bdev_path(),
@@ -506,13 +521,26 @@ fn run(
 
     if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
         // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
-        // An ADD_DEV control may already have deleted it (ENOENT is fine).
-        if let Err(e) = ctrl.del_dev() {
+        // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
+        // after a forced stop). An ADD_DEV control may already have deleted it.
+        if let Err(e) = ctrl.del_dev_async() {
             if Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
                 tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the stopped device");
             }
         }
-        sink.set_clean(true)?;
+        // Drained, but not necessarily durable: the application may not have flushed.
+        // Only replicas synced to stable storage make a clean stop.
+        let synced = dp.backings.iter().zip(dp.health.snapshot()).all(|((loc, b), h)| {
+            match b {
+                Some(b) if h.state == ReplicaState::Online => b.sync().map_err(|e| {
+                    tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
+                }).is_ok(),
+                _ => true,
+            }
+        });
+        if synced {
+            sink.set_clean(true)?;
+        }
         shared.set_state(VolumeState::Stopped, None);
         tracing::info!(volume = %cfg.name, "volume stopped, device removed");
         Ok(())
