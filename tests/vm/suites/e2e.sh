@@ -5,7 +5,7 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault ops_guards unclean_restart"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault ops_guards unclean_restart two_volumes"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
@@ -15,6 +15,7 @@ timeout_kill9_recover=360
 timeout_mirror_fault=420
 timeout_ops_guards=300
 timeout_unclean_restart=200
+timeout_two_volumes=200
 
 DEV=/dev/ublkb0
 
@@ -454,4 +455,50 @@ unclean_restart() {
   [ "$(vol_status vol0 | json_top_field read_policy)" = primary ] || fail "pinning lost across a clean restart"
   stop_daemon_clean
   no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Two volumes without a configured device id start together and get distinct devices, kept
+# across restarts; a forced stop of a mounted volume returns (no hang) and leaves the other
+# volume serving.
+two_volumes() {
+  need_ublk
+  cat > "$T/ublkd.conf" <<EOF
+[node]
+state_dir = "/var/lib/ublkd/$SCENARIO"
+control_socket = "$SOCK"
+
+[[volume]]
+name = "va"
+size = "32MiB"
+block_size = 4096
+replicas = [ { local = "$T/a.img" } ]
+
+[[volume]]
+name = "vb"
+size = "32MiB"
+block_size = 4096
+replicas = [ { local = "$T/b.img" } ]
+EOF
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_live va 30; wait_live vb 30
+  da=$(vol_status va | json_top_field device); db=$(vol_status vb | json_top_field device)
+  [ -n "$da" ] && [ -n "$db" ] && [ "$da" != "$db" ] || fail "devices: va=$da vb=$db"
+  stop_daemon_clean
+  start_ublkd "$T/ublkd.conf"
+  wait_live va 30; wait_live vb 30
+  [ "$(vol_status va | json_top_field device)" = "$da" ] && [ "$(vol_status vb | json_top_field device)" = "$db" ] \
+    || fail "device ids changed across a restart: $(vol_status va | json_top_field device) $(vol_status vb | json_top_field device)"
+  wait_dev "$da"
+  M=/mnt/$SCENARIO; mkdir -p $M
+  run "$MKFS_EXT4" -F -q "$da"
+  run "$MOUNT" -t ext4 "$da" $M
+  timeout 30 "$UBLKCTL" --socket "$SOCK" stop va --force > "$T/force.out" 2>&1 || fail "forced stop failed or hung: $(cat "$T/force.out")"
+  [ "$(vol_status va | json_top_field state)" = stopped ] || fail "va not stopped: $(vol_status va)"
+  timeout 30 "$UMOUNT" $M || timeout 30 "$UMOUNT" -l $M || fail "cannot unmount the force-stopped volume"
+  [ "$(vol_status vb | json_top_field state)" = live ] || fail "vb disturbed by stopping va: $(vol_status vb)"
+  run dd if=/dev/zero of="$db" bs=4096 count=16 oflag=direct
+  stop_daemon_clean
+  wait_for 10 no_ublk_devices || fail "devices left: $(ls /sys/class/ublk-char/)"
 }
