@@ -51,9 +51,10 @@ impl ReplicaState {
 ///   Starting ─▶ Recovering (found our QUIESCED device) ─▶ Live | Degraded | Failed
 /// ```
 /// Live and Degraded are derived from replica health; the others are lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VolumeState {
+    #[default]
     Stopped,
     Starting,
     Recovering,

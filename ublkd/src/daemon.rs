@@ -87,10 +87,8 @@ impl Daemon {
         };
         let reserved = self.reserved_ids(Some(name), &vols);
         let id = cfg.device_id.or(recorded).or_else(|| {
-            (0..crate::config::MAX_DEVICE_ID).find(|id| {
-                !reserved.contains(id)
-                    && !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
-            })
+            (0..crate::config::MAX_DEVICE_ID)
+                .find(|id| !reserved.contains(id) && !ublk_device_exists(*id))
         });
         vols.insert(
             name.into(),
@@ -268,6 +266,11 @@ impl Daemon {
         }
         Ok(removed)
     }
+}
+
+/// Whether ublk device `id` exists (in any state).
+pub fn ublk_device_exists(id: u32) -> bool {
+    std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
 }
 
 /// Ids of all ublk devices on the node.

@@ -20,6 +20,7 @@ use replication::{Generation, ReplicaState, VolumeState};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ReplicaConfig, VolumeConfig};
+use crate::daemon::ublk_device_exists;
 use crate::error::DaemonError;
 use crate::frontend::{self, DataPath};
 use crate::state::{RecordSink, StateDir, VolumeRecord};
@@ -67,7 +68,7 @@ pub struct ReplicaStatus {
 
 #[derive(Default)]
 struct Live {
-    state: Option<VolumeState>,
+    state: VolumeState,
     reason: Option<String>,
     device_id: Option<u32>,
     generation: Generation,
@@ -87,19 +88,19 @@ pub struct VolumeShared {
 impl VolumeShared {
     fn set_state(&self, next: VolumeState, reason: Option<String>) {
         let mut live = self.live.lock().unwrap();
-        let cur = live.state.unwrap_or(VolumeState::Stopped);
+        let cur = live.state;
         assert!(
             cur == next || cur.can_become(next),
             "volume {}: illegal transition {cur:?} -> {next:?}",
             self.cfg.name
         );
-        live.state = Some(next);
+        live.state = next;
         live.reason = reason;
     }
 
     pub fn state(&self) -> VolumeState {
         let live = self.live.lock().unwrap();
-        match (live.state.unwrap_or(VolumeState::Stopped), &live.health) {
+        match (live.state, &live.health) {
             // Live/Degraded follow replica health while serving.
             (s, Some(h)) if s.is_serving() => h.serving_state(),
             (s, _) => s,
@@ -113,7 +114,11 @@ impl VolumeShared {
     pub fn status(&self) -> VolumeStatus {
         let state = self.state();
         let live = self.live.lock().unwrap();
-        // Not serving (yet): the last persisted health, if the volume ever ran.
+        // Not serving (yet): the last persisted record, if the volume ever ran.
+        let rec = match &live.health {
+            Some(_) => None,
+            None => self.state_dir.load(&self.cfg.name).ok().flatten(),
+        };
         let (replicas, io): (Vec<(String, Option<ReplicaHealth>)>, _) = match &live.health {
             Some(h) => (
                 h.snapshot()
@@ -123,7 +128,6 @@ impl VolumeShared {
                 h.stats.snapshot(),
             ),
             None => {
-                let rec = self.state_dir.load(&self.cfg.name).ok().flatten();
                 let known = |loc: &str| {
                     rec.as_ref()
                         .and_then(|r| r.replicas.iter().find(|h| h.location == loc).cloned())
@@ -155,12 +159,7 @@ impl VolumeShared {
             ublk_flags: live.ublk_flags,
             read_policy: match &live.health {
                 Some(h) => Some(h.read_policy()),
-                None => self
-                    .state_dir
-                    .load(&self.cfg.name)
-                    .ok()
-                    .flatten()
-                    .map(|r| r.read_policy),
+                None => rec.map(|r| r.read_policy),
             },
             replicas: replicas
                 .into_iter()
@@ -301,9 +300,7 @@ fn run(
     // The device first: a LIVE one served by another daemon must stop us before we
     // touch (and wait for the locks of) its replicas.
     let mode = match record.device_id.or(claimed_id) {
-        Some(id) if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() => {
-            inspect_existing(cfg, record.uid, id)?
-        }
+        Some(id) if ublk_device_exists(id) => inspect_existing(cfg, record.uid, id)?,
         Some(id) => Mode::Add { id: id as i32 },
         None => Mode::Add { id: -1 },
     };
@@ -327,11 +324,12 @@ fn run(
             }
         }
     }
-    if !record
+    let online = record
         .replicas
         .iter()
-        .any(|r| r.state == ReplicaState::Online)
-    {
+        .filter(|r| r.state == ReplicaState::Online)
+        .count();
+    if online == 0 {
         let why: Vec<String> = record
             .replicas
             .iter()
@@ -352,11 +350,6 @@ fn run(
     if matches!(mode, Mode::Recover { .. }) {
         shared.set_state(VolumeState::Recovering, None);
     }
-    let online = record
-        .replicas
-        .iter()
-        .filter(|r| r.state == ReplicaState::Online)
-        .count();
     if !record.clean && matches!(mode, Mode::Add { .. }) && online > 1 {
         // No clean stop and no device to recover: the host went down with writes in
         // flight, which may have reached some replicas only. (A daemon crash is
@@ -395,21 +388,12 @@ fn run(
             let c = UblkCtrl::new_simple(id as i32).map_err(|e| DaemonError::ublk("open", e))?;
             match c.start_user_recover() {
                 Ok(r) if r >= 0 => {}
-                other @ Ok(r) if r == -libc::EINVAL => {
-                    // 6.12 refuses a second START_USER_RECOVERY after an attempt that
-                    // died half-way (queues already reset). If the device is still
-                    // QUIESCED, recovering it directly is what that attempt left to do.
-                    let still_quiesced = UblkCtrl::new_simple(id as i32).is_ok_and(|c| {
-                        c.dev_info().state as u32 == libublk::sys::UBLK_S_DEV_QUIESCED
-                    });
-                    if !still_quiesced {
-                        return Err(DaemonError::ublk(
-                            format!("START_USER_RECOVERY of ublkc{id}"),
-                            other,
-                        ));
-                    }
-                    tracing::warn!(volume = %cfg.name, id, result = ?other,
-                        "START_USER_RECOVERY refused but the device is QUIESCED: recovering it directly");
+                // 6.12 refuses a second START_USER_RECOVERY after an attempt that died
+                // half-way (queues already reset). If the device is still QUIESCED,
+                // recovering it directly is what that attempt left to do.
+                Ok(r) if r == -libc::EINVAL && is_quiesced(id) => {
+                    tracing::warn!(volume = %cfg.name, id,
+                        "START_USER_RECOVERY refused (EINVAL) but the device is QUIESCED: recovering it directly");
                 }
                 other => {
                     return Err(DaemonError::ublk(
@@ -495,7 +479,6 @@ fn run(
             tracing::info!(volume = %name, device = %ctrl.get_bdev_path(),
                 granted_flags = format_args!("{:#x}", info.flags), queues = info.nr_hw_queues,
                 depth = info.queue_depth, "volume serving");
-            let cdev = format!("/sys/class/ublk-char/ublkc{}", info.dev_id);
             loop {
                 match cmd.lock().unwrap().recv_timeout(Duration::from_secs(5)) {
                     Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
@@ -508,7 +491,7 @@ fn run(
                         }
                         return;
                     }
-                    Err(RecvTimeoutError::Timeout) if !Path::new(&cdev).exists() => {
+                    Err(RecvTimeoutError::Timeout) if !ublk_device_exists(info.dev_id) => {
                         tracing::error!(volume = %name, "ublk device removed behind our back");
                         return;
                     }
@@ -524,7 +507,7 @@ fn run(
         // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
         // after a forced stop). An ADD_DEV control may already have deleted it.
         if let Err(e) = ctrl.del_dev_async() {
-            if Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
+            if ublk_device_exists(dev_id) {
                 tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the stopped device");
             }
         }
@@ -547,6 +530,11 @@ fn run(
     } else {
         Err(DaemonError::volume(&cfg.name, "ublk device went away"))
     }
+}
+
+fn is_quiesced(id: u32) -> bool {
+    UblkCtrl::new_simple(id as i32)
+        .is_ok_and(|c| c.dev_info().state as u32 == libublk::sys::UBLK_S_DEV_QUIESCED)
 }
 
 pub fn pid_alive(pid: i32) -> bool {
