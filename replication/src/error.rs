@@ -66,4 +66,53 @@ pub enum ReplicationError {
     Persist(String),
     #[error("io_uring setup failed: {0}")]
     Uring(#[source] std::io::Error),
+
+    // Remote replicas: connection and handshake.
+    #[error("cannot connect to replica server {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network: {0}")]
+    Net(#[source] std::io::Error),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("protocol version mismatch: we speak {ours}, the peer {theirs}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("replica {replica} is fenced: it holds generation {theirs}, ours is {ours} (a newer owner took over)")]
+    Fenced {
+        replica: String,
+        ours: u64,
+        theirs: u64,
+    },
+    #[error("replica {replica} refused: {status:?}: {message}")]
+    Remote {
+        replica: String,
+        status: crate::remote::wire::Status,
+        message: String,
+    },
+
+    // Frame decoding (remote::wire): the connection is closed.
+    #[error("bad frame magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("frame header checksum mismatch")]
+    HeaderCrc,
+    #[error("payload checksum mismatch (request {id})")]
+    PayloadCrc { id: u64 },
+    #[error("unknown {what} {value}")]
+    UnknownField { what: &'static str, value: u64 },
+    #[error("reserved frame bits set")]
+    Reserved,
+    #[error("malformed {op:?} frame: {why}")]
+    Malformed {
+        op: crate::remote::wire::Op,
+        why: &'static str,
+    },
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: u32, max: u32 },
+    #[error("bad control payload: {0}")]
+    Control(String),
 }

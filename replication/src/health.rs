@@ -49,6 +49,7 @@ impl ReplicaState {
 ///      │          ▼          ▼          ▼
 ///      └──────── Failed    Stopping ◀───┘ ─▶ Stopped
 ///   Starting ─▶ Recovering (found our QUIESCED device) ─▶ Live | Degraded | Failed
+///   Starting | Recovering | Live | Degraded | Stopping ─▶ Fenced ─▶ Starting | Stopped
 /// ```
 /// Live and Degraded are derived from replica health; the others are lifecycle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +66,9 @@ pub enum VolumeState {
     Stopping,
     /// Could not start or lost its device; see the reason in status.
     Failed,
+    /// A newer owner (higher generation) took the replicas: I/O fails and the
+    /// device is removed. Restart the volume only once that owner is gone.
+    Fenced,
 }
 
 impl VolumeState {
@@ -81,6 +85,8 @@ impl VolumeState {
                 | (Live | Degraded, Stopping | Failed)
                 | (Stopping, Stopped | Failed)
                 | (Failed, Starting | Recovering | Stopped)
+                | (Starting | Recovering | Live | Degraded | Stopping, Fenced)
+                | (Fenced, Starting | Stopped)
         )
     }
 
@@ -179,6 +185,29 @@ pub enum ReadPolicy {
     Primary,
 }
 
+/// Trips once, when the volume learns that a newer owner (higher generation) took
+/// its replicas. From then on every request fails: two writers must never coexist.
+#[derive(Debug, Default)]
+pub struct Fence {
+    reason: std::sync::OnceLock<String>,
+}
+
+impl Fence {
+    pub fn trip(&self, reason: String) {
+        if self.reason.set(reason.clone()).is_ok() {
+            tracing::error!(%reason, "volume fenced: failing all I/O");
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+
+    pub fn is_tripped(&self) -> bool {
+        self.reason.get().is_some()
+    }
+}
+
 pub struct Health {
     /// Bit i set = replica i online. Readers on the fast path use this alone.
     online: AtomicU64,
@@ -189,6 +218,7 @@ pub struct Health {
     persist_pending: AtomicBool,
     inner: Mutex<Vec<ReplicaHealth>>,
     sink: Box<dyn StateSink>,
+    fence: std::sync::Arc<Fence>,
     pub stats: IoStats,
 }
 
@@ -215,8 +245,19 @@ impl Health {
             persist_pending: AtomicBool::new(false),
             inner: Mutex::new(replicas),
             sink,
+            fence: Default::default(),
             stats: IoStats::default(),
         })
+    }
+
+    /// Share `fence` with the replicas that can trip it.
+    pub fn with_fence(mut self, fence: std::sync::Arc<Fence>) -> Health {
+        self.fence = fence;
+        self
+    }
+
+    pub fn fence(&self) -> &std::sync::Arc<Fence> {
+        &self.fence
     }
 
     pub fn set_read_policy(&self, p: ReadPolicy) {
@@ -270,7 +311,12 @@ impl Health {
     /// Otherwise the request fails (first error) and no replica is faulted for it:
     /// the data reached no replica that stays in the set, so the application must
     /// know, and the last good copy is never thrown away.
+    ///
+    /// A fenced volume acknowledges nothing (a newer owner took the replicas).
     pub fn settle(&self, attempted: u64, failures: &[(ReplicaIndex, Errno)]) -> Result<(), Errno> {
+        if self.fence.is_tripped() {
+            return Err(Errno::EIO);
+        }
         if failures.is_empty() && self.durable() {
             return Ok(());
         }

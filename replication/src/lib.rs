@@ -18,6 +18,7 @@ pub mod health;
 pub mod ids;
 pub mod local;
 pub mod nexus;
+pub mod remote;
 pub mod replica;
 pub mod request;
 pub mod testing;

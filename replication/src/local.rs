@@ -222,23 +222,33 @@ fn probe_dio_align(f: &File) -> u64 {
 }
 
 /// A page-aligned heap buffer (for zero-filling through O_DIRECT).
-struct AlignedBuf {
+/// A zeroed, 4 KiB-aligned heap buffer: what O_DIRECT needs.
+pub struct AlignedBuf {
     ptr: *mut u8,
     layout: std::alloc::Layout,
 }
 
+// SAFETY: owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
 impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        // A zero-size layout may not be allocated: keep one byte.
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).expect("valid layout");
         // SAFETY: non-zero size layout.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "out of memory allocating {len} bytes");
         AlignedBuf { ptr, layout }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub fn as_slice(&self) -> &[u8] {
         // SAFETY: allocated and zeroed with this length.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }
 }
 

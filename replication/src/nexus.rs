@@ -1,7 +1,8 @@
 //! The nexus: one block request in, replica requests out, one result back.
 //!
-//! * READ goes to one online replica, chosen round-robin; a failed read faults that
-//!   replica (if another is online) and retries on the next one.
+//! * READ goes to one online replica: round-robin over the local ones when any is
+//!   online, else over the remote ones (or pinned, see [`ReadPolicy`]); a failed read
+//!   faults that replica (if another is online) and retries on the next one.
 //! * WRITE, FLUSH, DISCARD and WRITE_ZEROES go to every online replica at once and
 //!   are acknowledged by [`Health::settle`], the one ack rule.
 //!
@@ -21,6 +22,8 @@ use crate::request::BlockRequest;
 pub struct Nexus<'r> {
     replicas: Vec<Box<dyn Replica + 'r>>,
     health: Arc<Health>,
+    /// Bit i set = replica i is local: reads go there when one is online.
+    local: u64,
     next_read: Cell<usize>,
 }
 
@@ -32,9 +35,15 @@ impl<'r> Nexus<'r> {
             health.replica_count(),
             "replica/health mismatch"
         );
+        let local = replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_remote())
+            .fold(0u64, |m, (i, _)| m | 1 << i);
         Nexus {
             replicas,
             health,
+            local,
             next_read: Cell::new(0),
         }
     }
@@ -47,6 +56,10 @@ impl<'r> Nexus<'r> {
     /// write, or room for the data read. Returns the bytes transferred.
     pub async fn submit(&self, req: BlockRequest, buf: &mut [u8]) -> Result<u32, Errno> {
         let stats = &self.health.stats;
+        if self.health.fence().is_tripped() {
+            bump(&stats.errors, 1);
+            return Err(Errno::EIO);
+        }
         let res = match req {
             BlockRequest::Read { offset, len } => {
                 let res = self.read(offset, &mut buf[..len.0 as usize]).await;
@@ -91,6 +104,8 @@ impl<'r> Nexus<'r> {
             let online = self.health.online_mask();
             let idx = self.pick_reader(online);
             match self.replicas[idx.get()].read(offset, buf).await {
+                // A fenced read may come from a replica a newer owner has changed.
+                Ok(()) if self.health.fence().is_tripped() => return Err(Errno::EIO),
                 Ok(()) => return Ok(()),
                 // Faults `idx` if another replica is online (they hold the data), then
                 // retries there; if `idx` was the last one, the error is the app's.
@@ -104,6 +119,11 @@ impl<'r> Nexus<'r> {
         if self.health.read_policy() == ReadPolicy::Primary {
             return ReplicaIndex(online.trailing_zeros() as u8);
         }
+        // Local replicas first: a remote read costs a network round trip.
+        let online = match online & self.local {
+            0 => online,
+            local => local,
+        };
         let n = online.count_ones() as usize;
         let k = self.next_read.get();
         self.next_read.set(k.wrapping_add(1));

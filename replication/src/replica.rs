@@ -19,6 +19,10 @@ pub type IoFuture<'a> = Pin<Box<dyn Future<Output = IoResult> + 'a>>;
 pub trait Replica {
     /// Human-readable location (path, address) for logs and the CLI.
     fn location(&self) -> &str;
+    /// Remote replicas cost a network round trip: reads prefer local ones.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Fill `buf` from `offset`. The whole buffer or an error: never short.
     fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a>;
     /// Write all of `buf` at `offset`; with `fua`, durable before completion.

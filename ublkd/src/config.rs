@@ -13,9 +13,15 @@
 //!
 //! A configuration with zero volumes is valid (the daemon idles); callers
 //! may want to log a warning when [`Config::volumes`] is empty.
+//!
+//! Parsing never touches the filesystem or the network: paths are only
+//! checked to be absolute and remote addresses only for their syntax. The
+//! cluster secret is read separately, with [`read_secret`].
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
@@ -31,6 +37,18 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ublkd/ublkd.sock";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Accepted values of `[node] log_level`.
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// Default for `[node] io_timeout_ms`.
+pub const DEFAULT_IO_TIMEOUT_MS: u32 = 3000;
+/// Lower bound for `[node] io_timeout_ms`.
+pub const MIN_IO_TIMEOUT_MS: u32 = 100;
+/// Upper bound for `[node] io_timeout_ms` (10 minutes).
+pub const MAX_IO_TIMEOUT_MS: u32 = 600_000;
+/// Minimum length of the cluster secret (bytes, after the trailing newline
+/// is stripped). See [`read_secret`].
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Default for `[server] storage_dir`.
+pub const DEFAULT_STORAGE_DIR: &str = "/var/lib/ublkd/replicas";
 
 /// Default for `block_size` (bytes).
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
@@ -54,7 +72,7 @@ pub const MAX_DEVICE_ID: u32 = 1 << 20;
 pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
 /// Upper bound for the number of replicas of one volume.
 pub const MAX_REPLICAS: usize = 8;
-/// Maximum length of a volume name.
+/// Maximum length of a volume name and of a remote replica `id`.
 pub const MAX_NAME_LEN: usize = 64;
 
 /// The whole daemon configuration.
@@ -63,6 +81,9 @@ pub struct Config {
     pub node: NodeConfig,
     /// Volumes in file order. May be empty (the daemon then idles).
     pub volumes: Vec<VolumeConfig>,
+    /// The `[server]` section: present if this node serves replicas to
+    /// other nodes.
+    pub server: Option<ServerConfig>,
 }
 
 /// The `[node]` section.
@@ -74,6 +95,13 @@ pub struct NodeConfig {
     pub control_socket: PathBuf,
     /// One of [`LOG_LEVELS`], always lower case.
     pub log_level: String,
+    /// Absolute path of the file holding the secret shared by all nodes of
+    /// the cluster (read it with [`read_secret`]). Always `Some` when a
+    /// volume has a remote replica or `[server]` is present.
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Deadline of one request to a remote replica, in milliseconds:
+    /// [`MIN_IO_TIMEOUT_MS`]..=[`MAX_IO_TIMEOUT_MS`].
+    pub io_timeout_ms: u32,
 }
 
 impl Default for NodeConfig {
@@ -82,8 +110,19 @@ impl Default for NodeConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
+            cluster_secret_file: None,
+            io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
         }
     }
+}
+
+/// The `[server]` section: this node stores replicas for other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Address to listen on (an IP address, not a hostname; port != 0).
+    pub listen: SocketAddr,
+    /// Absolute directory holding the served replicas, one `<id>.img` each.
+    pub storage_dir: PathBuf,
 }
 
 /// One `[[volume]]` entry.
@@ -103,19 +142,29 @@ pub struct VolumeConfig {
     pub max_io_bytes: u32,
     /// Stable `/dev/ublkbN` id, unique, < 2^20. `None` = kernel picks.
     pub device_id: Option<u32>,
-    /// 1..=8 replicas with distinct backing paths.
+    /// 1..=8 replicas with distinct backing paths / remote `(addr, id)`s.
     pub replicas: Vec<ReplicaConfig>,
 }
 
 /// One replica of a volume.
 ///
 /// TOML: each element of `replicas` is an inline table whose keys select the
-/// kind, e.g. `{ local = "/abs/path" }`.
+/// kind, e.g. `{ local = "/abs/path" }` or
+/// `{ remote = "node-b:7000", id = "vol0-r2" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReplicaConfig {
     /// A local file (created sparse by the daemon) or block device.
     Local { path: PathBuf },
+    /// A replica stored by the ublkd `[server]` of another node.
+    Remote {
+        /// `host:port` as written; host is a hostname, an IPv4 address or a
+        /// bracketed IPv6 address. Only the syntax is checked (no DNS).
+        addr: String,
+        /// Name of the replica on that server (`<id>.img` in its
+        /// `storage_dir`); same rules as a volume name.
+        id: String,
+    },
 }
 
 impl ReplicaConfig {
@@ -123,13 +172,24 @@ impl ReplicaConfig {
     pub fn local_path(&self) -> Option<&Path> {
         match self {
             ReplicaConfig::Local { path } => Some(path),
+            ReplicaConfig::Remote { .. } => None,
         }
     }
 
-    /// Stable identity of the replica in state files, logs and the CLI.
+    /// `(addr, id)`, if this replica is remote.
+    pub fn remote(&self) -> Option<(&str, &str)> {
+        match self {
+            ReplicaConfig::Local { .. } => None,
+            ReplicaConfig::Remote { addr, id } => Some((addr, id)),
+        }
+    }
+
+    /// Stable identity of the replica in state files, logs and the CLI:
+    /// the path of a local replica, `id@addr` for a remote one.
     pub fn location(&self) -> String {
         match self {
             ReplicaConfig::Local { path } => path.display().to_string(),
+            ReplicaConfig::Remote { addr, id } => format!("{id}@{addr}"),
         }
     }
 }
@@ -161,8 +221,10 @@ impl Config {
 /// Errors from loading a configuration. `Display` is always a single line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
+    /// A file could not be read: the configuration file, or (from
+    /// [`read_secret`]) the cluster secret, which is also refused when it is
+    /// too short or accessible by group/others.
+    #[error("cannot read {}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -176,7 +238,8 @@ pub enum ConfigError {
         line: usize,
         /// 1-based column (in characters).
         column: usize,
-        /// e.g. `volume "vol0"`, `volume #2`, `[node]`; `None` if unknown or top level.
+        /// e.g. `volume "vol0"`, `volume #2`, `[node]`, `[server]`; `None` if
+        /// unknown or top level.
         section: Option<String>,
         /// Key path relative to `section`, e.g. `block_size`,
         /// `replicas[1].local`; `None` if it could not be determined.
@@ -189,7 +252,8 @@ pub enum ConfigError {
         origin: String,
         /// 1-based line of the offending value.
         line: usize,
-        /// e.g. `volume "vol0"`, `volume #2`, `[node]`; `None` at top level.
+        /// e.g. `volume "vol0"`, `volume #2`, `[node]`, `[server]`; `None` at
+        /// top level.
         section: Option<String>,
         /// Key path relative to `section`, e.g. `block_size`, `replicas[1].local`.
         key: String,
@@ -274,6 +338,57 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{input:?} is too large"))
 }
 
+/// Reads the cluster secret from `path` (`[node] cluster_secret_file`).
+///
+/// One trailing `"\n"` (or `"\r\n"`) is stripped; everything else is part
+/// of the secret. Fails with [`ConfigError::Io`], naming the path, if the
+/// file cannot be read, if it is accessible by group or others
+/// (`mode & 0o077 != 0`), or if the secret is shorter than
+/// [`MIN_SECRET_LEN`] bytes.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let fail = |source: std::io::Error| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let refuse = |kind: std::io::ErrorKind, message: String| {
+        fail(std::io::Error::new(
+            kind,
+            format!("cluster secret file {message}"),
+        ))
+    };
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    // Check the mode of the file actually opened (no race with a rename).
+    let mode = file.metadata().map_err(fail)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(refuse(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "has mode {:03o}; it must not be accessible by group/others (chmod 600)",
+                mode & 0o777
+            ),
+        ));
+    }
+    let mut secret = Vec::new();
+    file.read_to_end(&mut secret).map_err(fail)?;
+    if secret.ends_with(b"\r\n") {
+        secret.truncate(secret.len() - 2);
+    } else if secret.ends_with(b"\n") {
+        secret.truncate(secret.len() - 1);
+    }
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(refuse(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "holds a {}-byte secret; it must be at least {MIN_SECRET_LEN} bytes (e.g. generate one with: head -c 32 /dev/urandom | base64)",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(secret)
+}
+
 // ---------------------------------------------------------------------------
 // Raw (spanned) representation
 // ---------------------------------------------------------------------------
@@ -284,6 +399,17 @@ struct RawConfig {
     node: Option<RawNode>,
     #[serde(default, rename = "volume")]
     volumes: Vec<Spanned<RawVolume>>,
+    // Not `Spanned`: a table defined only by dotted keys
+    // (`server.listen = ...`) or implied by `[server.x]` has no span and would
+    // fail to deserialize. See `ServerPos`.
+    server: Option<RawServer>,
+}
+
+/// Only the position of the `server` table, when it has one (it has none if
+/// it is defined only by dotted keys).
+#[derive(Deserialize)]
+struct ServerPos {
+    server: Option<Spanned<IgnoredAny>>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +418,15 @@ struct RawNode {
     state_dir: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    cluster_secret_file: Option<Spanned<String>>,
+    io_timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    storage_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -307,13 +442,15 @@ struct RawVolume {
     replicas: Option<Spanned<Vec<Spanned<RawReplica>>>>,
 }
 
-/// One element of `replicas`. Each replica kind is a key; exactly one kind
-/// key must be present. A future `remote = "host:port"` kind adds its fields
-/// (`remote`, `id`) here and a branch in `Validator::replica`.
+/// One element of `replicas`. Each replica kind is a key (`local`,
+/// `remote`); exactly one kind key must be present. Other keys (`id`) are
+/// attributes of a kind, checked in `Validator::replica`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawReplica {
     local: Option<Spanned<String>>,
+    remote: Option<Spanned<String>>,
+    id: Option<Spanned<String>>,
 }
 
 /// A size as written: a string with unit or a bare integer (bytes).
@@ -372,11 +509,25 @@ struct Validator<'a> {
     origin: &'a str,
 }
 
-/// Where a backing path was first seen, for duplicate diagnostics.
+/// Where a backing path (or a remote `(addr, id)`) was first seen, for
+/// duplicate diagnostics.
 struct PathUse {
     volume: String,
     replica: usize,
     line: usize,
+}
+
+/// What the volumes seen so far use, for the file-wide uniqueness checks.
+#[derive(Default)]
+struct Seen {
+    /// Volume name -> line.
+    names: HashMap<String, usize>,
+    /// device_id -> (volume, line).
+    device_ids: HashMap<u32, (String, usize)>,
+    /// Normalized local backing path -> first use.
+    paths: HashMap<PathBuf, PathUse>,
+    /// Canonical remote (addr, id) -> first use.
+    remotes: HashMap<(String, String), PathUse>,
 }
 
 impl Validator<'_> {
@@ -406,22 +557,57 @@ impl Validator<'_> {
             None => NodeConfig::default(),
         };
         let mut volumes: Vec<VolumeConfig> = Vec::with_capacity(raw.volumes.len());
-        let mut names: HashMap<String, usize> = HashMap::new();
-        let mut device_ids: HashMap<u32, (String, usize)> = HashMap::new();
-        let mut paths: HashMap<PathBuf, PathUse> = HashMap::new();
+        let mut seen = Seen::default();
         for (index, raw_volume) in raw.volumes.into_iter().enumerate() {
             let volume_span = raw_volume.span();
-            let volume = self.volume(
-                index,
-                volume_span,
-                raw_volume.into_inner(),
-                &mut names,
-                &mut device_ids,
-                &mut paths,
-            )?;
+            let volume = self.volume(index, volume_span, raw_volume.into_inner(), &mut seen)?;
             volumes.push(volume);
         }
-        Ok(Config { node, volumes })
+        let mut server_line = None;
+        let server = match raw.server {
+            Some(s) => {
+                let span = self.server_span(&s);
+                server_line = Some(self.line(&span));
+                Some(self.server(s, span)?)
+            }
+            None => None,
+        };
+
+        // Replica traffic between nodes is authenticated with the cluster
+        // secret: a node that talks to (or serves) remote replicas needs it.
+        if node.cluster_secret_file.is_none() {
+            let first_remote = seen
+                .remotes
+                .values()
+                .min_by_key(|u| (u.line, u.replica))
+                .map(|u| {
+                    (
+                        u.line,
+                        format!("replicas[{}] of volume {:?} is remote", u.replica, u.volume),
+                    )
+                });
+            let server = server_line.map(|line| (line, "a [server] section exists".to_string()));
+            let first = match (first_remote, server) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            if let Some((line, why)) = first {
+                return Err(ConfigError::Invalid {
+                    origin: self.origin.to_string(),
+                    line,
+                    section: Some("[node]".to_string()),
+                    key: "cluster_secret_file".to_string(),
+                    message: format!(
+                        "missing required key: {why} (line {line}), and nodes authenticate replica traffic with a shared secret; add e.g. cluster_secret_file = \"/etc/ublkd/cluster.secret\" to [node]"
+                    ),
+                });
+            }
+        }
+        Ok(Config {
+            node,
+            volumes,
+            server,
+        })
     }
 
     fn node(&self, raw: RawNode) -> Result<NodeConfig, ConfigError> {
@@ -449,7 +635,68 @@ impl Validator<'_> {
             }
             node.log_level = level;
         }
+        if let Some(v) = raw.cluster_secret_file {
+            node.cluster_secret_file =
+                Some(self.absolute_path(&v, &section, "cluster_secret_file")?);
+        }
+        if let Some(v) = raw.io_timeout_ms {
+            node.io_timeout_ms = self.ranged(
+                &v,
+                &section,
+                "io_timeout_ms",
+                i64::from(MIN_IO_TIMEOUT_MS),
+                i64::from(MAX_IO_TIMEOUT_MS),
+            )? as u32;
+        }
         Ok(node)
+    }
+
+    /// Where the `server` table is: its header (or inline table), else its
+    /// first key.
+    fn server_span(&self, raw: &RawServer) -> Range<usize> {
+        if let Ok(ServerPos { server: Some(s) }) = toml::from_str(self.text) {
+            return s.span();
+        }
+        let first = [&raw.listen, &raw.storage_dir]
+            .into_iter()
+            .flatten()
+            .map(|v| v.span())
+            .min_by_key(|s| s.start);
+        first.unwrap_or(0..0)
+    }
+
+    fn server(&self, raw: RawServer, span: Range<usize>) -> Result<ServerConfig, ConfigError> {
+        let section = Some("[server]".to_string());
+        let Some(listen_v) = raw.listen else {
+            return Err(self.invalid(
+                &span,
+                &section,
+                "listen",
+                "missing required key (e.g. listen = \"0.0.0.0:7000\")",
+            ));
+        };
+        let bad_listen = |what: &str| {
+            self.invalid(
+                &listen_v.span(),
+                &section,
+                "listen",
+                format!("{what}, got {:?}", listen_v.get_ref()),
+            )
+        };
+        let listen: SocketAddr = listen_v.get_ref().parse().map_err(|_| {
+            bad_listen("must be \"IP:port\" with an IP address (not a hostname), e.g. \"0.0.0.0:7000\" or \"[::]:7000\"")
+        })?;
+        if listen.port() == 0 {
+            return Err(bad_listen("port must be between 1 and 65535"));
+        }
+        let storage_dir = match &raw.storage_dir {
+            None => PathBuf::from(DEFAULT_STORAGE_DIR),
+            Some(v) => self.absolute_path(v, &section, "storage_dir")?,
+        };
+        Ok(ServerConfig {
+            listen,
+            storage_dir,
+        })
     }
 
     fn absolute_path(
@@ -491,14 +738,41 @@ impl Validator<'_> {
         Ok(value)
     }
 
+    /// Checks a name (volume `name`, remote replica `id`): 1 to
+    /// [`MAX_NAME_LEN`] characters from `[A-Za-z0-9_.-]`, not `.` or `..`.
+    fn name(
+        &self,
+        v: &Spanned<String>,
+        section: &Option<String>,
+        key: &str,
+    ) -> Result<String, ConfigError> {
+        let name = v.get_ref();
+        let ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            && name != "."
+            && name != "..";
+        if !ok {
+            return Err(self.invalid(
+                &v.span(),
+                section,
+                key,
+                format!(
+                    "must be 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-] (and not \".\" or \"..\"), got {name:?}"
+                ),
+            ));
+        }
+        Ok(name.clone())
+    }
+
     fn volume(
         &self,
         index: usize,
         volume_span: Range<usize>,
         raw: RawVolume,
-        names: &mut HashMap<String, usize>,
-        device_ids: &mut HashMap<u32, (String, usize)>,
-        paths: &mut HashMap<PathBuf, PathUse>,
+        seen: &mut Seen,
     ) -> Result<VolumeConfig, ConfigError> {
         // Until the name is validated, refer to the volume by position.
         let mut section = Some(format!("volume #{}", index + 1));
@@ -515,25 +789,8 @@ impl Validator<'_> {
         let Some(name_v) = raw.name else {
             return Err(missing("name", "e.g. name = \"vol0\""));
         };
-        let name = name_v.get_ref().clone();
-        let name_ok = !name.is_empty()
-            && name.len() <= MAX_NAME_LEN
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-            && name != "."
-            && name != "..";
-        if !name_ok {
-            return Err(self.invalid(
-                &name_v.span(),
-                &section,
-                "name",
-                format!(
-                    "must be 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-] (and not \".\" or \"..\"), got {name:?}"
-                ),
-            ));
-        }
-        if let Some(first) = names.get(&name) {
+        let name = self.name(&name_v, &section, "name")?;
+        if let Some(first) = seen.names.get(&name) {
             return Err(self.invalid(
                 &name_v.span(),
                 &section,
@@ -541,7 +798,7 @@ impl Validator<'_> {
                 format!("duplicate volume name {name:?} (first defined at line {first})"),
             ));
         }
-        names.insert(name.clone(), self.line(&name_v.span()));
+        seen.names.insert(name.clone(), self.line(&name_v.span()));
         section = Some(format!("volume {name:?}"));
 
         // block_size (needed to validate size)
@@ -647,7 +904,7 @@ impl Validator<'_> {
             Some(v) => {
                 let id =
                     self.ranged(v, &section, "device_id", 0, i64::from(MAX_DEVICE_ID - 1))? as u32;
-                if let Some((other, line)) = device_ids.get(&id) {
+                if let Some((other, line)) = seen.device_ids.get(&id) {
                     return Err(self.invalid(
                         &v.span(),
                         &section,
@@ -655,7 +912,8 @@ impl Validator<'_> {
                         format!("device_id {id} is already used by volume {other:?} (line {line})"),
                     ));
                 }
-                device_ids.insert(id, (name.clone(), self.line(&v.span())));
+                seen.device_ids
+                    .insert(id, (name.clone(), self.line(&v.span())));
                 Some(id)
             }
         };
@@ -684,7 +942,7 @@ impl Validator<'_> {
         }
         let mut replicas = Vec::with_capacity(raw_replicas.len());
         for (i, r) in raw_replicas.into_iter().enumerate() {
-            replicas.push(self.replica(&name, &section, i, r, paths)?);
+            replicas.push(self.replica(&name, &section, i, r, seen)?);
         }
 
         Ok(VolumeConfig {
@@ -705,33 +963,45 @@ impl Validator<'_> {
         section: &Option<String>,
         index: usize,
         raw: Spanned<RawReplica>,
-        paths: &mut HashMap<PathBuf, PathUse>,
+        seen: &mut Seen,
     ) -> Result<ReplicaConfig, ConfigError> {
         let span = raw.span();
-        match raw.into_inner() {
-            RawReplica { local: Some(local) } => {
+        let RawReplica { local, remote, id } = raw.into_inner();
+        let owner = |first: &PathUse| {
+            if first.volume == volume {
+                "this volume".to_string()
+            } else {
+                format!("volume {:?}", first.volume)
+            }
+        };
+        match (local, remote) {
+            (Some(local), None) => {
+                if let Some(id) = id {
+                    return Err(self.invalid(
+                        &id.span(),
+                        section,
+                        &format!("replicas[{index}].id"),
+                        "only remote replicas take an id (a local replica is identified by its path); remove it, or use { remote = \"host:port\", id = \"...\" }",
+                    ));
+                }
                 let key = format!("replicas[{index}].local");
                 let path = self.absolute_path(&local, section, &key)?;
                 let line = self.line(&local.span());
-                if let Some(first) = paths.get(&normalize(&path)) {
-                    let owner = if first.volume == volume {
-                        "this volume".to_string()
-                    } else {
-                        format!("volume {:?}", first.volume)
-                    };
+                if let Some(first) = seen.paths.get(&normalize(&path)) {
                     return Err(self.invalid(
                         &local.span(),
                         section,
                         &key,
                         format!(
-                            "backing path {:?} is already used by replicas[{}] of {owner} (line {}); every replica needs its own file or device",
+                            "backing path {:?} is already used by replicas[{}] of {} (line {}); every replica needs its own file or device",
                             local.get_ref(),
                             first.replica,
+                            owner(first),
                             first.line
                         ),
                     ));
                 }
-                paths.insert(
+                seen.paths.insert(
                     normalize(&path),
                     PathUse {
                         volume: volume.to_string(),
@@ -741,13 +1011,118 @@ impl Validator<'_> {
                 );
                 Ok(ReplicaConfig::Local { path })
             }
-            RawReplica { local: None } => Err(self.invalid(
+            (None, Some(remote)) => {
+                let addr_key = format!("replicas[{index}].remote");
+                let id_key = format!("replicas[{index}].id");
+                let canonical = check_remote_addr(remote.get_ref())
+                    .map_err(|m| self.invalid(&remote.span(), section, &addr_key, m))?;
+                let Some(id_v) = id else {
+                    return Err(self.invalid(
+                        &span,
+                        section,
+                        &id_key,
+                        "missing required key: a remote replica needs the id it has on the server, e.g. { remote = \"node-b:7000\", id = \"vol0-r2\" }",
+                    ));
+                };
+                let id = self.name(&id_v, section, &id_key)?;
+                let addr = remote.into_inner();
+                let unique = (canonical, id.clone());
+                if let Some(first) = seen.remotes.get(&unique) {
+                    return Err(self.invalid(
+                        &id_v.span(),
+                        section,
+                        &id_key,
+                        format!(
+                            "remote replica {id:?} on {addr:?} is already used by replicas[{}] of {} (line {}); every replica needs its own id on a server",
+                            first.replica,
+                            owner(first),
+                            first.line
+                        ),
+                    ));
+                }
+                seen.remotes.insert(
+                    unique,
+                    PathUse {
+                        volume: volume.to_string(),
+                        replica: index,
+                        line: self.line(&id_v.span()),
+                    },
+                );
+                Ok(ReplicaConfig::Remote { addr, id })
+            }
+            (Some(_), Some(_)) => Err(self.invalid(
                 &span,
                 section,
                 &format!("replicas[{index}]"),
-                "replica must specify its kind, e.g. { local = \"/abs/path\" }",
+                "replica has both local and remote; each replica is exactly one kind, split it into two entries",
+            )),
+            (None, None) => Err(self.invalid(
+                &span,
+                section,
+                &format!("replicas[{index}]"),
+                "replica must specify its kind, e.g. { local = \"/abs/path\" } or { remote = \"host:port\", id = \"...\" }",
             )),
         }
+    }
+}
+
+/// Checks the syntax of a remote replica address, `host:port`, where host is
+/// a hostname, an IPv4 address or a bracketed IPv6 address and port is
+/// 1..=65535. No name resolution. Returns a canonical form (lower-case
+/// hostname, normalized IP, port without leading zeros) to detect
+/// duplicates, or an error message (without key/line).
+fn check_remote_addr(addr: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected \"host:port\" with a hostname, an IPv4 address or a bracketed IPv6 address, e.g. \"node-b:7000\", \"10.0.0.2:7000\" or \"[fd00::2]:7000\"";
+    let bad = |what: &str| format!("{what} in {addr:?}; {EXPECTED}");
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let Some((ip, port)) = rest.split_once(']') else {
+            return Err(bad("unclosed \"[\""));
+        };
+        let Some(port) = port.strip_prefix(':') else {
+            return Err(bad("missing \":port\" after \"]\""));
+        };
+        let ip: Ipv6Addr = ip
+            .parse()
+            .map_err(|_| bad(&format!("{ip:?} is not an IPv6 address")))?;
+        (format!("[{ip}]"), port)
+    } else {
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return Err(bad("missing \":port\""));
+        };
+        if host.contains(':') {
+            return Err(bad("IPv6 addresses must be in brackets"));
+        }
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        let canonical = if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            let ip: Ipv4Addr = host
+                .parse()
+                .map_err(|_| bad(&format!("{host:?} is not an IPv4 address")))?;
+            ip.to_string()
+        } else {
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            };
+            if host.len() > 253 || !host.split('.').all(label_ok) {
+                return Err(bad(&format!(
+                    "{host:?} is not a valid hostname (dot-separated labels of 1-63 characters from [A-Za-z0-9-], not starting or ending with \"-\")"
+                )));
+            }
+            host.to_ascii_lowercase()
+        };
+        (canonical, port)
+    };
+    let port_ok = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    match port.parse::<u32>() {
+        Ok(p) if port_ok && (1..=65535).contains(&p) => Ok(format!("{host}:{p}")),
+        _ => Err(bad(&format!(
+            "port must be between 1 and 65535, got {port:?}"
+        ))),
     }
 }
 
@@ -852,8 +1227,8 @@ fn parse_error(text: &str, origin: &str, err: &toml::de::Error) -> ConfigError {
             };
             (Some(section), rest)
         }
-        [Seg::Key(n), rest @ ..] if n == "node" && !rest.is_empty() => {
-            (Some("[node]".to_string()), rest)
+        [Seg::Key(n), rest @ ..] if (n == "node" || n == "server") && !rest.is_empty() => {
+            (Some(format!("[{n}]")), rest)
         }
         rest => (None, rest),
     };
@@ -1134,6 +1509,9 @@ mod tests {
         assert_eq!(c.node.state_dir, Path::new("/var/lib/ublkd"));
         assert_eq!(c.node.control_socket, Path::new("/run/ublkd/ublkd.sock"));
         assert_eq!(c.node.log_level, "info");
+        assert_eq!(c.node.cluster_secret_file, None);
+        assert_eq!(c.node.io_timeout_ms, 3000);
+        assert_eq!(c.server, None);
         assert!(c.volumes.is_empty());
         assert!(c.volume("vol0").is_none());
     }
@@ -1190,8 +1568,11 @@ replicas = [
                 state_dir: "/srv/ublkd".into(),
                 control_socket: "/run/x.sock".into(),
                 log_level: "debug".into(),
+                cluster_secret_file: None,
+                io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
             }
         );
+        assert_eq!(c.server, None);
         assert_eq!(c.volumes.len(), 2);
         assert_eq!(
             c.volumes[0],
@@ -1227,6 +1608,7 @@ replicas = [
     fn shipped_example_is_valid() {
         let c = ok(include_str!("../../ublk.toml.example"));
         assert_eq!(c.node, NodeConfig::default());
+        assert_eq!(c.server, None);
         assert_eq!(c.volumes.len(), 1);
         let v = c.volume("vol0").unwrap();
         assert_eq!(v.size, 1 << 30);
@@ -1237,6 +1619,37 @@ replicas = [
         for r in &v.replicas {
             assert!(r.local_path().unwrap().starts_with("/var/lib/ublkd/"));
         }
+    }
+
+    #[test]
+    fn shipped_example_commented_remote_parts_are_valid() {
+        let mut text = String::new();
+        for line in include_str!("../../ublk.toml.example").lines() {
+            let t = line.trim_start();
+            let enable = [
+                "# cluster_secret_file = ",
+                "# listen = ",
+                "# storage_dir = ",
+                "# { remote = ",
+            ];
+            if t == "# [server]" || enable.iter().any(|p| t.starts_with(p)) {
+                text.push_str(&t[2..]);
+            } else {
+                text.push_str(line);
+            }
+            text.push('\n');
+        }
+        let c = ok(&text);
+        assert_eq!(
+            c.node.cluster_secret_file.as_deref(),
+            Some(Path::new("/etc/ublkd/cluster.secret"))
+        );
+        let s = c.server.as_ref().unwrap();
+        assert_eq!(s.listen, "0.0.0.0:7000".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.storage_dir, Path::new(DEFAULT_STORAGE_DIR));
+        let v = c.volume("vol0").unwrap();
+        assert_eq!(v.replicas.len(), 3);
+        assert_eq!(v.replicas[2].remote(), Some(("node-b:7000", "vol0-r3")));
     }
 
     #[test]
@@ -1648,6 +2061,541 @@ replicas = [
         let c = ok("[node]\nlog_level = \"warn\"\n");
         assert!(c.volumes.is_empty());
         assert_eq!(c.node.log_level, "warn");
+    }
+
+    // ---- remote replicas, [server], cluster secret ------------------------
+
+    const SECRET: &str = "[node]\ncluster_secret_file = \"/etc/ublkd/cluster.secret\"\n";
+
+    /// `SECRET` (2 lines) + one volume whose replicas are `replicas`; the
+    /// replicas are on line 6.
+    fn remote_vol(replicas: &str) -> String {
+        format!("{SECRET}[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [ {replicas} ]\n")
+    }
+
+    #[test]
+    fn node_remote_keys() {
+        let c = ok("[node]\ncluster_secret_file = \"/etc/ublkd/s\"\nio_timeout_ms = 250\n");
+        assert_eq!(
+            c.node.cluster_secret_file.as_deref(),
+            Some(Path::new("/etc/ublkd/s"))
+        );
+        assert_eq!(c.node.io_timeout_ms, 250);
+        assert_eq!(c.server, None);
+        assert_eq!(ok("[node]\nio_timeout_ms = 100\n").node.io_timeout_ms, 100);
+        assert_eq!(
+            ok("[node]\nio_timeout_ms = 600000\n").node.io_timeout_ms,
+            600_000
+        );
+    }
+
+    #[test]
+    fn io_timeout_out_of_range() {
+        for bad in ["0", "99", "600001", "-1", "99999999999"] {
+            let e = err(&format!("[node]\n\nio_timeout_ms = {bad}\n"));
+            assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+            assert_err(
+                &e,
+                3,
+                "io_timeout_ms",
+                &["[node]", "between 100 and 600000", bad],
+            );
+        }
+        let e = err("[node]\nio_timeout_ms = \"3s\"\n");
+        assert_err(&e, 2, "io_timeout_ms", &["[node]", "invalid type"]);
+    }
+
+    #[test]
+    fn relative_cluster_secret_file() {
+        let e = err("[node]\ncluster_secret_file = \"cluster.secret\"\n");
+        assert_err(
+            &e,
+            2,
+            "cluster_secret_file",
+            &["[node]", "absolute", "\"cluster.secret\""],
+        );
+    }
+
+    #[test]
+    fn remote_replicas_parse() {
+        let c = ok(&remote_vol(
+            "{ local = \"/d/a.img\" }, { remote = \"node-b:7000\", id = \"v-r2\" }, { remote = \"10.0.0.3:7000\", id = \"v-r3\" }, { remote = \"[fd00::4]:7001\", id = \"v.r_4\" }",
+        ));
+        let r = &c.volume("v").unwrap().replicas;
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0].remote(), None);
+        assert_eq!(
+            r[1],
+            ReplicaConfig::Remote {
+                addr: "node-b:7000".into(),
+                id: "v-r2".into()
+            }
+        );
+        assert_eq!(r[1].remote(), Some(("node-b:7000", "v-r2")));
+        assert_eq!(r[1].local_path(), None);
+        assert_eq!(r[1].location(), "v-r2@node-b:7000");
+        assert_eq!(r[2].location(), "v-r3@10.0.0.3:7000");
+        assert_eq!(r[3].remote(), Some(("[fd00::4]:7001", "v.r_4")));
+        assert_eq!(r[3].location(), "v.r_4@[fd00::4]:7001");
+    }
+
+    #[test]
+    fn remote_addr_syntax() {
+        for good in [
+            "node-b:7000",
+            "Node-B.example.com:1",
+            "a:65535",
+            "localhost:7000",
+            "127.0.0.1:7000",
+            "[::1]:7000",
+            "[fd00::2]:7000",
+            "[::ffff:10.0.0.1]:7000",
+            "x1.2y:80",
+        ] {
+            let c = ok(&remote_vol(&format!("{{ remote = {good:?}, id = \"r\" }}")));
+            assert_eq!(c.volumes[0].replicas[0].remote(), Some((good, "r")));
+        }
+        for bad in [
+            "",
+            "node-b",
+            "node-b:",
+            ":7000",
+            "node-b:0",
+            "node-b:65536",
+            "node-b:99999999999",
+            "node-b:+80",
+            "node-b:70x",
+            "node-b:7000/x",
+            "node_b:7000",
+            "-node:7000",
+            "node-:7000",
+            "a..b:7000",
+            "node-b.:7000",
+            " node-b:7000",
+            "tcp://node-b:7000",
+            "256.0.0.1:7000",
+            "10.0.0:7000",
+            "010.0.0.1:7000",
+            "::1:7000",
+            "fd00::2",
+            "[fd00::2]",
+            "[fd00::2]7000",
+            "[fd00::2:7000",
+            "[10.0.0.1]:7000",
+            "[fd00::g]:7000",
+            "[::1]:0",
+        ] {
+            let e = err(&remote_vol(&format!("{{ remote = {bad:?}, id = \"r\" }}")));
+            assert_err(
+                &e,
+                6,
+                "replicas[0].remote",
+                &["volume \"v\"", &format!("{bad:?}"), "host:port"],
+            );
+        }
+        let long = format!("{}:7000", vec!["a".repeat(63); 4].join("."));
+        let e = err(&remote_vol(&format!("{{ remote = {long:?}, id = \"r\" }}")));
+        assert_err(&e, 6, "replicas[0].remote", &["not a valid hostname"]);
+        let e = err(&remote_vol(&format!(
+            "{{ remote = \"{}:7000\", id = \"r\" }}",
+            "a".repeat(64)
+        )));
+        assert_err(&e, 6, "replicas[0].remote", &["not a valid hostname"]);
+        let e = err(&remote_vol("{ remote = \"::1:7000\", id = \"r\" }"));
+        assert_err(&e, 6, "replicas[0].remote", &["must be in brackets"]);
+        let e = err(&remote_vol("{ remote = \"h:0\", id = \"r\" }"));
+        assert_err(
+            &e,
+            6,
+            "replicas[0].remote",
+            &["port must be between 1 and 65535, got \"0\""],
+        );
+    }
+
+    #[test]
+    fn remote_addr_type_error() {
+        let e = err(&remote_vol("{ remote = 7000, id = \"r\" }"));
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert_err(
+            &e,
+            6,
+            "replicas[0].remote",
+            &["volume \"v\"", "invalid type"],
+        );
+    }
+
+    #[test]
+    fn remote_requires_id() {
+        let e = err(&remote_vol("{ remote = \"node-b:7000\" }"));
+        assert_err(
+            &e,
+            6,
+            "replicas[0].id",
+            &["volume \"v\"", "missing required key", "remote"],
+        );
+    }
+
+    #[test]
+    fn bad_remote_ids() {
+        for bad in ["", "a/b", "a b", "ü", ".", "..", &"x".repeat(65)] {
+            let e = err(&remote_vol(&format!(
+                "{{ remote = \"node-b:7000\", id = {bad:?} }}"
+            )));
+            assert_err(
+                &e,
+                6,
+                "replicas[0].id",
+                &["volume \"v\"", "[A-Za-z0-9_.-]", &format!("{bad:?}")],
+            );
+        }
+        let id = "x".repeat(64);
+        let c = ok(&remote_vol(&format!(
+            "{{ remote = \"node-b:7000\", id = \"{id}\" }}"
+        )));
+        assert_eq!(
+            c.volumes[0].replicas[0].remote(),
+            Some(("node-b:7000", &*id))
+        );
+    }
+
+    #[test]
+    fn local_replica_rejects_id() {
+        let e = err(&remote_vol("{ local = \"/d/a.img\", id = \"r\" }"));
+        assert_err(
+            &e,
+            6,
+            "replicas[0].id",
+            &["volume \"v\"", "only remote replicas take an id"],
+        );
+    }
+
+    #[test]
+    fn replica_with_two_kinds() {
+        let e = err(&remote_vol(
+            "{ local = \"/d/a.img\" }, { local = \"/d/b.img\", remote = \"node-b:7000\", id = \"r\" }",
+        ));
+        assert_err(
+            &e,
+            6,
+            "replicas[1]",
+            &["volume \"v\"", "both local and remote"],
+        );
+    }
+
+    #[test]
+    fn replica_with_only_id() {
+        let e = err(&remote_vol("{ id = \"r\" }"));
+        assert_err(
+            &e,
+            6,
+            "replicas[0]",
+            &["must specify its kind", "local", "remote"],
+        );
+    }
+
+    #[test]
+    fn duplicate_remote_within_volume() {
+        let e = err(&remote_vol(
+            "{ remote = \"node-b:7000\", id = \"r\" }, { remote = \"NODE-B:07000\", id = \"r\" }",
+        ));
+        assert_err(
+            &e,
+            6,
+            "replicas[1].id",
+            &[
+                "volume \"v\"",
+                "\"r\" on \"NODE-B:07000\"",
+                "already used by replicas[0] of this volume (line 6)",
+            ],
+        );
+        let e = err(&remote_vol(
+            "{ remote = \"[::1]:7000\", id = \"r\" }, { remote = \"[0:0::1]:7000\", id = \"r\" }",
+        ));
+        assert_err(&e, 6, "replicas[1].id", &["already used by replicas[0]"]);
+        // Same id on another server, or another id on the same server: fine.
+        let c = ok(&remote_vol(
+            "{ remote = \"node-b:7000\", id = \"r\" }, { remote = \"node-c:7000\", id = \"r\" }, { remote = \"node-b:7001\", id = \"r\" }, { remote = \"node-b:7000\", id = \"r2\" }",
+        ));
+        assert_eq!(c.volumes[0].replicas.len(), 4);
+    }
+
+    #[test]
+    fn duplicate_remote_across_volumes() {
+        let text = format!(
+            "{}\n[[volume]]\nname = \"w\"\nsize = \"1GiB\"\nreplicas = [\n  {{ local = \"/d/w.img\" }},\n  {{ remote = \"node-b:7000\", id = \"r\" }},\n]\n",
+            remote_vol("{ remote = \"node-b:7000\", id = \"r\" }")
+        );
+        let e = err(&text);
+        assert_err(
+            &e,
+            13,
+            "replicas[1].id",
+            &[
+                "volume \"w\"",
+                "already used by replicas[0] of volume \"v\" (line 6)",
+            ],
+        );
+    }
+
+    #[test]
+    fn remote_replica_requires_cluster_secret() {
+        let text = "[node]\nlog_level = \"info\"\n\n[[volume]]\nname = \"v\"\nsize = \"1GiB\"\nreplicas = [\n  { local = \"/d/a.img\" },\n  { remote = \"node-b:7000\", id = \"r\" },\n]\n";
+        let e = err(text);
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+        assert_err(
+            &e,
+            9,
+            "cluster_secret_file",
+            &[
+                "[node]",
+                "missing required key",
+                "replicas[1] of volume \"v\" is remote (line 9)",
+            ],
+        );
+        // Also without any [node] section.
+        let e = err(&remote_vol("{ remote = \"node-b:7000\", id = \"r\" }").replace(SECRET, ""));
+        assert_err(&e, 4, "cluster_secret_file", &["[node]", "is remote"]);
+        // Several on one line: the first is named.
+        let e = err(&remote_vol(
+            "{ remote = \"node-b:7000\", id = \"r\" }, { remote = \"node-c:7000\", id = \"r\" }",
+        )
+        .replace(SECRET, ""));
+        assert_err(
+            &e,
+            4,
+            "cluster_secret_file",
+            &["replicas[0] of volume \"v\""],
+        );
+    }
+
+    #[test]
+    fn server_requires_cluster_secret() {
+        let e = err("[node]\nlog_level = \"info\"\n\n[server]\nlisten = \"0.0.0.0:7000\"\n");
+        assert_err(
+            &e,
+            4,
+            "cluster_secret_file",
+            &[
+                "[node]",
+                "missing required key",
+                "[server] section exists (line 4)",
+            ],
+        );
+        // The first reason in the file is named.
+        let text = format!(
+            "{}\n[server]\nlisten = \"0.0.0.0:7000\"\n",
+            remote_vol("{ remote = \"node-b:7000\", id = \"r\" }").replace(SECRET, "")
+        );
+        let e = err(&text);
+        assert_err(&e, 4, "cluster_secret_file", &["is remote (line 4)"]);
+        let text = format!(
+            "[server]\nlisten = \"0.0.0.0:7000\"\n\n{}",
+            remote_vol("{ remote = \"node-b:7000\", id = \"r\" }").replace(SECRET, "")
+        );
+        let e = err(&text);
+        assert_err(
+            &e,
+            1,
+            "cluster_secret_file",
+            &["[server] section exists (line 1)"],
+        );
+    }
+
+    #[test]
+    fn server_section() {
+        let c = ok(&format!("{SECRET}\n[server]\nlisten = \"0.0.0.0:7000\"\n"));
+        assert_eq!(
+            c.server,
+            Some(ServerConfig {
+                listen: "0.0.0.0:7000".parse().unwrap(),
+                storage_dir: PathBuf::from(DEFAULT_STORAGE_DIR),
+            })
+        );
+        assert_eq!(
+            c.server.unwrap().storage_dir,
+            Path::new("/var/lib/ublkd/replicas")
+        );
+        assert!(c.volumes.is_empty());
+        let c = ok(&format!(
+            "{SECRET}[server]\nlisten = \"[::]:7001\"\nstorage_dir = \"/srv/replicas\"\n"
+        ));
+        let s = c.server.unwrap();
+        assert_eq!(s.listen, "[::]:7001".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.storage_dir, Path::new("/srv/replicas"));
+        // A node can serve replicas and have volumes of its own.
+        let c = ok(&format!(
+            "{}\n[server]\nlisten = \"10.0.0.2:7000\"\n",
+            remote_vol("{ local = \"/d/a.img\" }, { remote = \"node-b:7000\", id = \"r\" }")
+        ));
+        assert!(c.server.is_some());
+        assert_eq!(c.volumes[0].replicas.len(), 2);
+    }
+
+    #[test]
+    fn server_missing_listen() {
+        let e = err(&format!("{SECRET}\n[server]\nstorage_dir = \"/srv/r\"\n"));
+        assert_err(&e, 4, "listen", &["[server]", "missing required key"]);
+    }
+
+    #[test]
+    fn server_bad_listen() {
+        for bad in [
+            "",
+            "7000",
+            "0.0.0.0",
+            "node-b:7000",
+            "localhost:7000",
+            "::1:7000",
+            "[::1]",
+            "0.0.0.0:65536",
+            "0.0.0.0:-1",
+        ] {
+            let e = err(&format!("{SECRET}[server]\n\nlisten = {bad:?}\n"));
+            assert_err(
+                &e,
+                5,
+                "listen",
+                &["[server]", "IP:port", &format!("got {bad:?}")],
+            );
+        }
+        for bad in ["0.0.0.0:0", "[::]:0"] {
+            let e = err(&format!("{SECRET}[server]\nlisten = {bad:?}\n"));
+            assert_err(
+                &e,
+                4,
+                "listen",
+                &[
+                    "[server]",
+                    "port must be between 1 and 65535",
+                    &format!("got {bad:?}"),
+                ],
+            );
+        }
+        let e = err(&format!("{SECRET}[server]\nlisten = 7000\n"));
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert_err(&e, 4, "listen", &["[server]", "invalid type"]);
+    }
+
+    #[test]
+    fn server_relative_storage_dir() {
+        let e = err(&format!(
+            "{SECRET}[server]\nlisten = \"0.0.0.0:7000\"\nstorage_dir = \"replicas\"\n"
+        ));
+        assert_err(
+            &e,
+            5,
+            "storage_dir",
+            &["[server]", "absolute", "\"replicas\""],
+        );
+    }
+
+    #[test]
+    fn server_unknown_key() {
+        let e = err(&format!(
+            "{SECRET}[server]\nlisten = \"0.0.0.0:7000\"\nport = 7000\n"
+        ));
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert_err(
+            &e,
+            5,
+            "port",
+            &["[server]", "unknown field", "listen", "storage_dir"],
+        );
+    }
+
+    #[test]
+    fn server_from_dotted_keys() {
+        // A table made only of dotted keys has no span of its own.
+        let c = ok(&format!("server.listen = \"0.0.0.0:7000\"\n{SECRET}"));
+        assert_eq!(c.server.unwrap().listen.port(), 7000);
+        let e = err(&format!("\nserver.storage_dir = \"/srv/r\"\n{SECRET}"));
+        assert_err(&e, 2, "listen", &["[server]", "missing required key"]);
+        let e = err("\nserver.listen = \"0.0.0.0:7000\"\n");
+        assert_err(&e, 2, "cluster_secret_file", &["[server] section exists"]);
+        let e = err(&format!("{SECRET}[server.extra]\nx = 1\n"));
+        assert_err(&e, 3, "extra", &["unknown field", "listen"]);
+    }
+
+    // ---- read_secret -------------------------------------------------------
+
+    fn secret_file(content: &[u8], mode: u32) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(content).unwrap();
+        f.flush().unwrap();
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        f
+    }
+
+    fn secret_err(path: &Path) -> String {
+        let e = read_secret(path).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }), "{e:?}");
+        assert_eq!(e.line(), None);
+        let s = e.to_string();
+        assert!(s.contains(&path.display().to_string()), "{s}");
+        assert!(!s.contains('\n'), "{s:?}");
+        s
+    }
+
+    #[test]
+    fn read_secret_strips_one_newline() {
+        let f = secret_file(b"0123456789abcdef\n", 0o600);
+        assert_eq!(read_secret(f.path()).unwrap(), b"0123456789abcdef");
+        let f = secret_file(b"0123456789abcdef\r\n", 0o600);
+        assert_eq!(read_secret(f.path()).unwrap(), b"0123456789abcdef");
+        let f = secret_file(b"0123456789abcdef", 0o400);
+        assert_eq!(read_secret(f.path()).unwrap(), b"0123456789abcdef");
+        let f = secret_file(b"0123456789abcdef\n\n", 0o600);
+        assert_eq!(read_secret(f.path()).unwrap(), b"0123456789abcdef\n");
+        let f = secret_file(b" x\x00\xffy 0123456789abcdef \r", 0o700);
+        assert_eq!(
+            read_secret(f.path()).unwrap(),
+            b" x\x00\xffy 0123456789abcdef \r"
+        );
+    }
+
+    #[test]
+    fn read_secret_too_short() {
+        for short in [
+            &b""[..],
+            b"\n",
+            b"0123456789abcde",
+            b"0123456789abcde\n",
+            b"0123456789abcde\r\n",
+        ] {
+            let f = secret_file(short, 0o600);
+            let s = secret_err(f.path());
+            assert!(s.contains("at least 16 bytes"), "{s}");
+        }
+    }
+
+    #[test]
+    fn read_secret_rejects_group_or_other_access() {
+        for mode in [0o640, 0o604, 0o660, 0o644, 0o610, 0o601, 0o666] {
+            let f = secret_file(b"0123456789abcdef\n", mode);
+            let s = secret_err(f.path());
+            assert!(
+                s.contains("must not be accessible by group/others (chmod 600)"),
+                "{s}"
+            );
+            assert!(s.contains(&format!("{mode:03o}")), "{s}");
+        }
+    }
+
+    #[test]
+    fn read_secret_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.secret");
+        let s = secret_err(&missing);
+        assert!(s.contains("cannot read"), "{s}");
+        // A directory (mode 0700) opens but cannot be read.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        secret_err(dir.path());
     }
 
     #[test]

@@ -205,7 +205,13 @@ mod tests {
             sock.display()
         );
         let cfg = crate::config::Config::parse(&text, "t.toml").unwrap();
-        let daemon = Arc::new(Daemon::new(cfg).unwrap());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let net = crate::volume::Net {
+            rt: rt.handle().clone(),
+            secret: None,
+            io_timeout: std::time::Duration::from_secs(1),
+        };
+        let daemon = Arc::new(Daemon::new(cfg, net).unwrap());
         let l = bind(&sock).unwrap();
         std::thread::spawn(move || serve(l, daemon));
         assert_eq!(call(&sock, &Request::List).unwrap(), serde_json::json!([]));

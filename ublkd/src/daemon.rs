@@ -10,10 +10,11 @@ use crate::config::Config;
 use crate::error::DaemonError;
 use crate::frontend;
 use crate::state::StateDir;
-use crate::volume::{pid_alive, VolumeRunner, VolumeStatus};
+use crate::volume::{pid_alive, Net, VolumeRunner, VolumeStatus};
 
 pub struct Daemon {
     config: Config,
+    net: Net,
     state_dir: StateDir,
     volumes: Mutex<BTreeMap<String, VolumeRunner>>,
     /// Serialises start, stop and orphan removal: a stop drains for a while, and a
@@ -37,10 +38,11 @@ pub struct Orphan {
 }
 
 impl Daemon {
-    pub fn new(config: Config) -> Result<Daemon, DaemonError> {
+    pub fn new(config: Config, net: Net) -> Result<Daemon, DaemonError> {
         let state_dir = StateDir::open(&config.node.state_dir)?;
         Ok(Daemon {
             config,
+            net,
             state_dir,
             volumes: Mutex::new(BTreeMap::new()),
             ops: Mutex::new(()),
@@ -92,7 +94,7 @@ impl Daemon {
         });
         vols.insert(
             name.into(),
-            VolumeRunner::spawn(cfg, self.state_dir.clone(), id),
+            VolumeRunner::spawn(cfg, self.state_dir.clone(), id, self.net.clone()),
         );
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! fetch the next — the ublk commands and the replica I/O share one ring, so one
 //! `io_uring_enter` both completes and fetches.
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
 use replication::health::Health;
 use replication::local::{LocalBacking, LocalReplica};
+use replication::remote::{Kick, RemoteClient};
 use replication::replica::Unavailable;
 use replication::request::Geometry;
 use replication::uring::Uring;
@@ -30,13 +32,60 @@ impl Uring for QueueRing {
     }
 }
 
+/// How one replica of a volume is reached.
+pub enum Backing {
+    Local(Arc<LocalBacking>),
+    Remote(Arc<RemoteClient>),
+    /// Could not be opened (the replica is faulted).
+    Unavailable,
+}
+
 /// What all queue threads of one volume share.
 pub struct DataPath {
     pub volume: String,
     pub geometry: Geometry,
-    /// `None`: the backing could not be opened (that replica is faulted).
-    pub backings: Vec<(String, Option<Arc<LocalBacking>>)>,
+    /// (location, backing) in replica index order.
+    pub backings: Vec<(String, Backing)>,
     pub health: Arc<Health>,
+}
+
+/// Wakes a queue thread from `io_uring_enter` when a remote replica (on a tokio
+/// thread) completed one of its requests: the queue ring polls this eventfd.
+struct EventFdKick(std::os::fd::OwnedFd);
+
+impl Kick for EventFdKick {
+    fn kick(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local; a full counter (EAGAIN) still wakes.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned on success.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Keeps a POLLIN armed on the kick eventfd on the queue ring; its completion makes
+/// the queue loop run the executor, which polls the tag tasks the remote side woke.
+async fn kick_pump(kick: Arc<EventFdKick>) {
+    let fd = kick.0.as_raw_fd();
+    loop {
+        let sqe =
+            io_uring::opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32).build();
+        match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+            Ok(r) if r >= 0 || r == -libc::EINTR => {}
+            _ => return, // queue going down
+        }
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local; resets the counter (non-blocking).
+        unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    }
 }
 
 /// Marks devices created by ublkd in `ublksrv_flags` (which the kernel keeps across
@@ -96,18 +145,40 @@ pub fn run_queue(qid: u16, dev: &UblkDev, dp: &DataPath) {
             return;
         }
     };
+    let kick = if dp
+        .backings
+        .iter()
+        .any(|(_, b)| matches!(b, Backing::Remote(_)))
+    {
+        match eventfd() {
+            Ok(fd) => Some(Arc::new(EventFdKick(fd))),
+            Err(e) => {
+                tracing::error!(volume = %dp.volume, qid, error = %e, "cannot create the queue's eventfd");
+                dev.notify_buffer_registration_complete(true);
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let replicas: Vec<Box<dyn Replica>> = dp
         .backings
         .iter()
         .map(|(location, b)| match b {
-            Some(b) => Box::new(LocalReplica::new(b.clone(), QueueRing)) as Box<dyn Replica>,
-            None => Box::new(Unavailable {
+            Backing::Local(b) => {
+                Box::new(LocalReplica::new(b.clone(), QueueRing)) as Box<dyn Replica>
+            }
+            Backing::Remote(c) => Box::new(c.replica(kick.clone().map(|k| k as Arc<dyn Kick>))),
+            Backing::Unavailable => Box::new(Unavailable {
                 location: location.clone(),
             }),
         })
         .collect();
     let nexus = Rc::new(Nexus::new(replicas, dp.health.clone()));
     let exe = Rc::new(smol::LocalExecutor::new());
+    if let Some(k) = kick {
+        exe.spawn(kick_pump(k)).detach();
+    }
     let tasks: Vec<_> = q
         .tags()
         .map(|tag| {

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use replication::remote::Secret;
 use ublkd::config::Config;
 use ublkd::daemon::Daemon;
+use ublkd::server::Server;
+use ublkd::volume::Net;
 
 #[derive(Parser)]
 #[command(
@@ -65,11 +68,20 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if !std::path::Path::new("/dev/ublk-control").exists() {
+    // A node that only hosts replicas for others needs no ublk driver.
+    let replica_server_only = cfg.volumes.is_empty() && cfg.server.is_some();
+    if !replica_server_only && !std::path::Path::new("/dev/ublk-control").exists() {
         return Err(ublkd::DaemonError::NoUblkDriver.into());
     }
-    if cfg.volumes.is_empty() {
-        tracing::warn!("no [[volume]] in {}: idling", config.display());
+    let secret = match &cfg.node.cluster_secret_file {
+        Some(p) => Some(Secret::new(ublkd::config::read_secret(p)?)),
+        None => None,
+    };
+    if cfg.volumes.is_empty() && cfg.server.is_none() {
+        tracing::warn!(
+            "no [[volume]] and no [server] in {}: idling",
+            config.display()
+        );
     }
 
     // Signals are taken synchronously by this thread; block them before any other
@@ -82,9 +94,28 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
 
     private_mount_namespace()?;
 
+    // Replica connections and the replica server. Created after the signal mask, so
+    // its threads inherit it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("net")
+        .enable_all()
+        .build()
+        .context("start the network runtime")?;
     let listener = ublkd::control::bind(&cfg.node.control_socket)?;
+    if let Some(srv) = &cfg.server {
+        let secret = secret
+            .clone()
+            .context("[server] needs [node] cluster_secret_file")?;
+        Server::new(srv.storage_dir.clone(), secret)?.listen(srv.listen, rt.handle())?;
+    }
     let socket = cfg.node.control_socket.clone();
-    let daemon = Arc::new(Daemon::new(cfg)?);
+    let net = Net {
+        rt: rt.handle().clone(),
+        secret,
+        io_timeout: std::time::Duration::from_millis(cfg.node.io_timeout_ms as u64),
+    };
+    let daemon = Arc::new(Daemon::new(cfg, net)?);
     let d = daemon.clone();
     std::thread::Builder::new()
         .name("control".into())

@@ -13,16 +13,21 @@ use std::time::Duration;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::UblkFlags;
+use replication::health::Fence;
 use replication::health::{Health, IoStatsSnapshot, ReadPolicy, ReplicaHealth};
 use replication::local::{Create, LocalBacking};
+use replication::remote::auth::random_u64;
+use replication::remote::client::stat;
+use replication::remote::wire::OpenRequest;
+use replication::remote::{RemoteClient, RemoteSpec, Secret};
 use replication::request::Geometry;
-use replication::{Generation, ReplicaState, VolumeState};
+use replication::{Generation, ReplicaState, ReplicationError, VolumeState};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ReplicaConfig, VolumeConfig};
 use crate::daemon::ublk_device_exists;
 use crate::error::DaemonError;
-use crate::frontend::{self, DataPath};
+use crate::frontend::{self, Backing, DataPath};
 use crate::state::{RecordSink, StateDir, VolumeRecord};
 
 /// Flags every ublkd device is created with: survive a daemon crash, and re-issue
@@ -177,6 +182,17 @@ impl VolumeShared {
     }
 }
 
+/// What volumes with remote replicas need from the daemon.
+#[derive(Clone)]
+pub struct Net {
+    /// The daemon's network runtime (replica connections live there).
+    pub rt: tokio::runtime::Handle,
+    /// `None` when no cluster secret is configured (then no remote replicas exist).
+    pub secret: Option<Secret>,
+    /// Per-request deadline for remote replicas.
+    pub io_timeout: Duration,
+}
+
 /// A running (or finished) volume thread.
 pub struct VolumeRunner {
     pub shared: Arc<VolumeShared>,
@@ -187,7 +203,12 @@ pub struct VolumeRunner {
 impl VolumeRunner {
     /// `device_id`: the id the daemon claimed for this volume (configured, recorded,
     /// or the lowest one nobody owns); `None` lets the kernel pick.
-    pub fn spawn(cfg: VolumeConfig, state_dir: StateDir, device_id: Option<u32>) -> VolumeRunner {
+    pub fn spawn(
+        cfg: VolumeConfig,
+        state_dir: StateDir,
+        device_id: Option<u32>,
+        net: Net,
+    ) -> VolumeRunner {
         let shared = Arc::new(VolumeShared {
             cfg: cfg.clone(),
             state_dir: state_dir.clone(),
@@ -201,7 +222,7 @@ impl VolumeRunner {
         let thread = std::thread::Builder::new()
             .name(format!("vol-{}", cfg.name))
             .spawn(move || {
-                if let Err(e) = run(&cfg, &state_dir, device_id, &sh, rx) {
+                if let Err(e) = run(&cfg, &state_dir, device_id, &net, &sh, rx) {
                     tracing::error!(volume = %cfg.name, error = %e, "volume failed");
                     sh.set_state(VolumeState::Failed, Some(e.to_string()));
                 }
@@ -286,15 +307,19 @@ fn run(
     cfg: &VolumeConfig,
     state_dir: &StateDir,
     claimed_id: Option<u32>,
+    net: &Net,
     shared: &Arc<VolumeShared>,
     cmd: Receiver<VolumeCmd>,
 ) -> Result<(), DaemonError> {
     shared.set_state(VolumeState::Starting, None);
     // Only a volume's first activation creates missing replica files; later, a
     // missing backing means its data is gone and the replica is faulted.
-    let (mut record, create) = match state_dir.load(&cfg.name)? {
-        Some(rec) => (rec.reconcile(cfg)?, Create::Never),
-        None => (VolumeRecord::fresh(cfg), Create::IfMissing),
+    let (mut record, create, known) = match state_dir.load(&cfg.name)? {
+        Some(rec) => {
+            let known: Vec<String> = rec.replicas.iter().map(|h| h.location.clone()).collect();
+            (rec.reconcile(cfg)?, Create::Never, known)
+        }
+        None => (VolumeRecord::fresh(cfg), Create::IfMissing, Vec::new()),
     };
 
     // The device first: a LIVE one served by another daemon must stop us before we
@@ -307,22 +332,123 @@ fn run(
 
     // A replica whose backing cannot be opened is faulted (if another is online):
     // a dead disk must not keep the volume down.
-    let mut backings = Vec::with_capacity(cfg.replicas.len());
+    let mut backings: Vec<(String, Backing)> = Vec::with_capacity(cfg.replicas.len());
     let grace = std::time::Instant::now() + OPEN_GRACE;
+    let fault = |record: &mut VolumeRecord, i: usize, why: String| {
+        let h = &mut record.replicas[i];
+        if h.state == ReplicaState::Online {
+            h.state = ReplicaState::Faulted;
+            h.reason = Some(why);
+        }
+    };
     for (i, r) in cfg.replicas.iter().enumerate() {
-        let ReplicaConfig::Local { path } = r;
+        let ReplicaConfig::Local { path } = r else {
+            backings.push((r.location(), Backing::Unavailable)); // remote: below
+            continue;
+        };
         match open_with_grace(path, cfg.size, create, grace) {
-            Ok(b) => backings.push((r.location(), Some(Arc::new(b)))),
+            Ok(b) => backings.push((r.location(), Backing::Local(Arc::new(b)))),
             Err(e) => {
                 tracing::error!(volume = %cfg.name, replica = %r.location(), error = %e, "cannot open replica");
-                let h = &mut record.replicas[i];
-                if h.state == ReplicaState::Online {
-                    h.state = ReplicaState::Faulted;
-                    h.reason = Some(format!("cannot open: {e}"));
-                }
-                backings.push((r.location(), None));
+                fault(&mut record, i, format!("cannot open: {e}"));
             }
         }
+    }
+
+    // Activation generation: above our last one and above every generation a
+    // remote replica has stored, so each replica fences any older owner.
+    let fence = Arc::new(Fence::default());
+    let remotes = remote_specs(cfg, net, &record, create, &known)?;
+    let stats = net.rt.block_on(futures::future::join_all(
+        remotes.iter().map(|(_, spec)| stat_with_grace(spec, grace)),
+    ));
+    let mut newest = record.generation;
+    for ((i, spec), st) in remotes.iter().zip(&stats) {
+        match st {
+            Ok(st) if st.exists && st.volume.as_deref() != Some(&cfg.name) => {
+                return Err(DaemonError::volume(
+                    &cfg.name,
+                    format!(
+                        "replica {} belongs to volume {:?}",
+                        spec.location(),
+                        st.volume.as_deref().unwrap_or("?")
+                    ),
+                ))
+            }
+            Ok(st) => newest = newest.max(Generation(st.generation)),
+            Err(e) => {
+                tracing::error!(volume = %cfg.name, replica = %spec.location(), error = %e, "replica server unreachable");
+                fault(&mut record, *i, format!("unreachable: {e}"));
+            }
+        }
+    }
+    if newest > record.generation {
+        // Another owner activated this volume after our last activation: whatever it
+        // wrote is not on our local replicas (nor on remotes it did not reach).
+        for ((i, spec), st) in remotes.iter().zip(&stats) {
+            if st
+                .as_ref()
+                .is_ok_and(|st| Generation(st.generation) < newest)
+            {
+                fault(
+                    &mut record,
+                    *i,
+                    format!("missed writes of generation {}", newest.0),
+                );
+                tracing::warn!(volume = %cfg.name, replica = %spec.location(), "replica is behind a newer owner");
+            }
+        }
+        for (i, r) in cfg.replicas.iter().enumerate() {
+            if r.local_path().is_some() {
+                fault(
+                    &mut record,
+                    i,
+                    format!("missed writes of generation {} (another owner)", newest.0),
+                );
+            }
+        }
+    }
+    record.generation = newest.next();
+    // Durable before any replica sees it: we never reuse a generation.
+    state_dir.save(&record)?;
+    let opened = net
+        .rt
+        .block_on(futures::future::join_all(remotes.into_iter().map(
+            |(i, mut spec)| {
+                spec.open.generation = record.generation.0;
+                let fence = fence.clone();
+                async move {
+                    (
+                        i,
+                        spec.clone(),
+                        open_with_grace_remote(spec, fence, grace).await,
+                    )
+                }
+            },
+        )));
+    for (i, spec, res) in opened {
+        let loc = spec.location();
+        backings[i].1 = match res {
+            Ok(client) => Backing::Remote(Arc::new(client)),
+            Err(e @ ReplicationError::Fenced { .. }) => {
+                return Err(DaemonError::volume(
+                    &cfg.name,
+                    format!("another owner activated this volume meanwhile: {e}"),
+                ))
+            }
+            Err(e @ ReplicationError::Remote { .. }) => {
+                // NotFound / Conflict: retrying will not help.
+                tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "replica refused");
+                fault(&mut record, i, e.to_string());
+                Backing::Unavailable
+            }
+            Err(e) => {
+                tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "cannot open remote replica; retrying in the background");
+                fault(&mut record, i, format!("cannot open: {e}"));
+                let _rt = net.rt.enter();
+                Backing::Remote(Arc::new(RemoteClient::disconnected(spec, fence.clone())))
+            }
+        };
     }
     let online = record
         .replicas
@@ -362,14 +488,12 @@ fn run(
     }
     // `clean` is cleared only once the device serves (device_fn): a start that fails
     // before that changed no data and must not count as an unclean shutdown.
-    record.generation = record.generation.next();
     state_dir.save(&record)?;
 
     let sink = Arc::new(RecordSink::new(state_dir.clone(), record.clone()));
-    let health = Arc::new(Health::new(
-        record.replicas.clone(),
-        Box::new(sink.clone()),
-    )?);
+    let health = Arc::new(
+        Health::new(record.replicas.clone(), Box::new(sink.clone()))?.with_fence(fence.clone()),
+    );
     health.set_read_policy(record.read_policy);
     let (id, queues, depth, max_io, dev_flags) = match mode {
         Mode::Add { id } => (
@@ -451,6 +575,7 @@ fn run(
     let cmd = Mutex::new(cmd);
     let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_flag = stop_requested.clone();
+    let dp_dev = dp.clone();
     let name = cfg.name.clone();
     ctrl.run_target(
         move |dev: &mut UblkDev| {
@@ -480,7 +605,17 @@ fn run(
                 granted_flags = format_args!("{:#x}", info.flags), queues = info.nr_hw_queues,
                 depth = info.queue_depth, "volume serving");
             loop {
-                match cmd.lock().unwrap().recv_timeout(Duration::from_secs(5)) {
+                // A fenced volume must stop writing at once; the I/O path already
+                // fails every request, this removes the device.
+                if let Some(why) = dp_dev.health.fence().reason() {
+                    tracing::error!(volume = %name, reason = %why, "fenced by a newer owner: stopping the device");
+                    shared_dev.set_state(VolumeState::Fenced, Some(why.to_string()));
+                    if let Err(e) = ctrl.kill_dev() {
+                        tracing::error!(volume = %name, error = ?e, "stop device");
+                    }
+                    return;
+                }
+                match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
                     Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
                         stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
                         shared_dev.set_state(VolumeState::Stopping, None);
@@ -502,7 +637,16 @@ fn run(
     )
     .map_err(|e| DaemonError::ublk("run device", e))?;
 
-    if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
+    if let Some(why) = dp.health.fence().reason() {
+        if let Err(e) = ctrl.del_dev_async() {
+            if ublk_device_exists(dev_id) {
+                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the fenced device");
+            }
+        }
+        // Not clean: the newer owner's view of the data is the one that counts.
+        shared.set_state(VolumeState::Fenced, Some(why.to_string()));
+        Ok(())
+    } else if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
         // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
         // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
         // after a forced stop). An ADD_DEV control may already have deleted it.
@@ -514,12 +658,16 @@ fn run(
         // Drained, but not necessarily durable: the application may not have flushed.
         // Only replicas synced to stable storage make a clean stop.
         let synced = dp.backings.iter().zip(dp.health.snapshot()).all(|((loc, b), h)| {
-            match b {
-                Some(b) if h.state == ReplicaState::Online => b.sync().map_err(|e| {
-                    tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
-                }).is_ok(),
-                _ => true,
-            }
+            let res = match b {
+                _ if h.state != ReplicaState::Online => Ok(()),
+                Backing::Local(b) => b.sync().map_err(|e| e.to_string()),
+                Backing::Remote(c) => net.rt.block_on(c.flush()).map_err(|e| e.to_string()),
+                Backing::Unavailable => Ok(()),
+            };
+            res.map_err(|e| {
+                tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
+            })
+            .is_ok()
         });
         if synced {
             sink.set_clean(true)?;
@@ -529,6 +677,85 @@ fn run(
         Ok(())
     } else {
         Err(DaemonError::volume(&cfg.name, "ublk device went away"))
+    }
+}
+
+/// Remote replicas of `cfg` as (replica index, spec); the generation is filled in
+/// once it is chosen.
+fn remote_specs(
+    cfg: &VolumeConfig,
+    net: &Net,
+    record: &VolumeRecord,
+    create: Create,
+    known: &[String],
+) -> Result<Vec<(usize, RemoteSpec)>, DaemonError> {
+    let owner = random_u64();
+    let mut out = Vec::new();
+    for (i, r) in cfg.replicas.iter().enumerate() {
+        let Some((addr, id)) = r.remote() else {
+            continue;
+        };
+        let secret = net.secret.clone().ok_or_else(|| {
+            DaemonError::volume(&cfg.name, "remote replicas need [node] cluster_secret_file")
+        })?;
+        let loc = r.location();
+        out.push((
+            i,
+            RemoteSpec {
+                addr: addr.to_string(),
+                secret,
+                open: OpenRequest {
+                    replica: id.to_string(),
+                    volume: cfg.name.clone(),
+                    size: cfg.size,
+                    block_size: cfg.block_size,
+                    generation: record.generation.0,
+                    owner,
+                    // Only a replica new to the volume may be created (empty): one
+                    // that vanished from its server lost the volume's data.
+                    create: create == Create::IfMissing || !known.contains(&loc),
+                },
+                deadline: net.io_timeout,
+                connect_timeout: Duration::from_secs(3),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+fn transient(e: &ReplicationError) -> bool {
+    matches!(
+        e,
+        ReplicationError::Connect { .. } | ReplicationError::Net(_)
+    )
+}
+
+async fn stat_with_grace(
+    spec: &RemoteSpec,
+    until: std::time::Instant,
+) -> Result<replication::remote::wire::StatReply, ReplicationError> {
+    loop {
+        match stat(spec).await {
+            Err(e) if transient(&e) && std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn open_with_grace_remote(
+    spec: RemoteSpec,
+    fence: Arc<Fence>,
+    until: std::time::Instant,
+) -> Result<RemoteClient, ReplicationError> {
+    loop {
+        match RemoteClient::connect(spec.clone(), fence.clone()).await {
+            Err(e) if transient(&e) && std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return other.map(|(c, _)| c),
+        }
     }
 }
 
