@@ -332,7 +332,14 @@ impl Health {
             if r.state == ReplicaState::Online {
                 assert!(r.state.can_become(ReplicaState::Faulted));
                 r.state = ReplicaState::Faulted;
-                r.reason = Some(format!("I/O error: {errno}"));
+                r.reason = Some(match errno.0 {
+                    // What the remote replica client reports (remote::client).
+                    libc::ETIMEDOUT => {
+                        "missed the I/O deadline (replica hung or unreachable)".into()
+                    }
+                    libc::ENOTCONN => "connection to the replica server lost".into(),
+                    _ => format!("I/O error: {errno}"),
+                });
                 self.persist_pending.store(true, Ordering::Release);
                 tracing::error!(replica = %r.location, %errno, "replica faulted");
             }

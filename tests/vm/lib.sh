@@ -18,6 +18,9 @@ DMSETUP=/usr/sbin/dmsetup
 MOUNT=/usr/bin/mount
 UMOUNT=/usr/bin/umount
 FIO=/usr/bin/fio
+MDADM=/usr/sbin/mdadm
+QEMU_NBD=/usr/bin/qemu-nbd
+NBD_CLIENT=/usr/sbin/nbd-client
 SOCK=/run/ublkd/ublkd.sock
 DEFAULT_TIMEOUT=180
 # No udev in the guest: tell libdevmapper not to wait for it (it would hang on a udev cookie).
@@ -202,9 +205,10 @@ dm_dev() {
 # mount_holders DEV: "pid(comm)" of every process that sees a mount of DEV in its mount
 # namespace. After our umount this must be empty: a daemon that unshared its mount namespace
 # while the filesystem was mounted keeps a private copy of that mount (pinning the device).
+# One grep over all of them: a grep per process costs several ms each under TCG, and kernel
+# threads count too (nbd alone adds one per /dev/nbdN).
 mount_holders() {
-  for _mi in /proc/[0-9]*/mountinfo; do
-    grep -q " - [^ ]* $1 " "$_mi" 2>/dev/null || continue
+  grep -l " - [^ ]* $1 " /proc/[0-9]*/mountinfo 2>/dev/null | while read -r _mi; do
     _p=${_mi#/proc/}; _p=${_p%/mountinfo}
     echo "$_p($(cat /proc/$_p/comm 2>/dev/null))"
   done | tr '\n' ' '
@@ -228,6 +232,26 @@ fsck_clean() {
   ! grep -qE 'is in use|skipping journal recovery' "$T/fsck.out" || fail "e2fsck: $1 still in use after umount"
 }
 
+# same_file A B WHAT: fail unless A and B have the same content.
+same_file() {
+  _a=$(sha256sum < "$1" | cut -d' ' -f1); _b=$(sha256sum < "$2" | cut -d' ' -f1)
+  [ "$_a" = "$_b" ] || fail "$3: checksum mismatch ($_a vs $_b)"
+}
+
+# fio_ok LOG: fio's report shows no error for any job and no verify failure.
+fio_ok() {
+  grep -q 'err= *0' "$1" || fail "fio report has no 'err= 0' line (see $(basename "$1"))"
+  _bad=$(grep -E 'err= *[1-9]|verify: bad|verify failed|bad magic|io_u error|fio: pid=.*error' "$1" | head -n 3)
+  [ -z "$_bad" ] || fail "fio errors: $(echo "$_bad" | tr '\n' ' ')"
+}
+
+# stop_daemon_clean: SIGTERM the daemon, expect exit 0.
+stop_daemon_clean() {
+  stop_ublkd 30
+  _rc=$?
+  [ $_rc -eq 0 ] || fail "ublkd exited $_rc on SIGTERM (expected 0)"
+}
+
 # drop_caches: make the next reads go to the device (i.e. through ublkd), not the page cache.
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
@@ -241,11 +265,15 @@ cleanup_scenario() {
   _pg=$1
   # Everything else in the scenario's process group (writers, fio), but not the daemon yet: with
   # a filesystem still mounted on its device it must stay up to let the umount flush.
-  for _p in $(ls /proc | grep -E '^[0-9]+$'); do
-    [ -r "/proc/$_p/stat" ] || continue
-    _pgrp=$(sed 's/.*) //' "/proc/$_p/stat" 2>/dev/null | cut -d' ' -f3)
-    [ "$_pgrp" = "$_pg" ] || continue
-    case " $(ublkd_pids | tr '\n' ' ') " in *" $_p "*) continue ;; esac
+  # Builtins only per process (a fork costs several ms under TCG, and there are ~80 processes,
+  # most of them kernel threads).
+  _ud=" $(ublkd_pids | tr '\n' ' ') "
+  for _p in /proc/[0-9]*; do
+    _p=${_p#/proc/}
+    _st=""; read -r _st 2>/dev/null < "/proc/$_p/stat" || continue
+    set -- ${_st##*) }          # after "pid (comm) ": state ppid pgrp ...
+    [ "$3" = "$_pg" ] || continue
+    case "$_ud" in *" $_p "*) continue ;; esac
     _c=$(cat /proc/$_p/comm 2>/dev/null)
     kill -KILL "$_p" 2>/dev/null && echo "cleanup: killed leftover pid $_p ($_c)"
   done
@@ -265,6 +293,26 @@ cleanup_scenario() {
   done
   wait_for 20 no_ublkd
   for _p in $(ublkd_pids); do echo "cleanup: SIGKILL ublkd $_p"; kill -KILL "$_p"; done
+  # md arrays and nbd devices (bench_mdraid1) hold loop/virtio devices: stop them before the
+  # loop devices go. The NBD server died with the process group, so md's last superblock write
+  # to the nbd member fails fast (EIO) instead of hanging. Shell builtins only on the common
+  # path: every fork costs several ms under TCG, and this runs after each scenario.
+  _mds=""
+  if [ -r /proc/mdstat ]; then
+    while read -r _l; do
+      case "$_l" in md[0-9]*" : "*) _mds="$_mds ${_l%% *}" ;; esac
+    done < /proc/mdstat
+  fi
+  for _md in $_mds; do
+    echo "cleanup: mdadm --stop /dev/$_md"
+    timeout 30 "$MDADM" --stop "/dev/$_md" >/dev/null 2>&1 || echo "cleanup: mdadm --stop /dev/$_md failed"
+  done
+  for _n in /sys/block/nbd*; do
+    _sz=0; read -r _sz 2>/dev/null < "$_n/size"
+    [ "${_sz:-0}" != 0 ] || continue    # 0 = not connected
+    echo "cleanup: nbd-client -d /dev/${_n##*/}"
+    timeout 20 "$NBD_CLIENT" -d "/dev/${_n##*/}" >/dev/null 2>&1 || echo "cleanup: nbd-client -d /dev/${_n##*/} failed"
+  done
   timeout 20 "$DMSETUP" remove_all --force >/dev/null 2>&1
   timeout 20 "$LOSETUP" -D >/dev/null 2>&1
   if ls /sys/class/ublk-char/ 2>/dev/null | grep -q ublkc; then

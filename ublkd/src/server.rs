@@ -68,6 +68,9 @@ struct Hosted {
     meta: Mutex<ReplicaMeta>,
     /// Mirrors `meta.generation` for the per-frame check.
     generation: AtomicU64,
+    /// The session of the latest accepted OPEN: a reconnecting owner supersedes its
+    /// old connection, whose late frames must not land after it.
+    session: AtomicU64,
     /// I/O holds it shared from its generation check to its completion; an OPEN
     /// that raises the generation holds it exclusively.
     fence: tokio::sync::RwLock<()>,
@@ -159,6 +162,7 @@ impl Server {
         let res = local.block_on(&rt, async move {
             let s = TcpStream::from_std(s).map_err(ReplicationError::Net)?;
             s.set_nodelay(true).map_err(ReplicationError::Net)?;
+            replication::remote::keepalive(&s);
             self.serve_connection(s).await
         });
         match res {
@@ -230,8 +234,9 @@ impl Server {
                 }
                 let (hosted, replica, tx) =
                     (sess.hosted.clone(), sess.replica.clone(), reply_tx.clone());
+                let (sid, sgen) = (sess.id, sess.generation);
                 tasks.spawn_local(async move {
-                    let reply = serve_io(&hosted, &replica, h, payload).await;
+                    let reply = serve_io(&hosted, &replica, sid, sgen, h, payload).await;
                     let _ = tx.send(reply);
                 });
                 continue;
@@ -350,6 +355,9 @@ impl Server {
                 req.replica, req.volume
             ));
         }
+        if req.generation == 0 {
+            return invalid("generation 0 is reserved (a fresh replica holds it)".into());
+        }
         if !matches!(req.block_size, 512 | 4096)
             || req.size == 0
             || !req.size.is_multiple_of(req.block_size as u64)
@@ -407,8 +415,11 @@ impl Server {
             tracing::info!(replica = %req.replica, volume = %req.volume, generation = m.generation,
                 "replica opened by a new owner generation");
         }
+        let id = random_u64();
+        hosted.session.store(id, Ordering::SeqCst);
         let session = Session {
-            id: random_u64(),
+            id,
+            generation: m.generation,
             replica: Rc::new(LocalReplica::new(hosted.backing.clone(), ring.clone())),
             hosted: hosted.clone(),
         };
@@ -472,6 +483,7 @@ impl Server {
         let h = Arc::new(Hosted {
             backing: Arc::new(backing),
             generation: AtomicU64::new(meta.generation),
+            session: AtomicU64::new(0),
             volume_id: wire::volume_id(&meta.volume),
             meta: Mutex::new(meta),
             fence: tokio::sync::RwLock::new(()),
@@ -483,6 +495,7 @@ impl Server {
 
 struct Session {
     id: u64,
+    generation: u64,
     hosted: Arc<Hosted>,
     replica: Rc<LocalReplica<TokioUring>>,
 }
@@ -506,16 +519,25 @@ impl Payload {
 async fn serve_io(
     hosted: &Hosted,
     replica: &LocalReplica<TokioUring>,
+    session: u64,
+    session_generation: u64,
     h: RequestHeader,
     payload: Option<AlignedBuf>,
 ) -> (ReplyHeader, Payload) {
+    // Checked under the shared lock: an OPEN that changes either waits for us.
     let _shared = hosted.fence.read().await;
     let current = hosted.generation.load(Ordering::SeqCst);
-    if h.generation != current {
-        // Lower: a newer owner took over. (Higher cannot pass OPEN.)
+    // The frame's generation must be its session's, and the session's the replica's:
+    // a client cannot stamp a newer generation on an old session.
+    if h.generation != session_generation || session_generation != current {
         let mut r = ReplyHeader::new(Status::Fenced, h.id);
         r.aux = current;
         return (r, Payload::None);
+    }
+    if hosted.session.load(Ordering::SeqCst) != session {
+        let msg = b"session superseded by a later OPEN of the same owner";
+        let r = ReplyHeader::new(Status::NotOpen, h.id).with_payload(msg);
+        return (r, Payload::Vec(msg.to_vec()));
     }
     let (off, len) = (ByteOffset(h.offset), h.len as usize);
     let res = match h.op {

@@ -96,14 +96,16 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let status = u16::from_le_bytes([ch[8], ch[9]]);
     let version = u16::from_le_bytes([ch[10], ch[11]]);
-    if status == STATUS_VERSION {
+    if status == STATUS_VERSION || (status == STATUS_OK && version != PROTOCOL_VERSION) {
         return Err(ReplicationError::Version {
             ours: PROTOCOL_VERSION,
             theirs: version,
         });
     }
-    if status != STATUS_OK {
-        return Err(auth_err(format!("unknown handshake status {status}")));
+    if status != STATUS_OK || ch[12..16] != [0; 4] {
+        return Err(auth_err(format!(
+            "garbled challenge (status {status}, reserved bytes set?)"
+        )));
     }
     let sn: [u8; 32] = ch[16..48].try_into().expect("32 bytes");
     let server_proof: [u8; 32] = ch[48..80].try_into().expect("32 bytes");
@@ -139,6 +141,9 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(auth_err("not a ublkd client (bad hello magic)"));
     }
     let version = u16::from_le_bytes([hello[8], hello[9]]);
+    if hello[10..16] != [0; 6] {
+        return Err(auth_err("reserved hello bytes set"));
+    }
     let mut ch = [0u8; 80];
     ch[..8].copy_from_slice(&HELLO_MAGIC);
     ch[10..12].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());

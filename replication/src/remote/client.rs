@@ -133,6 +133,11 @@ pub struct RemoteClient {
     shared: Arc<Shared>,
 }
 
+/// A slow peer is a network problem (retried at activation), not an auth failure.
+fn timed_out(what: String) -> ReplicationError {
+    ReplicationError::Net(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+}
+
 async fn dial(spec: &RemoteSpec) -> Result<TcpStream, ReplicationError> {
     let net = |e| ReplicationError::Connect {
         addr: spec.addr.clone(),
@@ -144,9 +149,10 @@ async fn dial(spec: &RemoteSpec) -> Result<TcpStream, ReplicationError> {
         .map_err(net)?;
     s.set_nodelay(true).map_err(net)?;
     let mut s = s;
+    super::keepalive(&s);
     tokio::time::timeout(spec.connect_timeout, client_handshake(&mut s, &spec.secret))
         .await
-        .map_err(|_| ReplicationError::Auth(format!("{}: handshake timed out", spec.addr)))??;
+        .map_err(|_| timed_out(format!("{}: handshake", spec.addr)))??;
     Ok(s)
 }
 
@@ -159,11 +165,11 @@ async fn control(
     payload: &[u8],
 ) -> Result<(ReplyHeader, Vec<u8>), ReplicationError> {
     let h = RequestHeader::new(op, 0).with_payload(payload);
-    s.write_all(&h.encode())
-        .await
-        .map_err(ReplicationError::Net)?;
-    s.write_all(payload).await.map_err(ReplicationError::Net)?;
     let fut = async {
+        s.write_all(&h.encode())
+            .await
+            .map_err(ReplicationError::Net)?;
+        s.write_all(payload).await.map_err(ReplicationError::Net)?;
         let mut hb = [0u8; REPLY_HEADER_LEN];
         s.read_exact(&mut hb).await.map_err(ReplicationError::Net)?;
         let r = ReplyHeader::decode(&hb)?;
@@ -174,7 +180,7 @@ async fn control(
     };
     let (r, p) = tokio::time::timeout(spec.connect_timeout, fut)
         .await
-        .map_err(|_| ReplicationError::Auth(format!("{}: no reply to {op:?}", spec.addr)))??;
+        .map_err(|_| timed_out(format!("{}: no reply to {op:?}", spec.addr)))??;
     match r.status {
         Status::Ok => Ok((r, p)),
         Status::Fenced => Err(ReplicationError::Fenced {
@@ -546,14 +552,11 @@ async fn reader(
                 Ok(())
             }
             Status::Ok => Ok(()),
-            Status::IoError => {
-                let errno = r.aux as i32;
-                Err(Errno(if (1..4096).contains(&errno) {
-                    errno
-                } else {
-                    libc::EIO
-                }))
-            }
+            Status::IoError => Err(Errno(if (1..4096).contains(&r.aux) {
+                r.aux as i32
+            } else {
+                libc::EIO
+            })),
             Status::Fenced => {
                 shared.fence.trip(format!(
                     "replica {} now belongs to generation {} (ours is {}): a newer owner took over",

@@ -229,19 +229,23 @@ impl RequestHeader {
 #[repr(u8)]
 pub enum Status {
     Ok = 0,
-    /// The replica's storage failed; `aux` is the errno.
+    /// The replica's storage failed: for I/O, `aux` is the errno; for OPEN/STAT
+    /// (metadata), `aux` is EIO or 0 and the payload is a message.
     IoError = 1,
-    /// The sender's generation is below the replica's; `aux` is the replica's.
+    /// The request's generation is not the replica's current one (a newer owner
+    /// took over), or an OPEN's generation is not above it (equal is only allowed
+    /// for the owner that holds it); `aux` is the replica's generation.
     Fenced = 2,
-    /// The request was well-formed but not acceptable (out of range, bad OPEN
-    /// arguments); the payload is a message.
+    /// A control request with unacceptable arguments (bad names or geometry); the
+    /// payload is a message. (An out-of-range I/O closes the connection instead.)
     Invalid = 3,
     /// No such replica (and OPEN did not ask to create it); payload is a message.
     NotFound = 4,
     /// The replica exists with another identity (volume, size); payload is a message.
     Conflict = 5,
-    /// An I/O request on a connection without an open replica, or with another
-    /// session id.
+    /// An I/O request on a connection without an open replica, with another
+    /// session or volume id, or on a session a later OPEN of the same owner
+    /// superseded (a reconnect).
     NotOpen = 6,
 }
 

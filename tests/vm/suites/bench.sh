@@ -1,19 +1,23 @@
-# disks: 2 size=1G
+# disks: 4 size=1G
 # timeout: 1800
 #
 # Benchmark: ublkd (one local replica) against the kernel loop driver (losetup --direct-io=on)
 # over the same kind of backing store, in ONE boot so the ratios compare like with like.
 #   bench_virtio  each device on its own virtio disk (the headline: the disk dominates, as on
-#                 real hardware); ublkd uses the raw /dev/vdX as its replica.
+#                 real hardware); ublkd uses the raw /dev/vdX as its replica. Disks 1 and 2.
 #   bench_tmpfs   each device on a file in tmpfs: no disk cost, so the ratio shows the CPU
 #                 overhead of the ublk path itself.
+#   bench_mdraid1 the kernel's own network mirror, the baseline for replicated volumes: md raid1
+#                 over a loop device on disk 3 and an nbd device (TCP 127.0.0.1, qemu-nbd with
+#                 O_DIRECT) on disk 4. Its numbers also go to $MDRAID1_ENV for later scenarios.
 # Workloads (fio, io_uring, direct=1, one job: the guest has one vCPU, so one ublk queue):
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
 
-SCENARIOS="bench_virtio bench_tmpfs"
+SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1"
 timeout_bench_virtio=900
 timeout_bench_tmpfs=900
+timeout_bench_mdraid1=900
 
 REGION=256M          # fio working set (prefilled by the sequential write)
 RUNTIME=${BENCH_RUNTIME:-10}
@@ -115,4 +119,101 @@ bench_tmpfs() {
   bench_pair tmpfs /dev/ublkb0 "$loopdev"
   finish_bench tmpfs cpu_ratio_ "$loopdev"
   rm -rf /tmp/bench
+}
+
+# ---------------------------------------------------------------------------------------------
+# bench_mdraid1: md raid1 (metadata 1.2, no write-intent bitmap, --assume-clean so no initial
+# resync competes with fio) over two legs on the 3rd and 4th virtio disks:
+#   leg A  loop device with --direct-io=on on disk 3 (the "local replica");
+#   leg B  /dev/nbd0, attached by nbd-client (netlink) over TCP to 127.0.0.1:$NBD_PORT, where
+#          qemu-nbd exports disk 4 with --cache=none (O_DIRECT: no page cache in the server, so
+#          reads really hit the disk) and --aio=io_uring (the "remote replica").
+# Same fio matrix as bench_pair. Emits `RESULT mdraid1_<workload>_iops|_lat_us[|_mibps]=N` and
+# writes the same `mdraid1_<workload>_iops=N` lines to $MDRAID1_ENV, so a later scenario in the
+# same boot can compute ratios against it (the file appears only when the whole matrix ran),
+# plus qemu-nbd's CPU per md request (mdraid1_nbdserver_{user,sys}_us_per_io_<workload>).
+# md reads from one leg at a time (read balancing), writes go to both: the per-leg I/O counts
+# are printed as RESULT mdraid1_leg_{loop,nbd}_{reads,writes}.
+MDRAID1_ENV=/tmp/bench-mdraid1.env
+NBD_PORT=10809
+
+# tcp_listening ADDR PORT: a listening socket on ADDR:PORT (IPv4, from /proc/net/tcp).
+tcp_listening() {
+  _hex=$(echo "$1" | awk -F. '{printf "%02X%02X%02X%02X", $4, $3, $2, $1}')
+  grep -q "^ *[0-9]*: $_hex:$(printf %04X "$2") 00000000:0000 0A " /proc/net/tcp
+}
+
+# blk_ios DEV: "reads writes" completed by DEV since it appeared (/sys/block/DEV/stat).
+blk_ios() { awk '{print $1, $5}' "/sys/block/${1#/dev/}/stat"; }
+
+bench_mdraid1() {
+  set -- $VM_DISKS
+  [ $# -ge 4 ] || fail "need 4 virtio disks (bench_mdraid1 uses the 3rd and 4th), have: $VM_DISKS"
+  disk_a=$3 disk_b=$4
+  for m in raid1 md_mod nbd loop; do grep -q "^$m " /proc/modules || fail "module $m not loaded"; done
+  rm -f "$MDRAID1_ENV" "$MDRAID1_ENV.tmp"
+
+  # Leg A: kernel loop, direct I/O on the virtio disk.
+  loopdev=$("$LOSETUP" --direct-io=on --show -f "$disk_a") || fail "losetup $disk_a"
+  [ "$(cat "/sys/block/${loopdev#/dev/}/loop/dio")" = 1 ] || fail "$loopdev: direct I/O is off"
+  # Leg B: NBD server on loopback TCP. A child of this shell, so the runner's cleanup kills it if
+  # the scenario fails; --persistent keeps it up across client reconnects.
+  say "+ $QEMU_NBD -f raw --cache=none --aio=io_uring -x mirror -b 127.0.0.1 -p $NBD_PORT -t $disk_b"
+  "$QEMU_NBD" -f raw --cache=none --aio=io_uring --discard=ignore --detect-zeroes=off \
+    -x mirror -b 127.0.0.1 -p $NBD_PORT -t "$disk_b" > "$T/qemu-nbd.log" 2>&1 &
+  nbd_srv=$!
+  wait_for 20 tcp_listening 127.0.0.1 $NBD_PORT \
+    || fail "qemu-nbd not listening on 127.0.0.1:$NBD_PORT: $(head -c 300 "$T/qemu-nbd.log")"
+  run "$NBD_CLIENT" 127.0.0.1 $NBD_PORT /dev/nbd0 -N mirror
+  wait_dev /dev/nbd0
+  # The mirror. No udev: mdadm makes /dev/md0 itself (devtmpfs has it anyway).
+  run "$MDADM" --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --bitmap=none \
+    --assume-clean --run "$loopdev" /dev/nbd0
+  wait_dev /dev/md0
+  cat /proc/mdstat
+  grep -A1 '^md0 :' /proc/mdstat | grep -q '\[UU\]' || fail "md0 not [UU]: $(tr '\n' ' ' < /proc/mdstat)"
+  ! grep -qE 'resync|recovery' /proc/mdstat || fail "md0 is resyncing despite --assume-clean"
+
+  # Prefill (random reads of never-written blocks would read holes).
+  run "$FIO" --name=fill --filename=/dev/md0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  set -- $(blk_ios "$loopdev") $(blk_ios /dev/nbd0)
+  a_r0=$1 a_w0=$2 b_r0=$3 b_w0=$4
+  for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "write 128k 8"; do
+    set -- $w
+    name="${1}_qd$3"; [ "$1" = write ] && name="seqwrite128k_qd$3"
+    set -- $(ticks_of "$nbd_srv") $(fio_run /dev/md0 "$1" "$2" "$3" "mdraid1_$name") $(ticks_of "$nbd_srv")
+    [ $# -eq 7 ] || fail "fio $name: $(head -c 300 "$T/mdraid1_$name.err")"
+    iops=$3 lat=$4 mib=$5 u_iops=$3
+    # NBD server CPU per md request (user, kernel), µs, like bench_pair's ublkd figures.
+    [ "$iops" -gt 0 ] || fail "zero IOPS in $name"
+    srv_u=$(per_io $(($6 - $1))) srv_s=$(per_io $(($7 - $2)))
+    { echo "mdraid1_${name}_iops=$iops"
+      echo "mdraid1_${name}_lat_us=$lat"
+      case $name in seq*) echo "mdraid1_${name}_mibps=$mib" ;; esac
+      echo "mdraid1_nbdserver_user_us_per_io_${name}=$srv_u"
+      echo "mdraid1_nbdserver_sys_us_per_io_${name}=$srv_s"
+    } >> "$MDRAID1_ENV.tmp"
+    printf 'TABLE %-8s %-20s md raid1 (loop + nbd) %8s IOPS %9s us | qemu-nbd cpu/io user %s us sys %s us\n' \
+      mdraid1 "$name" "$iops" "$lat" "$srv_u" "$srv_s"
+  done
+  sed 's/^/RESULT /' "$MDRAID1_ENV.tmp"
+
+  # Both legs took every write (no leg dropped out); reads went wherever md balanced them.
+  set -- $(blk_ios "$loopdev") $(blk_ios /dev/nbd0)
+  echo "RESULT mdraid1_leg_loop_reads=$(($1 - a_r0))"
+  echo "RESULT mdraid1_leg_loop_writes=$(($2 - a_w0))"
+  echo "RESULT mdraid1_leg_nbd_reads=$(($3 - b_r0))"
+  echo "RESULT mdraid1_leg_nbd_writes=$(($4 - b_w0))"
+  grep -A1 '^md0 :' /proc/mdstat | grep -q '\[UU\]' || fail "md0 degraded after the run: $(tr '\n' ' ' < /proc/mdstat)"
+  [ $(($4 - b_w0)) -gt 0 ] && [ $(($2 - a_w0)) -gt 0 ] || fail "a leg got no writes"
+  mv "$MDRAID1_ENV.tmp" "$MDRAID1_ENV"
+
+  # Teardown, innermost first.
+  run "$MDADM" --stop /dev/md0
+  run "$MDADM" --zero-superblock "$loopdev" /dev/nbd0
+  run "$NBD_CLIENT" -d /dev/nbd0
+  kill -TERM "$nbd_srv"
+  wait_pid "$nbd_srv" 10
+  run "$LOSETUP" -d "$loopdev"
 }

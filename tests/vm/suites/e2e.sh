@@ -19,26 +19,6 @@ timeout_two_volumes=200
 
 DEV=/dev/ublkb0
 
-# same_file A B WHAT: fail unless A and B have the same content.
-same_file() {
-  _a=$(sha256sum < "$1" | cut -d' ' -f1); _b=$(sha256sum < "$2" | cut -d' ' -f1)
-  [ "$_a" = "$_b" ] || fail "$3: checksum mismatch ($_a vs $_b)"
-}
-
-# fio_ok LOG: fio's report shows no error for any job and no verify failure.
-fio_ok() {
-  grep -q 'err= *0' "$1" || fail "fio report has no 'err= 0' line (see $(basename "$1"))"
-  _bad=$(grep -E 'err= *[1-9]|verify: bad|verify failed|bad magic|io_u error|fio: pid=.*error' "$1" | head -n 3)
-  [ -z "$_bad" ] || fail "fio errors: $(echo "$_bad" | tr '\n' ' ')"
-}
-
-# stop_daemon_clean: SIGTERM the daemon, expect exit 0.
-stop_daemon_clean() {
-  stop_ublkd 30
-  _rc=$?
-  [ $_rc -eq 0 ] || fail "ublkd exited $_rc on SIGTERM (expected 0)"
-}
-
 # ---------------------------------------------------------------------------------------------
 # A bad config is refused by both `check-config` and `--config`, naming the key and its line.
 bad_config() {
