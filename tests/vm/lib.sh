@@ -252,6 +252,38 @@ stop_daemon_clean() {
   [ $_rc -eq 0 ] || fail "ublkd exited $_rc on SIGTERM (expected 0)"
 }
 
+# tcp_listening ADDR PORT: a listening socket on ADDR:PORT (IPv4, from /proc/net/tcp).
+tcp_listening() {
+  _hex=$(echo "$1" | awk -F. '{printf "%02X%02X%02X%02X", $4, $3, $2, $1}')
+  grep -q "^ *[0-9]*: $_hex:$(printf %04X "$2") 00000000:0000 0A " /proc/net/tcp
+}
+
+# cluster_secret: the secret every ublkd of a scenario shares, $T/cluster.key (mode 0600).
+cluster_secret() {
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$T/cluster.key"
+  chmod 600 "$T/cluster.key"
+}
+
+# replica_server N DIR: a ublkd that only hosts replicas, on 127.0.0.N:7450, storing in DIR
+# (config $T/srvN.toml, log $T/srvN.log, LOG_LEVEL honoured); sets SRV_N to its pid.
+replica_server() {
+  cat > "$T/srv$1.toml" <<EOF
+[node]
+state_dir = "$T/srv$1-state"
+control_socket = "$T/srv$1.sock"
+cluster_secret_file = "$T/cluster.key"
+log_level = "${LOG_LEVEL:-info}"
+
+[server]
+listen = "127.0.0.$1:7450"
+storage_dir = "$2"
+EOF
+  "$UBLKD" --config "$T/srv$1.toml" >> "$T/srv$1.log" 2>&1 &
+  eval "SRV_$1=$!"
+  wait_for 20 tcp_listening 127.0.0.$1 7450 || fail "replica server $1 did not start: $(tail -n 5 "$T/srv$1.log")"
+  say "replica server 127.0.0.$1:7450 pid $(eval echo \$SRV_$1)"
+}
+
 # drop_caches: make the next reads go to the device (i.e. through ublkd), not the page cache.
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 

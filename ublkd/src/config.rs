@@ -1642,14 +1642,14 @@ replicas = [
         let c = ok(&text);
         assert_eq!(
             c.node.cluster_secret_file.as_deref(),
-            Some(Path::new("/etc/ublkd/cluster.secret"))
+            Some(Path::new("/etc/ublkd/cluster.key"))
         );
         let s = c.server.as_ref().unwrap();
-        assert_eq!(s.listen, "0.0.0.0:7000".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.listen, "0.0.0.0:7450".parse::<SocketAddr>().unwrap());
         assert_eq!(s.storage_dir, Path::new(DEFAULT_STORAGE_DIR));
         let v = c.volume("vol0").unwrap();
         assert_eq!(v.replicas.len(), 3);
-        assert_eq!(v.replicas[2].remote(), Some(("node-b:7000", "vol0-r3")));
+        assert_eq!(v.replicas[2].remote(), Some(("node-b:7450", "vol0-r3")));
     }
 
     #[test]

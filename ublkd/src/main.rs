@@ -96,22 +96,33 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
 
     // Replica connections and the replica server. Created after the signal mask, so
     // its threads inherit it.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("net")
+    // One thread: replica connections are a few sockets per volume. A 2-worker
+    // pool measured the same in the VM benchmark (BENCHMARKS.md) with more threads
+    // to wake. Other threads use the runtime through its Handle.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the network runtime")?;
+    let (net_stop, net_stopped) = tokio::sync::oneshot::channel::<()>();
+    let net_handle = rt.handle().clone();
+    let net_thread = std::thread::Builder::new()
+        .name("net".into())
+        .spawn(move || {
+            rt.block_on(async {
+                let _ = net_stopped.await;
+            })
+        })
+        .context("start the network thread")?;
     let listener = ublkd::control::bind(&cfg.node.control_socket)?;
     if let Some(srv) = &cfg.server {
         let secret = secret
             .clone()
             .context("[server] needs [node] cluster_secret_file")?;
-        Server::new(srv.storage_dir.clone(), secret)?.listen(srv.listen, rt.handle())?;
+        Server::new(srv.storage_dir.clone(), secret)?.listen(srv.listen, &net_handle)?;
     }
     let socket = cfg.node.control_socket.clone();
     let net = Net {
-        rt: rt.handle().clone(),
+        rt: net_handle.clone(),
         secret,
         io_timeout: std::time::Duration::from_millis(cfg.node.io_timeout_ms as u64),
     };
@@ -133,6 +144,8 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             sig => {
                 tracing::info!(signal = ?sig, "stopping: draining I/O and removing devices");
                 daemon.stop_all();
+                let _ = net_stop.send(());
+                let _ = net_thread.join();
                 let _ = std::fs::remove_file(&socket);
                 tracing::info!("stopped");
                 return Ok(());

@@ -250,7 +250,18 @@ impl Server {
                 break Err(e);
             }
             let reply = match h.op {
-                Op::Ping => (ReplyHeader::new(Status::Ok, h.id), Payload::None),
+                // On an open session a PING is a cheap fence probe: an owner that only
+                // reads its local replica still learns that a newer owner took over.
+                Op::Ping => match &session {
+                    Some(sess)
+                        if sess.hosted.generation.load(Ordering::SeqCst) != sess.generation =>
+                    {
+                        let mut r = ReplyHeader::new(Status::Fenced, h.id);
+                        r.aux = sess.hosted.generation.load(Ordering::SeqCst);
+                        (r, Payload::None)
+                    }
+                    _ => (ReplyHeader::new(Status::Ok, h.id), Payload::None),
+                },
                 Op::Stat => match wire::decode_control::<StatRequest>(&p) {
                     Ok(req) => self.stat(h.id, &req),
                     Err(e) => break Err(e),

@@ -453,7 +453,17 @@ fn a_newer_owner_fences_the_old_one_and_none_of_its_later_writes_land() {
     let b = Owner::open(&rt, specs(stored.generation + 1, 200), None);
     let nb = b.nexus();
 
-    // The old owner's next write fails, trips its fence, and lands nowhere.
+    // Even an old owner that does no I/O learns of it (the idle ping is fenced too),
+    // so it cannot keep serving reads from a replica of its own for long.
+    let t = Instant::now();
+    while !a.fence.is_tripped() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "idle old owner never fenced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its next write fails and lands nowhere.
     let mut buf = block_data(3, 999_999);
     let res = futures::executor::block_on(na.submit(
         BlockRequest::Write {

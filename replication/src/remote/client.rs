@@ -584,12 +584,18 @@ async fn supervise(
     mut dead: mpsc::UnboundedReceiver<String>,
 ) {
     let deadline = shared.spec.deadline;
+    let mut last_ping = Instant::now();
     let mut tick = tokio::time::interval((deadline / 4).max(Duration::from_millis(20)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (reason, errno) = loop {
         tokio::select! {
             why = dead.recv() => break (why.unwrap_or_else(|| "tasks ended".into()), libc::ENOTCONN),
             _ = tick.tick() => {
+                if pending.lock().unwrap().is_empty() && last_ping.elapsed() >= PING_EVERY {
+                    // Idle: probe liveness and the fence (the ping has the deadline too).
+                    last_ping = Instant::now();
+                    ping(&shared);
+                }
                 let oldest = pending.lock().unwrap().values().map(|p| p.job.submitted).min();
                 if let Some(t) = oldest {
                     let age = t.elapsed();
@@ -622,6 +628,26 @@ async fn supervise(
     tracing::error!(replica = %shared.location, reason = %reason, failed_requests = n,
         "replica connection down");
     reconnect(shared).await;
+}
+
+/// How often an idle connection is probed.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+fn ping(shared: &Shared) {
+    let (done, _) = oneshot::channel();
+    let job = Job {
+        op: Op::Ping,
+        flags: 0,
+        offset: 0,
+        len: 0,
+        buf: None,
+        submitted: Instant::now(),
+        done,
+        kick: None,
+    };
+    if let Some(c) = shared.conn.lock().unwrap().as_ref() {
+        let _ = c.tx.send(job);
+    }
 }
 
 /// Reconnect with exponential backoff, until it works, the replica is fenced, or

@@ -10,14 +10,20 @@
 #   bench_mdraid1 the kernel's own network mirror, the baseline for replicated volumes: md raid1
 #                 over a loop device on disk 3 and an nbd device (TCP 127.0.0.1, qemu-nbd with
 #                 O_DIRECT) on disk 4. Its numbers also go to $MDRAID1_ENV for later scenarios.
+#   bench_replicated  ublkd with remote replicas, on the same disks as bench_mdraid1: the local
+#                 replica on raw disk 3, replica servers (127.0.0.2/.3, separate ublkd processes)
+#                 storing on ext4 on disk 4 and disk 2. 1 local, 1 local + 1 remote, 1 local +
+#                 2 remote; ratios against md raid1; worst write latency across a SIGKILL and a
+#                 SIGSTOP of a replica server.
 # Workloads (fio, io_uring, direct=1, one job: the guest has one vCPU, so one ublk queue):
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
 
-SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1"
+SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_replicated"
 timeout_bench_virtio=900
 timeout_bench_tmpfs=900
 timeout_bench_mdraid1=900
+timeout_bench_replicated=1200
 
 REGION=256M          # fio working set (prefilled by the sequential write)
 RUNTIME=${BENCH_RUNTIME:-10}
@@ -137,12 +143,6 @@ bench_tmpfs() {
 MDRAID1_ENV=/tmp/bench-mdraid1.env
 NBD_PORT=10809
 
-# tcp_listening ADDR PORT: a listening socket on ADDR:PORT (IPv4, from /proc/net/tcp).
-tcp_listening() {
-  _hex=$(echo "$1" | awk -F. '{printf "%02X%02X%02X%02X", $4, $3, $2, $1}')
-  grep -q "^ *[0-9]*: $_hex:$(printf %04X "$2") 00000000:0000 0A " /proc/net/tcp
-}
-
 # blk_ios DEV: "reads writes" completed by DEV since it appeared (/sys/block/DEV/stat).
 blk_ios() { awk '{print $1, $5}' "/sys/block/${1#/dev/}/stat"; }
 
@@ -216,4 +216,130 @@ bench_mdraid1() {
   kill -TERM "$nbd_srv"
   wait_pid "$nbd_srv" 10
   run "$LOSETUP" -d "$loopdev"
+}
+
+# ---------------------------------------------------------------------------------------------
+# bench_replicated: see the header. The owner is one ublkd (one queue), each replica server
+# another ublkd process; all share the one vCPU with fio, as md raid1 shares it with qemu-nbd.
+REPL_TIMEOUT_MS=2000
+
+# repl_owner TAG REPLICAS: a fresh owner (own state dir) serving /dev/ublkb0.
+repl_owner() {
+  cat > "$T/$1.conf" <<EOF
+[node]
+state_dir = "$T/owner-$1"
+control_socket = "$SOCK"
+cluster_secret_file = "$T/cluster.key"
+io_timeout_ms = $REPL_TIMEOUT_MS
+log_level = "warn"
+
+[[volume]]
+name = "bench"
+size = "512MiB"
+block_size = 4096
+queues = 1
+depth = 128
+device_id = 0
+replicas = [ $2 ]
+EOF
+  cp "$T/$1.conf" "$T/last.conf"
+  start_ublkd "$T/$1.conf"
+  wait_dev /dev/ublkb0 60
+}
+
+# repl_matrix TAG: prefill, then the 4k matrix on /dev/ublkb0: RESULT repl_TAG_<workload>_*.
+repl_matrix() {
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32"; do
+    set -- $w
+    name="${1}_qd$3"
+    set -- $(ticks_of "$DPID") $(fio_run /dev/ublkb0 "$1" "$2" "$3" "repl_${TAG}_$name") $(ticks_of "$DPID")
+    [ $# -eq 7 ] || fail "fio $TAG $name"
+    u_iops=$3
+    cpu_u=$(per_io $(($6 - $1))) cpu_s=$(per_io $(($7 - $2)))
+    echo "RESULT repl_${TAG}_${name}_iops=$3"
+    echo "RESULT repl_${TAG}_${name}_lat_us=$4"
+    echo "RESULT repl_${TAG}_owner_user_us_per_io_${name}=$cpu_u"
+    echo "RESULT repl_${TAG}_owner_sys_us_per_io_${name}=$cpu_s"
+    echo "repl_${TAG}_${name}_iops=$3" >> "$T/repl.env"
+    printf 'TABLE %-8s %-16s %8s IOPS %9s us | owner cpu/io user %s us sys %s us\n' "$TAG" "$name" "$3" "$4" "$cpu_u" "$cpu_s"
+    [ "$3" -gt 0 ] || fail "zero IOPS in $TAG $name"
+  done
+}
+
+# stall_run NAME SIGNAL PID: 4k randwrite QD32 for 12 s; SIGNAL goes to PID after 4 s. Prints the
+# worst completion latency in ms (terse field 80: write total latency max, µs); fails on errors.
+stall_run() {
+  "$FIO" --name="$1" --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=32 --size=$REGION --time_based --runtime=12 --norandommap --randrepeat=0 \
+    --minimal > "$T/$1.terse" 2> "$T/$1.err" &
+  _f=$!
+  sleep 4
+  [ "$2" = none ] || kill -"$2" "$3"
+  wait $_f || fail "fio $1 failed: $(head -c 300 "$T/$1.err")"
+  awk -F';' '{ if ($5 != 0) exit 1; printf "%d\n", $80 / 1000 }' "$T/$1.terse" || fail "fio $1 reported errors"
+}
+
+bench_replicated() {
+  need_ublk
+  set -- $VM_DISKS
+  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
+  local_disk=$3
+  for d in "$4" "$2"; do run "$MKFS_EXT4" -q -F "$d"; done
+  mkdir -p /mnt/srv2 /mnt/srv3
+  run "$MOUNT" "$4" /mnt/srv2
+  run "$MOUNT" "$2" /mnt/srv3
+  cluster_secret
+  LOG_LEVEL=warn replica_server 2 /mnt/srv2
+  LOG_LEVEL=warn replica_server 3 /mnt/srv3
+  : > "$T/repl.env"
+  L="{ local = \"$local_disk\" }"
+  R2() { echo "{ remote = \"127.0.0.2:7450\", id = \"$1\" }"; }
+  R3() { echo "{ remote = \"127.0.0.3:7450\", id = \"$1\" }"; }
+
+  TAG=1local; repl_owner $TAG "$L"; repl_matrix; stop_ublkd 60 || fail "owner did not stop"
+  TAG=2way; repl_owner $TAG "$L, $(R2 b2)"; repl_matrix; stop_ublkd 60 || fail "owner did not stop"
+  TAG=3way; repl_owner $TAG "$L, $(R2 b3), $(R3 b3)"; repl_matrix
+
+  # Worst write latency: without a fault, then across a SIGKILL and a SIGSTOP of a server.
+  ms=$(stall_run nofault none 0)
+  echo "RESULT maxlat_nofault_ms=$ms"
+  stop_ublkd 60 || fail "owner did not stop"
+  TAG=kill; repl_owner $TAG "$L, $(R2 k), $(R3 k)"
+  ms=$(stall_run kill KILL "$SRV_3")
+  echo "RESULT stall_kill_ms=$ms"
+  vol_status bench | grep -q '"state":"faulted"' || fail "killed replica not faulted: $(vol_status bench)"
+  stop_ublkd 60 || fail "owner did not stop"
+  wait "$SRV_3" 2>/dev/null
+  LOG_LEVEL=warn replica_server 3 /mnt/srv3
+  TAG=stop; repl_owner $TAG "$L, $(R2 s), $(R3 s)"
+  ms=$(stall_run stop STOP "$SRV_2")
+  kill -CONT "$SRV_2"
+  echo "RESULT stall_stop_ms=$ms"
+  echo "RESULT stall_stop_deadline_ms=$REPL_TIMEOUT_MS"
+  vol_status bench | grep -q '"state":"faulted"' || fail "stopped replica not faulted: $(vol_status bench)"
+  stop_ublkd 60 || fail "owner did not stop"
+
+  . "$T/repl.env"
+  if [ -f "$MDRAID1_ENV" ]; then
+    . "$MDRAID1_ENV"
+    for n in randwrite_qd32 randwrite_qd1 randread_qd32 randread_qd1; do
+      for t in 2way 3way; do
+        eval "u=\$repl_${t}_${n}_iops m=\$mdraid1_${n}_iops"
+        echo "RESULT ratio_${t}_vs_mdraid1_${n}=$(awk -v u="$u" -v m="$m" 'BEGIN { printf "%.2f", u / m }')"
+      done
+    done
+  else
+    echo "bench_mdraid1 did not run in this boot: no ratios against md raid1"
+  fi
+  for n in randwrite_qd32 randread_qd32; do
+    eval "a=\$repl_1local_${n}_iops b=\$repl_2way_${n}_iops c=\$repl_3way_${n}_iops"
+    echo "RESULT ratio_2way_vs_1local_${n}=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", b / a }')"
+    echo "RESULT ratio_3way_vs_1local_${n}=$(awk -v a="$a" -v c="$c" 'BEGIN { printf "%.2f", c / a }')"
+  done
+  kill -TERM "$SRV_2" "$SRV_3"
+  wait_pid "$SRV_2" 20; wait_pid "$SRV_3" 20
+  run "$UMOUNT" /mnt/srv2
+  run "$UMOUNT" /mnt/srv3
 }

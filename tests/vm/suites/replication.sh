@@ -6,43 +6,17 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_fence"
+SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_owner_kill9 repl_fence"
 timeout_repl_fio_sigkill=300
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
 timeout_repl_restart=300
 timeout_repl_fence=240
+timeout_repl_owner_kill9=300
 
 DEV=/dev/ublkb0
 VOL=rv
 IO_TIMEOUT_MS=1500
-
-# secret: one cluster secret for the three daemons (mode 0600, as ublkd demands).
-secret() {
-  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$T/cluster.key"
-  chmod 600 "$T/cluster.key"
-}
-
-# start_server N: a replica server on 127.0.0.N:7450 (dir $T/srvN, log $T/srvN.log); sets SPID_N.
-server_listening() { grep -q "replica server listening" "$T/srv$1.log" 2>/dev/null; }
-start_server() {
-  _d="$T/srv$1"
-  mkdir -p "$_d"
-  cat > "$_d/ublk.toml" <<EOF
-[node]
-state_dir = "$_d/state"
-control_socket = "$_d/ctl.sock"
-cluster_secret_file = "$T/cluster.key"
-
-[server]
-listen = "127.0.0.$1:7450"
-storage_dir = "$_d/replicas"
-EOF
-  "$UBLKD" --config "$_d/ublk.toml" >> "$T/srv$1.log" 2>&1 &
-  eval "SPID_$1=$!"
-  wait_for 20 server_listening "$1" || fail "replica server $1 did not start: $(tail -n 5 "$T/srv$1.log")"
-  say "replica server 127.0.0.$1:7450 pid $(eval echo \$SPID_$1)"
-}
 
 # owner_conf FILE DEVICE_ID STATE_DIR SOCKET REPLICAS: an owner config for volume $VOL.
 owner_conf() {
@@ -66,9 +40,9 @@ EOF
 # setup: secret, two servers, the owner serving $DEV from 1 local + 2 remote replicas.
 setup() {
   need_ublk
-  secret
-  start_server 2
-  start_server 3
+  cluster_secret
+  replica_server 2 "$T/srv2/replicas"
+  replica_server 3 "$T/srv3/replicas"
   owner_conf "$T/ublkd.conf" 0 "$T/state" "$SOCK" \
     "{ local = \"$T/local.img\" }, { remote = \"127.0.0.2:7450\", id = \"rv-a\" }, { remote = \"127.0.0.3:7450\", id = \"rv-b\" }"
   cp "$T/ublkd.conf" "$T/last.conf"
@@ -106,8 +80,8 @@ repl_fio_sigkill() {
   setup
   fio_bg kill
   sleep 4
-  say "SIGKILL replica server 3 (pid $SPID_3)"
-  kill -KILL "$SPID_3"
+  say "SIGKILL replica server 3 (pid $SRV_3)"
+  kill -KILL "$SRV_3"
   wait "$FIO_PID" || fail "fio failed: $(tail -n 20 "$T/kill.fio.log")"
   cat "$T/kill.fio.log"
   fio_ok "$T/kill.fio.log"
@@ -125,10 +99,10 @@ repl_fio_sigstop() {
   setup
   fio_bg stop
   sleep 4
-  say "SIGSTOP replica server 2 (pid $SPID_2)"
-  kill -STOP "$SPID_2"
+  say "SIGSTOP replica server 2 (pid $SRV_2)"
+  kill -STOP "$SRV_2"
   wait "$FIO_PID"; _rc=$?
-  kill -CONT "$SPID_2"
+  kill -CONT "$SRV_2"
   [ $_rc -eq 0 ] || fail "fio failed: $(tail -n 20 "$T/stop.fio.log")"
   cat "$T/stop.fio.log"
   fio_ok "$T/stop.fio.log"
@@ -152,8 +126,8 @@ repl_ext4_kill() {
   (for i in 1 2 3 4 5 6; do cp "$T/pat" /mnt/r/f$i; sync; done) &
   _w=$!
   sleep 3
-  say "SIGKILL replica server 2 (pid $SPID_2)"
-  kill -KILL "$SPID_2"
+  say "SIGKILL replica server 2 (pid $SRV_2)"
+  kill -KILL "$SRV_2"
   wait $_w || fail "writes to ext4 failed"
   umount_checked /mnt/r $DEV
   drop_caches
@@ -186,10 +160,10 @@ repl_restart() {
   same_file "$T/pat" "$T/rb" "data after owner restart"
 
   say "SIGKILL replica server 3, write, restart it"
-  kill -KILL "$SPID_3"; wait "$SPID_3" 2>/dev/null
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
   run dd if=/dev/urandom of=$DEV bs=1M seek=32 count=4 oflag=direct conv=fsync
   expect_replica 2 faulted
-  start_server 3
+  replica_server 3 "$T/srv3/replicas"
   wait_for 20 grep -q "replica reachable again" "$T/ublkd.log" \
     || fail "owner did not reconnect to the restarted server"
   run dd if=/dev/urandom of=$DEV bs=1M seek=40 count=4 oflag=direct conv=fsync
@@ -199,13 +173,37 @@ repl_restart() {
   no_kernel_errors ublkb0
 }
 
+# The owner itself is killed (-9) under fio: /dev/ublkb0 stays (QUIESCED), a new owner takes it
+# back by ublk user recovery with a higher generation, the re-issued I/O goes to all replicas,
+# fio sees no error, and the replicas end identical.
+repl_owner_kill9() {
+  setup
+  _g1=$(vol_status $VOL | json_top_field generation)
+  fio_bg owner
+  sleep 4
+  say "SIGKILL the owner (pid $DPID)"
+  kill -KILL "$DPID"; wait "$DPID" 2>/dev/null
+  [ -b $DEV ] || fail "$DEV vanished with the owner"
+  start_ublkd "$T/ublkd.conf"
+  wait "$FIO_PID" || fail "fio failed across the owner crash: $(tail -n 20 "$T/owner.fio.log")"
+  cat "$T/owner.fio.log"
+  fio_ok "$T/owner.fio.log"
+  wait_live $VOL
+  _g2=$(vol_status $VOL | json_top_field generation)
+  [ "$_g2" -gt "$_g1" ] || fail "generation did not go up: $_g1 -> $_g2"
+  for i in 0 1 2; do expect_replica $i online; done
+  stop_daemon_clean
+  same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv3/replicas/rv-b.img"
+  no_kernel_errors ublkb0
+}
+
 # Two owners of one volume: the second activates with a higher generation; the first is fenced
 # on its next I/O, fails it, removes its device and says why. The second serves the data.
 repl_fence() {
   need_ublk
-  secret
-  start_server 2
-  start_server 3
+  cluster_secret
+  replica_server 2 "$T/srv2/replicas"
+  replica_server 3 "$T/srv3/replicas"
   _reps='{ remote = "127.0.0.2:7450", id = "fv-a" }, { remote = "127.0.0.3:7450", id = "fv-b" }'
   owner_conf "$T/a.conf" 0 "$T/state-a" "$SOCK" "$_reps"
   cp "$T/a.conf" "$T/last.conf"

@@ -1,0 +1,185 @@
+//! What the queue-thread design costs: remote replica I/O through the daemon's tokio
+//! runtime (option B of notes/ublk-facts.md, what ublkd does) against the same
+//! protocol exchange done inline on the calling thread with blocking syscalls (the
+//! lower bound of option A, sockets on the queue's own ring: no thread hop at all).
+//!
+//! Both talk to a real `ublkd` replica server process over TCP loopback, 4 KiB writes.
+//! QD1 isolates the per-request hop cost; QD32 shows whether it still matters once
+//! requests are batched. Run: `cargo bench -p ublkd --bench remote_hop`; figures go to
+//! stdout and to `target/bench-results/remote_hop.txt`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use replication::health::Fence;
+use replication::remote::auth::client_handshake;
+use replication::remote::wire::{
+    self, Op, OpenRequest, ReplyHeader, RequestHeader, Status, REPLY_HEADER_LEN,
+};
+use replication::remote::{RemoteClient, RemoteSpec, Secret};
+use replication::{ByteOffset, Replica};
+
+const SECRET: &[u8] = b"bench-secret-0123456789abcdef";
+const SIZE: u64 = 256 << 20;
+const BLOCK: usize = 4096;
+
+fn spec(addr: &str, replica: &str, owner: u64) -> RemoteSpec {
+    RemoteSpec {
+        addr: addr.into(),
+        secret: Secret::new(SECRET.to_vec()),
+        open: OpenRequest {
+            replica: replica.into(),
+            volume: "hop".into(),
+            size: SIZE,
+            block_size: 4096,
+            generation: 1,
+            owner,
+            create: true,
+        },
+        deadline: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+fn offset(i: u64) -> u64 {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % (SIZE / BLOCK as u64)) * BLOCK as u64
+}
+
+/// Option B: `Replica::write` futures awaited on a non-tokio thread; completions come
+/// back from the runtime's threads (a cross-thread wake each way).
+fn via_runtime(rt: &tokio::runtime::Handle, addr: &str, qd: usize, n: u64) -> f64 {
+    let client = rt.block_on(async {
+        RemoteClient::connect(spec(addr, &format!("b{qd}"), 1), Arc::new(Fence::default()))
+            .await
+            .unwrap()
+            .0
+    });
+    let client = Arc::new(client);
+    let replica = client.replica(None);
+    let bufs: Vec<Vec<u8>> = (0..qd).map(|i| vec![i as u8; BLOCK]).collect();
+    let t = Instant::now();
+    futures::executor::block_on(join_all(bufs.iter().enumerate().map(|(w, buf)| {
+        let replica = &replica;
+        async move {
+            let mut i = w as u64;
+            while i < n {
+                replica
+                    .write(ByteOffset(offset(i)), buf, false)
+                    .await
+                    .unwrap();
+                i += qd as u64;
+            }
+        }
+    })));
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Option A's lower bound at QD1: the calling thread does the exchange itself.
+fn inline_qd1(rt: &tokio::runtime::Handle, addr: &str, n: u64) -> f64 {
+    let mut s = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        client_handshake(&mut s, &Secret::new(SECRET.to_vec()))
+            .await
+            .unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    });
+    let open = wire::encode_control(&spec(addr, "inline", 2).open);
+    s.write_all(&RequestHeader::new(Op::Open, 0).with_payload(&open).encode())
+        .unwrap();
+    s.write_all(&open).unwrap();
+    let (r, p) = reply(&mut s);
+    assert_eq!(r.status, Status::Ok);
+    let opened: wire::OpenReply = wire::decode_control(&p).unwrap();
+    let data = vec![7u8; BLOCK];
+    let t = Instant::now();
+    for i in 0..n {
+        let mut h = RequestHeader::new(Op::Write, i + 1).with_payload(&data);
+        (h.offset, h.len) = (offset(i), BLOCK as u32);
+        (h.generation, h.session, h.volume) = (1, opened.session, wire::volume_id("hop"));
+        let head = h.encode();
+        let iov = [std::io::IoSlice::new(&head), std::io::IoSlice::new(&data)];
+        let k = s.write_vectored(&iov).unwrap();
+        assert_eq!(k, head.len() + data.len(), "short write");
+        assert_eq!(reply(&mut s).0.status, Status::Ok);
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn reply(s: &mut TcpStream) -> (ReplyHeader, Vec<u8>) {
+    let mut b = [0u8; REPLY_HEADER_LEN];
+    s.read_exact(&mut b).unwrap();
+    let r = ReplyHeader::decode(&b).unwrap();
+    let mut p = vec![0u8; r.payload_len as usize];
+    s.read_exact(&mut p).unwrap();
+    (r, p)
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, SECRET).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let conf = dir.path().join("c.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[node]\nstate_dir = \"{d}/s\"\ncontrol_socket = \"{d}/c.sock\"\ncluster_secret_file = \"{k}\"\nlog_level = \"warn\"\n[server]\nlisten = \"{addr}\"\nstorage_dir = \"{d}/r\"\n",
+            d = dir.path().display(),
+            k = key.display()
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_ublkd"))
+        .arg("--config")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while TcpStream::connect(&addr).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // As in the daemon: one runtime thread that other threads use through its Handle.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+    let rt = &handle;
+    let n = 20_000;
+    // Warm up the server's file and both paths.
+    via_runtime(rt, &addr, 1, 2000);
+    inline_qd1(rt, &addr, 2000);
+    let b1 = via_runtime(rt, &addr, 1, n);
+    let a1 = inline_qd1(rt, &addr, n);
+    let b32 = via_runtime(rt, &addr, 32, 4 * n);
+    let lines = [
+        format!("remote_hop_inline_qd1_iops={a1:.0}"),
+        format!("remote_hop_runtime_qd1_iops={b1:.0}"),
+        format!("remote_hop_runtime_qd32_iops={b32:.0}"),
+        format!("remote_hop_cost_us_per_io_qd1={:.1}", 1e6 / b1 - 1e6 / a1),
+        format!("remote_hop_qd1_ratio_runtime_vs_inline={:.2}", b1 / a1),
+    ];
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-results");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("remote_hop.txt"), lines.join("\n") + "\n").unwrap();
+    for l in lines {
+        println!("RESULT {l}");
+    }
+}
