@@ -50,6 +50,11 @@ pub struct Generation(pub u64);
 
 impl Generation {
     pub fn next(self) -> Generation {
-        Generation(self.0.checked_add(1).expect("generation overflow"))
+        self.checked_next().expect("generation overflow")
+    }
+
+    /// `None` at the maximum (a replica's stored generation is peer-controlled).
+    pub fn checked_next(self) -> Option<Generation> {
+        self.0.checked_add(1).map(Generation)
     }
 }

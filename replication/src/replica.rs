@@ -13,6 +13,10 @@ use crate::error::Errno;
 use crate::ids::{ByteLen, ByteOffset};
 
 pub type IoResult = Result<(), Errno>;
+/// **Contract: poll every `IoFuture` to completion; never drop one that is pending.**
+/// The kernel (io_uring) or another thread (remote replicas) may still read or write
+/// the buffer the future borrows until it resolves, and the type system cannot see
+/// that borrow once the future is boxed. The nexus awaits every future it creates.
 /// Boxed so `dyn Replica` works across replica kinds; one small allocation per op.
 pub type IoFuture<'a> = Pin<Box<dyn Future<Output = IoResult> + 'a>>;
 

@@ -40,6 +40,7 @@ fn spec(addr: &str, replica: &str, owner: u64) -> RemoteSpec {
             generation: 1,
             owner,
             create: true,
+            stale: false,
         },
         deadline: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),

@@ -58,6 +58,9 @@ pub struct ReplicaMeta {
     pub generation: u64,
     /// The activation (random id) that holds `generation`; it may reconnect.
     pub owner: u64,
+    /// An owner reported that this replica missed writes; stays set until a rebuild.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 const META_VERSION: u32 = 1;
@@ -76,6 +79,11 @@ struct Hosted {
     fence: tokio::sync::RwLock<()>,
     volume_id: u64,
 }
+
+/// Connections authenticating at once (each holds a socket for up to 10 s).
+const MAX_HANDSHAKES: usize = 64;
+/// I/O requests executing at once per connection (a client queue depth is 128).
+const MAX_IN_FLIGHT: usize = 256;
 
 pub struct Server {
     dir: PathBuf,
@@ -109,6 +117,7 @@ impl Server {
             .local_addr()
             .map_err(DaemonError::io("replica server: local_addr"))?;
         let me = self.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         rt.spawn(async move {
             let listener = match tokio::net::TcpListener::from_std(std_listener) {
                 Ok(l) => l,
@@ -119,14 +128,39 @@ impl Server {
             };
             loop {
                 match listener.accept().await {
-                    Ok((s, peer)) => {
+                    Ok((mut s, peer)) => {
+                        // Authenticate on the acceptor, a bounded number at a time: an
+                        // unauthenticated peer gets no thread and cannot pile them up.
+                        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                            tracing::warn!(%peer, "too many handshakes in progress: dropping connection");
+                            continue;
+                        };
                         let me = me.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name(format!("repl-{peer}"))
-                            .spawn(move || me.connection_thread(s, peer));
-                        if let Err(e) = spawned {
-                            tracing::error!(%peer, error = %e, "cannot start a connection thread");
-                        }
+                        tokio::spawn(async move {
+                            let auth = tokio::time::timeout(
+                                HANDSHAKE_TIMEOUT,
+                                server_handshake(&mut s, &me.secret),
+                            )
+                            .await;
+                            drop(permit);
+                            match auth {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => {
+                                    tracing::warn!(%peer, error = %e, "replica connection refused");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::warn!(%peer, "replica connection refused: handshake timed out");
+                                    return;
+                                }
+                            }
+                            let spawned = std::thread::Builder::new()
+                                .name(format!("repl-{peer}"))
+                                .spawn(move || me.connection_thread(s, peer));
+                            if let Err(e) = spawned {
+                                tracing::error!(%peer, error = %e, "cannot start a connection thread");
+                            }
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "replica server: accept failed");
@@ -171,11 +205,12 @@ impl Server {
         }
     }
 
-    async fn serve_connection(&self, mut s: TcpStream) -> Result<(), ReplicationError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, server_handshake(&mut s, &self.secret))
-            .await
-            .map_err(|_| ReplicationError::Auth("handshake timed out".into()))??;
+    /// Serve an authenticated connection.
+    async fn serve_connection(&self, s: TcpStream) -> Result<(), ReplicationError> {
         let (rd, wr) = s.into_split();
+        // Bounds the I/O in flight per connection (memory, and the ring's capacity):
+        // the next frame is not read until a slot frees up, so TCP pushes back.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let (reply_tx, reply_rx) = mpsc::unbounded_channel::<(ReplyHeader, Payload)>();
         let writer = tokio::task::spawn_local(reply_writer(wr, reply_rx));
@@ -235,8 +270,12 @@ impl Server {
                 let (hosted, replica, tx) =
                     (sess.hosted.clone(), sess.replica.clone(), reply_tx.clone());
                 let (sid, sgen) = (sess.id, sess.generation);
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break Ok(());
+                };
                 tasks.spawn_local(async move {
                     let reply = serve_io(&hosted, &replica, sid, sgen, h, payload).await;
+                    drop(slot);
                     let _ = tx.send(reply);
                 });
                 continue;
@@ -331,12 +370,16 @@ impl Server {
                 volume: Some(m.volume),
                 size: m.size,
                 generation: m.generation,
+                owner: m.owner,
+                stale: m.stale,
             },
             Ok(None) => StatReply {
                 exists: false,
                 volume: None,
                 size: 0,
                 generation: 0,
+                owner: 0,
+                stale: false,
             },
             Err(e) => {
                 let msg = e.into_bytes();
@@ -405,6 +448,7 @@ impl Server {
         // Wait for I/O admitted under an older generation, then raise it durably.
         let _excl = hosted.fence.write().await;
         let mut m = hosted.meta.lock().unwrap().clone();
+        let previous_stale = m.stale;
         let same_owner = req.generation == m.generation && req.owner == m.owner;
         if req.generation < m.generation || (req.generation == m.generation && !same_owner) {
             return Err((
@@ -416,7 +460,13 @@ impl Server {
                 ),
             ));
         }
-        if !same_owner {
+        let (previous_generation, previous_owner) = (m.generation, m.owner);
+        if req.stale && !m.stale {
+            m.stale = true;
+            tracing::warn!(replica = %req.replica, volume = %req.volume,
+                "owner marks the replica stale (missed writes): no owner trusts it until a rebuild");
+        }
+        if !same_owner || m.stale != previous_stale {
             m.generation = req.generation;
             m.owner = req.owner;
             save_meta(&self.paths(&req.replica).1, &m)
@@ -439,6 +489,8 @@ impl Server {
             generation: m.generation,
             size: m.size,
             created,
+            previous_generation,
+            previous_owner,
         };
         Ok((session, reply))
     }
@@ -472,6 +524,7 @@ impl Server {
                     block_size: req.block_size,
                     generation: 0,
                     owner: 0,
+                    stale: false,
                 };
                 (m, true)
             }
@@ -717,6 +770,10 @@ impl TokioUring {
 impl UringInner {
     fn reap(&self) {
         let mut ring = self.ring.get_ref().0.borrow_mut();
+        // An SQE whose submit failed earlier is still queued: push it in now.
+        if !ring.submission().is_empty() {
+            let _ = ring.submit();
+        }
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
             if let Some(s) = slots.get_mut(&cqe.user_data()) {

@@ -26,6 +26,10 @@ pub struct VolumeRecord {
     pub device_id: Option<u32>,
     /// Bumped on every activation.
     pub generation: Generation,
+    /// Random id of the activation that took `generation` (0: none yet), so an
+    /// owner can tell its own generation from another owner's equal one.
+    #[serde(default)]
+    pub owner: u64,
     pub size: u64,
     pub block_size: u32,
     /// In config order.
@@ -53,6 +57,7 @@ impl VolumeRecord {
             uid: random_u32(),
             device_id: cfg.device_id,
             generation: Generation(0),
+            owner: 0,
             size: cfg.size,
             block_size: cfg.block_size,
             replicas: cfg

@@ -18,7 +18,7 @@ use replication::health::{Health, IoStatsSnapshot, ReadPolicy, ReplicaHealth};
 use replication::local::{Create, LocalBacking};
 use replication::remote::auth::random_u64;
 use replication::remote::client::stat;
-use replication::remote::wire::OpenRequest;
+use replication::remote::wire::{OpenReply, OpenRequest, StatReply};
 use replication::remote::{RemoteClient, RemoteSpec, Secret};
 use replication::request::Geometry;
 use replication::{Generation, ReplicaState, ReplicationError, VolumeState};
@@ -351,18 +351,37 @@ fn run(
             Err(e) => {
                 tracing::error!(volume = %cfg.name, replica = %r.location(), error = %e, "cannot open replica");
                 fault(&mut record, i, format!("cannot open: {e}"));
+                backings.push((r.location(), Backing::Unavailable));
             }
         }
     }
+    assert_eq!(
+        backings.len(),
+        cfg.replicas.len(),
+        "one backing per replica"
+    );
 
     // Activation generation: above our last one and above every generation a
     // remote replica has stored, so each replica fences any older owner.
     let fence = Arc::new(Fence::default());
-    let remotes = remote_specs(cfg, net, &record, create, &known)?;
+    let owner = random_u64();
+    let mut remotes = remote_specs(cfg, net, &record, create, &known, owner)?;
     let stats = net.rt.block_on(futures::future::join_all(
         remotes.iter().map(|(_, spec)| stat_with_grace(spec, grace)),
     ));
+    // Did another owner activate the volume since our last activation? A replica
+    // holding a higher generation, or ours but under another activation id (ours was
+    // saved, then another owner took the same number before we opened anything).
+    let (last_gen, last_owner) = (record.generation.0, record.owner);
+    let foreign = |st: &StatReply| {
+        st.generation > last_gen
+            || (st.generation == last_gen
+                && st.generation > 0
+                && last_owner != 0
+                && st.owner != last_owner)
+    };
     let mut newest = record.generation;
+    let mut taken_over = false;
     for ((i, spec), st) in remotes.iter().zip(&stats) {
         match st {
             Ok(st) if st.exists && st.volume.as_deref() != Some(&cfg.name) => {
@@ -375,16 +394,48 @@ fn run(
                     ),
                 ))
             }
-            Ok(st) => newest = newest.max(Generation(st.generation)),
+            Ok(st) => {
+                newest = newest.max(Generation(st.generation));
+                taken_over |= foreign(st);
+                if st.stale {
+                    fault(
+                        &mut record,
+                        *i,
+                        "marked stale by an owner: missed writes".into(),
+                    );
+                }
+            }
             Err(e) => {
                 tracing::error!(volume = %cfg.name, replica = %spec.location(), error = %e, "replica server unreachable");
                 fault(&mut record, *i, format!("unreachable: {e}"));
             }
         }
     }
-    if newest > record.generation {
-        // Another owner activated this volume after our last activation: whatever it
-        // wrote is not on our local replicas (nor on remotes it did not reach).
+    if taken_over {
+        if let Mode::Recover { id, .. } = mode {
+            // Recovering would let the kernel re-issue the dead daemon's writes onto the
+            // newer owner's data, and the filesystem above resume on a stale view of it.
+            // This owner is fenced: remove its device, failing what waits on it.
+            let why = format!(
+                "another owner activated this volume (generation {}) after /dev/ublkb{id} was created: not recovering it; the device is removed",
+                newest.0
+            );
+            tracing::error!(volume = %cfg.name, reason = %why, "fenced");
+            match UblkCtrl::new_simple(id as i32) {
+                Ok(c) => {
+                    if let Err(e) = c.del_dev_async() {
+                        tracing::error!(volume = %cfg.name, error = ?e, "cannot delete the stale device");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(volume = %cfg.name, error = ?e, "cannot open the stale device")
+                }
+            }
+            shared.set_state(VolumeState::Fenced, Some(why));
+            return Ok(());
+        }
+        // Whatever the other owner wrote is not on our local replicas, nor on remotes
+        // behind its generation.
         for ((i, spec), st) in remotes.iter().zip(&stats) {
             if st
                 .as_ref()
@@ -408,28 +459,48 @@ fn run(
             }
         }
     }
-    record.generation = newest.next();
+    record.generation = newest.checked_next().ok_or_else(|| {
+        DaemonError::volume(
+            &cfg.name,
+            "replica generation at its maximum: refusing to activate",
+        )
+    })?;
+    record.owner = owner;
     // Durable before any replica sees it: we never reuse a generation.
     state_dir.save(&record)?;
-    let opened = net
-        .rt
-        .block_on(futures::future::join_all(remotes.into_iter().map(
-            |(i, mut spec)| {
-                spec.open.generation = record.generation.0;
-                let fence = fence.clone();
-                async move {
-                    (
-                        i,
-                        spec.clone(),
-                        open_with_grace_remote(spec, fence, grace).await,
-                    )
-                }
-            },
-        )));
-    for (i, spec, res) in opened {
+    for (i, spec) in remotes.iter_mut() {
+        spec.open.generation = record.generation.0;
+        // Tell the server which replicas missed writes, so no later owner trusts them.
+        spec.open.stale = record.replicas[*i].state == ReplicaState::Faulted;
+    }
+    let opened = net.rt.block_on(futures::future::join_all(
+        remotes.into_iter().zip(stats).map(|((i, spec), st)| {
+            let fence = fence.clone();
+            async move {
+                let res = open_with_grace_remote(spec.clone(), fence, grace).await;
+                (i, spec, st.ok(), res)
+            }
+        }),
+    ));
+    for (i, spec, st, res) in opened {
         let loc = spec.location();
         backings[i].1 = match res {
-            Ok(client) => Backing::Remote(Arc::new(client)),
+            Ok((client, reply)) => {
+                // Someone else's OPEN between our STAT and ours: its writes may be on
+                // this replica and nowhere we know of.
+                if let Some(st) = st.filter(|st| {
+                    (st.generation, st.owner) != (reply.previous_generation, reply.previous_owner)
+                }) {
+                    return Err(DaemonError::volume(
+                        &cfg.name,
+                        format!(
+                            "another owner activated this volume during our activation (replica {loc} went from generation {} to {}); start it again",
+                            st.generation, reply.previous_generation
+                        ),
+                    ));
+                }
+                Backing::Remote(Arc::new(client))
+            }
             Err(e @ ReplicationError::Fenced { .. }) => {
                 return Err(DaemonError::volume(
                     &cfg.name,
@@ -688,8 +759,8 @@ fn remote_specs(
     record: &VolumeRecord,
     create: Create,
     known: &[String],
+    owner: u64,
 ) -> Result<Vec<(usize, RemoteSpec)>, DaemonError> {
-    let owner = random_u64();
     let mut out = Vec::new();
     for (i, r) in cfg.replicas.iter().enumerate() {
         let Some((addr, id)) = r.remote() else {
@@ -714,6 +785,7 @@ fn remote_specs(
                     // Only a replica new to the volume may be created (empty): one
                     // that vanished from its server lost the volume's data.
                     create: create == Create::IfMissing || !known.contains(&loc),
+                    stale: false,
                 },
                 deadline: net.io_timeout,
                 connect_timeout: Duration::from_secs(3),
@@ -748,13 +820,13 @@ async fn open_with_grace_remote(
     spec: RemoteSpec,
     fence: Arc<Fence>,
     until: std::time::Instant,
-) -> Result<RemoteClient, ReplicationError> {
+) -> Result<(RemoteClient, OpenReply), ReplicationError> {
     loop {
         match RemoteClient::connect(spec.clone(), fence.clone()).await {
             Err(e) if transient(&e) && std::time::Instant::now() < until => {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
-            other => return other.map(|(c, _)| c),
+            other => return other,
         }
     }
 }

@@ -47,6 +47,40 @@ impl ServerProc {
     fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+    /// Kill and start again with the same config (same address and storage).
+    fn restart(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+        self.child = spawn_ublkd(&self.dir);
+        wait_listening(self);
+    }
+}
+
+fn spawn_ublkd(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ublkd.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_ublkd"))
+        .arg("--config")
+        .arg(dir.join("ublk.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn wait_listening(s: &mut ServerProc) {
+    let t0 = Instant::now();
+    while TcpStream::connect(s.addr).is_err() {
+        assert!(s.alive(), "server exited: {}", server_log(s));
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "server never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Drop for ServerProc {
@@ -90,24 +124,9 @@ fn start_server(root: &Path, n: u8) -> ServerProc {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("ublkd.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
-        .arg("--config")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = spawn_ublkd(&dir);
     let mut s = ServerProc { child, addr, dir };
-    let t0 = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(s.alive(), "server {n} exited: {}", server_log(&s));
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "server {n} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(&mut s);
     s
 }
 
@@ -135,6 +154,7 @@ fn spec(s: &ServerProc, replica: &str, volume: &str, generation: u64, owner: u64
             generation,
             owner,
             create: true,
+            stale: false,
         },
         deadline: Duration::from_millis(800),
         connect_timeout: Duration::from_secs(3),
@@ -593,6 +613,7 @@ fn raw_open(
         generation,
         owner,
         create: true,
+        stale: false,
     });
     s.write_all(&RequestHeader::new(Op::Open, 1).with_payload(&open).encode())
         .unwrap();
@@ -724,4 +745,61 @@ fn a_reconnect_supersedes_the_old_session_and_generations_cannot_be_forged() {
         "a refused write landed"
     );
     assert!(img[BLOCK..2 * BLOCK].iter().all(|&b| b == 0x33));
+}
+
+#[test]
+fn a_replica_back_after_a_lost_connection_takes_no_io_and_is_marked_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut servers: Vec<ServerProc> = (11..13).map(|n| start_server(tmp.path(), n)).collect();
+    let rt = rt();
+    let owner = Owner::open(
+        &rt,
+        vec![
+            spec(&servers[0], "r-r1", "r", 1, 3),
+            spec(&servers[1], "r-r2", "r", 1, 3),
+        ],
+        None,
+    );
+    let nexus = owner.nexus();
+    let out = workload(&nexus, 300, 4, u64::MAX, || {});
+    assert_eq!(out.errors, 0);
+    // The server dies and comes back while the volume is idle: acknowledged writes
+    // that were not flushed may be gone with it.
+    servers[1].restart();
+    let t = Instant::now();
+    let stale = loop {
+        let st = rt
+            .block_on(stat(&spec(&servers[1], "r-r2", "r", 0, 0)))
+            .unwrap();
+        if st.stale {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never reconnected and marked stale"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(stale.generation, 1, "same owner, same generation");
+    assert!(owner.clients[1].is_connected());
+    // Connected again, but out of the I/O set: the next write faults it, the app
+    // sees no error, and the survivor holds everything.
+    let out2 = workload_from(
+        &nexus,
+        out.expected.clone(),
+        1 << 40,
+        200,
+        4,
+        u64::MAX,
+        || {},
+    );
+    assert_eq!(out2.errors, 0);
+    let h = owner.health.snapshot();
+    assert_eq!(
+        (h[0].state, h[1].state),
+        (ReplicaState::Online, ReplicaState::Faulted),
+        "{h:?}"
+    );
+    flush(&nexus);
+    verify_image(&servers[0].image("r-r1"), &out2.expected);
 }

@@ -124,6 +124,11 @@ struct Shared {
     session: AtomicU64,
     /// The owner dropped the client: stop reconnecting.
     closed: std::sync::atomic::AtomicBool,
+    /// Cleared for good when a connection is lost: writes acknowledged by the server
+    /// but not yet flushed may be gone with it, and writes sent meanwhile are missing.
+    /// A reconnected replica takes no I/O (and is marked stale on its server) until a
+    /// rebuild makes it current again.
+    usable: std::sync::atomic::AtomicBool,
     rt: tokio::runtime::Handle,
 }
 
@@ -234,6 +239,7 @@ impl RemoteClient {
             fence,
             session: AtomicU64::new(reply.session),
             closed: Default::default(),
+            usable: std::sync::atomic::AtomicBool::new(true),
             rt: tokio::runtime::Handle::current(),
         });
         start(&shared, stream, reply.session);
@@ -250,6 +256,7 @@ impl RemoteClient {
             fence,
             session: AtomicU64::new(0),
             closed: Default::default(),
+            usable: Default::default(),
             rt: tokio::runtime::Handle::current(),
         });
         shared.rt.spawn(reconnect(shared.clone()));
@@ -301,12 +308,12 @@ impl RemoteClient {
         };
         let conn = self.shared.conn.lock().unwrap();
         match conn.as_ref() {
-            Some(c) => {
+            Some(c) if self.shared.usable.load(Ordering::Acquire) => {
                 if let Err(mpsc::error::SendError(job)) = c.tx.send(job) {
                     let _ = job.done.send(Err(Errno(libc::ENOTCONN)));
                 }
             }
-            None => {
+            _ => {
                 let _ = job.done.send(Err(Errno(libc::ENOTCONN)));
             }
         }
@@ -490,6 +497,10 @@ async fn reader(
         let res = async {
             let r = ReplyHeader::decode(&hb)?;
             payload.resize(r.payload_len as usize, 0);
+            if rd.buffer().len() < payload.len() {
+                // About to wait: wake the queues of what completed so far.
+                fire(&mut kicks);
+            }
             rd.read_exact(&mut payload)
                 .await
                 .map_err(|e| ReplicationError::Protocol(format!("connection lost: {e}")))?;
@@ -520,6 +531,7 @@ async fn reader(
                     None => break None,
                 }
             }
+            fire(&mut kicks);
             notified.await;
         };
         let Some(Pending { job, .. }) = entry else {
@@ -607,7 +619,8 @@ async fn supervise(
             }
         }
     };
-    // New submissions fail fast from here on.
+    // New submissions fail fast from here on, and after a reconnect too.
+    shared.usable.store(false, Ordering::Release);
     let closed_by_owner = shared.conn.lock().unwrap().take().is_none();
     // Stop both tasks before failing their requests: after this nothing touches a
     // request's buffer.
@@ -653,13 +666,18 @@ fn ping(shared: &Shared) {
 /// Reconnect with exponential backoff, until it works, the replica is fenced, or
 /// the client is dropped.
 async fn reconnect(shared: Arc<Shared>) {
+    // Never create on reconnect: a replica that vanished from its server lost the
+    // volume's data. And tell the server it missed writes (see `usable`).
+    let mut spec = shared.spec.clone();
+    spec.open.create = false;
+    spec.open.stale = true;
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::time::sleep(backoff).await;
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
-        match open(&shared.spec).await {
+        match open(&spec).await {
             Ok((stream, reply)) => {
                 tracing::info!(replica = %shared.location,
                     "replica reachable again; it takes I/O once the volume marks it online (rebuild)");

@@ -357,6 +357,11 @@ pub struct OpenRequest {
     /// Random per activation of the owner.
     pub owner: u64,
     pub create: bool,
+    /// The owner knows this replica missed writes (faulted, or new to the volume):
+    /// the server records it, durably and for good (until a rebuild), so a later
+    /// owner never trusts it either.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,6 +373,10 @@ pub struct OpenReply {
     pub size: u64,
     /// The replica did not exist and was created (all zeroes).
     pub created: bool,
+    /// Generation and owner the replica held before this OPEN: an owner that sees
+    /// anything but what its STAT showed knows another owner got in between.
+    pub previous_generation: u64,
+    pub previous_owner: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,6 +392,10 @@ pub struct StatReply {
     pub volume: Option<String>,
     pub size: u64,
     pub generation: u64,
+    /// The activation that holds `generation`.
+    pub owner: u64,
+    /// Marked stale by an owner (see [`OpenRequest::stale`]).
+    pub stale: bool,
 }
 
 pub fn decode_control<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, WireError> {

@@ -6,13 +6,14 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_owner_kill9 repl_fence"
+SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_owner_kill9 repl_fence repl_stale_recover"
 timeout_repl_fio_sigkill=300
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
 timeout_repl_restart=300
 timeout_repl_fence=240
 timeout_repl_owner_kill9=300
+timeout_repl_stale_recover=240
 
 DEV=/dev/ublkb0
 VOL=rv
@@ -235,4 +236,42 @@ repl_fence() {
   [ "$(od -An -tx1 "$T/blk" | tr -d ' \n' | tr -d 0)" != "" ] || fail "the fenced write of zeroes landed"
   kill -TERM "$_bpid"; wait_pid "$_bpid" 30 || fail "second owner did not stop cleanly"
   kill -TERM "$_apid"; wait_pid "$_apid" 30
+}
+
+# A killed owner whose volume another owner took over must not recover its old device: the
+# kernel would re-issue its stale writes onto the newer owner's data. It is fenced instead:
+# the QUIESCED device is removed, and the newer owner's data stays intact.
+repl_stale_recover() {
+  need_ublk
+  cluster_secret
+  replica_server 2 "$T/srv2/replicas"
+  replica_server 3 "$T/srv3/replicas"
+  _reps='{ remote = "127.0.0.2:7450", id = "sv-a" }, { remote = "127.0.0.3:7450", id = "sv-b" }'
+  owner_conf "$T/a.conf" 0 "$T/state-a" "$SOCK" "$_reps"
+  start_ublkd "$T/a.conf"
+  wait_dev /dev/ublkb0 60
+  run dd if=/dev/urandom of="$T/p1" bs=1M count=2
+  run dd if="$T/p1" of=/dev/ublkb0 bs=1M oflag=direct conv=fsync
+  say "SIGKILL owner A (pid $DPID): /dev/ublkb0 stays, QUIESCED"
+  kill -KILL "$DPID"; wait "$DPID" 2>/dev/null
+  [ -b /dev/ublkb0 ] || fail "/dev/ublkb0 vanished with its owner"
+
+  owner_conf "$T/b.conf" 1 "$T/state-b" "$T/b.sock" "$_reps"
+  "$UBLKD" --config "$T/b.conf" >> "$T/ublkd-b.log" 2>&1 &
+  _bpid=$!
+  wait_dev /dev/ublkb1 60
+  run dd if=/dev/urandom of="$T/p2" bs=1M count=2
+  run dd if="$T/p2" of=/dev/ublkb1 bs=1M oflag=direct conv=fsync
+
+  say "restart owner A: it must not take /dev/ublkb0 back"
+  start_ublkd "$T/a.conf"
+  _fenced() { [ "$(vol_status $VOL | json_top_field state)" = fenced ]; }
+  wait_for 30 _fenced || fail "owner A not fenced: $(vol_status $VOL)"
+  vol_status $VOL | grep -q "notrecoveringit" || fail "reason missing: $(vol_status $VOL)"
+  wait_for 20 sh -c '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "stale device ublkc0 still present"
+  # Owner B still serves, and its data is what is on the replicas.
+  run dd if=/dev/ublkb1 of="$T/rb" bs=1M count=2 iflag=direct
+  same_file "$T/p2" "$T/rb" "newer owner's data"
+  kill -TERM "$_bpid"; wait_pid "$_bpid" 30 || fail "owner B did not stop cleanly"
+  stop_daemon_clean
 }
