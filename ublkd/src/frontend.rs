@@ -80,7 +80,12 @@ async fn kick_pump(kick: Arc<EventFdKick>) {
             io_uring::opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32).build();
         match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
             Ok(r) if r >= 0 || r == -libc::EINTR => {}
-            _ => return, // queue going down
+            Err(UblkError::QueueIsDown) => return,
+            other => {
+                // Remote completions would then wait for the next ublk event.
+                tracing::error!(result = ?other, "queue eventfd poll failed: remote replica completions lose their wake-up");
+                return;
+            }
         }
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into a local; resets the counter (non-blocking).
