@@ -132,3 +132,29 @@ impl Replica for MemReplica {
         Box::pin(std::future::ready(res))
     }
 }
+
+/// A block for verifying workloads: every 16 bytes carry the block number and the
+/// write's sequence number (xor the chunk index), so a reader can tell which write a
+/// block holds, and that it is whole and not another block's.
+pub fn stamped_block(block: usize, seq: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, chunk) in v.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&(block as u64).to_le_bytes());
+        chunk[8..].copy_from_slice(&(seq ^ i as u64).to_le_bytes());
+    }
+    v
+}
+
+/// The sequence number a [`stamped_block`] holds (0: never written, all zeroes).
+/// Panics if the block is torn, or holds another block's data.
+pub fn stamp_of(block: usize, data: &[u8]) -> u64 {
+    if data.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    let seq = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
+    assert!(
+        data == stamped_block(block, seq, data.len()),
+        "block {block} is torn or holds another block's data"
+    );
+    seq
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::executor::block_on;
 use replication::health::{Health, NoPersist, ReplicaHealth};
 use replication::local::{Create, LocalBacking, LocalReplica};
-use replication::testing::{Fault, MemReplica, MemStore};
+use replication::testing::{stamp_of, stamped_block, Fault, MemReplica, MemStore};
 use replication::uring::BlockingUring;
 use replication::{BlockRequest, ByteLen, ByteOffset, Nexus, Replica, ReplicaState};
 
@@ -30,22 +30,9 @@ impl Rng {
     }
 }
 
+/// A [`stamped_block`] of this test's block size.
 fn block_data(block: usize, seq: u64) -> Vec<u8> {
-    let mut v = vec![0u8; BLOCK];
-    for (i, chunk) in v.chunks_mut(16).enumerate() {
-        chunk[..8].copy_from_slice(&(block as u64).to_le_bytes());
-        chunk[8..].copy_from_slice(&(seq ^ i as u64).to_le_bytes());
-    }
-    v
-}
-
-fn seq_of(block: usize, data: &[u8]) -> u64 {
-    assert_eq!(
-        u64::from_le_bytes(data[..8].try_into().unwrap()),
-        block as u64,
-        "block {block} holds another block's data"
-    );
-    u64::from_le_bytes(data[8..16].try_into().unwrap())
+    stamped_block(block, seq, BLOCK)
 }
 
 #[test]
@@ -110,7 +97,7 @@ fn run_seed(seed: u64) -> u32 {
             let got = if buf.iter().all(|&x| x == 0) {
                 0
             } else {
-                seq_of(b, &buf)
+                stamp_of(b, &buf)
             };
             assert!(
                 got == acked[b] || Some(got) == maybe[b],
@@ -157,7 +144,7 @@ fn run_seed(seed: u64) -> u32 {
         let got = if buf.iter().all(|&x| x == 0) {
             0
         } else {
-            seq_of(b, &buf)
+            stamp_of(b, &buf)
         };
         assert!(
             got == want || Some(got) == maybe[b],
@@ -169,7 +156,7 @@ fn run_seed(seed: u64) -> u32 {
                 let g = if d.iter().all(|&x| x == 0) {
                     0
                 } else {
-                    seq_of(b, &d)
+                    stamp_of(b, &d)
                 };
                 assert!(
                     g == want || Some(g) == maybe[b],

@@ -19,6 +19,7 @@ use replication::remote::auth::{client_handshake, HELLO_MAGIC};
 use replication::remote::client::stat;
 use replication::remote::wire::{self, Op, OpenRequest, RequestHeader, REPLY_HEADER_LEN};
 use replication::remote::{RemoteClient, RemoteSpec, Secret};
+use replication::testing::{stamp_of, stamped_block};
 use replication::uring::BlockingUring;
 use replication::{
     BlockRequest, ByteLen, ByteOffset, Errno, Nexus, Replica, ReplicaState, ReplicationError,
@@ -229,27 +230,9 @@ impl Owner {
     }
 }
 
+/// A [`stamped_block`] of this test's block size.
 fn block_data(block: usize, seq: u64) -> Vec<u8> {
-    let mut v = vec![0u8; BLOCK];
-    for (i, chunk) in v.chunks_mut(16).enumerate() {
-        chunk[..8].copy_from_slice(&(block as u64).to_le_bytes());
-        chunk[8..].copy_from_slice(&(seq ^ i as u64).to_le_bytes());
-    }
-    v
-}
-
-/// The sequence number a block holds (0: never written), checking it is whole.
-fn seq_of(block: usize, data: &[u8]) -> u64 {
-    if data.iter().all(|&b| b == 0) {
-        return 0;
-    }
-    let seq = u64::from_le_bytes(data[8..16].try_into().unwrap());
-    assert_eq!(
-        data,
-        block_data(block, seq),
-        "block {block} is torn or foreign"
-    );
-    seq
+    stamped_block(block, seq, BLOCK)
 }
 
 struct Outcome {
@@ -323,7 +306,7 @@ fn workload_from(
                         .await;
                     match res {
                         Ok(_) => assert_eq!(
-                            seq_of(block, &buf),
+                            stamp_of(block, &buf),
                             expected.borrow()[block],
                             "read of block {block} is not its last acknowledged write"
                         ),
@@ -370,7 +353,7 @@ fn verify_image(path: &Path, expected: &[u64]) {
     for (block, &seq) in expected.iter().enumerate() {
         f.read_exact(&mut buf).unwrap();
         assert_eq!(
-            seq_of(block, &buf),
+            stamp_of(block, &buf),
             seq,
             "{}: block {block}",
             path.display()
