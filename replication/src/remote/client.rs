@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,6 @@ struct Shared {
     location: String,
     conn: Mutex<Option<Conn>>,
     fence: Arc<Fence>,
-    session: AtomicU64,
     /// The owner dropped the client: stop reconnecting.
     closed: std::sync::atomic::AtomicBool,
     /// Cleared for good when a connection is lost: writes acknowledged by the server
@@ -237,7 +236,6 @@ impl RemoteClient {
             spec,
             conn: Mutex::new(None),
             fence,
-            session: AtomicU64::new(reply.session),
             closed: Default::default(),
             usable: std::sync::atomic::AtomicBool::new(true),
             rt: tokio::runtime::Handle::current(),
@@ -254,7 +252,6 @@ impl RemoteClient {
             spec,
             conn: Mutex::new(None),
             fence,
-            session: AtomicU64::new(0),
             closed: Default::default(),
             usable: Default::default(),
             rt: tokio::runtime::Handle::current(),
@@ -681,7 +678,6 @@ async fn reconnect(shared: Arc<Shared>) {
             Ok((stream, reply)) => {
                 tracing::info!(replica = %shared.location,
                     "replica reachable again; it takes I/O once the volume marks it online (rebuild)");
-                shared.session.store(reply.session, Ordering::Relaxed);
                 start(&shared, stream, reply.session);
                 if shared.closed.load(Ordering::SeqCst) {
                     shared.conn.lock().unwrap().take(); // dropped meanwhile
