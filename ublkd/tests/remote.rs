@@ -545,9 +545,10 @@ fn wrong_secret_and_unauthenticated_peers_get_nothing() {
     let body = wire::encode_control(&wire::StatRequest {
         replica: "w-r1".into(),
     });
-    s.write_all(&RequestHeader::new(Op::Stat, 1).with_payload(&body).encode())
-        .unwrap();
-    s.write_all(&body).unwrap();
+    // The server may hang up after the first 48 bytes (not a HELLO): a failing
+    // write is part of being refused.
+    let _ = s.write_all(&RequestHeader::new(Op::Stat, 1).with_payload(&body).encode());
+    let _ = s.write_all(&body);
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
@@ -628,8 +629,10 @@ fn send_write(s: &mut TcpStream, o: &wire::OpenReply, generation: u64, offset: u
     w.generation = generation;
     w.session = o.session;
     w.volume = wire::volume_id("g");
-    s.write_all(&w.encode()).unwrap();
-    s.write_all(data).unwrap();
+    // A refused frame may get the connection closed under the payload: the reply
+    // (or its absence) is what the tests check.
+    let _ = s.write_all(&w.encode());
+    let _ = s.write_all(data);
 }
 
 fn closed_without_reply(mut s: std::net::TcpStream) -> bool {
