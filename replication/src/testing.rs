@@ -158,3 +158,22 @@ pub fn stamp_of(block: usize, data: &[u8]) -> u64 {
     );
     seq
 }
+
+/// xorshift64*: a deterministic generator for test workloads, so a failure
+/// reproduces from its seed (and no dependency is needed).
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform enough below `n` for tests.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}

@@ -5,6 +5,7 @@
 #[path = "../../fuzz/common/frame_check.rs"]
 mod frame_check;
 
+use replication::testing::Rng;
 use std::panic::{catch_unwind, resume_unwind};
 use std::path::PathBuf;
 
@@ -141,22 +142,6 @@ fn worked_example_matches_the_spec() {
     assert_eq!(&data[REQUEST_HEADER_LEN..], &[0xab; 4096][..]);
     let reply = ReplyHeader::new(wire::Status::Ok, 7).encode();
     assert_eq!(&reply[36..], &0x0bde_b303u32.to_le_bytes());
-}
-
-/// xorshift64*: deterministic, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// 100 000 inputs: even ones are random bytes (a quarter of them behind a valid

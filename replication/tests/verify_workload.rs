@@ -9,26 +9,12 @@ use std::sync::Arc;
 use futures::executor::block_on;
 use replication::health::{Health, NoPersist, ReplicaHealth};
 use replication::local::{Create, LocalBacking, LocalReplica};
-use replication::testing::{stamp_of, stamped_block, Fault, MemReplica, MemStore};
+use replication::testing::{stamp_of, stamped_block, Fault, MemReplica, MemStore, Rng};
 use replication::uring::BlockingUring;
 use replication::{BlockRequest, ByteLen, ByteOffset, Nexus, Replica, ReplicaState};
 
 const BLOCK: usize = 4096;
 const BLOCKS: usize = 256;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// A [`stamped_block`] of this test's block size.
 fn block_data(block: usize, seq: u64) -> Vec<u8> {

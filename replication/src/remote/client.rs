@@ -224,6 +224,21 @@ async fn open(spec: &RemoteSpec) -> Result<(TcpStream, OpenReply), ReplicationEr
     Ok((s, reply))
 }
 
+impl Shared {
+    /// Must be called on the runtime the connection tasks will use.
+    fn new(spec: RemoteSpec, fence: Arc<Fence>, usable: bool) -> Arc<Shared> {
+        Arc::new(Shared {
+            location: spec.location(),
+            spec,
+            conn: Mutex::new(None),
+            fence,
+            closed: Default::default(),
+            usable: std::sync::atomic::AtomicBool::new(usable),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+}
+
 impl RemoteClient {
     /// Connect, authenticate and OPEN the replica at `spec.open.generation`.
     pub async fn connect(
@@ -231,15 +246,7 @@ impl RemoteClient {
         fence: Arc<Fence>,
     ) -> Result<(RemoteClient, OpenReply), ReplicationError> {
         let (stream, reply) = open(&spec).await?;
-        let shared = Arc::new(Shared {
-            location: spec.location(),
-            spec,
-            conn: Mutex::new(None),
-            fence,
-            closed: Default::default(),
-            usable: std::sync::atomic::AtomicBool::new(true),
-            rt: tokio::runtime::Handle::current(),
-        });
+        let shared = Shared::new(spec, fence, true);
         start(&shared, stream, reply.session);
         Ok((RemoteClient { shared }, reply))
     }
@@ -247,15 +254,7 @@ impl RemoteClient {
     /// A client whose first connection failed: it keeps trying in the background
     /// (the replica is faulted meanwhile).
     pub fn disconnected(spec: RemoteSpec, fence: Arc<Fence>) -> RemoteClient {
-        let shared = Arc::new(Shared {
-            location: spec.location(),
-            spec,
-            conn: Mutex::new(None),
-            fence,
-            closed: Default::default(),
-            usable: Default::default(),
-            rt: tokio::runtime::Handle::current(),
-        });
+        let shared = Shared::new(spec, fence, false);
         shared.rt.spawn(reconnect(shared.clone()));
         RemoteClient { shared }
     }

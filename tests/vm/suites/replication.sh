@@ -38,6 +38,16 @@ EOF
   say "config $1:"; sed 's/^/    /' "$1"
 }
 
+# start_second_owner REPLICAS: another owner of volume $VOL (device 1, own state dir and
+# socket $T/b.sock, log $T/ublkd-b.log); sets BPID.
+start_second_owner() {
+  owner_conf "$T/b.conf" 1 "$T/state-b" "$T/b.sock" "$1"
+  "$UBLKD" --config "$T/b.conf" >> "$T/ublkd-b.log" 2>&1 &
+  BPID=$!
+}
+
+vol_fenced() { [ "$(vol_status $VOL | json_top_field state)" = fenced ]; }
+
 # setup: secret, two servers, the owner serving $DEV from 1 local + 2 remote replicas.
 setup() {
   need_ublk
@@ -214,9 +224,7 @@ repl_fence() {
   run dd if=/dev/urandom of="$T/pat" bs=1M count=4
   run dd if="$T/pat" of=/dev/ublkb0 bs=1M oflag=direct conv=fsync
 
-  owner_conf "$T/b.conf" 1 "$T/state-b" "$T/b.sock" "$_reps"
-  "$UBLKD" --config "$T/b.conf" >> "$T/ublkd-b.log" 2>&1 &
-  _bpid=$!
+  start_second_owner "$_reps"
   wait_dev /dev/ublkb1 60
   _gb=$(timeout 10 "$UBLKCTL" --socket "$T/b.sock" status $VOL --output json | tr -d ' \n' | json_top_field generation)
   say "second owner serves /dev/ublkb1 at generation $_gb"
@@ -225,8 +233,7 @@ repl_fence() {
   if dd if=/dev/zero of=/dev/ublkb0 bs=4k count=1 seek=100 oflag=direct conv=fsync 2>"$T/dd.err"; then
     fail "a fenced owner's write succeeded"
   fi
-  _fenced() { [ "$(vol_status $VOL | json_top_field state)" = fenced ]; }
-  wait_for 10 _fenced || fail "first owner not fenced: $(vol_status $VOL)"
+  wait_for 10 vol_fenced || fail "first owner not fenced: $(vol_status $VOL)"
   vol_status $VOL | grep -q "anewerownertookover" || fail "fence reason missing: $(vol_status $VOL)"
   wait_for 20 sh -c '! [ -b /dev/ublkb0 ]' || fail "fenced device still present"
   # Nothing of the fenced write landed; the second owner reads the first owner's data.
@@ -234,7 +241,7 @@ repl_fence() {
   same_file "$T/pat" "$T/rb" "data seen by the new owner"
   run dd if=/dev/ublkb1 of="$T/blk" bs=4k skip=100 count=1 iflag=direct
   [ "$(od -An -tx1 "$T/blk" | tr -d ' \n' | tr -d 0)" != "" ] || fail "the fenced write of zeroes landed"
-  kill -TERM "$_bpid"; wait_pid "$_bpid" 30 || fail "second owner did not stop cleanly"
+  kill -TERM "$BPID"; wait_pid "$BPID" 30 || fail "second owner did not stop cleanly"
   kill -TERM "$_apid"; wait_pid "$_apid" 30
 }
 
@@ -256,22 +263,19 @@ repl_stale_recover() {
   kill -KILL "$DPID"; wait "$DPID" 2>/dev/null
   [ -b /dev/ublkb0 ] || fail "/dev/ublkb0 vanished with its owner"
 
-  owner_conf "$T/b.conf" 1 "$T/state-b" "$T/b.sock" "$_reps"
-  "$UBLKD" --config "$T/b.conf" >> "$T/ublkd-b.log" 2>&1 &
-  _bpid=$!
+  start_second_owner "$_reps"
   wait_dev /dev/ublkb1 60
   run dd if=/dev/urandom of="$T/p2" bs=1M count=2
   run dd if="$T/p2" of=/dev/ublkb1 bs=1M oflag=direct conv=fsync
 
   say "restart owner A: it must not take /dev/ublkb0 back"
   start_ublkd "$T/a.conf"
-  _fenced() { [ "$(vol_status $VOL | json_top_field state)" = fenced ]; }
-  wait_for 30 _fenced || fail "owner A not fenced: $(vol_status $VOL)"
+  wait_for 30 vol_fenced || fail "owner A not fenced: $(vol_status $VOL)"
   vol_status $VOL | grep -q "notrecoveringit" || fail "reason missing: $(vol_status $VOL)"
   wait_for 20 sh -c '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "stale device ublkc0 still present"
   # Owner B still serves, and its data is what is on the replicas.
   run dd if=/dev/ublkb1 of="$T/rb" bs=1M count=2 iflag=direct
   same_file "$T/p2" "$T/rb" "newer owner's data"
-  kill -TERM "$_bpid"; wait_pid "$_bpid" 30 || fail "owner B did not stop cleanly"
+  kill -TERM "$BPID"; wait_pid "$BPID" 30 || fail "owner B did not stop cleanly"
   stop_daemon_clean
 }
