@@ -2,54 +2,54 @@
 //! `replication/tests/fuzz_corpus.rs`, which replays the corpus on stable Rust.
 //!
 //! For any byte string:
-//! * the request / reply header decoders agree with docs/protocol.md §3.3, restated
-//!   here independently (own CRC32C, literal magics and limits): same verdict, and
-//!   the same failing check when both reject;
-//! * whatever decodes re-encodes to the very same bytes;
-//! * `verify_payload` accepts exactly the payloads whose length and CRC the header
-//!   carries;
-//! * control payloads that decode re-encode to JSON that decodes to the same value
-//!   (JSON has many spellings of one value, so the round trip is on values, and the
-//!   re-encoding is checked to be stable).
+//! * the request / reply header parsers agree with docs/protocol.md §3.3, restated
+//!   here independently (literal magics, offsets and limits): same verdict, and the
+//!   same failing check when both reject;
+//! * a header that parses, sealed with the corpus key, opens again to itself; with
+//!   any one byte changed, or under another key, or out of sequence, it does not;
+//! * the payload tag accepts exactly the payload it was made for;
+//! * control payloads and label slots that decode re-encode to values that decode
+//!   to the same value (JSON has many spellings of one value, so the round trip is
+//!   on values, and the re-encoding is checked to be stable);
+//! * nothing panics.
 //!
 //! A failed check panics, which is what the fuzzer and the test report.
 
-use replication::remote::wire::{
-    self, OpenReply, OpenRequest, ReplyHeader, RequestHeader, StatReply, StatRequest,
+use wire::control::{self, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest};
+use wire::frame::{
+    FrameKey, Opener, ReplyHeader, RequestHeader, Sealer, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
-use replication::ReplicationError;
+use wire::label::{self, Slot};
+use wire::WireError;
 
-const REQUEST_LEN: usize = 64;
-const REPLY_LEN: usize = 40;
+const REQUEST_LEN: usize = 96;
+const REPLY_LEN: usize = 72;
 /// docs/protocol.md §11.
 const MAX_DATA: u32 = 32 << 20;
 const MAX_CONTROL: u32 = 64 << 10;
+/// The key the corpus's valid frames are sealed with.
+pub const CORPUS_KEY: [u8; 16] = [0x42; 16];
 
 /// The check of docs/protocol.md §3.3 that rejects a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reject {
     Magic,
-    HeaderCrc,
     Reserved,
     Unknown,
     Malformed,
     TooLarge,
 }
 
-/// Runs every check on `data`: as a request frame, as a reply frame (header,
-/// then payload), and as a control payload at offsets 0, 40 and 64.
+/// Runs every check on `data`: as a request frame (header, then payload), as a
+/// reply frame, as a control payload at offsets 0, 72 and 96, and as a label slot.
 pub fn check(data: &[u8]) {
+    assert_eq!(REQUEST_LEN, REQUEST_HEADER_LEN);
+    assert_eq!(REPLY_LEN, REPLY_HEADER_LEN);
     if let Some(head) = data.first_chunk::<REQUEST_LEN>() {
-        let payload = &data[REQUEST_LEN..];
-        check_request(head, payload);
-        // The header CRC stops nearly every mutation of a valid header at the second
-        // check: also decode a copy with a correct CRC, to reach the field rules.
-        check_request(&with_crc(*head), payload);
+        check_request(head, &data[REQUEST_LEN..]);
     }
     if let Some(head) = data.first_chunk::<REPLY_LEN>() {
-        let payload = &data[REPLY_LEN..];
-        check_reply(head, payload);
-        check_reply(&with_crc(*head), payload);
+        check_reply(head, &data[REPLY_LEN..]);
     }
     check_control(data);
     for at in [REPLY_LEN, REQUEST_LEN] {
@@ -57,69 +57,102 @@ pub fn check(data: &[u8]) {
             check_control(p);
         }
     }
+    check_slot(data);
+}
+
+fn key() -> FrameKey {
+    FrameKey::from_bytes(CORPUS_KEY)
 }
 
 fn check_request(head: &[u8; REQUEST_LEN], payload: &[u8]) {
-    let got = RequestHeader::decode(head);
+    let got = RequestHeader::parse(head);
     let verdict = got.as_ref().err().map(|e| reject_of(e, head));
     assert_eq!(
         verdict,
         spec_request(head),
-        "request header {head:02x?}: the decoder ({got:?}) disagrees with docs/protocol.md"
+        "request header {head:02x?}: the parser ({got:?}) disagrees with docs/protocol.md"
     );
-    let Ok(h) = got else { return };
-    assert_eq!(&h.encode(), head, "request header round trip");
-    // Receivers call verify_payload with exactly payload_len bytes.
-    if payload.len() == h.payload_len as usize {
-        let stamped = h.with_payload(payload);
-        assert!(stamped.verify_payload(payload).is_ok());
-        assert_eq!(
-            h.verify_payload(payload).is_ok(),
-            stamped == h,
-            "request payload check of {h:?}"
+    // Opening checks the tag before anything else believes the bytes.
+    let _ = Opener::new(key()).open_request(head);
+    let Ok((h, _)) = got else { return };
+    // Seal it (over a payload of its length, if the input has one) and open it.
+    let body = if payload.len() == h.payload_len as usize {
+        payload.to_vec()
+    } else if h.payload_len <= 1 << 16 {
+        vec![0x5a; h.payload_len as usize]
+    } else {
+        return;
+    };
+    let sealed = Sealer::new(key()).seal_request(&h, &body);
+    let mut o = Opener::new(key());
+    let (back, seal) = o.open_request(&sealed).expect("a sealed header opens");
+    assert_eq!(back, h, "request round trip");
+    assert!(o.open_payload(&seal, &body).is_ok());
+    if let Some(first) = body.first() {
+        let mut bad = body.clone();
+        bad[0] = first ^ 1;
+        assert!(
+            o.open_payload(&seal, &bad).is_err(),
+            "payload flip accepted"
         );
     }
+    for at in [0, 4, 8, 16, 40, 64, 80, 95] {
+        let mut b = sealed;
+        b[at] ^= 0x80;
+        assert!(
+            Opener::new(key()).open_request(&b).is_err(),
+            "flip at {at} accepted"
+        );
+    }
+    assert!(Opener::new(FrameKey::from_bytes([7; 16]))
+        .open_request(&sealed)
+        .is_err());
+    let mut o = Opener::new(key());
+    o.open_request(&sealed).expect("first");
+    assert!(
+        matches!(o.open_request(&sealed), Err(WireError::Sequence { .. })),
+        "replay accepted"
+    );
 }
 
 fn check_reply(head: &[u8; REPLY_LEN], payload: &[u8]) {
-    let got = ReplyHeader::decode(head);
+    let got = ReplyHeader::parse(head);
     let verdict = got.as_ref().err().map(|e| reject_of(e, head));
     assert_eq!(
         verdict,
         spec_reply(head),
-        "reply header {head:02x?}: the decoder ({got:?}) disagrees with docs/protocol.md"
+        "reply header {head:02x?}: the parser ({got:?}) disagrees with docs/protocol.md"
     );
-    let Ok(r) = got else { return };
-    assert_eq!(&r.encode(), head, "reply header round trip");
-    let Ok(len) = u32::try_from(payload.len()) else {
+    let _ = Opener::new(key()).open_reply(head);
+    let Ok((r, _)) = got else { return };
+    let body = if payload.len() == r.payload_len as usize {
+        payload.to_vec()
+    } else if r.payload_len <= 1 << 16 {
+        vec![0xa5; r.payload_len as usize]
+    } else {
         return;
     };
-    let stamped = r.with_payload(payload);
-    assert!(stamped.verify_payload(payload).is_ok());
-    assert_eq!(
-        r.verify_payload(payload).is_ok(),
-        stamped.payload_crc == r.payload_crc,
-        "reply payload check of {r:?}"
-    );
-    if len == r.payload_len {
-        assert_eq!(r.verify_payload(payload).is_ok(), stamped == r);
-    }
+    let sealed = Sealer::new(key()).seal_reply(&r, &body);
+    let mut o = Opener::new(key());
+    let (back, seal) = o.open_reply(&sealed).expect("a sealed reply opens");
+    assert_eq!(back, r, "reply round trip");
+    assert!(o.open_payload(&seal, &body).is_ok());
 }
 
 /// Decode `$p` as `$t`; if that works, encode, decode again and compare.
 macro_rules! control_round_trip {
     ($t:ty, $p:expr) => {
-        match wire::decode_control::<$t>($p) {
+        match control::decode_control::<$t>($p) {
             Ok(v) => {
-                let enc = wire::encode_control(&v);
-                let back = wire::decode_control::<$t>(&enc).unwrap_or_else(|e| {
+                let enc = control::encode_control(&v);
+                let back = control::decode_control::<$t>(&enc).unwrap_or_else(|e| {
                     panic!("{v:?} encodes to {enc:?}, which does not decode: {e}")
                 });
                 assert_eq!(back, v, "{} round trip", stringify!($t));
-                assert_eq!(wire::encode_control(&back), enc, "stable re-encoding");
+                assert_eq!(control::encode_control(&back), enc, "stable re-encoding");
                 Some(v)
             }
-            Err(ReplicationError::Control(_)) => None,
+            Err(WireError::Control(_)) => None,
             Err(e) => panic!("decode_control::<{}> failed with {e:?}", stringify!($t)),
         }
     };
@@ -129,13 +162,18 @@ fn check_control(p: &[u8]) {
     if let Some(o) = control_round_trip!(OpenRequest, p) {
         check_name(&o.replica);
         check_name(&o.volume);
-        let _ = wire::volume_id(&o.volume);
+        let _ = wire::VolumeTag::of(&o.volume);
     }
     if let Some(s) = control_round_trip!(StatRequest, p) {
         check_name(&s.replica);
     }
-    control_round_trip!(OpenReply, p);
-    control_round_trip!(StatReply, p);
+    if let Some(r) = control_round_trip!(OpenReply, p) {
+        let _ = r.label.checked();
+    }
+    if let Some(r) = control_round_trip!(StatReply, p) {
+        let _ = r.label.map(|l| l.checked());
+    }
+    control_round_trip!(LabelUpdate, p);
 }
 
 /// docs/protocol.md §7.
@@ -145,105 +183,98 @@ fn check_name(s: &str) {
         && s != ".."
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
-    assert_eq!(wire::valid_name(s), spec, "valid_name({s:?})");
+    assert_eq!(wire::names::valid_name(s), spec, "valid_name({s:?})");
 }
 
-fn reject_of(e: &ReplicationError, head: &[u8]) -> Reject {
+/// A label slot decodes to a label that encodes to a slot that decodes to it.
+fn check_slot(b: &[u8]) {
+    if let Slot::Label { seq, label } = label::decode_slot(b) {
+        let again = label::encode_slot(&label, seq);
+        assert_eq!(
+            label::decode_slot(&again),
+            Slot::Label { seq, label },
+            "label slot round trip"
+        );
+    }
+    let half = b.len() / 2;
+    let _ = label::read_area(&b[..half], &b[half..]);
+}
+
+fn reject_of(e: &WireError, head: &[u8]) -> Reject {
     match e {
-        ReplicationError::BadMagic(m) => {
+        WireError::BadMagic(m) => {
             assert_eq!(*m, le32(head, 0), "BadMagic names the magic");
             Reject::Magic
         }
-        ReplicationError::HeaderCrc => Reject::HeaderCrc,
-        ReplicationError::Reserved => Reject::Reserved,
-        ReplicationError::UnknownField { value, .. } => {
+        WireError::Reserved => Reject::Reserved,
+        WireError::UnknownField { value, .. } => {
             assert_eq!(*value, u64::from(head[4]), "UnknownField names the byte");
             Reject::Unknown
         }
-        ReplicationError::Malformed { .. } => Reject::Malformed,
-        ReplicationError::FrameTooLarge { len, .. } => {
+        WireError::Malformed { .. } => Reject::Malformed,
+        WireError::FrameTooLarge { len, .. } => {
             assert!(*len > MAX_CONTROL);
             Reject::TooLarge
         }
-        other => panic!("a header decoder failed with a non-frame error: {other:?}"),
+        other => panic!("a header parser failed with a non-frame error: {other:?}"),
     }
 }
 
 /// docs/protocol.md §3.1, §3.3 and §4: which check rejects a request header.
 fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
-    if b[..4] != *b"UKRQ" {
+    if b[..4] != *b"UKQ2" {
         return Some(Reject::Magic);
-    }
-    if crc32c(&b[..60]) != le32(b, 60) {
-        return Some(Reject::HeaderCrc);
     }
     if b[6..8] != [0, 0] {
         return Some(Reject::Reserved);
     }
     let (op, flags) = (b[4], b[5]);
-    let (offset, len, payload_len) = (le64(b, 16), le32(b, 24), le32(b, 28));
-    // (I/O op, allowed flags): FUA = 1 on WRITE, NO_UNMAP = 2 on WRITE_ZEROES.
-    let (io, allowed) = match op {
+    let (offset, len, payload_len) = (le64(b, 24), le32(b, 32), le32(b, 36));
+    let ids_zero = b[40..64].iter().all(|&x| x == 0);
+    // (carries data, allowed flags): FUA = 1 on WRITE, NO_UNMAP = 2 on WRITE_ZEROES.
+    let (data, allowed) = match op {
         1 | 3 | 4 => (true, 0),
         2 => (true, 1),
         5 => (true, 2),
-        16..=18 => (false, 0),
+        6 | 16..=18 => (false, 0),
         _ => return Some(Reject::Unknown),
     };
     if flags & !allowed != 0 || offset.checked_add(u64::from(len)).is_none() {
         return Some(Reject::Malformed);
     }
-    if payload_len > if io { MAX_DATA } else { MAX_CONTROL } {
+    if payload_len > if data { MAX_DATA } else { MAX_CONTROL } {
         return Some(Reject::TooLarge);
     }
     let ok = match op {
         1 => (1..=MAX_DATA).contains(&len) && payload_len == 0,
         2 => len >= 1 && payload_len == len,
-        3 | 18 => offset == 0 && len == 0 && payload_len == 0,
+        3 => offset == 0 && len == 0 && payload_len == 0,
         4 | 5 => len >= 1 && payload_len == 0,
-        _ => offset == 0 && len == 0 && payload_len >= 1,
+        6 => offset == 0 && len == 0 && payload_len >= 1,
+        18 => offset == 0 && len == 0 && payload_len == 0 && ids_zero,
+        _ => offset == 0 && len == 0 && payload_len >= 1 && ids_zero,
     };
-    (!ok).then_some(Reject::Malformed)
+    if !ok {
+        return Some(Reject::Malformed);
+    }
+    (payload_len == 0 && b[64..80] != [0; 16]).then_some(Reject::Malformed)
 }
 
 /// docs/protocol.md §3.2 and §3.3: which check rejects a reply header.
 fn spec_reply(b: &[u8; REPLY_LEN]) -> Option<Reject> {
-    if b[..4] != *b"UKRP" {
+    if b[..4] != *b"UKP2" {
         return Some(Reject::Magic);
     }
-    if crc32c(&b[..36]) != le32(b, 36) {
-        return Some(Reject::HeaderCrc);
-    }
-    if b[5..8] != [0; 3] || b[32..36] != [0; 4] {
+    if b[5..8] != [0; 3] || b[36..40] != [0; 4] {
         return Some(Reject::Reserved);
     }
     if b[4] > 6 {
         return Some(Reject::Unknown);
     }
-    (le32(b, 24) > MAX_DATA).then_some(Reject::TooLarge)
-}
-
-/// `b` with its last four bytes replaced by the CRC32C of the others.
-fn with_crc<const N: usize>(mut b: [u8; N]) -> [u8; N] {
-    let crc = crc32c(&b[..N - 4]);
-    b[N - 4..].copy_from_slice(&crc.to_le_bytes());
-    b
-}
-
-/// CRC-32/Castagnoli, bitwise (independent of the `crc32c` crate the code uses).
-fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &x in data {
-        c ^= u32::from(x);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-        }
+    if le32(b, 32) > MAX_DATA {
+        return Some(Reject::TooLarge);
     }
-    !c
+    (le32(b, 32) == 0 && b[40..56] != [0; 16]).then_some(Reject::Reserved)
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {

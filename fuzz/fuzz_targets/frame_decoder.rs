@@ -1,5 +1,5 @@
-//! Fuzzes the replica wire protocol's decoders (`replication::remote::wire`):
-//! request and reply headers, payload checksums and the OPEN/STAT control payloads.
+//! Fuzzes the replica protocol's decoders (the `wire` crate): request and reply
+//! headers and their tags, the control payloads, and replica label slots.
 //! The checks live in `common/frame_check.rs`, shared with the stable-Rust corpus
 //! replay `replication/tests/fuzz_corpus.rs`.
 

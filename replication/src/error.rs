@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use crate::ids::ReplicaIndex;
+use crate::ids::SlotIndex;
+use wire::Generation;
 
 /// A positive Linux errno (EIO, EINVAL, ...). The ublk completion wants its negation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,14 @@ pub enum ReplicationError {
         size: u64,
         volume_size: u64,
     },
+    #[error("replica {path}: {size} bytes leave no room for its label: a replica of this volume needs {needed} bytes (the volume, then 64 KiB of label)")]
+    NoRoomForLabel {
+        path: PathBuf,
+        size: u64,
+        needed: u64,
+    },
+    #[error("replica {path}: label: {message}")]
+    Label { path: PathBuf, message: String },
     #[error("replica {path}: not a regular file or block device")]
     UnsupportedKind { path: PathBuf },
     #[error("request out of range: offset {offset} + length {len} > volume size {size}")]
@@ -60,14 +69,26 @@ pub enum ReplicationError {
     UnsupportedOp(u32),
     #[error("request of {len} bytes exceeds the I/O buffer ({max} bytes)")]
     TooLarge { len: u64, max: u64 },
-    #[error("replica {0} does not exist")]
-    NoSuchReplica(ReplicaIndex),
+    #[error("replica slot {0} does not exist")]
+    NoSuchSlot(SlotIndex),
+    #[error("no replica is online: refusing to serve stale data")]
+    NoOnlineReplica,
+    #[error("replica {replica}: cannot go from {from} to {to}")]
+    Transition {
+        replica: String,
+        from: &'static str,
+        to: &'static str,
+    },
+    #[error("replica {0} is the last online replica: it holds the only current copy")]
+    LastOnline(String),
+    #[error("the volume has no free replica slot (64 in use): restart it to compact the set")]
+    TooManySlots,
     #[error("persisting volume state failed: {0}")]
     Persist(String),
     #[error("io_uring setup failed: {0}")]
     Uring(#[source] std::io::Error),
 
-    // Remote replicas: connection and handshake.
+    // Remote replicas.
     #[error("cannot connect to replica server {addr}: {source}")]
     Connect {
         addr: String,
@@ -76,43 +97,20 @@ pub enum ReplicationError {
     },
     #[error("network: {0}")]
     Net(#[source] std::io::Error),
-    #[error("authentication failed: {0}")]
-    Auth(String),
-    #[error("protocol version mismatch: we speak {ours}, the peer {theirs}")]
-    Version { ours: u16, theirs: u16 },
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
     #[error("protocol error: {0}")]
     Protocol(String),
-    #[error("replica {replica} is fenced: it holds generation {theirs}, ours is {ours} (a newer owner took over)")]
+    #[error("replica {replica} is fenced: it holds generation {theirs}, ours is {ours} (a newer owner took over)", ours = ours.0, theirs = theirs.0)]
     Fenced {
         replica: String,
-        ours: u64,
-        theirs: u64,
+        ours: Generation,
+        theirs: Generation,
     },
     #[error("replica {replica} refused: {status:?}: {message}")]
     Remote {
         replica: String,
-        status: crate::remote::wire::Status,
+        status: wire::frame::Status,
         message: String,
     },
-
-    // Frame decoding (remote::wire): the connection is closed.
-    #[error("bad frame magic {0:#010x}")]
-    BadMagic(u32),
-    #[error("frame header checksum mismatch")]
-    HeaderCrc,
-    #[error("payload checksum mismatch (request {id})")]
-    PayloadCrc { id: u64 },
-    #[error("unknown {what} {value}")]
-    UnknownField { what: &'static str, value: u64 },
-    #[error("reserved frame bits set")]
-    Reserved,
-    #[error("malformed {op:?} frame: {why}")]
-    Malformed {
-        op: crate::remote::wire::Op,
-        why: &'static str,
-    },
-    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
-    FrameTooLarge { len: u32, max: u32 },
-    #[error("bad control payload: {0}")]
-    Control(String),
 }

@@ -1,120 +1,50 @@
-//! Replica health, shared by every queue of a volume.
+//! Replica health, shared by every queue of a volume: the one owner of each slot's
+//! [`ReplicaState`], of the volume's membership (which replicas hold every
+//! acknowledged write) and of the replica set itself.
 //!
-//! ## Replica state machine
-//! ```text
-//!   Online ──(I/O error, and another replica took the I/O)──▶ Faulted
-//!   Faulted ──(rebuild completes: a later issue)───────────▶ Online
-//! ```
-//! The last replica holding acknowledged data is never faulted: its errors go to
-//! the application instead. A fault is persisted (through [`StateSink`]) before
-//! any I/O that skipped the faulted replica is acknowledged, so a restarted daemon
-//! never trusts a replica that missed writes.
-//!
-//! The fast path reads one atomic bitmask of healthy replicas; the mutex is taken
-//! only to change state.
+//! * The data path reads two atomic bitmasks, the **write set** (Online and
+//!   Rebuilding slots) and the **read set** (Online slots); the mutex is taken only
+//!   to change state.
+//! * Everything that changes a state is an event reported here: an I/O result
+//!   ([`Health::settle`], [`Health::read_failed`]), a connection lost or back
+//!   ([`crate::remote::ConnEvents`]), a slot added, removed or rebuilt. Every
+//!   transition is checked with [`ReplicaState::can_become`].
+//! * **Fault before ack.** When an online replica is faulted, the membership gets a
+//!   new epoch without it, and a write that skipped it is acknowledged only once that
+//!   epoch is durable: written into the label of every surviving member (so that no
+//!   owner, whatever its state directory says, trusts the faulted replica again) and
+//!   into the daemon's record ([`StateSink`]). A persister thread does the writing,
+//!   so queue threads never block on it; the requests wait for their ticket.
+//! * The last online replica is never faulted: its I/O errors reach the
+//!   application, and a lost connection sends it to Connecting, where I/O waits (up
+//!   to the no-replica timeout) for it to come back.
+//! * The replica set can change while the volume runs ([`Health::add_slot`],
+//!   [`Health::remove_slot`]): queues pick up a new [`ReplicaSet`] when its epoch
+//!   changes; requests in flight keep the set they started with.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use wire::control::LabelUpdate;
+use wire::label::{Label, Membership};
 
+use crate::backing::Backing;
 use crate::error::{Errno, ReplicationError};
-use crate::ids::ReplicaIndex;
+use crate::ids::{Epoch, Generation, ReplicaUuid, SlotIndex};
+use crate::remote::{ConnEvents, Lost};
+use crate::state::{FaultReason, IoOp, ReplicaState};
+use crate::wake::{Kick, Signal};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicaState {
-    /// In the read and write set.
-    Online,
-    /// Out of the read and write set; holds stale data until rebuilt.
-    Faulted,
-}
-
-impl ReplicaState {
-    /// The transitions the state machine allows.
-    pub fn can_become(self, next: ReplicaState) -> bool {
-        matches!(
-            (self, next),
-            (ReplicaState::Online, ReplicaState::Faulted)
-                | (ReplicaState::Faulted, ReplicaState::Online)
-        )
-    }
-}
-
-/// Volume state as users see it.
-///
-/// ```text
-///   Stopped ─▶ Starting ─▶ Live ◀─▶ Degraded
-///      ▲          │          │          │
-///      │          ▼          ▼          ▼
-///      └──────── Failed    Stopping ◀───┘ ─▶ Stopped
-///   Starting ─▶ Recovering (found our QUIESCED device) ─▶ Live | Degraded | Failed
-///   Starting | Recovering | Live | Degraded | Stopping ─▶ Fenced ─▶ Starting | Stopped
-/// ```
-/// Live and Degraded are derived from replica health; the others are lifecycle.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VolumeState {
-    #[default]
-    Stopped,
-    Starting,
-    Recovering,
-    /// Serving, every replica online.
-    Live,
-    /// Serving with at least one replica faulted.
-    Degraded,
-    Stopping,
-    /// Could not start or lost its device; see the reason in status.
-    Failed,
-    /// A newer owner (higher generation) took the replicas: I/O fails and the
-    /// device is removed. Restart the volume only once that owner is gone.
-    Fenced,
-}
-
-impl VolumeState {
-    pub fn can_become(self, next: VolumeState) -> bool {
-        use VolumeState::*;
-        matches!(
-            (self, next),
-            (Stopped, Starting)
-                | (Stopped, Recovering)
-                | (Starting, Recovering)
-                | (Starting | Recovering, Live | Degraded | Failed | Stopping)
-                | (Live, Degraded)
-                | (Degraded, Live)
-                | (Live | Degraded, Stopping | Failed)
-                | (Stopping, Stopped | Failed)
-                | (Failed, Starting | Recovering | Stopped)
-                | (Starting | Recovering | Live | Degraded | Stopping, Fenced)
-                | (Fenced, Starting | Stopped)
-        )
-    }
-
-    pub fn is_serving(self) -> bool {
-        matches!(self, VolumeState::Live | VolumeState::Degraded)
-    }
-}
-
-/// One replica's health record: what is persisted and reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplicaHealth {
-    pub location: String,
-    pub state: ReplicaState,
-    /// Why it was faulted (last error), for operators.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default)]
-    pub errors: u64,
-}
-
-/// Where health changes are made durable (the daemon's state dir, later etcd).
+/// What the persister makes durable besides the labels (the daemon's state dir).
 pub trait StateSink: Send + Sync {
-    fn persist(&self, replicas: &[ReplicaHealth]) -> Result<(), ReplicationError>;
+    fn persist(&self, snapshot: &HealthSnapshot) -> Result<(), ReplicationError>;
 }
 
-impl<T: StateSink + ?Sized> StateSink for std::sync::Arc<T> {
-    fn persist(&self, replicas: &[ReplicaHealth]) -> Result<(), ReplicationError> {
-        (**self).persist(replicas)
+impl<T: StateSink + ?Sized> StateSink for Arc<T> {
+    fn persist(&self, s: &HealthSnapshot) -> Result<(), ReplicationError> {
+        (**self).persist(s)
     }
 }
 
@@ -122,9 +52,48 @@ impl<T: StateSink + ?Sized> StateSink for std::sync::Arc<T> {
 pub struct NoPersist;
 
 impl StateSink for NoPersist {
-    fn persist(&self, _: &[ReplicaHealth]) -> Result<(), ReplicationError> {
+    fn persist(&self, _: &HealthSnapshot) -> Result<(), ReplicationError> {
         Ok(())
     }
+}
+
+/// One slot as reported and persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub slot: SlotIndex,
+    pub location: String,
+    pub uuid: ReplicaUuid,
+    #[serde(flatten)]
+    pub state: ReplicaState,
+    pub errors: u64,
+    pub remote: bool,
+}
+
+/// Everything the health knows, at one point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSnapshot {
+    pub generation: Generation,
+    pub membership: Membership,
+    /// Slots in index order, without removed ones.
+    pub slots: Vec<SlotStatus>,
+}
+
+/// A slot to create.
+pub struct SlotSpec {
+    pub location: String,
+    pub uuid: ReplicaUuid,
+    /// `None` for a faulted replica that could not be opened at all.
+    pub backing: Option<Backing>,
+    pub remote: bool,
+    pub state: ReplicaState,
+    pub errors: u64,
+}
+
+/// The backings of the current replica set, index = slot; queues make their
+/// per-queue handles from it and keep it while their requests run.
+pub struct ReplicaSet {
+    pub epoch: u64,
+    pub backings: Vec<Option<Backing>>,
 }
 
 /// Volume I/O counters (relaxed atomics: statistics only).
@@ -208,56 +177,262 @@ impl Fence {
     }
 }
 
+/// The outcome of a mutation, by the ack rule ([`Health::settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Ack,
+    Fail(Errno),
+    /// Acknowledge once [`Health::durable`] for this ticket resolves.
+    AwaitDurable(Ticket),
+    /// No online replica holds it, but the last one is reconnecting: wait for a
+    /// change of the sets, then submit the request again.
+    Retry,
+}
+
+/// What a request waits for before it is acknowledged: the state version that must
+/// be durable, and the persist attempts already started when it asked (one that
+/// starts later and fails fails the request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub version: u64,
+    pub attempts: u64,
+}
+
+/// What to do after a failed read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadVerdict {
+    /// Read again (from another replica, or after waiting for one).
+    Retry,
+    Fail(Errno),
+}
+
+struct Slot {
+    location: String,
+    uuid: ReplicaUuid,
+    state: ReplicaState,
+    errors: u64,
+    remote: bool,
+    /// `None` once removed, or when it could not be opened (it is faulted then).
+    backing: Option<Backing>,
+    /// Faulted since the last persist while reachable: mark its label outdated
+    /// (best effort) with the membership it last had.
+    outdate: Option<Membership>,
+}
+
+struct Inner {
+    slots: Vec<Slot>,
+    generation: Generation,
+    membership: Membership,
+    set: Arc<ReplicaSet>,
+    /// Earlier sets still held by requests in flight: a removed slot's index is free
+    /// again once none of them is alive.
+    retired: Vec<Weak<ReplicaSet>>,
+}
+
+/// Configuration of a volume's health.
+pub struct HealthConfig {
+    /// The activation's generation.
+    pub generation: Generation,
+    /// The membership written at activation (epoch and members).
+    pub membership: Membership,
+    /// How long I/O waits for a reconnecting last replica before it fails.
+    pub no_replica_timeout: Duration,
+    /// Name for the persister thread and logs.
+    pub volume: String,
+}
+
 pub struct Health {
-    /// Bit i set = replica i online. Readers on the fast path use this alone.
-    online: AtomicU64,
-    /// `ReadPolicy::Primary` when set.
+    write_mask: AtomicU64,
+    read_mask: AtomicU64,
+    local_mask: AtomicU64,
+    connecting_mask: AtomicU64,
+    set_epoch: AtomicU64,
+    /// Bumped for every change that must be durable before a write that depends on
+    /// it is acknowledged; `durable` is the newest version persisted. `attempts`
+    /// counts the persister's attempts, `failed` is the number of the last one that
+    /// failed.
+    wanted: AtomicU64,
+    durable: AtomicU64,
+    attempts: AtomicU64,
+    failed: AtomicU64,
     primary_reads: AtomicBool,
-    /// A fault is recorded in memory but not yet durable: no I/O that skips a
-    /// replica may be acknowledged until it is.
-    persist_pending: AtomicBool,
-    inner: Mutex<Vec<ReplicaHealth>>,
+    stopping: AtomicBool,
+    inner: Mutex<Inner>,
+    persist_wake: Condvar,
+    signal: Arc<Signal>,
     sink: Box<dyn StateSink>,
-    fence: std::sync::Arc<Fence>,
+    fence: Arc<Fence>,
+    no_replica_timeout: Duration,
+    volume: String,
     pub stats: IoStats,
 }
 
-impl Health {
-    /// `replicas` is the persisted (or fresh) health; at least one must be online.
-    pub fn new(
-        replicas: Vec<ReplicaHealth>,
-        sink: Box<dyn StateSink>,
-    ) -> Result<Health, ReplicationError> {
-        assert!(
-            !replicas.is_empty() && replicas.len() <= ReplicaIndex::MAX,
-            "1..={} replicas",
-            ReplicaIndex::MAX
-        );
-        let online = mask_of(&replicas);
-        if online == 0 {
-            return Err(ReplicationError::Persist(
-                "no replica is online: refusing to serve stale data".into(),
-            ));
+/// At most this many slots: states are bitmasks in a `u64`. Configured replicas are
+/// far fewer ([`crate::MAX_REPLICAS`]); the rest is room for replacements.
+pub const MAX_SLOTS: usize = 64;
+
+impl From<SlotSpec> for Slot {
+    fn from(s: SlotSpec) -> Slot {
+        Slot {
+            location: s.location,
+            uuid: s.uuid,
+            remote: s.remote,
+            state: s.state,
+            errors: s.errors,
+            backing: s.backing,
+            outdate: None,
         }
-        Ok(Health {
-            online: AtomicU64::new(online),
+    }
+}
+
+fn mask_of(slots: &[Slot], f: impl Fn(&Slot) -> bool) -> u64 {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| f(s))
+        .fold(0, |m, (i, _)| m | 1 << i)
+}
+
+fn is_connection_error(e: Errno) -> bool {
+    matches!(e.0, libc::ENOTCONN | libc::ETIMEDOUT)
+}
+
+impl Health {
+    /// `slots` in slot order; at least one must be Online (activation guarantees it).
+    pub fn new(
+        cfg: HealthConfig,
+        slots: Vec<SlotSpec>,
+        sink: Box<dyn StateSink>,
+    ) -> Result<Arc<Health>, ReplicationError> {
+        assert!(
+            !slots.is_empty() && slots.len() <= MAX_SLOTS,
+            "1..={MAX_SLOTS} slots"
+        );
+        if !slots
+            .iter()
+            .any(|s| s.state == ReplicaState::Online && s.backing.is_some())
+        {
+            return Err(ReplicationError::NoOnlineReplica);
+        }
+        for s in &slots {
+            assert!(
+                s.backing.is_some() || !s.state.in_write_set(),
+                "replica {} takes I/O but has no backing",
+                s.location
+            );
+        }
+        let slots: Vec<Slot> = slots.into_iter().map(Slot::from).collect();
+        let set = Arc::new(ReplicaSet {
+            epoch: 1,
+            backings: slots.iter().map(|s| s.backing.clone()).collect(),
+        });
+        let h = Arc::new(Health {
+            write_mask: AtomicU64::new(0),
+            read_mask: AtomicU64::new(0),
+            local_mask: AtomicU64::new(0),
+            connecting_mask: AtomicU64::new(0),
+            set_epoch: AtomicU64::new(1),
+            wanted: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
             primary_reads: AtomicBool::new(false),
-            persist_pending: AtomicBool::new(false),
-            inner: Mutex::new(replicas),
+            stopping: AtomicBool::new(false),
+            inner: Mutex::new(Inner {
+                slots,
+                generation: cfg.generation,
+                membership: cfg.membership,
+                set,
+                retired: Vec::new(),
+            }),
+            persist_wake: Condvar::new(),
+            signal: Signal::new(),
             sink,
-            fence: Default::default(),
+            fence: Arc::new(Fence::default()),
+            no_replica_timeout: cfg.no_replica_timeout,
+            volume: cfg.volume,
             stats: IoStats::default(),
-        })
+        });
+        h.publish_masks(&h.inner.lock().unwrap());
+        let weak = Arc::downgrade(&h);
+        std::thread::Builder::new()
+            .name(format!("persist-{}", h.volume))
+            .spawn(move || persister(weak))
+            .map_err(|e| ReplicationError::Persist(format!("start the persister thread: {e}")))?;
+        Ok(h)
     }
 
-    /// Share `fence` with the replicas that can trip it.
-    pub fn with_fence(mut self, fence: std::sync::Arc<Fence>) -> Health {
-        self.fence = fence;
-        self
+    fn publish_masks(&self, inner: &Inner) {
+        let s = &inner.slots;
+        self.local_mask.store(
+            mask_of(s, |x| !x.remote && x.backing.is_some()),
+            Ordering::Release,
+        );
+        self.connecting_mask.store(
+            mask_of(s, |x| x.state == ReplicaState::Connecting),
+            Ordering::Release,
+        );
+        self.read_mask
+            .store(mask_of(s, |x| x.state.in_read_set()), Ordering::Release);
+        self.write_mask
+            .store(mask_of(s, |x| x.state.in_write_set()), Ordering::Release);
+        self.signal.notify();
     }
 
-    pub fn fence(&self) -> &std::sync::Arc<Fence> {
+    pub fn fence(&self) -> &Arc<Fence> {
         &self.fence
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// Bitmask of slots that take writes.
+    pub fn write_mask(&self) -> u64 {
+        self.write_mask.load(Ordering::Acquire)
+    }
+
+    /// Bitmask of slots that take reads (and hold every acknowledged write).
+    pub fn read_mask(&self) -> u64 {
+        self.read_mask.load(Ordering::Acquire)
+    }
+
+    /// Bitmask of local slots (reads prefer them).
+    pub fn local_mask(&self) -> u64 {
+        self.local_mask.load(Ordering::Acquire)
+    }
+
+    /// No replica takes reads, but one that may hold the data is reconnecting:
+    /// I/O waits for it.
+    pub fn waiting(&self) -> bool {
+        self.read_mask() == 0 && self.connecting_mask.load(Ordering::Acquire) != 0
+    }
+
+    pub fn no_replica_timeout(&self) -> Duration {
+        self.no_replica_timeout
+    }
+
+    /// Epoch of the replica set; changes when a slot is added or removed.
+    pub fn set_epoch(&self) -> u64 {
+        self.set_epoch.load(Ordering::Acquire)
+    }
+
+    pub fn replica_set(&self) -> Arc<ReplicaSet> {
+        self.inner.lock().unwrap().set.clone()
+    }
+
+    pub fn signal(&self) -> &Arc<Signal> {
+        &self.signal
+    }
+
+    /// Resolves when any state changes (or at `deadline`, with `false`).
+    pub fn changed(
+        &self,
+        since: u64,
+        deadline: Option<Instant>,
+        kick: Option<Arc<dyn Kick>>,
+    ) -> crate::wake::Changed {
+        self.signal.changed(since, deadline, kick)
     }
 
     pub fn set_read_policy(&self, p: ReadPolicy) {
@@ -273,243 +448,622 @@ impl Health {
         }
     }
 
-    /// Bitmask of online replicas.
-    pub fn online_mask(&self) -> u64 {
-        self.online.load(Ordering::Acquire)
+    pub fn snapshot(&self) -> HealthSnapshot {
+        snapshot_of(&self.inner.lock().unwrap())
     }
 
-    pub fn replica_count(&self) -> usize {
-        self.inner.lock().unwrap().len()
+    /// Every slot online (Live), or not (Degraded).
+    pub fn all_online(&self) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .slots
+            .iter()
+            .filter(|s| s.state != ReplicaState::Removed)
+            .all(|s| s.state == ReplicaState::Online)
     }
 
-    pub fn snapshot(&self) -> Vec<ReplicaHealth> {
-        self.inner.lock().unwrap().clone()
+    /// Whether every change so far is durable.
+    pub fn is_durable(&self) -> bool {
+        self.durable.load(Ordering::Acquire) >= self.wanted.load(Ordering::Acquire)
     }
 
-    /// Live if every replica is online, Degraded otherwise.
-    pub fn serving_state(&self) -> VolumeState {
-        let n = self.replica_count();
-        if self.online_mask().count_ones() as usize == n {
-            VolumeState::Live
+    fn ticket(&self) -> Settle {
+        let version = self.wanted.load(Ordering::Acquire);
+        if self.durable.load(Ordering::Acquire) >= version {
+            Settle::Ack
         } else {
-            VolumeState::Degraded
+            Settle::AwaitDurable(Ticket {
+                version,
+                attempts: self.attempts.load(Ordering::Acquire),
+            })
         }
     }
 
-    /// Whether an I/O may be acknowledged without first retrying a failed persist.
-    pub fn durable(&self) -> bool {
-        !self.persist_pending.load(Ordering::Acquire)
+    /// The ticket for everything so far.
+    fn ticket_now(&self) -> Ticket {
+        Ticket {
+            version: self.wanted.load(Ordering::Acquire),
+            attempts: self.attempts.load(Ordering::Acquire),
+        }
     }
 
-    /// THE ACK RULE for a mutation sent to the replicas in `attempted`, of which those
-    /// in `failures` failed. Returns `Ok` when the request may be acknowledged:
+    /// Resolves once everything up to `ticket` is durable; fails (EIO) if a persist
+    /// attempt started after the ticket was taken failed.
+    pub async fn durable(&self, ticket: Ticket, kick: Option<Arc<dyn Kick>>) -> Result<(), Errno> {
+        loop {
+            let v = self.signal.version();
+            if self.durable.load(Ordering::Acquire) >= ticket.version {
+                return Ok(());
+            }
+            if self.failed.load(Ordering::Acquire) > ticket.attempts {
+                return Err(Errno::EIO);
+            }
+            self.signal.changed(v, None, kick.clone()).await;
+        }
+    }
+
+    /// Record a change that must be durable; wakes the persister.
+    fn want_persist(&self) {
+        self.wanted.fetch_add(1, Ordering::AcqRel);
+        self.persist_wake.notify_one();
+    }
+
+    /// Move `slot` to `next`, checked. Returns whether the membership changed: a
+    /// member stays one while Online or Connecting (reconnecting, it may hold the
+    /// only current copy); a rebuilt replica becomes one when it goes Online.
+    fn transition(&self, inner: &mut Inner, slot: usize, next: ReplicaState) -> bool {
+        let s = &inner.slots[slot];
+        assert!(
+            s.state.can_become(&next),
+            "volume {}: replica {} cannot go from {:?} to {next:?}",
+            self.volume,
+            s.location,
+            s.state
+        );
+        match &next {
+            ReplicaState::Faulted { reason } => {
+                tracing::error!(volume = %self.volume, replica = %s.location, %reason, "replica faulted")
+            }
+            n => {
+                tracing::info!(volume = %self.volume, replica = %s.location, state = n.name(), "replica state")
+            }
+        }
+        let uuid = s.uuid;
+        let member_now = inner.membership.contains(uuid);
+        let member_next = match next {
+            ReplicaState::Online => true,
+            ReplicaState::Connecting => member_now,
+            _ => false,
+        };
+        if member_now && !member_next && matches!(next, ReplicaState::Faulted { .. }) {
+            inner.slots[slot].outdate = Some(inner.membership.clone());
+        }
+        inner.slots[slot].state = next;
+        if member_now == member_next {
+            return false;
+        }
+        let m = &mut inner.membership;
+        m.members.retain(|u| *u != uuid);
+        if member_next {
+            m.members.push(uuid);
+        }
+        m.epoch = m.epoch.next();
+        m.generation = inner.generation;
+        true
+    }
+
+    /// THE ACK RULE for a mutation sent to the slots in `attempted`, of which those
+    /// in `failures` failed:
     ///
-    /// * at least one replica that took the write is *still* online (another queue may
-    ///   have faulted it meanwhile), and
-    /// * every failed replica is faulted and that fault is durable.
-    ///
-    /// Otherwise the request fails (first error) and no replica is faulted for it:
-    /// the data reached no replica that stays in the set, so the application must
-    /// know, and the last good copy is never thrown away.
+    /// * at least one slot that took it must *still* be online (another queue may
+    ///   have faulted it meanwhile): otherwise the request fails (first error), and no
+    ///   replica is faulted for it — the data reached no replica that stays in the set,
+    ///   so the application must know, and the last good copy is never thrown away.
+    ///   Except when the online replicas failed for a lost connection: they go to
+    ///   Connecting and the request is retried once one is back (or times out);
+    /// * every failed slot is faulted, and the new membership without it must be
+    ///   durable before the request is acknowledged.
     ///
     /// A fenced volume acknowledges nothing (a newer owner took the replicas).
-    pub fn settle(&self, attempted: u64, failures: &[(ReplicaIndex, Errno)]) -> Result<(), Errno> {
+    pub fn settle(&self, attempted: u64, failures: &[(SlotIndex, Errno)], op: IoOp) -> Settle {
         if self.fence.is_tripped() {
-            return Err(Errno::EIO);
+            return Settle::Fail(Errno::EIO);
         }
-        if failures.is_empty() && self.durable() {
-            return Ok(());
+        if failures.is_empty() {
+            return self.ticket();
         }
-        let mut replicas = self.inner.lock().unwrap();
-        let failed_mask = failures.iter().fold(0u64, |m, (i, _)| m | 1 << i.get());
-        let took_it = attempted & !failed_mask & self.online_mask();
+        let mut inner = self.inner.lock().unwrap();
+        let failed = failures.iter().fold(0u64, |m, (i, _)| m | 1 << i.get());
+        let took_it = attempted & !failed & self.read_mask();
         if took_it == 0 {
-            return Err(failures.first().map(|f| f.1).unwrap_or(Errno::EIO));
-        }
-        for (idx, errno) in failures {
-            let r = &mut replicas[idx.get()];
-            r.errors += 1;
-            if r.state == ReplicaState::Online {
-                assert!(r.state.can_become(ReplicaState::Faulted));
-                r.state = ReplicaState::Faulted;
-                r.reason = Some(match errno.0 {
-                    // What the remote replica client reports (remote::client).
-                    libc::ETIMEDOUT => {
-                        "missed the I/O deadline (replica hung or unreachable)".into()
+            let mut retry = false;
+            for (slot, errno) in failures {
+                let s = &inner.slots[slot.get()];
+                if !is_connection_error(*errno) {
+                    continue;
+                }
+                match s.state {
+                    ReplicaState::Online if self.read_mask() & !failed == 0 => {
+                        self.transition(&mut inner, slot.get(), ReplicaState::Connecting);
+                        retry = true;
                     }
-                    libc::ENOTCONN => "connection to the replica server lost".into(),
-                    _ => format!("I/O error: {errno}"),
-                });
-                self.persist_pending.store(true, Ordering::Release);
-                tracing::error!(replica = %r.location, %errno, "replica faulted");
-            }
-        }
-        let online = mask_of(&replicas);
-        assert!(online != 0, "the last online replica was faulted");
-        self.online.store(online, Ordering::Release);
-        if self.persist_pending.load(Ordering::Acquire) {
-            match self.sink.persist(&replicas) {
-                Ok(()) => self.persist_pending.store(false, Ordering::Release),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot persist replica fault: failing I/O until it is durable");
-                    return Err(Errno::EIO);
+                    ReplicaState::Connecting => retry = true,
+                    _ => {}
                 }
             }
+            if retry {
+                self.publish_masks(&inner);
+                return Settle::Retry;
+            }
+            return Settle::Fail(failures[0].1);
         }
-        Ok(())
+        let mut changed = false;
+        for (slot, errno) in failures {
+            let i = slot.get();
+            inner.slots[i].errors += 1;
+            if inner.slots[i].state.in_write_set() {
+                let reason = FaultReason::of_errno(op, *errno);
+                changed |= self.transition(&mut inner, i, ReplicaState::Faulted { reason });
+            }
+        }
+        self.publish_masks(&inner);
+        if changed {
+            self.want_persist();
+        }
+        drop(inner);
+        self.ticket()
     }
 
-    /// Marks a replica online again (after a rebuild) and persists it.
-    pub fn set_online(&self, idx: ReplicaIndex) -> Result<(), ReplicationError> {
-        let mut replicas = self.inner.lock().unwrap();
-        let r = replicas
-            .get_mut(idx.get())
-            .ok_or(ReplicationError::NoSuchReplica(idx))?;
-        if r.state == ReplicaState::Online {
-            return Ok(());
+    /// A read from `slot` failed with `errno`.
+    pub fn read_failed(&self, slot: SlotIndex, errno: Errno) -> ReadVerdict {
+        if self.fence.is_tripped() {
+            return ReadVerdict::Fail(Errno::EIO);
         }
-        assert!(r.state.can_become(ReplicaState::Online));
-        r.state = ReplicaState::Online;
-        r.reason = None;
-        self.sink.persist(&replicas)?;
-        self.online.store(mask_of(&replicas), Ordering::Release);
-        Ok(())
+        let mut inner = self.inner.lock().unwrap();
+        let i = slot.get();
+        inner.slots[i].errors += 1;
+        if inner.slots[i].state != ReplicaState::Online {
+            return ReadVerdict::Retry; // someone faulted it meanwhile
+        }
+        let others = self.read_mask() & !(1 << i);
+        if others != 0 {
+            let reason = FaultReason::of_errno(IoOp::Read, errno);
+            if self.transition(&mut inner, i, ReplicaState::Faulted { reason }) {
+                self.want_persist();
+            }
+        } else if is_connection_error(errno) {
+            self.transition(&mut inner, i, ReplicaState::Connecting);
+        } else {
+            return ReadVerdict::Fail(errno);
+        }
+        self.publish_masks(&inner);
+        ReadVerdict::Retry
+    }
+
+    /// The connection of `slot` went down (before its pending requests fail).
+    pub fn connection_lost(&self, slot: SlotIndex, why: &Lost) {
+        let mut inner = self.inner.lock().unwrap();
+        let i = slot.get();
+        if i >= inner.slots.len() {
+            return;
+        }
+        let reason = match why {
+            Lost::Deadline { waited } => FaultReason::MissedDeadline {
+                waited_ms: waited.as_millis() as u64,
+            },
+            Lost::Closed { .. } => FaultReason::ConnectionLost,
+        };
+        let changed = match inner.slots[i].state {
+            ReplicaState::Online if self.read_mask() & !(1 << i) == 0 => {
+                tracing::warn!(volume = %self.volume, replica = %inner.slots[i].location,
+                    "the last online replica lost its connection: I/O waits for it to come back");
+                self.transition(&mut inner, i, ReplicaState::Connecting)
+            }
+            ReplicaState::Online | ReplicaState::Rebuilding { .. } => {
+                self.transition(&mut inner, i, ReplicaState::Faulted { reason })
+            }
+            _ => false,
+        };
+        self.publish_masks(&inner);
+        if changed {
+            self.want_persist();
+        }
+    }
+
+    /// `slot` is reachable again with `label`: whether it takes I/O.
+    pub fn reconnected(&self, slot: SlotIndex, label: &Label) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let i = slot.get();
+        if i >= inner.slots.len() {
+            return false;
+        }
+        let epoch = inner.membership.epoch;
+        let generation = inner.generation;
+        match inner.slots[i].state {
+            ReplicaState::Connecting
+                if label.replica_uuid == inner.slots[i].uuid
+                    && label.generation == generation
+                    && label.is_current_at(epoch) =>
+            {
+                self.transition(&mut inner, i, ReplicaState::Online);
+                self.publish_masks(&inner);
+                // Back in the read set: the membership did not change (it never left).
+                true
+            }
+            ReplicaState::Connecting => {
+                // Reachable, but not the replica we waited for (or not current): it
+                // cannot be trusted, and nothing else is online.
+                tracing::error!(volume = %self.volume, replica = %inner.slots[i].location,
+                    label_epoch = label.membership.epoch.0, epoch = epoch.0,
+                    "the reconnected replica is not current: I/O keeps waiting");
+                false
+            }
+            ReplicaState::Online => true,
+            _ => false,
+        }
+    }
+
+    /// A replica answered FENCED: a newer owner took the volume.
+    pub fn fenced(&self, slot: SlotIndex, theirs: Generation) {
+        let (loc, ours) = {
+            let inner = self.inner.lock().unwrap();
+            let loc = inner
+                .slots
+                .get(slot.get())
+                .map(|s| s.location.clone())
+                .unwrap_or_default();
+            (loc, inner.generation)
+        };
+        self.fence.trip(format!(
+            "replica {loc} now belongs to generation {} (ours is {}): a newer owner took over",
+            theirs.0, ours.0
+        ));
+        self.signal.notify();
+    }
+
+    /// Events of one remote slot's connection.
+    pub fn conn_events(self: &Arc<Self>, slot: SlotIndex) -> Arc<dyn ConnEvents> {
+        Arc::new(SlotEvents {
+            health: Arc::downgrade(self),
+            slot,
+        })
+    }
+
+    /// Move `slot` to `next` (rebuild start/finish, operator actions); the change is
+    /// durable when this returns.
+    pub fn set_state(&self, slot: SlotIndex, next: ReplicaState) -> Result<(), ReplicationError> {
+        let mut inner = self.inner.lock().unwrap();
+        let s = inner
+            .slots
+            .get(slot.get())
+            .ok_or(ReplicationError::NoSuchSlot(slot))?;
+        if !s.state.can_become(&next) {
+            return Err(ReplicationError::Transition {
+                replica: s.location.clone(),
+                from: s.state.name(),
+                to: next.name(),
+            });
+        }
+        if s.state == ReplicaState::Online
+            && self.read_mask() & !(1 << slot.get()) == 0
+            && next != ReplicaState::Connecting
+        {
+            return Err(ReplicationError::LastOnline(s.location.clone()));
+        }
+        self.transition(&mut inner, slot.get(), next);
+        self.publish_masks(&inner);
+        self.want_persist();
+        let ticket = self.ticket_now();
+        drop(inner);
+        futures::executor::block_on(self.durable(ticket, None))
+            .map_err(|_| ReplicationError::Persist("the change could not be made durable".into()))
+    }
+
+    /// Add a slot to the running set (the rebuild and HA steps add a replacement as
+    /// Rebuilding, or as Faulted until its rebuild starts). Returns its index.
+    pub fn add_slot(&self, spec: SlotSpec) -> Result<SlotIndex, ReplicationError> {
+        if spec.state.in_read_set() || (spec.backing.is_none() && spec.state.in_write_set()) {
+            // Only a rebuild makes a replica current.
+            return Err(ReplicationError::Transition {
+                replica: spec.location,
+                from: "new",
+                to: spec.state.name(),
+            });
+        }
+        let mut inner = self.inner.lock().unwrap();
+        inner.retired.retain(|w| w.strong_count() > 0);
+        let busy = |i: usize, inner: &Inner| {
+            inner.retired.iter().any(|w| {
+                w.upgrade()
+                    .is_some_and(|set| set.backings.get(i).is_some_and(Option::is_some))
+            })
+        };
+        let free = (0..inner.slots.len())
+            .find(|&i| inner.slots[i].state == ReplicaState::Removed && !busy(i, &inner));
+        let slot = Slot::from(spec);
+        let i = match free {
+            Some(i) => {
+                inner.slots[i] = slot;
+                i
+            }
+            None if inner.slots.len() < MAX_SLOTS => {
+                inner.slots.push(slot);
+                inner.slots.len() - 1
+            }
+            None => return Err(ReplicationError::TooManySlots),
+        };
+        self.publish_set(&mut inner);
+        self.publish_masks(&inner);
+        self.want_persist();
+        Ok(SlotIndex(i as u8))
+    }
+
+    /// Take `slot` out of the set. The last online replica cannot be removed.
+    pub fn remove_slot(&self, slot: SlotIndex) -> Result<(), ReplicationError> {
+        let mut inner = self.inner.lock().unwrap();
+        let i = slot.get();
+        let s = inner
+            .slots
+            .get(i)
+            .filter(|s| s.state != ReplicaState::Removed)
+            .ok_or(ReplicationError::NoSuchSlot(slot))?;
+        if s.state == ReplicaState::Online && self.read_mask() & !(1 << i) == 0 {
+            return Err(ReplicationError::LastOnline(s.location.clone()));
+        }
+        self.transition(&mut inner, i, ReplicaState::Removed);
+        inner.slots[i].backing = None;
+        self.publish_masks(&inner);
+        self.publish_set(&mut inner);
+        self.want_persist();
+        let ticket = self.ticket_now();
+        drop(inner);
+        futures::executor::block_on(self.durable(ticket, None))
+            .map_err(|_| ReplicationError::Persist("the removal could not be made durable".into()))
+    }
+
+    /// Publish a new replica set (epoch + 1); the old one lives on while requests
+    /// hold it.
+    fn publish_set(&self, inner: &mut Inner) {
+        let epoch = inner.set.epoch + 1;
+        let old = std::mem::replace(
+            &mut inner.set,
+            Arc::new(ReplicaSet {
+                epoch,
+                backings: inner.slots.iter().map(|s| s.backing.clone()).collect(),
+            }),
+        );
+        inner.retired.push(Arc::downgrade(&old));
+        self.set_epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Stop the persister (after the last I/O): a final persist runs first.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.persist_wake.notify_all();
+    }
+
+    /// Flush every write-set replica (clean stop). Returns the ones that failed.
+    pub fn sync_all(&self) -> Vec<(String, Errno)> {
+        let members: Vec<(String, Backing)> = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .slots
+                .iter()
+                .filter(|s| s.state.in_write_set())
+                .filter_map(|s| Some((s.location.clone(), s.backing.clone()?)))
+                .collect()
+        };
+        members
+            .into_iter()
+            .filter_map(|(loc, b)| b.sync().err().map(|e| (loc, e)))
+            .collect()
     }
 }
 
-fn mask_of(replicas: &[ReplicaHealth]) -> u64 {
-    replicas
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.state == ReplicaState::Online)
-        .fold(0, |m, (i, _)| m | 1 << i)
+fn snapshot_of(inner: &Inner) -> HealthSnapshot {
+    HealthSnapshot {
+        generation: inner.generation,
+        membership: inner.membership.clone(),
+        slots: inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state != ReplicaState::Removed)
+            .map(|(i, s)| SlotStatus {
+                slot: SlotIndex(i as u8),
+                location: s.location.clone(),
+                uuid: s.uuid,
+                state: s.state.clone(),
+                errors: s.errors,
+                remote: s.remote,
+            })
+            .collect(),
+    }
+}
+
+struct SlotEvents {
+    health: Weak<Health>,
+    slot: SlotIndex,
+}
+
+impl ConnEvents for SlotEvents {
+    fn lost(&self, why: &Lost) {
+        if let Some(h) = self.health.upgrade() {
+            h.connection_lost(self.slot, why);
+        }
+    }
+    fn reconnected(&self, label: &Label) -> bool {
+        self.health
+            .upgrade()
+            .is_some_and(|h| h.reconnected(self.slot, label))
+    }
+    fn fenced(&self, theirs: Generation) {
+        if let Some(h) = self.health.upgrade() {
+            h.fenced(self.slot, theirs);
+        }
+    }
+}
+
+/// The persister thread: makes each new version durable — the membership into
+/// every member's label, then the record — and wakes the requests waiting for it.
+fn persister(weak: Weak<Health>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(h) = weak.upgrade() else { return };
+        let target = h.wanted.load(Ordering::Acquire);
+        if h.durable.load(Ordering::Acquire) >= target {
+            if h.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let inner = h.inner.lock().unwrap();
+            if h.wanted.load(Ordering::Acquire) == target {
+                let _ = h
+                    .persist_wake
+                    .wait_timeout(inner, Duration::from_millis(500))
+                    .unwrap();
+            }
+            continue;
+        }
+        let attempt = h.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        match persist_once(&h) {
+            Ok(done) => {
+                h.durable.fetch_max(done, Ordering::AcqRel);
+                backoff = Duration::from_millis(50);
+                h.signal.notify();
+                outdate_faulted(&h);
+            }
+            Err(e) => {
+                tracing::error!(volume = %h.volume, error = %e,
+                    "cannot persist a replica state change: failing the I/O that depends on it until it is durable");
+                h.failed.fetch_max(attempt, Ordering::AcqRel);
+                h.signal.notify();
+                drop(h);
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// One attempt: returns the version made durable.
+fn persist_once(h: &Health) -> Result<u64, ReplicationError> {
+    loop {
+        let (target, snap, members) = {
+            let inner = h.inner.lock().unwrap();
+            let target = h.wanted.load(Ordering::Acquire);
+            let members: Vec<(usize, Backing)> = inner
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state == ReplicaState::Online)
+                .filter_map(|(i, s)| Some((i, s.backing.clone()?)))
+                .collect();
+            (target, snapshot_of(&inner), members)
+        };
+        let update = LabelUpdate {
+            membership: snap.membership.clone(),
+            outdated: false,
+        };
+        // Every member's label, at once.
+        let results: Vec<(usize, Result<(), Errno>)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = members
+                .iter()
+                .map(|(i, b)| (*i, sc.spawn(|| b.update_label(&update))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|(i, t)| (i, t.join().unwrap_or(Err(Errno::EIO))))
+                .collect()
+        });
+        let failed: Vec<(usize, Errno)> = results
+            .into_iter()
+            .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+            .collect();
+        if failed.is_empty() {
+            h.sink.persist(&snap)?;
+            return Ok(target);
+        }
+        // A member that cannot take the new membership is faulted too (the next
+        // round writes an epoch without it) — unless it is the last one.
+        let mut inner = h.inner.lock().unwrap();
+        let mut progressed = false;
+        for (i, errno) in failed {
+            if inner.slots[i].state != ReplicaState::Online {
+                continue;
+            }
+            inner.slots[i].errors += 1;
+            if h.read_mask() & !(1 << i) == 0 {
+                return Err(ReplicationError::Persist(format!(
+                    "the label of {}, the last online replica, cannot be written: {errno}",
+                    inner.slots[i].location
+                )));
+            }
+            let reason = FaultReason::IoError {
+                op: IoOp::Label,
+                errno: errno.0,
+            };
+            h.transition(&mut inner, i, ReplicaState::Faulted { reason });
+            progressed = true;
+        }
+        h.publish_masks(&inner);
+        if progressed {
+            h.wanted.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Best effort, after the members know: tell each replica faulted since the last
+/// round that it is outdated, so that even alone it is never trusted.
+fn outdate_faulted(h: &Health) {
+    let todo: Vec<(String, Backing, Membership)> = {
+        let mut inner = h.inner.lock().unwrap();
+        inner
+            .slots
+            .iter_mut()
+            .filter_map(|s| {
+                let m = s.outdate.take()?;
+                Some((s.location.clone(), s.backing.clone()?, m))
+            })
+            .collect()
+    };
+    for (loc, b, membership) in todo {
+        let update = LabelUpdate {
+            membership,
+            outdated: true,
+        };
+        match b.update_label(&update) {
+            Ok(()) => {
+                tracing::info!(volume = %h.volume, replica = %loc, "marked the faulted replica outdated")
+            }
+            Err(e) => tracing::debug!(volume = %h.volume, replica = %loc, %e,
+                "cannot mark the faulted replica outdated now (its label is stale anyway)"),
+        }
+    }
 }
 
 /// Iterate the indices of set bits.
-pub fn indices(mut mask: u64) -> impl Iterator<Item = ReplicaIndex> {
+pub fn indices(mut mask: u64) -> impl Iterator<Item = SlotIndex> {
     std::iter::from_fn(move || {
         if mask == 0 {
             return None;
         }
         let i = mask.trailing_zeros();
         mask &= mask - 1;
-        Some(ReplicaIndex(i as u8))
+        Some(SlotIndex(i as u8))
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    fn online(n: usize) -> Vec<ReplicaHealth> {
-        (0..n)
-            .map(|i| ReplicaHealth {
-                location: format!("r{i}"),
-                state: ReplicaState::Online,
-                reason: None,
-                errors: 0,
-            })
-            .collect()
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("volume", &self.volume)
+            .field("write_mask", &self.write_mask())
+            .field("read_mask", &self.read_mask())
+            .finish()
     }
+}
 
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<Vec<ReplicaHealth>>>, AtomicBool);
-    impl StateSink for Recorder {
-        fn persist(&self, r: &[ReplicaHealth]) -> Result<(), ReplicationError> {
-            if self.1.load(Ordering::SeqCst) {
-                return Err(ReplicationError::Persist("disk full".into()));
-            }
-            self.0.lock().unwrap().push(r.to_vec());
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn failed_replica_is_faulted_and_persisted_before_ack() {
-        let rec = Arc::new(Recorder::default());
-        let h = Health::new(online(2), Box::new(rec.clone())).unwrap();
-        assert_eq!(h.settle(0b11, &[(ReplicaIndex(1), Errno::EIO)]), Ok(()));
-        assert_eq!(h.online_mask(), 0b01);
-        let persisted = rec.0.lock().unwrap();
-        assert_eq!(persisted.len(), 1);
-        assert_eq!(persisted[0][1].state, ReplicaState::Faulted);
-        assert_eq!(h.serving_state(), VolumeState::Degraded);
-    }
-
-    #[test]
-    fn last_online_replica_is_never_faulted() {
-        let h = Health::new(online(1), Box::new(NoPersist)).unwrap();
-        assert_eq!(
-            h.settle(0b1, &[(ReplicaIndex(0), Errno::EIO)]),
-            Err(Errno::EIO)
-        );
-        assert_eq!(h.online_mask(), 0b1);
-    }
-
-    #[test]
-    fn all_failed_returns_error_and_faults_none() {
-        let h = Health::new(online(2), Box::new(NoPersist)).unwrap();
-        let f = [(ReplicaIndex(0), Errno(5)), (ReplicaIndex(1), Errno(28))];
-        assert_eq!(h.settle(0b11, &f), Err(Errno(5)));
-        assert_eq!(h.online_mask(), 0b11);
-    }
-
-    #[test]
-    fn crossed_failures_never_ack_data_held_only_by_a_faulted_replica() {
-        // Queue A: write reached r0 only. Queue B: write reached r1 only.
-        let h = Health::new(online(2), Box::new(NoPersist)).unwrap();
-        assert_eq!(h.settle(0b11, &[(ReplicaIndex(1), Errno::EIO)]), Ok(()));
-        // B's only copy is on r1, which A just faulted: B must fail, r0 stays online.
-        assert_eq!(
-            h.settle(0b11, &[(ReplicaIndex(0), Errno::EIO)]),
-            Err(Errno::EIO)
-        );
-        assert_eq!(h.online_mask(), 0b01);
-    }
-
-    #[test]
-    fn persist_failure_fails_io_until_durable() {
-        let rec = Arc::new(Recorder::default());
-        rec.1.store(true, Ordering::SeqCst);
-        let h = Health::new(online(3), Box::new(rec.clone())).unwrap();
-        assert_eq!(
-            h.settle(0b111, &[(ReplicaIndex(2), Errno::EIO)]),
-            Err(Errno::EIO)
-        );
-        assert_eq!(h.online_mask(), 0b011, "fault kept in memory");
-        // A clean write still may not be acked while the fault is not durable.
-        assert_eq!(h.settle(0b011, &[]), Err(Errno::EIO));
-        rec.1.store(false, Ordering::SeqCst);
-        assert_eq!(h.settle(0b011, &[]), Ok(()));
-        assert!(h.durable());
-        assert_eq!(rec.0.lock().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn refuses_to_start_with_no_online_replica() {
-        let mut r = online(2);
-        r[0].state = ReplicaState::Faulted;
-        r[1].state = ReplicaState::Faulted;
-        assert!(Health::new(r, Box::new(NoPersist)).is_err());
-    }
-
-    #[test]
-    fn volume_state_transitions() {
-        use VolumeState::*;
-        assert!(Stopped.can_become(Starting));
-        assert!(Starting.can_become(Live));
-        assert!(Live.can_become(Degraded));
-        assert!(Degraded.can_become(Stopping));
-        assert!(!Stopped.can_become(Live));
-        assert!(!Stopping.can_become(Live));
-        assert!(ReplicaState::Online.can_become(ReplicaState::Faulted));
-        assert!(!ReplicaState::Online.can_become(ReplicaState::Online));
-    }
-
-    #[test]
-    fn indices_lists_set_bits() {
-        let v: Vec<u8> = indices(0b1010_0101).map(|i| i.0).collect();
-        assert_eq!(v, vec![0, 2, 5, 7]);
-    }
+/// The membership epoch of `m` advanced by one (what activation writes).
+pub fn next_epoch(m: &Membership) -> Epoch {
+    m.epoch.next()
 }

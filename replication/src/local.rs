@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
+use wire::label::{self, AreaRead, Label, LABEL_AREA, SLOT_LEN};
+
 use crate::error::{Errno, ReplicationError};
 use crate::ids::{ByteLen, ByteOffset};
 use crate::replica::{IoFuture, IoResult, Replica};
@@ -46,7 +48,11 @@ pub struct LocalBacking {
     direct: Option<File>,
     /// Offset/length/address alignment the direct descriptor needs.
     dio_align: u64,
-    size: u64,
+    /// Bytes of volume data; the label area (`LABEL_AREA`) follows.
+    data_size: u64,
+    /// The label last read or written, and its slot's sequence number (`None`:
+    /// not read yet).
+    label: std::sync::Mutex<Option<(u64, Option<Label>)>>,
     /// Memory-backed (tmpfs/ramfs): a read or write is a memcpy that never waits for a
     /// device, while io_uring would hand it to an io-wq worker thread (tmpfs has no
     /// non-blocking read/write path). Serve it inline on the queue thread instead.
@@ -54,10 +60,13 @@ pub struct LocalBacking {
 }
 
 impl LocalBacking {
-    /// Open a replica's backing. With [`Create::IfMissing`] a missing regular file is
-    /// created sparse at `volume_size` (never under `/dev` but `/dev/shm`: a vanished
-    /// disk must not come back as a file in devtmpfs). Files are locked (`flock`), block devices
-    /// opened `O_EXCL`, so two daemons can never write the same replica.
+    /// Open a replica's backing: `volume_size` bytes of data, then the label area.
+    /// With [`Create::IfMissing`] a missing regular file is created sparse (never
+    /// under `/dev` but `/dev/shm`: a vanished disk must not come back as a file in
+    /// devtmpfs). A file of exactly `volume_size` bytes (made by ublkd 0.1, before
+    /// labels) is extended by the label area; a block device needs that room beyond
+    /// the volume. Files are locked (`flock`), block devices opened `O_EXCL`, so two
+    /// daemons can never write the same replica.
     pub fn open(
         path: &Path,
         volume_size: u64,
@@ -88,7 +97,8 @@ impl LocalBacking {
                     .create_new(true)
                     .open(path)
                     .map_err(err("create"))?;
-                f.set_len(volume_size).map_err(err("size new file"))?;
+                f.set_len(volume_size + LABEL_AREA)
+                    .map_err(err("size new file"))?;
                 f.sync_all().map_err(err("sync new file"))?;
                 tracing::info!(path = %path.display(), volume_size, "created sparse replica file");
                 BackingKind::File
@@ -128,6 +138,23 @@ impl LocalBacking {
                 volume_size,
             });
         }
+        if size < volume_size + LABEL_AREA {
+            if kind == BackingKind::File && size == volume_size {
+                // A replica of ublkd 0.1: its data ends at the volume size. Append the
+                // (zeroed) label area; the owner labels it on adoption.
+                buffered
+                    .set_len(volume_size + LABEL_AREA)
+                    .and_then(|()| buffered.sync_all())
+                    .map_err(err("extend for the label area"))?;
+                tracing::info!(path = %path.display(), "extended an unlabelled replica file by the label area");
+            } else {
+                return Err(ReplicationError::NoRoomForLabel {
+                    path: path.to_path_buf(),
+                    size,
+                    needed: volume_size + LABEL_AREA,
+                });
+            }
+        }
         // A second descriptor of the same open file description would share flags, so
         // open the path again. Block devices: O_EXCL is per open file, and both are ours.
         let direct = OpenOptions::new()
@@ -160,7 +187,8 @@ impl LocalBacking {
             buffered,
             direct,
             dio_align,
-            size,
+            data_size: volume_size,
+            label: std::sync::Mutex::new(None),
             inline,
         })
     }
@@ -173,8 +201,110 @@ impl LocalBacking {
         self.kind
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
+    /// Bytes of volume data (the label area follows).
+    pub fn data_size(&self) -> u64 {
+        self.data_size
+    }
+
+    /// The replica's label, from the two slots of its label area.
+    pub fn read_label(&self) -> Result<AreaRead, ReplicationError> {
+        let mut slots = vec![0u8; 2 * SLOT_LEN];
+        let fd = self.buffered.as_raw_fd();
+        // SAFETY: pread into our own buffer of that length.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                slots.as_mut_ptr().cast(),
+                slots.len(),
+                self.data_size as libc::off_t,
+            )
+        };
+        if n != slots.len() as isize {
+            return Err(self.label_error("read", std::io::Error::last_os_error()));
+        }
+        let area = label::read_area(&slots[..SLOT_LEN], &slots[SLOT_LEN..]).map_err(|e| {
+            ReplicationError::Label {
+                path: self.path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        *self.label.lock().unwrap() = Some(match &area {
+            AreaRead::Label { seq, label } => (*seq, Some(label.clone())),
+            AreaRead::NoLabel => (0, None),
+        });
+        Ok(area)
+    }
+
+    /// Write `label` durably into the slot after the current one (the current one
+    /// stays intact until this one is complete).
+    pub fn write_label(&self, label: &Label) -> Result<(), ReplicationError> {
+        let current = self.label.lock().unwrap().as_ref().map(|(s, _)| *s);
+        let seq = match current {
+            Some(s) => s,
+            None => match self.read_label() {
+                Ok(AreaRead::Label { seq, .. }) => seq,
+                // A damaged area is rewritten whole, starting over.
+                Ok(AreaRead::NoLabel) | Err(_) => 0,
+            },
+        } + 1;
+        let bytes = label::encode_slot(label, seq);
+        let at = self.data_size + (label::slot_of(seq) * SLOT_LEN) as u64;
+        let fd = self.buffered.as_raw_fd();
+        // SAFETY: pwrite from our own buffer of that length.
+        let n = unsafe { libc::pwrite(fd, bytes.as_ptr().cast(), bytes.len(), at as libc::off_t) };
+        if n != bytes.len() as isize {
+            return Err(self.label_error("write", std::io::Error::last_os_error()));
+        }
+        self.buffered
+            .sync_data()
+            .map_err(|e| self.label_error("sync", e))?;
+        *self.label.lock().unwrap() = Some((seq, Some(label.clone())));
+        Ok(())
+    }
+
+    /// Replace the membership part of the label (read or written before).
+    pub fn update_label(
+        &self,
+        update: &wire::control::LabelUpdate,
+    ) -> Result<(), ReplicationError> {
+        let current = self
+            .label
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|(_, l)| l.clone());
+        let mut label = match current {
+            Some(l) => l,
+            None => match self.read_label()? {
+                AreaRead::Label { label, .. } => label,
+                AreaRead::NoLabel => {
+                    return Err(ReplicationError::Label {
+                        path: self.path.clone(),
+                        message: "no label to update".into(),
+                    })
+                }
+            },
+        };
+        label.membership = update.membership.clone();
+        label.outdated = update.outdated;
+        self.write_label(&label)
+    }
+
+    fn label_error(&self, what: &str, e: std::io::Error) -> ReplicationError {
+        ReplicationError::Label {
+            path: self.path.clone(),
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    /// Whether a discard here reads back as zeroes without writing them: a hole
+    /// punched in a file, or a device that zeroes with unmap. Probed on the unused
+    /// last 4 KiB of the label area (zero, and zero afterwards).
+    pub fn cheap_zeroing(&self) -> bool {
+        let at = self.data_size + LABEL_AREA - 4096;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on our own descriptor.
+        unsafe { libc::fallocate(self.buffered.as_raw_fd(), mode, at as libc::off_t, 4096) == 0 }
     }
 
     /// Flush the backing's written data to stable storage (outside the data path).
@@ -434,19 +564,11 @@ impl<U: Uring> Replica for LocalReplica<U> {
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
-        Box::pin(async move {
-            // Punching a hole reads back as zeroes on files and on block devices
-            // (zero-out with unmap), so replicas that support it stay identical, and
-            // it goes through io_uring instead of a blocking BLKDISCARD ioctl. A device
-            // that cannot do it keeps its old data: discard is advisory.
-            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            match self.fallocate(offset.0, len.0, punch).await {
-                // EINVAL: a range this backing cannot punch (e.g. 512-byte discard on a
-                // 4Kn device). Advisory, so not a reason to fault the replica.
-                r if r >= 0 || is_unsupported(r) => Ok(()),
-                r => Err(Errno::from_cqe(r)),
-            }
-        })
+        // Not advisory: replicas must stay identical, so a discarded range reads
+        // back as zeroes on every replica. Punching a hole does that on files and on
+        // devices that zero with unmap; otherwise zero it the way WRITE_ZEROES does
+        // (the volume advertises discard only when every replica can punch).
+        self.write_zeroes(offset, len, false)
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_> {
@@ -488,7 +610,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = replica(&dir, 8 << 20);
         let meta = std::fs::metadata(dir.path().join("r.img")).unwrap();
-        assert_eq!(meta.len(), 8 << 20);
+        assert_eq!(
+            meta.len(),
+            (8 << 20) + LABEL_AREA,
+            "data, then the label area"
+        );
         assert_eq!(r.backing.kind(), BackingKind::File);
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 < 8 << 20, "file should be sparse");

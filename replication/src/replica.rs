@@ -1,6 +1,6 @@
-//! The replica abstraction. Every kind of replica (local file or device today,
-//! a remote replica server later, a copy-on-write snapshot store after that)
-//! implements [`Replica`]; the nexus sees nothing else.
+//! The replica abstraction. Every kind of replica (local file or device, a remote
+//! replica server, a copy-on-write snapshot store later) implements [`Replica`];
+//! the nexus sees nothing else.
 //!
 //! A `Replica` value is a *per-queue handle*: it runs on one ublk queue thread and
 //! may hold that thread's io_uring, so it is not `Send`. State shared between queues
@@ -37,31 +37,4 @@ pub trait Replica {
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_>;
     /// The range reads back as zeroes afterwards.
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_>;
-}
-
-/// Stands in for a replica whose backing could not be opened. It is never online
-/// (the nexus only sends I/O to online replicas); if asked anyway, it fails.
-pub struct Unavailable {
-    pub location: String,
-}
-
-impl Replica for Unavailable {
-    fn location(&self) -> &str {
-        &self.location
-    }
-    fn read<'a>(&'a self, _: ByteOffset, _: &'a mut [u8]) -> IoFuture<'a> {
-        Box::pin(std::future::ready(Err(Errno::EIO)))
-    }
-    fn write<'a>(&'a self, _: ByteOffset, _: &'a [u8], _: bool) -> IoFuture<'a> {
-        Box::pin(std::future::ready(Err(Errno::EIO)))
-    }
-    fn flush(&self) -> IoFuture<'_> {
-        Box::pin(std::future::ready(Err(Errno::EIO)))
-    }
-    fn discard(&self, _: ByteOffset, _: ByteLen) -> IoFuture<'_> {
-        Box::pin(std::future::ready(Err(Errno::EIO)))
-    }
-    fn write_zeroes(&self, _: ByteOffset, _: ByteLen, _: bool) -> IoFuture<'_> {
-        Box::pin(std::future::ready(Err(Errno::EIO)))
-    }
 }

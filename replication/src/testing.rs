@@ -25,7 +25,13 @@ pub struct MemStore {
     data: Mutex<Vec<u8>>,
     fault: AtomicU8,
     reads: AtomicU64,
+    writes: AtomicU64,
     flushes: AtomicU64,
+    /// Each operation blocks its thread this long (µs), so concurrent requests overlap.
+    latency_us: AtomicU64,
+    label: Mutex<Option<wire::label::Label>>,
+    /// Label writes fail with EIO.
+    fail_labels: std::sync::atomic::AtomicBool,
 }
 
 impl MemStore {
@@ -34,8 +40,52 @@ impl MemStore {
             data: Mutex::new(vec![0; size]),
             fault: AtomicU8::new(Fault::None as u8),
             reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            label: Mutex::new(None),
+            fail_labels: Default::default(),
         })
+    }
+
+    pub fn set_latency(&self, d: std::time::Duration) {
+        self.latency_us
+            .store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    fn wait(&self) {
+        let us = self.latency_us.load(Ordering::SeqCst);
+        if us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(us));
+        }
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    pub fn label(&self) -> Option<wire::label::Label> {
+        self.label.lock().unwrap().clone()
+    }
+
+    pub fn set_label(&self, l: Option<wire::label::Label>) {
+        *self.label.lock().unwrap() = l;
+    }
+
+    pub fn fail_labels(&self, fail: bool) {
+        self.fail_labels.store(fail, Ordering::SeqCst);
+    }
+
+    /// What `Backing::update_label` does for a memory replica.
+    pub fn update_label(&self, u: &wire::control::LabelUpdate) -> Result<(), Errno> {
+        if self.fail_labels.load(Ordering::SeqCst) || self.fails(false) {
+            return Err(Errno::EIO);
+        }
+        let mut l = self.label.lock().unwrap();
+        let label = l.as_mut().ok_or(Errno::EIO)?;
+        label.membership = u.membership.clone();
+        label.outdated = u.outdated;
+        Ok(())
     }
 
     pub fn set_fault(&self, f: Fault) {
@@ -64,6 +114,7 @@ impl MemStore {
     }
 
     fn mutate(&self, f: impl FnOnce(&mut Vec<u8>)) -> Result<(), Errno> {
+        self.wait();
         if self.fails(false) {
             return Err(Errno::EIO);
         }
@@ -97,6 +148,7 @@ impl Replica for MemReplica {
 
     fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
         self.store.reads.fetch_add(1, Ordering::SeqCst);
+        self.store.wait();
         let res = if self.store.fails(true) {
             Err(Errno::EIO)
         } else {
@@ -108,6 +160,7 @@ impl Replica for MemReplica {
     }
 
     fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], _fua: bool) -> IoFuture<'a> {
+        self.store.writes.fetch_add(1, Ordering::SeqCst);
         let res = self
             .store
             .mutate(|d| d[range(offset, buf.len() as u64)].copy_from_slice(buf));
@@ -175,5 +228,222 @@ impl Rng {
     /// Uniform enough below `n` for tests.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
+    }
+}
+
+/// The edges drawn in the first ```` ```text ```` block of `source` (a module's doc
+/// comment): lines of `A ──(label)──▶ B`, where either side may be `X | Y` and a
+/// line may chain several arrows. Names must be in `names`, so a typo in the
+/// diagram fails the test instead of drawing nothing.
+pub fn diagram_edges(source: &str, names: &[&str]) -> Vec<(String, String)> {
+    let mut edges = Vec::new();
+    let mut in_block = false;
+    for line in source.lines() {
+        let l = line
+            .trim_start()
+            .trim_start_matches("//!")
+            .trim_start_matches("///")
+            .trim();
+        if !in_block {
+            in_block = l.starts_with("```text");
+            continue;
+        }
+        if l.starts_with("```") {
+            break;
+        }
+        let mut bare = String::new();
+        let mut depth = 0;
+        for c in l.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ if depth == 0 => bare.push(c),
+                _ => {}
+            }
+        }
+        let bare = bare.replace('─', "");
+        let parts: Vec<Vec<&str>> = bare
+            .split('▶')
+            .map(|p| {
+                p.split('|')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .collect()
+            })
+            .collect();
+        for pair in parts.windows(2) {
+            for a in &pair[0] {
+                for b in &pair[1] {
+                    for n in [a, b] {
+                        assert!(
+                            names.contains(n),
+                            "diagram names an unknown state {n:?}: {line}"
+                        );
+                    }
+                    edges.push((a.to_string(), b.to_string()));
+                }
+            }
+        }
+    }
+    edges
+}
+
+/// A sink that records what it persists and can be told to fail.
+#[derive(Default)]
+pub struct RecordingSink {
+    pub persisted: Mutex<Vec<crate::health::HealthSnapshot>>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl RecordingSink {
+    pub fn fail(&self, fail: bool) {
+        self.failing.store(fail, Ordering::SeqCst);
+    }
+}
+
+impl crate::health::StateSink for RecordingSink {
+    fn persist(
+        &self,
+        s: &crate::health::HealthSnapshot,
+    ) -> Result<(), crate::error::ReplicationError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(crate::error::ReplicationError::Persist("disk full".into()));
+        }
+        self.persisted.lock().unwrap().push(s.clone());
+        Ok(())
+    }
+}
+
+/// `n` in-memory replicas of 1 MiB, all online and members at epoch 1.
+pub fn mem_volume(n: usize) -> (Vec<Arc<MemStore>>, Arc<crate::health::Health>) {
+    let (s, h, _) = mem_volume_with_sink(n);
+    (s, h)
+}
+
+/// [`mem_volume`] with its sink.
+pub fn mem_volume_with_sink(
+    n: usize,
+) -> (
+    Vec<Arc<MemStore>>,
+    Arc<crate::health::Health>,
+    Arc<RecordingSink>,
+) {
+    let stores: Vec<Arc<MemStore>> = (0..n).map(|_| MemStore::new(1 << 20)).collect();
+    let sink = Arc::new(RecordingSink::default());
+    let backings = stores
+        .iter()
+        .map(|s| {
+            (
+                wire::ReplicaUuid::random(),
+                crate::backing::Backing::Memory(s.clone()),
+            )
+        })
+        .collect();
+    let health = health_over(
+        "mem",
+        wire::VolumeUuid::random(),
+        1 << 20,
+        backings,
+        Box::new(sink.clone()),
+    );
+    (stores, health, sink)
+}
+
+/// A health over `backings`, all online: every one gets a label (memory and
+/// local: a whole new one; remote: the membership, on top of what OPEN wrote) with
+/// membership epoch 1 listing them all, as an activation would write.
+pub fn health_over(
+    volume: &str,
+    volume_uuid: wire::VolumeUuid,
+    size: u64,
+    backings: Vec<(wire::ReplicaUuid, crate::backing::Backing)>,
+    sink: Box<dyn crate::health::StateSink>,
+) -> Arc<crate::health::Health> {
+    use crate::backing::Backing;
+    use crate::health::{Health, HealthConfig, SlotSpec};
+    use crate::state::ReplicaState;
+    use wire::label::{Label, Membership};
+    use wire::{Epoch, Generation};
+    let generation = match backings.iter().find_map(|(_, b)| match b {
+        Backing::Remote(c) => Some(c.generation()),
+        _ => None,
+    }) {
+        Some(g) => g,
+        None => Generation(1),
+    };
+    let membership = Membership {
+        epoch: Epoch(1),
+        generation,
+        members: backings.iter().map(|(u, _)| *u).collect(),
+    };
+    for (u, b) in &backings {
+        let mut l = Label::new(volume, volume_uuid, *u, size, 4096);
+        l.generation = generation;
+        l.membership = membership.clone();
+        match b {
+            Backing::Memory(m) => m.set_label(Some(l)),
+            Backing::Local(lb) => lb.write_label(&l).expect("label a local replica"),
+            Backing::Remote(_) => b
+                .update_label(&wire::control::LabelUpdate {
+                    membership: membership.clone(),
+                    outdated: false,
+                })
+                .expect("label a remote replica"),
+        }
+    }
+    let health = Health::new(
+        HealthConfig {
+            generation,
+            membership,
+            no_replica_timeout: std::time::Duration::from_secs(10),
+            volume: volume.into(),
+        },
+        backings
+            .iter()
+            .map(|(u, b)| SlotSpec {
+                location: b.location(),
+                uuid: *u,
+                backing: Some(b.clone()),
+                remote: b.is_remote(),
+                state: ReplicaState::Online,
+                errors: 0,
+            })
+            .collect(),
+        sink,
+    )
+    .expect("health");
+    for (i, (_, b)) in backings.iter().enumerate() {
+        if let Backing::Remote(c) = b {
+            c.set_events(health.conn_events(crate::ids::SlotIndex(i as u8)));
+        }
+    }
+    health
+}
+
+/// A nexus over a health, with [`test_handle`]s.
+pub fn mem_nexus(h: &Arc<crate::health::Health>) -> crate::nexus::Nexus {
+    test_nexus(h, crate::ranges::RangeTable::new())
+}
+
+/// A nexus with [`test_handle`]s, sharing `ranges` (one table per volume).
+pub fn test_nexus(
+    h: &Arc<crate::health::Health>,
+    ranges: Arc<crate::ranges::RangeTable>,
+) -> crate::nexus::Nexus {
+    crate::nexus::Nexus::new(h.clone(), ranges, None, Box::new(test_handle))
+}
+
+/// The per-queue handle of a backing, off a ublk queue: local replicas on a
+/// private blocking ring, remote ones with no queue to kick (their futures' wakers
+/// suffice), memory ones.
+pub fn test_handle(b: &crate::backing::Backing) -> Box<dyn Replica> {
+    use crate::backing::Backing;
+    match b {
+        Backing::Memory(m) => Box::new(MemReplica::new(m.clone())),
+        Backing::Local(l) => Box::new(crate::local::LocalReplica::new(
+            l.clone(),
+            crate::uring::BlockingUring::new().expect("io_uring"),
+        )),
+        Backing::Remote(c) => Box::new(c.replica(None)),
     }
 }

@@ -7,11 +7,12 @@
 use std::sync::Arc;
 
 use futures::executor::block_on;
-use replication::health::{Health, NoPersist, ReplicaHealth};
-use replication::local::{Create, LocalBacking, LocalReplica};
-use replication::testing::{stamp_of, stamped_block, Fault, MemReplica, MemStore, Rng};
-use replication::uring::BlockingUring;
-use replication::{BlockRequest, ByteLen, ByteOffset, Nexus, Replica, ReplicaState};
+use replication::backing::Backing;
+use replication::health::NoPersist;
+use replication::local::{Create, LocalBacking};
+use replication::testing::{health_over, mem_nexus, stamp_of, stamped_block, Fault, MemStore, Rng};
+use replication::{BlockRequest, ByteLen, ByteOffset};
+use wire::{ReplicaUuid, VolumeUuid};
 
 const BLOCK: usize = 4096;
 const BLOCKS: usize = 256;
@@ -36,24 +37,19 @@ fn run_seed(seed: u64) -> u32 {
     let local =
         Arc::new(LocalBacking::open(&dir.path().join("r0.img"), size, Create::IfMissing).unwrap());
     let mems: Vec<Arc<MemStore>> = (0..2).map(|_| MemStore::new(BLOCKS * BLOCK)).collect();
-    let mut replicas: Vec<Box<dyn Replica>> = vec![Box::new(LocalReplica::new(
-        local,
-        BlockingUring::new().unwrap(),
-    ))];
-    replicas.extend(
+    let mut backings = vec![(ReplicaUuid::random(), Backing::Local(local))];
+    backings.extend(
         mems.iter()
-            .map(|m| Box::new(MemReplica::new(m.clone())) as Box<dyn Replica>),
+            .map(|m| (ReplicaUuid::random(), Backing::Memory(m.clone()))),
     );
-    let health = (0..3)
-        .map(|i| ReplicaHealth {
-            location: format!("r{i}"),
-            state: ReplicaState::Online,
-            reason: None,
-            errors: 0,
-        })
-        .collect();
-    let health = Arc::new(Health::new(health, Box::new(NoPersist)).unwrap());
-    let nexus = Nexus::new(replicas, health.clone());
+    let health = health_over(
+        "v",
+        VolumeUuid::random(),
+        size,
+        backings,
+        Box::new(NoPersist),
+    );
+    let nexus = mem_nexus(&health);
 
     // acked[b] = seq of the last acknowledged write; maybe[b] = a failed write's seq.
     let mut acked = vec![0u64; BLOCKS];
@@ -112,11 +108,11 @@ fn run_seed(seed: u64) -> u32 {
         }
     }
     assert!(
-        health.online_mask() & 1 == 1,
+        health.read_mask() & 1 == 1,
         "the never-failing local replica stays online"
     );
     // Every online replica holds exactly what was acknowledged.
-    let online = health.online_mask();
+    let online = health.read_mask();
     for (b, &want) in acked.iter().enumerate() {
         let mut buf = vec![0u8; BLOCK];
         block_on(nexus.submit(

@@ -16,13 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use replication::health::Fence;
-use replication::remote::auth::client_handshake;
-use replication::remote::wire::{
-    self, Op, OpenRequest, ReplyHeader, RequestHeader, Status, REPLY_HEADER_LEN,
-};
+use replication::remote::conn::client_handshake;
 use replication::remote::{RemoteClient, RemoteSpec, Secret};
 use replication::{ByteOffset, Replica};
+use wire::control::{decode_control, encode_control, OpenReply, OpenRequest};
+use wire::frame::{Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, REPLY_HEADER_LEN};
+use wire::{Generation, OwnerId, ReplicaUuid, RequestId, VolumeTag, VolumeUuid};
 
 const SECRET: &[u8] = b"bench-secret-0123456789abcdef";
 const SIZE: u64 = 256 << 20;
@@ -35,12 +34,12 @@ fn spec(addr: &str, replica: &str, owner: u64) -> RemoteSpec {
         open: OpenRequest {
             replica: replica.into(),
             volume: "hop".into(),
+            volume_uuid: VolumeUuid([7; 16]),
             size: SIZE,
             block_size: 4096,
-            generation: 1,
-            owner,
-            create: true,
-            stale: false,
+            generation: Generation(1),
+            owner: OwnerId(owner),
+            create: Some(ReplicaUuid::random()),
         },
         deadline: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
@@ -55,7 +54,7 @@ fn offset(i: u64) -> u64 {
 /// back from the runtime's threads (a cross-thread wake each way).
 fn via_runtime(rt: &tokio::runtime::Handle, addr: &str, qd: usize, n: u64) -> f64 {
     let client = rt.block_on(async {
-        RemoteClient::connect(spec(addr, &format!("b{qd}"), 1), Arc::new(Fence::default()))
+        RemoteClient::connect(spec(addr, &format!("b{qd}"), 1))
             .await
             .unwrap()
             .0
@@ -82,44 +81,48 @@ fn via_runtime(rt: &tokio::runtime::Handle, addr: &str, qd: usize, n: u64) -> f6
 
 /// Option A's lower bound at QD1: the calling thread does the exchange itself.
 fn inline_qd1(rt: &tokio::runtime::Handle, addr: &str, n: u64) -> f64 {
-    let mut s = rt.block_on(async {
+    let (mut s, keys) = rt.block_on(async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.set_nodelay(true).unwrap();
-        client_handshake(&mut s, &Secret::new(SECRET.to_vec()))
+        let keys = client_handshake(&mut s, &Secret::new(SECRET.to_vec()))
             .await
             .unwrap();
         let s = s.into_std().unwrap();
         s.set_nonblocking(false).unwrap();
-        s
+        (s, keys)
     });
-    let open = wire::encode_control(&spec(addr, "inline", 2).open);
-    s.write_all(&RequestHeader::new(Op::Open, 0).with_payload(&open).encode())
-        .unwrap();
+    let (mut sealer, mut opener) = (Sealer::new(keys.send), Opener::new(keys.recv));
+    let open = encode_control(&spec(addr, "inline", 2).open);
+    let mut h = RequestHeader::new(Op::Open, RequestId(0));
+    h.payload_len = open.len() as u32;
+    s.write_all(&sealer.seal_request(&h, &open)).unwrap();
     s.write_all(&open).unwrap();
-    let (r, p) = reply(&mut s);
+    let (r, p) = reply(&mut s, &mut opener);
     assert_eq!(r.status, Status::Ok);
-    let opened: wire::OpenReply = wire::decode_control(&p).unwrap();
+    let opened: OpenReply = decode_control(&p).unwrap();
     let data = vec![7u8; BLOCK];
     let t = Instant::now();
     for i in 0..n {
-        let mut h = RequestHeader::new(Op::Write, i + 1).with_payload(&data);
-        (h.offset, h.len) = (offset(i), BLOCK as u32);
-        (h.generation, h.session, h.volume) = (1, opened.session, wire::volume_id("hop"));
-        let head = h.encode();
+        let mut h = RequestHeader::new(Op::Write, RequestId(i + 1));
+        (h.offset, h.len, h.payload_len) = (ByteOffset(offset(i)), BLOCK as u32, BLOCK as u32);
+        (h.generation, h.session, h.volume) =
+            (Generation(1), opened.session, VolumeTag::of("hop"));
+        let head = sealer.seal_request(&h, &data);
         let iov = [std::io::IoSlice::new(&head), std::io::IoSlice::new(&data)];
         let k = s.write_vectored(&iov).unwrap();
         assert_eq!(k, head.len() + data.len(), "short write");
-        assert_eq!(reply(&mut s).0.status, Status::Ok);
+        assert_eq!(reply(&mut s, &mut opener).0.status, Status::Ok);
     }
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-fn reply(s: &mut TcpStream) -> (ReplyHeader, Vec<u8>) {
+fn reply(s: &mut TcpStream, opener: &mut Opener) -> (ReplyHeader, Vec<u8>) {
     let mut b = [0u8; REPLY_HEADER_LEN];
     s.read_exact(&mut b).unwrap();
-    let r = ReplyHeader::decode(&b).unwrap();
+    let (r, seal) = opener.open_reply(&b).unwrap();
     let mut p = vec![0u8; r.payload_len as usize];
     s.read_exact(&mut p).unwrap();
+    opener.open_payload(&seal, &p).unwrap();
     (r, p)
 }
 

@@ -43,6 +43,12 @@ pub const DEFAULT_IO_TIMEOUT_MS: u32 = 3000;
 pub const MIN_IO_TIMEOUT_MS: u32 = 100;
 /// Upper bound for `[node] io_timeout_ms` (10 minutes).
 pub const MAX_IO_TIMEOUT_MS: u32 = 600_000;
+/// Default for `[node] no_replica_timeout_ms`.
+pub const DEFAULT_NO_REPLICA_TIMEOUT_MS: u32 = 30_000;
+/// Upper bound for `[node] no_replica_timeout_ms` (1 hour).
+pub const MAX_NO_REPLICA_TIMEOUT_MS: u32 = 3_600_000;
+/// Default for `[server] max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
 /// Minimum length of the cluster secret (bytes, after the trailing newline
 /// is stripped). See [`read_secret`].
 pub const MIN_SECRET_LEN: usize = 16;
@@ -71,9 +77,9 @@ pub const MAX_DEVICE_ID: u32 = 1 << 20;
 /// Upper bound (inclusive) for `size` (bytes).
 pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
 /// Upper bound for the number of replicas of one volume.
-pub const MAX_REPLICAS: usize = 8;
+pub const MAX_REPLICAS: usize = replication::MAX_REPLICAS;
 /// Maximum length of a volume name and of a remote replica `id`.
-pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_NAME_LEN: usize = wire::names::MAX_NAME_LEN;
 
 /// The whole daemon configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +108,9 @@ pub struct NodeConfig {
     /// Deadline of one request to a remote replica, in milliseconds:
     /// [`MIN_IO_TIMEOUT_MS`]..=[`MAX_IO_TIMEOUT_MS`].
     pub io_timeout_ms: u32,
+    /// How long I/O waits for the last current replica when its connection is
+    /// lost, before it fails, in milliseconds: 0..=[`MAX_NO_REPLICA_TIMEOUT_MS`].
+    pub no_replica_timeout_ms: u32,
 }
 
 impl Default for NodeConfig {
@@ -112,6 +121,7 @@ impl Default for NodeConfig {
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             cluster_secret_file: None,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
+            no_replica_timeout_ms: DEFAULT_NO_REPLICA_TIMEOUT_MS,
         }
     }
 }
@@ -123,6 +133,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Absolute directory holding the served replicas, one `<id>.img` each.
     pub storage_dir: PathBuf,
+    /// Authenticated connections at once: 1..=65536.
+    pub max_connections: u32,
 }
 
 /// One `[[volume]]` entry.
@@ -420,6 +432,7 @@ struct RawNode {
     log_level: Option<Spanned<String>>,
     cluster_secret_file: Option<Spanned<String>>,
     io_timeout_ms: Option<Spanned<i64>>,
+    no_replica_timeout_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -427,6 +440,7 @@ struct RawNode {
 struct RawServer {
     listen: Option<Spanned<String>>,
     storage_dir: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -648,6 +662,15 @@ impl Validator<'_> {
                 i64::from(MAX_IO_TIMEOUT_MS),
             )? as u32;
         }
+        if let Some(v) = raw.no_replica_timeout_ms {
+            node.no_replica_timeout_ms = self.ranged(
+                &v,
+                &section,
+                "no_replica_timeout_ms",
+                0,
+                i64::from(MAX_NO_REPLICA_TIMEOUT_MS),
+            )? as u32;
+        }
         Ok(node)
     }
 
@@ -661,6 +684,7 @@ impl Validator<'_> {
             .into_iter()
             .flatten()
             .map(|v| v.span())
+            .chain(raw.max_connections.iter().map(|v| v.span()))
             .min_by_key(|s| s.start);
         first.unwrap_or(0..0)
     }
@@ -693,9 +717,14 @@ impl Validator<'_> {
             None => PathBuf::from(DEFAULT_STORAGE_DIR),
             Some(v) => self.absolute_path(v, &section, "storage_dir")?,
         };
+        let max_connections = match &raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(v) => self.ranged(v, &section, "max_connections", 1, 65536)? as u32,
+        };
         Ok(ServerConfig {
             listen,
             storage_dir,
+            max_connections,
         })
     }
 
@@ -747,21 +776,13 @@ impl Validator<'_> {
         key: &str,
     ) -> Result<String, ConfigError> {
         let name = v.get_ref();
-        let ok = !name.is_empty()
-            && name.len() <= MAX_NAME_LEN
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-            && name != "."
-            && name != "..";
+        let ok = wire::names::valid_name(name);
         if !ok {
             return Err(self.invalid(
                 &v.span(),
                 section,
                 key,
-                format!(
-                    "must be 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-] (and not \".\" or \"..\"), got {name:?}"
-                ),
+                format!("must be {}, got {name:?}", wire::names::NAME_RULE),
             ));
         }
         Ok(name.clone())
@@ -1570,6 +1591,7 @@ replicas = [
                 log_level: "debug".into(),
                 cluster_secret_file: None,
                 io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
+                no_replica_timeout_ms: DEFAULT_NO_REPLICA_TIMEOUT_MS,
             }
         );
         assert_eq!(c.server, None);
@@ -2409,6 +2431,7 @@ replicas = [
             Some(ServerConfig {
                 listen: "0.0.0.0:7000".parse().unwrap(),
                 storage_dir: PathBuf::from(DEFAULT_STORAGE_DIR),
+                max_connections: DEFAULT_MAX_CONNECTIONS,
             })
         );
         assert_eq!(

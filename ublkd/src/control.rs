@@ -34,6 +34,8 @@ pub enum Request {
     Orphans {
         remove: bool,
     },
+    /// The replica server's connections and limits.
+    Server,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +71,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         }
         Request::Orphans { remove: false } => json(&daemon.orphans()),
         Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),
+        Request::Server => json(&daemon.server_status()?),
     })
 }
 
@@ -210,8 +213,9 @@ mod tests {
             rt: rt.handle().clone(),
             secret: None,
             io_timeout: std::time::Duration::from_secs(1),
+            no_replica_timeout: std::time::Duration::from_secs(1),
         };
-        let daemon = Arc::new(Daemon::new(cfg, net).unwrap());
+        let daemon = Arc::new(Daemon::new(cfg, net, None).unwrap());
         let l = bind(&sock).unwrap();
         std::thread::spawn(move || serve(l, daemon));
         assert_eq!(call(&sock, &Request::List).unwrap(), serde_json::json!([]));

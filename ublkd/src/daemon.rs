@@ -11,6 +11,7 @@ use crate::error::DaemonError;
 use crate::frontend;
 use crate::state::StateDir;
 use crate::volume::{pid_alive, Net, VolumeRunner, VolumeStatus};
+use replica_server::{Server, ServerStatus};
 
 pub struct Daemon {
     config: Config,
@@ -23,6 +24,8 @@ pub struct Daemon {
     ops: Mutex<()>,
     /// Set once SIGTERM's stop_all began: no volume may start after it.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// This node's replica server, if it has a `[server]`.
+    server: Option<std::sync::Arc<Server>>,
 }
 
 /// A ublk device on this node that no configured volume owns.
@@ -38,7 +41,11 @@ pub struct Orphan {
 }
 
 impl Daemon {
-    pub fn new(config: Config, net: Net) -> Result<Daemon, DaemonError> {
+    pub fn new(
+        config: Config,
+        net: Net,
+        server: Option<std::sync::Arc<Server>>,
+    ) -> Result<Daemon, DaemonError> {
         let state_dir = StateDir::open(&config.node.state_dir)?;
         Ok(Daemon {
             config,
@@ -47,7 +54,18 @@ impl Daemon {
             volumes: Mutex::new(BTreeMap::new()),
             ops: Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            server,
         })
+    }
+
+    pub fn server_status(&self) -> Result<ServerStatus, DaemonError> {
+        self.server
+            .as_ref()
+            .map(|s| s.status())
+            .ok_or_else(|| DaemonError::Volume {
+                volume: "-".into(),
+                message: "this node has no [server] section: it hosts no replicas".into(),
+            })
     }
 
     pub fn config(&self) -> &Config {

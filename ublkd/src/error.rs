@@ -9,6 +9,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Replication(#[from] replication::ReplicationError),
+    #[error(transparent)]
+    Server(#[from] replica_server::ServerError),
     #[error("/dev/ublk-control is missing: load the ublk driver with `modprobe ublk_drv`")]
     NoUblkDriver,
     #[error("ublk {what}: {detail}")]

@@ -12,12 +12,14 @@ use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
+use replication::backing::Backing;
 use replication::health::Health;
-use replication::local::{LocalBacking, LocalReplica};
-use replication::remote::{Kick, RemoteClient};
-use replication::replica::Unavailable;
+use replication::local::LocalReplica;
+use replication::ranges::RangeTable;
 use replication::request::Geometry;
+use replication::testing::MemReplica;
 use replication::uring::Uring;
+use replication::wake::Kick;
 use replication::{BlockRequest, Nexus, Replica, ReplicationError};
 
 /// Replica I/O on the calling queue thread's own ring.
@@ -32,21 +34,19 @@ impl Uring for QueueRing {
     }
 }
 
-/// How one replica of a volume is reached.
-pub enum Backing {
-    Local(Arc<LocalBacking>),
-    Remote(Arc<RemoteClient>),
-    /// Could not be opened (the replica is faulted).
-    Unavailable,
-}
-
 /// What all queue threads of one volume share.
 pub struct DataPath {
     pub volume: String,
     pub geometry: Geometry,
-    /// (location, backing) in replica index order.
-    pub backings: Vec<(String, Backing)>,
     pub health: Arc<Health>,
+    /// Overlapping mutations in one order on every replica, across all queues.
+    pub ranges: Arc<RangeTable>,
+    /// Advertise DISCARD: every replica zeroes a discarded range without writing
+    /// zeroes (otherwise a discard would be a slow zeroing write, so the kernel is
+    /// not offered it; WRITE_ZEROES stays).
+    pub discard: bool,
+    /// Local replicas at start: each takes one SQE per request on the queue ring.
+    pub local_replicas: usize,
 }
 
 /// Wakes a queue thread from `io_uring_enter` when a remote replica (on a tokio
@@ -108,11 +108,13 @@ pub fn init_target(dev: &mut UblkDev, dp: &DataPath) {
     let bs_shift = g.block_size.trailing_zeros() as u8;
     let tgt = &mut dev.tgt;
     tgt.dev_size = g.size;
-    // Each request can put one SQE per replica on the ring, plus the ublk command.
-    let per_io = dp.backings.len() as u32 + 1;
+    // Each request can put one SQE per local replica on the ring, plus the ublk
+    // command; room for two more local replicas joining while the device runs.
+    let per_io = dp.local_replicas as u32 + 3;
     let sq = (dev.dev_info.queue_depth as u32 * per_io).clamp(64, 4096) as u16;
     tgt.sq_depth = sq;
     tgt.cq_depth = sq;
+    let discard_sectors = if dp.discard { u32::MAX >> 9 } else { 0 };
     tgt.params = libublk::sys::ublk_params {
         types: libublk::sys::UBLK_PARAM_TYPE_BASIC | libublk::sys::UBLK_PARAM_TYPE_DISCARD,
         basic: libublk::sys::ublk_param_basic {
@@ -129,7 +131,7 @@ pub fn init_target(dev: &mut UblkDev, dp: &DataPath) {
         },
         discard: libublk::sys::ublk_param_discard {
             discard_granularity: g.block_size,
-            max_discard_sectors: u32::MAX >> 9,
+            max_discard_sectors: discard_sectors,
             max_write_zeroes_sectors: u32::MAX >> 9,
             max_discard_segments: 1,
             ..Default::default()
@@ -150,40 +152,32 @@ pub fn run_queue(qid: u16, dev: &UblkDev, dp: &DataPath) {
             return;
         }
     };
-    let kick = if dp
-        .backings
-        .iter()
-        .any(|(_, b)| matches!(b, Backing::Remote(_)))
-    {
-        match eventfd() {
-            Ok(fd) => Some(Arc::new(EventFdKick(fd))),
-            Err(e) => {
-                tracing::error!(volume = %dp.volume, qid, error = %e, "cannot create the queue's eventfd");
-                dev.notify_buffer_registration_complete(true);
-                return;
-            }
+    // Every queue can be woken from another thread: remote completions, a range
+    // released by another queue, a replica coming back, a durable state change.
+    let kick = match eventfd() {
+        Ok(fd) => Arc::new(EventFdKick(fd)),
+        Err(e) => {
+            tracing::error!(volume = %dp.volume, qid, error = %e, "cannot create the queue's eventfd");
+            dev.notify_buffer_registration_complete(true);
+            return;
         }
-    } else {
-        None
     };
-    let replicas: Vec<Box<dyn Replica>> = dp
-        .backings
-        .iter()
-        .map(|(location, b)| match b {
-            Backing::Local(b) => {
-                Box::new(LocalReplica::new(b.clone(), QueueRing)) as Box<dyn Replica>
-            }
-            Backing::Remote(c) => Box::new(c.replica(kick.clone().map(|k| k as Arc<dyn Kick>))),
-            Backing::Unavailable => Box::new(Unavailable {
-                location: location.clone(),
-            }),
-        })
-        .collect();
-    let nexus = Rc::new(Nexus::new(replicas, dp.health.clone()));
+    let k = kick.clone() as Arc<dyn Kick>;
+    let handles = move |b: &Backing| -> Box<dyn Replica> {
+        match b {
+            Backing::Local(b) => Box::new(LocalReplica::new(b.clone(), QueueRing)),
+            Backing::Remote(c) => Box::new(c.replica(Some(k.clone()))),
+            Backing::Memory(m) => Box::new(MemReplica::new(m.clone())),
+        }
+    };
+    let nexus = Rc::new(Nexus::new(
+        dp.health.clone(),
+        dp.ranges.clone(),
+        Some(kick.clone() as Arc<dyn Kick>),
+        Box::new(handles),
+    ));
     let exe = Rc::new(smol::LocalExecutor::new());
-    if let Some(k) = kick {
-        exe.spawn(kick_pump(k)).detach();
-    }
+    exe.spawn(kick_pump(kick)).detach();
     let tasks: Vec<_> = q
         .tags()
         .map(|tag| {
@@ -214,7 +208,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, dp: &DataPath) {
 async fn serve_tag(
     q: &UblkQueue<'_>,
     tag: u16,
-    nexus: &Nexus<'_>,
+    nexus: &Nexus,
     geo: &Geometry,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);

@@ -4,7 +4,7 @@
 //! * [`state`] — what the daemon persists per volume (device id, generation, replica health).
 //! * [`frontend`] — the ublk queue threads: kernel request → [`replication::Nexus`] → result.
 //! * [`volume`] — one volume's lifecycle (add or recover its device, stop it).
-//! * [`server`] — the replica server: hosts replicas for volume owners on other nodes.
+//! * [`lifecycle`] — the volume's state machine as users see it.
 //! * [`daemon`] — all volumes of the node, orphan detection.
 //! * [`control`] — the local control socket `ublkctl` talks to.
 
@@ -13,7 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod frontend;
-pub mod server;
+pub mod lifecycle;
 pub mod state;
 pub mod volume;
 

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use replica_server::{Limits, Server};
 use replication::remote::Secret;
 use ublkd::config::Config;
 use ublkd::daemon::Daemon;
-use ublkd::server::Server;
 use ublkd::volume::Net;
 
 #[derive(Parser)]
@@ -114,19 +114,27 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         })
         .context("start the network thread")?;
     let listener = ublkd::control::bind(&cfg.node.control_socket)?;
+    let mut replica_server = None;
     if let Some(srv) = &cfg.server {
         let secret = secret
             .clone()
             .context("[server] needs [node] cluster_secret_file")?;
-        Server::new(srv.storage_dir.clone(), secret)?.listen(srv.listen, &net_handle)?;
+        let limits = Limits {
+            max_connections: srv.max_connections as usize,
+            ..Limits::default()
+        };
+        let server = Server::new(srv.storage_dir.clone(), secret, limits)?;
+        server.listen(srv.listen, &net_handle)?;
+        replica_server = Some(server);
     }
     let socket = cfg.node.control_socket.clone();
     let net = Net {
         rt: net_handle.clone(),
         secret,
         io_timeout: std::time::Duration::from_millis(cfg.node.io_timeout_ms as u64),
+        no_replica_timeout: std::time::Duration::from_millis(cfg.node.no_replica_timeout_ms as u64),
     };
-    let daemon = Arc::new(Daemon::new(cfg, net)?);
+    let daemon = Arc::new(Daemon::new(cfg, net, replica_server)?);
     let d = daemon.clone();
     std::thread::Builder::new()
         .name("control".into())

@@ -1,84 +1,161 @@
 //! The daemon's durable per-volume record, one JSON file per volume under
-//! `<state_dir>/volumes/`, replaced atomically (temp file, fsync, rename, fsync dir).
+//! `<state_dir>/volumes/`, replaced atomically ([`replication::durable`]).
+//!
+//! The record is the owner's memory of a volume: its device, its generation, the
+//! membership and each replica's state. It is not the only witness: every replica
+//! carries the membership in its label too, so losing or restoring an old copy of
+//! this file never makes the owner trust a replica that missed writes
+//! (see `replication::activation`).
+//!
+//! Version 1 records (ublkd 0.1: no uuids, no membership, fault reasons as text)
+//! are read and adopted on the next activation.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use replication::health::{ReadPolicy, ReplicaHealth, StateSink};
+use replication::activation::{Recorded, RecordedReplica};
+use replication::health::{HealthSnapshot, ReadPolicy, StateSink};
+use replication::state::FaultReason;
 use replication::{Generation, ReplicaState, ReplicationError};
 use serde::{Deserialize, Serialize};
+use wire::label::Membership;
+use wire::{Epoch, OwnerId, ReplicaUuid, VolumeUuid};
 
 use crate::config::VolumeConfig;
 use crate::error::DaemonError;
 
-pub const RECORD_VERSION: u32 = 1;
+pub const RECORD_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VolumeRecord {
     pub version: u32,
     pub name: String,
+    /// Nil until the first activation by this version (a record of ublkd 0.1).
+    pub volume_uuid: VolumeUuid,
     /// Random at creation: tags the volume's ublk device (see `frontend::owner_flags`).
     pub uid: u32,
     /// The ublk device id once one was allocated: /dev/ublkb<id>.
     pub device_id: Option<u32>,
-    /// Bumped on every activation.
+    /// Bumped on every activation, saved before any replica is opened with it.
     pub generation: Generation,
-    /// Random id of the activation that took `generation` (0: none yet), so an
-    /// owner can tell its own generation from another owner's equal one.
-    #[serde(default)]
-    pub owner: u64,
+    /// The activation that took `generation`, so an owner can tell its own
+    /// generation from another owner's equal one.
+    pub owner: OwnerId,
+    /// The replicas holding every acknowledged write (epoch 0: none recorded yet).
+    pub membership: Membership,
     pub size: u64,
     pub block_size: u32,
-    /// In config order.
-    pub replicas: Vec<ReplicaHealth>,
+    pub replicas: Vec<ReplicaRecord>,
     /// Set by a clean stop, cleared while serving: a start that finds it unset (and no
     /// device to recover) follows a host crash or reboot.
-    #[serde(default)]
     pub clean: bool,
     /// Pinned to `Primary` after an unclean shutdown, until a resync.
-    #[serde(default = "spread")]
     pub read_policy: ReadPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub location: String,
+    pub uuid: Option<ReplicaUuid>,
+    #[serde(flatten)]
+    pub state: ReplicaState,
+    #[serde(default)]
+    pub errors: u64,
+}
+
+/// A record of ublkd 0.1.
+#[derive(Deserialize)]
+struct RecordV1 {
+    name: String,
+    uid: u32,
+    device_id: Option<u32>,
+    generation: Generation,
+    #[serde(default)]
+    owner: OwnerId,
+    size: u64,
+    block_size: u32,
+    replicas: Vec<ReplicaV1>,
+    #[serde(default)]
+    clean: bool,
+    #[serde(default = "spread")]
+    read_policy: ReadPolicy,
 }
 
 fn spread() -> ReadPolicy {
     ReadPolicy::Spread
 }
 
+#[derive(Deserialize)]
+struct ReplicaV1 {
+    location: String,
+    state: String,
+    reason: Option<String>,
+    #[serde(default)]
+    errors: u64,
+}
+
+impl RecordV1 {
+    fn adopt(self) -> VolumeRecord {
+        VolumeRecord {
+            version: RECORD_VERSION,
+            name: self.name,
+            volume_uuid: VolumeUuid::default(),
+            uid: self.uid,
+            device_id: self.device_id,
+            generation: self.generation,
+            owner: self.owner,
+            membership: Membership::default(),
+            size: self.size,
+            block_size: self.block_size,
+            replicas: self
+                .replicas
+                .into_iter()
+                .map(|r| ReplicaRecord {
+                    location: r.location,
+                    uuid: None,
+                    state: if r.state == "online" {
+                        ReplicaState::Online
+                    } else {
+                        ReplicaState::Faulted {
+                            reason: FaultReason::Legacy {
+                                detail: r.reason.unwrap_or_else(|| "faulted".into()),
+                            },
+                        }
+                    },
+                    errors: r.errors,
+                })
+                .collect(),
+            clean: self.clean,
+            read_policy: self.read_policy,
+        }
+    }
+}
+
 impl VolumeRecord {
-    /// First activation: every replica starts online (fresh sparse files or devices
-    /// the operator handed over; there is no older data to disagree with).
+    /// The record of a volume's first activation (filled in from its plan).
     pub fn fresh(cfg: &VolumeConfig) -> VolumeRecord {
         VolumeRecord {
             version: RECORD_VERSION,
             name: cfg.name.clone(),
-            uid: random_u32(),
+            volume_uuid: VolumeUuid::default(),
+            uid: wire::random::u64() as u32,
             device_id: cfg.device_id,
             generation: Generation(0),
-            owner: 0,
+            owner: OwnerId(0),
+            membership: Membership::default(),
             size: cfg.size,
             block_size: cfg.block_size,
-            replicas: cfg
-                .replicas
-                .iter()
-                .map(|r| ReplicaHealth {
-                    location: r.location(),
-                    state: ReplicaState::Online,
-                    reason: None,
-                    errors: 0,
-                })
-                .collect(),
+            replicas: Vec::new(),
             clean: true,
             read_policy: ReadPolicy::Spread,
         }
     }
 
-    /// Fit a persisted record to the (possibly edited) config. Geometry may not
-    /// change; replicas are matched by location; a replica new to an existing volume
-    /// holds none of its data, so it starts faulted until a rebuild fills it.
-    pub fn reconcile(self, cfg: &VolumeConfig) -> Result<VolumeRecord, DaemonError> {
+    /// Geometry may not change: resizing is not supported.
+    pub fn check_geometry(&self, cfg: &VolumeConfig) -> Result<(), DaemonError> {
         if self.size != cfg.size || self.block_size != cfg.block_size {
             return Err(DaemonError::volume(
                 &cfg.name,
@@ -88,39 +165,31 @@ impl VolumeRecord {
                 ),
             ));
         }
-        let replicas = cfg
-            .replicas
-            .iter()
-            .map(|r| {
-                let loc = r.location();
-                self.replicas
-                    .iter()
-                    .find(|h| h.location == loc)
-                    .cloned()
-                    .unwrap_or_else(|| ReplicaHealth {
-                        location: loc,
-                        state: ReplicaState::Faulted,
-                        reason: Some(
-                            "added to an existing volume: holds none of its data, needs a full rebuild".into(),
-                        ),
-                        errors: 0,
-                    })
-            })
-            .collect();
-        Ok(VolumeRecord {
-            replicas,
-            device_id: cfg.device_id.or(self.device_id),
-            ..self
-        })
+        Ok(())
     }
-}
 
-fn random_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // SAFETY: getrandom fills the 4-byte buffer we own.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
-    assert_eq!(n, 4, "getrandom failed");
-    u32::from_ne_bytes(b)
+    /// What activation planning needs from the record.
+    pub fn recorded(&self) -> Recorded {
+        Recorded {
+            volume_uuid: (!self.volume_uuid.is_nil()).then_some(self.volume_uuid),
+            generation: self.generation,
+            owner: self.owner,
+            membership: (self.membership.epoch > Epoch(0)).then(|| self.membership.clone()),
+            replicas: self
+                .replicas
+                .iter()
+                .map(|r| RecordedReplica {
+                    location: r.location.clone(),
+                    uuid: r.uuid,
+                    state: r.state.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn replica(&self, location: &str) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| r.location == location)
+    }
 }
 
 /// The state directory (mode 0700).
@@ -149,58 +218,45 @@ impl StateDir {
 
     pub fn load(&self, name: &str) -> Result<Option<VolumeRecord>, DaemonError> {
         let path = self.path(name);
+        let bad = |message: String| DaemonError::State {
+            path: path.clone(),
+            message,
+        };
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(DaemonError::State {
-                    path,
-                    message: e.to_string(),
-                })
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let corrupt =
+            |e: serde_json::Error| bad(format!("corrupt ({e}); refusing to guess replica health"));
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(corrupt)?;
+        let rec = match v.get("version").and_then(|x| x.as_u64()) {
+            Some(1) => serde_json::from_value::<RecordV1>(v)
+                .map_err(corrupt)?
+                .adopt(),
+            Some(2) => serde_json::from_value::<VolumeRecord>(v).map_err(corrupt)?,
+            other => {
+                return Err(bad(format!(
+                    "record version {other:?} is not known to this ublkd (it reads 1 and 2)"
+                )))
             }
         };
-        let rec: VolumeRecord = serde_json::from_str(&text).map_err(|e| DaemonError::State {
-            path: path.clone(),
-            message: format!("corrupt ({e}); refusing to guess replica health"),
-        })?;
-        if rec.version != RECORD_VERSION || rec.name != name {
-            return Err(DaemonError::State {
-                path,
-                message: format!(
-                    "record is version {} for volume {:?}",
-                    rec.version, rec.name
-                ),
-            });
+        if rec.name != name {
+            return Err(bad(format!("record is for volume {:?}", rec.name)));
         }
         Ok(Some(rec))
     }
 
     pub fn save(&self, rec: &VolumeRecord) -> Result<(), DaemonError> {
         let path = self.path(&rec.name);
-        let err = |e: std::io::Error| DaemonError::State {
-            path: path.clone(),
+        replication::durable::replace_json(&path, rec).map_err(|e| DaemonError::State {
+            path,
             message: e.to_string(),
-        };
-        let tmp = path.with_extension("json.tmp");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        let body = serde_json::to_vec_pretty(rec).expect("record serializes");
-        f.write_all(&body).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::rename(&tmp, &path).map_err(err)?;
-        File::open(&self.volumes)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-        Ok(())
+        })
     }
 }
 
-/// Persists replica health changes into the volume's record.
+/// Persists health changes into the volume's record.
 pub struct RecordSink {
     dir: StateDir,
     record: Mutex<VolumeRecord>,
@@ -232,9 +288,20 @@ impl RecordSink {
 }
 
 impl StateSink for RecordSink {
-    fn persist(&self, replicas: &[ReplicaHealth]) -> Result<(), ReplicationError> {
+    fn persist(&self, s: &HealthSnapshot) -> Result<(), ReplicationError> {
         let mut rec = self.record.lock().unwrap();
-        rec.replicas = replicas.to_vec();
+        rec.generation = s.generation;
+        rec.membership = s.membership.clone();
+        rec.replicas = s
+            .slots
+            .iter()
+            .map(|x| ReplicaRecord {
+                location: x.location.clone(),
+                uuid: Some(x.uuid),
+                state: x.state.clone(),
+                errors: x.errors,
+            })
+            .collect();
         self.dir
             .save(&rec)
             .map_err(|e| ReplicationError::Persist(e.to_string()))
@@ -246,16 +313,14 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn cfg(replicas: &[&str]) -> VolumeConfig {
-        let list: Vec<String> = replicas
-            .iter()
-            .map(|p| format!("{{ local = \"{p}\" }}"))
-            .collect();
-        let text = format!(
-            "[[volume]]\nname = \"v\"\nsize = \"1MiB\"\nreplicas = [{}]\n",
-            list.join(", ")
-        );
-        Config::parse(&text, "t.toml").unwrap().volumes.remove(0)
+    fn cfg() -> VolumeConfig {
+        Config::parse(
+            "[[volume]]\nname = \"v\"\nsize = \"1MiB\"\nreplicas = [{ local = \"/a\" }]\n",
+            "t.toml",
+        )
+        .unwrap()
+        .volumes
+        .remove(0)
     }
 
     #[test]
@@ -263,8 +328,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sd = StateDir::open(dir.path()).unwrap();
         assert_eq!(sd.load("v").unwrap(), None);
-        let mut rec = VolumeRecord::fresh(&cfg(&["/a", "/b"]));
+        let mut rec = VolumeRecord::fresh(&cfg());
         rec.generation = Generation(7);
+        rec.replicas.push(ReplicaRecord {
+            location: "/a".into(),
+            uuid: Some(ReplicaUuid::random()),
+            state: ReplicaState::Faulted {
+                reason: FaultReason::MissedDeadline { waited_ms: 3001 },
+            },
+            errors: 2,
+        });
         sd.save(&rec).unwrap();
         assert_eq!(sd.load("v").unwrap(), Some(rec));
     }
@@ -279,55 +352,46 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_keeps_health_and_faults_new_replicas() {
-        let mut rec = VolumeRecord::fresh(&cfg(&["/a", "/b"]));
-        rec.replicas[1].state = ReplicaState::Faulted;
-        let rec = rec.reconcile(&cfg(&["/b", "/c", "/a"])).unwrap();
-        let states: Vec<_> = rec
-            .replicas
-            .iter()
-            .map(|r| (r.location.as_str(), r.state))
-            .collect();
+    fn a_record_of_ublkd_0_1_is_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        fs::write(
+            dir.path().join("volumes/v.json"),
+            r#"{"version":1,"name":"v","uid":5,"device_id":3,"generation":4,"owner":9,
+                "size":1048576,"block_size":512,"clean":true,"read_policy":"spread",
+                "replicas":[{"location":"/a","state":"online","errors":0},
+                            {"location":"b@h:1","state":"faulted","reason":"I/O error: EIO","errors":1}]}"#,
+        )
+        .unwrap();
+        let rec = sd.load("v").unwrap().unwrap();
         assert_eq!(
-            states,
-            vec![
-                ("/b", ReplicaState::Faulted),
-                ("/c", ReplicaState::Faulted),
-                ("/a", ReplicaState::Online)
-            ]
+            (rec.version, rec.generation, rec.device_id),
+            (2, Generation(4), Some(3))
+        );
+        assert!(rec.volume_uuid.is_nil());
+        assert_eq!(rec.replicas[0].state, ReplicaState::Online);
+        let r = rec.recorded();
+        assert_eq!(r.volume_uuid, None);
+        assert_eq!(r.membership, None);
+        assert_eq!(
+            r.replicas[1].state,
+            ReplicaState::Faulted {
+                reason: FaultReason::Legacy {
+                    detail: "I/O error: EIO".into()
+                }
+            }
         );
     }
 
     #[test]
-    fn reconcile_rejects_resize() {
-        let rec = VolumeRecord::fresh(&cfg(&["/a"]));
-        let mut c = cfg(&["/a"]);
+    fn resizing_is_refused() {
+        let rec = VolumeRecord::fresh(&cfg());
+        let mut c = cfg();
         c.size *= 2;
         assert!(rec
-            .reconcile(&c)
+            .check_geometry(&c)
             .unwrap_err()
             .to_string()
             .contains("resizing"));
-    }
-
-    #[test]
-    fn sink_persists_replica_faults() {
-        let dir = tempfile::tempdir().unwrap();
-        let sd = StateDir::open(dir.path()).unwrap();
-        let rec = VolumeRecord::fresh(&cfg(&["/a", "/b"]));
-        let sink = std::sync::Arc::new(RecordSink::new(sd.clone(), rec));
-        let mut h = sd
-            .load("v")
-            .unwrap()
-            .map(|r| r.replicas)
-            .unwrap_or_default();
-        assert!(h.is_empty());
-        h = VolumeRecord::fresh(&cfg(&["/a", "/b"])).replicas;
-        h[0].state = ReplicaState::Faulted;
-        sink.persist(&h).unwrap();
-        sink.set_device_id(3).unwrap();
-        let back = sd.load("v").unwrap().unwrap();
-        assert_eq!(back.replicas[0].state, ReplicaState::Faulted);
-        assert_eq!(back.device_id, Some(3));
     }
 }

@@ -14,19 +14,20 @@
 //! a reply is matched only after the request was fully sent; a missed deadline or a
 //! broken connection first *stops* both tasks (abort + join), and only then fails
 //! the requests still pending. Payloads go from the tag buffer to the socket with no
-//! copy; a READ reply is read into a connection buffer, checked (CRC), and copied.
+//! copy; a READ reply is read into a connection buffer, checked (tag), and copied.
 //!
 //! ## Failure
-//! A request that misses the deadline, or a dropped connection, fails every pending
-//! request (ETIMEDOUT / ENOTCONN): the nexus faults the replica and acknowledges
-//! from the others. The client then reconnects with backoff; a reconnected replica
-//! takes I/O again only once the volume's health says it is online (after a rebuild).
-//! A FENCED reply — a newer owner took the replica — trips the volume's [`Fence`].
+//! A request that misses the deadline, or a dropped connection, is reported to the
+//! volume's [`ConnEvents`] (which decides what the replica's state becomes: the
+//! volume's `Health` owns it) *before* the pending requests fail (ETIMEDOUT /
+//! ENOTCONN). The client then reconnects with backoff and reports the replica's
+//! label; whether the replica takes I/O again is the volume's decision. A FENCED
+//! reply — a newer owner took the replica — is reported too.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
@@ -34,20 +35,41 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-use super::auth::{client_handshake, Secret};
-use super::wire::{
-    self, Op, OpenReply, OpenRequest, ReplyHeader, RequestHeader, StatReply, StatRequest, Status,
-    FLAG_FUA, FLAG_NO_UNMAP, REPLY_HEADER_LEN,
+use wire::control::{
+    decode_control, encode_control, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
 };
-use crate::error::{Errno, ReplicationError};
-use crate::health::Fence;
-use crate::ids::{ByteLen, ByteOffset};
-use crate::replica::{IoFuture, IoResult, Replica};
+use wire::frame::{
+    Op, Opener, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP, REPLY_HEADER_LEN,
+};
+use wire::handshake::Secret;
+use wire::label::Label;
+use wire::{ByteLen, ByteOffset, Generation, RequestId, SessionId, VolumeTag};
 
-/// Wakes the thread that waits for a completion (a ublk queue thread's eventfd).
-pub trait Kick: Send + Sync {
-    fn kick(&self);
+use super::conn::{client_handshake, exchange};
+use crate::error::{Errno, ReplicationError};
+use crate::replica::{IoFuture, IoResult, Replica};
+pub use crate::wake::Kick;
+
+/// Why a connection went down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lost {
+    /// A request (or the idle PING) got no reply within the deadline.
+    Deadline { waited: Duration },
+    /// The socket closed or broke, or the peer broke the protocol.
+    Closed { why: String },
+}
+
+/// What a connection tells the volume it serves. Called on the network runtime;
+/// implementations must not block on it.
+pub trait ConnEvents: Send + Sync {
+    /// The connection is gone; called before its pending requests fail.
+    fn lost(&self, why: &Lost);
+    /// A new connection is up (after a loss); `label` is the replica's, as OPEN
+    /// returned it. Returns whether the replica may take I/O: if not, the client
+    /// marks it outdated on its server so no later owner trusts it either.
+    fn reconnected(&self, label: &Label) -> bool;
+    /// The replica answered FENCED: it belongs to a newer owner generation.
+    fn fenced(&self, theirs: Generation);
 }
 
 /// Where a remote replica lives and who we are to it.
@@ -78,15 +100,37 @@ struct RawBuf {
 // pending, and the borrowing future does not resolve before then (module docs).
 unsafe impl Send for RawBuf {}
 
+enum JobData {
+    None,
+    /// Data of a WRITE (source) or READ (destination) in the caller's buffer.
+    Borrowed(RawBuf),
+    /// A control payload the job owns (SET_LABEL).
+    Owned(Vec<u8>),
+}
+
 struct Job {
     op: Op,
     flags: u8,
     offset: u64,
     len: u32,
-    buf: Option<RawBuf>,
+    data: JobData,
     submitted: Instant,
     done: oneshot::Sender<IoResult>,
     kick: Option<Arc<dyn Kick>>,
+}
+
+impl Job {
+    /// The bytes that follow the header on the wire.
+    fn payload(&self) -> &[u8] {
+        match (&self.data, self.op) {
+            // SAFETY: see RawBuf; the future borrowing it is pending.
+            (JobData::Borrowed(b), Op::Write) => unsafe {
+                std::slice::from_raw_parts(b.ptr, b.len)
+            },
+            (JobData::Owned(v), _) => v,
+            _ => &[],
+        }
+    }
 }
 
 struct Pending {
@@ -111,7 +155,7 @@ fn fire(kicks: &mut Vec<Arc<dyn Kick>>) {
     kicks.clear();
 }
 
-/// One live connection with its tasks.
+/// One live connection: where jobs go.
 struct Conn {
     tx: mpsc::UnboundedSender<Job>,
 }
@@ -120,15 +164,57 @@ struct Shared {
     spec: RemoteSpec,
     location: String,
     conn: Mutex<Option<Conn>>,
-    fence: Arc<Fence>,
+    events: OnceLock<Arc<dyn ConnEvents>>,
     /// The owner dropped the client: stop reconnecting.
-    closed: std::sync::atomic::AtomicBool,
-    /// Cleared for good when a connection is lost: writes acknowledged by the server
-    /// but not yet flushed may be gone with it, and writes sent meanwhile are missing.
-    /// A reconnected replica takes no I/O (and is marked stale on its server) until a
-    /// rebuild makes it current again.
-    usable: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
     rt: tokio::runtime::Handle,
+}
+
+impl Shared {
+    fn events(&self) -> Option<&Arc<dyn ConnEvents>> {
+        self.events.get()
+    }
+
+    fn submit(
+        &self,
+        op: Op,
+        flags: u8,
+        offset: u64,
+        len: u32,
+        data: JobData,
+        kick: &Option<Arc<dyn Kick>>,
+    ) -> oneshot::Receiver<IoResult> {
+        let (done, rx) = oneshot::channel();
+        let job = Job {
+            op,
+            flags,
+            offset,
+            len,
+            data,
+            submitted: Instant::now(),
+            done,
+            kick: kick.clone(),
+        };
+        let conn = self.conn.lock().unwrap();
+        match conn.as_ref() {
+            Some(c) => {
+                if let Err(mpsc::error::SendError(job)) = c.tx.send(job) {
+                    let _ = job.done.send(Err(Errno(libc::ENOTCONN)));
+                }
+            }
+            None => {
+                let _ = job.done.send(Err(Errno(libc::ENOTCONN)));
+            }
+        }
+        rx
+    }
+
+    async fn set_label(&self, update: &LabelUpdate) -> IoResult {
+        let data = JobData::Owned(encode_control(update));
+        self.submit(Op::SetLabel, 0, 0, 0, data, &None)
+            .await
+            .unwrap_or(Err(Errno::EIO))
+    }
 }
 
 /// A connection (and its reconnection loop) to one remote replica, shared by all
@@ -142,55 +228,62 @@ fn timed_out(what: String) -> ReplicationError {
     ReplicationError::Net(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
 
-async fn dial(spec: &RemoteSpec) -> Result<TcpStream, ReplicationError> {
+/// An authenticated connection, framing state included.
+struct Session {
+    stream: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+}
+
+async fn dial(spec: &RemoteSpec) -> Result<Session, ReplicationError> {
     let net = |e| ReplicationError::Connect {
         addr: spec.addr.clone(),
         source: e,
     };
-    let s = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(&spec.addr))
+    let mut s = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(&spec.addr))
         .await
         .map_err(|_| net(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
         .map_err(net)?;
     s.set_nodelay(true).map_err(net)?;
-    let mut s = s;
     super::keepalive(&s);
-    tokio::time::timeout(spec.connect_timeout, client_handshake(&mut s, &spec.secret))
+    let keys = tokio::time::timeout(spec.connect_timeout, client_handshake(&mut s, &spec.secret))
         .await
         .map_err(|_| timed_out(format!("{}: handshake", spec.addr)))??;
-    Ok(s)
+    Ok(Session {
+        stream: s,
+        sealer: Sealer::new(keys.send),
+        opener: Opener::new(keys.recv),
+    })
 }
 
 /// One control request on a fresh, authenticated connection; returns the reply
 /// payload for `Status::Ok`.
 async fn control(
-    s: &mut TcpStream,
+    sess: &mut Session,
     spec: &RemoteSpec,
     op: Op,
     payload: &[u8],
-) -> Result<(ReplyHeader, Vec<u8>), ReplicationError> {
-    let h = RequestHeader::new(op, 0).with_payload(payload);
-    let fut = async {
-        s.write_all(&h.encode())
-            .await
-            .map_err(ReplicationError::Net)?;
-        s.write_all(payload).await.map_err(ReplicationError::Net)?;
-        let mut hb = [0u8; REPLY_HEADER_LEN];
-        s.read_exact(&mut hb).await.map_err(ReplicationError::Net)?;
-        let r = ReplyHeader::decode(&hb)?;
-        let mut p = vec![0u8; r.payload_len as usize];
-        s.read_exact(&mut p).await.map_err(ReplicationError::Net)?;
-        r.verify_payload(&p)?;
-        Ok::<_, ReplicationError>((r, p))
-    };
-    let (r, p) = tokio::time::timeout(spec.connect_timeout, fut)
-        .await
-        .map_err(|_| timed_out(format!("{}: no reply to {op:?}", spec.addr)))??;
+) -> Result<Vec<u8>, ReplicationError> {
+    let mut h = RequestHeader::new(op, RequestId(0));
+    h.payload_len = payload.len() as u32;
+    let (r, p) = tokio::time::timeout(
+        spec.connect_timeout,
+        exchange(
+            &mut sess.stream,
+            &mut sess.sealer,
+            &mut sess.opener,
+            &h,
+            payload,
+        ),
+    )
+    .await
+    .map_err(|_| timed_out(format!("{}: no reply to {op:?}", spec.addr)))??;
     match r.status {
-        Status::Ok => Ok((r, p)),
+        Status::Ok => Ok(p),
         Status::Fenced => Err(ReplicationError::Fenced {
             replica: spec.location(),
             ours: spec.open.generation,
-            theirs: r.aux,
+            theirs: Generation(r.aux),
         }),
         st => Err(ReplicationError::Remote {
             replica: spec.location(),
@@ -200,22 +293,33 @@ async fn control(
     }
 }
 
-/// The replica's identity and stored generation, without claiming it (an owner
-/// picks a generation above every replica's before it opens any).
+/// The replica's label (if it exists) and its server's space, without claiming it
+/// (an owner picks a generation above every replica's before it opens any).
 pub async fn stat(spec: &RemoteSpec) -> Result<StatReply, ReplicationError> {
     let mut s = dial(spec).await?;
     let req = StatRequest {
         replica: spec.open.replica.clone(),
     };
-    let (_, p) = control(&mut s, spec, Op::Stat, &wire::encode_control(&req)).await?;
-    wire::decode_control(&p)
+    let p = control(&mut s, spec, Op::Stat, &encode_control(&req)).await?;
+    let reply: StatReply = decode_control(&p)?;
+    Ok(StatReply {
+        label: reply.label.map(Label::checked).transpose()?,
+        ..reply
+    })
 }
 
-async fn open(spec: &RemoteSpec) -> Result<(TcpStream, OpenReply), ReplicationError> {
+async fn open(spec: &RemoteSpec) -> Result<(Session, OpenReply), ReplicationError> {
     let mut s = dial(spec).await?;
-    let (_, p) = control(&mut s, spec, Op::Open, &wire::encode_control(&spec.open)).await?;
-    let reply: OpenReply = wire::decode_control(&p)?;
-    if reply.generation != spec.open.generation || reply.size < spec.open.size {
+    let p = control(&mut s, spec, Op::Open, &encode_control(&spec.open)).await?;
+    let reply: OpenReply = decode_control(&p)?;
+    let label = reply.label.clone().checked()?;
+    if label.generation != spec.open.generation
+        || label.size != spec.open.size
+        || label.block_size != spec.open.block_size
+        || label.volume != spec.open.volume
+        || label.volume_uuid != spec.open.volume_uuid
+        || (reply.created && spec.open.create != Some(label.replica_uuid))
+    {
         return Err(ReplicationError::Protocol(format!(
             "{}: OPEN reply does not match the request",
             spec.location()
@@ -224,39 +328,26 @@ async fn open(spec: &RemoteSpec) -> Result<(TcpStream, OpenReply), ReplicationEr
     Ok((s, reply))
 }
 
-impl Shared {
-    /// Must be called on the runtime the connection tasks will use.
-    fn new(spec: RemoteSpec, fence: Arc<Fence>, usable: bool) -> Arc<Shared> {
-        Arc::new(Shared {
+impl RemoteClient {
+    /// Connect, authenticate and OPEN the replica at `spec.open.generation`. Must be
+    /// called on the runtime the connection tasks will use.
+    pub async fn connect(spec: RemoteSpec) -> Result<(RemoteClient, OpenReply), ReplicationError> {
+        let (sess, reply) = open(&spec).await?;
+        let shared = Arc::new(Shared {
             location: spec.location(),
             spec,
             conn: Mutex::new(None),
-            fence,
-            closed: Default::default(),
-            usable: std::sync::atomic::AtomicBool::new(usable),
+            events: OnceLock::new(),
+            closed: AtomicBool::new(false),
             rt: tokio::runtime::Handle::current(),
-        })
-    }
-}
-
-impl RemoteClient {
-    /// Connect, authenticate and OPEN the replica at `spec.open.generation`.
-    pub async fn connect(
-        spec: RemoteSpec,
-        fence: Arc<Fence>,
-    ) -> Result<(RemoteClient, OpenReply), ReplicationError> {
-        let (stream, reply) = open(&spec).await?;
-        let shared = Shared::new(spec, fence, true);
-        start(&shared, stream, reply.session);
+        });
+        start(&shared, sess, reply.session, reply.label.generation);
         Ok((RemoteClient { shared }, reply))
     }
 
-    /// A client whose first connection failed: it keeps trying in the background
-    /// (the replica is faulted meanwhile).
-    pub fn disconnected(spec: RemoteSpec, fence: Arc<Fence>) -> RemoteClient {
-        let shared = Shared::new(spec, fence, false);
-        shared.rt.spawn(reconnect(shared.clone()));
-        RemoteClient { shared }
+    /// Where connection events go (set once, when the volume's health exists).
+    pub fn set_events(&self, events: Arc<dyn ConnEvents>) {
+        let _ = self.shared.events.set(events);
     }
 
     pub fn location(&self) -> &str {
@@ -267,11 +358,25 @@ impl RemoteClient {
         self.shared.conn.lock().unwrap().is_some()
     }
 
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.shared.rt
+    }
+
+    /// The generation this client's activation opened the replica at.
+    pub fn generation(&self) -> Generation {
+        self.shared.spec.open.generation
+    }
+
     /// FLUSH outside the data path (at stop): every acknowledged write durable.
     pub async fn flush(&self) -> IoResult {
-        self.submit(Op::Flush, 0, 0, 0, None, &None)
+        self.submit(Op::Flush, 0, 0, 0, JobData::None, &None)
             .await
             .unwrap_or(Err(Errno::EIO))
+    }
+
+    /// SET_LABEL: replace the membership part of the replica's label, durably.
+    pub async fn set_label(&self, update: &LabelUpdate) -> IoResult {
+        self.shared.set_label(update).await
     }
 
     /// Per-queue handle; `kick` wakes that queue's thread after a completion.
@@ -288,32 +393,10 @@ impl RemoteClient {
         flags: u8,
         offset: u64,
         len: u32,
-        buf: Option<RawBuf>,
+        data: JobData,
         kick: &Option<Arc<dyn Kick>>,
     ) -> oneshot::Receiver<IoResult> {
-        let (done, rx) = oneshot::channel();
-        let job = Job {
-            op,
-            flags,
-            offset,
-            len,
-            buf,
-            submitted: Instant::now(),
-            done,
-            kick: kick.clone(),
-        };
-        let conn = self.shared.conn.lock().unwrap();
-        match conn.as_ref() {
-            Some(c) if self.shared.usable.load(Ordering::Acquire) => {
-                if let Err(mpsc::error::SendError(job)) = c.tx.send(job) {
-                    let _ = job.done.send(Err(Errno(libc::ENOTCONN)));
-                }
-            }
-            _ => {
-                let _ = job.done.send(Err(Errno(libc::ENOTCONN)));
-            }
-        }
-        rx
+        self.shared.submit(op, flags, offset, len, data, kick)
     }
 }
 
@@ -334,61 +417,78 @@ impl Drop for RemoteClient {
     }
 }
 
+/// What every fenced frame of a connection carries.
+#[derive(Clone, Copy)]
+struct FrameStamp {
+    generation: Generation,
+    session: SessionId,
+    volume: VolumeTag,
+}
+
 /// Install a connection: writer, reader and a supervisor that enforces the deadline
 /// and tears everything down on the first failure.
-fn start(shared: &Arc<Shared>, stream: TcpStream, session: u64) {
+fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Generation) {
+    let Session {
+        stream,
+        sealer,
+        opener,
+    } = sess;
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
-    let (dead_tx, dead_rx) = mpsc::unbounded_channel::<String>();
-    let hdr = FrameStamp {
-        generation: shared.spec.open.generation,
+    let (dead_tx, dead_rx) = mpsc::unbounded_channel::<Lost>();
+    let stamp = FrameStamp {
+        generation,
         session,
-        volume: wire::volume_id(&shared.spec.open.volume),
+        volume: VolumeTag::of(&shared.spec.open.volume),
     };
     let sent = Arc::new(tokio::sync::Notify::new());
     let writer = shared.rt.spawn(writer(
         wr,
+        sealer,
         rx,
         pending.clone(),
         sent.clone(),
-        hdr,
+        stamp,
         dead_tx.clone(),
     ));
-    let reader = shared
-        .rt
-        .spawn(reader(rd, pending.clone(), sent, shared.clone(), dead_tx));
+    let reader = shared.rt.spawn(reader(
+        rd,
+        opener,
+        pending.clone(),
+        sent,
+        shared.clone(),
+        dead_tx,
+    ));
     *shared.conn.lock().unwrap() = Some(Conn { tx });
     shared
         .rt
         .spawn(supervise(shared.clone(), writer, reader, pending, dead_rx));
 }
 
-#[derive(Clone, Copy)]
-struct FrameStamp {
-    generation: u64,
-    session: u64,
-    volume: u64,
+fn closed(why: String) -> Lost {
+    Lost::Closed { why }
 }
 
 async fn writer(
     mut wr: OwnedWriteHalf,
+    mut sealer: Sealer,
     mut rx: mpsc::UnboundedReceiver<Job>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     sent: Arc<tokio::sync::Notify>,
     stamp: FrameStamp,
-    dead: mpsc::UnboundedSender<String>,
+    dead: mpsc::UnboundedSender<Lost>,
 ) {
+    // Request ids 1, 2, ...: 0 was the OPEN.
     let mut next_id: u64 = 1;
     let mut batch: Vec<Job> = Vec::with_capacity(64);
-    let mut heads: Vec<[u8; wire::REQUEST_HEADER_LEN]> = Vec::with_capacity(64);
+    let mut heads: Vec<[u8; wire::frame::REQUEST_HEADER_LEN]> = Vec::with_capacity(64);
     let mut ids: Vec<u64> = Vec::with_capacity(64);
-    let mut bufs: Vec<Option<RawBuf>> = Vec::with_capacity(64);
     loop {
         match rx.recv().await {
             Some(j) => batch.push(j),
             None => {
-                let _ = dead.send("client closed".into());
+                let _ = dead.send(closed("client closed".into()));
                 return;
             }
         }
@@ -401,46 +501,47 @@ async fn writer(
         }
         heads.clear();
         ids.clear();
-        bufs.clear();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        // The payload slices point into each job's buffer (owned by its pending
+        // entry, or the caller's borrowed buffer), which nobody frees or completes
+        // before the entry is marked sent, after this write.
+        let mut payloads: Vec<RawBuf> = Vec::with_capacity(batch.len());
         {
             let mut p = pending.lock().unwrap();
             for job in batch.drain(..) {
                 let id = next_id;
                 next_id += 1;
-                let mut h = RequestHeader::new(job.op, id);
+                let mut h = RequestHeader::new(job.op, RequestId(id));
                 h.flags = job.flags;
-                h.offset = job.offset;
+                h.offset = ByteOffset(job.offset);
                 h.len = job.len;
-                h.generation = stamp.generation;
-                h.session = stamp.session;
-                h.volume = stamp.volume;
-                let data = match (job.op, job.buf) {
-                    (Op::Write, Some(b)) => Some(b),
-                    _ => None,
-                };
-                if let Some(b) = data {
-                    // SAFETY: see RawBuf; the future borrowing it is pending.
-                    h = h.with_payload(unsafe { std::slice::from_raw_parts(b.ptr, b.len) });
+                if job.op.is_fenced() {
+                    h.generation = stamp.generation;
+                    h.session = stamp.session;
+                    h.volume = stamp.volume;
+                    h.payload_len = job.payload().len() as u32;
                 }
-                heads.push(h.encode());
+                heads.push(sealer.seal_request(&h, job.payload()));
+                payloads.push(RawBuf {
+                    ptr: job.payload().as_ptr().cast_mut(),
+                    len: job.payload().len(),
+                });
                 ids.push(id);
-                bufs.push(data);
                 p.insert(id, Pending { job, sent: false });
             }
         }
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(ids.len() * 2);
-        for (h, b) in heads.iter().zip(&bufs) {
+        for (h, b) in heads.iter().zip(&payloads) {
             slices.push(IoSlice::new(h));
-            if let Some(b) = b {
-                // SAFETY: as above; a pending entry is only completed after it was
-                // sent, or after this task has been stopped.
+            if b.len > 0 {
+                // SAFETY: see above; an owned payload's Vec moved into the map, but
+                // its heap buffer did not move.
                 slices.push(IoSlice::new(unsafe {
                     std::slice::from_raw_parts(b.ptr, b.len)
                 }));
             }
         }
         if let Err(e) = write_all_vectored(&mut wr, &mut slices).await {
-            let _ = dead.send(format!("send failed: {e}"));
+            let _ = dead.send(closed(format!("send failed: {e}")));
             return;
         }
         {
@@ -471,14 +572,19 @@ async fn write_all_vectored(
 
 async fn reader(
     rd: OwnedReadHalf,
+    mut opener: Opener,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     sent: Arc<tokio::sync::Notify>,
     shared: Arc<Shared>,
-    dead: mpsc::UnboundedSender<String>,
+    dead: mpsc::UnboundedSender<Lost>,
 ) {
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let mut payload: Vec<u8> = Vec::new();
     let mut kicks: Vec<Arc<dyn Kick>> = Vec::new();
+    let die = |kicks: &mut Vec<Arc<dyn Kick>>, why: String| {
+        fire(kicks);
+        let _ = dead.send(closed(why));
+    };
     loop {
         // Fire the batched kicks before we may sleep.
         if rd.buffer().len() < REPLY_HEADER_LEN {
@@ -486,12 +592,10 @@ async fn reader(
         }
         let mut hb = [0u8; REPLY_HEADER_LEN];
         if let Err(e) = rd.read_exact(&mut hb).await {
-            fire(&mut kicks);
-            let _ = dead.send(format!("connection lost: {e}"));
-            return;
+            return die(&mut kicks, format!("connection lost: {e}"));
         }
         let res = async {
-            let r = ReplyHeader::decode(&hb)?;
+            let (r, seal) = opener.open_reply(&hb)?;
             payload.resize(r.payload_len as usize, 0);
             if rd.buffer().len() < payload.len() {
                 // About to wait: wake the queues of what completed so far.
@@ -500,17 +604,13 @@ async fn reader(
             rd.read_exact(&mut payload)
                 .await
                 .map_err(|e| ReplicationError::Protocol(format!("connection lost: {e}")))?;
-            r.verify_payload(&payload)?;
+            opener.open_payload(&seal, &payload)?;
             Ok::<_, ReplicationError>(r)
         }
         .await;
         let r = match res {
             Ok(r) => r,
-            Err(e) => {
-                fire(&mut kicks);
-                let _ = dead.send(e.to_string());
-                return;
-            }
+            Err(e) => return die(&mut kicks, e.to_string()),
         };
         // The server replies only after it received the whole request, but the
         // writer may not have marked it sent yet: wait for that, so a reply never
@@ -521,8 +621,8 @@ async fn reader(
             notified.as_mut().enable();
             {
                 let mut p = pending.lock().unwrap();
-                match p.get(&r.id) {
-                    Some(e) if e.sent => break p.remove(&r.id),
+                match p.get(&r.id.0) {
+                    Some(e) if e.sent => break p.remove(&r.id.0),
                     Some(_) => {}
                     None => break None,
                 }
@@ -531,29 +631,30 @@ async fn reader(
             notified.await;
         };
         let Some(Pending { job, .. }) = entry else {
-            fire(&mut kicks);
-            let _ = dead.send(format!(
-                "protocol violation: reply to unknown request {}",
-                r.id
-            ));
-            return;
+            return die(
+                &mut kicks,
+                format!("protocol violation: reply to unknown request {}", r.id.0),
+            );
         };
         let res = match r.status {
             Status::Ok if job.op == Op::Read => {
-                let b = job.buf.expect("read has a buffer");
+                let JobData::Borrowed(b) = job.data else {
+                    unreachable!("a read has a buffer")
+                };
                 if payload.len() != b.len {
-                    let _ = dead.send(format!(
-                        "protocol violation: READ of {} bytes answered with {}",
-                        b.len,
-                        payload.len()
-                    ));
                     // Put it back so teardown fails it after the tasks stopped.
                     pending
                         .lock()
                         .unwrap()
-                        .insert(r.id, Pending { job, sent: true });
-                    fire(&mut kicks);
-                    return;
+                        .insert(r.id.0, Pending { job, sent: true });
+                    return die(
+                        &mut kicks,
+                        format!(
+                            "protocol violation: READ of {} bytes answered with {}",
+                            b.len,
+                            payload.len()
+                        ),
+                    );
                 }
                 // SAFETY: the job is ours (removed from `pending`), its future pending.
                 unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), b.ptr, b.len) };
@@ -566,10 +667,9 @@ async fn reader(
                 libc::EIO
             })),
             Status::Fenced => {
-                shared.fence.trip(format!(
-                    "replica {} now belongs to generation {} (ours is {}): a newer owner took over",
-                    shared.location, r.aux, shared.spec.open.generation
-                ));
+                if let Some(ev) = shared.events() {
+                    ev.fenced(Generation(r.aux));
+                }
                 Err(Errno::EIO)
             }
             st => {
@@ -589,15 +689,15 @@ async fn supervise(
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
-    mut dead: mpsc::UnboundedReceiver<String>,
+    mut dead: mpsc::UnboundedReceiver<Lost>,
 ) {
     let deadline = shared.spec.deadline;
     let mut last_ping = Instant::now();
     let mut tick = tokio::time::interval((deadline / 4).max(Duration::from_millis(20)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (reason, errno) = loop {
+    let why = loop {
         tokio::select! {
-            why = dead.recv() => break (why.unwrap_or_else(|| "tasks ended".into()), libc::ENOTCONN),
+            why = dead.recv() => break why.unwrap_or_else(|| closed("tasks ended".into())),
             _ = tick.tick() => {
                 if pending.lock().unwrap().is_empty() && last_ping.elapsed() >= PING_EVERY {
                     // Idle: probe liveness and the fence (the ping has the deadline too).
@@ -606,17 +706,14 @@ async fn supervise(
                 }
                 let oldest = pending.lock().unwrap().values().map(|p| p.job.submitted).min();
                 if let Some(t) = oldest {
-                    let age = t.elapsed();
-                    if age > deadline {
-                        break (format!("a request missed the {} ms deadline (waited {} ms)",
-                            deadline.as_millis(), age.as_millis()), libc::ETIMEDOUT);
+                    let waited = t.elapsed();
+                    if waited > deadline {
+                        break Lost::Deadline { waited };
                     }
                 }
             }
         }
     };
-    // New submissions fail fast from here on, and after a reconnect too.
-    shared.usable.store(false, Ordering::Release);
     let closed_by_owner = shared.conn.lock().unwrap().take().is_none();
     // Stop both tasks before failing their requests: after this nothing touches a
     // request's buffer.
@@ -624,19 +721,31 @@ async fn supervise(
     reader.abort();
     let _ = writer.await;
     let _ = reader.await;
+    if closed_by_owner {
+        fail_pending(&pending, &why);
+        return;
+    }
+    tracing::error!(replica = %shared.location, reason = ?why, "replica connection down");
+    // The volume decides the replica's fate (and records it) before any request
+    // that depended on it completes.
+    if let Some(ev) = shared.events() {
+        ev.lost(&why);
+    }
+    fail_pending(&pending, &why);
+    reconnect(shared).await;
+}
+
+fn fail_pending(pending: &Mutex<HashMap<u64, Pending>>, why: &Lost) {
+    let errno = match why {
+        Lost::Deadline { .. } => libc::ETIMEDOUT,
+        Lost::Closed { .. } => libc::ENOTCONN,
+    };
     let failed: Vec<Pending> = pending.lock().unwrap().drain().map(|(_, p)| p).collect();
-    let n = failed.len();
     let mut kicks = Vec::new();
     for p in failed {
         kicks.extend(complete(p.job, Err(Errno(errno))));
     }
     fire(&mut kicks);
-    if closed_by_owner {
-        return;
-    }
-    tracing::error!(replica = %shared.location, reason = %reason, failed_requests = n,
-        "replica connection down");
-    reconnect(shared).await;
 }
 
 /// How often an idle connection is probed.
@@ -649,7 +758,7 @@ fn ping(shared: &Shared) {
         flags: 0,
         offset: 0,
         len: 0,
-        buf: None,
+        data: JobData::None,
         submitted: Instant::now(),
         done,
         kick: None,
@@ -663,10 +772,9 @@ fn ping(shared: &Shared) {
 /// the client is dropped.
 async fn reconnect(shared: Arc<Shared>) {
     // Never create on reconnect: a replica that vanished from its server lost the
-    // volume's data. And tell the server it missed writes (see `usable`).
+    // volume's data.
     let mut spec = shared.spec.clone();
-    spec.open.create = false;
-    spec.open.stale = true;
+    spec.open.create = None;
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::time::sleep(backoff).await;
@@ -674,20 +782,33 @@ async fn reconnect(shared: Arc<Shared>) {
             return;
         }
         match open(&spec).await {
-            Ok((stream, reply)) => {
-                tracing::info!(replica = %shared.location,
-                    "replica reachable again; it takes I/O once the volume marks it online (rebuild)");
-                start(&shared, stream, reply.session);
+            Ok((sess, reply)) => {
+                start(&shared, sess, reply.session, reply.label.generation);
                 if shared.closed.load(Ordering::SeqCst) {
                     shared.conn.lock().unwrap().take(); // dropped meanwhile
+                    return;
+                }
+                let usable = shared
+                    .events()
+                    .is_some_and(|ev| ev.reconnected(&reply.label));
+                tracing::info!(replica = %shared.location, takes_io = usable, "replica reachable again");
+                if !usable && !reply.label.outdated {
+                    // It missed writes: say so on the replica, so that no owner —
+                    // this one after a restart, or another — trusts it.
+                    let update = LabelUpdate {
+                        membership: reply.label.membership.clone(),
+                        outdated: true,
+                    };
+                    if let Err(e) = shared.set_label(&update).await {
+                        tracing::warn!(replica = %shared.location, %e, "cannot mark the replica outdated");
+                    }
                 }
                 return;
             }
-            Err(ReplicationError::Fenced { theirs, ours, .. }) => {
-                shared.fence.trip(format!(
-                    "replica {} now belongs to generation {theirs} (ours is {ours}): a newer owner took over",
-                    shared.location
-                ));
+            Err(ReplicationError::Fenced { theirs, .. }) => {
+                if let Some(ev) = shared.events() {
+                    ev.fenced(theirs);
+                }
                 return;
             }
             Err(e) => {
@@ -705,20 +826,13 @@ pub struct RemoteReplica {
 }
 
 impl RemoteReplica {
-    fn io(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        len: u64,
-        buf: Option<RawBuf>,
-    ) -> IoFuture<'static> {
+    fn io(&self, op: Op, flags: u8, offset: u64, len: u64, data: JobData) -> IoFuture<'static> {
         let Ok(len32) = u32::try_from(len) else {
             return Box::pin(std::future::ready(Err(Errno::EINVAL)));
         };
         let rx = self
             .client
-            .submit(op, flags, offset, len32, buf, &self.kick);
+            .submit(op, flags, offset, len32, data, &self.kick);
         Box::pin(async move { rx.await.unwrap_or(Err(Errno::EIO)) })
     }
 }
@@ -737,7 +851,13 @@ impl Replica for RemoteReplica {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
         };
-        self.io(Op::Read, 0, offset.0, buf.len() as u64, Some(raw))
+        self.io(
+            Op::Read,
+            0,
+            offset.0,
+            buf.len() as u64,
+            JobData::Borrowed(raw),
+        )
     }
 
     fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a> {
@@ -746,19 +866,25 @@ impl Replica for RemoteReplica {
             len: buf.len(),
         };
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.io(Op::Write, flags, offset.0, buf.len() as u64, Some(raw))
+        self.io(
+            Op::Write,
+            flags,
+            offset.0,
+            buf.len() as u64,
+            JobData::Borrowed(raw),
+        )
     }
 
     fn flush(&self) -> IoFuture<'_> {
-        self.io(Op::Flush, 0, 0, 0, None)
+        self.io(Op::Flush, 0, 0, 0, JobData::None)
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
-        self.io(Op::Discard, 0, offset.0, len.0, None)
+        self.io(Op::Discard, 0, offset.0, len.0, JobData::None)
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_> {
         let flags = if no_unmap { FLAG_NO_UNMAP } else { 0 };
-        self.io(Op::WriteZeroes, flags, offset.0, len.0, None)
+        self.io(Op::WriteZeroes, flags, offset.0, len.0, JobData::None)
     }
 }

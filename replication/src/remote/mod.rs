@@ -1,12 +1,11 @@
-//! Remote replicas: the wire protocol ([`wire`], specified in docs/protocol.md), the
-//! authenticated handshake ([`auth`]) and the owner-side client ([`client`]). The
-//! replica *server* is part of the daemon (`ublkd::server`).
+//! Remote replicas: the protocol's bytes live in the `wire` crate (specified in
+//! docs/protocol.md); here is its socket side ([`conn`]) and the owner-side client
+//! ([`client`]). The replica *server* is the `replica-server` crate.
 
-pub mod auth;
 pub mod client;
-pub mod wire;
+pub mod conn;
 
-pub use auth::Secret;
+pub use wire::handshake::Secret;
 
 /// TCP keepalive (idle 10 s, then 3 probes 5 s apart), so a peer that vanished while
 /// a connection was idle is noticed without waiting for the next request.
@@ -33,4 +32,4 @@ pub fn keepalive(s: &impl std::os::fd::AsRawFd) {
         }
     }
 }
-pub use client::{Kick, RemoteClient, RemoteReplica, RemoteSpec};
+pub use client::{ConnEvents, Kick, Lost, RemoteClient, RemoteReplica, RemoteSpec};

@@ -50,6 +50,8 @@ enum Cmd {
         #[arg(long)]
         remove: bool,
     },
+    /// The replica server of this node: connections, limits.
+    Server,
 }
 
 fn main() {
@@ -79,6 +81,7 @@ fn run() -> Result<()> {
             volume: volume.clone(),
         },
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },
+        Cmd::Server => Request::Server,
     };
     let v = call(&socket, &req)?;
     if cli.output == Output::Json {
@@ -96,7 +99,7 @@ fn run() -> Result<()> {
                 let online = s
                     .replicas
                     .iter()
-                    .filter(|r| r.state == Some(replication::ReplicaState::Online))
+                    .filter(|r| r.state.as_deref() == Some("online"))
                     .count();
                 println!(
                     "{:<16} {:<11} {:<14} {:>10} {:>8}",
@@ -144,6 +147,26 @@ fn run() -> Result<()> {
             let ids: Vec<u32> = serde_json::from_value(v)?;
             println!("removed {} orphan device(s) {ids:?}", ids.len());
         }
+        Cmd::Server => {
+            let st: replica_server::ServerStatus = serde_json::from_value(v)?;
+            println!(
+                "replica server {}  storage {}",
+                st.listen.as_deref().unwrap_or("(not listening)"),
+                st.storage_dir
+            );
+            println!(
+                "  connections {}/{} (sessions {})  handshaking {}/{}",
+                st.connections, st.max_connections, st.sessions, st.handshaking, st.max_handshakes
+            );
+            println!(
+                "  since start: accepted {}  auth failed {}  handshakes evicted {}  refused over the limit {}  closed unopened {}",
+                st.accepted_total,
+                st.auth_failed_total,
+                st.handshakes_evicted_total,
+                st.connections_refused_total,
+                st.unopened_closed_total
+            );
+        }
     }
     Ok(())
 }
@@ -173,13 +196,15 @@ fn print_status(s: &VolumeStatus) {
     if s.read_policy == Some(replication::health::ReadPolicy::Primary) {
         println!("  reads: pinned to the first online replica (unclean shutdown; until a resync)");
     }
+    if let Some(e) = s.membership_epoch {
+        println!("  membership epoch {e}");
+    }
     for r in &s.replicas {
-        let state = serde_json::to_value(r.state).unwrap_or_default();
         println!(
-            "  replica #{} {:<40} {:<8} errors {}{}",
+            "  replica #{} {:<40} {:<10} errors {}{}",
             r.index,
             r.path,
-            state.as_str().unwrap_or("unknown"),
+            r.state.as_deref().unwrap_or("unknown"),
             r.errors,
             r.reason
                 .as_deref()

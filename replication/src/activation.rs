@@ -1,0 +1,931 @@
+//! Activation planning: which replicas a starting owner may trust, which
+//! generation it takes, and what it writes into the labels — a pure function of
+//! what the owner's record says and what the replicas' labels say ([`plan`]), so
+//! the rules are tested with tables and the volume's start is a sequence of steps.
+//!
+//! The rules, in order:
+//! 1. **Identity.** Every label must name this volume (name and uuid), its size and
+//!    block size; a location whose label carries another replica uuid than the
+//!    record knows for it (a device name that now points at another disk) is
+//!    refused too. Refusals stop the start: nothing is ever overwritten.
+//! 2. **Generation.** One above every generation seen (record and labels). If a
+//!    label shows a newer generation than our record — or ours under another owner
+//!    id — another owner ran the volume since: `takeover`.
+//! 3. **Membership.** The newest epoch among the record and the labels is the truth
+//!    (two different member lists at one epoch: split brain, refused). A replica is
+//!    current — Online — if its own label is at that epoch, lists it, and is not
+//!    marked outdated. Every other reachable replica is Faulted (stale, missing,
+//!    new). When no membership exists yet (a fresh volume, or one made by ublkd
+//!    0.1), present replicas are current, except those the record says are faulted.
+//! 4. **Availability.** An unreachable replica that may be current is waited for
+//!    (Connecting) until the grace period is over; after it, it is faulted only if
+//!    a current replica is online. With no current replica reachable the owner
+//!    waits ([`Decision::Wait`]) — it never faults the last copies of the data.
+//! 5. **New epoch.** The online replicas form the next epoch, written into their
+//!    labels (with the new generation) before the device serves.
+
+use serde::{Deserialize, Serialize};
+use wire::label::{Label, Membership};
+use wire::{Epoch, Generation, OwnerId, ReplicaUuid, VolumeUuid};
+
+use crate::state::{FaultReason, ReplicaState};
+
+/// What the owner's state directory says about the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// `None` in a record of ublkd 0.1 (before labels).
+    pub volume_uuid: Option<VolumeUuid>,
+    pub generation: Generation,
+    pub owner: OwnerId,
+    /// `None` in a record of ublkd 0.1.
+    pub membership: Option<Membership>,
+    pub replicas: Vec<RecordedReplica>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedReplica {
+    pub location: String,
+    pub uuid: Option<ReplicaUuid>,
+    pub state: ReplicaState,
+}
+
+/// What opening (local) or STAT (remote) found at one configured location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    Label(Label),
+    /// Opened, no label: a replica of ublkd 0.1, or a file created just now.
+    Unlabelled {
+        created: bool,
+    },
+    /// No such replica: the file is missing (and may not be created), or the
+    /// server has none.
+    Missing,
+    /// Could not be opened or reached now.
+    Unreachable {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub location: String,
+    pub remote: bool,
+    pub seen: Seen,
+}
+
+pub struct Input<'a> {
+    pub volume: &'a str,
+    pub size: u64,
+    pub block_size: u32,
+    pub record: Option<&'a Recorded>,
+    /// In config order.
+    pub probes: &'a [Probe],
+    /// The grace period for unreachable replicas is over.
+    pub grace_over: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Go(Plan),
+    /// No decision yet: these replicas may hold current data and are not reachable.
+    Wait {
+        for_replicas: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub volume_uuid: VolumeUuid,
+    pub generation: Generation,
+    /// Another owner ran the volume (up to this generation) since our last activation.
+    pub takeover: Option<Generation>,
+    /// The epoch to write: the online replicas.
+    pub membership: Membership,
+    /// In config order.
+    pub replicas: Vec<ReplicaPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaPlan {
+    pub uuid: ReplicaUuid,
+    pub state: ReplicaState,
+    pub label: LabelAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LabelAction {
+    /// It has a label: members get the new membership (and generation).
+    Update,
+    /// No label yet (new, or adopted from ublkd 0.1): write one with this uuid.
+    Write,
+    /// A remote replica new to the volume: create it (with this uuid) at OPEN.
+    Create,
+    /// Nothing can be written (unreachable or missing).
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActivationError {
+    #[error("replica {location} belongs to another volume ({volume:?}, {uuid}): refusing to use or overwrite it")]
+    ForeignReplica {
+        location: String,
+        volume: String,
+        uuid: VolumeUuid,
+    },
+    #[error("replica {location} is {size} bytes of {block_size}-byte blocks, the volume {want_size} of {want_block_size}")]
+    WrongGeometry {
+        location: String,
+        size: u64,
+        block_size: u32,
+        want_size: u64,
+        want_block_size: u32,
+    },
+    #[error("{location} holds replica {found}, but the record knows replica {expected} there: did the device names change? (use stable /dev/disk/by-id paths)")]
+    ReplicaMoved {
+        location: String,
+        expected: ReplicaUuid,
+        found: ReplicaUuid,
+    },
+    #[error("split brain: two different memberships at epoch {epoch} ({a} and {b}): an operator must decide which replica holds the data")]
+    SplitBrain { epoch: u64, a: String, b: String },
+    #[error("no replica holds the volume's current data: {0}")]
+    NoCurrentReplica(String),
+    #[error("generation at its maximum: refusing to activate")]
+    GenerationExhausted,
+}
+
+/// The activation decision (module docs).
+pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
+    let labels: Vec<(&Probe, &Label)> = input
+        .probes
+        .iter()
+        .filter_map(|p| match &p.seen {
+            Seen::Label(l) => Some((p, l)),
+            _ => None,
+        })
+        .collect();
+    let record = input.record;
+    let recorded = |loc: &str| record.and_then(|r| r.replicas.iter().find(|x| x.location == loc));
+
+    // 1. Identity.
+    let mut volume_uuid = record.and_then(|r| r.volume_uuid);
+    for (p, l) in &labels {
+        let foreign = |uuid| ActivationError::ForeignReplica {
+            location: p.location.clone(),
+            volume: l.volume.clone(),
+            uuid,
+        };
+        if l.volume != input.volume {
+            return Err(foreign(l.volume_uuid));
+        }
+        if !l.volume_uuid.is_nil() {
+            match volume_uuid {
+                Some(u) if u != l.volume_uuid => return Err(foreign(l.volume_uuid)),
+                Some(_) => {}
+                None => volume_uuid = Some(l.volume_uuid),
+            }
+        }
+        if l.size != input.size || l.block_size != input.block_size {
+            return Err(ActivationError::WrongGeometry {
+                location: p.location.clone(),
+                size: l.size,
+                block_size: l.block_size,
+                want_size: input.size,
+                want_block_size: input.block_size,
+            });
+        }
+        if let Some(expected) = recorded(&p.location).and_then(|r| r.uuid) {
+            if expected != l.replica_uuid {
+                return Err(ActivationError::ReplicaMoved {
+                    location: p.location.clone(),
+                    expected,
+                    found: l.replica_uuid,
+                });
+            }
+        }
+    }
+    let volume_uuid = volume_uuid.unwrap_or_else(VolumeUuid::random);
+
+    // 2. Generation.
+    let (last_gen, last_owner) =
+        record.map_or((Generation(0), OwnerId(0)), |r| (r.generation, r.owner));
+    let newest = labels
+        .iter()
+        .map(|(_, l)| l.generation)
+        .fold(last_gen, Generation::max);
+    let generation = newest
+        .checked_next()
+        .ok_or(ActivationError::GenerationExhausted)?;
+    let foreign_gen = |l: &Label| {
+        l.generation > last_gen
+            || (l.generation == last_gen
+                && l.generation > Generation(0)
+                && last_owner != OwnerId(0)
+                && l.owner != last_owner)
+    };
+    let takeover =
+        (record.is_some() && labels.iter().any(|(_, l)| foreign_gen(l))).then_some(newest);
+
+    // 3. Membership: the newest epoch anywhere.
+    let mut sources: Vec<(String, &Membership)> = labels
+        .iter()
+        .filter(|(_, l)| l.membership.epoch > Epoch(0))
+        .map(|(p, l)| (p.location.clone(), &l.membership))
+        .collect();
+    if let Some(m) = record.and_then(|r| r.membership.as_ref()) {
+        if m.epoch > Epoch(0) {
+            sources.push(("the owner's record".to_string(), m));
+        }
+    }
+    let newest_epoch = sources.iter().map(|(_, m)| m.epoch).max();
+    let truth: Option<&Membership> = match newest_epoch {
+        None => None,
+        Some(e) => {
+            let at: Vec<&(String, &Membership)> =
+                sources.iter().filter(|(_, m)| m.epoch == e).collect();
+            let sorted = |m: &Membership| {
+                let mut v = m.members.clone();
+                v.sort();
+                v
+            };
+            let first = sorted(at[0].1);
+            if let Some(other) = at.iter().find(|(_, m)| sorted(m) != first) {
+                return Err(ActivationError::SplitBrain {
+                    epoch: e.0,
+                    a: at[0].0.clone(),
+                    b: other.0.clone(),
+                });
+            }
+            Some(at[0].1)
+        }
+    };
+    let fresh = record.is_none() && labels.is_empty();
+
+    // 4. Each replica.
+    let mut out: Vec<ReplicaPlan> = Vec::with_capacity(input.probes.len());
+    for p in input.probes {
+        let rec = recorded(&p.location);
+        let recorded_fault = rec.and_then(|r| r.state.fault_reason().cloned());
+        let known_uuid = rec.and_then(|r| r.uuid);
+        let faulted = |fallback: FaultReason| ReplicaState::Faulted {
+            reason: recorded_fault.clone().unwrap_or(fallback),
+        };
+        // Could it hold every acknowledged write?
+        let may_be_current = match (truth, known_uuid) {
+            (Some(m), Some(u)) => m.contains(u),
+            (Some(_), None) => false,
+            // No membership yet: what the record says (ublkd 0.1), or trust.
+            (None, _) => rec.is_none_or(|r| r.state == ReplicaState::Online),
+        };
+        let r = match &p.seen {
+            Seen::Label(l) => {
+                let current = match truth {
+                    Some(m) => l.is_current_at(m.epoch) && m.contains(l.replica_uuid),
+                    None => !l.outdated && may_be_current,
+                };
+                let state = if current {
+                    ReplicaState::Online
+                } else {
+                    faulted(FaultReason::Stale {
+                        label_epoch: l.membership.epoch,
+                        newest_epoch: newest_epoch.unwrap_or_default(),
+                    })
+                };
+                let label = if l.volume_uuid.is_nil() && !p.remote {
+                    LabelAction::Write
+                } else {
+                    LabelAction::Update
+                };
+                ReplicaPlan {
+                    uuid: l.replica_uuid,
+                    state,
+                    label,
+                }
+            }
+            Seen::Unlabelled { created } => {
+                // Adopted (ublkd 0.1) when no membership exists yet; otherwise it
+                // holds none of the volume's data (new, or its label is gone).
+                let adopt = truth.is_none() && if *created { fresh } else { may_be_current };
+                ReplicaPlan {
+                    uuid: ReplicaUuid::random(),
+                    state: if adopt {
+                        ReplicaState::Online
+                    } else if *created || known_uuid.is_none() {
+                        ReplicaState::Faulted {
+                            reason: FaultReason::NewReplica,
+                        }
+                    } else {
+                        faulted(FaultReason::NewReplica)
+                    },
+                    label: LabelAction::Write,
+                }
+            }
+            Seen::Missing if p.remote && rec.is_none() => ReplicaPlan {
+                // New to the volume: created empty, current only in a fresh volume.
+                uuid: ReplicaUuid::random(),
+                state: if fresh {
+                    ReplicaState::Online
+                } else {
+                    ReplicaState::Faulted {
+                        reason: FaultReason::NewReplica,
+                    }
+                },
+                label: LabelAction::Create,
+            },
+            Seen::Missing => ReplicaPlan {
+                uuid: known_uuid.unwrap_or_else(ReplicaUuid::random),
+                state: ReplicaState::Faulted {
+                    reason: FaultReason::Missing,
+                },
+                label: LabelAction::None,
+            },
+            Seen::Unreachable { error } => ReplicaPlan {
+                uuid: known_uuid.unwrap_or_else(ReplicaUuid::random),
+                state: if may_be_current && (rec.is_some() || !input.grace_over) {
+                    ReplicaState::Connecting
+                } else {
+                    faulted(FaultReason::OpenFailed {
+                        error: error.clone(),
+                    })
+                },
+                label: LabelAction::None,
+            },
+        };
+        out.push(r);
+    }
+
+    let online = out.iter().any(|r| r.state == ReplicaState::Online);
+    let locations = |f: &dyn Fn(&Probe, &ReplicaPlan) -> bool| -> Vec<String> {
+        input
+            .probes
+            .iter()
+            .zip(&out)
+            .filter(|(p, r)| f(p, r))
+            .map(|(p, _)| p.location.clone())
+            .collect()
+    };
+    if !online {
+        // Nothing current is reachable: wait for whatever is unreachable (it may
+        // hold the data), never fault it.
+        let unreachable = locations(&|p, _| matches!(p.seen, Seen::Unreachable { .. }));
+        if !unreachable.is_empty() {
+            return Ok(Decision::Wait {
+                for_replicas: unreachable,
+            });
+        }
+        let why: Vec<String> = input
+            .probes
+            .iter()
+            .zip(&out)
+            .map(|(p, r)| match r.state.fault_reason() {
+                Some(f) => format!("{}: {f}", p.location),
+                None => format!("{}: {}", p.location, r.state.name()),
+            })
+            .collect();
+        return Err(ActivationError::NoCurrentReplica(why.join("; ")));
+    }
+    let connecting = locations(&|_, r| r.state == ReplicaState::Connecting);
+    if !connecting.is_empty() && !input.grace_over {
+        return Ok(Decision::Wait {
+            for_replicas: connecting,
+        });
+    }
+    // Unreachable members past the grace, with others online: they miss what
+    // follows from now on.
+    for ((p, r), probe) in out.iter_mut().zip(input.probes).map(|(r, p)| ((p, r), p)) {
+        if r.state == ReplicaState::Connecting {
+            let error = match &probe.seen {
+                Seen::Unreachable { error } => error.clone(),
+                _ => "unreachable".into(),
+            };
+            tracing::warn!(replica = %p.location, %error, "current replica unreachable past the grace period: faulted");
+            r.state = ReplicaState::Faulted {
+                reason: FaultReason::OpenFailed { error },
+            };
+        }
+    }
+    let members: Vec<ReplicaUuid> = out
+        .iter()
+        .filter(|r| r.state == ReplicaState::Online)
+        .map(|r| r.uuid)
+        .collect();
+    Ok(Decision::Go(Plan {
+        volume_uuid,
+        generation,
+        takeover,
+        membership: Membership {
+            epoch: newest_epoch.unwrap_or_default().next(),
+            generation,
+            members,
+        },
+        replicas: out,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: u64 = 1 << 20;
+
+    struct World {
+        vu: VolumeUuid,
+        uuids: Vec<ReplicaUuid>,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                vu: VolumeUuid::random(),
+                uuids: (0..3).map(|_| ReplicaUuid::random()).collect(),
+            }
+        }
+
+        /// Replica `i`'s label at `epoch` listing `members` (indices), generation `g`.
+        fn label(&self, i: usize, epoch: u64, members: &[usize], g: u64) -> Seen {
+            let mut l = Label::new("v", self.vu, self.uuids[i], SIZE, 4096);
+            l.generation = Generation(g);
+            l.owner = OwnerId(1);
+            l.membership = self.membership(epoch, members, g);
+            Seen::Label(l)
+        }
+
+        fn membership(&self, epoch: u64, members: &[usize], g: u64) -> Membership {
+            Membership {
+                epoch: Epoch(epoch),
+                generation: Generation(g),
+                members: members.iter().map(|&i| self.uuids[i]).collect(),
+            }
+        }
+
+        fn record(&self, epoch: u64, members: &[usize], g: u64) -> Recorded {
+            Recorded {
+                volume_uuid: Some(self.vu),
+                generation: Generation(g),
+                owner: OwnerId(1),
+                membership: Some(self.membership(epoch, members, g)),
+                replicas: (0..3)
+                    .map(|i| RecordedReplica {
+                        location: loc(i),
+                        uuid: Some(self.uuids[i]),
+                        state: if members.contains(&i) {
+                            ReplicaState::Online
+                        } else {
+                            ReplicaState::Faulted {
+                                reason: FaultReason::ConnectionLost,
+                            }
+                        },
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    fn loc(i: usize) -> String {
+        format!("r{i}")
+    }
+
+    fn probes(seen: Vec<Seen>) -> Vec<Probe> {
+        seen.into_iter()
+            .enumerate()
+            .map(|(i, seen)| Probe {
+                location: loc(i),
+                remote: i > 0,
+                seen,
+            })
+            .collect()
+    }
+
+    fn run(
+        record: Option<&Recorded>,
+        seen: Vec<Seen>,
+        grace_over: bool,
+    ) -> Result<Decision, ActivationError> {
+        let p = probes(seen);
+        plan(&Input {
+            volume: "v",
+            size: SIZE,
+            block_size: 4096,
+            record,
+            probes: &p,
+            grace_over,
+        })
+    }
+
+    /// The state names of a Go plan, or "wait", or the error's start.
+    fn outcome(d: Result<Decision, ActivationError>) -> String {
+        match d {
+            Ok(Decision::Go(p)) => p
+                .replicas
+                .iter()
+                .map(|r| match &r.state {
+                    ReplicaState::Faulted { reason } => match reason {
+                        FaultReason::Stale { .. } => "stale",
+                        FaultReason::NewReplica => "new",
+                        FaultReason::Missing => "missing",
+                        FaultReason::OpenFailed { .. } => "unreachable",
+                        FaultReason::ConnectionLost => "faulted(recorded)",
+                        _ => "faulted",
+                    },
+                    s => s.name(),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            Ok(Decision::Wait { .. }) => "wait".into(),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    fn outdated(s: Seen) -> Seen {
+        let Seen::Label(mut l) = s else {
+            unreachable!()
+        };
+        l.outdated = true;
+        Seen::Label(l)
+    }
+
+    fn unreachable() -> Seen {
+        Seen::Unreachable {
+            error: "connection refused".into(),
+        }
+    }
+
+    #[test]
+    fn trust_table() {
+        let w = World::new();
+        let all = [0, 1, 2];
+        // (what, record, probes, grace over, expected)
+        type Case = (&'static str, Option<Recorded>, Vec<Seen>, bool, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                "all current",
+                Some(w.record(4, &all, 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    w.label(1, 4, &all, 3),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "online online online",
+            ),
+            (
+                "r2 faulted: the survivors moved on",
+                Some(w.record(5, &[0, 1], 3)),
+                vec![
+                    w.label(0, 5, &[0, 1], 3),
+                    w.label(1, 5, &[0, 1], 3),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "online online faulted(recorded)",
+            ),
+            (
+                "r2 faulted, the state dir lost: the labels still tell",
+                None,
+                vec![
+                    w.label(0, 5, &[0, 1], 3),
+                    w.label(1, 5, &[0, 1], 3),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "online online stale",
+            ),
+            (
+                "an old backup of the state dir: the labels are newer",
+                Some(w.record(2, &all, 1)),
+                vec![
+                    w.label(0, 5, &[0, 1], 3),
+                    w.label(1, 5, &[0, 1], 3),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "online online stale",
+            ),
+            (
+                "a member marked outdated is not trusted",
+                None,
+                vec![
+                    w.label(0, 4, &all, 3),
+                    w.label(1, 4, &all, 3),
+                    outdated(w.label(2, 4, &all, 3)),
+                ],
+                true,
+                "online online stale",
+            ),
+            (
+                "only an outdated replica reachable, no record: wait for the others",
+                None,
+                vec![
+                    unreachable(),
+                    unreachable(),
+                    outdated(w.label(2, 4, &all, 3)),
+                ],
+                true,
+                "wait",
+            ),
+            (
+                "a current member unreachable within the grace: wait",
+                Some(w.record(4, &all, 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    unreachable(),
+                    w.label(2, 4, &all, 3),
+                ],
+                false,
+                "wait",
+            ),
+            (
+                "a current member unreachable past the grace: faulted, the others serve",
+                Some(w.record(4, &all, 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    unreachable(),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "online unreachable online",
+            ),
+            (
+                "every current member unreachable: wait, never fault them",
+                Some(w.record(5, &[1, 2], 3)),
+                vec![w.label(0, 4, &all, 3), unreachable(), unreachable()],
+                true,
+                "wait",
+            ),
+            (
+                "a stale replica alone, the record knows better: wait for the members",
+                Some(w.record(5, &[1], 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    unreachable(),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "wait",
+            ),
+            (
+                "a new remote replica in an existing volume: created, needs a rebuild",
+                Some({
+                    let mut r = w.record(4, &[0, 1], 3);
+                    r.replicas.truncate(2);
+                    r
+                }),
+                vec![
+                    w.label(0, 4, &[0, 1], 3),
+                    w.label(1, 4, &[0, 1], 3),
+                    Seen::Missing,
+                ],
+                true,
+                "online online new",
+            ),
+            (
+                "a remote replica its server lost: missing, not recreated",
+                Some(w.record(4, &all, 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    w.label(1, 4, &all, 3),
+                    Seen::Missing,
+                ],
+                true,
+                "online online missing",
+            ),
+            (
+                "a labelled replica whose label is gone: new",
+                Some(w.record(4, &all, 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    Seen::Unlabelled { created: false },
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "online new online",
+            ),
+            (
+                "a fresh volume: everything present is current, missing remotes are created",
+                None,
+                vec![
+                    Seen::Unlabelled { created: true },
+                    Seen::Missing,
+                    Seen::Missing,
+                ],
+                true,
+                "online online online",
+            ),
+            (
+                "nothing current at all",
+                Some(w.record(6, &[1], 3)),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    w.label(1, 5, &[0, 1], 3),
+                    w.label(2, 4, &all, 3),
+                ],
+                true,
+                "error: no replica holds the volume's current data",
+            ),
+        ];
+        for (what, record, seen, grace_over, want) in cases {
+            let got = outcome(run(record.as_ref(), seen, grace_over));
+            assert!(got.starts_with(want), "{what}: got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn adoption_of_ublkd_0_1_replicas() {
+        let online = |i: usize| RecordedReplica {
+            location: loc(i),
+            uuid: None,
+            state: ReplicaState::Online,
+        };
+        let v1 = Recorded {
+            volume_uuid: None,
+            generation: Generation(3),
+            owner: OwnerId(1),
+            membership: None,
+            replicas: vec![
+                online(0),
+                online(1),
+                RecordedReplica {
+                    state: ReplicaState::Faulted {
+                        reason: FaultReason::Legacy {
+                            detail: "I/O error".into(),
+                        },
+                    },
+                    ..online(2)
+                },
+            ],
+        };
+        // The remote ones come labelled by their servers (nil volume uuid).
+        let legacy = |outdated: bool| {
+            let mut l = Label::new(
+                "v",
+                VolumeUuid::default(),
+                ReplicaUuid::random(),
+                SIZE,
+                4096,
+            );
+            l.generation = Generation(3);
+            l.owner = OwnerId(1);
+            l.outdated = outdated;
+            Seen::Label(l)
+        };
+        let d = run(
+            Some(&v1),
+            vec![
+                Seen::Unlabelled { created: false },
+                legacy(false),
+                legacy(true),
+            ],
+            true,
+        )
+        .unwrap();
+        let Decision::Go(p) = d else { panic!("{d:?}") };
+        let states: Vec<&str> = p.replicas.iter().map(|r| r.state.name()).collect();
+        assert_eq!(states, ["online", "online", "faulted"]);
+        assert_eq!(p.replicas[0].label, LabelAction::Write);
+        assert_eq!(p.generation, Generation(4));
+        assert_eq!(p.membership.epoch, Epoch(1));
+        assert_eq!(
+            p.membership.members,
+            vec![p.replicas[0].uuid, p.replicas[1].uuid]
+        );
+        assert_eq!(p.takeover, None);
+    }
+
+    #[test]
+    fn identity_refusals() {
+        let w = World::new();
+        let all = [0, 1, 2];
+        let rec = w.record(4, &all, 3);
+        let other = World::new();
+        let e = run(
+            Some(&rec),
+            vec![
+                w.label(0, 4, &all, 3),
+                other.label(1, 4, &[1], 3),
+                w.label(2, 4, &all, 3),
+            ],
+            true,
+        );
+        assert!(
+            matches!(e, Err(ActivationError::ForeignReplica { ref location, .. }) if location == "r1"),
+            "{e:?}"
+        );
+        // Two replicas' device names swapped.
+        let Seen::Label(l1) = w.label(1, 4, &all, 3) else {
+            unreachable!()
+        };
+        let Seen::Label(l2) = w.label(2, 4, &all, 3) else {
+            unreachable!()
+        };
+        let e = run(
+            Some(&rec),
+            vec![w.label(0, 4, &all, 3), Seen::Label(l2), Seen::Label(l1)],
+            true,
+        );
+        assert!(
+            matches!(e, Err(ActivationError::ReplicaMoved { .. })),
+            "{e:?}"
+        );
+        // Another size.
+        let Seen::Label(mut l) = w.label(0, 4, &all, 3) else {
+            unreachable!()
+        };
+        l.size = SIZE * 2;
+        let e = run(
+            Some(&rec),
+            vec![
+                Seen::Label(l),
+                w.label(1, 4, &all, 3),
+                w.label(2, 4, &all, 3),
+            ],
+            true,
+        );
+        assert!(
+            matches!(e, Err(ActivationError::WrongGeometry { .. })),
+            "{e:?}"
+        );
+        // Split brain: two owners both wrote epoch 5, with different members.
+        let e = run(
+            None,
+            vec![
+                w.label(0, 5, &[0], 3),
+                w.label(1, 5, &[1, 2], 4),
+                w.label(2, 5, &[1, 2], 4),
+            ],
+            true,
+        );
+        assert!(
+            matches!(e, Err(ActivationError::SplitBrain { epoch: 5, .. })),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn generation_and_takeover() {
+        let w = World::new();
+        let all = [0, 1, 2];
+        let rec = w.record(4, &all, 3);
+        let go = |d: Result<Decision, ActivationError>| match d.unwrap() {
+            Decision::Go(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let p = go(run(
+            Some(&rec),
+            vec![
+                w.label(0, 4, &all, 3),
+                w.label(1, 4, &all, 3),
+                w.label(2, 4, &all, 3),
+            ],
+            true,
+        ));
+        assert_eq!((p.generation, p.takeover), (Generation(4), None));
+        assert_eq!(p.membership.epoch, Epoch(5));
+        assert_eq!(p.membership.generation, Generation(4));
+        // Another owner took generation 7 and moved the remotes on without r0.
+        let p = go(run(
+            Some(&rec),
+            vec![
+                w.label(0, 4, &all, 3),
+                w.label(1, 6, &[1, 2], 7),
+                w.label(2, 6, &[1, 2], 7),
+            ],
+            true,
+        ));
+        assert_eq!(
+            (p.generation, p.takeover),
+            (Generation(8), Some(Generation(7)))
+        );
+        assert_eq!(outcome(Ok(Decision::Go(p))), "stale online online");
+        // Our generation number, but another owner's id: also a takeover.
+        let Seen::Label(mut l) = w.label(1, 4, &all, 3) else {
+            unreachable!()
+        };
+        l.owner = OwnerId(99);
+        let p = go(run(
+            Some(&rec),
+            vec![
+                w.label(0, 4, &all, 3),
+                Seen::Label(l),
+                w.label(2, 4, &all, 3),
+            ],
+            true,
+        ));
+        assert_eq!(p.takeover, Some(Generation(3)));
+        let Seen::Label(mut l) = w.label(1, 4, &all, u64::MAX) else {
+            unreachable!()
+        };
+        l.generation = Generation(u64::MAX);
+        assert_eq!(
+            run(
+                Some(&rec),
+                vec![
+                    w.label(0, 4, &all, 3),
+                    Seen::Label(l),
+                    w.label(2, 4, &all, 3)
+                ],
+                true
+            ),
+            Err(ActivationError::GenerationExhausted)
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! How one replica slot of a volume is reached: the shared object behind every
+//! queue's per-queue [`crate::Replica`] handle. The nexus makes the handles (each
+//! queue its own, on its own ring); [`crate::health::Health`] uses the backing for
+//! what is not on the data path: labels and the final sync.
+
+use std::sync::Arc;
+
+use wire::control::LabelUpdate;
+
+use crate::error::Errno;
+use crate::local::LocalBacking;
+use crate::remote::RemoteClient;
+use crate::testing::MemStore;
+
+#[derive(Clone)]
+pub enum Backing {
+    Local(Arc<LocalBacking>),
+    Remote(Arc<RemoteClient>),
+    /// In-memory, for tests of the logic above the replicas.
+    Memory(Arc<MemStore>),
+}
+
+impl Backing {
+    pub fn location(&self) -> String {
+        match self {
+            Backing::Local(b) => b.path().display().to_string(),
+            Backing::Remote(c) => c.location().to_string(),
+            Backing::Memory(m) => format!("mem:{:p}", Arc::as_ptr(m)),
+        }
+    }
+
+    /// Remote replicas cost a network round trip: reads prefer local ones.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Backing::Remote(_))
+    }
+
+    /// Replace the membership part of the replica's label, durably. Blocks: call
+    /// it off the data path (and not on the network runtime's thread).
+    pub fn update_label(&self, update: &LabelUpdate) -> Result<(), Errno> {
+        match self {
+            Backing::Local(b) => b.update_label(update).map_err(|e| {
+                tracing::error!(replica = %b.path().display(), error = %e, "label write failed");
+                Errno::EIO
+            }),
+            Backing::Remote(c) => c.runtime().block_on(c.set_label(update)),
+            Backing::Memory(m) => m.update_label(update),
+        }
+    }
+
+    /// Every completed write durable (at a clean stop). Blocks.
+    pub fn sync(&self) -> Result<(), Errno> {
+        match self {
+            Backing::Local(b) => b
+                .sync()
+                .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO))),
+            Backing::Remote(c) => c.runtime().block_on(c.flush()),
+            Backing::Memory(_) => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.location())
+    }
+}

@@ -1,0 +1,492 @@
+//! Activation, the I/O around [`replication::activation::plan`]: open the local
+//! replicas and STAT the remote ones (their labels), plan, save the new generation,
+//! OPEN the remotes with it, write the new membership into the current replicas'
+//! labels, and hand back what the health needs. Unreachable replicas that may hold
+//! the current data are waited for (the grace period; indefinitely if no current
+//! replica is reachable at all).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use replication::activation::{self, Decision, LabelAction, Plan, Probe, Seen};
+use replication::backing::Backing;
+use replication::health::SlotSpec;
+use replication::local::{Create, LocalBacking};
+use replication::remote::client::stat;
+use replication::remote::{RemoteClient, RemoteSpec};
+use replication::state::{FaultReason, IoOp};
+use replication::{Generation, ReplicaState, ReplicationError};
+use wire::control::{LabelUpdate, OpenRequest};
+use wire::label::{AreaRead, Label, Membership};
+use wire::{OwnerId, ReplicaUuid};
+
+use super::Net;
+use crate::config::{ReplicaConfig, VolumeConfig};
+use crate::error::DaemonError;
+use crate::state::{ReplicaRecord, StateDir, VolumeRecord};
+
+/// How long a replica that may hold current data is waited for at start before the
+/// volume serves without it (a fault is permanent until a rebuild: do not fault on
+/// a blip such as a lock still held by an exiting daemon or a server restarting).
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// What an activation produced.
+pub struct Activated {
+    /// Saved: the new generation, owner, membership and replica states.
+    pub record: VolumeRecord,
+    /// One per configured replica, in config order.
+    pub slots: Vec<SlotSpec>,
+    /// The remote clients, by config index, to connect to the health's events.
+    pub remotes: Vec<(usize, Arc<RemoteClient>)>,
+    pub takeover: Option<Generation>,
+    /// Every replica zeroes a discarded range cheaply.
+    pub cheap_zeroing: bool,
+    pub local_replicas: usize,
+}
+
+/// Why activation ended without a result.
+pub enum Halt {
+    /// A stop was requested while waiting.
+    Stopped,
+    Failed(DaemonError),
+}
+
+impl From<DaemonError> for Halt {
+    fn from(e: DaemonError) -> Halt {
+        Halt::Failed(e)
+    }
+}
+
+/// Probe, plan, open, label; until it works, `stop()` says stop, or it fails for
+/// good. `waiting(reason)` is told what the volume waits for.
+pub fn activate(
+    cfg: &VolumeConfig,
+    net: &Net,
+    state_dir: &StateDir,
+    record: Option<VolumeRecord>,
+    stop: &mut dyn FnMut(Duration) -> bool,
+    waiting: &mut dyn FnMut(Option<String>),
+) -> Result<Activated, Halt> {
+    let fail = |m: String| Halt::Failed(DaemonError::volume(&cfg.name, m));
+    let owner = OwnerId(wire::random::u64());
+    let grace_end = Instant::now() + GRACE;
+    // Local backings stay open (and locked) across rounds.
+    let mut locals: Vec<Option<Arc<LocalBacking>>> = vec![None; cfg.replicas.len()];
+    let mut record = record;
+    loop {
+        let recorded = record.as_ref().map(VolumeRecord::recorded);
+        let probes = probe_all(cfg, net, record.as_ref(), &mut locals);
+        let decision = activation::plan(&activation::Input {
+            volume: &cfg.name,
+            size: cfg.size,
+            block_size: cfg.block_size,
+            record: recorded.as_ref(),
+            probes: &probes,
+            grace_over: Instant::now() >= grace_end,
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        let plan = match decision {
+            Decision::Go(plan) => plan,
+            Decision::Wait { for_replicas } => {
+                let why = format!(
+                    "waiting for replica(s) {} that may hold the current data",
+                    for_replicas.join(", ")
+                );
+                tracing::warn!(volume = %cfg.name, reason = %why, "not serving yet");
+                waiting(Some(why));
+                if stop(Duration::from_secs(1)) {
+                    return Err(Halt::Stopped);
+                }
+                continue;
+            }
+        };
+        waiting(None);
+        // Durable before any replica sees it: a generation is never reused.
+        let mut rec = record.clone().unwrap_or_else(|| VolumeRecord::fresh(cfg));
+        rec.volume_uuid = plan.volume_uuid;
+        rec.generation = plan.generation;
+        rec.owner = owner;
+        state_dir.save(&rec)?;
+        match open_and_label(cfg, net, &plan, owner, &probes, &locals) {
+            Ok(mut opened) => {
+                for (s, r) in opened.slots.iter_mut().zip(&cfg.replicas) {
+                    s.errors = record
+                        .as_ref()
+                        .and_then(|rec| rec.replica(&r.location()))
+                        .map_or(0, |x| x.errors);
+                }
+                rec.membership = opened.membership.clone();
+                rec.replicas = cfg
+                    .replicas
+                    .iter()
+                    .zip(&opened.slots)
+                    .map(|(r, s)| ReplicaRecord {
+                        location: r.location(),
+                        uuid: Some(s.uuid),
+                        state: s.state.clone(),
+                        errors: s.errors,
+                    })
+                    .collect();
+                state_dir.save(&rec)?;
+                return Ok(Activated {
+                    record: rec,
+                    slots: opened.slots,
+                    remotes: opened.remotes,
+                    takeover: plan.takeover,
+                    cheap_zeroing: opened.cheap_zeroing,
+                    local_replicas: locals.iter().flatten().count(),
+                });
+            }
+            Err(Retry::Again(why)) => {
+                tracing::warn!(volume = %cfg.name, reason = %why, "activation round failed: retrying");
+                waiting(Some(why));
+                record = Some(rec);
+                if stop(Duration::from_secs(1)) {
+                    return Err(Halt::Stopped);
+                }
+            }
+            Err(Retry::Never(e)) => return Err(Halt::Failed(e)),
+        }
+    }
+}
+
+/// Open (and lock) or STAT every configured replica; what each one shows.
+fn probe_all(
+    cfg: &VolumeConfig,
+    net: &Net,
+    record: Option<&VolumeRecord>,
+    locals: &mut [Option<Arc<LocalBacking>>],
+) -> Vec<Probe> {
+    let remote_specs: Vec<(usize, RemoteSpec)> = cfg
+        .replicas
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, remote_spec(cfg, net, r, &OpenRequestParts::probe())?)))
+        .collect();
+    let stats = net
+        .rt
+        .block_on(join_all(remote_specs.iter().map(|(_, spec)| stat(spec))));
+    let mut remote_seen = remote_specs.iter().map(|(i, _)| *i).zip(stats);
+    cfg.replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let seen = match r {
+                ReplicaConfig::Local { path } => {
+                    // A missing file is created only when the record does not know
+                    // this replica (a new volume, or a replica added to the config):
+                    // one that vanished from an existing volume lost its data.
+                    let known = record.is_some_and(|rec| rec.replica(&r.location()).is_some());
+                    probe_local(path, cfg.size, !known, &mut locals[i])
+                }
+                _ => match remote_seen.next() {
+                    Some((_, Ok(reply))) => match reply.label {
+                        Some(l) => Seen::Label(l),
+                        None => Seen::Missing,
+                    },
+                    Some((_, Err(e))) => Seen::Unreachable {
+                        error: e.to_string(),
+                    },
+                    None => unreachable!("one STAT per remote replica"),
+                },
+            };
+            Probe {
+                location: r.location(),
+                remote: r.remote().is_some(),
+                seen,
+            }
+        })
+        .collect()
+}
+
+fn probe_local(
+    path: &Path,
+    size: u64,
+    may_create: bool,
+    slot: &mut Option<Arc<LocalBacking>>,
+) -> Seen {
+    let mut created = false;
+    if slot.is_none() {
+        let existed = path.exists();
+        let create = if may_create {
+            Create::IfMissing
+        } else {
+            Create::Never
+        };
+        match LocalBacking::open(path, size, create) {
+            Ok(b) => {
+                created = !existed;
+                *slot = Some(Arc::new(b));
+            }
+            Err(ReplicationError::Open { ref source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && !may_create
+                    && !path.starts_with("/dev/") =>
+            {
+                return Seen::Missing;
+            }
+            // Busy, locked, a /dev node not created yet, EIO: maybe transient.
+            Err(e) => {
+                return Seen::Unreachable {
+                    error: e.to_string(),
+                }
+            }
+        }
+    }
+    let b = slot.as_ref().expect("opened above");
+    match b.read_label() {
+        Ok(AreaRead::Label { label, .. }) => Seen::Label(label),
+        Ok(AreaRead::NoLabel) => Seen::Unlabelled { created },
+        Err(e) => Seen::Unreachable {
+            error: e.to_string(),
+        },
+    }
+}
+
+/// The parts of an OPEN that differ between the STAT probe and the real OPEN.
+struct OpenRequestParts {
+    volume_uuid: wire::VolumeUuid,
+    generation: Generation,
+    owner: OwnerId,
+    create: Option<ReplicaUuid>,
+}
+
+impl OpenRequestParts {
+    /// STAT needs only the replica id and the address.
+    fn probe() -> OpenRequestParts {
+        OpenRequestParts {
+            volume_uuid: wire::VolumeUuid::default(),
+            generation: Generation(0),
+            owner: OwnerId(0),
+            create: None,
+        }
+    }
+}
+
+fn remote_spec(
+    cfg: &VolumeConfig,
+    net: &Net,
+    r: &ReplicaConfig,
+    parts: &OpenRequestParts,
+) -> Option<RemoteSpec> {
+    let (addr, id) = r.remote()?;
+    Some(RemoteSpec {
+        addr: addr.to_string(),
+        secret: net
+            .secret
+            .clone()
+            .expect("config validation requires a secret for remote replicas"),
+        open: OpenRequest {
+            replica: id.to_string(),
+            volume: cfg.name.clone(),
+            volume_uuid: parts.volume_uuid,
+            size: cfg.size,
+            block_size: cfg.block_size,
+            generation: parts.generation,
+            owner: parts.owner,
+            create: parts.create,
+        },
+        deadline: net.io_timeout,
+        connect_timeout: Duration::from_secs(3),
+    })
+}
+
+struct Opened {
+    slots: Vec<SlotSpec>,
+    remotes: Vec<(usize, Arc<RemoteClient>)>,
+    membership: Membership,
+    cheap_zeroing: bool,
+}
+
+enum Retry {
+    /// Try the whole activation again (a current replica could not be opened).
+    Again(String),
+    Never(DaemonError),
+}
+
+/// OPEN the remotes at the plan's generation, then write the labels: the new
+/// membership to every current replica (dropping any that cannot take it), a
+/// first label to new and adopted ones.
+fn open_and_label(
+    cfg: &VolumeConfig,
+    net: &Net,
+    plan: &Plan,
+    owner: OwnerId,
+    probes: &[Probe],
+    locals: &[Option<Arc<LocalBacking>>],
+) -> Result<Opened, Retry> {
+    let never = |m: String| Retry::Never(DaemonError::volume(&cfg.name, m));
+    let mut states: Vec<ReplicaState> = plan.replicas.iter().map(|r| r.state.clone()).collect();
+    let mut backings: Vec<Option<Backing>> = locals
+        .iter()
+        .map(|l| l.clone().map(Backing::Local))
+        .collect();
+    let mut cheap = locals.iter().flatten().all(|b| b.cheap_zeroing());
+
+    // OPEN every reachable remote (members or not: the new generation fences any
+    // older owner on all of them).
+    let to_open: Vec<(usize, RemoteSpec, Option<Label>)> = cfg
+        .replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            matches!(probes[*i].seen, Seen::Label(_))
+                || plan.replicas[*i].label == LabelAction::Create
+        })
+        .filter_map(|(i, r)| {
+            let parts = OpenRequestParts {
+                volume_uuid: plan.volume_uuid,
+                generation: plan.generation,
+                owner,
+                create: (plan.replicas[i].label == LabelAction::Create)
+                    .then_some(plan.replicas[i].uuid),
+            };
+            let stat_label = match &probes[i].seen {
+                Seen::Label(l) => Some(l.clone()),
+                _ => None,
+            };
+            Some((i, remote_spec(cfg, net, r, &parts)?, stat_label))
+        })
+        .collect();
+    let opened = net.rt.block_on(join_all(to_open.into_iter().map(
+        |(i, spec, st)| async move { (i, spec.location(), st, RemoteClient::connect(spec).await) },
+    )));
+    let mut remotes = Vec::new();
+    for (i, loc, st, res) in opened {
+        match res {
+            Ok((client, reply)) => {
+                // Someone else's OPEN between our STAT and ours: its writes may be
+                // on this replica and nowhere we know of.
+                if let Some(st) = st.filter(|st| {
+                    (st.generation, st.owner) != (reply.previous_generation, reply.previous_owner)
+                }) {
+                    return Err(never(format!(
+                        "another owner activated this volume during our activation (replica {loc} went from generation {} to {}); start it again",
+                        st.generation.0, reply.previous_generation.0
+                    )));
+                }
+                cheap &= reply.cheap_zeroing;
+                let client = Arc::new(client);
+                backings[i] = Some(Backing::Remote(client.clone()));
+                remotes.push((i, client));
+            }
+            Err(e @ ReplicationError::Fenced { .. }) => {
+                return Err(never(format!(
+                    "another owner activated this volume meanwhile: {e}"
+                )))
+            }
+            Err(e) => {
+                tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "cannot open replica");
+                if states[i] == ReplicaState::Online {
+                    states[i] = ReplicaState::Faulted {
+                        reason: FaultReason::OpenFailed {
+                            error: e.to_string(),
+                        },
+                    };
+                }
+            }
+        }
+    }
+
+    // First labels for new and adopted local replicas that are not current.
+    for (i, r) in plan.replicas.iter().enumerate() {
+        if let (Some(Backing::Local(b)), LabelAction::Write, false) =
+            (&backings[i], r.label, states[i] == ReplicaState::Online)
+        {
+            let mut l = Label::new(
+                &cfg.name,
+                plan.volume_uuid,
+                r.uuid,
+                cfg.size,
+                cfg.block_size,
+            );
+            l.generation = plan.generation;
+            l.owner = owner;
+            l.outdated = true;
+            if let Err(e) = b.write_label(&l) {
+                tracing::warn!(volume = %cfg.name, replica = %b.path().display(), error = %e, "cannot label a new replica");
+            }
+        }
+    }
+
+    // The new membership into every current replica; one that cannot take it is
+    // not current, and the rest get an epoch without it.
+    let mut membership = plan.membership.clone();
+    loop {
+        membership.members = (0..states.len())
+            .filter(|&i| states[i] == ReplicaState::Online)
+            .map(|i| plan.replicas[i].uuid)
+            .collect();
+        if membership.members.is_empty() {
+            return Err(Retry::Again(
+                "no current replica could be opened and labelled".into(),
+            ));
+        }
+        let mut failed = false;
+        for i in 0..states.len() {
+            if states[i] != ReplicaState::Online {
+                continue;
+            }
+            let res = match &backings[i] {
+                Some(Backing::Local(b)) => {
+                    let mut l = Label::new(
+                        &cfg.name,
+                        plan.volume_uuid,
+                        plan.replicas[i].uuid,
+                        cfg.size,
+                        cfg.block_size,
+                    );
+                    l.generation = plan.generation;
+                    l.owner = owner;
+                    l.membership = membership.clone();
+                    b.write_label(&l).map_err(|e| e.to_string())
+                }
+                Some(b @ Backing::Remote(_)) => b
+                    .update_label(&LabelUpdate {
+                        membership: membership.clone(),
+                        outdated: false,
+                    })
+                    .map_err(|e| e.to_string()),
+                _ => Err("not open".into()),
+            };
+            if let Err(e) = res {
+                tracing::error!(volume = %cfg.name, replica = %probes[i].location, error = %e, "cannot write the membership label");
+                states[i] = ReplicaState::Faulted {
+                    reason: FaultReason::IoError {
+                        op: IoOp::Label,
+                        errno: libc::EIO,
+                    },
+                };
+                failed = true;
+            }
+        }
+        if !failed {
+            break;
+        }
+        membership.epoch = membership.epoch.next();
+    }
+
+    let slots = plan
+        .replicas
+        .iter()
+        .zip(states)
+        .zip(backings)
+        .zip(probes)
+        .map(|(((r, state), backing), probe)| SlotSpec {
+            location: probe.location.clone(),
+            uuid: r.uuid,
+            backing,
+            remote: probe.remote,
+            state,
+            errors: 0,
+        })
+        .collect();
+    Ok(Opened {
+        slots,
+        remotes,
+        membership,
+        cheap_zeroing: cheap,
+    })
+}

@@ -1,0 +1,631 @@
+//! One volume's lifecycle on its own control thread ([`run`], top to bottom):
+//! 1. load the record and look at the volume's ublk device ([`device`]);
+//! 2. activate: probe the replicas' labels, plan who is trusted, take the new
+//!    generation, open the remotes, write the membership ([`activate`]);
+//! 3. build the health and the data path, add the device or take back a QUIESCED
+//!    one (ublk user recovery), serve until told to stop (or fenced);
+//! 4. remove the device, sync the replicas, record a clean stop.
+//!
+//! libublk's control ring is thread-local, so every `UblkCtrl` of a volume is made
+//! and used on that volume's thread; other threads talk to it over a channel.
+
+pub mod activate;
+mod device;
+
+pub use device::pid_alive;
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::UblkFlags;
+use replication::health::{Health, HealthConfig, IoStatsSnapshot, ReadPolicy};
+use replication::ranges::RangeTable;
+use replication::remote::Secret;
+use replication::request::Geometry;
+use replication::state::FaultReason;
+use replication::{Generation, SlotIndex};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VolumeConfig;
+use crate::daemon::ublk_device_exists;
+use crate::error::DaemonError;
+use crate::frontend::{self, DataPath};
+use crate::lifecycle::VolumeState;
+use crate::state::{RecordSink, StateDir};
+use activate::{activate, Halt};
+use device::Mode;
+
+/// Flags every ublkd device is created with: survive a daemon crash, and re-issue
+/// the requests the dead daemon held instead of failing them.
+pub const CTRL_FLAGS: u64 =
+    (libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+pub enum VolumeCmd {
+    Stop,
+}
+
+/// What the control socket reports about a volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub state: VolumeState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub device: Option<String>,
+    pub device_id: Option<u32>,
+    pub generation: u64,
+    pub size: u64,
+    pub block_size: u32,
+    pub queues: u16,
+    pub depth: u16,
+    /// Feature flags the kernel granted (read back after creation).
+    pub ublk_flags: Option<u64>,
+    pub read_policy: Option<ReadPolicy>,
+    /// Epoch of the membership (who holds every acknowledged write).
+    pub membership_epoch: Option<u64>,
+    pub replicas: Vec<ReplicaStatus>,
+    pub io: IoStatsSnapshot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub index: usize,
+    pub path: String,
+    /// `None`: the volume never ran, nothing is known yet.
+    pub uuid: Option<String>,
+    /// "online", "faulted", ... (`None`: nothing known yet).
+    pub state: Option<String>,
+    /// Why it is faulted, for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Why it is faulted, as data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultReason>,
+    pub errors: u64,
+}
+
+impl ReplicaStatus {
+    fn of(
+        index: usize,
+        path: String,
+        uuid: Option<wire::ReplicaUuid>,
+        state: Option<&replication::ReplicaState>,
+        errors: u64,
+    ) -> ReplicaStatus {
+        let fault = state.and_then(|s| s.fault_reason().cloned());
+        ReplicaStatus {
+            index,
+            path,
+            uuid: uuid.map(|u| u.to_string()),
+            state: state.map(|s| s.name().to_string()),
+            reason: fault.as_ref().map(|f| f.to_string()),
+            fault,
+            errors,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Live {
+    state: VolumeState,
+    reason: Option<String>,
+    device_id: Option<u32>,
+    generation: Generation,
+    ublk_flags: Option<u64>,
+    queues: u16,
+    depth: u16,
+    health: Option<Arc<Health>>,
+}
+
+/// State shared between a volume's thread and the rest of the daemon.
+pub struct VolumeShared {
+    cfg: VolumeConfig,
+    state_dir: StateDir,
+    live: Mutex<Live>,
+}
+
+impl VolumeShared {
+    fn set_state(&self, next: VolumeState, reason: Option<String>) {
+        let mut live = self.live.lock().unwrap();
+        let cur = live.state;
+        assert!(
+            cur == next || cur.can_become(next),
+            "volume {}: illegal transition {cur:?} -> {next:?}",
+            self.cfg.name
+        );
+        live.state = next;
+        live.reason = reason;
+    }
+
+    pub fn state(&self) -> VolumeState {
+        let live = self.live.lock().unwrap();
+        match (live.state, &live.health) {
+            // Live/Degraded follow replica health while serving.
+            (s, Some(h)) if s.is_serving() && h.all_online() => VolumeState::Live,
+            (s, Some(_)) if s.is_serving() => VolumeState::Degraded,
+            (s, _) => s,
+        }
+    }
+
+    /// Say what the volume is waiting for (while it starts).
+    fn set_reason(&self, reason: Option<String>) {
+        self.live.lock().unwrap().reason = reason;
+    }
+
+    pub fn device_id(&self) -> Option<u32> {
+        self.live.lock().unwrap().device_id
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let state = self.state();
+        let live = self.live.lock().unwrap();
+        // Not serving (yet): the last persisted record, if the volume ever ran.
+        let rec = match &live.health {
+            Some(_) => None,
+            None => self.state_dir.load(&self.cfg.name).ok().flatten(),
+        };
+        let (replicas, io) = match &live.health {
+            Some(h) => (
+                h.snapshot()
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        ReplicaStatus::of(
+                            i,
+                            s.location.clone(),
+                            Some(s.uuid),
+                            Some(&s.state),
+                            s.errors,
+                        )
+                    })
+                    .collect(),
+                h.stats.snapshot(),
+            ),
+            None => (
+                self.cfg
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let known = rec.as_ref().and_then(|rec| rec.replica(&r.location()));
+                        ReplicaStatus::of(
+                            i,
+                            r.location(),
+                            known.and_then(|k| k.uuid),
+                            known.map(|k| &k.state),
+                            known.map_or(0, |k| k.errors),
+                        )
+                    })
+                    .collect(),
+                IoStatsSnapshot::default(),
+            ),
+        };
+        VolumeStatus {
+            name: self.cfg.name.clone(),
+            state,
+            reason: live.reason.clone(),
+            device: live
+                .device_id
+                .filter(|_| state.is_serving())
+                .map(|id| format!("/dev/ublkb{id}")),
+            device_id: live.device_id,
+            generation: live.generation.0,
+            size: self.cfg.size,
+            block_size: self.cfg.block_size,
+            queues: live.queues,
+            depth: live.depth,
+            ublk_flags: live.ublk_flags,
+            read_policy: match &live.health {
+                Some(h) => Some(h.read_policy()),
+                None => rec.as_ref().map(|r| r.read_policy),
+            },
+            membership_epoch: match &live.health {
+                Some(h) => Some(h.snapshot().membership.epoch.0),
+                None => rec.as_ref().map(|r| r.membership.epoch.0),
+            },
+            replicas,
+            io,
+        }
+    }
+}
+
+/// What volumes with remote replicas need from the daemon.
+#[derive(Clone)]
+pub struct Net {
+    /// The daemon's network runtime (replica connections live there).
+    pub rt: tokio::runtime::Handle,
+    /// `None` when no cluster secret is configured (then no remote replicas exist).
+    pub secret: Option<Secret>,
+    /// Per-request deadline for remote replicas.
+    pub io_timeout: Duration,
+    /// How long I/O waits for the last current replica to come back.
+    pub no_replica_timeout: Duration,
+}
+
+/// A running (or finished) volume thread.
+pub struct VolumeRunner {
+    pub shared: Arc<VolumeShared>,
+    cmd: Sender<VolumeCmd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VolumeRunner {
+    /// `device_id`: the id the daemon claimed for this volume (configured, recorded,
+    /// or the lowest one nobody owns); `None` lets the kernel pick.
+    pub fn spawn(
+        cfg: VolumeConfig,
+        state_dir: StateDir,
+        device_id: Option<u32>,
+        net: Net,
+    ) -> VolumeRunner {
+        let shared = Arc::new(VolumeShared {
+            cfg: cfg.clone(),
+            state_dir: state_dir.clone(),
+            live: Mutex::new(Live {
+                device_id,
+                ..Live::default()
+            }),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vol-{}", cfg.name))
+            .spawn(move || {
+                if let Err(e) = run(&cfg, &state_dir, device_id, &net, &sh, rx) {
+                    tracing::error!(volume = %cfg.name, error = %e, "volume failed");
+                    sh.set_state(VolumeState::Failed, Some(e.to_string()));
+                }
+            })
+            .expect("spawn volume thread");
+        VolumeRunner {
+            shared,
+            cmd: tx,
+            thread: Some(thread),
+        }
+    }
+
+    /// Status of a configured volume that was never started.
+    pub fn not_started(cfg: &VolumeConfig, state_dir: &StateDir) -> VolumeStatus {
+        VolumeShared {
+            cfg: cfg.clone(),
+            state_dir: state_dir.clone(),
+            live: Mutex::new(Live::default()),
+        }
+        .status()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Ask the volume to stop (drain I/O, remove the device) and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.request_stop() {
+            let _ = t.join();
+        }
+    }
+
+    /// Ask the volume to stop; the caller joins the returned thread.
+    pub fn request_stop(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        let _ = self.cmd.send(VolumeCmd::Stop);
+        self.thread.take()
+    }
+}
+
+fn run(
+    cfg: &VolumeConfig,
+    state_dir: &StateDir,
+    claimed_id: Option<u32>,
+    net: &Net,
+    shared: &Arc<VolumeShared>,
+    cmd: Receiver<VolumeCmd>,
+) -> Result<(), DaemonError> {
+    shared.set_state(VolumeState::Starting, None);
+
+    // 1. The record, and the device: a LIVE one served by another daemon must stop
+    //    us before we touch (and wait for the locks of) its replicas.
+    let record = state_dir.load(&cfg.name)?;
+    if let Some(rec) = &record {
+        rec.check_geometry(cfg)?;
+    }
+    let uid = record.as_ref().map(|r| r.uid);
+    let mode = match record.as_ref().and_then(|r| r.device_id).or(claimed_id) {
+        Some(id) if ublk_device_exists(id) => match uid {
+            Some(uid) => device::inspect_existing(cfg, uid, id)?,
+            None => {
+                return Err(DaemonError::volume(
+                    &cfg.name,
+                    format!("/dev/ublkb{id} exists but this volume has no record: it is not ours"),
+                ))
+            }
+        },
+        Some(id) => Mode::Add { id: id as i32 },
+        None => Mode::Add { id: -1 },
+    };
+
+    // 2. Activation: who is trusted, at which generation.
+    let mut stop_asked = |wait: Duration| match cmd.recv_timeout(wait) {
+        Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => true,
+        Err(RecvTimeoutError::Timeout) => false,
+    };
+    let mut act = match activate(cfg, net, state_dir, record, &mut stop_asked, &mut |why| {
+        shared.set_reason(why)
+    }) {
+        Ok(a) => a,
+        Err(Halt::Stopped) => {
+            shared.set_state(VolumeState::Stopped, None);
+            return Ok(());
+        }
+        Err(Halt::Failed(e)) => return Err(e),
+    };
+    if let (Some(g), Mode::Recover { id, .. }) = (act.takeover, &mode) {
+        // Recovering would let the kernel re-issue the dead daemon's writes onto the
+        // newer owner's data, and the filesystem above resume on a stale view of it.
+        let why = format!(
+            "another owner activated this volume (generation {}) after /dev/ublkb{id} was created: not recovering it; the device is removed",
+            g.0
+        );
+        tracing::error!(volume = %cfg.name, reason = %why, "fenced");
+        device::remove_stale(cfg, *id);
+        shared.set_state(VolumeState::Fenced, Some(why));
+        return Ok(());
+    }
+    if matches!(mode, Mode::Recover { .. }) {
+        shared.set_state(VolumeState::Recovering, None);
+    }
+    let mut record = act.record;
+    let online = act
+        .slots
+        .iter()
+        .filter(|s| s.state == replication::ReplicaState::Online)
+        .count();
+    if !record.clean && matches!(mode, Mode::Add { .. }) && online > 1 {
+        // No clean stop and no device to recover: the host went down with writes in
+        // flight, which may have reached some replicas only. (A daemon crash is
+        // different: the kernel re-issues those writes to the recovered device.)
+        if record.read_policy != ReadPolicy::Primary {
+            tracing::warn!(volume = %cfg.name,
+                "unclean shutdown: replicas may differ where writes were in flight; reads are pinned to the first online replica until a resync");
+        }
+        record.read_policy = ReadPolicy::Primary;
+    }
+    // `clean` is cleared only once the device serves (device_fn): a start that fails
+    // before that changed no data and must not count as an unclean shutdown.
+    state_dir.save(&record)?;
+
+    // 3. Health and data path.
+    let (cheap_zeroing, local_replicas) = (act.cheap_zeroing, act.local_replicas);
+    let remotes = std::mem::take(&mut act.remotes);
+    let (health, sink) = health_of(cfg, net, state_dir, &record, act.slots, &remotes)?;
+    let generation = record.generation;
+    serve(
+        cfg,
+        net,
+        shared,
+        &health,
+        &sink,
+        generation,
+        mode,
+        record.uid,
+        cheap_zeroing,
+        local_replicas,
+        cmd,
+    )
+}
+
+/// The health of an activated volume, persisting into its record; remote clients
+/// report their connection events to it.
+pub fn health_of(
+    cfg: &VolumeConfig,
+    net: &Net,
+    state_dir: &StateDir,
+    record: &crate::state::VolumeRecord,
+    slots: Vec<replication::health::SlotSpec>,
+    remotes: &[(usize, Arc<replication::remote::RemoteClient>)],
+) -> Result<(Arc<Health>, Arc<RecordSink>), DaemonError> {
+    let sink = Arc::new(RecordSink::new(state_dir.clone(), record.clone()));
+    let health = Health::new(
+        HealthConfig {
+            generation: record.generation,
+            membership: record.membership.clone(),
+            no_replica_timeout: net.no_replica_timeout,
+            volume: cfg.name.clone(),
+        },
+        slots,
+        Box::new(sink.clone()),
+    )?;
+    for (i, client) in remotes {
+        client.set_events(health.conn_events(SlotIndex(*i as u8)));
+    }
+    health.set_read_policy(record.read_policy);
+    Ok((health, sink))
+}
+
+/// Add (or recover) the device, serve until stopped or fenced, then take it down.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    cfg: &VolumeConfig,
+    _net: &Net,
+    shared: &Arc<VolumeShared>,
+    health: &Arc<Health>,
+    sink: &Arc<RecordSink>,
+    generation: Generation,
+    mode: Mode,
+    uid: u32,
+    cheap_zeroing: bool,
+    local_replicas: usize,
+    cmd: Receiver<VolumeCmd>,
+) -> Result<(), DaemonError> {
+    let (id, queues, depth, max_io, dev_flags) = match mode {
+        Mode::Add { id } => (
+            id,
+            cfg.queues,
+            cfg.depth,
+            cfg.max_io_bytes,
+            UblkFlags::UBLK_DEV_F_ADD_DEV,
+        ),
+        Mode::Recover {
+            id,
+            queues,
+            depth,
+            max_io,
+        } => {
+            device::start_recovery(cfg, id)?;
+            (
+                id as i32,
+                queues,
+                depth,
+                max_io,
+                UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+            )
+        }
+    };
+    {
+        let mut live = shared.live.lock().unwrap();
+        live.generation = generation;
+        live.health = Some(health.clone());
+        live.queues = queues;
+        live.depth = depth;
+    }
+
+    let ctrl = UblkCtrlBuilder::default()
+        .name("ublkd")
+        .id(id)
+        .nr_queues(queues)
+        .depth(depth)
+        .io_buf_bytes(max_io)
+        .ctrl_flags(CTRL_FLAGS)
+        .ctrl_target_flags(frontend::owner_flags(uid))
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| DaemonError::ublk("add device", e))?;
+    let dev_id = ctrl.dev_info().dev_id;
+    sink.set_device_id(dev_id)?;
+    shared.live.lock().unwrap().device_id = Some(dev_id);
+
+    let dp = Arc::new(DataPath {
+        volume: cfg.name.clone(),
+        geometry: Geometry {
+            size: cfg.size,
+            block_size: cfg.block_size,
+            max_io_bytes: max_io,
+        },
+        health: health.clone(),
+        ranges: RangeTable::new(),
+        discard: cheap_zeroing,
+        local_replicas,
+    });
+    if !cheap_zeroing {
+        tracing::info!(volume = %cfg.name,
+            "not every replica zeroes a discarded range cheaply: DISCARD is not advertised (WRITE_ZEROES is)");
+    }
+    let dp_init = dp.clone();
+    let dp_q = dp.clone();
+    let shared_dev = shared.clone();
+    let sink_dev = sink.clone();
+    let cmd = Mutex::new(cmd);
+    let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flag = stop_requested.clone();
+    let dp_dev = dp.clone();
+    let name = cfg.name.clone();
+    ctrl.run_target(
+        move |dev: &mut UblkDev| {
+            frontend::init_target(dev, &dp_init);
+            Ok(())
+        },
+        move |qid, dev: &UblkDev| frontend::run_queue(qid, dev, &dp_q),
+        move |ctrl: &UblkCtrl| {
+            let info = ctrl.dev_info();
+            {
+                // What the kernel granted (it caps queues at the CPU count).
+                let mut live = shared_dev.live.lock().unwrap();
+                live.ublk_flags = Some(info.flags);
+                live.queues = info.nr_hw_queues;
+                live.depth = info.queue_depth;
+            }
+            if info.flags & CTRL_FLAGS != CTRL_FLAGS {
+                tracing::warn!(volume = %name, flags = format_args!("{:#x}", info.flags),
+                    "kernel did not grant USER_RECOVERY|REISSUE: a daemon crash will fail I/O");
+            }
+            if let Err(e) = sink_dev.set_clean(false) {
+                tracing::error!(volume = %name, error = %e,
+                    "cannot record that the volume is in use: after a host crash its replicas would not be treated as possibly divergent");
+            }
+            shared_dev.set_state(VolumeState::Live, None);
+            tracing::info!(volume = %name, device = %ctrl.get_bdev_path(),
+                granted_flags = format_args!("{:#x}", info.flags), queues = info.nr_hw_queues,
+                depth = info.queue_depth, "volume serving");
+            loop {
+                // A fenced volume must stop writing at once; the I/O path already
+                // fails every request, this removes the device.
+                if let Some(why) = dp_dev.health.fence().reason() {
+                    tracing::error!(volume = %name, reason = %why, "fenced by a newer owner: stopping the device");
+                    shared_dev.set_state(VolumeState::Fenced, Some(why.to_string()));
+                    if let Err(e) = ctrl.kill_dev() {
+                        tracing::error!(volume = %name, error = ?e, "stop device");
+                    }
+                    return;
+                }
+                match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
+                    Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                        stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        shared_dev.set_state(VolumeState::Stopping, None);
+                        // STOP_DEV: the kernel drains in-flight I/O, then the queues
+                        // see their commands aborted and exit.
+                        if let Err(e) = ctrl.kill_dev() {
+                            tracing::error!(volume = %name, error = ?e, "stop device");
+                        }
+                        return;
+                    }
+                    Err(RecvTimeoutError::Timeout) if !ublk_device_exists(info.dev_id) => {
+                        tracing::error!(volume = %name, "ublk device removed behind our back");
+                        return;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            }
+        },
+    )
+    .map_err(|e| DaemonError::ublk("run device", e))?;
+
+    // 4. Down.
+    let outcome = if let Some(why) = health.fence().reason() {
+        if let Err(e) = ctrl.del_dev_async() {
+            if ublk_device_exists(dev_id) {
+                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the fenced device");
+            }
+        }
+        // Not clean: the newer owner's view of the data is the one that counts.
+        shared.set_state(VolumeState::Fenced, Some(why.to_string()));
+        Ok(())
+    } else if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
+        // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
+        // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
+        // after a forced stop). An ADD_DEV control may already have deleted it.
+        if let Err(e) = ctrl.del_dev_async() {
+            if ublk_device_exists(dev_id) {
+                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the stopped device");
+            }
+        }
+        // Drained, but not necessarily durable: the application may not have flushed.
+        // Only replicas synced to stable storage make a clean stop.
+        let failed = health.sync_all();
+        for (loc, e) in &failed {
+            tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
+        }
+        if failed.is_empty() && health.is_durable() {
+            sink.set_clean(true)?;
+        }
+        shared.set_state(VolumeState::Stopped, None);
+        tracing::info!(volume = %cfg.name, "volume stopped, device removed");
+        Ok(())
+    } else {
+        Err(DaemonError::volume(&cfg.name, "ublk device went away"))
+    };
+    health.stop();
+    outcome
+}

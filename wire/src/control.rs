@@ -1,0 +1,87 @@
+//! The JSON payloads of the control ops (docs/protocol.md §6). Unknown fields are
+//! rejected: within a protocol version both sides know every field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+use crate::ids::{Generation, OwnerId, ReplicaUuid, SessionId, VolumeUuid};
+use crate::label::{Label, Membership};
+
+/// OPEN: claim (and with `create`, make) replica `replica` for `volume` at
+/// `generation`. Accepted when `generation` is above the label's, or equal with the
+/// same `owner` (the same activation reconnecting).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenRequest {
+    /// The replica's id on the server (names its file there).
+    pub replica: String,
+    pub volume: String,
+    pub volume_uuid: VolumeUuid,
+    pub size: u64,
+    pub block_size: u32,
+    pub generation: Generation,
+    /// Random per activation of the owner.
+    pub owner: OwnerId,
+    /// Create the replica (all zeroes, with this uuid) if the server has none. Only
+    /// for a replica new to the volume: one that vanished from its server lost the
+    /// volume's data and must be rebuilt, not silently recreated.
+    pub create: Option<ReplicaUuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenReply {
+    /// Carried by every fenced frame of this connection.
+    pub session: SessionId,
+    /// The replica's label after this OPEN (its generation is the request's).
+    pub label: Label,
+    /// The replica did not exist and was created (all zeroes).
+    pub created: bool,
+    /// Generation and owner the replica held before this OPEN: an owner that sees
+    /// anything but what its STAT showed knows another owner got in between.
+    pub previous_generation: Generation,
+    pub previous_owner: OwnerId,
+    /// DISCARD of this replica reads back as zeroes without writing them (the
+    /// server's filesystem punches holes): owners advertise discard only then.
+    pub cheap_zeroing: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatRequest {
+    pub replica: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatReply {
+    /// `None`: the server has no such replica.
+    pub label: Option<Label>,
+    /// Space of the server's storage directory (placement of new replicas).
+    pub capacity: Capacity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// SET_LABEL: replace the owner-controlled part of the label (fenced: only the
+/// replica's current session may). Identity, geometry and generation never change
+/// this way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelUpdate {
+    pub membership: Membership,
+    pub outdated: bool,
+}
+
+pub fn decode_control<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(payload).map_err(|e| WireError::Control(e.to_string()))
+}
+
+pub fn encode_control<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("control types serialize")
+}
