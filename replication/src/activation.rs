@@ -555,7 +555,13 @@ mod tests {
         let w = World::new();
         let all = [0, 1, 2];
         // (what, record, probes, grace over, expected)
-        type Case = (&'static str, Option<Recorded>, Vec<Seen>, bool, &'static str);
+        type Case = (
+            &'static str,
+            Option<Recorded>,
+            Vec<Seen>,
+            bool,
+            &'static str,
+        );
         let cases: Vec<Case> = vec![
             (
                 "all current",

@@ -96,6 +96,11 @@ impl MemStore {
         self.data.lock().unwrap()[off..off + len].to_vec()
     }
 
+    /// Store `data` at `off` directly (a copier filling a new replica).
+    pub fn put(&self, off: usize, data: &[u8]) {
+        self.data.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
+    }
+
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::SeqCst)
     }
@@ -445,5 +450,54 @@ pub fn test_handle(b: &crate::backing::Backing) -> Box<dyn Replica> {
             crate::uring::BlockingUring::new().expect("io_uring"),
         )),
         Backing::Remote(c) => Box::new(c.replica(None)),
+    }
+}
+
+/// Wraps a replica handle so its mutations fail (EIO) while `fail` is set: error
+/// injection on a real replica (its label and the rest of its backing keep working).
+pub struct Failing {
+    pub inner: Box<dyn Replica>,
+    pub fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Failing {
+    fn failing(&self) -> bool {
+        self.fail.load(Ordering::SeqCst)
+    }
+}
+
+impl Replica for Failing {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
+    fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
+        self.inner.read(offset, buf)
+    }
+    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a> {
+        if self.failing() {
+            return Box::pin(std::future::ready(Err(Errno::EIO)));
+        }
+        self.inner.write(offset, buf, fua)
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        if self.failing() {
+            return Box::pin(std::future::ready(Err(Errno::EIO)));
+        }
+        self.inner.flush()
+    }
+    fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
+        if self.failing() {
+            return Box::pin(std::future::ready(Err(Errno::EIO)));
+        }
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_> {
+        if self.failing() {
+            return Box::pin(std::future::ready(Err(Errno::EIO)));
+        }
+        self.inner.write_zeroes(offset, len, no_unmap)
     }
 }

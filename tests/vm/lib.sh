@@ -116,10 +116,11 @@ EOF
 }
 
 # start_ublkd CONF: start the daemon in the background (log: $T/ublkd.log); sets DPID.
+# UBLKD_BIN picks another ublkd binary (the bench's cost-model variants).
 # It is a child of the scenario shell, never of a writer, so killing it orphans nothing we wait on.
 start_ublkd() {
-  echo "==== $(now) ublkd --config $1" >> "$T/ublkd.log"
-  "$UBLKD" --config "$1" >> "$T/ublkd.log" 2>&1 &
+  echo "==== $(now) ${UBLKD_BIN:-$UBLKD} --config $1" >> "$T/ublkd.log"
+  "${UBLKD_BIN:-$UBLKD}" --config "$1" >> "$T/ublkd.log" 2>&1 &
   DPID=$!
   say "started ublkd pid $DPID"
 }
@@ -278,7 +279,7 @@ log_level = "${LOG_LEVEL:-info}"
 listen = "127.0.0.$1:7450"
 storage_dir = "$2"
 EOF
-  "$UBLKD" --config "$T/srv$1.toml" >> "$T/srv$1.log" 2>&1 &
+  "${UBLKD_BIN:-$UBLKD}" --config "$T/srv$1.toml" >> "$T/srv$1.log" 2>&1 &
   eval "SRV_$1=$!"
   wait_for 20 tcp_listening 127.0.0.$1 7450 || fail "replica server $1 did not start: $(tail -n 5 "$T/srv$1.log")"
   say "replica server 127.0.0.$1:7450 pid $(eval echo \$SRV_$1)"

@@ -105,8 +105,7 @@ fn inline_qd1(rt: &tokio::runtime::Handle, addr: &str, n: u64) -> f64 {
     for i in 0..n {
         let mut h = RequestHeader::new(Op::Write, RequestId(i + 1));
         (h.offset, h.len, h.payload_len) = (ByteOffset(offset(i)), BLOCK as u32, BLOCK as u32);
-        (h.generation, h.session, h.volume) =
-            (Generation(1), opened.session, VolumeTag::of("hop"));
+        (h.generation, h.session, h.volume) = (Generation(1), opened.session, VolumeTag::of("hop"));
         let head = sealer.seal_request(&h, &data);
         let iov = [std::io::IoSlice::new(&head), std::io::IoSlice::new(&data)];
         let k = s.write_vectored(&iov).unwrap();

@@ -633,3 +633,67 @@ fn two_hundred_idle_connections_do_not_keep_an_owner_out() {
     assert_eq!((st.connections, st.sessions), (1, 1), "{st:?}");
     drop(idle);
 }
+
+/// A man in the middle: forwards a connection to `to`, and once `armed` flips one
+/// bit in what the server sends back.
+fn tampering_proxy(
+    at: &str,
+    to: SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    let l = std::net::TcpListener::bind(at).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { return };
+            let server = TcpStream::connect(to).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+            });
+            let armed = armed.clone();
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (server, client);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        buf[n / 2] ^= 0x10;
+                    }
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_reply_altered_on_the_path_is_refused_and_the_replica_faulted_without_io_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let servers: Vec<ServerProc> = (17..19).map(|n| start_server(tmp.path(), n)).collect();
+    let rt = rt();
+    let vu = VolumeUuid::random();
+    let armed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let via = tampering_proxy("127.0.0.30:0", servers[1].addr, armed.clone());
+    let mut tampered = spec(&servers[1], "m-r2", "m", vu, 1, 8);
+    tampered.addr = via.to_string();
+    let owner = Owner::open(
+        &rt,
+        vec![spec(&servers[0], "m-r1", "m", vu, 1, 8), tampered],
+        None,
+    );
+    let nexus = owner.nexus();
+    let out = workload(&nexus, 2000, 8, 500, || {
+        armed.store(true, std::sync::atomic::Ordering::SeqCst)
+    });
+    flush(&nexus);
+    assert_eq!(out.errors, 0, "the application saw I/O errors");
+    assert_eq!(owner.states(), ["online", "faulted"]);
+    verify_image(&servers[0].image("m-r1"), &out.expected);
+}

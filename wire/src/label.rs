@@ -137,7 +137,10 @@ impl Label {
 pub fn encode_slot(label: &Label, seq: u64) -> Vec<u8> {
     let body = serde_json::to_vec(label).expect("labels serialize");
     // The last 4 KiB of the area stay unwritten (the cheap-zeroing probe).
-    assert!(body.len() <= SLOT_LEN - SLOT_HEADER - 4096, "label too large");
+    assert!(
+        body.len() <= SLOT_LEN - SLOT_HEADER - 4096,
+        "label too large"
+    );
     let mut b = Vec::with_capacity(SLOT_HEADER + body.len());
     b.extend_from_slice(&SLOT_MAGIC);
     b.extend_from_slice(&LABEL_FORMAT.to_le_bytes());

@@ -1,5 +1,6 @@
 # disks: 4 size=1G
-# timeout: 1800
+# timeout: 2400
+# variants: bench-crc-frames bench-unordered
 #
 # Benchmark: ublkd (one local replica) against the kernel loop driver (losetup --direct-io=on)
 # over the same kind of backing store, in ONE boot so the ratios compare like with like.
@@ -10,20 +11,28 @@
 #   bench_mdraid1 the kernel's own network mirror, the baseline for replicated volumes: md raid1
 #                 over a loop device on disk 3 and an nbd device (TCP 127.0.0.1, qemu-nbd with
 #                 O_DIRECT) on disk 4. Its numbers also go to $MDRAID1_ENV for later scenarios.
+#   bench_mdraid1_nvmetcp  the same over a loop device and an NVMe/TCP namespace (the kernel's
+#                 nvmet-tcp target exporting disk 4, the nvme-tcp host on 127.0.0.1:4420): the
+#                 transport Mayastor uses, and the stronger kernel baseline.
 #   bench_replicated  ublkd with remote replicas, on the same disks as bench_mdraid1: the local
 #                 replica on raw disk 3, replica servers (127.0.0.2/.3, separate ublkd processes)
 #                 storing on ext4 on disk 4 and disk 2. 1 local, 1 local + 1 remote, 1 local +
-#                 2 remote; ratios against md raid1; worst write latency across a SIGKILL and a
-#                 SIGSTOP of a replica server.
+#                 2 remote; ratios against both md raid1 baselines; worst write latency across a
+#                 SIGKILL and a SIGSTOP of a replica server.
+#   bench_costs   what protocol v2's frame tags and the range table cost: the same volume run
+#                 alternately by ublkd and by a cost-model build (feature bench-crc-frames:
+#                 v1's CRC32C instead of SipHash tags; bench-unordered: no range table).
 # Workloads (fio, io_uring, direct=1, one job: the guest has one vCPU, so one ublk queue):
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
 
-SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_replicated"
+SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs"
 timeout_bench_virtio=900
 timeout_bench_tmpfs=900
 timeout_bench_mdraid1=900
+timeout_bench_mdraid1_nvmetcp=900
 timeout_bench_replicated=1200
+timeout_bench_costs=900
 
 REGION=256M          # fio working set (prefilled by the sequential write)
 RUNTIME=${BENCH_RUNTIME:-10}
@@ -146,12 +155,69 @@ NBD_PORT=10809
 # blk_ios DEV: "reads writes" completed by DEV since it appeared (/sys/block/DEV/stat).
 blk_ios() { awk '{print $1, $5}' "/sys/block/${1#/dev/}/stat"; }
 
+# md_matrix TAG LEG_A LEG_B LEG_B_NAME SERVER_PID ENV: md raid1 (metadata 1.2, no write-intent
+# bitmap, --assume-clean) over the two legs, prefilled, the fio matrix, per-leg I/O counts; the
+# `TAG_<workload>_iops=N` lines also go to ENV (written only when the whole matrix ran). With a
+# SERVER_PID (a user-space server behind leg B), its CPU per md request too. Stops the array.
+md_matrix() {
+  _tag=$1 _a=$2 _b=$3 _bn=$4 _srv=$5 _env=$6
+  rm -f "$_env" "$_env.tmp"
+  # The mirror. No udev: mdadm makes /dev/md0 itself (devtmpfs has it anyway).
+  run "$MDADM" --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --bitmap=none \
+    --assume-clean --run "$_a" "$_b"
+  wait_dev /dev/md0
+  cat /proc/mdstat
+  grep -A1 '^md0 :' /proc/mdstat | grep -q '\[UU\]' || fail "md0 not [UU]: $(tr '\n' ' ' < /proc/mdstat)"
+  ! grep -qE 'resync|recovery' /proc/mdstat || fail "md0 is resyncing despite --assume-clean"
+
+  # Prefill (random reads of never-written blocks would read holes).
+  run "$FIO" --name=fill --filename=/dev/md0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  set -- $(blk_ios "$_a") $(blk_ios "$_b")
+  a_r0=$1 a_w0=$2 b_r0=$3 b_w0=$4
+  for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "write 128k 8"; do
+    set -- $w
+    name="${1}_qd$3"; [ "$1" = write ] && name="seqwrite128k_qd$3"
+    if [ "$_srv" != 0 ]; then
+      set -- $(ticks_of "$_srv") $(fio_run /dev/md0 "$1" "$2" "$3" "${_tag}_$name") $(ticks_of "$_srv")
+      [ $# -eq 7 ] || fail "fio $name: $(head -c 300 "$T/${_tag}_$name.err")"
+      iops=$3 lat=$4 mib=$5 u_iops=$3
+      srv_u=$(per_io $(($6 - $1))) srv_s=$(per_io $(($7 - $2)))
+    else
+      set -- $(fio_run /dev/md0 "$1" "$2" "$3" "${_tag}_$name")
+      [ $# -eq 3 ] || fail "fio $name: $(head -c 300 "$T/${_tag}_$name.err")"
+      iops=$1 lat=$2 mib=$3 srv_u=- srv_s=-
+    fi
+    [ "$iops" -gt 0 ] || fail "zero IOPS in $name"
+    { echo "${_tag}_${name}_iops=$iops"
+      echo "${_tag}_${name}_lat_us=$lat"
+      case $name in seq*) echo "${_tag}_${name}_mibps=$mib" ;; esac
+      [ "$_srv" = 0 ] || echo "${_tag}_${_bn}server_user_us_per_io_${name}=$srv_u"
+      [ "$_srv" = 0 ] || echo "${_tag}_${_bn}server_sys_us_per_io_${name}=$srv_s"
+    } >> "$_env.tmp"
+    printf 'TABLE %-8s %-20s md raid1 (loop + %s) %8s IOPS %9s us | %s server cpu/io user %s us sys %s us\n' \
+      "$_tag" "$name" "$_bn" "$iops" "$lat" "$_bn" "$srv_u" "$srv_s"
+  done
+  sed 's/^/RESULT /' "$_env.tmp"
+
+  # Both legs took every write (no leg dropped out); reads went wherever md balanced them.
+  set -- $(blk_ios "$_a") $(blk_ios "$_b")
+  echo "RESULT ${_tag}_leg_loop_reads=$(($1 - a_r0))"
+  echo "RESULT ${_tag}_leg_loop_writes=$(($2 - a_w0))"
+  echo "RESULT ${_tag}_leg_${_bn}_reads=$(($3 - b_r0))"
+  echo "RESULT ${_tag}_leg_${_bn}_writes=$(($4 - b_w0))"
+  grep -A1 '^md0 :' /proc/mdstat | grep -q '\[UU\]' || fail "md0 degraded after the run: $(tr '\n' ' ' < /proc/mdstat)"
+  [ $(($4 - b_w0)) -gt 0 ] && [ $(($2 - a_w0)) -gt 0 ] || fail "a leg got no writes"
+  mv "$_env.tmp" "$_env"
+  run "$MDADM" --stop /dev/md0
+  run "$MDADM" --zero-superblock "$_a" "$_b"
+}
+
 bench_mdraid1() {
   set -- $VM_DISKS
   [ $# -ge 4 ] || fail "need 4 virtio disks (bench_mdraid1 uses the 3rd and 4th), have: $VM_DISKS"
   disk_a=$3 disk_b=$4
   for m in raid1 md_mod nbd loop; do grep -q "^$m " /proc/modules || fail "module $m not loaded"; done
-  rm -f "$MDRAID1_ENV" "$MDRAID1_ENV.tmp"
 
   # Leg A: kernel loop, direct I/O on the virtio disk.
   loopdev=$("$LOSETUP" --direct-io=on --show -f "$disk_a") || fail "losetup $disk_a"
@@ -166,55 +232,61 @@ bench_mdraid1() {
     || fail "qemu-nbd not listening on 127.0.0.1:$NBD_PORT: $(head -c 300 "$T/qemu-nbd.log")"
   run "$NBD_CLIENT" 127.0.0.1 $NBD_PORT /dev/nbd0 -N mirror
   wait_dev /dev/nbd0
-  # The mirror. No udev: mdadm makes /dev/md0 itself (devtmpfs has it anyway).
-  run "$MDADM" --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --bitmap=none \
-    --assume-clean --run "$loopdev" /dev/nbd0
-  wait_dev /dev/md0
-  cat /proc/mdstat
-  grep -A1 '^md0 :' /proc/mdstat | grep -q '\[UU\]' || fail "md0 not [UU]: $(tr '\n' ' ' < /proc/mdstat)"
-  ! grep -qE 'resync|recovery' /proc/mdstat || fail "md0 is resyncing despite --assume-clean"
-
-  # Prefill (random reads of never-written blocks would read holes).
-  run "$FIO" --name=fill --filename=/dev/md0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=$REGION --output=/dev/null
-  set -- $(blk_ios "$loopdev") $(blk_ios /dev/nbd0)
-  a_r0=$1 a_w0=$2 b_r0=$3 b_w0=$4
-  for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "write 128k 8"; do
-    set -- $w
-    name="${1}_qd$3"; [ "$1" = write ] && name="seqwrite128k_qd$3"
-    set -- $(ticks_of "$nbd_srv") $(fio_run /dev/md0 "$1" "$2" "$3" "mdraid1_$name") $(ticks_of "$nbd_srv")
-    [ $# -eq 7 ] || fail "fio $name: $(head -c 300 "$T/mdraid1_$name.err")"
-    iops=$3 lat=$4 mib=$5 u_iops=$3
-    # NBD server CPU per md request (user, kernel), µs, like bench_pair's ublkd figures.
-    [ "$iops" -gt 0 ] || fail "zero IOPS in $name"
-    srv_u=$(per_io $(($6 - $1))) srv_s=$(per_io $(($7 - $2)))
-    { echo "mdraid1_${name}_iops=$iops"
-      echo "mdraid1_${name}_lat_us=$lat"
-      case $name in seq*) echo "mdraid1_${name}_mibps=$mib" ;; esac
-      echo "mdraid1_nbdserver_user_us_per_io_${name}=$srv_u"
-      echo "mdraid1_nbdserver_sys_us_per_io_${name}=$srv_s"
-    } >> "$MDRAID1_ENV.tmp"
-    printf 'TABLE %-8s %-20s md raid1 (loop + nbd) %8s IOPS %9s us | qemu-nbd cpu/io user %s us sys %s us\n' \
-      mdraid1 "$name" "$iops" "$lat" "$srv_u" "$srv_s"
-  done
-  sed 's/^/RESULT /' "$MDRAID1_ENV.tmp"
-
-  # Both legs took every write (no leg dropped out); reads went wherever md balanced them.
-  set -- $(blk_ios "$loopdev") $(blk_ios /dev/nbd0)
-  echo "RESULT mdraid1_leg_loop_reads=$(($1 - a_r0))"
-  echo "RESULT mdraid1_leg_loop_writes=$(($2 - a_w0))"
-  echo "RESULT mdraid1_leg_nbd_reads=$(($3 - b_r0))"
-  echo "RESULT mdraid1_leg_nbd_writes=$(($4 - b_w0))"
-  grep -A1 '^md0 :' /proc/mdstat | grep -q '\[UU\]' || fail "md0 degraded after the run: $(tr '\n' ' ' < /proc/mdstat)"
-  [ $(($4 - b_w0)) -gt 0 ] && [ $(($2 - a_w0)) -gt 0 ] || fail "a leg got no writes"
-  mv "$MDRAID1_ENV.tmp" "$MDRAID1_ENV"
+  md_matrix mdraid1 "$loopdev" /dev/nbd0 nbd "$nbd_srv" "$MDRAID1_ENV"
 
   # Teardown, innermost first.
-  run "$MDADM" --stop /dev/md0
-  run "$MDADM" --zero-superblock "$loopdev" /dev/nbd0
   run "$NBD_CLIENT" -d /dev/nbd0
   kill -TERM "$nbd_srv"
   wait_pid "$nbd_srv" 10
+  run "$LOSETUP" -d "$loopdev"
+}
+
+# ---------------------------------------------------------------------------------------------
+# bench_mdraid1_nvmetcp: md raid1 over the loop leg (disk 3) and an NVMe/TCP namespace: the
+# kernel's nvmet-tcp target exports disk 4 on 127.0.0.1:4420 (configfs), the kernel's nvme-tcp
+# host connects to it (/dev/nvme-fabrics). Everything in the kernel: no user-space server on
+# the remote leg. Writes `mdraid1nvme_<workload>_iops=N` to $NVMETCP_ENV.
+NVMETCP_ENV=/tmp/bench-mdraid1-nvmetcp.env
+NQN=nqn.2026-12.io.ublkd:bench
+
+bench_mdraid1_nvmetcp() {
+  set -- $VM_DISKS
+  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
+  disk_a=$3 disk_b=$4
+  for m in raid1 nvmet_tcp nvme_tcp loop; do grep -q "^$m " /proc/modules || fail "module $m not loaded"; done
+  grep -q configfs /proc/mounts || run mount -t configfs none /sys/kernel/config
+  cfs=/sys/kernel/config/nvmet
+  [ -d $cfs ] || fail "no $cfs (nvmet not loaded?)"
+  run mkdir $cfs/subsystems/$NQN
+  echo 1 > $cfs/subsystems/$NQN/attr_allow_any_host
+  run mkdir $cfs/subsystems/$NQN/namespaces/1
+  echo -n "$disk_b" > $cfs/subsystems/$NQN/namespaces/1/device_path
+  echo 1 > $cfs/subsystems/$NQN/namespaces/1/enable || fail "cannot enable the nvmet namespace on $disk_b"
+  run mkdir $cfs/ports/1
+  echo tcp > $cfs/ports/1/addr_trtype
+  echo ipv4 > $cfs/ports/1/addr_adrfam
+  echo 127.0.0.1 > $cfs/ports/1/addr_traddr
+  echo 4420 > $cfs/ports/1/addr_trsvcid
+  run ln -s $cfs/subsystems/$NQN $cfs/ports/1/subsystems/$NQN
+  wait_for 10 tcp_listening 127.0.0.1 4420 || fail "nvmet-tcp not listening on 127.0.0.1:4420"
+  echo "transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$NQN" > /dev/nvme-fabrics \
+    || fail "nvme-tcp connect failed: $(dmesg | tail -n 3 | tr '\n' ' ')"
+  ns=""
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = $NQN ] || continue
+    ctrl=${c##*/}
+    wait_for 10 sh -c "ls -d /sys/class/nvme/$ctrl/${ctrl}n* /sys/class/nvme/$ctrl/nvme*c*n* 2>/dev/null | grep -q ."
+    ns=$(ls -d /sys/class/nvme/$ctrl/nvme*n* 2>/dev/null | head -n1)
+  done
+  [ -n "$ns" ] || fail "no NVMe/TCP namespace appeared: $(ls /sys/class/nvme/ 2>&1 | tr '\n' ' ')"
+  nsdev=/dev/${ns##*/}
+  wait_dev "$nsdev"
+  say "NVMe/TCP namespace $nsdev (controller $ctrl) over 127.0.0.1:4420"
+  loopdev=$("$LOSETUP" --direct-io=on --show -f "$disk_a") || fail "losetup $disk_a"
+  md_matrix mdraid1nvme "$loopdev" "$nsdev" nvme 0 "$NVMETCP_ENV"
+  echo 1 > /sys/class/nvme/$ctrl/delete_controller
+  rm -f $cfs/ports/1/subsystems/$NQN
+  rmdir $cfs/ports/1 $cfs/subsystems/$NQN/namespaces/1 $cfs/subsystems/$NQN
   run "$LOSETUP" -d "$loopdev"
 }
 
@@ -322,17 +394,21 @@ bench_replicated() {
   stop_ublkd 60 || fail "owner did not stop"
 
   . "$T/repl.env"
-  if [ -f "$MDRAID1_ENV" ]; then
-    . "$MDRAID1_ENV"
-    for n in randwrite_qd32 randwrite_qd1 randread_qd32 randread_qd1; do
-      for t in 2way 3way; do
-        eval "u=\$repl_${t}_${n}_iops m=\$mdraid1_${n}_iops"
-        echo "RESULT ratio_${t}_vs_mdraid1_${n}=$(awk -v u="$u" -v m="$m" 'BEGIN { printf "%.2f", u / m }')"
+  for base in mdraid1:$MDRAID1_ENV mdraid1nvme:$NVMETCP_ENV; do
+    b=${base%%:*} env=${base#*:}
+    if [ -f "$env" ]; then
+      . "$env"
+      case $b in mdraid1) suffix=mdraid1 ;; *) suffix=mdraid1_nvmetcp ;; esac
+      for n in randwrite_qd32 randwrite_qd1 randread_qd32 randread_qd1; do
+        for t in 2way 3way; do
+          eval "u=\$repl_${t}_${n}_iops m=\$${b}_${n}_iops"
+          echo "RESULT ratio_${t}_vs_${suffix}_${n}=$(awk -v u="$u" -v m="$m" 'BEGIN { printf "%.2f", u / m }')"
+        done
       done
-    done
-  else
-    echo "bench_mdraid1 did not run in this boot: no ratios against md raid1"
-  fi
+    else
+      echo "$b did not run in this boot: no ratios against it"
+    fi
+  done
   for n in randwrite_qd32 randread_qd32; do
     eval "a=\$repl_1local_${n}_iops b=\$repl_2way_${n}_iops c=\$repl_3way_${n}_iops"
     echo "RESULT ratio_2way_vs_1local_${n}=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", b / a }')"
@@ -342,4 +418,81 @@ bench_replicated() {
   wait_pid "$SRV_2" 20; wait_pid "$SRV_3" 20
   run "$UMOUNT" /mnt/srv2
   run "$UMOUNT" /mnt/srv3
+}
+
+# ---------------------------------------------------------------------------------------------
+# bench_costs: the same volume, alternately served by ublkd and by a cost-model build, 3
+# rounds each (alternating, so the emulator's slow drift hits both alike); the ratio of the
+# medians. Frames: 1 local + 1 remote (owner and server both the build under test), 4k
+# randwrite QD32. Range table: 1 local replica on tmpfs (nothing but CPU per request, where a
+# per-request cost shows most), 4k randwrite QD32.
+median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+
+cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints IOPS
+  UBLKD_BIN=$1 repl_owner "$2" "$3" >&2
+  set -- $(fio_run /dev/ublkb0 randwrite 4k 32 "cost_$2")
+  stop_ublkd 60 >&2 || fail "owner did not stop"
+  echo "$1"
+}
+
+bench_costs() {
+  need_ublk
+  crc=/usr/local/bin/ublkd-bench-crc-frames
+  unordered=/usr/local/bin/ublkd-bench-unordered
+  [ -x $crc ] && [ -x $unordered ] || fail "cost-model builds missing from the initramfs"
+  set -- $VM_DISKS
+  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
+  local_disk=$3
+  run "$MKFS_EXT4" -q -F "$4"
+  mkdir -p /mnt/srv2
+  run "$MOUNT" "$4" /mnt/srv2
+  cluster_secret
+  L="{ local = \"$local_disk\" }"
+  R2="{ remote = \"127.0.0.2:7450\", id = \"cost\" }"
+  # Prefill once (the same replicas serve every round).
+  LOG_LEVEL=warn replica_server 2 /mnt/srv2
+  repl_owner fill "$L, $R2"
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  stop_ublkd 60 || fail "owner did not stop"
+  kill -TERM "$SRV_2"; wait_pid "$SRV_2" 20
+  v2="" v1=""
+  for r in 1 2 3; do
+    for v in v2 v1; do
+      bin=$UBLKD; [ $v = v1 ] && bin=$crc
+      UBLKD_BIN=$bin LOG_LEVEL=warn replica_server 2 /mnt/srv2
+      iops=$(cost_round $bin fill "$L, $R2")
+      [ -n "$iops" ] && [ "$iops" -gt 0 ] || fail "cost round $v $r: no IOPS (see $T/ublkd.log)"
+      kill -TERM "$SRV_2"; wait_pid "$SRV_2" 20
+      echo "TABLE costs frames $v round $r: $iops IOPS (2-way randwrite QD32)"
+      eval "$v=\"\$$v $iops\""
+    done
+  done
+  m2=$(median3 $v2) m1=$(median3 $v1)
+  echo "RESULT costs_frames_v2_randwrite_qd32_iops=$m2"
+  echo "RESULT costs_frames_v1crc_randwrite_qd32_iops=$m1"
+  echo "RESULT ratio_v2_vs_v1_frames_randwrite_qd32=$(awk -v a="$m2" -v b="$m1" 'BEGIN { printf "%.3f", a / b }')"
+  run "$UMOUNT" /mnt/srv2
+
+  mkdir -p /tmp/cost
+  LT="{ local = \"/tmp/cost/r.img\" }"
+  repl_owner tfill "$LT"
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=$REGION --output=/dev/null
+  stop_ublkd 60 || fail "owner did not stop"
+  o="" u=""
+  for r in 1 2 3; do
+    for v in o u; do
+      bin=$UBLKD; [ $v = u ] && bin=$unordered
+      iops=$(cost_round $bin tfill "$LT")
+      [ -n "$iops" ] && [ "$iops" -gt 0 ] || fail "cost round $v $r: no IOPS (see $T/ublkd.log)"
+      echo "TABLE costs ranges $v round $r: $iops IOPS (tmpfs randwrite QD32)"
+      eval "$v=\"\$$v $iops\""
+    done
+  done
+  mo=$(median3 $o) mu=$(median3 $u)
+  echo "RESULT costs_ranges_ordered_randwrite_qd32_iops=$mo"
+  echo "RESULT costs_ranges_unordered_randwrite_qd32_iops=$mu"
+  echo "RESULT ratio_ordered_vs_unordered_randwrite_qd32=$(awk -v a="$mo" -v b="$mu" 'BEGIN { printf "%.3f", a / b }')"
+  rm -rf /tmp/cost
 }

@@ -5,7 +5,7 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault ops_guards unclean_restart two_volumes"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault lost_state_dir ops_guards unclean_restart two_volumes"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
@@ -13,6 +13,7 @@ timeout_fio_verify=300
 timeout_sigterm_clean=120
 timeout_kill9_recover=360
 timeout_mirror_fault=420
+timeout_lost_state_dir=300
 timeout_ops_guards=300
 timeout_unclean_restart=200
 timeout_two_volumes=200
@@ -261,11 +262,12 @@ kill9_recover() {
 # ---------------------------------------------------------------------------------------------
 # Two replicas (tmpfs file + dm device); the dm device starts failing every I/O mid-fio. fio
 # sees no error and verifies; status shows replica 1 faulted, replica 0 online, volume degraded.
+# (The device is 1 MiB larger than the volume: a replica keeps its label after the data.)
 mirror_fault() {
   need_ublk
-  run truncate -s 256M "$T/r1back.img"
+  run truncate -s 257M "$T/r1back.img"
   loopdev=$("$LOSETUP" -f --show "$T/r1back.img") || fail "losetup failed"
-  sectors=$((256 * 1024 * 1024 / 512))
+  sectors=$((257 * 1024 * 1024 / 512))
   run "$DMSETUP" create r1 --table "0 $sectors linear $loopdev 0"
   dm=$(dm_dev r1) || fail "no /dev/dm-N for r1"
   say "replica 1 is $dm (linear over $loopdev)"
@@ -322,6 +324,56 @@ mirror_fault() {
   same_file "$T/pat" "$T/rb" "read back after restart"
   stop_daemon_clean
   [ "$(sha256sum < "$dm")" = "$stale" ] || fail "writes reached the faulted replica after restart"
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# The dm replica fails mid-fio and is faulted (the tmpfs replica's label records it); the
+# owner's state dir is then lost and the disk comes back healthy. The fresh owner must not
+# trust it — its label is behind the survivor's membership — nor write to it.
+lost_state_dir() {
+  need_ublk
+  run truncate -s 257M "$T/r1back.img"
+  loopdev=$("$LOSETUP" -f --show "$T/r1back.img") || fail "losetup failed"
+  sectors=$((257 * 1024 * 1024 / 512))
+  run "$DMSETUP" create r1 --table "0 $sectors linear $loopdev 0"
+  dm=$(dm_dev r1) || fail "no /dev/dm-N for r1"
+  STATE_DIR="$T/state" mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img" "$dm"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  wait_live vol0 20
+  "$FIO" --name=lsd --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output="$T/lsd.fio.log" &
+  FPID=$!
+  sleep 3
+  alive $FPID || fail "fio finished within 3 s, before the fault could be injected"
+  run "$DMSETUP" suspend r1
+  run "$DMSETUP" load r1 --table "0 $sectors error"
+  run "$DMSETUP" resume r1
+  wait_pid $FPID 360 || fail "fio failed: $(tail -n 20 "$T/lsd.fio.log")"
+  fio_ok "$T/lsd.fio.log"
+  [ "$(replica_state "$(vol_status vol0)" 1)" = faulted ] || fail "replica 1 not faulted: $(vol_status vol0)"
+  stop_daemon_clean
+  run "$DMSETUP" suspend r1
+  run "$DMSETUP" load r1 --table "0 $sectors linear $loopdev 0"
+  run "$DMSETUP" resume r1
+  stale=$(sha256sum < "$dm")
+  say "rm -rf the state dir"
+  rm -rf "$T/state"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  st=$(vol_status vol0)
+  [ "$(replica_state "$st" 1)" = faulted ] || fail "replica 1 trusted again without the state dir: $st"
+  [ "$(replica_state "$st" 0)" = online ] || fail "replica 0 not online: $st"
+  echo "$st" | grep -q '"kind":"stale"' || fail "replica 1 not faulted as stale: $st"
+  "$FIO" --name=lsd --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=96M --verify=crc32c --verify_only --verify_fatal=1 \
+      --output="$T/reread.fio.log" || fail "verify after the new start failed: $(tail -n 20 "$T/reread.fio.log")"
+  fio_ok "$T/reread.fio.log"
+  run dd if=/dev/urandom of=$DEV bs=1M count=8 seek=100 oflag=direct conv=fsync
+  stop_daemon_clean
+  [ "$(sha256sum < "$dm")" = "$stale" ] || fail "writes reached the stale replica"
   no_kernel_errors ublkb0
 }
 

@@ -40,7 +40,6 @@ pub struct Activated {
     pub slots: Vec<SlotSpec>,
     /// The remote clients, by config index, to connect to the health's events.
     pub remotes: Vec<(usize, Arc<RemoteClient>)>,
-    pub takeover: Option<Generation>,
     /// Every replica zeroes a discarded range cheaply.
     pub cheap_zeroing: bool,
     pub local_replicas: usize,
@@ -50,6 +49,10 @@ pub struct Activated {
 pub enum Halt {
     /// A stop was requested while waiting.
     Stopped,
+    /// Another owner ran the volume (up to this generation) since our last
+    /// activation, and we were told not to take it over: nothing was opened, so
+    /// that owner is not fenced by us.
+    TakenOver(Generation),
     Failed(DaemonError),
 }
 
@@ -60,12 +63,15 @@ impl From<DaemonError> for Halt {
 }
 
 /// Probe, plan, open, label; until it works, `stop()` says stop, or it fails for
-/// good. `waiting(reason)` is told what the volume waits for.
+/// good. `waiting(reason)` is told what the volume waits for. With
+/// `refuse_takeover`, a volume another owner ran since our last activation is left
+/// alone ([`Halt::TakenOver`]) before any replica is opened.
 pub fn activate(
     cfg: &VolumeConfig,
     net: &Net,
     state_dir: &StateDir,
     record: Option<VolumeRecord>,
+    refuse_takeover: bool,
     stop: &mut dyn FnMut(Duration) -> bool,
     waiting: &mut dyn FnMut(Option<String>),
 ) -> Result<Activated, Halt> {
@@ -103,6 +109,9 @@ pub fn activate(
             }
         };
         waiting(None);
+        if let (true, Some(g)) = (refuse_takeover, plan.takeover) {
+            return Err(Halt::TakenOver(g));
+        }
         // Durable before any replica sees it: a generation is never reused.
         let mut rec = record.clone().unwrap_or_else(|| VolumeRecord::fresh(cfg));
         rec.volume_uuid = plan.volume_uuid;
@@ -134,7 +143,6 @@ pub fn activate(
                     record: rec,
                     slots: opened.slots,
                     remotes: opened.remotes,
-                    takeover: plan.takeover,
                     cheap_zeroing: opened.cheap_zeroing,
                     local_replicas: locals.iter().flatten().count(),
                 });

@@ -352,28 +352,40 @@ fn run(
         Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => true,
         Err(RecvTimeoutError::Timeout) => false,
     };
-    let mut act = match activate(cfg, net, state_dir, record, &mut stop_asked, &mut |why| {
-        shared.set_reason(why)
-    }) {
+    // Recovering a QUIESCED device after another owner took the volume over would
+    // let the kernel re-issue the dead daemon's writes onto the newer owner's data
+    // (and the filesystem above resume on a stale view of it): refused, before any
+    // replica is opened (opening would fence that owner).
+    let recovering = matches!(mode, Mode::Recover { .. });
+    let mut act = match activate(
+        cfg,
+        net,
+        state_dir,
+        record,
+        recovering,
+        &mut stop_asked,
+        &mut |why| shared.set_reason(why),
+    ) {
         Ok(a) => a,
         Err(Halt::Stopped) => {
             shared.set_state(VolumeState::Stopped, None);
             return Ok(());
         }
+        Err(Halt::TakenOver(g)) => {
+            let Mode::Recover { id, .. } = mode else {
+                unreachable!("takeovers are refused only when recovering")
+            };
+            let why = format!(
+                "another owner activated this volume (generation {}) after /dev/ublkb{id} was created: not recovering it; the device is removed",
+                g.0
+            );
+            tracing::error!(volume = %cfg.name, reason = %why, "fenced");
+            device::remove_stale(cfg, id);
+            shared.set_state(VolumeState::Fenced, Some(why));
+            return Ok(());
+        }
         Err(Halt::Failed(e)) => return Err(e),
     };
-    if let (Some(g), Mode::Recover { id, .. }) = (act.takeover, &mode) {
-        // Recovering would let the kernel re-issue the dead daemon's writes onto the
-        // newer owner's data, and the filesystem above resume on a stale view of it.
-        let why = format!(
-            "another owner activated this volume (generation {}) after /dev/ublkb{id} was created: not recovering it; the device is removed",
-            g.0
-        );
-        tracing::error!(volume = %cfg.name, reason = %why, "fenced");
-        device::remove_stale(cfg, *id);
-        shared.set_state(VolumeState::Fenced, Some(why));
-        return Ok(());
-    }
     if matches!(mode, Mode::Recover { .. }) {
         shared.set_state(VolumeState::Recovering, None);
     }

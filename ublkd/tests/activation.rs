@@ -1,0 +1,448 @@
+//! Activation on one host, without ublk: the daemon's own activation
+//! (`ublkd::volume::activate`) over real local files and real replica-server
+//! processes, then the health and nexus as the daemon builds them. What it must
+//! show: a fault recorded on the survivors keeps every later owner — even one with an
+//! empty state dir — from trusting the faulted replica; a replica of another volume
+//! is refused and left untouched; an outage of every current replica at start makes
+//! the volume wait, not fault them; replicas of ublkd 0.1 are adopted.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use replication::backing::Backing;
+use replication::ranges::RangeTable;
+use replication::state::FaultReason;
+use replication::testing::{test_handle, Failing};
+use replication::{Nexus, ReplicaState};
+use support::*;
+use ublkd::config::{Config, VolumeConfig};
+use ublkd::state::StateDir;
+use ublkd::volume::activate::{activate, Activated, Halt};
+use ublkd::volume::{health_of, Net};
+
+fn net(rt: &tokio::runtime::Runtime) -> Net {
+    Net {
+        rt: rt.handle().clone(),
+        secret: Some(replication::remote::Secret::new(SECRET.to_vec())),
+        io_timeout: Duration::from_millis(800),
+        no_replica_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A volume of `SIZE` bytes over the given replicas (`local = "..."` or
+/// `remote = "...", id = "..."` tables).
+fn volume(name: &str, replicas: &[String]) -> VolumeConfig {
+    let text = format!(
+        "[node]\ncluster_secret_file = \"/nonexistent/k\"\n[[volume]]\nname = \"{name}\"\nsize = {SIZE}\nblock_size = 4096\nreplicas = [{}]\n",
+        replicas.join(", ")
+    );
+    Config::parse(&text, "test.toml").unwrap().volumes.remove(0)
+}
+
+fn local(p: &Path) -> String {
+    format!("{{ local = \"{}\" }}", p.display())
+}
+
+fn remote(s: &ServerProc, id: &str) -> String {
+    format!("{{ remote = \"{}\", id = \"{id}\" }}", s.addr)
+}
+
+fn start(cfg: &VolumeConfig, net: &Net, dir: &Path) -> Result<Activated, String> {
+    start_as(cfg, net, dir, false)
+}
+
+fn start_as(
+    cfg: &VolumeConfig,
+    net: &Net,
+    dir: &Path,
+    refuse_takeover: bool,
+) -> Result<Activated, String> {
+    let sd = StateDir::open(dir).unwrap();
+    let record = sd.load(&cfg.name).unwrap();
+    activate(
+        cfg,
+        net,
+        &sd,
+        record,
+        refuse_takeover,
+        &mut |_| false,
+        &mut |_| {},
+    )
+    .map_err(|h| match h {
+        Halt::Failed(e) => e.to_string(),
+        Halt::Stopped => "stopped".into(),
+        Halt::TakenOver(g) => format!("taken over by generation {}", g.0),
+    })
+}
+
+/// The volume serving (as the daemon does, minus ublk): health, and a nexus whose
+/// handles of `failing` slots can be made to fail.
+struct Serving {
+    health: Arc<replication::Health>,
+    ranges: Arc<RangeTable>,
+    fail: Arc<AtomicBool>,
+    failing: Vec<usize>,
+}
+
+impl Serving {
+    fn new(
+        cfg: &VolumeConfig,
+        net: &Net,
+        dir: &Path,
+        act: Activated,
+        failing: Vec<usize>,
+    ) -> Serving {
+        let sd = StateDir::open(dir).unwrap();
+        let (health, _sink) =
+            health_of(cfg, net, &sd, &act.record, act.slots, &act.remotes).unwrap();
+        Serving {
+            health,
+            ranges: RangeTable::new(),
+            fail: Arc::default(),
+            failing,
+        }
+    }
+
+    fn nexus(&self) -> Nexus {
+        let (fail, failing) = (self.fail.clone(), self.failing.clone());
+        // Slot order = config order at activation.
+        let slots: Vec<String> = self
+            .health
+            .snapshot()
+            .slots
+            .iter()
+            .map(|s| s.location.clone())
+            .collect();
+        Nexus::new(
+            self.health.clone(),
+            self.ranges.clone(),
+            None,
+            Box::new(move |b: &Backing| {
+                let h = test_handle(b);
+                let i = slots
+                    .iter()
+                    .position(|l| *l == b.location())
+                    .unwrap_or(usize::MAX);
+                if failing.contains(&i) {
+                    Box::new(Failing {
+                        inner: h,
+                        fail: fail.clone(),
+                    })
+                } else {
+                    h
+                }
+            }),
+        )
+    }
+
+    fn states(&self) -> Vec<&'static str> {
+        self.health
+            .snapshot()
+            .slots
+            .iter()
+            .map(|s| s.state.name())
+            .collect()
+    }
+}
+
+fn states(act: &Activated) -> Vec<&'static str> {
+    act.slots.iter().map(|s| s.state.name()).collect()
+}
+
+#[test]
+fn a_remote_fault_on_the_survivors_outlives_the_state_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_server(tmp.path(), 20);
+    let mut b = start_server(tmp.path(), 21);
+    let rt = rt();
+    let net = net(&rt);
+    let cfg = volume(
+        "fr",
+        &[
+            local(&tmp.path().join("l.img")),
+            remote(&a, "fr-a"),
+            remote(&b, "fr-b"),
+        ],
+    );
+    let act = start(&cfg, &net, &tmp.path().join("state1")).unwrap();
+    assert_eq!(states(&act), ["online", "online", "online"]);
+    let v = Serving::new(&cfg, &net, &tmp.path().join("state1"), act, vec![]);
+    let nexus = v.nexus();
+    let out = workload(&nexus, 1500, 8, 400, || b.signal(libc::SIGKILL));
+    flush(&nexus);
+    assert_eq!(out.errors, 0);
+    assert_eq!(v.states(), ["online", "online", "faulted"]);
+    drop((nexus, v));
+    // The faulted server comes back; a new owner starts with an empty state dir and
+    // without the local replica: only the labels can tell it that fr-b is stale.
+    b.start();
+    let cfg2 = volume("fr", &[remote(&a, "fr-a"), remote(&b, "fr-b")]);
+    let act = start(&cfg2, &net, &tmp.path().join("state2")).unwrap();
+    assert_eq!(states(&act), ["online", "faulted"]);
+    assert!(
+        matches!(
+            act.slots[1].state,
+            ReplicaState::Faulted {
+                reason: FaultReason::Stale { .. }
+            }
+        ),
+        "{:?}",
+        act.slots[1].state
+    );
+    let v = Serving::new(&cfg2, &net, &tmp.path().join("state2"), act, vec![]);
+    assert_eq!(
+        v.health.read_mask(),
+        0b01,
+        "reads never go to the stale replica"
+    );
+    // Every block reads back as its last acknowledged write (fr-b would return
+    // older data for those written after the kill).
+    let nexus = v.nexus();
+    let again = workload_from(
+        &nexus,
+        out.expected.clone(),
+        1 << 40,
+        2000,
+        4,
+        u64::MAX,
+        || {},
+    );
+    assert_eq!(again.errors, 0);
+}
+
+#[test]
+fn a_local_fault_on_the_survivors_outlives_the_state_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_server(tmp.path(), 22);
+    let rt = rt();
+    let net = net(&rt);
+    let l = tmp.path().join("l.img");
+    let cfg = volume("fl", &[local(&l), remote(&a, "fl-a")]);
+    let act = start(&cfg, &net, &tmp.path().join("state1")).unwrap();
+    let v = Serving::new(&cfg, &net, &tmp.path().join("state1"), act, vec![0]);
+    let nexus = v.nexus();
+    let fail = v.fail.clone();
+    // The local disk starts failing writes mid-run (its label stays writable: the
+    // owner marks it outdated too).
+    let out = workload(&nexus, 1500, 8, 500, || fail.store(true, Ordering::SeqCst));
+    flush(&nexus);
+    assert_eq!(out.errors, 0);
+    assert_eq!(v.states(), ["faulted", "online"]);
+    drop((nexus, v));
+    // Empty state dir: the local replica, which reads prefer, must not be trusted.
+    let act = start(&cfg, &net, &tmp.path().join("state2")).unwrap();
+    assert_eq!(states(&act), ["faulted", "online"]);
+    let v = Serving::new(&cfg, &net, &tmp.path().join("state2"), act, vec![]);
+    assert_eq!(v.health.read_mask(), 0b10);
+    let nexus = v.nexus();
+    let again = workload_from(
+        &nexus,
+        out.expected.clone(),
+        1 << 40,
+        2000,
+        4,
+        u64::MAX,
+        || {},
+    );
+    assert_eq!(again.errors, 0);
+}
+
+#[test]
+fn a_replica_of_another_volume_is_refused_and_left_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_server(tmp.path(), 23);
+    let rt = rt();
+    let net = net(&rt);
+    let f = tmp.path().join("shared.img");
+    // Volume "one" owns the file and the server's replica "x".
+    start(
+        &volume("one", &[local(&f), remote(&a, "x")]),
+        &net,
+        &tmp.path().join("s1"),
+    )
+    .unwrap();
+    let before = std::fs::read(&f).unwrap();
+    // Volume "two" is configured with the same file (another daemon, a typo): refused.
+    let err = start(&volume("two", &[local(&f)]), &net, &tmp.path().join("s2"))
+        .err()
+        .expect("refused");
+    assert!(err.contains("belongs to another volume"), "{err}");
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        before,
+        "the other volume's replica was written"
+    );
+    // And with the server's replica.
+    let err = start(
+        &volume("two", &[local(&tmp.path().join("t.img")), remote(&a, "x")]),
+        &net,
+        &tmp.path().join("s3"),
+    )
+    .err()
+    .expect("refused");
+    assert!(err.contains("belongs to another volume"), "{err}");
+}
+
+#[test]
+fn an_outage_of_every_current_replica_at_start_waits_and_then_serves_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = start_server(tmp.path(), 24);
+    let mut b = start_server(tmp.path(), 25);
+    let rt = rt();
+    let net = net(&rt);
+    let cfg = volume("ow", &[remote(&a, "ow-a"), remote(&b, "ow-b")]);
+    let state = tmp.path().join("state");
+    let act = start(&cfg, &net, &state).unwrap();
+    let v = Serving::new(&cfg, &net, &state, act, vec![]);
+    let nexus = v.nexus();
+    let out = workload(&nexus, 600, 4, u64::MAX, || {});
+    flush(&nexus);
+    drop((nexus, v));
+    // Both servers are down when the owner starts again.
+    a.kill();
+    b.kill();
+    let reasons: Arc<Mutex<Vec<String>>> = Arc::default();
+    let act = std::thread::scope(|sc| {
+        let waiter = sc.spawn(|| {
+            let sd = StateDir::open(&state).unwrap();
+            let rec = sd.load("ow").unwrap();
+            let r = reasons.clone();
+            activate(
+                &cfg,
+                &net,
+                &sd,
+                rec,
+                false,
+                &mut |d| {
+                    std::thread::sleep(d);
+                    false
+                },
+                &mut |why| {
+                    if let Some(w) = why {
+                        r.lock().unwrap().push(w);
+                    }
+                },
+            )
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !waiter.is_finished(),
+            "activation gave up on the only copies"
+        );
+        let seen = reasons.lock().unwrap().last().cloned().unwrap_or_default();
+        assert!(seen.contains("ow-a") && seen.contains("ow-b"), "{seen}");
+        // Nothing was faulted meanwhile: the record still has both current.
+        let rec = StateDir::open(&state).unwrap().load("ow").unwrap().unwrap();
+        assert!(
+            rec.replicas.iter().all(|r| r.state == ReplicaState::Online),
+            "{rec:?}"
+        );
+        a.start();
+        b.start();
+        waiter
+            .join()
+            .unwrap()
+            .map_err(|_| "activation failed")
+            .unwrap()
+    });
+    assert_eq!(states(&act), ["online", "online"]);
+    let v = Serving::new(&cfg, &net, &state, act, vec![]);
+    let nexus = v.nexus();
+    let again = workload_from(
+        &nexus,
+        out.expected.clone(),
+        1 << 40,
+        600,
+        4,
+        u64::MAX,
+        || {},
+    );
+    assert_eq!(again.errors, 0);
+}
+
+#[test]
+fn replicas_and_a_record_of_ublkd_0_1_are_adopted_with_their_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let net = net(&rt);
+    let mut a = start_server(tmp.path(), 26);
+    a.kill();
+    // What ublkd 0.1 left: a local image of exactly the volume's size, a server
+    // replica with its .meta, and the owner's version-1 record.
+    let data: Vec<u8> = (0..SIZE as usize)
+        .map(|i| (i / BLOCK) as u8 ^ 0x5a)
+        .collect();
+    let l = tmp.path().join("old.img");
+    std::fs::write(&l, &data).unwrap();
+    let store = a.dir.join("replicas");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("old-a.img"), &data).unwrap();
+    std::fs::write(
+        store.join("old-a.meta"),
+        format!(r#"{{"version":1,"replica":"old-a","volume":"old","size":{SIZE},"block_size":4096,"generation":3,"owner":11,"stale":false}}"#),
+    )
+    .unwrap();
+    a.start();
+    let cfg = volume("old", &[local(&l), remote(&a, "old-a")]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(state.join("volumes")).unwrap();
+    std::fs::write(
+        state.join("volumes/old.json"),
+        format!(
+            r#"{{"version":1,"name":"old","uid":7,"device_id":null,"generation":3,"owner":11,"size":{SIZE},"block_size":4096,
+               "replicas":[{{"location":"{}","state":"online","errors":0}},{{"location":"old-a@{}","state":"online","errors":0}}],
+               "clean":true,"read_policy":"spread"}}"#,
+            l.display(),
+            a.addr
+        ),
+    )
+    .unwrap();
+    let act = start(&cfg, &net, &state).unwrap();
+    assert_eq!(states(&act), ["online", "online"]);
+    assert_eq!(act.record.generation.0, 4, "above the adopted generation");
+    drop(act);
+    // Labelled now: a restart finds them current by their labels, data intact.
+    let act = start(&cfg, &net, &state).unwrap();
+    assert_eq!(states(&act), ["online", "online"]);
+    assert_eq!(data_of(&l), data);
+    assert_eq!(data_of(&a.image("old-a")), data);
+    assert!(store.join("old-a.meta.v1").exists());
+}
+
+#[test]
+fn an_owner_that_was_taken_over_does_not_fence_the_new_one_when_told_not_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_server(tmp.path(), 27);
+    let rt = rt();
+    let net = net(&rt);
+    let cfg = volume("to", &[remote(&a, "to-a")]);
+    start(&cfg, &net, &tmp.path().join("first")).unwrap();
+    // Another owner (its own state dir) takes the volume: generation 2.
+    let second = start(&cfg, &net, &tmp.path().join("second")).unwrap();
+    assert_eq!(second.record.generation.0, 2);
+    // The first comes back to recover its old device: it must leave the volume alone.
+    let err = start_as(&cfg, &net, &tmp.path().join("first"), true)
+        .err()
+        .expect("refused");
+    assert_eq!(err, "taken over by generation 2");
+    let l = rt
+        .block_on(replication::remote::client::stat(&support::spec(
+            &a,
+            "to-a",
+            "to",
+            wire::VolumeUuid::default(),
+            0,
+            0,
+        )))
+        .unwrap()
+        .label
+        .unwrap();
+    assert_eq!(
+        l.generation.0, 2,
+        "the newer owner's generation still holds"
+    );
+}
