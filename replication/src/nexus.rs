@@ -49,24 +49,11 @@ impl QueueSet {
     }
 }
 
-/// A mutation, as sent to each replica.
+/// A mutation, as sent to each replica: the request, and a WRITE's data.
 #[derive(Clone, Copy)]
-enum Mutation<'d> {
-    Write {
-        offset: ByteOffset,
-        data: &'d [u8],
-        fua: bool,
-    },
-    Flush,
-    Discard {
-        offset: ByteOffset,
-        len: ByteLen,
-    },
-    WriteZeroes {
-        offset: ByteOffset,
-        len: ByteLen,
-        no_unmap: bool,
-    },
+struct Mutation<'d> {
+    req: BlockRequest,
+    data: &'d [u8],
 }
 
 impl<'d> Mutation<'d> {
@@ -74,24 +61,26 @@ impl<'d> Mutation<'d> {
     where
         'd: 'a,
     {
-        match *self {
-            Mutation::Write { offset, data, fua } => r.write(offset, data, fua),
-            Mutation::Flush => r.flush(),
-            Mutation::Discard { offset, len } => r.discard(offset, len),
-            Mutation::WriteZeroes {
+        match self.req {
+            BlockRequest::Write { offset, fua, .. } => r.write(offset, self.data, fua),
+            BlockRequest::Flush => r.flush(),
+            BlockRequest::Discard { offset, len } => r.discard(offset, len),
+            BlockRequest::WriteZeroes {
                 offset,
                 len,
                 no_unmap,
             } => r.write_zeroes(offset, len, no_unmap),
+            BlockRequest::Read { .. } => unreachable!("a read is not a mutation"),
         }
     }
 
     fn op(&self) -> IoOp {
-        match self {
-            Mutation::Write { .. } => IoOp::Write,
-            Mutation::Flush => IoOp::Flush,
-            Mutation::Discard { .. } => IoOp::Discard,
-            Mutation::WriteZeroes { .. } => IoOp::WriteZeroes,
+        match self.req {
+            BlockRequest::Write { .. } => IoOp::Write,
+            BlockRequest::Flush => IoOp::Flush,
+            BlockRequest::Discard { .. } => IoOp::Discard,
+            BlockRequest::WriteZeroes { .. } => IoOp::WriteZeroes,
+            BlockRequest::Read { .. } => IoOp::Read,
         }
     }
 }
@@ -163,39 +152,29 @@ impl Nexus {
                 bump(&stats.read_bytes, len.0);
                 res.map(|()| len.0 as u32)
             }
-            BlockRequest::Write { offset, len, fua } => {
-                let data = &buf[..len.0 as usize];
-                let _range = self.range(offset, len).await;
-                let res = self.mutate(Mutation::Write { offset, data, fua }).await;
-                bump(&stats.writes, 1);
-                bump(&stats.write_bytes, len.0);
-                res.map(|()| len.0 as u32)
-            }
-            BlockRequest::Flush => {
-                bump(&stats.flushes, 1);
-                self.mutate(Mutation::Flush).await.map(|()| 0)
-            }
-            BlockRequest::Discard { offset, len } => {
-                bump(&stats.discards, 1);
-                let _range = self.range(offset, len).await;
-                self.mutate(Mutation::Discard { offset, len })
-                    .await
-                    .map(|()| 0)
-            }
-            BlockRequest::WriteZeroes {
-                offset,
-                len,
-                no_unmap,
-            } => {
-                bump(&stats.write_zeroes, 1);
-                let _range = self.range(offset, len).await;
-                self.mutate(Mutation::WriteZeroes {
-                    offset,
-                    len,
-                    no_unmap,
+            mutation => {
+                let (counter, bytes) = match mutation {
+                    BlockRequest::Write { len, .. } => {
+                        bump(&stats.write_bytes, len.0);
+                        (&stats.writes, len.0 as u32)
+                    }
+                    BlockRequest::Discard { .. } => (&stats.discards, 0),
+                    BlockRequest::WriteZeroes { .. } => (&stats.write_zeroes, 0),
+                    _ => (&stats.flushes, 0),
+                };
+                bump(counter, 1);
+                // FLUSH has no range; the others take theirs in the range table.
+                let _range = match mutation.range() {
+                    Some((offset, len)) => self.range(offset, len).await,
+                    None => None,
+                };
+                let data = &buf[..mutation.payload_len()];
+                self.mutate(Mutation {
+                    req: mutation,
+                    data,
                 })
                 .await
-                .map(|()| 0)
+                .map(|()| bytes)
             }
         };
         if res.is_err() {

@@ -131,6 +131,17 @@ impl BlockRequest {
         !matches!(self, BlockRequest::Read { .. })
     }
 
+    /// The byte range a request covers (FLUSH covers none).
+    pub fn range(&self) -> Option<(ByteOffset, ByteLen)> {
+        match *self {
+            BlockRequest::Flush => None,
+            BlockRequest::Read { offset, len }
+            | BlockRequest::Write { offset, len, .. }
+            | BlockRequest::Discard { offset, len }
+            | BlockRequest::WriteZeroes { offset, len, .. } => Some((offset, len)),
+        }
+    }
+
     /// Payload bytes moved between the kernel and the daemon's buffer.
     pub fn payload_len(&self) -> usize {
         match self {

@@ -140,12 +140,22 @@ impl Serving {
     }
 
     fn states(&self) -> Vec<&'static str> {
-        self.health
-            .snapshot()
-            .slots
-            .iter()
-            .map(|s| s.state.name())
-            .collect()
+        states_of(&self.health)
+    }
+
+    /// Every block reads back as its last acknowledged write (`expected`), through a
+    /// verifying workload that writes on.
+    fn verify(&self, expected: &[u64]) {
+        let again = workload_from(
+            &self.nexus(),
+            expected.to_vec(),
+            1 << 40,
+            2000,
+            4,
+            u64::MAX,
+            || {},
+        );
+        assert_eq!(again.errors, 0);
     }
 }
 
@@ -201,17 +211,7 @@ fn a_remote_fault_on_the_survivors_outlives_the_state_dir() {
     );
     // Every block reads back as its last acknowledged write (fr-b would return
     // older data for those written after the kill).
-    let nexus = v.nexus();
-    let again = workload_from(
-        &nexus,
-        out.expected.clone(),
-        1 << 40,
-        2000,
-        4,
-        u64::MAX,
-        || {},
-    );
-    assert_eq!(again.errors, 0);
+    v.verify(&out.expected);
 }
 
 #[test]
@@ -238,17 +238,7 @@ fn a_local_fault_on_the_survivors_outlives_the_state_dir() {
     assert_eq!(states(&act), ["faulted", "online"]);
     let v = Serving::new(&cfg, &net, &tmp.path().join("state2"), act, vec![]);
     assert_eq!(v.health.read_mask(), 0b10);
-    let nexus = v.nexus();
-    let again = workload_from(
-        &nexus,
-        out.expected.clone(),
-        1 << 40,
-        2000,
-        4,
-        u64::MAX,
-        || {},
-    );
-    assert_eq!(again.errors, 0);
+    v.verify(&out.expected);
 }
 
 #[test]
@@ -350,18 +340,7 @@ fn an_outage_of_every_current_replica_at_start_waits_and_then_serves_the_data() 
             .unwrap()
     });
     assert_eq!(states(&act), ["online", "online"]);
-    let v = Serving::new(&cfg, &net, &state, act, vec![]);
-    let nexus = v.nexus();
-    let again = workload_from(
-        &nexus,
-        out.expected.clone(),
-        1 << 40,
-        600,
-        4,
-        u64::MAX,
-        || {},
-    );
-    assert_eq!(again.errors, 0);
+    Serving::new(&cfg, &net, &state, act, vec![]).verify(&out.expected);
 }
 
 #[test]

@@ -18,13 +18,13 @@ use replication::state::FaultReason;
 use replication::testing::RecordingSink;
 use replication::{BlockRequest, ByteLen, ByteOffset, Errno, ReplicaState, ReplicationError};
 use support::*;
-use wire::control::{decode_control, encode_control, OpenReply, OpenRequest, StatRequest};
+use wire::control::{decode_control, encode_control, OpenReply, StatRequest};
 use wire::frame::{
     Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
 use wire::handshake::{CHALLENGE_LEN, HELLO_MAGIC};
 use wire::label::LABEL_AREA;
-use wire::{Generation, OwnerId, ReplicaUuid, RequestId, VolumeTag, VolumeUuid, WireError};
+use wire::{Generation, RequestId, VolumeTag, VolumeUuid, WireError};
 
 #[test]
 fn sigkill_of_a_replica_server_costs_no_io_error() {
@@ -274,16 +274,7 @@ impl Raw {
 
     /// OPEN (creating) `replica` of volume "g".
     fn open(&mut self, replica: &str, vu: VolumeUuid, generation: u64, owner: u64) -> OpenReply {
-        let body = encode_control(&OpenRequest {
-            replica: replica.into(),
-            volume: "g".into(),
-            volume_uuid: vu,
-            size: SIZE,
-            block_size: 4096,
-            generation: Generation(generation),
-            owner: OwnerId(owner),
-            create: Some(ReplicaUuid::random()),
-        });
+        let body = encode_control(&open_request(replica, "g", vu, generation, owner));
         let mut h = RequestHeader::new(Op::Open, RequestId(1));
         h.payload_len = body.len() as u32;
         self.send(&h, &body);

@@ -369,7 +369,8 @@ impl RemoteClient {
 
     /// FLUSH outside the data path (at stop): every acknowledged write durable.
     pub async fn flush(&self) -> IoResult {
-        self.submit(Op::Flush, 0, 0, 0, JobData::None, &None)
+        self.shared
+            .submit(Op::Flush, 0, 0, 0, JobData::None, &None)
             .await
             .unwrap_or(Err(Errno::EIO))
     }
@@ -385,18 +386,6 @@ impl RemoteClient {
             client: self.clone(),
             kick,
         }
-    }
-
-    fn submit(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        len: u32,
-        data: JobData,
-        kick: &Option<Arc<dyn Kick>>,
-    ) -> oneshot::Receiver<IoResult> {
-        self.shared.submit(op, flags, offset, len, data, kick)
     }
 }
 
@@ -832,6 +821,7 @@ impl RemoteReplica {
         };
         let rx = self
             .client
+            .shared
             .submit(op, flags, offset, len32, data, &self.kick);
         Box::pin(async move { rx.await.unwrap_or(Err(Errno::EIO)) })
     }

@@ -435,6 +435,21 @@ cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints IOPS
   echo "$1"
 }
 
+# alternate WHAT LABEL ROUND BIN_A BIN_B: 3 rounds of `ROUND BIN_A` then `ROUND BIN_B` (each
+# prints IOPS); the IOPS lists in ALT_A and ALT_B.
+alternate() {
+  ALT_A="" ALT_B=""
+  for r in 1 2 3; do
+    for side in A B; do
+      if [ $side = A ]; then bin=$4; else bin=$5; fi
+      iops=$($3 "$bin")
+      [ -n "$iops" ] && [ "$iops" -gt 0 ] || fail "$1 round $r ($bin): no IOPS (see $T/ublkd.log)"
+      echo "TABLE costs $1 $(basename "$bin") round $r: $iops IOPS ($2)"
+      eval "ALT_$side=\"\$ALT_$side $iops\""
+    done
+  done
+}
+
 bench_costs() {
   need_ublk
   crc=/usr/local/bin/ublkd-bench-crc-frames
@@ -456,18 +471,14 @@ bench_costs() {
     --iodepth=4 --size=$REGION --output=/dev/null
   stop_ublkd 60 || fail "owner did not stop"
   kill -TERM "$SRV_2"; wait_pid "$SRV_2" 20
-  v2="" v1=""
-  for r in 1 2 3; do
-    for v in v2 v1; do
-      bin=$UBLKD; [ $v = v1 ] && bin=$crc
-      UBLKD_BIN=$bin LOG_LEVEL=warn replica_server 2 /mnt/srv2
-      iops=$(cost_round $bin fill "$L, $R2")
-      [ -n "$iops" ] && [ "$iops" -gt 0 ] || fail "cost round $v $r: no IOPS (see $T/ublkd.log)"
-      kill -TERM "$SRV_2"; wait_pid "$SRV_2" 20
-      echo "TABLE costs frames $v round $r: $iops IOPS (2-way randwrite QD32)"
-      eval "$v=\"\$$v $iops\""
-    done
-  done
+  # Each server restart runs the build under test on both ends.
+  frames_round() {
+    UBLKD_BIN=$1 LOG_LEVEL=warn replica_server 2 /mnt/srv2 >&2
+    cost_round "$1" fill "$L, $R2"
+    kill -TERM "$SRV_2"; wait_pid "$SRV_2" 20 >&2
+  }
+  alternate frames "2-way randwrite QD32" frames_round "$UBLKD" "$crc"
+  v2=$ALT_A v1=$ALT_B
   m2=$(median3 $v2) m1=$(median3 $v1)
   echo "RESULT costs_frames_v2_randwrite_qd32_iops=$m2"
   echo "RESULT costs_frames_v1crc_randwrite_qd32_iops=$m1"
@@ -480,16 +491,9 @@ bench_costs() {
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=4 --size=$REGION --output=/dev/null
   stop_ublkd 60 || fail "owner did not stop"
-  o="" u=""
-  for r in 1 2 3; do
-    for v in o u; do
-      bin=$UBLKD; [ $v = u ] && bin=$unordered
-      iops=$(cost_round $bin tfill "$LT")
-      [ -n "$iops" ] && [ "$iops" -gt 0 ] || fail "cost round $v $r: no IOPS (see $T/ublkd.log)"
-      echo "TABLE costs ranges $v round $r: $iops IOPS (tmpfs randwrite QD32)"
-      eval "$v=\"\$$v $iops\""
-    done
-  done
+  ranges_round() { cost_round "$1" tfill "$LT"; }
+  alternate ranges "tmpfs randwrite QD32" ranges_round "$UBLKD" "$unordered"
+  o=$ALT_A u=$ALT_B
   mo=$(median3 $o) mu=$(median3 $u)
   echo "RESULT costs_ranges_ordered_randwrite_qd32_iops=$mo"
   echo "RESULT costs_ranges_unordered_randwrite_qd32_iops=$mu"

@@ -263,14 +263,27 @@ kill9_recover() {
 # Two replicas (tmpfs file + dm device); the dm device starts failing every I/O mid-fio. fio
 # sees no error and verifies; status shows replica 1 faulted, replica 0 online, volume degraded.
 # (The device is 1 MiB larger than the volume: a replica keeps its label after the data.)
-mirror_fault() {
-  need_ublk
+# dm_replica: a 257 MiB dm-linear device over a loop file (dm, loopdev, sectors); dm_fail /
+# dm_heal switch it to the error target and back.
+dm_replica() {
   run truncate -s 257M "$T/r1back.img"
   loopdev=$("$LOSETUP" -f --show "$T/r1back.img") || fail "losetup failed"
   sectors=$((257 * 1024 * 1024 / 512))
   run "$DMSETUP" create r1 --table "0 $sectors linear $loopdev 0"
   dm=$(dm_dev r1) || fail "no /dev/dm-N for r1"
   say "replica 1 is $dm (linear over $loopdev)"
+}
+dm_table() {
+  run "$DMSETUP" suspend r1
+  run "$DMSETUP" load r1 --table "0 $sectors $1"
+  run "$DMSETUP" resume r1
+}
+dm_fail() { dm_table error; }
+dm_heal() { dm_table "linear $loopdev 0"; }
+
+mirror_fault() {
+  need_ublk
+  dm_replica
   mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img" "$dm"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
@@ -286,9 +299,7 @@ mirror_fault() {
   sleep 3
   alive $FPID || fail "fio finished within 3 s, before the fault could be injected (make it bigger)"
   say "injecting fault: $dm -> error target"
-  run "$DMSETUP" suspend r1
-  run "$DMSETUP" load r1 --table "0 $sectors error"
-  run "$DMSETUP" resume r1
+  dm_fail
   alive $FPID || fail "fio finished while the fault was being injected (make it bigger)"
   say "fault injected while fio was running"
 
@@ -309,9 +320,7 @@ mirror_fault() {
 
   # The failed disk comes back (table restored), but it missed writes: after a restart the
   # persisted fault must keep it out of the mirror, and new writes must not reach it.
-  run "$DMSETUP" suspend r1
-  run "$DMSETUP" load r1 --table "0 $sectors linear $loopdev 0"
-  run "$DMSETUP" resume r1
+  dm_heal
   stale=$(sha256sum < "$dm")
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
@@ -333,11 +342,7 @@ mirror_fault() {
 # trust it — its label is behind the survivor's membership — nor write to it.
 lost_state_dir() {
   need_ublk
-  run truncate -s 257M "$T/r1back.img"
-  loopdev=$("$LOSETUP" -f --show "$T/r1back.img") || fail "losetup failed"
-  sectors=$((257 * 1024 * 1024 / 512))
-  run "$DMSETUP" create r1 --table "0 $sectors linear $loopdev 0"
-  dm=$(dm_dev r1) || fail "no /dev/dm-N for r1"
+  dm_replica
   STATE_DIR="$T/state" mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img" "$dm"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
@@ -348,16 +353,12 @@ lost_state_dir() {
   FPID=$!
   sleep 3
   alive $FPID || fail "fio finished within 3 s, before the fault could be injected"
-  run "$DMSETUP" suspend r1
-  run "$DMSETUP" load r1 --table "0 $sectors error"
-  run "$DMSETUP" resume r1
+  dm_fail
   wait_pid $FPID 360 || fail "fio failed: $(tail -n 20 "$T/lsd.fio.log")"
   fio_ok "$T/lsd.fio.log"
   [ "$(replica_state "$(vol_status vol0)" 1)" = faulted ] || fail "replica 1 not faulted: $(vol_status vol0)"
   stop_daemon_clean
-  run "$DMSETUP" suspend r1
-  run "$DMSETUP" load r1 --table "0 $sectors linear $loopdev 0"
-  run "$DMSETUP" resume r1
+  dm_heal
   stale=$(sha256sum < "$dm")
   say "rm -rf the state dir"
   rm -rf "$T/state"

@@ -145,6 +145,26 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// An OPEN of `replica` of `volume` (`SIZE` bytes, 4 KiB blocks), creating it if missing.
+pub fn open_request(
+    replica: &str,
+    volume: &str,
+    vu: VolumeUuid,
+    generation: u64,
+    owner: u64,
+) -> OpenRequest {
+    OpenRequest {
+        replica: replica.into(),
+        volume: volume.into(),
+        volume_uuid: vu,
+        size: SIZE,
+        block_size: 4096,
+        generation: Generation(generation),
+        owner: OwnerId(owner),
+        create: Some(ReplicaUuid::random()),
+    }
+}
+
 pub fn spec(
     s: &ServerProc,
     replica: &str,
@@ -156,16 +176,7 @@ pub fn spec(
     RemoteSpec {
         addr: s.addr.to_string(),
         secret: Secret::new(SECRET.to_vec()),
-        open: OpenRequest {
-            replica: replica.into(),
-            volume: volume.into(),
-            volume_uuid: vu,
-            size: SIZE,
-            block_size: 4096,
-            generation: Generation(generation),
-            owner: OwnerId(owner),
-            create: Some(ReplicaUuid::random()),
-        },
+        open: open_request(replica, volume, vu, generation, owner),
         deadline: Duration::from_millis(800),
         connect_timeout: Duration::from_secs(3),
     }
@@ -233,13 +244,13 @@ impl Owner {
     }
 
     pub fn states(&self) -> Vec<&'static str> {
-        self.health
-            .snapshot()
-            .slots
-            .iter()
-            .map(|s| s.state.name())
-            .collect()
+        states_of(&self.health)
     }
+}
+
+/// The state names of a health's slots, in slot order.
+pub fn states_of(h: &Health) -> Vec<&'static str> {
+    h.snapshot().slots.iter().map(|s| s.state.name()).collect()
 }
 
 /// A [`stamped_block`] of this test's block size.
