@@ -13,10 +13,10 @@
 //!   an older owner can land.
 //! * Resources are bounded before they are spent: pending handshakes (globally and
 //!   per peer address, the oldest evicted so a real owner always gets in),
-//!   authenticated connections, connections that never open a replica, and per
-//!   connection the requests and buffer bytes in flight — a request's permits are
-//!   held until its reply is on the socket, so a peer that stops reading stops
-//!   being served, not the server's memory.
+//!   authenticated connections, connections that never open a replica, per
+//!   connection the requests and buffer bytes in flight, and the buffer bytes of all
+//!   connections together — a request's permits are held until its reply is on the
+//!   socket, so a peer that stops reading stops being served, not the server's memory.
 //! * Anything malformed, forged, oversized or out of range closes the connection
 //!   with a logged reason; the server carries on.
 
@@ -67,6 +67,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Bytes of request and reply buffers per connection (at least `MAX_DATA`).
     pub max_in_flight_bytes: usize,
+    /// Bytes of request and reply buffers of all connections together.
+    pub max_total_bytes: usize,
 }
 
 impl Default for Limits {
@@ -78,6 +80,7 @@ impl Default for Limits {
             unopened_timeout: Duration::from_secs(30),
             max_in_flight: 256,
             max_in_flight_bytes: 64 << 20,
+            max_total_bytes: 1 << 30,
         }
     }
 }
@@ -168,6 +171,8 @@ pub struct Server {
     store: Store,
     secret: Secret,
     limits: Limits,
+    /// KiB of buffers, server-wide (`max_total_bytes`).
+    buffers: Arc<Semaphore>,
     counters: Counters,
     admission: Admission,
     listen: Mutex<Option<SocketAddr>>,
@@ -198,6 +203,7 @@ impl Server {
         Ok(Arc::new(Server {
             store,
             secret,
+            buffers: Arc::new(Semaphore::new(limits.max_total_bytes / 1024)),
             limits,
             counters: Counters::default(),
             admission: Admission::default(),
@@ -454,11 +460,11 @@ impl Server {
                 Op::Write | Op::Read => h.len as usize,
                 _ => h.payload_len as usize,
             };
-            let Ok(budget) = kib
-                .clone()
-                .acquire_many_owned(buf_bytes.div_ceil(1024) as u32)
-                .await
-            else {
+            let kib_needed = buf_bytes.div_ceil(1024) as u32;
+            let (Ok(budget), Ok(global)) = (
+                kib.clone().acquire_many_owned(kib_needed).await,
+                self.buffers.clone().acquire_many_owned(kib_needed).await,
+            ) else {
                 break Ok(());
             };
             let mut payload = Payload::None;
@@ -478,7 +484,7 @@ impl Server {
             let (sid, sgen) = (sess.id, sess.generation);
             tasks.spawn_local(async move {
                 let reply = serve_fenced(&hosted, &replica, sid, sgen, h, payload).await;
-                let _ = tx.send(reply.holding(vec![slot]).with_budget(budget)).await;
+                let _ = tx.send(reply.holding(vec![slot, budget, global])).await;
             });
         };
         // In-flight I/O references buffers the kernel may still write: let it finish
@@ -624,11 +630,6 @@ impl Reply {
 
     fn holding(mut self, permits: Vec<OwnedSemaphorePermit>) -> Reply {
         self.permits.extend(permits);
-        self
-    }
-
-    fn with_budget(mut self, budget: OwnedSemaphorePermit) -> Reply {
-        self.permits.push(budget);
         self
     }
 }

@@ -597,17 +597,19 @@ impl Health {
             }
             return Settle::Fail(failures[0].1);
         }
-        let mut changed = false;
+        // Every fault is recorded (with a new membership epoch if it was a member).
+        let mut faulted = false;
         for (slot, errno) in failures {
             let i = slot.get();
             inner.slots[i].errors += 1;
             if inner.slots[i].state.in_write_set() {
                 let reason = FaultReason::of_errno(op, *errno);
-                changed |= self.transition(&mut inner, i, ReplicaState::Faulted { reason });
+                self.transition(&mut inner, i, ReplicaState::Faulted { reason });
+                faulted = true;
             }
         }
         self.publish_masks(&inner);
-        if changed {
+        if faulted {
             self.want_persist();
         }
         drop(inner);
@@ -628,9 +630,8 @@ impl Health {
         let others = self.read_mask() & !(1 << i);
         if others != 0 {
             let reason = FaultReason::of_errno(IoOp::Read, errno);
-            if self.transition(&mut inner, i, ReplicaState::Faulted { reason }) {
-                self.want_persist();
-            }
+            self.transition(&mut inner, i, ReplicaState::Faulted { reason });
+            self.want_persist();
         } else if is_connection_error(errno) {
             self.transition(&mut inner, i, ReplicaState::Connecting);
         } else {
@@ -653,19 +654,22 @@ impl Health {
             },
             Lost::Closed { .. } => FaultReason::ConnectionLost,
         };
-        let changed = match inner.slots[i].state {
+        let faulted = match inner.slots[i].state {
             ReplicaState::Online if self.read_mask() & !(1 << i) == 0 => {
                 tracing::warn!(volume = %self.volume, replica = %inner.slots[i].location,
                     "the last online replica lost its connection: I/O waits for it to come back");
-                self.transition(&mut inner, i, ReplicaState::Connecting)
+                // Still a member: nothing to record.
+                self.transition(&mut inner, i, ReplicaState::Connecting);
+                false
             }
             ReplicaState::Online | ReplicaState::Rebuilding { .. } => {
-                self.transition(&mut inner, i, ReplicaState::Faulted { reason })
+                self.transition(&mut inner, i, ReplicaState::Faulted { reason });
+                true
             }
             _ => false,
         };
         self.publish_masks(&inner);
-        if changed {
+        if faulted {
             self.want_persist();
         }
     }

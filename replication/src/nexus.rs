@@ -184,11 +184,15 @@ impl Nexus {
     }
 
     /// Take `[offset, offset + len)` in the range table.
-    async fn range(&self, offset: ByteOffset, len: ByteLen) -> Option<crate::ranges::RangeGuard> {
+    async fn range(
+        &self,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> Option<crate::ranges::RangeGuard<'_>> {
         if cfg!(feature = "bench-unordered") {
             return None;
         }
-        Some(self.ranges.lock(offset.0, len.0, self.kick.clone()).await)
+        Some(self.ranges.lock(offset.0, len.0, &self.kick).await)
     }
 
     /// Wait for the sets to change while no replica is online but one is coming

@@ -33,7 +33,6 @@ struct Entry {
     seq: u64,
     start: u64,
     end: u64,
-    granted: bool,
     /// Later entries waiting for this one to finish.
     waiters: Vec<(Waker, Option<Arc<dyn Kick>>)>,
 }
@@ -61,25 +60,27 @@ impl RangeTable {
     }
 
     /// Lock `[start, start + len)` for a mutation; `kick` wakes the caller's queue
-    /// thread when another thread releases what it waits for.
-    pub fn lock(self: &Arc<Self>, start: u64, len: u64, kick: Option<Arc<dyn Kick>>) -> Lock {
+    /// thread when another thread releases what it waits for. Without an earlier
+    /// overlapping entry the lock is granted here, in one pass over the table.
+    pub fn lock<'a>(&'a self, start: u64, len: u64, kick: &'a Option<Arc<dyn Kick>>) -> Lock<'a> {
         let end = start.saturating_add(len.max(1));
         let mut t = self.inner.lock().unwrap();
         let seq = t.next;
         t.next += 1;
+        let granted = t.blocker(seq, start, end).is_none();
         t.entries.push(Entry {
             seq,
             start,
             end,
-            granted: false,
             waiters: Vec::new(),
         });
         Lock {
-            table: self.clone(),
+            table: self,
             seq,
             start,
             end,
             kick,
+            granted,
             done: false,
         }
     }
@@ -92,43 +93,41 @@ impl RangeTable {
 
 /// Resolves to a [`RangeGuard`] once no earlier overlapping mutation is in flight.
 /// Dropping it before that gives up the place in line.
-pub struct Lock {
-    table: Arc<RangeTable>,
+pub struct Lock<'a> {
+    table: &'a RangeTable,
     seq: u64,
     start: u64,
     end: u64,
-    kick: Option<Arc<dyn Kick>>,
+    kick: &'a Option<Arc<dyn Kick>>,
+    granted: bool,
     done: bool,
 }
 
-impl Future for Lock {
-    type Output = RangeGuard;
+impl<'a> Future for Lock<'a> {
+    type Output = RangeGuard<'a>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RangeGuard> {
-        let mut t = self.table.inner.lock().unwrap();
-        match t.blocker(self.seq, self.start, self.end) {
-            None => {
-                if let Some(e) = t.entries.iter_mut().find(|e| e.seq == self.seq) {
-                    e.granted = true;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RangeGuard<'a>> {
+        if !self.granted {
+            let mut t = self.table.inner.lock().unwrap();
+            match t.blocker(self.seq, self.start, self.end) {
+                None => {}
+                Some(i) => {
+                    t.entries[i]
+                        .waiters
+                        .push((cx.waker().clone(), self.kick.clone()));
+                    return Poll::Pending;
                 }
-                drop(t);
-                self.done = true;
-                Poll::Ready(RangeGuard {
-                    table: self.table.clone(),
-                    seq: self.seq,
-                })
-            }
-            Some(i) => {
-                t.entries[i]
-                    .waiters
-                    .push((cx.waker().clone(), self.kick.clone()));
-                Poll::Pending
             }
         }
+        self.done = true;
+        Poll::Ready(RangeGuard {
+            table: self.table,
+            seq: self.seq,
+        })
     }
 }
 
-impl Drop for Lock {
+impl Drop for Lock<'_> {
     fn drop(&mut self) {
         if !self.done {
             let waiters = self.table.inner.lock().unwrap().remove(self.seq);
@@ -138,15 +137,17 @@ impl Drop for Lock {
 }
 
 /// Holds a range; releasing it lets the next overlapping mutation go.
-pub struct RangeGuard {
-    table: Arc<RangeTable>,
+pub struct RangeGuard<'a> {
+    table: &'a RangeTable,
     seq: u64,
 }
 
-impl Drop for RangeGuard {
+impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let waiters = self.table.inner.lock().unwrap().remove(self.seq);
-        wake_all(waiters);
+        if !waiters.is_empty() {
+            wake_all(waiters);
+        }
     }
 }
 
@@ -158,9 +159,9 @@ mod tests {
     #[test]
     fn disjoint_ranges_do_not_wait() {
         let t = RangeTable::new();
-        let a = t.lock(0, 4096, None).now_or_never().expect("granted");
+        let a = t.lock(0, 4096, &None).now_or_never().expect("granted");
         let b = t
-            .lock(4096, 4096, None)
+            .lock(4096, 4096, &None)
             .now_or_never()
             .expect("adjacent is disjoint");
         assert_eq!(t.in_flight(), 2);
@@ -171,11 +172,11 @@ mod tests {
     #[test]
     fn an_overlapping_mutation_waits_for_the_earlier_one() {
         let t = RangeTable::new();
-        let a = t.lock(0, 8192, None).now_or_never().unwrap();
-        let mut b = t.lock(4096, 4096, None);
+        let a = t.lock(0, 8192, &None).now_or_never().unwrap();
+        let mut b = t.lock(4096, 4096, &None);
         assert!((&mut b).now_or_never().is_none(), "overlaps a");
         // A third, overlapping only b, waits behind b (first come, first served).
-        let mut c = t.lock(8192 - 512, 1024, None);
+        let mut c = t.lock(8192 - 512, 1024, &None);
         assert!((&mut c).now_or_never().is_none());
         drop(a);
         let b = (&mut b).now_or_never().expect("a released");
@@ -187,24 +188,26 @@ mod tests {
     #[test]
     fn a_release_on_another_thread_wakes_the_waiter() {
         let t = RangeTable::new();
-        let a = t.lock(0, 4096, None).now_or_never().unwrap();
+        let a = t.lock(0, 4096, &None).now_or_never().unwrap();
         let waiter = {
             let t = t.clone();
-            std::thread::spawn(move || futures::executor::block_on(t.lock(0, 512, None)))
+            std::thread::spawn(move || {
+                drop(futures::executor::block_on(t.lock(0, 512, &None)));
+            })
         };
         std::thread::sleep(std::time::Duration::from_millis(20));
         drop(a);
-        drop(waiter.join().unwrap());
+        waiter.join().unwrap();
         assert_eq!(t.in_flight(), 0);
     }
 
     #[test]
     fn giving_up_a_place_in_line_lets_the_next_one_go() {
         let t = RangeTable::new();
-        let a = t.lock(0, 4096, None).now_or_never().unwrap();
-        let mut b = t.lock(0, 4096, None);
+        let a = t.lock(0, 4096, &None).now_or_never().unwrap();
+        let mut b = t.lock(0, 4096, &None);
         assert!((&mut b).now_or_never().is_none());
-        let mut c = t.lock(0, 4096, None);
+        let mut c = t.lock(0, 4096, &None);
         assert!((&mut c).now_or_never().is_none());
         drop(b);
         drop(a);

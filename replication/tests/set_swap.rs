@@ -113,7 +113,7 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
         // overwrites a newer write.
         for chunk in 0..BLOCKS / 16 {
             let (off, len) = (chunk * 16 * BLOCK, 16 * BLOCK);
-            let _g = block_on(ranges.lock(off as u64, len as u64, None));
+            let _g = block_on(ranges.lock(off as u64, len as u64, &None));
             fresh.put(off, &stores[0].bytes(off, len));
         }
         assert_eq!(fresh.reads(), 0, "a rebuilding replica takes no reads");

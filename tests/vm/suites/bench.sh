@@ -271,15 +271,22 @@ bench_mdraid1_nvmetcp() {
   wait_for 10 tcp_listening 127.0.0.1 4420 || fail "nvmet-tcp not listening on 127.0.0.1:4420"
   echo "transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$NQN" > /dev/nvme-fabrics \
     || fail "nvme-tcp connect failed: $(dmesg | tail -n 3 | tr '\n' ' ')"
-  ns=""
+  ctrl=""
   for c in /sys/class/nvme/nvme*; do
-    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = $NQN ] || continue
-    ctrl=${c##*/}
-    wait_for 10 sh -c "ls -d /sys/class/nvme/$ctrl/${ctrl}n* /sys/class/nvme/$ctrl/nvme*c*n* 2>/dev/null | grep -q ."
-    ns=$(ls -d /sys/class/nvme/$ctrl/nvme*n* 2>/dev/null | head -n1)
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = $NQN ] && ctrl=${c##*/}
   done
-  [ -n "$ns" ] || fail "no NVMe/TCP namespace appeared: $(ls /sys/class/nvme/ 2>&1 | tr '\n' ' ')"
-  nsdev=/dev/${ns##*/}
+  [ -n "$ctrl" ] || fail "no NVMe/TCP controller for $NQN: $(ls /sys/class/nvme/ 2>&1 | tr '\n' ' ')"
+  # With native multipath the block device is the subsystem's head (nvmeXnY, X the
+  # subsystem's instance); nvmeXcZnY is its hidden per-controller path.
+  nvme_head() {
+    for b in /sys/block/nvme*n*; do
+      case ${b##*/} in *c*n*) continue ;; esac
+      [ -e "$b" ] && { echo "/dev/${b##*/}"; return 0; }
+    done
+    return 1
+  }
+  wait_for 10 nvme_head || fail "no NVMe/TCP namespace block device: $(ls /sys/block | tr '\n' ' ')"
+  nsdev=$(nvme_head)
   wait_dev "$nsdev"
   say "NVMe/TCP namespace $nsdev (controller $ctrl) over 127.0.0.1:4420"
   loopdev=$("$LOSETUP" --direct-io=on --show -f "$disk_a") || fail "losetup $disk_a"
@@ -295,7 +302,15 @@ bench_mdraid1_nvmetcp() {
 # another ublkd process; all share the one vCPU with fio, as md raid1 shares it with qemu-nbd.
 REPL_TIMEOUT_MS=2000
 
-# repl_owner TAG REPLICAS: a fresh owner (own state dir) serving /dev/ublkb0.
+# wipe_label DEV: zero the label area of a raw-disk replica of the 512 MiB bench volume, so
+# the next owner with a fresh state dir starts a new volume on it (otherwise the disk's
+# label makes it the old volume, and new remote replicas join it as not yet rebuilt).
+wipe_label() {
+  run dd if=/dev/zero of="$1" bs=64k count=1 seek=$((512 * 16)) oflag=direct conv=notrunc 2>/dev/null
+}
+
+# repl_owner TAG REPLICAS: an owner (state dir $T/owner-TAG) serving /dev/ublkb0 with every
+# replica online (a measurement of fewer replicas than configured would be meaningless).
 repl_owner() {
   cat > "$T/$1.conf" <<EOF
 [node]
@@ -317,6 +332,7 @@ EOF
   cp "$T/$1.conf" "$T/last.conf"
   start_ublkd "$T/$1.conf"
   wait_dev /dev/ublkb0 60
+  wait_live bench 30
 }
 
 # repl_matrix TAG: prefill, then the 4k matrix on /dev/ublkb0: RESULT repl_TAG_<workload>_*.
@@ -370,22 +386,23 @@ bench_replicated() {
   R2() { echo "{ remote = \"127.0.0.2:7450\", id = \"$1\" }"; }
   R3() { echo "{ remote = \"127.0.0.3:7450\", id = \"$1\" }"; }
 
-  TAG=1local; repl_owner $TAG "$L"; repl_matrix; stop_ublkd 60 || fail "owner did not stop"
-  TAG=2way; repl_owner $TAG "$L, $(R2 b2)"; repl_matrix; stop_ublkd 60 || fail "owner did not stop"
-  TAG=3way; repl_owner $TAG "$L, $(R2 b3), $(R3 b3)"; repl_matrix
+  # Each configuration is a new volume on the same local disk.
+  TAG=1local; wipe_label "$local_disk"; repl_owner $TAG "$L"; repl_matrix; stop_ublkd 60 || fail "owner did not stop"
+  TAG=2way; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 b2)"; repl_matrix; stop_ublkd 60 || fail "owner did not stop"
+  TAG=3way; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 b3), $(R3 b3)"; repl_matrix
 
   # Worst write latency: without a fault, then across a SIGKILL and a SIGSTOP of a server.
   ms=$(stall_run nofault none 0)
   echo "RESULT maxlat_nofault_ms=$ms"
   stop_ublkd 60 || fail "owner did not stop"
-  TAG=kill; repl_owner $TAG "$L, $(R2 k), $(R3 k)"
+  TAG=kill; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 k), $(R3 k)"
   ms=$(stall_run kill KILL "$SRV_3")
   echo "RESULT stall_kill_ms=$ms"
   vol_status bench | grep -q '"state":"faulted"' || fail "killed replica not faulted: $(vol_status bench)"
   stop_ublkd 60 || fail "owner did not stop"
   wait "$SRV_3" 2>/dev/null
   LOG_LEVEL=warn replica_server 3 /mnt/srv3
-  TAG=stop; repl_owner $TAG "$L, $(R2 s), $(R3 s)"
+  TAG=stop; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 s), $(R3 s)"
   ms=$(stall_run stop STOP "$SRV_2")
   kill -CONT "$SRV_2"
   echo "RESULT stall_stop_ms=$ms"
@@ -421,12 +438,12 @@ bench_replicated() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# bench_costs: the same volume, alternately served by ublkd and by a cost-model build, 3
+# bench_costs: the same volume, alternately served by ublkd and by a cost-model build, 5
 # rounds each (alternating, so the emulator's slow drift hits both alike); the ratio of the
 # medians. Frames: 1 local + 1 remote (owner and server both the build under test), 4k
 # randwrite QD32. Range table: 1 local replica on tmpfs (nothing but CPU per request, where a
 # per-request cost shows most), 4k randwrite QD32.
-median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints IOPS
   UBLKD_BIN=$1 repl_owner "$2" "$3" >&2
@@ -435,11 +452,11 @@ cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints IOPS
   echo "$1"
 }
 
-# alternate WHAT LABEL ROUND BIN_A BIN_B: 3 rounds of `ROUND BIN_A` then `ROUND BIN_B` (each
+# alternate WHAT LABEL ROUND BIN_A BIN_B: 5 rounds of `ROUND BIN_A` then `ROUND BIN_B` (each
 # prints IOPS); the IOPS lists in ALT_A and ALT_B.
 alternate() {
   ALT_A="" ALT_B=""
-  for r in 1 2 3; do
+  for r in 1 2 3 4 5; do
     for side in A B; do
       if [ $side = A ]; then bin=$4; else bin=$5; fi
       iops=$($3 "$bin")
@@ -466,6 +483,7 @@ bench_costs() {
   R2="{ remote = \"127.0.0.2:7450\", id = \"cost\" }"
   # Prefill once (the same replicas serve every round).
   LOG_LEVEL=warn replica_server 2 /mnt/srv2
+  wipe_label "$local_disk"
   repl_owner fill "$L, $R2"
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=4 --size=$REGION --output=/dev/null
@@ -479,7 +497,7 @@ bench_costs() {
   }
   alternate frames "2-way randwrite QD32" frames_round "$UBLKD" "$crc"
   v2=$ALT_A v1=$ALT_B
-  m2=$(median3 $v2) m1=$(median3 $v1)
+  m2=$(median $v2) m1=$(median $v1)
   echo "RESULT costs_frames_v2_randwrite_qd32_iops=$m2"
   echo "RESULT costs_frames_v1crc_randwrite_qd32_iops=$m1"
   echo "RESULT ratio_v2_vs_v1_frames_randwrite_qd32=$(awk -v a="$m2" -v b="$m1" 'BEGIN { printf "%.3f", a / b }')"
@@ -494,7 +512,7 @@ bench_costs() {
   ranges_round() { cost_round "$1" tfill "$LT"; }
   alternate ranges "tmpfs randwrite QD32" ranges_round "$UBLKD" "$unordered"
   o=$ALT_A u=$ALT_B
-  mo=$(median3 $o) mu=$(median3 $u)
+  mo=$(median $o) mu=$(median $u)
   echo "RESULT costs_ranges_ordered_randwrite_qd32_iops=$mo"
   echo "RESULT costs_ranges_unordered_randwrite_qd32_iops=$mu"
   echo "RESULT ratio_ordered_vs_unordered_randwrite_qd32=$(awk -v a="$mo" -v b="$mu" 'BEGIN { printf "%.3f", a / b }')"
