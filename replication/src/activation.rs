@@ -285,6 +285,9 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
                 };
                 let state = if current {
                     ReplicaState::Online
+                } else if takeover.is_some() && l.generation < newest {
+                    // Another owner ran the volume, and not with this replica.
+                    faulted(FaultReason::MissedGeneration { generation: newest })
                 } else {
                     faulted(FaultReason::Stale {
                         label_epoch: l.membership.epoch,
@@ -525,6 +528,7 @@ mod tests {
                         FaultReason::Missing => "missing",
                         FaultReason::OpenFailed { .. } => "unreachable",
                         FaultReason::ConnectionLost => "faulted(recorded)",
+                        FaultReason::MissedGeneration { .. } => "missed-generation",
                         _ => "faulted",
                     },
                     s => s.name(),
@@ -901,7 +905,10 @@ mod tests {
             (p.generation, p.takeover),
             (Generation(8), Some(Generation(7)))
         );
-        assert_eq!(outcome(Ok(Decision::Go(p))), "stale online online");
+        assert_eq!(
+            outcome(Ok(Decision::Go(p))),
+            "missed-generation online online"
+        );
         // Our generation number, but another owner's id: also a takeover.
         let Seen::Label(mut l) = w.label(1, 4, &all, 3) else {
             unreachable!()

@@ -445,24 +445,28 @@ bench_replicated() {
 # per-request cost shows most), 4k randwrite QD32.
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints IOPS
+cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints "IOPS CPU_US_PER_IO"
   UBLKD_BIN=$1 repl_owner "$2" "$3" >&2
-  set -- $(fio_run /dev/ublkb0 randwrite 4k 32 "cost_$2")
+  set -- $(ticks_of "$DPID") $(fio_run /dev/ublkb0 randwrite 4k 32 "cost_$2") $(ticks_of "$DPID")
+  u_iops=$3
+  echo "$3 $(per_io $(($6 + $7 - $1 - $2)))"
   stop_ublkd 60 >&2 || fail "owner did not stop"
-  echo "$1"
 }
 
 # alternate WHAT LABEL ROUND BIN_A BIN_B: 5 rounds of `ROUND BIN_A` then `ROUND BIN_B` (each
-# prints IOPS); the IOPS lists in ALT_A and ALT_B.
+# prints IOPS and the owner's CPU µs per request); the lists in ALT_A, ALT_B (IOPS) and
+# CPU_A, CPU_B.
 alternate() {
-  ALT_A="" ALT_B=""
+  ALT_A="" ALT_B="" CPU_A="" CPU_B=""
   for r in 1 2 3 4 5; do
     for side in A B; do
       if [ $side = A ]; then bin=$4; else bin=$5; fi
-      iops=$($3 "$bin")
+      set -- "$1" "$2" "$3" "$4" "$5" $($3 "$bin")
+      iops=$6 cpu=$7
       [ -n "$iops" ] && [ "$iops" -gt 0 ] || fail "$1 round $r ($bin): no IOPS (see $T/ublkd.log)"
-      echo "TABLE costs $1 $(basename "$bin") round $r: $iops IOPS ($2)"
-      eval "ALT_$side=\"\$ALT_$side $iops\""
+      echo "TABLE costs $1 $(basename "$bin") round $r: $iops IOPS, owner cpu/io $cpu us ($2)"
+      eval "ALT_$side=\"\$ALT_$side $iops\" CPU_$side=\"\$CPU_$side $cpu\""
+      set -- "$1" "$2" "$3" "$4" "$5"
     done
   done
 }
@@ -501,6 +505,8 @@ bench_costs() {
   echo "RESULT costs_frames_v2_randwrite_qd32_iops=$m2"
   echo "RESULT costs_frames_v1crc_randwrite_qd32_iops=$m1"
   echo "RESULT ratio_v2_vs_v1_frames_randwrite_qd32=$(awk -v a="$m2" -v b="$m1" 'BEGIN { printf "%.3f", a / b }')"
+  echo "RESULT costs_frames_v2_owner_cpu_us_per_io=$(median $CPU_A)"
+  echo "RESULT costs_frames_v1crc_owner_cpu_us_per_io=$(median $CPU_B)"
   run "$UMOUNT" /mnt/srv2
 
   mkdir -p /tmp/cost
@@ -516,5 +522,7 @@ bench_costs() {
   echo "RESULT costs_ranges_ordered_randwrite_qd32_iops=$mo"
   echo "RESULT costs_ranges_unordered_randwrite_qd32_iops=$mu"
   echo "RESULT ratio_ordered_vs_unordered_randwrite_qd32=$(awk -v a="$mo" -v b="$mu" 'BEGIN { printf "%.3f", a / b }')"
+  echo "RESULT costs_ranges_ordered_owner_cpu_us_per_io=$(median $CPU_A)"
+  echo "RESULT costs_ranges_unordered_owner_cpu_us_per_io=$(median $CPU_B)"
   rm -rf /tmp/cost
 }
