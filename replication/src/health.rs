@@ -643,6 +643,11 @@ impl Health {
 
     /// The connection of `slot` went down (before its pending requests fail).
     pub fn connection_lost(&self, slot: SlotIndex, why: &Lost) {
+        if self.stopping.load(Ordering::SeqCst) {
+            // A stopped volume's connections close (or its peers go) without a fault:
+            // the stop already made every replica's state final.
+            return;
+        }
         let mut inner = self.inner.lock().unwrap();
         let i = slot.get();
         if i >= inner.slots.len() {
@@ -676,6 +681,9 @@ impl Health {
 
     /// `slot` is reachable again with `label`: whether it takes I/O.
     pub fn reconnected(&self, slot: SlotIndex, label: &Label) -> bool {
+        if self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
         let mut inner = self.inner.lock().unwrap();
         let i = slot.get();
         if i >= inner.slots.len() {
@@ -840,7 +848,8 @@ impl Health {
         self.set_epoch.store(epoch, Ordering::Release);
     }
 
-    /// Stop the persister (after the last I/O): a final persist runs first.
+    /// Stop the persister (after the last I/O): a final persist runs first. Later
+    /// connection events change nothing.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.persist_wake.notify_all();

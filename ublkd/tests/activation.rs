@@ -159,6 +159,13 @@ impl Serving {
     }
 }
 
+impl Drop for Serving {
+    /// As the daemon's stop: the connections that close afterwards fault nothing.
+    fn drop(&mut self) {
+        self.health.stop();
+    }
+}
+
 fn states(act: &Activated) -> Vec<&'static str> {
     act.slots.iter().map(|s| s.state.name()).collect()
 }
@@ -296,6 +303,15 @@ fn an_outage_of_every_current_replica_at_start_waits_and_then_serves_the_data() 
     a.kill();
     b.kill();
     let reasons: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Set when the checks below end, passed or not: a failed check must fail the
+    // test, not leave the scope joining an activation that waits forever.
+    let give_up = AtomicBool::new(false);
+    struct GiveUp<'a>(&'a AtomicBool);
+    impl Drop for GiveUp<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
     let act = std::thread::scope(|sc| {
         let waiter = sc.spawn(|| {
             let sd = StateDir::open(&state).unwrap();
@@ -309,7 +325,7 @@ fn an_outage_of_every_current_replica_at_start_waits_and_then_serves_the_data() 
                 false,
                 &mut |d| {
                     std::thread::sleep(d);
-                    false
+                    give_up.load(Ordering::SeqCst)
                 },
                 &mut |why| {
                     if let Some(w) = why {
@@ -318,13 +334,24 @@ fn an_outage_of_every_current_replica_at_start_waits_and_then_serves_the_data() 
                 },
             )
         });
-        std::thread::sleep(Duration::from_secs(3));
+        let _guard = GiveUp(&give_up);
+        // Activation reports what it waits for once it has tried every replica.
+        let t0 = std::time::Instant::now();
+        let seen = loop {
+            let seen = reasons.lock().unwrap().last().cloned().unwrap_or_default();
+            if (seen.contains("ow-a") && seen.contains("ow-b"))
+                || t0.elapsed() > Duration::from_secs(30)
+            {
+                break seen;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(seen.contains("ow-a") && seen.contains("ow-b"), "{seen:?}");
+        std::thread::sleep(Duration::from_secs(1));
         assert!(
             !waiter.is_finished(),
             "activation gave up on the only copies"
         );
-        let seen = reasons.lock().unwrap().last().cloned().unwrap_or_default();
-        assert!(seen.contains("ow-a") && seen.contains("ow-b"), "{seen}");
         // Nothing was faulted meanwhile: the record still has both current.
         let rec = StateDir::open(&state).unwrap().load("ow").unwrap().unwrap();
         assert!(
