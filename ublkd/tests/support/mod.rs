@@ -62,6 +62,17 @@ impl ServerProc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("ublkd.log")).unwrap_or_default()
     }
+    /// Whether the log shows `needle` within 10 s.
+    pub fn log_shows(&self, needle: &str) -> bool {
+        let t0 = Instant::now();
+        while !self.log().contains(needle) {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
 }
 
 impl Drop for ServerProc {
