@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wire::control::LabelUpdate;
 
-use crate::error::Errno;
+use crate::error::{Errno, ReplicationError};
 use crate::local::LocalBacking;
 use crate::remote::RemoteClient;
 use crate::testing::MemStore;
@@ -30,6 +30,19 @@ impl Backing {
     }
 
     /// Remote replicas cost a network round trip: reads prefer local ones.
+    /// A handle for a plain thread (one that is not a ublk queue): its own
+    /// blocking io_uring for a local replica. The rebuild copier uses these.
+    pub fn thread_handle(&self) -> Result<Box<dyn crate::replica::Replica>, ReplicationError> {
+        Ok(match self {
+            Backing::Memory(m) => Box::new(crate::testing::MemReplica::new(m.clone())),
+            Backing::Local(l) => Box::new(crate::local::LocalReplica::new(
+                l.clone(),
+                crate::uring::BlockingUring::new()?,
+            )),
+            Backing::Remote(c) => Box::new(c.replica(None)),
+        })
+    }
+
     pub fn is_remote(&self) -> bool {
         matches!(self, Backing::Remote(_))
     }

@@ -85,6 +85,14 @@ pub enum ReplicationError {
     TooManySlots,
     #[error("persisting volume state failed: {0}")]
     Persist(String),
+    #[error("replica {0} has no log of what it missed: only a full rebuild can bring it back")]
+    NoDirtyLog(String),
+    #[error("replica {0} still lacks regions: its rebuild is not done")]
+    NotRebuilt(String),
+    #[error("dirty-log grain {0} bytes: must be a power of two from 4 KiB to 4 MiB")]
+    BadGrain(u32),
+    #[error("dirty map of another geometry (volume size or grain differ)")]
+    DirtyGeometry,
     #[error("io_uring setup failed: {0}")]
     Uring(#[source] std::io::Error),
 

@@ -18,6 +18,9 @@
 //! * The last online replica is never faulted: its I/O errors reach the
 //!   application, and a lost connection sends it to Connecting, where I/O waits (up
 //!   to the no-replica timeout) for it to come back.
+//! * **What a faulted replica missed.** A slot that leaves the write set keeps a
+//!   [`DirtyMap`]: every mutation acknowledged without it marks its regions there
+//!   (in [`Health::settle`], before the ack), so a rebuild copies only those.
 //! * The replica set can change while the volume runs ([`Health::add_slot`],
 //!   [`Health::remove_slot`]): queues pick up a new [`ReplicaSet`] when its epoch
 //!   changes; requests in flight keep the set they started with.
@@ -31,8 +34,9 @@ use wire::control::LabelUpdate;
 use wire::label::{Label, Membership};
 
 use crate::backing::Backing;
+use crate::dirty::{DirtyMap, Grain};
 use crate::error::{Errno, ReplicationError};
-use crate::ids::{Epoch, Generation, ReplicaUuid, SlotIndex};
+use crate::ids::{ByteLen, ByteOffset, Epoch, Generation, ReplicaUuid, SlotIndex};
 use crate::remote::{ConnEvents, Lost};
 use crate::state::{FaultReason, IoOp, ReplicaState};
 use crate::wake::{Kick, Signal};
@@ -87,6 +91,9 @@ pub struct SlotSpec {
     pub remote: bool,
     pub state: ReplicaState,
     pub errors: u64,
+    /// What it lacks, when known (a rebuild resumed, or a log kept across a
+    /// restart); a replica out of the write set without one needs a full rebuild.
+    pub dirty: Option<Arc<DirtyMap>>,
 }
 
 /// The backings of the current replica set, index = slot; queues make their
@@ -217,6 +224,8 @@ struct Slot {
     /// Faulted since the last persist while reachable: mark its label outdated
     /// (best effort) with the membership it last had.
     outdate: Option<Membership>,
+    /// The regions mutated without it since it left the write set.
+    dirty: Option<Arc<DirtyMap>>,
 }
 
 struct Inner {
@@ -239,6 +248,9 @@ pub struct HealthConfig {
     pub no_replica_timeout: Duration,
     /// Name for the persister thread and logs.
     pub volume: String,
+    /// The volume's size, and the region size of its dirty maps.
+    pub size: ByteLen,
+    pub grain: Grain,
 }
 
 pub struct Health {
@@ -246,6 +258,8 @@ pub struct Health {
     read_mask: AtomicU64,
     local_mask: AtomicU64,
     connecting_mask: AtomicU64,
+    /// Slots with a dirty map out of the write set: mutations that skip them mark it.
+    logged_mask: AtomicU64,
     set_epoch: AtomicU64,
     /// Bumped for every change that must be durable before a write that depends on
     /// it is acknowledged; `durable` is the newest version persisted. `attempts`
@@ -264,6 +278,8 @@ pub struct Health {
     fence: Arc<Fence>,
     no_replica_timeout: Duration,
     volume: String,
+    size: ByteLen,
+    grain: Grain,
     pub stats: IoStats,
 }
 
@@ -281,6 +297,7 @@ impl From<SlotSpec> for Slot {
             errors: s.errors,
             backing: s.backing,
             outdate: None,
+            dirty: s.dirty,
         }
     }
 }
@@ -331,6 +348,7 @@ impl Health {
             read_mask: AtomicU64::new(0),
             local_mask: AtomicU64::new(0),
             connecting_mask: AtomicU64::new(0),
+            logged_mask: AtomicU64::new(0),
             set_epoch: AtomicU64::new(1),
             wanted: AtomicU64::new(0),
             durable: AtomicU64::new(0),
@@ -351,6 +369,8 @@ impl Health {
             fence: Arc::new(Fence::default()),
             no_replica_timeout: cfg.no_replica_timeout,
             volume: cfg.volume,
+            size: cfg.size,
+            grain: cfg.grain.check()?,
             stats: IoStats::default(),
         });
         h.publish_masks(&h.inner.lock().unwrap());
@@ -371,6 +391,12 @@ impl Health {
         self.connecting_mask.store(
             mask_of(s, |x| x.state == ReplicaState::Connecting),
             Ordering::Release,
+        );
+        // Before the write mask: a request that no longer sends to a slot finds its
+        // map when it settles.
+        self.logged_mask.store(
+            mask_of(s, |x| x.dirty.is_some() && !x.state.in_write_set()),
+            Ordering::SeqCst,
         );
         self.read_mask
             .store(mask_of(s, |x| x.state.in_read_set()), Ordering::Release);
@@ -529,6 +555,7 @@ impl Health {
             }
         }
         let uuid = s.uuid;
+        let leaves_write_set = s.state.in_write_set() && !next.in_write_set();
         let member_now = inner.membership.contains(uuid);
         let member_next = match next {
             ReplicaState::Online => true,
@@ -537,6 +564,16 @@ impl Health {
         };
         if member_now && !member_next && matches!(next, ReplicaState::Faulted { .. }) {
             inner.slots[slot].outdate = Some(inner.membership.clone());
+        }
+        let s = &mut inner.slots[slot];
+        match next {
+            // From now on, what it misses is logged. A rebuilding replica keeps the
+            // map of what it still lacks.
+            ReplicaState::Faulted { .. } if leaves_write_set && s.dirty.is_none() => {
+                s.dirty = DirtyMap::new(self.size, self.grain).ok().map(Arc::new);
+            }
+            ReplicaState::Online | ReplicaState::Removed => s.dirty = None,
+            _ => {}
         }
         inner.slots[slot].state = next;
         if member_now == member_next {
@@ -565,11 +602,18 @@ impl Health {
     ///   durable before the request is acknowledged.
     ///
     /// A fenced volume acknowledges nothing (a newer owner took the replicas).
-    pub fn settle(&self, attempted: u64, failures: &[(SlotIndex, Errno)], op: IoOp) -> Settle {
+    pub fn settle(
+        &self,
+        attempted: u64,
+        failures: &[(SlotIndex, Errno)],
+        op: IoOp,
+        range: Option<(ByteOffset, ByteLen)>,
+    ) -> Settle {
         if self.fence.is_tripped() {
             return Settle::Fail(Errno::EIO);
         }
         if failures.is_empty() {
+            self.log_missed(attempted, range);
             return self.ticket();
         }
         let mut inner = self.inner.lock().unwrap();
@@ -613,7 +657,128 @@ impl Health {
             self.want_persist();
         }
         drop(inner);
+        self.log_missed(attempted & !failed, range);
         self.ticket()
+    }
+
+    /// Mark the range of a mutation that reached only the slots in `took_it` in
+    /// the dirty map of every logged slot it skipped.
+    fn log_missed(&self, took_it: u64, range: Option<(ByteOffset, ByteLen)>) {
+        let missed = self.logged_mask.load(Ordering::SeqCst) & !took_it;
+        let Some((offset, len)) = range.filter(|_| missed != 0) else {
+            return;
+        };
+        let inner = self.inner.lock().unwrap();
+        for i in indices(missed) {
+            if let Some(m) = &inner.slots[i.get()].dirty {
+                m.mark(offset, len);
+            }
+        }
+    }
+
+    /// Put faulted `slot` into the write set to be rebuilt. Returns what it lacks,
+    /// which the rebuild copies: the regions its dirty map marks for a partial
+    /// rebuild (it must have one), every region for a full one. Durable on return.
+    pub fn begin_rebuild(
+        &self,
+        slot: SlotIndex,
+        kind: crate::state::RebuildKind,
+    ) -> Result<Arc<DirtyMap>, ReplicationError> {
+        use crate::state::RebuildKind;
+        let mut inner = self.inner.lock().unwrap();
+        let s = inner
+            .slots
+            .get_mut(slot.get())
+            .ok_or(ReplicationError::NoSuchSlot(slot))?;
+        let next = ReplicaState::Rebuilding { kind };
+        if !s.state.can_become(&next) || s.backing.is_none() {
+            return Err(ReplicationError::Transition {
+                replica: s.location.clone(),
+                from: s.state.name(),
+                to: next.name(),
+            });
+        }
+        let map = match (kind, &s.dirty) {
+            (RebuildKind::Partial, Some(m)) => m.clone(),
+            (RebuildKind::Partial, None) => {
+                return Err(ReplicationError::NoDirtyLog(s.location.clone()))
+            }
+            (RebuildKind::Full, _) => Arc::new(DirtyMap::full(self.size, self.grain)?),
+        };
+        s.dirty = Some(map.clone());
+        self.transition(&mut inner, slot.get(), next);
+        self.commit(inner, "the rebuild's start")?;
+        Ok(map)
+    }
+
+    /// Publish a change made under `inner` and wait until it is durable.
+    fn commit(
+        &self,
+        inner: std::sync::MutexGuard<'_, Inner>,
+        what: &str,
+    ) -> Result<(), ReplicationError> {
+        self.publish_masks(&inner);
+        self.want_persist();
+        let ticket = self.ticket_now();
+        drop(inner);
+        futures::executor::block_on(self.durable(ticket, None))
+            .map_err(|_| ReplicationError::Persist(format!("{what} could not be made durable")))
+    }
+
+    /// End `slot`'s rebuild: `Ok` when its map is clean (it joins the read set and
+    /// the membership), or back to Faulted with `why`, keeping what it still lacks.
+    /// Durable on return.
+    pub fn end_rebuild(
+        &self,
+        slot: SlotIndex,
+        outcome: Result<(), FaultReason>,
+    ) -> Result<(), ReplicationError> {
+        let mut inner = self.inner.lock().unwrap();
+        let s = inner
+            .slots
+            .get(slot.get())
+            .ok_or(ReplicationError::NoSuchSlot(slot))?;
+        let next = match outcome {
+            Ok(()) => ReplicaState::Online,
+            Err(reason) => ReplicaState::Faulted { reason },
+        };
+        if !matches!(s.state, ReplicaState::Rebuilding { .. }) {
+            return Err(ReplicationError::Transition {
+                replica: s.location.clone(),
+                from: s.state.name(),
+                to: next.name(),
+            });
+        }
+        if next == ReplicaState::Online && s.dirty.as_ref().is_some_and(|m| !m.is_clean()) {
+            return Err(ReplicationError::NotRebuilt(s.location.clone()));
+        }
+        self.transition(&mut inner, slot.get(), next);
+        self.commit(inner, "the rebuild's end")
+    }
+
+    /// The backing of `slot`, while it has one.
+    pub fn backing(&self, slot: SlotIndex) -> Option<Backing> {
+        self.inner
+            .lock()
+            .unwrap()
+            .slots
+            .get(slot.get())?
+            .backing
+            .clone()
+    }
+
+    /// The dirty map of `slot`: what it lacks (`None`: unknown, or nothing).
+    pub fn dirty_map(&self, slot: SlotIndex) -> Option<Arc<DirtyMap>> {
+        let inner = self.inner.lock().unwrap();
+        inner.slots.get(slot.get())?.dirty.clone()
+    }
+
+    pub fn size(&self) -> ByteLen {
+        self.size
+    }
+
+    pub fn grain(&self) -> Grain {
+        self.grain
     }
 
     /// A read from `slot` failed with `errno`.
@@ -763,12 +928,7 @@ impl Health {
             return Err(ReplicationError::LastOnline(s.location.clone()));
         }
         self.transition(&mut inner, slot.get(), next);
-        self.publish_masks(&inner);
-        self.want_persist();
-        let ticket = self.ticket_now();
-        drop(inner);
-        futures::executor::block_on(self.durable(ticket, None))
-            .map_err(|_| ReplicationError::Persist("the change could not be made durable".into()))
+        self.commit(inner, "the change")
     }
 
     /// Add a slot to the running set (the rebuild and HA steps add a replacement as
@@ -824,13 +984,8 @@ impl Health {
         }
         self.transition(&mut inner, i, ReplicaState::Removed);
         inner.slots[i].backing = None;
-        self.publish_masks(&inner);
         self.publish_set(&mut inner);
-        self.want_persist();
-        let ticket = self.ticket_now();
-        drop(inner);
-        futures::executor::block_on(self.durable(ticket, None))
-            .map_err(|_| ReplicationError::Persist("the removal could not be made durable".into()))
+        self.commit(inner, "the removal")
     }
 
     /// Publish a new replica set (epoch + 1); the old one lives on while requests

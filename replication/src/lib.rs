@@ -22,6 +22,7 @@
 
 pub mod activation;
 pub mod backing;
+pub mod dirty;
 pub mod durable;
 pub mod error;
 pub mod health;
@@ -29,6 +30,7 @@ pub mod ids;
 pub mod local;
 pub mod nexus;
 pub mod ranges;
+pub mod rebuild;
 pub mod remote;
 pub mod replica;
 pub mod request;

@@ -261,7 +261,10 @@ impl Nexus {
             }
             let set = self.queue_set();
             let failures = self.fan_out(&set, attempted, &m).await;
-            match self.health.settle(attempted, &failures, m.op()) {
+            match self
+                .health
+                .settle(attempted, &failures, m.op(), m.req.range())
+            {
                 Settle::Ack => return Ok(()),
                 Settle::Fail(e) => return Err(e),
                 Settle::AwaitDurable(t) => return self.health.durable(t, self.kick.clone()).await,
@@ -439,12 +442,12 @@ mod tests {
         let (_, h) = mem_volume(2);
         // Queue A: its write reached r0 only. Queue B: its write reached r1 only.
         assert!(matches!(
-            h.settle(0b11, &[(SlotIndex(1), Errno::EIO)], IoOp::Write),
+            h.settle(0b11, &[(SlotIndex(1), Errno::EIO)], IoOp::Write, None),
             Settle::Ack | Settle::AwaitDurable(_)
         ));
         // B's only copy is on r1, which A just faulted: B must fail, r0 stays online.
         assert_eq!(
-            h.settle(0b11, &[(SlotIndex(0), Errno::EIO)], IoOp::Write),
+            h.settle(0b11, &[(SlotIndex(0), Errno::EIO)], IoOp::Write, None),
             Settle::Fail(Errno::EIO)
         );
         assert_eq!(h.read_mask(), 0b01);

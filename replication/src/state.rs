@@ -91,8 +91,19 @@ pub enum FaultReason {
     Missing,
     /// It holds none of the volume's data: new to the volume, or recreated.
     NewReplica,
+    /// Its rebuild stopped before every missing region was copied: cancelled, or
+    /// no healthy replica was left to copy from. What it still lacks is kept.
+    RebuildStopped { why: RebuildStop },
     /// Recorded by ublkd 0.1, before reasons were typed.
     Legacy { detail: String },
+}
+
+/// Why a rebuild stopped short (its target was not at fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebuildStop {
+    Cancelled,
+    NoSource,
 }
 
 impl FaultReason {
@@ -139,6 +150,12 @@ impl std::fmt::Display for FaultReason {
             FaultReason::NewReplica => {
                 f.write_str("holds none of the volume's data (new replica): needs a full rebuild")
             }
+            FaultReason::RebuildStopped {
+                why: RebuildStop::Cancelled,
+            } => f.write_str("its rebuild was cancelled before it finished"),
+            FaultReason::RebuildStopped {
+                why: RebuildStop::NoSource,
+            } => f.write_str("its rebuild stopped: no healthy replica was left to copy from"),
             FaultReason::Legacy { detail } => f.write_str(detail),
         }
     }

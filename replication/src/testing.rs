@@ -402,6 +402,8 @@ pub fn health_over(
             membership,
             no_replica_timeout: std::time::Duration::from_secs(10),
             volume: volume.into(),
+            size: crate::ids::ByteLen(size),
+            grain: crate::dirty::Grain::DEFAULT,
         },
         backings
             .iter()
@@ -412,6 +414,7 @@ pub fn health_over(
                 remote: b.is_remote(),
                 state: ReplicaState::Online,
                 errors: 0,
+                dirty: None,
             })
             .collect(),
         sink,
@@ -426,6 +429,33 @@ pub fn health_over(
 }
 
 /// A nexus over a health, with [`test_handle`]s.
+/// A new memory replica of the volume `like` belongs to (labelled, as OPEN with
+/// create or a new file would), as a slot to add: Faulted, a new replica.
+pub fn fresh_mem_slot(like: &MemStore) -> (Arc<MemStore>, crate::health::SlotSpec) {
+    let l = like.label().expect("a labelled replica");
+    let fresh = MemStore::new(l.size as usize);
+    let uuid = wire::ReplicaUuid::random();
+    fresh.set_label(Some(wire::label::Label::new(
+        &l.volume,
+        l.volume_uuid,
+        uuid,
+        l.size,
+        l.block_size,
+    )));
+    let spec = crate::health::SlotSpec {
+        location: format!("mem:{:p}", Arc::as_ptr(&fresh)),
+        uuid,
+        backing: Some(crate::backing::Backing::Memory(fresh.clone())),
+        remote: false,
+        state: crate::state::ReplicaState::Faulted {
+            reason: crate::state::FaultReason::NewReplica,
+        },
+        errors: 0,
+        dirty: None,
+    };
+    (fresh, spec)
+}
+
 pub fn mem_nexus(h: &Arc<crate::health::Health>) -> crate::nexus::Nexus {
     test_nexus(h, crate::ranges::RangeTable::new())
 }
@@ -442,15 +472,7 @@ pub fn test_nexus(
 /// private blocking ring, remote ones with no queue to kick (their futures' wakers
 /// suffice), memory ones.
 pub fn test_handle(b: &crate::backing::Backing) -> Box<dyn Replica> {
-    use crate::backing::Backing;
-    match b {
-        Backing::Memory(m) => Box::new(MemReplica::new(m.clone())),
-        Backing::Local(l) => Box::new(crate::local::LocalReplica::new(
-            l.clone(),
-            crate::uring::BlockingUring::new().expect("io_uring"),
-        )),
-        Backing::Remote(c) => Box::new(c.replica(None)),
-    }
+    b.thread_handle().expect("a thread's replica handle")
 }
 
 /// Wraps a replica handle so its mutations fail (EIO) while `fail` is set: error

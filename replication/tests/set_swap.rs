@@ -6,11 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::executor::block_on;
-use replication::backing::Backing;
-use replication::health::SlotSpec;
 use replication::ranges::RangeTable;
-use replication::state::{FaultReason, RebuildKind};
-use replication::testing::{mem_volume, stamp_of, stamped_block, test_nexus, MemStore, Rng};
+use replication::state::RebuildKind;
+use replication::testing::{fresh_mem_slot, mem_volume, stamp_of, stamped_block, test_nexus, Rng};
 use replication::{BlockRequest, ByteLen, ByteOffset, ReplicaState, SlotIndex};
 
 const BLOCK: usize = 4096;
@@ -25,7 +23,7 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
     }
     let ranges = RangeTable::new();
     let stop = AtomicBool::new(false);
-    let fresh = MemStore::new(1 << 20);
+    let (fresh, spec) = fresh_mem_slot(&stores[0]);
     fresh.set_latency(Duration::from_micros(200));
     let expected: Vec<Vec<u64>> = std::thread::scope(|sc| {
         let workers: Vec<_> = (0..QUEUES)
@@ -74,28 +72,7 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
         std::thread::sleep(Duration::from_millis(150));
         // Out with replica 2, in with a new one: it takes writes at once...
         health.remove_slot(SlotIndex(2)).expect("remove");
-        // A new replica is created with its label (no membership yet).
-        let uuid = wire::ReplicaUuid::random();
-        let l0 = stores[0].label().unwrap();
-        fresh.set_label(Some(wire::label::Label::new(
-            "mem",
-            l0.volume_uuid,
-            uuid,
-            1 << 20,
-            4096,
-        )));
-        let new = health
-            .add_slot(SlotSpec {
-                location: "mem:new".into(),
-                uuid,
-                backing: Some(Backing::Memory(fresh.clone())),
-                remote: false,
-                state: ReplicaState::Faulted {
-                    reason: FaultReason::NewReplica,
-                },
-                errors: 0,
-            })
-            .expect("add");
+        let new = health.add_slot(spec).expect("add");
         assert_eq!(
             new,
             SlotIndex(3),

@@ -489,6 +489,7 @@ fn open_and_label(
             remote: probe.remote,
             state,
             errors: 0,
+            dirty: None,
         })
         .collect();
     Ok(Opened {

@@ -446,6 +446,8 @@ pub fn health_of(
             membership: record.membership.clone(),
             no_replica_timeout: net.no_replica_timeout,
             volume: cfg.name.clone(),
+            size: replication::ByteLen(cfg.size),
+            grain: replication::dirty::Grain::DEFAULT,
         },
         slots,
         Box::new(sink.clone()),
