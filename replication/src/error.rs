@@ -91,6 +91,8 @@ pub enum ReplicationError {
     NotRebuilt(String),
     #[error("dirty-log grain {0} bytes: must be a power of two from 4 KiB to 4 MiB")]
     BadGrain(u32),
+    #[error("dirty log {path}: {message}")]
+    DirtyLog { path: PathBuf, message: String },
     #[error("dirty map of another geometry (volume size or grain differ)")]
     DirtyGeometry,
     #[error("io_uring setup failed: {0}")]

@@ -21,8 +21,10 @@
 //! its queue thread.
 
 pub mod activation;
+pub mod activity;
 pub mod backing;
 pub mod dirty;
+pub mod dirty_file;
 pub mod durable;
 pub mod error;
 pub mod health;
