@@ -260,6 +260,11 @@ impl ActivityLog {
             .collect()
     }
 
+    /// More extents are hot than the capacity: a commit may evict some.
+    pub fn over_capacity(&self) -> bool {
+        self.hot_count() > self.capacity
+    }
+
     pub fn hot_count(&self) -> usize {
         self.inner.lock().unwrap().hot.len()
     }

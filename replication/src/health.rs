@@ -33,8 +33,10 @@ use serde::{Deserialize, Serialize};
 use wire::control::LabelUpdate;
 use wire::label::{Label, Membership};
 
+use crate::activity::{ActivityLog, FileAlStore};
 use crate::backing::Backing;
 use crate::dirty::{DirtyMap, Grain};
+use crate::dirty_file::{DirtyFile, DirtyHeader};
 use crate::error::{Errno, ReplicationError};
 use crate::ids::{ByteLen, ByteOffset, Epoch, Generation, ReplicaUuid, SlotIndex};
 use crate::remote::{ConnEvents, Lost};
@@ -251,6 +253,24 @@ pub struct HealthConfig {
     /// The volume's size, and the region size of its dirty maps.
     pub size: ByteLen,
     pub grain: Grain,
+    /// Where the activity log and the dirty maps are saved (the owner's state dir);
+    /// `None`: kept in memory only (tests, tools).
+    pub logs: Option<LogDir>,
+}
+
+/// The owner's directory for one volume's logs.
+#[derive(Debug, Clone)]
+pub struct LogDir {
+    pub dir: std::path::PathBuf,
+    pub volume_uuid: wire::VolumeUuid,
+    /// Hot extents at most (soft) in the activity log.
+    pub al_capacity: usize,
+}
+
+impl LogDir {
+    fn dirty_path(&self, replica: ReplicaUuid) -> std::path::PathBuf {
+        self.dir.join(format!("{replica}.dirty"))
+    }
 }
 
 pub struct Health {
@@ -280,6 +300,13 @@ pub struct Health {
     volume: String,
     size: ByteLen,
     grain: Grain,
+    /// Bumped with `wanted` by changes of state (labels and record to write), not
+    /// by activity-log commits; `state_durable` is the newest written.
+    state_wanted: AtomicU64,
+    state_durable: AtomicU64,
+    logs: Option<LogDir>,
+    al: Option<ActivityLog>,
+    dirty_files: Mutex<std::collections::HashMap<ReplicaUuid, DirtyFile>>,
     pub stats: IoStats,
 }
 
@@ -339,6 +366,10 @@ impl Health {
             );
         }
         let slots: Vec<Slot> = slots.into_iter().map(Slot::from).collect();
+        let al = match &cfg.logs {
+            Some(logs) => Some(open_logs(logs, cfg.size, &slots)?),
+            None => None,
+        };
         let set = Arc::new(ReplicaSet {
             epoch: 1,
             backings: slots.iter().map(|s| s.backing.clone()).collect(),
@@ -371,6 +402,11 @@ impl Health {
             volume: cfg.volume,
             size: cfg.size,
             grain: cfg.grain.check()?,
+            state_wanted: AtomicU64::new(0),
+            state_durable: AtomicU64::new(0),
+            logs: cfg.logs,
+            al,
+            dirty_files: Mutex::default(),
             stats: IoStats::default(),
         });
         h.publish_masks(&h.inner.lock().unwrap());
@@ -528,10 +564,23 @@ impl Health {
         }
     }
 
-    /// Record a change that must be durable; wakes the persister.
+    /// Record a change of state that must be durable; wakes the persister.
     fn want_persist(&self) {
+        let v = self.wanted.fetch_add(1, Ordering::AcqRel) + 1;
+        self.state_wanted.fetch_max(v, Ordering::AcqRel);
+        self.persist_wake.notify_one();
+    }
+
+    /// Ask for an activity-log commit; the ticket is durable once it is done.
+    pub fn want_log(&self) -> Ticket {
         self.wanted.fetch_add(1, Ordering::AcqRel);
         self.persist_wake.notify_one();
+        self.ticket_now()
+    }
+
+    /// The volume's activity log, when its logs are kept.
+    pub fn activity(&self) -> Option<&ActivityLog> {
+        self.al.as_ref()
     }
 
     /// Move `slot` to `next`, checked. Returns whether the membership changed: a
@@ -1083,6 +1132,10 @@ fn persister(weak: Weak<Health>) {
             if h.stopping.load(Ordering::SeqCst) {
                 return;
             }
+            // Idle: marks of degraded writes reach the saved maps within a round.
+            if let Err(e) = save_logs(&h) {
+                tracing::warn!(volume = %h.volume, error = %e, "cannot save the dirty logs (will retry)");
+            }
             let inner = h.inner.lock().unwrap();
             if h.wanted.load(Ordering::Acquire) == target {
                 let _ = h
@@ -1113,8 +1166,109 @@ fn persister(weak: Weak<Health>) {
     }
 }
 
-/// One attempt: returns the version made durable.
+/// One attempt: the logs, then (if the state changed) labels and record. Returns
+/// the version made durable.
 fn persist_once(h: &Health) -> Result<u64, ReplicationError> {
+    let target = h.wanted.load(Ordering::Acquire);
+    let state = h.state_wanted.load(Ordering::Acquire);
+    save_logs(h)?;
+    if h.state_durable.load(Ordering::Acquire) >= state {
+        return Ok(target);
+    }
+    let done = persist_state(h)?;
+    h.state_durable.fetch_max(state, Ordering::AcqRel);
+    Ok(done.max(target))
+}
+
+/// Open the volume's log dir: the activity log, and only the dirty maps this run
+/// continues (a map the run does not keep up to date would later claim too little).
+fn open_logs(
+    logs: &LogDir,
+    size: ByteLen,
+    slots: &[Slot],
+) -> Result<ActivityLog, ReplicationError> {
+    let io = |what: &'static str| {
+        move |e: std::io::Error| ReplicationError::Open {
+            path: logs.dir.clone(),
+            what,
+            source: e,
+        }
+    };
+    std::fs::create_dir_all(&logs.dir).map_err(io("create the log dir"))?;
+    for entry in std::fs::read_dir(&logs.dir).map_err(io("list the log dir"))? {
+        let path = entry.map_err(io("list the log dir"))?.path();
+        let kept = slots
+            .iter()
+            .any(|s| s.dirty.is_some() && logs.dirty_path(s.uuid) == path);
+        if path.extension().is_some_and(|x| x == "dirty") && !kept {
+            std::fs::remove_file(&path).map_err(io("remove a stale dirty log"))?;
+        }
+    }
+    let store = FileAlStore::open(&logs.dir.join("activity.al"))?;
+    Ok(ActivityLog::new(
+        size,
+        logs.al_capacity,
+        &[],
+        Box::new(store),
+    ))
+}
+
+/// Save every dirty map's changes (a new one whole), drop the files of replicas
+/// that no longer lack anything, then commit the activity log. In this order: an
+/// extent leaves the AL only after the maps hold every mark made in it.
+fn save_logs(h: &Health) -> Result<(), ReplicationError> {
+    let Some(logs) = &h.logs else { return Ok(()) };
+    let pass = h.al.as_ref().map(ActivityLog::begin_pass);
+    let (maps, epoch): (Vec<(ReplicaUuid, Arc<DirtyMap>)>, Epoch) = {
+        let inner = h.inner.lock().unwrap();
+        let maps = inner
+            .slots
+            .iter()
+            .filter_map(|s| Some((s.uuid, s.dirty.clone()?)))
+            .collect();
+        (maps, inner.membership.epoch)
+    };
+    let mut files = h.dirty_files.lock().unwrap();
+    for (uuid, map) in &maps {
+        match files.get(uuid) {
+            Some(f) => f.save(map)?,
+            None => {
+                let header = DirtyHeader {
+                    volume: logs.volume_uuid,
+                    replica: *uuid,
+                    size: h.size,
+                    grain: h.grain,
+                    since_epoch: epoch,
+                    since_unix_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                };
+                let f = DirtyFile::create(&logs.dirty_path(*uuid), header, map)?;
+                files.insert(*uuid, f);
+            }
+        }
+    }
+    let done: Vec<ReplicaUuid> = files
+        .keys()
+        .filter(|u| !maps.iter().any(|(m, _)| m == *u))
+        .copied()
+        .collect();
+    for u in done {
+        if let Some(f) = files.remove(&u) {
+            f.remove()?;
+        }
+    }
+    drop(files);
+    if let (Some(al), Some(pass)) = (&h.al, pass) {
+        if al.wants_commit() || al.over_capacity() {
+            al.commit(pass)?;
+        }
+    }
+    Ok(())
+}
+
+/// Labels of every member, then the record: returns the version made durable.
+fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
     loop {
         let (target, snap, members) = {
             let inner = h.inner.lock().unwrap();

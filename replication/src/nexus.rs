@@ -85,6 +85,19 @@ impl<'d> Mutation<'d> {
     }
 }
 
+/// A mutation's entry in the activity log.
+struct ActivityGuard<'a> {
+    al: &'a crate::activity::ActivityLog,
+    offset: ByteOffset,
+    len: ByteLen,
+}
+
+impl Drop for ActivityGuard<'_> {
+    fn drop(&mut self) {
+        self.al.leave(self.offset, self.len);
+    }
+}
+
 pub struct Nexus {
     health: Arc<Health>,
     ranges: Arc<RangeTable>,
@@ -163,10 +176,20 @@ impl Nexus {
                     _ => (&stats.flushes, 0),
                 };
                 bump(counter, 1);
-                // FLUSH has no range; the others take theirs in the range table.
-                let _range = match mutation.range() {
-                    Some((offset, len)) => self.range(offset, len).await,
-                    None => None,
+                // FLUSH has no range; the others take theirs in the range table and
+                // enter it in the activity log.
+                let (_range, _al) = match mutation.range() {
+                    Some((offset, len)) => {
+                        let range = self.range(offset, len).await;
+                        match self.enter_activity(offset, len).await {
+                            Ok(al) => (range, al),
+                            Err(e) => {
+                                bump(&stats.errors, 1);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    None => (None, None),
                 };
                 let data = &buf[..mutation.payload_len()];
                 self.mutate(Mutation {
@@ -193,6 +216,26 @@ impl Nexus {
             return None;
         }
         Some(self.ranges.lock(offset.0, len.0, &self.kick).await)
+    }
+
+    /// Enter `[offset, offset + len)` in the activity log: at once when its extents
+    /// are hot, else after the next commit. Left when the guard drops (after the
+    /// mutation settled, so its dirty marks are made).
+    async fn enter_activity(
+        &self,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> Result<Option<ActivityGuard<'_>>, Errno> {
+        let Some(al) = self.health.activity() else {
+            return Ok(None);
+        };
+        let entry = al.enter(offset, len);
+        let guard = ActivityGuard { al, offset, len };
+        if let crate::activity::Entry::Wait(_) = entry {
+            let ticket = self.health.want_log();
+            self.health.durable(ticket, self.kick.clone()).await?;
+        }
+        Ok(Some(guard))
     }
 
     /// Wait for the sets to change while no replica is online but one is coming

@@ -518,6 +518,48 @@ mod tests {
     }
 
     #[test]
+    fn the_activity_log_and_the_dirty_map_reach_the_log_dir_and_go_when_rebuilt() {
+        use crate::activity::FileAlStore;
+        use crate::dirty_file::DirtyFile;
+        let dir = tempfile::tempdir().unwrap();
+        let (stores, h, _) = crate::testing::mem_volume_logged(2, Some(dir.path()));
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        let al_on_disk = || {
+            FileAlStore::open(&dir.path().join("activity.al"))
+                .unwrap()
+                .load()
+                .unwrap()
+                .map(|(_, hot)| hot)
+        };
+        // The write waited for a commit naming its extent.
+        write(&n, 0, 4 * K, 1);
+        assert_eq!(al_on_disk(), Some(vec![0]));
+        stores[1].set_fault(Fault::All);
+        write(&n, 512 * K, 4 * K, 2);
+        let uuid = h.snapshot().slots[1].uuid;
+        let path = dir.path().join(format!("{uuid}.dirty"));
+        // Created before the write that faulted it was acknowledged.
+        let (file, saved) = DirtyFile::load(&path).expect("a saved map");
+        assert_eq!(file.header.replica, uuid);
+        assert_eq!(saved.dirty_regions(), 1);
+        // Later marks are saved lazily (within a persister round).
+        write(&n, 128 * K, 4 * K, 3);
+        let t0 = Instant::now();
+        while DirtyFile::load(&path).unwrap().1.dirty_regions() < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never saved");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stores[1].set_fault(Fault::None);
+        let p = Progress::default();
+        assert!(matches!(
+            partial(&h, &ranges, 1, &p),
+            Ok(Outcome::Done { .. })
+        ));
+        assert!(!path.exists(), "a replica lacking nothing has no dirty log");
+    }
+
+    #[test]
     fn a_partial_rebuild_needs_a_map() {
         let (_stores, h) = mem_volume(2);
         let ranges = RangeTable::new();

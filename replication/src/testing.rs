@@ -333,6 +333,18 @@ pub fn mem_volume_with_sink(
     Arc<crate::health::Health>,
     Arc<RecordingSink>,
 ) {
+    mem_volume_logged(n, None)
+}
+
+/// [`mem_volume_with_sink`] keeping its activity log and dirty maps in `logs`.
+pub fn mem_volume_logged(
+    n: usize,
+    logs: Option<&std::path::Path>,
+) -> (
+    Vec<Arc<MemStore>>,
+    Arc<crate::health::Health>,
+    Arc<RecordingSink>,
+) {
     let stores: Vec<Arc<MemStore>> = (0..n).map(|_| MemStore::new(1 << 20)).collect();
     let sink = Arc::new(RecordingSink::default());
     let backings = stores
@@ -344,13 +356,13 @@ pub fn mem_volume_with_sink(
             )
         })
         .collect();
-    let health = health_over(
-        "mem",
-        wire::VolumeUuid::random(),
-        1 << 20,
-        backings,
-        Box::new(sink.clone()),
-    );
+    let vu = wire::VolumeUuid::random();
+    let logs = logs.map(|dir| crate::health::LogDir {
+        dir: dir.into(),
+        volume_uuid: vu,
+        al_capacity: 4,
+    });
+    let health = health_over_in("mem", vu, 1 << 20, backings, Box::new(sink.clone()), logs);
     (stores, health, sink)
 }
 
@@ -363,6 +375,18 @@ pub fn health_over(
     size: u64,
     backings: Vec<(wire::ReplicaUuid, crate::backing::Backing)>,
     sink: Box<dyn crate::health::StateSink>,
+) -> Arc<crate::health::Health> {
+    health_over_in(volume, volume_uuid, size, backings, sink, None)
+}
+
+/// [`health_over`] with its logs kept in `logs`.
+pub fn health_over_in(
+    volume: &str,
+    volume_uuid: wire::VolumeUuid,
+    size: u64,
+    backings: Vec<(wire::ReplicaUuid, crate::backing::Backing)>,
+    sink: Box<dyn crate::health::StateSink>,
+    logs: Option<crate::health::LogDir>,
 ) -> Arc<crate::health::Health> {
     use crate::backing::Backing;
     use crate::health::{Health, HealthConfig, SlotSpec};
@@ -404,6 +428,7 @@ pub fn health_over(
             volume: volume.into(),
             size: crate::ids::ByteLen(size),
             grain: crate::dirty::Grain::DEFAULT,
+            logs,
         },
         backings
             .iter()

@@ -216,6 +216,11 @@ impl StateDir {
         self.volumes.join(format!("{name}.json"))
     }
 
+    /// Where the volume's activity log and dirty maps live.
+    pub fn logs_dir(&self, name: &str) -> PathBuf {
+        self.volumes.join(format!("{name}.logs"))
+    }
+
     pub fn load(&self, name: &str) -> Result<Option<VolumeRecord>, DaemonError> {
         let path = self.path(name);
         let bad = |message: String| DaemonError::State {

@@ -448,6 +448,11 @@ pub fn health_of(
             volume: cfg.name.clone(),
             size: replication::ByteLen(cfg.size),
             grain: replication::dirty::Grain::DEFAULT,
+            logs: Some(replication::health::LogDir {
+                dir: state_dir.logs_dir(&cfg.name),
+                volume_uuid: record.volume_uuid,
+                al_capacity: AL_CAPACITY,
+            }),
         },
         slots,
         Box::new(sink.clone()),
@@ -458,6 +463,10 @@ pub fn health_of(
     health.set_read_policy(record.read_policy);
     Ok((health, sink))
 }
+
+/// Hot 4 MiB extents of a volume's activity log: 4 GiB, so a workload's working set
+/// of up to that size commits nothing once warm.
+const AL_CAPACITY: usize = 1024;
 
 /// Add (or recover) the device, serve until stopped or fenced, then take it down.
 #[allow(clippy::too_many_arguments)]
