@@ -43,6 +43,14 @@ impl Backing {
         })
     }
 
+    /// Whether I/O can reach it now (a remote replica's connection is up).
+    pub fn is_reachable(&self) -> bool {
+        match self {
+            Backing::Remote(c) => c.is_connected(),
+            Backing::Local(_) | Backing::Memory(_) => true,
+        }
+    }
+
     pub fn is_remote(&self) -> bool {
         matches!(self, Backing::Remote(_))
     }

@@ -308,6 +308,178 @@ impl Copier<'_> {
     }
 }
 
+/// One faulted slot, as the rebuild scheduler sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub slot: SlotIndex,
+    pub faulted: bool,
+    /// Open (a replica that could not be opened has nothing to rebuild onto).
+    pub has_backing: bool,
+    /// Reachable now: a remote replica's connection is up again.
+    pub reachable: bool,
+    /// What it missed is known (partial), or not (full).
+    pub has_map: bool,
+    /// Not before (backoff after a failed rebuild).
+    pub retry_at: Option<Instant>,
+}
+
+/// Which rebuild to run next, one at a time per volume: a reachable faulted
+/// replica, partial ones first (they restore redundancy soonest), then by slot.
+pub fn next_rebuild(candidates: &[Candidate], now: Instant) -> Option<(SlotIndex, RebuildKind)> {
+    candidates
+        .iter()
+        .filter(|c| c.faulted && c.has_backing && c.reachable)
+        .filter(|c| c.retry_at.is_none_or(|t| t <= now))
+        .min_by_key(|c| (!c.has_map, c.slot))
+        .map(|c| {
+            let kind = if c.has_map {
+                RebuildKind::Partial
+            } else {
+                RebuildKind::Full
+            };
+            (c.slot, kind)
+        })
+}
+
+/// Backoff after the `n`th failed rebuild of a replica in a row: 5 s, doubling,
+/// at most 5 minutes.
+pub fn retry_delay(n: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << n.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+/// The rebuild in progress, for status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Running {
+    pub slot: SlotIndex,
+    pub location: String,
+    pub kind: RebuildKind,
+    pub total: u64,
+    pub done: u64,
+    pub elapsed_ms: u64,
+}
+
+/// Rebuilds a volume's faulted replicas on its own thread as they become
+/// reachable ([`next_rebuild`]). Dropped, it cancels the rebuild in progress (the
+/// replica keeps what it still lacks) and joins the thread.
+pub struct Manager {
+    stop: Arc<AtomicBool>,
+    state: Arc<ManagerState>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ManagerState {
+    progress: Progress,
+    running: std::sync::Mutex<Option<(SlotIndex, String, RebuildKind, Instant)>>,
+}
+
+impl Manager {
+    pub fn start(
+        health: Arc<Health>,
+        ranges: Arc<RangeTable>,
+        cfg: CopyConfig,
+    ) -> Result<Manager, ReplicationError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(ManagerState::default());
+        let (s, st) = (stop.clone(), state.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("rebuild-{}", health.volume()))
+            .spawn(move || manage(&health, &ranges, cfg, &s, &st))
+            .map_err(|e| ReplicationError::Persist(format!("start the rebuild thread: {e}")))?;
+        Ok(Manager {
+            stop,
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// The rebuild in progress, if any.
+    pub fn running(&self) -> Option<Running> {
+        let r = self.state.running.lock().unwrap();
+        let (slot, location, kind, t0) = r.as_ref()?;
+        Some(Running {
+            slot: *slot,
+            location: location.clone(),
+            kind: *kind,
+            total: self.state.progress.total.load(Ordering::Acquire),
+            done: self.state.progress.done.load(Ordering::Acquire),
+            elapsed_ms: t0.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.state.progress.cancel.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn manage(
+    health: &Arc<Health>,
+    ranges: &RangeTable,
+    cfg: CopyConfig,
+    stop: &AtomicBool,
+    state: &ManagerState,
+) {
+    let mut failures: std::collections::HashMap<crate::ids::ReplicaUuid, (u32, Instant)> =
+        std::collections::HashMap::new();
+    while !stop.load(Ordering::SeqCst) {
+        let version = health.signal().version();
+        let snap = health.snapshot();
+        let candidates: Vec<Candidate> = snap
+            .slots
+            .iter()
+            .map(|s| {
+                let backing = health.backing(s.slot);
+                Candidate {
+                    slot: s.slot,
+                    faulted: matches!(s.state, ReplicaState::Faulted { .. }),
+                    has_backing: backing.is_some(),
+                    reachable: backing.as_ref().is_some_and(|b| b.is_reachable()),
+                    has_map: health.dirty_map(s.slot).is_some(),
+                    retry_at: failures.get(&s.uuid).map(|(_, t)| *t),
+                }
+            })
+            .collect();
+        let Some((slot, kind)) = next_rebuild(&candidates, Instant::now()) else {
+            // Reconnects are state changes too; a backoff ends on its own.
+            let _ = futures::executor::block_on(health.changed(
+                version,
+                Some(Instant::now() + Duration::from_secs(1)),
+                None,
+            ));
+            continue;
+        };
+        let Some(slot_status) = snap.slots.iter().find(|s| s.slot == slot) else {
+            continue;
+        };
+        let uuid = slot_status.uuid;
+        *state.running.lock().unwrap() =
+            Some((slot, slot_status.location.clone(), kind, Instant::now()));
+        let out = rebuild(health, ranges, slot, kind, cfg, &state.progress);
+        *state.running.lock().unwrap() = None;
+        match out {
+            Ok(Outcome::Done { .. }) => {
+                failures.remove(&uuid);
+            }
+            Ok(Outcome::Stopped { .. }) | Err(_) => {
+                if let Err(e) = &out {
+                    tracing::warn!(volume = health.volume(), slot = %slot, error = %e, "rebuild could not run");
+                }
+                let n = failures.get(&uuid).map_or(1, |(n, _)| n + 1);
+                failures.insert(uuid, (n, Instant::now() + retry_delay(n)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,6 +729,103 @@ mod tests {
             Ok(Outcome::Done { .. })
         ));
         assert!(!path.exists(), "a replica lacking nothing has no dirty log");
+    }
+
+    #[test]
+    fn the_scheduler_takes_reachable_faulted_replicas_partial_first() {
+        let now = Instant::now();
+        let c = |slot: u8, faulted, reachable, has_map, retry_in: Option<i64>| Candidate {
+            slot: SlotIndex(slot),
+            faulted,
+            has_backing: true,
+            reachable,
+            has_map,
+            retry_at: retry_in.map(|s| {
+                if s >= 0 {
+                    now + Duration::from_secs(s as u64)
+                } else {
+                    now - Duration::from_secs((-s) as u64)
+                }
+            }),
+        };
+        let full = Some((SlotIndex(1), RebuildKind::Full));
+        type Case = (
+            &'static str,
+            Vec<Candidate>,
+            Option<(SlotIndex, RebuildKind)>,
+        );
+        let cases: &[Case] = &[
+            (
+                "nothing faulted",
+                vec![c(0, false, true, false, None)],
+                None,
+            ),
+            (
+                "faulted, unreachable",
+                vec![c(1, true, false, true, None)],
+                None,
+            ),
+            (
+                "faulted, reachable, no map",
+                vec![c(1, true, true, false, None)],
+                full,
+            ),
+            (
+                "partial before full",
+                vec![c(1, true, true, false, None), c(2, true, true, true, None)],
+                Some((SlotIndex(2), RebuildKind::Partial)),
+            ),
+            ("backing off", vec![c(1, true, true, false, Some(3))], None),
+            (
+                "backoff over",
+                vec![c(1, true, true, false, Some(-1))],
+                full,
+            ),
+            (
+                "lowest slot among equals",
+                vec![c(3, true, true, true, None), c(2, true, true, true, None)],
+                Some((SlotIndex(2), RebuildKind::Partial)),
+            ),
+        ];
+        for (name, cands, want) in cases {
+            assert_eq!(next_rebuild(cands, now), *want, "{name}");
+        }
+        let mut no_backing = c(1, true, true, true, None);
+        no_backing.has_backing = false;
+        assert_eq!(
+            next_rebuild(&[no_backing], now),
+            None,
+            "nothing to rebuild onto"
+        );
+    }
+
+    #[test]
+    fn retries_back_off_from_5_s_to_5_min() {
+        let d: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(d, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn the_manager_rebuilds_a_faulted_replica_once_it_is_reachable() {
+        let (stores, h) = mem_volume(2);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        stores[1].set_fault(Fault::All);
+        write(&n, 0, 4 * K, 1);
+        write(&n, 300 * K, 8 * K, 2);
+        stores[1].set_fault(Fault::None);
+        let m = Manager::start(h.clone(), ranges.clone(), CopyConfig::default()).unwrap();
+        let t0 = Instant::now();
+        while state(&h, 1) != ReplicaState::Online {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "not rebuilt: {:?}",
+                state(&h, 1)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(m);
+        assert_eq!(stores[0].bytes(0, 1 << 20), stores[1].bytes(0, 1 << 20));
     }
 
     #[test]
