@@ -42,8 +42,9 @@ two_queues_verify() {
   done
   # The volume thread plus two queue threads share that name.
   [ "$busy" -ge 3 ] || fail "only $busy vol-vol0 threads used CPU: expected the volume thread and 2 queue threads"
-  # Mirror: both replicas identical after a clean stop.
+  # Mirror: both replicas' data (the 256 MiB before each one's own label) identical after a
+  # clean stop.
   stop_ublkd 30 || fail "ublkd did not stop cleanly"
-  [ "$(sha256sum < "$T/r0.img")" = "$(sha256sum < "$T/r1.img")" ] || fail "replicas differ"
+  cmp -n $((256 << 20)) "$T/r0.img" "$T/r1.img" || fail "replicas differ"
   no_kernel_errors ublkb0
 }
