@@ -401,6 +401,9 @@ run_one() {
   sleep 0.2; kill "$_tee" 2>/dev/null; wait "$_tee" 2>/dev/null
   cat "$T/cleanup.log"
   [ $_verdict = PASS ] || print_diag
+  # The guest's /tmp is RAM: a passed scenario's images (hundreds of MiB each) would fill it
+  # for the scenarios after it. A failed one keeps its files for the diagnosis.
+  if [ $_verdict = PASS ]; then rm -f "$T"/*.img "$T"/*/*.img "$T"/*/*/*.img; fi
   echo "@@RESULT $_verdict $SCENARIO $_secs $(echo "$_reason" | tr '\n' ' ' | cut -c1-300)"
 }
 
