@@ -212,6 +212,25 @@ fn print_status(s: &VolumeStatus) {
                 .unwrap_or_default()
         );
     }
+    if let Some(b) = &s.rebuild {
+        let secs = (b.elapsed_ms as f64 / 1000.0).max(0.001);
+        let rate = b.done as f64 / secs;
+        let eta = if rate > 0.0 {
+            format!("{:.0} s", b.total.saturating_sub(b.done) as f64 / rate)
+        } else {
+            "-".into()
+        };
+        println!(
+            "  rebuild: replica #{} {} ({:?}): {} of {} ({:.0}%), {}/s, ETA {eta}",
+            b.slot.0,
+            b.location,
+            b.kind,
+            human(b.done),
+            human(b.total),
+            100.0 * b.done as f64 / b.total.max(1) as f64,
+            human(rate as u64),
+        );
+    }
     let io = &s.io;
     println!(
         "  io: reads {} ({}) writes {} ({}) flushes {} discards {} write_zeroes {} errors {}",

@@ -67,6 +67,9 @@ pub struct VolumeStatus {
     /// Epoch of the membership (who holds every acknowledged write).
     pub membership_epoch: Option<u64>,
     pub replicas: Vec<ReplicaStatus>,
+    /// The rebuild in progress, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<replication::rebuild::Running>,
     pub io: IoStatsSnapshot,
 }
 
@@ -118,6 +121,7 @@ struct Live {
     queues: u16,
     depth: u16,
     health: Option<Arc<Health>>,
+    rebuilds: Option<Arc<replication::rebuild::Manager>>,
 }
 
 /// State shared between a volume's thread and the rest of the daemon.
@@ -228,6 +232,7 @@ impl VolumeShared {
                 None => rec.as_ref().map(|r| r.membership.epoch.0),
             },
             replicas,
+            rebuild: live.rebuilds.as_ref().and_then(|m| m.running()),
             io,
         }
     }
@@ -468,6 +473,10 @@ pub fn health_of(
 /// of up to that size commits nothing once warm.
 const AL_CAPACITY: usize = 1024;
 
+/// Rebuild copies at most this fast (bytes/s), leaving most of a disk's bandwidth
+/// to the application.
+const REBUILD_RATE: u64 = 64 << 20;
+
 /// Add (or recover) the device, serve until stopped or fenced, then take it down.
 #[allow(clippy::too_many_arguments)]
 fn serve(
@@ -542,6 +551,17 @@ fn serve(
         discard: cheap_zeroing,
         local_replicas,
     });
+    // Faulted replicas come back on their own once reachable: partial when what they
+    // missed is logged, else full. Dropped (cancelled) before the health stops.
+    let rebuilds = Arc::new(replication::rebuild::Manager::start(
+        health.clone(),
+        dp.ranges.clone(),
+        replication::rebuild::CopyConfig {
+            chunk: replication::ByteLen(1 << 20),
+            rate: Some(REBUILD_RATE),
+        },
+    )?);
+    shared.live.lock().unwrap().rebuilds = Some(rebuilds.clone());
     if !cheap_zeroing {
         tracing::info!(volume = %cfg.name,
             "not every replica zeroes a discarded range cheaply: DISCARD is not advertised (WRITE_ZEROES is)");
@@ -649,6 +669,8 @@ fn serve(
     } else {
         Err(DaemonError::volume(&cfg.name, "ublk device went away"))
     };
+    shared.live.lock().unwrap().rebuilds = None;
+    drop(rebuilds);
     health.stop();
     outcome
 }
