@@ -139,6 +139,12 @@ pub fn activate(
                     })
                     .collect();
                 state_dir.save(&rec)?;
+                for s in &opened.slots {
+                    if let Some(reason) = s.state.fault_reason() {
+                        tracing::warn!(volume = %cfg.name, replica = %s.location, %reason,
+                            "replica not trusted at start");
+                    }
+                }
                 return Ok(Activated {
                     record: rec,
                     slots: opened.slots,
