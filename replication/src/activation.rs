@@ -425,6 +425,95 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
     }))
 }
 
+/// Why a dirty map saved by an earlier run is not used: the replica it is for
+/// gets a full rebuild instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
+pub enum MapRefused {
+    /// Saved for another volume (the state dir was reused) or another replica.
+    NotOurs,
+    /// The volume's size or the map's region size changed since.
+    Geometry,
+    /// The replica's history is older than the partial-rebuild window.
+    Expired { age_s: u64, window_s: u64 },
+    /// The replica's label was written after the map began: someone else changed
+    /// it, so the map no longer covers what it lacks.
+    LabelNewer { label_epoch: Epoch, since: Epoch },
+}
+
+impl std::fmt::Display for MapRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MapRefused::NotOurs => {
+                write!(f, "the saved dirty map is for another volume or replica")
+            }
+            MapRefused::Geometry => write!(
+                f,
+                "the volume's geometry changed since the dirty map was saved"
+            ),
+            MapRefused::Expired { age_s, window_s } => write!(
+                f,
+                "away for {age_s} s, longer than the partial-rebuild window ({window_s} s)"
+            ),
+            MapRefused::LabelNewer { label_epoch, since } => write!(
+                f,
+                "its label (epoch {}) was written after the dirty map began (epoch {})",
+                label_epoch.0, since.0
+            ),
+        }
+    }
+}
+
+/// The facts a saved map is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct MapCheck<'a> {
+    pub volume_uuid: VolumeUuid,
+    pub replica_uuid: ReplicaUuid,
+    pub size: u64,
+    pub grain: crate::dirty::Grain,
+    /// What the replica's label says now (`None`: unreachable; checked again
+    /// when it connects, by the label's uuid).
+    pub label: Option<&'a Label>,
+    pub now_unix_ms: u64,
+    pub partial_window: std::time::Duration,
+}
+
+/// May the saved map with `header` be trusted to say what the replica lacks? A
+/// full rebuild's remainder is resumed at any age; a missed-writes map only
+/// within the partial window (DRBD keeps a bitmap forever; the window bounds how
+/// long a replica's stale data is kept as the basis of a rebuild).
+pub fn check_saved_map(
+    header: &crate::dirty_file::DirtyHeader,
+    c: &MapCheck,
+) -> Result<(), MapRefused> {
+    use crate::dirty_file::LogKind;
+    if header.volume != c.volume_uuid || header.replica != c.replica_uuid {
+        return Err(MapRefused::NotOurs);
+    }
+    if header.size.0 != c.size || header.grain != c.grain {
+        return Err(MapRefused::Geometry);
+    }
+    if let Some(l) = c.label {
+        if l.replica_uuid != c.replica_uuid || l.volume_uuid != c.volume_uuid {
+            return Err(MapRefused::NotOurs);
+        }
+        if l.membership.epoch > header.origin.since_epoch {
+            return Err(MapRefused::LabelNewer {
+                label_epoch: l.membership.epoch,
+                since: header.origin.since_epoch,
+            });
+        }
+    }
+    let age = header.origin.age_ms(c.now_unix_ms);
+    if header.origin.kind == LogKind::Missed && age > c.partial_window.as_millis() as u64 {
+        return Err(MapRefused::Expired {
+            age_s: age / 1000,
+            window_s: c.partial_window.as_secs(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,5 +1029,103 @@ mod tests {
             ),
             Err(ActivationError::GenerationExhausted)
         );
+    }
+
+    #[test]
+    fn a_saved_map_is_trusted_only_for_its_replica_geometry_history_and_window() {
+        use crate::dirty::Grain;
+        use crate::dirty_file::{DirtyHeader, LogKind, LogOrigin};
+        let w = World::new();
+        let now = 1_800_000_000_000u64;
+        let header = |kind, age_ms: u64| DirtyHeader {
+            volume: w.vu,
+            replica: w.uuids[1],
+            size: crate::ByteLen(SIZE),
+            grain: Grain::DEFAULT,
+            origin: LogOrigin {
+                kind,
+                since_epoch: Epoch(5),
+                since_unix_ms: now - age_ms,
+            },
+        };
+        let Seen::Label(at5) = w.label(1, 5, &[0, 1], 1) else {
+            unreachable!()
+        };
+        let Seen::Label(at6) = w.label(1, 6, &[0, 1], 1) else {
+            unreachable!()
+        };
+        let Seen::Label(other) = w.label(2, 5, &[0, 2], 1) else {
+            unreachable!()
+        };
+        let min = 60_000;
+        let window = std::time::Duration::from_secs(600);
+        let refused = |why| Err::<(), MapRefused>(why);
+        // (map kind, age, label now, size, expected)
+        type Case<'a> = (LogKind, u64, Option<&'a Label>, u64, Result<(), MapRefused>);
+        let cases: Vec<Case> = vec![
+            (LogKind::Missed, min, Some(&at5), SIZE, Ok(())),
+            (LogKind::Missed, min, None, SIZE, Ok(())),
+            (
+                LogKind::Missed,
+                11 * min,
+                Some(&at5),
+                SIZE,
+                refused(MapRefused::Expired {
+                    age_s: 660,
+                    window_s: 600,
+                }),
+            ),
+            // A full rebuild's remainder resumes whatever its age.
+            (LogKind::Rebuild, 60 * min, Some(&at5), SIZE, Ok(())),
+            (
+                LogKind::Missed,
+                min,
+                Some(&at6),
+                SIZE,
+                refused(MapRefused::LabelNewer {
+                    label_epoch: Epoch(6),
+                    since: Epoch(5),
+                }),
+            ),
+            (
+                LogKind::Missed,
+                min,
+                Some(&other),
+                SIZE,
+                refused(MapRefused::NotOurs),
+            ),
+            (
+                LogKind::Missed,
+                min,
+                Some(&at5),
+                2 * SIZE,
+                refused(MapRefused::Geometry),
+            ),
+        ];
+        for (i, (kind, age, label, size, want)) in cases.into_iter().enumerate() {
+            let c = MapCheck {
+                volume_uuid: w.vu,
+                replica_uuid: w.uuids[1],
+                size,
+                grain: Grain::DEFAULT,
+                label,
+                now_unix_ms: now,
+                partial_window: window,
+            };
+            assert_eq!(check_saved_map(&header(kind, age), &c), want, "case {i}");
+        }
+        // Another volume's map.
+        let mut foreign = header(LogKind::Missed, min);
+        foreign.volume = VolumeUuid::random();
+        let c = MapCheck {
+            volume_uuid: w.vu,
+            replica_uuid: w.uuids[1],
+            size: SIZE,
+            grain: Grain::DEFAULT,
+            label: None,
+            now_unix_ms: now,
+            partial_window: window,
+        };
+        assert_eq!(check_saved_map(&foreign, &c), refused(MapRefused::NotOurs));
     }
 }

@@ -31,6 +31,15 @@ use crate::ids::{ByteLen, ByteOffset};
 
 /// Bytes per AL extent.
 pub const EXTENT: u64 = 4 << 20;
+
+/// The bytes of extent `e` of a volume of `size` bytes (empty past the end).
+pub fn extent_range(e: u32, size: ByteLen) -> (ByteOffset, ByteLen) {
+    let start = (u64::from(e) * EXTENT).min(size.0);
+    (
+        ByteOffset(start),
+        ByteLen((start + EXTENT).min(size.0) - start),
+    )
+}
 const SHIFT: u32 = EXTENT.trailing_zeros();
 
 /// Where commits go: the newest durable hot set.

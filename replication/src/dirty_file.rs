@@ -15,22 +15,62 @@ use crate::dirty::{DirtyMap, Grain};
 use crate::error::ReplicationError;
 use crate::ids::{ByteLen, Epoch, ReplicaUuid, VolumeUuid};
 
-const MAGIC: [u8; 8] = *b"UKDIRTY\x01";
+const MAGIC: [u8; 8] = *b"UKDIRTY\x02";
 const HEADER: u64 = 4096;
 const PAGE: u64 = 4096;
 
-/// Whose map it is and since when it is kept.
+/// What a map stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogKind {
+    /// The mutations a replica missed since it left the write set: a partial
+    /// rebuild copies them while the replica's history is recent enough.
+    Missed,
+    /// What a full rebuild has still to copy: resumed whatever its age.
+    Rebuild,
+}
+
+/// Since when, and why, a replica's map is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogOrigin {
+    pub kind: LogKind,
+    /// The membership epoch when the map began: it covers every mutation since.
+    pub since_epoch: Epoch,
+    /// When it began (Unix ms): the partial-rebuild window counts from it.
+    pub since_unix_ms: u64,
+}
+
+impl LogOrigin {
+    /// A map that begins now.
+    pub fn now(kind: LogKind, epoch: Epoch) -> LogOrigin {
+        LogOrigin {
+            kind,
+            since_epoch: epoch,
+            since_unix_ms: unix_ms(),
+        }
+    }
+
+    /// How old the map is at `now_ms` (0 if the clock went back).
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.since_unix_ms)
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whose map it is, of which geometry, since when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirtyHeader {
     pub volume: VolumeUuid,
     pub replica: ReplicaUuid,
     pub size: ByteLen,
     pub grain: Grain,
-    /// The membership epoch that left the replica out: the map covers every
-    /// mutation since.
-    pub since_epoch: Epoch,
-    /// When it was left out (Unix ms): the partial-rebuild window counts from it.
-    pub since_unix_ms: u64,
+    pub origin: LogOrigin,
 }
 
 impl DirtyHeader {
@@ -41,8 +81,12 @@ impl DirtyHeader {
         b.extend_from_slice(&self.replica.0);
         b.extend_from_slice(&self.size.0.to_le_bytes());
         b.extend_from_slice(&self.grain.0.to_le_bytes());
-        b.extend_from_slice(&self.since_epoch.0.to_le_bytes());
-        b.extend_from_slice(&self.since_unix_ms.to_le_bytes());
+        b.extend_from_slice(&self.origin.since_epoch.0.to_le_bytes());
+        b.extend_from_slice(&self.origin.since_unix_ms.to_le_bytes());
+        b.push(match self.origin.kind {
+            LogKind::Missed => 0,
+            LogKind::Rebuild => 1,
+        });
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b.resize(HEADER as usize, 0);
@@ -50,7 +94,7 @@ impl DirtyHeader {
     }
 
     fn parse(b: &[u8]) -> Option<DirtyHeader> {
-        const END: usize = 8 + 16 + 16 + 8 + 4 + 8 + 8;
+        const END: usize = 8 + 16 + 16 + 8 + 4 + 8 + 8 + 1;
         if b.len() < END + 4 || b[..8] != MAGIC {
             return None;
         }
@@ -64,8 +108,15 @@ impl DirtyHeader {
             replica: ReplicaUuid(b[24..40].try_into().ok()?),
             size: ByteLen(u64_at(40)),
             grain: Grain(u32::from_le_bytes(b[48..52].try_into().ok()?)),
-            since_epoch: Epoch(u64_at(52)),
-            since_unix_ms: u64_at(60),
+            origin: LogOrigin {
+                kind: match b[68] {
+                    0 => LogKind::Missed,
+                    1 => LogKind::Rebuild,
+                    _ => return None,
+                },
+                since_epoch: Epoch(u64_at(52)),
+                since_unix_ms: u64_at(60),
+            },
         })
     }
 }
@@ -180,8 +231,11 @@ mod tests {
             replica: ReplicaUuid::random(),
             size: ByteLen(8 << 30),
             grain: Grain::DEFAULT,
-            since_epoch: Epoch(7),
-            since_unix_ms: 1_764_000_000_000,
+            origin: LogOrigin {
+                kind: LogKind::Missed,
+                since_epoch: Epoch(7),
+                since_unix_ms: 1_764_000_000_000,
+            },
         }
     }
 

@@ -36,7 +36,7 @@ use wire::label::{Label, Membership};
 use crate::activity::{ActivityLog, FileAlStore};
 use crate::backing::Backing;
 use crate::dirty::{DirtyMap, Grain};
-use crate::dirty_file::{DirtyFile, DirtyHeader};
+use crate::dirty_file::{DirtyFile, DirtyHeader, LogKind, LogOrigin};
 use crate::error::{Errno, ReplicationError};
 use crate::ids::{ByteLen, ByteOffset, Epoch, Generation, ReplicaUuid, SlotIndex};
 use crate::remote::{ConnEvents, Lost};
@@ -73,6 +73,9 @@ pub struct SlotStatus {
     pub state: ReplicaState,
     pub errors: u64,
     pub remote: bool,
+    /// Since when and why its dirty map is kept (it lacks what the map marks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogOrigin>,
 }
 
 /// Everything the health knows, at one point.
@@ -82,6 +85,7 @@ pub struct HealthSnapshot {
     pub membership: Membership,
     /// Slots in index order, without removed ones.
     pub slots: Vec<SlotStatus>,
+    pub read_policy: ReadPolicy,
 }
 
 /// A slot to create.
@@ -95,7 +99,14 @@ pub struct SlotSpec {
     pub errors: u64,
     /// What it lacks, when known (a rebuild resumed, or a log kept across a
     /// restart); a replica out of the write set without one needs a full rebuild.
-    pub dirty: Option<Arc<DirtyMap>>,
+    pub dirty: Option<Log>,
+}
+
+/// A replica's dirty map, and since when and why it is kept.
+#[derive(Clone)]
+pub struct Log {
+    pub map: Arc<DirtyMap>,
+    pub origin: LogOrigin,
 }
 
 /// The backings of the current replica set, index = slot; queues make their
@@ -228,6 +239,8 @@ struct Slot {
     outdate: Option<Membership>,
     /// The regions mutated without it since it left the write set.
     dirty: Option<Arc<DirtyMap>>,
+    /// Set with `dirty`.
+    origin: Option<LogOrigin>,
 }
 
 struct Inner {
@@ -238,6 +251,8 @@ struct Inner {
     /// Earlier sets still held by requests in flight: a removed slot's index is free
     /// again once none of them is alive.
     retired: Vec<Weak<ReplicaSet>>,
+    /// Mirrored in `primary_reads` for the data path.
+    read_policy: ReadPolicy,
 }
 
 /// Configuration of a volume's health.
@@ -265,11 +280,83 @@ pub struct LogDir {
     pub volume_uuid: wire::VolumeUuid,
     /// Hot extents at most (soft) in the activity log.
     pub al_capacity: usize,
+    /// Extents kept hot from the start: the last run's, while they are resynced
+    /// (a crash meanwhile must find them again).
+    pub carry: Vec<u32>,
 }
 
 impl LogDir {
     fn dirty_path(&self, replica: ReplicaUuid) -> std::path::PathBuf {
         self.dir.join(format!("{replica}.dirty"))
+    }
+
+    fn al_path(&self) -> std::path::PathBuf {
+        self.dir.join("activity.al")
+    }
+
+    /// What the last run left in the dir (read before the health opens it, which
+    /// deletes the maps it does not continue).
+    pub fn saved(&self) -> SavedLogs {
+        let mut saved = SavedLogs::default();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return saved,
+            Err(e) => {
+                saved
+                    .unreadable
+                    .push(format!("{}: {e}", self.dir.display()));
+                return saved;
+            }
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_some_and(|x| x == "dirty") {
+                match DirtyFile::load(&path) {
+                    Ok((f, map)) => saved.maps.push((f.header, map)),
+                    Err(e) => saved.unreadable.push(e.to_string()),
+                }
+            }
+        }
+        if !self.al_path().exists() {
+            // Unknown (the dir was lost, or a ublkd without one ran the volume).
+            saved.al_lost = true;
+        } else {
+            match FileAlStore::open(&self.al_path()).and_then(|s| s.load()) {
+                Ok(Some((_, hot))) => saved.hot = hot,
+                Ok(None) => {}
+                Err(e) => {
+                    saved.unreadable.push(e.to_string());
+                    saved.al_lost = true;
+                }
+            }
+        }
+        saved
+    }
+}
+
+/// A volume's logs as the last run left them.
+#[derive(Default)]
+pub struct SavedLogs {
+    /// The activity log's hot extents: where mutations may have been in flight.
+    pub hot: Vec<u32>,
+    /// The activity log could not be read: anywhere may have been in flight.
+    pub al_lost: bool,
+    pub maps: Vec<(DirtyHeader, DirtyMap)>,
+    /// Files that could not be read, for the log (the health deletes them).
+    pub unreadable: Vec<String>,
+}
+
+impl SavedLogs {
+    /// Where mutations may have been in flight when the last run ended uncleanly:
+    /// byte ranges (the whole volume if the activity log is lost).
+    pub fn in_flight(&self, size: ByteLen) -> Vec<(ByteOffset, ByteLen)> {
+        if self.al_lost {
+            return vec![(ByteOffset(0), size)];
+        }
+        self.hot
+            .iter()
+            .map(|&e| crate::activity::extent_range(e, size))
+            .filter(|(_, len)| len.0 > 0)
+            .collect()
     }
 }
 
@@ -310,6 +397,19 @@ pub struct Health {
     pub stats: IoStats,
 }
 
+/// A mutation's entry in the activity log, left when dropped.
+pub struct ActivityGuard<'a> {
+    al: &'a ActivityLog,
+    offset: ByteOffset,
+    len: ByteLen,
+}
+
+impl Drop for ActivityGuard<'_> {
+    fn drop(&mut self) {
+        self.al.leave(self.offset, self.len);
+    }
+}
+
 /// At most this many slots: states are bitmasks in a `u64`. Configured replicas are
 /// far fewer ([`crate::MAX_REPLICAS`]); the rest is room for replacements.
 pub const MAX_SLOTS: usize = 64;
@@ -324,9 +424,30 @@ impl From<SlotSpec> for Slot {
             errors: s.errors,
             backing: s.backing,
             outdate: None,
-            dirty: s.dirty,
+            origin: s.dirty.as_ref().map(|l| l.origin),
+            dirty: s.dirty.map(|l| l.map),
         }
     }
+}
+
+/// `slot`, if it may go to `next`.
+fn checked<'a>(
+    inner: &'a Inner,
+    slot: SlotIndex,
+    next: &ReplicaState,
+) -> Result<&'a Slot, ReplicationError> {
+    let s = inner
+        .slots
+        .get(slot.get())
+        .ok_or(ReplicationError::NoSuchSlot(slot))?;
+    if !s.state.can_become(next) {
+        return Err(ReplicationError::Transition {
+            replica: s.location.clone(),
+            from: s.state.name(),
+            to: next.name(),
+        });
+    }
+    Ok(s)
 }
 
 fn mask_of(slots: &[Slot], f: impl Fn(&Slot) -> bool) -> u64 {
@@ -393,6 +514,7 @@ impl Health {
                 membership: cfg.membership,
                 set,
                 retired: Vec::new(),
+                read_policy: ReadPolicy::Spread,
             }),
             persist_wake: Condvar::new(),
             signal: Signal::new(),
@@ -497,9 +619,36 @@ impl Health {
         self.signal.changed(since, deadline, kick)
     }
 
+    /// Set the read policy; a change is persisted (with the next state persist).
     pub fn set_read_policy(&self, p: ReadPolicy) {
+        let mut inner = self.inner.lock().unwrap();
         self.primary_reads
             .store(p == ReadPolicy::Primary, Ordering::Release);
+        if inner.read_policy != p {
+            inner.read_policy = p;
+            self.want_persist();
+        }
+    }
+
+    /// Fault online or rebuilding `slot` for `reason`, and mark `missing` in its
+    /// map too: regions it has not got although no mutation skipped it (a resync
+    /// that could not write them). Durable on return.
+    pub fn fault_missing(
+        &self,
+        slot: SlotIndex,
+        reason: FaultReason,
+        missing: &[(ByteOffset, ByteLen)],
+    ) -> Result<(), ReplicationError> {
+        let mut inner = self.inner.lock().unwrap();
+        let next = ReplicaState::Faulted { reason };
+        checked(&inner, slot, &next)?;
+        self.transition(&mut inner, slot.get(), next);
+        if let Some(m) = &inner.slots[slot.get()].dirty {
+            for (offset, len) in missing {
+                m.mark(*offset, *len);
+            }
+        }
+        self.commit(inner, "the fault")
     }
 
     pub fn read_policy(&self) -> ReadPolicy {
@@ -583,6 +732,27 @@ impl Health {
         self.al.as_ref()
     }
 
+    /// Enter `[offset, offset + len)` in the activity log: at once when its extents
+    /// are hot, else after the next commit. Left when the guard drops (after the
+    /// mutation settled, so its dirty marks are made).
+    pub async fn enter_activity(
+        &self,
+        offset: ByteOffset,
+        len: ByteLen,
+        kick: Option<Arc<dyn Kick>>,
+    ) -> Result<Option<ActivityGuard<'_>>, Errno> {
+        let Some(al) = self.activity() else {
+            return Ok(None);
+        };
+        let entry = al.enter(offset, len);
+        let guard = ActivityGuard { al, offset, len };
+        if let crate::activity::Entry::Wait(_) = entry {
+            let ticket = self.want_log();
+            self.durable(ticket, kick).await?;
+        }
+        Ok(Some(guard))
+    }
+
     /// Move `slot` to `next`, checked. Returns whether the membership changed: a
     /// member stays one while Online or Connecting (reconnecting, it may hold the
     /// only current copy); a rebuilt replica becomes one when it goes Online.
@@ -620,8 +790,12 @@ impl Health {
             // map of what it still lacks.
             ReplicaState::Faulted { .. } if leaves_write_set && s.dirty.is_none() => {
                 s.dirty = DirtyMap::new(self.size, self.grain).ok().map(Arc::new);
+                s.origin = Some(LogOrigin::now(LogKind::Missed, inner.membership.epoch));
             }
-            ReplicaState::Online | ReplicaState::Removed => s.dirty = None,
+            ReplicaState::Online | ReplicaState::Removed => {
+                s.dirty = None;
+                s.origin = None;
+            }
             _ => {}
         }
         inner.slots[slot].state = next;
@@ -735,6 +909,7 @@ impl Health {
     ) -> Result<Arc<DirtyMap>, ReplicationError> {
         use crate::state::RebuildKind;
         let mut inner = self.inner.lock().unwrap();
+        let epoch = inner.membership.epoch;
         let s = inner
             .slots
             .get_mut(slot.get())
@@ -752,7 +927,10 @@ impl Health {
             (RebuildKind::Partial, None) => {
                 return Err(ReplicationError::NoDirtyLog(s.location.clone()))
             }
-            (RebuildKind::Full, _) => Arc::new(DirtyMap::full(self.size, self.grain)?),
+            (RebuildKind::Full, _) => {
+                s.origin = Some(LogOrigin::now(LogKind::Rebuild, epoch));
+                Arc::new(DirtyMap::full(self.size, self.grain)?)
+            }
         };
         s.dirty = Some(map.clone());
         self.transition(&mut inner, slot.get(), next);
@@ -959,17 +1137,7 @@ impl Health {
     /// durable when this returns.
     pub fn set_state(&self, slot: SlotIndex, next: ReplicaState) -> Result<(), ReplicationError> {
         let mut inner = self.inner.lock().unwrap();
-        let s = inner
-            .slots
-            .get(slot.get())
-            .ok_or(ReplicationError::NoSuchSlot(slot))?;
-        if !s.state.can_become(&next) {
-            return Err(ReplicationError::Transition {
-                replica: s.location.clone(),
-                from: s.state.name(),
-                to: next.name(),
-            });
-        }
+        let s = checked(&inner, slot, &next)?;
         if s.state == ReplicaState::Online
             && self.read_mask() & !(1 << slot.get()) == 0
             && next != ReplicaState::Connecting
@@ -1019,6 +1187,45 @@ impl Health {
         Ok(SlotIndex(i as u8))
     }
 
+    /// Give faulted `slot`, which could not be opened at activation, its backing
+    /// now that it can (a remote replica reachable again): it can be rebuilt.
+    pub fn attach_backing(
+        &self,
+        slot: SlotIndex,
+        backing: Backing,
+    ) -> Result<(), ReplicationError> {
+        let mut inner = self.inner.lock().unwrap();
+        let s = inner
+            .slots
+            .get_mut(slot.get())
+            .ok_or(ReplicationError::NoSuchSlot(slot))?;
+        if !matches!(s.state, ReplicaState::Faulted { .. }) || s.backing.is_some() {
+            return Err(ReplicationError::Transition {
+                replica: s.location.clone(),
+                from: s.state.name(),
+                to: "attached",
+            });
+        }
+        s.backing = Some(backing);
+        self.publish_set(&mut inner);
+        self.publish_masks(&inner);
+        drop(inner);
+        self.signal.notify();
+        Ok(())
+    }
+
+    /// Slots without a backing (faulted, not opened), with their location.
+    pub fn unopened(&self) -> Vec<(SlotIndex, String)> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.backing.is_none() && matches!(s.state, ReplicaState::Faulted { .. }))
+            .map(|(i, s)| (SlotIndex(i as u8), s.location.clone()))
+            .collect()
+    }
+
     /// Take `slot` out of the set. The last online replica cannot be removed.
     pub fn remove_slot(&self, slot: SlotIndex) -> Result<(), ReplicationError> {
         let mut inner = self.inner.lock().unwrap();
@@ -1057,6 +1264,11 @@ impl Health {
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.persist_wake.notify_all();
+        // The last marks reach the saved maps: a clean stop loses none (a crash is
+        // covered by the activity log instead).
+        if let Err(e) = save_logs(self) {
+            tracing::warn!(volume = %self.volume, error = %e, "cannot save the dirty logs at stop");
+        }
     }
 
     /// Flush every write-set replica (clean stop). Returns the ones that failed.
@@ -1081,6 +1293,7 @@ fn snapshot_of(inner: &Inner) -> HealthSnapshot {
     HealthSnapshot {
         generation: inner.generation,
         membership: inner.membership.clone(),
+        read_policy: inner.read_policy,
         slots: inner
             .slots
             .iter()
@@ -1093,6 +1306,7 @@ fn snapshot_of(inner: &Inner) -> HealthSnapshot {
                 state: s.state.clone(),
                 errors: s.errors,
                 remote: s.remote,
+                log: s.origin,
             })
             .collect(),
     }
@@ -1204,11 +1418,11 @@ fn open_logs(
             std::fs::remove_file(&path).map_err(io("remove a stale dirty log"))?;
         }
     }
-    let store = FileAlStore::open(&logs.dir.join("activity.al"))?;
+    let store = FileAlStore::open(&logs.al_path())?;
     Ok(ActivityLog::new(
         size,
         logs.al_capacity,
-        &[],
+        &logs.carry,
         Box::new(store),
     ))
 }
@@ -1219,29 +1433,26 @@ fn open_logs(
 fn save_logs(h: &Health) -> Result<(), ReplicationError> {
     let Some(logs) = &h.logs else { return Ok(()) };
     let pass = h.al.as_ref().map(ActivityLog::begin_pass);
-    let (maps, epoch): (Vec<(ReplicaUuid, Arc<DirtyMap>)>, Epoch) = {
+    let maps: Vec<(ReplicaUuid, Arc<DirtyMap>, LogOrigin)> = {
         let inner = h.inner.lock().unwrap();
-        let maps = inner
+        inner
             .slots
             .iter()
-            .filter_map(|s| Some((s.uuid, s.dirty.clone()?)))
-            .collect();
-        (maps, inner.membership.epoch)
+            .filter_map(|s| Some((s.uuid, s.dirty.clone()?, s.origin?)))
+            .collect()
     };
     let mut files = h.dirty_files.lock().unwrap();
-    for (uuid, map) in &maps {
+    for (uuid, map, origin) in &maps {
         match files.get(uuid) {
-            Some(f) => f.save(map)?,
-            None => {
+            // A map begun anew (a full rebuild after a partial history) is a new file.
+            Some(f) if f.header.origin == *origin => f.save(map)?,
+            _ => {
                 let header = DirtyHeader {
                     volume: logs.volume_uuid,
                     replica: *uuid,
                     size: h.size,
                     grain: h.grain,
-                    since_epoch: epoch,
-                    since_unix_ms: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64),
+                    origin: *origin,
                 };
                 let f = DirtyFile::create(&logs.dirty_path(*uuid), header, map)?;
                 files.insert(*uuid, f);
@@ -1250,7 +1461,7 @@ fn save_logs(h: &Health) -> Result<(), ReplicationError> {
     }
     let done: Vec<ReplicaUuid> = files
         .keys()
-        .filter(|u| !maps.iter().any(|(m, _)| m == *u))
+        .filter(|u| !maps.iter().any(|(m, _, _)| m == *u))
         .copied()
         .collect();
     for u in done {

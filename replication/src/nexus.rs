@@ -85,19 +85,6 @@ impl<'d> Mutation<'d> {
     }
 }
 
-/// A mutation's entry in the activity log.
-struct ActivityGuard<'a> {
-    al: &'a crate::activity::ActivityLog,
-    offset: ByteOffset,
-    len: ByteLen,
-}
-
-impl Drop for ActivityGuard<'_> {
-    fn drop(&mut self) {
-        self.al.leave(self.offset, self.len);
-    }
-}
-
 pub struct Nexus {
     health: Arc<Health>,
     ranges: Arc<RangeTable>,
@@ -181,7 +168,11 @@ impl Nexus {
                 let (_range, _al) = match mutation.range() {
                     Some((offset, len)) => {
                         let range = self.range(offset, len).await;
-                        match self.enter_activity(offset, len).await {
+                        match self
+                            .health
+                            .enter_activity(offset, len, self.kick.clone())
+                            .await
+                        {
                             Ok(al) => (range, al),
                             Err(e) => {
                                 bump(&stats.errors, 1);
@@ -216,26 +207,6 @@ impl Nexus {
             return None;
         }
         Some(self.ranges.lock(offset.0, len.0, &self.kick).await)
-    }
-
-    /// Enter `[offset, offset + len)` in the activity log: at once when its extents
-    /// are hot, else after the next commit. Left when the guard drops (after the
-    /// mutation settled, so its dirty marks are made).
-    async fn enter_activity(
-        &self,
-        offset: ByteOffset,
-        len: ByteLen,
-    ) -> Result<Option<ActivityGuard<'_>>, Errno> {
-        let Some(al) = self.health.activity() else {
-            return Ok(None);
-        };
-        let entry = al.enter(offset, len);
-        let guard = ActivityGuard { al, offset, len };
-        if let crate::activity::Entry::Wait(_) = entry {
-            let ticket = self.health.want_log();
-            self.health.durable(ticket, self.kick.clone()).await?;
-        }
-        Ok(Some(guard))
     }
 
     /// Wait for the sets to change while no replica is online but one is coming

@@ -104,9 +104,17 @@ pub enum FaultReason {
 pub enum RebuildStop {
     Cancelled,
     NoSource,
+    /// The activity log could not be committed (the owner's state dir failed).
+    LogFailed,
 }
 
 impl FaultReason {
+    /// The replica's storage itself failed (an I/O error, not a lost connection or
+    /// a missed deadline): rebuilding onto it again is not automatic.
+    pub fn is_media_error(&self) -> bool {
+        matches!(self, FaultReason::IoError { .. })
+    }
+
     /// The reason for an I/O error on `op`; the remote client reports a missed
     /// deadline as ETIMEDOUT and a lost connection as ENOTCONN.
     pub fn of_errno(op: IoOp, errno: Errno) -> FaultReason {
@@ -156,6 +164,9 @@ impl std::fmt::Display for FaultReason {
             FaultReason::RebuildStopped {
                 why: RebuildStop::NoSource,
             } => f.write_str("its rebuild stopped: no healthy replica was left to copy from"),
+            FaultReason::RebuildStopped {
+                why: RebuildStop::LogFailed,
+            } => f.write_str("its rebuild stopped: the activity log could not be saved"),
             FaultReason::Legacy { detail } => f.write_str(detail),
         }
     }

@@ -361,6 +361,7 @@ pub fn mem_volume_logged(
         dir: dir.into(),
         volume_uuid: vu,
         al_capacity: 4,
+        carry: Vec::new(),
     });
     let health = health_over_in("mem", vu, 1 << 20, backings, Box::new(sink.clone()), logs);
     (stores, health, sink)

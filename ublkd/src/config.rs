@@ -90,6 +90,40 @@ pub struct Config {
     /// The `[server]` section: present if this node serves replicas to
     /// other nodes.
     pub server: Option<ServerConfig>,
+    /// The `[rebuild]` section (defaults when absent).
+    pub rebuild: RebuildConfig,
+}
+
+/// The `[rebuild]` section: how this node rebuilds its volumes' replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildConfig {
+    /// Bytes per second one rebuild copies at most; 0 = uncapped.
+    pub rate: u64,
+    /// Rebuilds running at once on this node (the others wait their turn).
+    pub max_concurrent: u32,
+    /// A replica away longer than this (seconds) is rebuilt in full, not in part;
+    /// a volume's `partial_window_s` overrides it.
+    pub partial_window_s: u32,
+}
+
+/// Default of `[rebuild] rate`: 64 MiB/s, most of a disk's bandwidth left to
+/// the applications.
+pub const DEFAULT_REBUILD_RATE: u64 = 64 << 20;
+/// Default of `[rebuild] max_concurrent`.
+pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 2;
+/// Default of `partial_window_s`: 10 minutes.
+pub const DEFAULT_PARTIAL_WINDOW_S: u32 = 600;
+/// Upper bound of `partial_window_s`: 30 days.
+pub const MAX_PARTIAL_WINDOW_S: u32 = 30 * 86400;
+
+impl Default for RebuildConfig {
+    fn default() -> Self {
+        RebuildConfig {
+            rate: DEFAULT_REBUILD_RATE,
+            max_concurrent: DEFAULT_REBUILD_CONCURRENCY,
+            partial_window_s: DEFAULT_PARTIAL_WINDOW_S,
+        }
+    }
 }
 
 /// The `[node]` section.
@@ -156,6 +190,8 @@ pub struct VolumeConfig {
     pub device_id: Option<u32>,
     /// 1..=8 replicas with distinct backing paths / remote `(addr, id)`s.
     pub replicas: Vec<ReplicaConfig>,
+    /// Overrides `[rebuild] partial_window_s` for this volume.
+    pub partial_window_s: Option<u32>,
 }
 
 /// One replica of a volume.
@@ -415,6 +451,15 @@ struct RawConfig {
     // (`server.listen = ...`) or implied by `[server.x]` has no span and would
     // fail to deserialize. See `ServerPos`.
     server: Option<RawServer>,
+    rebuild: Option<RawRebuild>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRebuild {
+    rate: Option<Spanned<RawSize>>,
+    max_concurrent: Option<Spanned<i64>>,
+    partial_window_s: Option<Spanned<i64>>,
 }
 
 /// Only the position of the `server` table, when it has one (it has none if
@@ -454,6 +499,7 @@ struct RawVolume {
     max_io: Option<Spanned<RawSize>>,
     device_id: Option<Spanned<i64>>,
     replicas: Option<Spanned<Vec<Spanned<RawReplica>>>>,
+    partial_window_s: Option<Spanned<i64>>,
 }
 
 /// One element of `replicas`. Each replica kind is a key (`local`,
@@ -617,11 +663,52 @@ impl Validator<'_> {
                 });
             }
         }
+        let rebuild = match raw.rebuild {
+            Some(r) => self.rebuild(r)?,
+            None => RebuildConfig::default(),
+        };
         Ok(Config {
             node,
             volumes,
             server,
+            rebuild,
         })
+    }
+
+    fn rebuild(&self, raw: RawRebuild) -> Result<RebuildConfig, ConfigError> {
+        let section = Some("[rebuild]".to_string());
+        let mut r = RebuildConfig::default();
+        if let Some(v) = raw.rate {
+            let bytes = v
+                .get_ref()
+                .bytes()
+                .map_err(|m| self.invalid(&v.span(), &section, "rate", m))?;
+            if bytes != 0 && bytes < 1 << 20 || bytes > 64 << 30 {
+                return Err(self.invalid(
+                    &v.span(),
+                    &section,
+                    "rate",
+                    format!(
+                        "bytes per second: 0 (uncapped) or between 1MiB and 64GiB, got {}",
+                        v.get_ref().as_written()
+                    ),
+                ));
+            }
+            r.rate = bytes;
+        }
+        if let Some(v) = raw.max_concurrent {
+            r.max_concurrent = self.ranged(&v, &section, "max_concurrent", 1, 64)? as u32;
+        }
+        if let Some(v) = raw.partial_window_s {
+            r.partial_window_s = self.ranged(
+                &v,
+                &section,
+                "partial_window_s",
+                0,
+                i64::from(MAX_PARTIAL_WINDOW_S),
+            )? as u32;
+        }
+        Ok(r)
     }
 
     fn node(&self, raw: RawNode) -> Result<NodeConfig, ConfigError> {
@@ -965,6 +1052,16 @@ impl Validator<'_> {
         for (i, r) in raw_replicas.into_iter().enumerate() {
             replicas.push(self.replica(&name, &section, i, r, seen)?);
         }
+        let partial_window_s = match &raw.partial_window_s {
+            Some(v) => Some(self.ranged(
+                v,
+                &section,
+                "partial_window_s",
+                0,
+                i64::from(MAX_PARTIAL_WINDOW_S),
+            )? as u32),
+            None => None,
+        };
 
         Ok(VolumeConfig {
             name,
@@ -975,6 +1072,7 @@ impl Validator<'_> {
             max_io_bytes,
             device_id,
             replicas,
+            partial_window_s,
         })
     }
 
@@ -1614,6 +1712,7 @@ replicas = [
                         path: "/dev/sdb".into()
                     },
                 ],
+                partial_window_s: None,
             }
         );
         let v1 = c.volume("Vol_1.b-2").unwrap();
@@ -1624,6 +1723,34 @@ replicas = [
             v1.replicas[0].local_path(),
             Some(Path::new("/var/lib/ublkd/v1.img"))
         );
+    }
+
+    #[test]
+    fn rebuild_section_sets_rate_concurrency_and_window_and_volumes_override_it() {
+        let c = ok("[rebuild]\nrate = \"100MiB\"\nmax_concurrent = 1\npartial_window_s = 60\n\n[[volume]]\nname = \"v\"\nsize = \"1MiB\"\npartial_window_s = 3600\nreplicas = [{ local = \"/a\" }]\n");
+        assert_eq!(
+            c.rebuild,
+            RebuildConfig {
+                rate: 100 << 20,
+                max_concurrent: 1,
+                partial_window_s: 60
+            }
+        );
+        assert_eq!(c.volumes[0].partial_window_s, Some(3600));
+        assert_eq!(ok("").rebuild, RebuildConfig::default());
+        assert_eq!(ok("[rebuild]\nrate = 0\n").rebuild.rate, 0);
+        let e = err("[rebuild]\nrate = \"100KiB\"\n").to_string();
+        assert!(
+            e.contains("[rebuild]") && e.contains("rate") && e.contains("1MiB"),
+            "{e}"
+        );
+        let e = err("[rebuild]\nmax_concurrent = 0\n").to_string();
+        assert!(
+            e.contains("max_concurrent") && e.contains("between 1 and 64"),
+            "{e}"
+        );
+        let e = err("[rebuild]\nspeed = 1\n").to_string();
+        assert!(e.contains("speed"), "{e}");
     }
 
     #[test]

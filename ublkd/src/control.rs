@@ -214,6 +214,8 @@ mod tests {
             secret: None,
             io_timeout: std::time::Duration::from_secs(1),
             no_replica_timeout: std::time::Duration::from_secs(1),
+            rebuild: replication::rebuild::NodeLimits::unlimited(),
+            partial_window_s: 600,
         };
         let daemon = Arc::new(Daemon::new(cfg, net, None).unwrap());
         let l = bind(&sock).unwrap();

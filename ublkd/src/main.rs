@@ -133,6 +133,11 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         secret,
         io_timeout: std::time::Duration::from_millis(cfg.node.io_timeout_ms as u64),
         no_replica_timeout: std::time::Duration::from_millis(cfg.node.no_replica_timeout_ms as u64),
+        rebuild: replication::rebuild::NodeLimits::new(
+            cfg.rebuild.rate,
+            cfg.rebuild.max_concurrent,
+        ),
+        partial_window_s: cfg.rebuild.partial_window_s,
     };
     let daemon = Arc::new(Daemon::new(cfg, net, replica_server)?);
     let d = daemon.clone();

@@ -297,6 +297,7 @@ impl StateSink for RecordSink {
         let mut rec = self.record.lock().unwrap();
         rec.generation = s.generation;
         rec.membership = s.membership.clone();
+        rec.read_policy = s.read_policy;
         rec.replicas = s
             .slots
             .iter()

@@ -18,11 +18,12 @@ use replication::ranges::RangeTable;
 use replication::state::FaultReason;
 use replication::testing::{test_handle, Failing};
 use replication::{Nexus, ReplicaState};
+use support::SIZE;
 use support::*;
 use ublkd::config::{Config, VolumeConfig};
 use ublkd::state::StateDir;
 use ublkd::volume::activate::{activate, Activated, Halt};
-use ublkd::volume::{health_of, Net};
+use ublkd::volume::{health_of, log_dir, Net};
 
 fn net(rt: &tokio::runtime::Runtime) -> Net {
     Net {
@@ -30,6 +31,8 @@ fn net(rt: &tokio::runtime::Runtime) -> Net {
         secret: Some(replication::remote::Secret::new(SECRET.to_vec())),
         io_timeout: Duration::from_millis(800),
         no_replica_timeout: Duration::from_secs(10),
+        rebuild: replication::rebuild::NodeLimits::unlimited(),
+        partial_window_s: 600,
     }
 }
 
@@ -97,8 +100,16 @@ impl Serving {
         failing: Vec<usize>,
     ) -> Serving {
         let sd = StateDir::open(dir).unwrap();
-        let (health, _sink) =
-            health_of(cfg, net, &sd, &act.record, act.slots, &act.remotes).unwrap();
+        let (health, _sink) = health_of(
+            cfg,
+            net,
+            &sd,
+            &act.record,
+            act.slots,
+            &act.remotes,
+            log_dir(&sd, cfg, &act.record),
+        )
+        .unwrap();
         Serving {
             health,
             ranges: RangeTable::new(),
@@ -451,4 +462,84 @@ fn an_owner_that_was_taken_over_does_not_fence_the_new_one_when_told_not_to() {
         l.generation.0, 2,
         "the newer owner's generation still holds"
     );
+}
+
+/// Owner restarts while a replica is down: the first one clean (its dirty map is
+/// exact: the partial rebuild copies what the map says, no more), the second one a
+/// crash (the activity log's hot extents are added: still partial). Both times the
+/// replica ends up with every acknowledged write.
+#[test]
+fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial() {
+    use replication::rebuild::{rebuild, CopyConfig, Outcome, Progress};
+    use replication::state::RebuildKind;
+    use replication::SlotIndex;
+    use ublkd::volume::restore_logs;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut b = start_server(tmp.path(), 30);
+    let rt = rt();
+    let net = net(&rt);
+    let cfg = volume(
+        "oc",
+        &[local(&tmp.path().join("l.img")), remote(&b, "oc-b")],
+    );
+    let dir = tmp.path().join("state");
+    let sd = StateDir::open(&dir).unwrap();
+    let mut expected = vec![0; support::BLOCKS];
+    let mut seq = 0;
+    for crash in [false, true] {
+        let act = start(&cfg, &net, &dir).unwrap();
+        let v = Serving::new(&cfg, &net, &dir, act, vec![]);
+        let nexus = v.nexus();
+        // A few writes after the server's death: a few 64 KiB regions are dirty.
+        let out = workload_from(&nexus, expected.clone(), seq, 210, 2, 200, || b.kill());
+        assert_eq!(out.errors, 0);
+        (expected, seq) = (out.expected, seq + (1 << 30));
+        assert_eq!(v.states(), ["online", "faulted"]);
+        let uuid = v.health.snapshot().slots[1].uuid;
+        let file = sd.logs_dir("oc").join(format!("{uuid}.dirty"));
+        wait_until(10, "the dirty map is saved", || file.exists());
+        drop((nexus, v));
+        let (_, saved) = replication::dirty_file::DirtyFile::load(&file).unwrap();
+        assert!(saved.dirty_bytes() > 0 && saved.dirty_bytes() < SIZE);
+        if crash {
+            let mut rec = sd.load("oc").unwrap().unwrap();
+            rec.clean = false;
+            sd.save(&rec).unwrap();
+        }
+        // The server is back; a new owner activates and finds the map.
+        b.start();
+        let mut act = start(&cfg, &net, &dir).unwrap();
+        assert_eq!(states(&act), ["online", "faulted"]);
+        let mut record = act.record.clone();
+        let (logs, resync) = restore_logs(&cfg, &net, &sd, &mut record, &mut act, true);
+        assert!(resync.is_empty(), "one online replica: nothing to resync");
+        let map = act.slots[1].dirty.as_ref().expect("the saved map is used");
+        let want = if crash { SIZE } else { saved.dirty_bytes() };
+        assert_eq!(
+            map.map.dirty_bytes(),
+            want,
+            "clean: exactly the saved map; crash: plus the hot extents (the whole small volume)"
+        );
+        let (health, _sink) =
+            health_of(&cfg, &net, &sd, &record, act.slots, &act.remotes, logs).unwrap();
+        let ranges = RangeTable::new();
+        let out = rebuild(
+            &health,
+            &ranges,
+            SlotIndex(1),
+            RebuildKind::Partial,
+            CopyConfig::default(),
+            &Progress::default(),
+        )
+        .unwrap();
+        match out {
+            Outcome::Done { bytes, .. } => assert_eq!(bytes, want),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(states_of(&health), ["online", "online"]);
+        health.stop();
+        drop(health);
+        verify_image(&b.image("oc-b"), &expected);
+        verify_image(&tmp.path().join("l.img"), &expected);
+    }
 }

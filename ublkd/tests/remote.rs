@@ -727,7 +727,7 @@ fn a_replica_whose_server_restarted_is_caught_up_by_a_partial_rebuild_under_io()
     let rebuilds = replication::rebuild::Manager::start(
         owner.health.clone(),
         owner.ranges.clone(),
-        replication::rebuild::CopyConfig::default(),
+        replication::rebuild::ManagerConfig::default(),
     )
     .unwrap();
     let t0 = Instant::now();

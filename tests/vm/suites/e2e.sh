@@ -457,8 +457,10 @@ ops_guards() {
 
 # ---------------------------------------------------------------------------------------------
 # A host crash (daemon killed AND its device gone, as after a reboot) may leave the mirror's
-# replicas different where writes were in flight: the next start pins reads to one replica
-# (status read_policy "primary"), and that survives a clean restart (no resync yet).
+# replicas different where writes were in flight: the next start resyncs the activity log's
+# hot extents from the first replica to the other (reads pinned to it until then, status
+# read_policy "primary"), then spreads reads again. The replicas end up identical, holding
+# the first one's version of a block the "crash" left different.
 unclean_restart() {
   need_ublk
   mkconf "$T/ublkd.conf" vol0 64MiB "$T/r0.img" "$T/r1.img"
@@ -468,6 +470,9 @@ unclean_restart() {
   run dd if=/dev/urandom of="$T/pat" bs=1M count=4
   run dd if="$T/pat" of=$DEV bs=1M seek=4 oflag=direct conv=fsync
   kill -KILL $DPID; wait $DPID 2>/dev/null
+  # A write that reached the second replica only, inside the extent just written.
+  run dd if=/dev/urandom of="$T/r1.img" bs=4096 count=1 seek=$((4 * 256 + 3)) conv=notrunc,fsync
+  cmp -s -n $((64 << 20)) "$T/r0.img" "$T/r1.img" && fail "the replicas should differ before the resync"
   # "Reboot": the QUIESCED device disappears (removed here as an orphan by a daemon that
   # does not know vol0).
   STATE_DIR=/var/lib/ublkd/$SCENARIO-other DEVICE_ID=1 mkconf "$T/other.conf" other 16MiB "$T/o.img"
@@ -479,15 +484,17 @@ unclean_restart() {
   cp "$T/ublkd.conf" "$T/last.conf"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
-  st=$(vol_status vol0)
-  [ "$(echo "$st" | json_top_field read_policy)" = primary ] || fail "reads not pinned after an unclean shutdown: $st"
-  grep -q "unclean shutdown" "$T/ublkd.log" || fail "daemon did not log the unclean shutdown"
+  grep -q "unclean shutdown: resyncing" "$T/ublkd.log" || fail "daemon did not log the unclean shutdown"
+  wait_for 120 eval 'grep -q "resync done" "$T/ublkd.log"' || fail "no resync: $(tail -5 "$T/ublkd.log")"
+  wait_for 10 eval '[ "$(vol_status vol0 | json_top_field read_policy)" = spread ]' \
+    || fail "reads not spread again after the resync: $(vol_status vol0)"
   run dd if=$DEV of="$T/rb" bs=1M skip=4 count=4 iflag=direct
   same_file "$T/pat" "$T/rb" "data after unclean restart"
   stop_daemon_clean
+  cmp -n $((64 << 20)) "$T/r0.img" "$T/r1.img" || fail "replicas differ after the resync"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
-  [ "$(vol_status vol0 | json_top_field read_policy)" = primary ] || fail "pinning lost across a clean restart"
+  [ "$(vol_status vol0 | json_top_field read_policy)" = spread ] || fail "reads pinned again after a clean restart"
   stop_daemon_clean
   no_kernel_errors ublkb0
 }

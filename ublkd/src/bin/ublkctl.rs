@@ -178,6 +178,13 @@ fn state_name(s: &VolumeStatus) -> String {
         .unwrap_or_default()
 }
 
+fn kind_name(k: replication::state::RebuildKind) -> &'static str {
+    match k {
+        replication::state::RebuildKind::Partial => "partial",
+        replication::state::RebuildKind::Full => "full",
+    }
+}
+
 fn print_status(s: &VolumeStatus) {
     println!(
         "volume {}: {}  {}  {}  block size {}  queues {}  depth {}  generation {}",
@@ -220,11 +227,19 @@ fn print_status(s: &VolumeStatus) {
         } else {
             "-".into()
         };
+        let what = match (b.work, b.slot) {
+            (replication::rebuild::Work::Rebuild(kind), Some(slot)) => {
+                format!(
+                    "{} rebuild of replica #{} {}",
+                    kind_name(kind),
+                    slot.0,
+                    b.location
+                )
+            }
+            _ => format!("resync of the {} after an unclean shutdown", b.location),
+        };
         println!(
-            "  rebuild: replica #{} {} ({:?}): {} of {} ({:.0}%), {}/s, ETA {eta}",
-            b.slot.0,
-            b.location,
-            b.kind,
+            "  {what}: {} of {} ({:.0}%), {}/s, ETA {eta}",
             human(b.done),
             human(b.total),
             100.0 * b.done as f64 / b.total.max(1) as f64,

@@ -38,6 +38,8 @@ pub struct Activated {
     pub record: VolumeRecord,
     /// One per configured replica, in config order.
     pub slots: Vec<SlotSpec>,
+    /// What each one's label said when probed (`None`: unreachable or unlabelled).
+    pub labels: Vec<Option<Label>>,
     /// The remote clients, by config index, to connect to the health's events.
     pub remotes: Vec<(usize, Arc<RemoteClient>)>,
     /// Every replica zeroes a discarded range cheaply.
@@ -147,6 +149,13 @@ pub fn activate(
                 }
                 return Ok(Activated {
                     record: rec,
+                    labels: probes
+                        .iter()
+                        .map(|p| match &p.seen {
+                            Seen::Label(l) => Some(l.clone()),
+                            _ => None,
+                        })
+                        .collect(),
                     slots: opened.slots,
                     remotes: opened.remotes,
                     cheap_zeroing: opened.cheap_zeroing,
@@ -164,6 +173,38 @@ pub fn activate(
             Err(Retry::Never(e)) => return Err(Halt::Failed(e)),
         }
     }
+}
+
+/// OPEN a remote replica that was unreachable at activation, at the running
+/// generation. Refused when its label shows another replica than the one this
+/// slot had (it would be a foreign disk under our membership). Returns the
+/// client and the label's membership epoch.
+pub fn reopen(
+    cfg: &VolumeConfig,
+    net: &Net,
+    replica: &ReplicaConfig,
+    record: &VolumeRecord,
+    uuid: ReplicaUuid,
+) -> Result<(Arc<RemoteClient>, wire::Epoch), String> {
+    let parts = OpenRequestParts {
+        volume_uuid: record.volume_uuid,
+        generation: record.generation,
+        owner: record.owner,
+        create: None,
+    };
+    let spec = remote_spec(cfg, net, replica, &parts).ok_or("not a remote replica")?;
+    let location = spec.location();
+    let (client, reply) = net
+        .rt
+        .block_on(RemoteClient::connect(spec))
+        .map_err(|e| e.to_string())?;
+    if reply.label.replica_uuid != uuid {
+        return Err(format!(
+            "{location} now holds replica {}, not {uuid} that this volume had: not used (replace it by config)",
+            reply.label.replica_uuid
+        ));
+    }
+    Ok((Arc::new(client), reply.label.membership.epoch))
 }
 
 /// Open (and lock) or STAT every configured replica; what each one shows.

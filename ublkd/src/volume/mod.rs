@@ -249,6 +249,10 @@ pub struct Net {
     pub io_timeout: Duration,
     /// How long I/O waits for the last current replica to come back.
     pub no_replica_timeout: Duration,
+    /// The node's rebuild budget (`[rebuild]` rate and concurrency).
+    pub rebuild: Arc<replication::rebuild::NodeLimits>,
+    /// `[rebuild] partial_window_s`.
+    pub partial_window_s: u32,
 }
 
 /// A running (or finished) volume thread.
@@ -394,22 +398,15 @@ fn run(
     if matches!(mode, Mode::Recover { .. }) {
         shared.set_state(VolumeState::Recovering, None);
     }
-    let mut record = act.record;
-    let online = act
-        .slots
-        .iter()
-        .filter(|s| s.state == replication::ReplicaState::Online)
-        .count();
-    if !record.clean && matches!(mode, Mode::Add { .. }) && online > 1 {
-        // No clean stop and no device to recover: the host went down with writes in
-        // flight, which may have reached some replicas only. (A daemon crash is
-        // different: the kernel re-issues those writes to the recovered device.)
-        if record.read_policy != ReadPolicy::Primary {
-            tracing::warn!(volume = %cfg.name,
-                "unclean shutdown: replicas may differ where writes were in flight; reads are pinned to the first online replica until a resync");
-        }
-        record.read_policy = ReadPolicy::Primary;
-    }
+    let mut record = act.record.clone();
+    let (logs, resync) = restore_logs(
+        cfg,
+        net,
+        state_dir,
+        &mut record,
+        &mut act,
+        matches!(mode, Mode::Add { .. }),
+    );
     // `clean` is cleared only once the device serves (device_fn): a start that fails
     // before that changed no data and must not count as an unclean shutdown.
     state_dir.save(&record)?;
@@ -417,21 +414,217 @@ fn run(
     // 3. Health and data path.
     let (cheap_zeroing, local_replicas) = (act.cheap_zeroing, act.local_replicas);
     let remotes = std::mem::take(&mut act.remotes);
-    let (health, sink) = health_of(cfg, net, state_dir, &record, act.slots, &remotes)?;
+    let (health, sink) = health_of(cfg, net, state_dir, &record, act.slots, &remotes, logs)?;
     let generation = record.generation;
-    serve(
+    let stop_reopen = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        std::thread::Builder::new()
+            .name(format!("reopen-{}", cfg.name))
+            .spawn_scoped(sc, || {
+                reopen_unreachable(cfg, net, &record, &health, &stop_reopen)
+            })
+            .map_err(|e| DaemonError::volume(&cfg.name, format!("start a thread: {e}")))?;
+        let out = serve(
+            cfg,
+            net,
+            shared,
+            &health,
+            &sink,
+            generation,
+            mode,
+            record.uid,
+            cheap_zeroing,
+            local_replicas,
+            resync,
+            cmd,
+        );
+        stop_reopen.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
+    })
+}
+
+/// Keep OPENing the remote replicas activation could not reach (their node was
+/// down), so that the rebuild manager can catch them up once they are back.
+fn reopen_unreachable(
+    cfg: &VolumeConfig,
+    net: &Net,
+    record: &crate::state::VolumeRecord,
+    health: &Arc<Health>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut failed_once = std::collections::HashSet::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let snap = health.snapshot();
+        for (slot, location) in health.unopened() {
+            let Some(r) = cfg
+                .replicas
+                .iter()
+                .find(|r| r.remote().is_some() && r.location() == location)
+            else {
+                continue;
+            };
+            let Some(uuid) = snap.slots.iter().find(|s| s.slot == slot).map(|s| s.uuid) else {
+                continue;
+            };
+            match activate::reopen(cfg, net, r, record, uuid) {
+                Ok((client, _)) => {
+                    client.set_events(health.conn_events(slot));
+                    match health.attach_backing(slot, replication::backing::Backing::Remote(client))
+                    {
+                        Ok(()) => tracing::info!(volume = %cfg.name, replica = %location,
+                            "replica reachable again: it will be rebuilt"),
+                        Err(e) => {
+                            tracing::warn!(volume = %cfg.name, replica = %location, error = %e,
+                            "cannot take the reopened replica")
+                        }
+                    }
+                }
+                Err(e) => {
+                    if failed_once.insert(location.clone()) {
+                        tracing::info!(volume = %cfg.name, replica = %location, error = %e,
+                            "replica still unreachable: retrying every 2 s");
+                    }
+                }
+            }
+        }
+        for _ in 0..20 {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// What the last run left in the volume's log dir, applied to a fresh activation:
+/// saved dirty maps go to the replicas they can be trusted for (partial rebuilds),
+/// and after an unclean end the activity log's hot extents are added to them and,
+/// when no device is recovered (`no_device`: the host went down, not only the
+/// daemon), resynced across the online replicas (returned; reads are pinned to one
+/// replica until then). Returns the log dir for the health.
+pub fn restore_logs(
+    cfg: &VolumeConfig,
+    net: &Net,
+    state_dir: &StateDir,
+    record: &mut crate::state::VolumeRecord,
+    act: &mut activate::Activated,
+    no_device: bool,
+) -> (
+    replication::health::LogDir,
+    Vec<(replication::ByteOffset, replication::ByteLen)>,
+) {
+    let online = act
+        .slots
+        .iter()
+        .filter(|s| s.state == replication::ReplicaState::Online)
+        .count();
+    let mut logs = log_dir(state_dir, cfg, record);
+    let saved = logs.saved();
+    // An unclean end (a crash of the daemon or of the host) may have left
+    // mutations in flight in the activity log's hot extents, and marks of
+    // acknowledged ones not yet saved in the dirty maps: both are over there.
+    let in_flight = saved.in_flight(replication::ByteLen(cfg.size));
+    let unclean = if record.clean {
+        &[][..]
+    } else {
+        &in_flight[..]
+    };
+    attach_saved_maps(
         cfg,
         net,
-        shared,
-        &health,
-        &sink,
-        generation,
-        mode,
-        record.uid,
-        cheap_zeroing,
-        local_replicas,
-        cmd,
-    )
+        record,
+        &mut act.slots,
+        &act.labels,
+        saved.maps,
+        unclean,
+    );
+    for e in &saved.unreadable {
+        tracing::warn!(volume = %cfg.name, error = %e, "a saved log cannot be read (its replica gets a full rebuild)");
+    }
+    let mut resync = Vec::new();
+    // No clean stop and no device to recover: the host went down with writes in
+    // flight, which may have reached some replicas only. (A daemon crash is
+    // different: the kernel re-issues those writes to the recovered device.) Or a
+    // resync that did not finish (reads still pinned): its extents are still hot.
+    let pinned = record.read_policy == ReadPolicy::Primary;
+    if (pinned || !record.clean && no_device) && online > 1 {
+        tracing::warn!(volume = %cfg.name, bytes = in_flight.iter().map(|r| r.1 .0).sum::<u64>(),
+            "unclean shutdown: resyncing where writes may have been in flight; reads stay on one replica until then");
+        record.read_policy = ReadPolicy::Primary;
+        resync = in_flight;
+    }
+    logs.carry = saved.hot;
+    (logs, resync)
+}
+
+/// The owner's log dir of a volume.
+pub fn log_dir(
+    state_dir: &StateDir,
+    cfg: &VolumeConfig,
+    record: &crate::state::VolumeRecord,
+) -> replication::health::LogDir {
+    replication::health::LogDir {
+        dir: state_dir.logs_dir(&cfg.name),
+        volume_uuid: record.volume_uuid,
+        al_capacity: AL_CAPACITY,
+        carry: Vec::new(),
+    }
+}
+
+/// Give each replica out of the write set the dirty map the last run saved for
+/// it, when it can be trusted ([`check_saved_map`]): it gets a partial rebuild
+/// instead of a full one. `in_flight` is added to every map.
+fn attach_saved_maps(
+    cfg: &VolumeConfig,
+    net: &Net,
+    record: &crate::state::VolumeRecord,
+    slots: &mut [replication::health::SlotSpec],
+    labels: &[Option<wire::label::Label>],
+    mut maps: Vec<(
+        replication::dirty_file::DirtyHeader,
+        replication::dirty::DirtyMap,
+    )>,
+    in_flight: &[(replication::ByteOffset, replication::ByteLen)],
+) {
+    use replication::activation::{check_saved_map, MapCheck};
+    for (slot, label) in slots.iter_mut().zip(labels) {
+        if slot.state.in_write_set() {
+            continue;
+        }
+        let Some(i) = maps.iter().position(|(h, _)| h.replica == slot.uuid) else {
+            tracing::info!(volume = %cfg.name, replica = %slot.location,
+                "no saved dirty map: it gets a full rebuild once reachable");
+            continue;
+        };
+        let (header, map) = maps.swap_remove(i);
+        let check = MapCheck {
+            volume_uuid: record.volume_uuid,
+            replica_uuid: slot.uuid,
+            size: cfg.size,
+            grain: replication::dirty::Grain::DEFAULT,
+            label: label.as_ref(),
+            now_unix_ms: replication::dirty_file::unix_ms(),
+            partial_window: partial_window(cfg, net),
+        };
+        match check_saved_map(&header, &check) {
+            Ok(()) => {
+                for (o, l) in in_flight {
+                    map.mark(*o, *l);
+                }
+                tracing::info!(volume = %cfg.name, replica = %slot.location,
+                    missing_bytes = map.dirty_bytes(), kind = ?header.origin.kind,
+                    "dirty map kept across the restart: a partial rebuild catches it up");
+                slot.dirty = Some(replication::health::Log {
+                    map: Arc::new(map),
+                    origin: header.origin,
+                });
+            }
+            Err(why) => {
+                tracing::warn!(volume = %cfg.name, replica = %slot.location, reason = %why,
+                    "saved dirty map not used: full rebuild");
+            }
+        }
+    }
 }
 
 /// The health of an activated volume, persisting into its record; remote clients
@@ -443,6 +636,7 @@ pub fn health_of(
     record: &crate::state::VolumeRecord,
     slots: Vec<replication::health::SlotSpec>,
     remotes: &[(usize, Arc<replication::remote::RemoteClient>)],
+    logs: replication::health::LogDir,
 ) -> Result<(Arc<Health>, Arc<RecordSink>), DaemonError> {
     let sink = Arc::new(RecordSink::new(state_dir.clone(), record.clone()));
     let health = Health::new(
@@ -453,11 +647,7 @@ pub fn health_of(
             volume: cfg.name.clone(),
             size: replication::ByteLen(cfg.size),
             grain: replication::dirty::Grain::DEFAULT,
-            logs: Some(replication::health::LogDir {
-                dir: state_dir.logs_dir(&cfg.name),
-                volume_uuid: record.volume_uuid,
-                al_capacity: AL_CAPACITY,
-            }),
+            logs: Some(logs),
         },
         slots,
         Box::new(sink.clone()),
@@ -473,15 +663,16 @@ pub fn health_of(
 /// of up to that size commits nothing once warm.
 const AL_CAPACITY: usize = 1024;
 
-/// Rebuild copies at most this fast (bytes/s), leaving most of a disk's bandwidth
-/// to the application.
-const REBUILD_RATE: u64 = 64 << 20;
+/// The volume's partial-rebuild window: its own, else the node's.
+pub fn partial_window(cfg: &VolumeConfig, net: &Net) -> Duration {
+    Duration::from_secs(cfg.partial_window_s.unwrap_or(net.partial_window_s).into())
+}
 
 /// Add (or recover) the device, serve until stopped or fenced, then take it down.
 #[allow(clippy::too_many_arguments)]
 fn serve(
     cfg: &VolumeConfig,
-    _net: &Net,
+    net: &Net,
     shared: &Arc<VolumeShared>,
     health: &Arc<Health>,
     sink: &Arc<RecordSink>,
@@ -490,6 +681,7 @@ fn serve(
     uid: u32,
     cheap_zeroing: bool,
     local_replicas: usize,
+    resync: Vec<(replication::ByteOffset, replication::ByteLen)>,
     cmd: Receiver<VolumeCmd>,
 ) -> Result<(), DaemonError> {
     let (id, queues, depth, max_io, dev_flags) = match mode {
@@ -556,9 +748,11 @@ fn serve(
     let rebuilds = Arc::new(replication::rebuild::Manager::start(
         health.clone(),
         dp.ranges.clone(),
-        replication::rebuild::CopyConfig {
+        replication::rebuild::ManagerConfig {
             chunk: replication::ByteLen(1 << 20),
-            rate: Some(REBUILD_RATE),
+            partial_window: partial_window(cfg, net),
+            limits: net.rebuild.clone(),
+            resync,
         },
     )?);
     shared.live.lock().unwrap().rebuilds = Some(rebuilds.clone());
