@@ -71,6 +71,13 @@ pub enum ReplicationError {
     TooLarge { len: u64, max: u64 },
     #[error("replica slot {0} does not exist")]
     NoSuchSlot(SlotIndex),
+    #[error("replica {replica} is {state}, not faulted: only a faulted replica is rebuilt")]
+    NotFaulted {
+        replica: String,
+        state: &'static str,
+    },
+    #[error("replica {0} is not open (unreachable since the start): it is rebuilt once it can be opened")]
+    NotOpen(String),
     #[error("no replica is online: refusing to serve stale data")]
     NoOnlineReplica,
     #[error("replica {replica}: cannot go from {from} to {to}")]

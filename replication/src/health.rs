@@ -727,6 +727,11 @@ impl Health {
         self.ticket_now()
     }
 
+    /// The owner's dir of this volume's logs, when they are kept.
+    pub fn log_dir(&self) -> Option<&std::path::Path> {
+        self.logs.as_ref().map(|l| l.dir.as_path())
+    }
+
     /// The volume's activity log, when its logs are kept.
     pub fn activity(&self) -> Option<&ActivityLog> {
         self.al.as_ref()

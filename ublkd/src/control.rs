@@ -36,6 +36,28 @@ pub enum Request {
     },
     /// The replica server's connections and limits.
     Server,
+    /// Start or cancel a rebuild, or list the volume's rebuild history.
+    Rebuild {
+        volume: String,
+        #[serde(flatten)]
+        action: RebuildAction,
+    },
+}
+
+/// What `Request::Rebuild` does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum RebuildAction {
+    /// Rebuild a faulted replica (by location or `#index`) now.
+    Start {
+        replica: String,
+        full: bool,
+    },
+    /// Cancel the rebuild running (of this replica, if named).
+    Cancel {
+        replica: Option<String>,
+    },
+    History,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +94,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Orphans { remove: false } => json(&daemon.orphans()),
         Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),
         Request::Server => json(&daemon.server_status()?),
+        Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
     })
 }
 

@@ -202,6 +202,27 @@ impl Daemon {
         })
     }
 
+    /// An operator's rebuild command for a running volume.
+    pub fn rebuild(
+        &self,
+        name: &str,
+        action: &crate::control::RebuildAction,
+    ) -> Result<serde_json::Value, DaemonError> {
+        if self.config.volume(name).is_none() {
+            return Err(DaemonError::NoSuchVolume(name.into()));
+        }
+        let shared = match self.volumes.lock().unwrap().get(name) {
+            Some(r) if !r.is_finished() => r.shared.clone(),
+            _ => {
+                return Err(DaemonError::volume(
+                    name,
+                    "not running: start it first (ublkctl recover)",
+                ))
+            }
+        };
+        shared.rebuild(action)
+    }
+
     pub fn list(&self) -> Vec<VolumeStatus> {
         self.config
             .volumes

@@ -186,9 +186,38 @@ repl_restart() {
     || fail "owner did not reconnect to the restarted server"
   run dd if=/dev/urandom of=$DEV bs=1M seek=40 count=4 oflag=direct conv=fsync
   wait_for 120 replica_is 2 online || fail "replica 2 not rebuilt: $(vol_status $VOL)"
+  # Partial: what it missed (4 MiB while down, up to 4 more before the rebuild began),
+  # never the volume.
+  last_rebuild_is partial $((4 << 20)) $((9 << 20))
+  "$UBLKCTL" --socket "$SOCK" rebuild watch $VOL | grep -q "no rebuild running" \
+    || fail "rebuild watch: $("$UBLKCTL" --socket "$SOCK" rebuild watch $VOL 2>&1)"
+
+  say "SIGKILL replica server 3, write, stop the owner, bring both back: still partial"
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+  run dd if=/dev/urandom of=$DEV bs=1M seek=64 count=2 oflag=direct conv=fsync
+  expect_replica 2 faulted
+  stop_daemon_clean
+  replica_server 3 "$T/srv3/replicas"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV 60
+  grep -q "dirty map kept across the restart" "$T/ublkd.log" || fail "the dirty map was not kept"
+  wait_for 120 replica_is 2 online || fail "replica 2 not rebuilt after the restart: $(vol_status $VOL)"
+  last_rebuild_is partial $((2 << 20)) $((3 << 20))
   stop_daemon_clean
   same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv3/replicas/rv-b.img"
   no_kernel_errors ublkb0
+}
+
+# last_rebuild_is KIND MIN MAX: the newest entry of the rebuild history is a finished KIND
+# rebuild that copied between MIN and MAX bytes.
+last_rebuild_is() {
+  _h=$("$UBLKCTL" --socket "$SOCK" --output json rebuild history $VOL | tr -d ' \n')
+  _last=${_h##*\{\"started_unix_ms\"}
+  say "last rebuild: $_last"
+  case "$_last" in *"\"rebuild\":\"$1\""*) ;; *) fail "last rebuild is not $1: $_h" ;; esac
+  case "$_last" in *'"outcome":"done"'*) ;; *) fail "last rebuild did not finish: $_h" ;; esac
+  _b=$(echo "$_last" | sed -n 's/.*"bytes":\([0-9]*\).*/\1/p')
+  [ -n "$_b" ] && [ "$_b" -ge "$2" ] && [ "$_b" -le "$3" ] || fail "last rebuild copied $_b bytes, expected $2..$3"
 }
 
 # The owner itself is killed (-9) under fio: /dev/ublkb0 stays (QUIESCED), a new owner takes it

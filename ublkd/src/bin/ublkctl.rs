@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ublkd::control::{call, Request};
+use replication::rebuild::{Ended, HistoryEntry, Work};
+use ublkd::control::{call, RebuildAction, Request};
 use ublkd::daemon::Orphan;
 use ublkd::volume::VolumeStatus;
 
@@ -52,6 +53,35 @@ enum Cmd {
     },
     /// The replica server of this node: connections, limits.
     Server,
+    /// Rebuilds of a volume's replicas: start, cancel, watch, history.
+    Rebuild {
+        #[command(subcommand)]
+        cmd: RebuildCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RebuildCmd {
+    /// Rebuild a faulted replica now (partial when its dirty map allows, else full),
+    /// whatever its fault or backoff. REPLICA: its path, id@host:port, or #index.
+    Start {
+        volume: String,
+        replica: String,
+        /// Copy every region, not only those its dirty map marks.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Cancel the rebuild running (it keeps what it lacks and is not restarted
+    /// until `rebuild start`).
+    Cancel {
+        volume: String,
+        replica: Option<String>,
+    },
+    /// Follow the rebuild in progress until it ends: a progress bar on a terminal,
+    /// a line every 2 s otherwise (one JSON object per line with --output json).
+    Watch { volume: String },
+    /// Finished rebuilds and resyncs: when, what, how many bytes, how it ended.
+    History { volume: String },
 }
 
 fn main() {
@@ -82,6 +112,36 @@ fn run() -> Result<()> {
         },
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },
         Cmd::Server => Request::Server,
+        Cmd::Rebuild {
+            cmd: RebuildCmd::Watch { volume },
+        } => return watch(&socket, volume, cli.output),
+        Cmd::Rebuild { cmd } => {
+            let (volume, action) = match cmd {
+                RebuildCmd::Start {
+                    volume,
+                    replica,
+                    full,
+                } => (
+                    volume,
+                    RebuildAction::Start {
+                        replica: replica.clone(),
+                        full: *full,
+                    },
+                ),
+                RebuildCmd::Cancel { volume, replica } => (
+                    volume,
+                    RebuildAction::Cancel {
+                        replica: replica.clone(),
+                    },
+                ),
+                RebuildCmd::History { volume } => (volume, RebuildAction::History),
+                RebuildCmd::Watch { .. } => unreachable!("handled above"),
+            };
+            Request::Rebuild {
+                volume: volume.clone(),
+                action,
+            }
+        }
     };
     let v = call(&socket, &req)?;
     if cli.output == Output::Json {
@@ -147,6 +207,50 @@ fn run() -> Result<()> {
             let ids: Vec<u32> = serde_json::from_value(v)?;
             println!("removed {} orphan device(s) {ids:?}", ids.len());
         }
+        Cmd::Rebuild { cmd } => match cmd {
+            RebuildCmd::Start {
+                volume, replica, ..
+            } => {
+                println!("rebuild of {replica} requested on {volume}: follow it with `ublkctl rebuild watch {volume}`");
+            }
+            RebuildCmd::Cancel { volume, .. } => {
+                let slot: Option<replication::SlotIndex> = serde_json::from_value(v)?;
+                match slot {
+                    Some(s) => println!(
+                        "cancelled the rebuild of replica #{} of {volume}; `ublkctl rebuild start {volume} #{}` resumes it",
+                        s.0, s.0
+                    ),
+                    None => println!("no rebuild of {volume} matched: nothing cancelled"),
+                }
+            }
+            RebuildCmd::History { .. } => {
+                let h: Vec<HistoryEntry> = serde_json::from_value(v)?;
+                if h.is_empty() {
+                    println!("no rebuild has run");
+                }
+                println!(
+                    "{:<20} {:>8} {:<8} {:<8} {:>10}  {:<28} OUTCOME",
+                    "STARTED (UTC)", "SECONDS", "KIND", "BY", "BYTES", "REPLICA"
+                );
+                for e in h {
+                    let (bytes, outcome) = match &e.ended {
+                        Ended::Done { bytes } => (*bytes, "done".to_string()),
+                        Ended::Stopped { bytes, reason } => (*bytes, format!("stopped: {reason}")),
+                        Ended::NotStarted { error } => (0, format!("not started: {error}")),
+                    };
+                    println!(
+                        "{:<20} {:>8.1} {:<8} {:<8} {:>10}  {:<28} {outcome}",
+                        utc(e.started_unix_ms),
+                        e.ended_unix_ms.saturating_sub(e.started_unix_ms) as f64 / 1000.0,
+                        work_name(e.work),
+                        format!("{:?}", e.trigger).to_lowercase(),
+                        human(bytes),
+                        e.location,
+                    );
+                }
+            }
+            RebuildCmd::Watch { .. } => unreachable!("handled above"),
+        },
         Cmd::Server => {
             let st: replica_server::ServerStatus = serde_json::from_value(v)?;
             println!(
@@ -185,6 +289,150 @@ fn kind_name(k: replication::state::RebuildKind) -> &'static str {
     }
 }
 
+fn work_name(w: Work) -> &'static str {
+    match w {
+        Work::Rebuild(k) => kind_name(k),
+        Work::Resync => "resync",
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` of a Unix time in ms (UTC; days from the civil-from-days
+/// algorithm, no time zone database needed).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Poll the volume's status until no rebuild runs; exit status 1 if the last one
+/// did not finish.
+fn watch(socket: &std::path::Path, volume: &str, output: Output) -> Result<()> {
+    use std::io::IsTerminal;
+    let status = || -> Result<VolumeStatus> {
+        let v = call(
+            socket,
+            &Request::Status {
+                volume: volume.to_string(),
+            },
+        )?;
+        Ok(serde_json::from_value(v)?)
+    };
+    let tty = std::io::stdout().is_terminal() && output == Output::Text;
+    let mut bar: Option<(indicatif::ProgressBar, String)> = None;
+    let mut seen = false;
+    let mut last_line = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    loop {
+        let s = status()?;
+        let Some(r) = s.rebuild else {
+            if let Some((b, _)) = bar.take() {
+                b.finish_and_clear();
+            }
+            break;
+        };
+        seen = true;
+        let what = match (r.work, r.slot) {
+            (Work::Rebuild(k), Some(slot)) => {
+                format!("{} rebuild of #{} {}", kind_name(k), slot.0, r.location)
+            }
+            _ => "resync".to_string(),
+        };
+        if tty {
+            if bar.as_ref().is_none_or(|(_, w)| *w != what) {
+                if let Some((b, _)) = bar.take() {
+                    b.finish_and_clear();
+                }
+                let b = indicatif::ProgressBar::new(r.total);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                b.set_message(what.clone());
+                bar = Some((b, what.clone()));
+            }
+            if let Some((b, _)) = &bar {
+                b.set_length(r.total);
+                b.set_position(r.done);
+            }
+        } else if last_line.elapsed() >= std::time::Duration::from_secs(2) {
+            last_line = std::time::Instant::now();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let rate = r.done as f64 / (r.elapsed_ms.max(1) as f64 / 1000.0);
+                println!(
+                    "{what}: {} of {} ({:.0}%), {}/s",
+                    human(r.done),
+                    human(r.total),
+                    100.0 * r.done as f64 / r.total.max(1) as f64,
+                    human(rate as u64)
+                );
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(if tty {
+            200
+        } else {
+            500
+        }));
+    }
+    if !seen {
+        if output == Output::Text {
+            println!("no rebuild running on {volume}");
+        }
+        return Ok(());
+    }
+    let v = call(
+        socket,
+        &Request::Rebuild {
+            volume: volume.to_string(),
+            action: RebuildAction::History,
+        },
+    )?;
+    let h: Vec<HistoryEntry> = serde_json::from_value(v)?;
+    let Some(last) = h.last() else {
+        return Ok(());
+    };
+    if output == Output::Json {
+        println!("{}", serde_json::to_string(last)?);
+    } else {
+        match &last.ended {
+            Ended::Done { bytes } => println!(
+                "{} of {} done: {} in {:.1} s",
+                work_name(last.work),
+                last.location,
+                human(*bytes),
+                last.ended_unix_ms.saturating_sub(last.started_unix_ms) as f64 / 1000.0
+            ),
+            Ended::Stopped { reason, .. } => println!(
+                "{} of {} stopped: {reason}",
+                work_name(last.work),
+                last.location
+            ),
+            Ended::NotStarted { error } => println!("not started: {error}"),
+        }
+    }
+    if !matches!(last.ended, Ended::Done { .. }) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn print_status(s: &VolumeStatus) {
     println!(
         "volume {}: {}  {}  {}  block size {}  queues {}  depth {}  generation {}",
@@ -218,6 +466,13 @@ fn print_status(s: &VolumeStatus) {
                 .map(|x| format!("  ({x})"))
                 .unwrap_or_default()
         );
+        match (r.state.as_deref(), r.missing_bytes) {
+            (Some("faulted"), Some(n)) => {
+                println!("      lacks {}: a partial rebuild catches it up", human(n))
+            }
+            (Some("faulted"), None) => println!("      needs a full rebuild"),
+            _ => {}
+        }
     }
     if let Some(b) = &s.rebuild {
         let secs = (b.elapsed_ms as f64 / 1000.0).max(0.001);
@@ -272,5 +527,18 @@ fn human(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_renders_civil_dates_including_leap_days() {
+        assert_eq!(super::utc(1_764_633_600_000), "2025-12-02 00:00:00");
+        assert_eq!(
+            super::utc((951_782_400 + 3723) * 1000),
+            "2000-02-29 01:02:03"
+        );
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
     }
 }

@@ -88,6 +88,10 @@ pub struct ReplicaStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultReason>,
     pub errors: u64,
+    /// Bytes its dirty map says it lacks (a partial rebuild copies them); absent
+    /// for a faulted replica without a map (a full rebuild).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_bytes: Option<u64>,
 }
 
 impl ReplicaStatus {
@@ -107,6 +111,7 @@ impl ReplicaStatus {
             reason: fault.as_ref().map(|f| f.to_string()),
             fault,
             errors,
+            missing_bytes: None,
         }
     }
 }
@@ -163,6 +168,64 @@ impl VolumeShared {
         self.live.lock().unwrap().device_id
     }
 
+    /// Apply an operator's rebuild command.
+    pub fn rebuild(
+        &self,
+        action: &crate::control::RebuildAction,
+    ) -> Result<serde_json::Value, DaemonError> {
+        use crate::control::RebuildAction;
+        let (health, manager) = {
+            let live = self.live.lock().unwrap();
+            match (&live.health, &live.rebuilds) {
+                (Some(h), Some(m)) => (h.clone(), m.clone()),
+                _ => {
+                    return Err(DaemonError::volume(
+                        &self.cfg.name,
+                        "not serving: start it first (ublkctl recover)",
+                    ))
+                }
+            }
+        };
+        let slot_of = |replica: &str| -> Result<SlotIndex, DaemonError> {
+            let snap = health.snapshot();
+            snap.slots
+                .iter()
+                .find(|s| {
+                    s.location == replica
+                        || replica.trim_start_matches('#').parse::<u8>().ok() == Some(s.slot.0)
+                })
+                .map(|s| s.slot)
+                .ok_or_else(|| {
+                    let known: Vec<String> = snap
+                        .slots
+                        .iter()
+                        .map(|s| format!("#{} {}", s.slot.0, s.location))
+                        .collect();
+                    DaemonError::volume(
+                        &self.cfg.name,
+                        format!("no replica {replica:?}; its replicas: {}", known.join(", ")),
+                    )
+                })
+        };
+        fn v<T: Serialize>(x: &T) -> serde_json::Value {
+            serde_json::to_value(x).expect("rebuild types serialize")
+        }
+        Ok(match action {
+            RebuildAction::Start { replica, full } => {
+                let slot = slot_of(replica)?;
+                manager
+                    .request(slot, *full)
+                    .map_err(|e| DaemonError::volume(&self.cfg.name, e.to_string()))?;
+                v(&slot)
+            }
+            RebuildAction::Cancel { replica } => {
+                let slot = replica.as_deref().map(slot_of).transpose()?;
+                v(&manager.cancel(slot))
+            }
+            RebuildAction::History => v(&manager.history()),
+        })
+    }
+
     pub fn status(&self) -> VolumeStatus {
         let state = self.state();
         let live = self.live.lock().unwrap();
@@ -178,13 +241,15 @@ impl VolumeShared {
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        ReplicaStatus::of(
+                        let mut r = ReplicaStatus::of(
                             i,
                             s.location.clone(),
                             Some(s.uuid),
                             Some(&s.state),
                             s.errors,
-                        )
+                        );
+                        r.missing_bytes = h.dirty_map(s.slot).map(|m| m.dirty_bytes());
+                        r
                     })
                     .collect(),
                 h.stats.snapshot(),
@@ -753,6 +818,7 @@ fn serve(
             partial_window: partial_window(cfg, net),
             limits: net.rebuild.clone(),
             resync,
+            history: health.log_dir().map(|d| d.join("rebuilds.json")),
         },
     )?);
     shared.live.lock().unwrap().rebuilds = Some(rebuilds.clone());

@@ -20,20 +20,28 @@
 //! with [`FaultReason::RebuildStopped`]; a failed target is faulted by the write
 //! that failed. The copier runs on its own thread, never on a ublk queue.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::dirty::DirtyMap;
-use crate::dirty_file::{unix_ms, LogKind, LogOrigin};
 use crate::error::{Errno, ReplicationError};
 use crate::health::{indices, Health, ReadVerdict};
 use crate::ids::{ByteLen, ByteOffset, SlotIndex};
 use crate::ranges::RangeTable;
 use crate::replica::Replica;
 use crate::state::{FaultReason, IoOp, RebuildKind, RebuildStop, ReplicaState};
+
+mod manager;
+mod resync;
+
+pub use manager::{
+    map_expired, next_rebuild, retry_delay, Candidate, Ended, HistoryEntry, Manager, ManagerConfig,
+    NodeLimits, Running, Trigger, Work, DEFAULT_PARTIAL_WINDOW, HISTORY_LEN,
+};
+pub use resync::resync;
 
 /// How a rebuild copies.
 #[derive(Debug, Clone)]
@@ -72,61 +80,6 @@ impl Rate {
 
     pub fn get(&self) -> Option<u64> {
         Some(self.0.load(Ordering::Acquire)).filter(|r| *r > 0)
-    }
-}
-
-/// A node's rebuild budget, shared by its volumes' managers: the rate cap of each
-/// rebuild and how many run at once. Changed live by a reload.
-#[derive(Debug)]
-pub struct NodeLimits {
-    pub rate: Rate,
-    max_concurrent: AtomicU32,
-    running: AtomicU32,
-}
-
-impl NodeLimits {
-    pub fn new(rate: u64, max_concurrent: u32) -> Arc<NodeLimits> {
-        Arc::new(NodeLimits {
-            rate: Rate::fixed(rate),
-            max_concurrent: AtomicU32::new(max_concurrent.max(1)),
-            running: AtomicU32::new(0),
-        })
-    }
-
-    /// No cap at all (tests, tools).
-    pub fn unlimited() -> Arc<NodeLimits> {
-        NodeLimits::new(0, u32::MAX)
-    }
-
-    pub fn set(&self, rate: u64, max_concurrent: u32) {
-        self.rate.set(rate);
-        self.max_concurrent
-            .store(max_concurrent.max(1), Ordering::Release);
-    }
-
-    /// Rebuilds running on the node now.
-    pub fn running(&self) -> u32 {
-        self.running.load(Ordering::Acquire)
-    }
-
-    /// A turn to rebuild, if the node has one free.
-    fn try_start(self: &Arc<Self>) -> Option<Turn> {
-        let max = self.max_concurrent.load(Ordering::Acquire);
-        self.running
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Turn(self.clone()))
-    }
-}
-
-/// One running rebuild's share of the node's budget.
-struct Turn(Arc<NodeLimits>);
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -398,390 +351,16 @@ impl Copier<'_> {
     }
 }
 
-/// Host-crash resync: make the online replicas identical where the last run may
-/// have had mutations in flight (`in_flight`, the activity log's hot extents),
-/// copying from the replica reads are pinned to (the first online one, so no read
-/// sees a region change under it) to every other online one, each chunk under the
-/// range lock. Then reads are spread again. A replica whose write fails is faulted
-/// with what it still lacks in its map. Returns the bytes copied per target.
-pub fn resync(
-    health: &Arc<Health>,
-    ranges: &RangeTable,
-    in_flight: &[(ByteOffset, ByteLen)],
-    cfg: &CopyConfig,
-    progress: &Progress,
-) -> Result<u64, FaultReason> {
-    let total: u64 = in_flight.iter().map(|(_, l)| l.0).sum();
-    progress.total.store(total, Ordering::Release);
-    progress.done.store(0, Ordering::Release);
-    let mut buf = vec![0u8; cfg.chunk.0 as usize];
-    let mut handles: Vec<(SlotIndex, Box<dyn Replica>)> = Vec::new();
-    let mut next_at = Instant::now();
-    let pieces: Vec<(ByteOffset, ByteLen)> = in_flight
-        .iter()
-        .flat_map(|&(o, l)| {
-            (o.0..o.0 + l.0)
-                .step_by(cfg.chunk.0 as usize)
-                .map(move |at| (ByteOffset(at), ByteLen(cfg.chunk.0.min(o.0 + l.0 - at))))
-        })
-        .collect();
-    for (i, &(offset, len)) in pieces.iter().enumerate() {
-        if progress.cancel.load(Ordering::Acquire) {
-            return Err(FaultReason::RebuildStopped {
-                why: RebuildStop::Cancelled,
-            });
-        }
-        let _range = futures::executor::block_on(ranges.lock(offset.0, len.0, &None));
-        let _al = futures::executor::block_on(health.enter_activity(offset, len, None)).map_err(
-            |_| FaultReason::RebuildStopped {
-                why: RebuildStop::LogFailed,
-            },
-        )?;
-        let data = &mut buf[..len.0 as usize];
-        // The pinned source; one that fails is faulted by read_failed and the next
-        // online replica becomes the source (and where reads go).
-        let src = loop {
-            let Some(src) = indices(health.read_mask()).next() else {
-                return Err(FaultReason::RebuildStopped {
-                    why: RebuildStop::NoSource,
-                });
-            };
-            let h = handle(health, &mut handles, src).ok_or(FaultReason::RebuildStopped {
-                why: RebuildStop::NoSource,
-            })?;
-            match futures::executor::block_on(h.read(offset, data)) {
-                Ok(()) => break src,
-                Err(e) => {
-                    if let ReadVerdict::Fail(_) = health.read_failed(src, e) {
-                        return Err(FaultReason::RebuildStopped {
-                            why: RebuildStop::NoSource,
-                        });
-                    }
-                }
-            }
-        };
-        for t in indices(health.read_mask() & !(1 << src.get())) {
-            let Some(h) = handle(health, &mut handles, t) else {
-                continue;
-            };
-            if let Err(e) = futures::executor::block_on(h.write(offset, data, false)) {
-                let reason = FaultReason::of_errno(IoOp::Write, e);
-                if let Err(err) = health.fault_missing(t, reason, &pieces[i..]) {
-                    tracing::warn!(volume = health.volume(), slot = %t, error = %err, "resync target already out");
-                }
-            }
-        }
-        progress.done.fetch_add(len.0, Ordering::AcqRel);
-        if let Some(rate) = cfg.rate.get() {
-            next_at =
-                next_at.max(Instant::now()) + Duration::from_secs_f64(len.0 as f64 / rate as f64);
-            if let Some(w) = next_at.checked_duration_since(Instant::now()) {
-                std::thread::sleep(w);
-            }
-        }
-    }
-    health.set_read_policy(crate::health::ReadPolicy::Spread);
-    Ok(total)
-}
-
-fn handle<'a>(
-    health: &Health,
-    handles: &'a mut Vec<(SlotIndex, Box<dyn Replica>)>,
-    slot: SlotIndex,
-) -> Option<&'a dyn Replica> {
-    if !handles.iter().any(|(s, _)| *s == slot) {
-        let h = health.backing(slot)?.thread_handle().ok()?;
-        handles.push((slot, h));
-    }
-    handles
-        .iter()
-        .find(|(s, _)| *s == slot)
-        .map(|(_, h)| h.as_ref())
-}
-
-/// One faulted slot, as the rebuild scheduler sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct Candidate {
-    pub slot: SlotIndex,
-    pub faulted: bool,
-    /// Open (a replica that could not be opened has nothing to rebuild onto).
-    pub has_backing: bool,
-    /// Reachable now: a remote replica's connection is up again.
-    pub reachable: bool,
-    /// What it missed is known (partial), or not (full).
-    pub has_map: bool,
-    /// Its map is a missed-writes history older than the partial window.
-    pub map_expired: bool,
-    /// Not before (backoff after a failed rebuild).
-    pub retry_at: Option<Instant>,
-}
-
-/// Which rebuild to run next, one at a time per volume: a reachable faulted
-/// replica, partial ones first (they restore redundancy soonest), then by slot.
-pub fn next_rebuild(candidates: &[Candidate], now: Instant) -> Option<(SlotIndex, RebuildKind)> {
-    candidates
-        .iter()
-        .filter(|c| c.faulted && c.has_backing && c.reachable)
-        .filter(|c| c.retry_at.is_none_or(|t| t <= now))
-        .min_by_key(|c| (!c.has_map || c.map_expired, c.slot))
-        .map(|c| {
-            let kind = if c.has_map && !c.map_expired {
-                RebuildKind::Partial
-            } else {
-                RebuildKind::Full
-            };
-            (c.slot, kind)
-        })
-}
-
-/// Backoff after the `n`th failed rebuild of a replica in a row: 5 s, doubling,
-/// at most 5 minutes.
-pub fn retry_delay(n: u32) -> Duration {
-    Duration::from_secs(
-        5u64.saturating_mul(1 << n.saturating_sub(1).min(6))
-            .min(300),
-    )
-}
-
-/// What the manager is told.
-#[derive(Debug, Clone)]
-pub struct ManagerConfig {
-    /// Most bytes per copy.
-    pub chunk: ByteLen,
-    /// A replica away for longer gets a full rebuild, not a partial one.
-    pub partial_window: Duration,
-    /// The node's budget (rate cap, rebuilds at once), shared with other volumes.
-    pub limits: Arc<NodeLimits>,
-    /// Resync these ranges first ([`resync`]): after an unclean shutdown.
-    pub resync: Vec<(ByteOffset, ByteLen)>,
-}
-
-impl Default for ManagerConfig {
-    fn default() -> ManagerConfig {
-        ManagerConfig {
-            chunk: CopyConfig::default().chunk,
-            partial_window: DEFAULT_PARTIAL_WINDOW,
-            limits: NodeLimits::unlimited(),
-            resync: Vec::new(),
-        }
-    }
-}
-
-/// Default of `partial_window`: 10 minutes.
-pub const DEFAULT_PARTIAL_WINDOW: Duration = Duration::from_secs(600);
-
-/// Whether a map of `origin` is too old for a partial rebuild at `now_ms`.
-pub fn map_expired(origin: &LogOrigin, now_ms: u64, window: Duration) -> bool {
-    origin.kind == LogKind::Missed && origin.age_ms(now_ms) > window.as_millis() as u64
-}
-
-/// What the manager is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Work {
-    Rebuild(RebuildKind),
-    /// Host-crash resync of the online replicas.
-    Resync,
-}
-
-/// The rebuild in progress, for status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Running {
-    /// The target (`None`: a resync, whose targets are all online replicas).
-    pub slot: Option<SlotIndex>,
-    pub location: String,
-    pub work: Work,
-    pub total: u64,
-    pub done: u64,
-    pub elapsed_ms: u64,
-}
-
-/// Rebuilds a volume's faulted replicas on its own thread as they become
-/// reachable ([`next_rebuild`]). Dropped, it cancels the rebuild in progress (the
-/// replica keeps what it still lacks) and joins the thread.
-pub struct Manager {
-    stop: Arc<AtomicBool>,
-    state: Arc<ManagerState>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// The running job: target slot, its location, what, since when.
-type Job = (Option<SlotIndex>, String, Work, Instant);
-
-#[derive(Default)]
-struct ManagerState {
-    progress: Progress,
-    running: std::sync::Mutex<Option<Job>>,
-}
-
-impl Manager {
-    pub fn start(
-        health: Arc<Health>,
-        ranges: Arc<RangeTable>,
-        cfg: ManagerConfig,
-    ) -> Result<Manager, ReplicationError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(ManagerState::default());
-        let (s, st) = (stop.clone(), state.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("rebuild-{}", health.volume()))
-            .spawn(move || manage(&health, &ranges, cfg, &s, &st))
-            .map_err(|e| ReplicationError::Persist(format!("start the rebuild thread: {e}")))?;
-        Ok(Manager {
-            stop,
-            state,
-            thread: Some(thread),
-        })
-    }
-
-    /// The rebuild in progress, if any.
-    pub fn running(&self) -> Option<Running> {
-        let r = self.state.running.lock().unwrap();
-        let (slot, location, work, t0) = r.as_ref()?;
-        Some(Running {
-            slot: *slot,
-            location: location.clone(),
-            work: *work,
-            total: self.state.progress.total.load(Ordering::Acquire),
-            done: self.state.progress.done.load(Ordering::Acquire),
-            elapsed_ms: t0.elapsed().as_millis() as u64,
-        })
-    }
-}
-
-impl Drop for Manager {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.state.progress.cancel.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn manage(
-    health: &Arc<Health>,
-    ranges: &RangeTable,
-    cfg: ManagerConfig,
-    stop: &AtomicBool,
-    state: &ManagerState,
-) {
-    let mut failures: std::collections::HashMap<crate::ids::ReplicaUuid, (u32, Instant)> =
-        std::collections::HashMap::new();
-    // A replica whose own disk failed while we ran is not rebuilt onto that disk
-    // again by itself (an operator's restart or command, or a replacement, is the
-    // way back); one that was faulted when we started is tried.
-    let faulted_at_start: std::collections::HashSet<crate::ids::ReplicaUuid> = health
-        .snapshot()
-        .slots
-        .iter()
-        .filter(|s| matches!(s.state, ReplicaState::Faulted { .. }))
-        .map(|s| s.uuid)
-        .collect();
-    if !cfg.resync.is_empty() {
-        *state.running.lock().unwrap() =
-            Some((None, "online replicas".into(), Work::Resync, Instant::now()));
-        let copy = CopyConfig {
-            chunk: cfg.chunk,
-            rate: cfg.limits.rate.clone(),
-        };
-        let t0 = Instant::now();
-        match resync(health, ranges, &cfg.resync, &copy, &state.progress) {
-            Ok(bytes) => tracing::info!(volume = health.volume(), bytes,
-                millis = t0.elapsed().as_millis() as u64,
-                "resync done: the replicas are identical where writes were in flight; reads are spread again"),
-            Err(reason) => tracing::error!(volume = health.volume(), %reason,
-                "resync stopped: reads stay on one replica"),
-        }
-        *state.running.lock().unwrap() = None;
-    }
-    while !stop.load(Ordering::SeqCst) {
-        let version = health.signal().version();
-        let snap = health.snapshot();
-        let candidates: Vec<Candidate> = snap
-            .slots
-            .iter()
-            .map(|s| {
-                let backing = health.backing(s.slot);
-                Candidate {
-                    slot: s.slot,
-                    faulted: match &s.state {
-                        ReplicaState::Faulted { reason } => {
-                            !reason.is_media_error() || faulted_at_start.contains(&s.uuid)
-                        }
-                        _ => false,
-                    },
-                    has_backing: backing.is_some(),
-                    reachable: backing.as_ref().is_some_and(|b| b.is_reachable()),
-                    has_map: health.dirty_map(s.slot).is_some(),
-                    map_expired: s
-                        .log
-                        .is_some_and(|o| map_expired(&o, unix_ms(), cfg.partial_window)),
-                    retry_at: failures.get(&s.uuid).map(|(_, t)| *t),
-                }
-            })
-            .collect();
-        let Some((slot, kind)) = next_rebuild(&candidates, Instant::now()) else {
-            // Reconnects are state changes too; a backoff ends on its own.
-            let _ = futures::executor::block_on(health.changed(
-                version,
-                Some(Instant::now() + Duration::from_secs(1)),
-                None,
-            ));
-            continue;
-        };
-        let Some(slot_status) = snap.slots.iter().find(|s| s.slot == slot) else {
-            continue;
-        };
-        let uuid = slot_status.uuid;
-        let Some(turn) = cfg.limits.try_start() else {
-            // The node's other rebuilds come first: look again shortly.
-            std::thread::sleep(Duration::from_millis(500));
-            continue;
-        };
-        if let (RebuildKind::Full, Some(o)) = (kind, slot_status.log) {
-            tracing::info!(volume = health.volume(), replica = %slot_status.location,
-                age_s = o.age_ms(unix_ms()) / 1000, window_s = cfg.partial_window.as_secs(),
-                "away longer than the partial-rebuild window: full rebuild");
-        }
-        *state.running.lock().unwrap() = Some((
-            Some(slot),
-            slot_status.location.clone(),
-            Work::Rebuild(kind),
-            Instant::now(),
-        ));
-        let copy = CopyConfig {
-            chunk: cfg.chunk,
-            rate: cfg.limits.rate.clone(),
-        };
-        let out = rebuild(health, ranges, slot, kind, copy, &state.progress);
-        drop(turn);
-        *state.running.lock().unwrap() = None;
-        match out {
-            Ok(Outcome::Done { .. }) => {
-                failures.remove(&uuid);
-            }
-            Ok(Outcome::Stopped { .. }) | Err(_) => {
-                if let Err(e) = &out {
-                    tracing::warn!(volume = health.volume(), slot = %slot, error = %e, "rebuild could not run");
-                }
-                let n = failures.get(&uuid).map_or(1, |(n, _)| n + 1);
-                failures.insert(uuid, (n, Instant::now() + retry_delay(n)));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::request::BlockRequest;
     use crate::testing::{fresh_mem_slot, mem_volume, test_nexus, Fault};
     use futures::executor::block_on;
 
-    const K: u64 = 1024;
+    pub(crate) const K: u64 = 1024;
 
-    fn write(n: &crate::Nexus, off: u64, len: u64, byte: u8) {
+    pub(crate) fn write(n: &crate::Nexus, off: u64, len: u64, byte: u8) {
         let mut buf = vec![byte; len as usize];
         block_on(n.submit(
             BlockRequest::Write {
@@ -794,7 +373,7 @@ mod tests {
         .expect("write");
     }
 
-    fn state(h: &Health, i: usize) -> ReplicaState {
+    pub(crate) fn state(h: &Health, i: usize) -> ReplicaState {
         h.snapshot().slots[i].state.clone()
     }
 
@@ -817,42 +396,6 @@ mod tests {
             cfg,
             p,
         )
-    }
-
-    #[test]
-    fn a_resync_makes_the_online_replicas_identical_where_writes_were_in_flight() {
-        let (stores, h) = mem_volume(3);
-        let ranges = RangeTable::new();
-        let n = test_nexus(&h, ranges.clone());
-        write(&n, 0, 1 << 20, 1);
-        // As a host crash leaves them: a write reached replica 0 and 2 only, one
-        // other reached replica 1 only, both in the first 256 KiB.
-        stores[0].put(8 * K as usize, &[7u8; 4096]);
-        stores[2].put(8 * K as usize, &[7u8; 4096]);
-        stores[1].put(200 * K as usize, &[9u8; 4096]);
-        h.set_read_policy(crate::health::ReadPolicy::Primary);
-        let p = Progress::default();
-        let hot = [(ByteOffset(0), ByteLen(256 * K))];
-        let cfg = CopyConfig {
-            chunk: ByteLen(64 * K),
-            rate: Rate::uncapped(),
-        };
-        assert_eq!(resync(&h, &ranges, &hot, &cfg, &p), Ok(256 * K));
-        // The pinned replica (the first online one) won everywhere.
-        let first = stores[0].bytes(0, 1 << 20);
-        assert_eq!(first[8 * K as usize], 7);
-        assert_eq!(first[200 * K as usize], 1);
-        assert_eq!(stores[1].bytes(0, 1 << 20), first);
-        assert_eq!(stores[2].bytes(0, 1 << 20), first);
-        assert_eq!(h.read_policy(), crate::health::ReadPolicy::Spread);
-        assert_eq!(h.snapshot().read_policy, crate::health::ReadPolicy::Spread);
-        // A target that fails is faulted with what it still lacks.
-        h.set_read_policy(crate::health::ReadPolicy::Primary);
-        stores[2].set_fault(Fault::Writes);
-        assert_eq!(resync(&h, &ranges, &hot, &cfg, &p), Ok(256 * K));
-        assert!(matches!(state(&h, 2), ReplicaState::Faulted { .. }));
-        let map = h.dirty_map(SlotIndex(2)).expect("its map");
-        assert_eq!(map.dirty_bytes(), 256 * K, "every range it did not get");
     }
 
     #[test]
@@ -1057,111 +600,6 @@ mod tests {
             Ok(Outcome::Done { .. })
         ));
         assert!(!path.exists(), "a replica lacking nothing has no dirty log");
-    }
-
-    #[test]
-    fn the_scheduler_takes_reachable_faulted_replicas_partial_first() {
-        let now = Instant::now();
-        let c = |slot: u8, faulted, reachable, has_map, retry_in: Option<i64>| Candidate {
-            slot: SlotIndex(slot),
-            faulted,
-            has_backing: true,
-            reachable,
-            has_map,
-            map_expired: false,
-            retry_at: retry_in.map(|s| {
-                if s >= 0 {
-                    now + Duration::from_secs(s as u64)
-                } else {
-                    now - Duration::from_secs((-s) as u64)
-                }
-            }),
-        };
-        let full = Some((SlotIndex(1), RebuildKind::Full));
-        type Case = (
-            &'static str,
-            Vec<Candidate>,
-            Option<(SlotIndex, RebuildKind)>,
-        );
-        let cases: &[Case] = &[
-            (
-                "nothing faulted",
-                vec![c(0, false, true, false, None)],
-                None,
-            ),
-            (
-                "faulted, unreachable",
-                vec![c(1, true, false, true, None)],
-                None,
-            ),
-            (
-                "faulted, reachable, no map",
-                vec![c(1, true, true, false, None)],
-                full,
-            ),
-            (
-                "partial before full",
-                vec![c(1, true, true, false, None), c(2, true, true, true, None)],
-                Some((SlotIndex(2), RebuildKind::Partial)),
-            ),
-            ("backing off", vec![c(1, true, true, false, Some(3))], None),
-            (
-                "backoff over",
-                vec![c(1, true, true, false, Some(-1))],
-                full,
-            ),
-            (
-                "lowest slot among equals",
-                vec![c(3, true, true, true, None), c(2, true, true, true, None)],
-                Some((SlotIndex(2), RebuildKind::Partial)),
-            ),
-        ];
-        for (name, cands, want) in cases {
-            assert_eq!(next_rebuild(cands, now), *want, "{name}");
-        }
-        let mut expired = c(2, true, true, true, None);
-        expired.map_expired = true;
-        assert_eq!(
-            next_rebuild(&[expired, c(1, true, true, false, None)], now),
-            full,
-            "an expired history is no better than none: full, by slot"
-        );
-        let mut no_backing = c(1, true, true, true, None);
-        no_backing.has_backing = false;
-        assert_eq!(
-            next_rebuild(&[no_backing], now),
-            None,
-            "nothing to rebuild onto"
-        );
-    }
-
-    #[test]
-    fn retries_back_off_from_5_s_to_5_min() {
-        let d: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
-        assert_eq!(d, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
-    }
-
-    #[test]
-    fn the_manager_rebuilds_a_faulted_replica_once_it_is_reachable() {
-        let (stores, h) = mem_volume(2);
-        let ranges = RangeTable::new();
-        let n = test_nexus(&h, ranges.clone());
-        stores[1].set_fault(Fault::All);
-        write(&n, 0, 4 * K, 1);
-        write(&n, 300 * K, 8 * K, 2);
-        stores[1].set_fault(Fault::None);
-        let m = Manager::start(h.clone(), ranges.clone(), ManagerConfig::default()).unwrap();
-        let t0 = Instant::now();
-        while state(&h, 1) != ReplicaState::Online {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "not rebuilt: {:?}",
-                state(&h, 1)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        drop(m);
-        assert_eq!(stores[0].bytes(0, 1 << 20), stores[1].bytes(0, 1 << 20));
     }
 
     #[test]
