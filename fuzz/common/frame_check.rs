@@ -27,6 +27,7 @@ const REPLY_LEN: usize = 72;
 /// docs/protocol.md §11.
 const MAX_DATA: u32 = 32 << 20;
 const MAX_CONTROL: u32 = 64 << 10;
+const MAX_CHECKSUM: u32 = 64 << 20;
 /// The key the corpus's valid frames are sealed with.
 pub const CORPUS_KEY: [u8; 16] = [0x42; 16];
 
@@ -236,7 +237,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         1 | 3 | 4 => (true, 0),
         2 => (true, 1),
         5 => (true, 2),
-        6 | 16..=18 => (false, 0),
+        6 | 7 | 16..=18 => (false, 0),
         _ => return Some(Reject::Unknown),
     };
     if flags & !allowed != 0 || offset.checked_add(u64::from(len)).is_none() {
@@ -251,6 +252,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         3 => offset == 0 && len == 0 && payload_len == 0,
         4 | 5 => len >= 1 && payload_len == 0,
         6 => offset == 0 && len == 0 && payload_len >= 1,
+        7 => (1..=MAX_CHECKSUM).contains(&len) && payload_len == 0,
         18 => offset == 0 && len == 0 && payload_len == 0 && ids_zero,
         _ => offset == 0 && len == 0 && payload_len >= 1 && ids_zero,
     };

@@ -40,7 +40,7 @@ use wire::control::{
     decode_control, encode_control, LabelUpdate, OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP,
+    Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, CHECKSUM_LEN, FLAG_FUA, FLAG_NO_UNMAP,
     REQUEST_HEADER_LEN,
 };
 use wire::handshake::{Secret, HANDSHAKE_TIMEOUT};
@@ -458,6 +458,7 @@ impl Server {
             // Buffers: a WRITE's payload or a READ's data, bounded per connection.
             let buf_bytes = match h.op {
                 Op::Write | Op::Read => h.len as usize,
+                Op::Checksum => h.len.min(replication::replica::CHECKSUM_CHUNK as u32) as usize,
                 _ => h.payload_len as usize,
             };
             let kib_needed = buf_bytes.div_ceil(1024) as u32;
@@ -680,6 +681,18 @@ async fn serve_fenced(
                 .await
         }
         Op::Flush => replica.flush().await,
+        Op::Checksum => {
+            let mut crc = [0u8; CHECKSUM_LEN];
+            match replica.checksum(off, ByteLen(len as u64), &mut crc).await {
+                Ok(()) => {
+                    return Reply {
+                        payload: Payload::Vec(crc.to_vec()),
+                        ..Reply::new(Status::Ok, h.id)
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
         Op::Discard => replica.discard(off, ByteLen(len as u64)).await,
         Op::WriteZeroes => {
             replica

@@ -78,6 +78,14 @@ pub enum ReplicationError {
     },
     #[error("replica {0} is not open (unreachable since the start): it is rebuilt once it can be opened")]
     NotOpen(String),
+    #[error("nothing to verify: {0} online replica(s), a comparison needs at least 2")]
+    NothingToVerify(usize),
+    #[error("verify: replica {replica} failed at offset {offset}: {errno}")]
+    VerifyIo {
+        replica: String,
+        offset: u64,
+        errno: Errno,
+    },
     #[error("no replica is online: refusing to serve stale data")]
     NoOnlineReplica,
     #[error("replica {replica}: cannot go from {from} to {to}")]

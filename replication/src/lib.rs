@@ -39,6 +39,7 @@ pub mod request;
 pub mod state;
 pub mod testing;
 pub mod uring;
+pub mod verify;
 pub mod wake;
 
 pub use error::{Errno, ReplicationError};

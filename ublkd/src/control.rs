@@ -36,6 +36,11 @@ pub enum Request {
     },
     /// The replica server's connections and limits.
     Server,
+    /// Compare the online replicas by checksum (and rewrite what differs).
+    Verify {
+        volume: String,
+        repair: bool,
+    },
     /// Start or cancel a rebuild, or list the volume's rebuild history.
     Rebuild {
         volume: String,
@@ -95,6 +100,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),
         Request::Server => json(&daemon.server_status()?),
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
+        Request::Verify { volume, repair } => daemon.verify(&volume, repair)?,
     })
 }
 

@@ -202,25 +202,35 @@ impl Daemon {
         })
     }
 
+    /// Online verify of a running volume.
+    pub fn verify(&self, name: &str, repair: bool) -> Result<serde_json::Value, DaemonError> {
+        let shared = self.running(name)?;
+        Ok(serde_json::to_value(shared.verify(repair)?).expect("report serializes"))
+    }
+
+    fn running(
+        &self,
+        name: &str,
+    ) -> Result<std::sync::Arc<crate::volume::VolumeShared>, DaemonError> {
+        if self.config.volume(name).is_none() {
+            return Err(DaemonError::NoSuchVolume(name.into()));
+        }
+        match self.volumes.lock().unwrap().get(name) {
+            Some(r) if !r.is_finished() => Ok(r.shared.clone()),
+            _ => Err(DaemonError::volume(
+                name,
+                "not running: start it first (ublkctl recover)",
+            )),
+        }
+    }
+
     /// An operator's rebuild command for a running volume.
     pub fn rebuild(
         &self,
         name: &str,
         action: &crate::control::RebuildAction,
     ) -> Result<serde_json::Value, DaemonError> {
-        if self.config.volume(name).is_none() {
-            return Err(DaemonError::NoSuchVolume(name.into()));
-        }
-        let shared = match self.volumes.lock().unwrap().get(name) {
-            Some(r) if !r.is_finished() => r.shared.clone(),
-            _ => {
-                return Err(DaemonError::volume(
-                    name,
-                    "not running: start it first (ublkctl recover)",
-                ))
-            }
-        };
-        shared.rebuild(action)
+        self.running(name)?.rebuild(action)
     }
 
     pub fn list(&self) -> Vec<VolumeStatus> {

@@ -467,11 +467,15 @@ fn an_owner_that_was_taken_over_does_not_fence_the_new_one_when_told_not_to() {
 /// Owner restarts while a replica is down: the first one clean (its dirty map is
 /// exact: the partial rebuild copies what the map says, no more), the second one a
 /// crash (the activity log's hot extents are added: still partial). Both times the
-/// replica ends up with every acknowledged write.
+/// replica ends up with every acknowledged write, and online verify (the server
+/// checksums its copy) finds the replicas identical — and, once a block of the
+/// server's copy rots, finds that region and repairs it.
 #[test]
 fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial() {
     use replication::rebuild::{rebuild, CopyConfig, Outcome, Progress};
     use replication::state::RebuildKind;
+    use replication::verify::verify;
+    use replication::ByteLen;
     use replication::SlotIndex;
     use ublkd::volume::restore_logs;
     let tmp = tempfile::tempdir().unwrap();
@@ -537,6 +541,28 @@ fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial
             other => panic!("{other:?}"),
         }
         assert_eq!(states_of(&health), ["online", "online"]);
+        // Online verify: the server checksums its copy (CHECKSUM), no data moves.
+        let p = Progress::default();
+        let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
+        assert!(report.mismatches.is_empty(), "{report:?}");
+        assert_eq!(report.bytes, SIZE);
+        if crash {
+            // A block rots on the server's disk: found, then repaired from the local one.
+            use std::os::unix::fs::FileExt;
+            let img = std::fs::OpenOptions::new()
+                .write(true)
+                .open(b.image("oc-b"))
+                .unwrap();
+            img.write_all_at(&[0xEE; 4096], 7 * 4096).unwrap();
+            img.sync_all().unwrap();
+            let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
+            assert_eq!(report.mismatches.len(), 1, "{report:?}");
+            assert_eq!(report.mismatches[0].offset.0, 0);
+            let report = verify(&health, &ranges, ByteLen(256 << 10), true, &p).unwrap();
+            assert!(report.clean(), "{report:?}");
+            let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
+            assert!(report.mismatches.is_empty(), "{report:?}");
+        }
         health.stop();
         drop(health);
         verify_image(&b.image("oc-b"), &expected);

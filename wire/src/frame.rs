@@ -26,6 +26,10 @@ use crate::ids::{ByteOffset, FrameSeq, Generation, RequestId, SessionId, VolumeT
 pub const MAX_DATA: u32 = 32 << 20;
 /// Largest control payload (OPEN/STAT/SET_LABEL JSON, error messages).
 pub const MAX_CONTROL: u32 = 64 << 10;
+/// Largest range of one CHECKSUM.
+pub const MAX_CHECKSUM: u32 = 64 << 20;
+/// Bytes of a CHECKSUM reply's payload.
+pub const CHECKSUM_LEN: usize = 4;
 
 pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"UKQ2");
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"UKP2");
@@ -43,6 +47,9 @@ pub enum Op {
     WriteZeroes = 5,
     /// Replace the membership part of the replica's label (fenced like I/O).
     SetLabel = 6,
+    /// CRC32C of a range, computed by the server: the reply's payload is the 4
+    /// bytes (little-endian), never the data (online verify).
+    Checksum = 7,
     /// Open (optionally create) a replica for a volume owner at a generation.
     Open = 16,
     /// Report a replica's label without claiming it.
@@ -60,6 +67,7 @@ impl Op {
             4 => Op::Discard,
             5 => Op::WriteZeroes,
             6 => Op::SetLabel,
+            7 => Op::Checksum,
             16 => Op::Open,
             17 => Op::Stat,
             18 => Op::Ping,
@@ -209,6 +217,10 @@ impl RequestHeader {
         match self.op {
             Op::Read if self.len == 0 || self.len > MAX_DATA => bad("length must be 1..=MAX_DATA"),
             Op::Read if self.payload_len != 0 => bad("carries a payload"),
+            Op::Checksum if self.len == 0 || self.len > MAX_CHECKSUM => {
+                bad("length must be 1..=MAX_CHECKSUM")
+            }
+            Op::Checksum if self.payload_len != 0 => bad("carries a payload"),
             Op::Write if self.len == 0 || self.payload_len != self.len => {
                 bad("payload length must equal the (non-zero) length")
             }
@@ -527,6 +539,7 @@ mod tests {
             Op::Discard,
             Op::WriteZeroes,
             Op::SetLabel,
+            Op::Checksum,
             Op::Open,
             Op::Stat,
             Op::Ping,
@@ -558,6 +571,7 @@ mod tests {
                         h.flags = if f { FLAG_FUA } else { 0 };
                     }
                     Op::Discard => (h.offset, h.len) = (off, len),
+                    Op::Checksum => (h.offset, h.len) = (off, 1 + len % MAX_CHECKSUM),
                     Op::WriteZeroes => {
                         (h.offset, h.len) = (off, len);
                         h.flags = if f { FLAG_NO_UNMAP } else { 0 };

@@ -626,11 +626,12 @@ async fn reader(
             );
         };
         let res = match r.status {
-            Status::Ok if job.op == Op::Read => {
+            Status::Ok if matches!(job.op, Op::Read | Op::Checksum) => {
                 let JobData::Borrowed(b) = job.data else {
                     unreachable!("a read has a buffer")
                 };
                 if payload.len() != b.len {
+                    let op = job.op;
                     // Put it back so teardown fails it after the tasks stopped.
                     pending
                         .lock()
@@ -639,7 +640,7 @@ async fn reader(
                     return die(
                         &mut kicks,
                         format!(
-                            "protocol violation: READ of {} bytes answered with {}",
+                            "protocol violation: {op:?} expecting {} bytes answered with {}",
                             b.len,
                             payload.len()
                         ),
@@ -867,6 +868,19 @@ impl Replica for RemoteReplica {
 
     fn flush(&self) -> IoFuture<'_> {
         self.io(Op::Flush, 0, 0, 0, JobData::None)
+    }
+
+    fn checksum<'a>(
+        &'a self,
+        offset: ByteOffset,
+        len: ByteLen,
+        out: &'a mut [u8; 4],
+    ) -> IoFuture<'a> {
+        let raw = RawBuf {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        self.io(Op::Checksum, 0, offset.0, len.0, JobData::Borrowed(raw))
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {

@@ -53,6 +53,14 @@ enum Cmd {
     },
     /// The replica server of this node: connections, limits.
     Server,
+    /// Compare the online replicas region by region by checksum (computed where the
+    /// data is) while the volume is in use; exit status 1 if any region differs.
+    Verify {
+        volume: String,
+        /// Rewrite differing regions from the first online replica.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Rebuilds of a volume's replicas: start, cancel, watch, history.
     Rebuild {
         #[command(subcommand)]
@@ -112,6 +120,10 @@ fn run() -> Result<()> {
         },
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },
         Cmd::Server => Request::Server,
+        Cmd::Verify { volume, repair } => Request::Verify {
+            volume: volume.clone(),
+            repair: *repair,
+        },
         Cmd::Rebuild {
             cmd: RebuildCmd::Watch { volume },
         } => return watch(&socket, volume, cli.output),
@@ -144,6 +156,18 @@ fn run() -> Result<()> {
         }
     };
     let v = call(&socket, &req)?;
+    if let Cmd::Verify { .. } = cli.cmd {
+        let r: replication::verify::Report = serde_json::from_value(v.clone())?;
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print_verify(&r);
+        }
+        if !r.clean() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     if cli.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -251,6 +275,7 @@ fn run() -> Result<()> {
             }
             RebuildCmd::Watch { .. } => unreachable!("handled above"),
         },
+        Cmd::Verify { .. } => unreachable!("handled above"),
         Cmd::Server => {
             let st: replica_server::ServerStatus = serde_json::from_value(v)?;
             println!(
@@ -286,6 +311,44 @@ fn kind_name(k: replication::state::RebuildKind) -> &'static str {
     match k {
         replication::state::RebuildKind::Partial => "partial",
         replication::state::RebuildKind::Full => "full",
+    }
+}
+
+fn print_verify(r: &replication::verify::Report) {
+    println!(
+        "compared {} of {} online replicas ({}); {} region(s) rechecked under the range lock",
+        human(r.bytes),
+        r.replicas.len(),
+        r.replicas.join(", "),
+        r.rechecked
+    );
+    for m in &r.mismatches {
+        let sums: Vec<String> = m
+            .checksums
+            .iter()
+            .map(|(s, loc, c)| format!("#{} {loc}: {c:08x}", s.0))
+            .collect();
+        println!(
+            "  DIFFERS at {}..{} ({}){}: {}",
+            m.offset.0,
+            m.offset.0 + m.len.0,
+            human(m.len.0),
+            if m.repaired { ", repaired" } else { "" },
+            sums.join(", ")
+        );
+    }
+    if r.mismatches.is_empty() {
+        println!("replicas identical");
+    } else if r.clean() {
+        println!(
+            "{} region(s) differed and were rewritten from the first replica",
+            r.mismatches.len()
+        );
+    } else {
+        println!(
+            "{} region(s) differ: `ublkctl verify --repair` rewrites them from the first online replica",
+            r.mismatches.len()
+        );
     }
 }
 

@@ -127,6 +127,7 @@ struct Live {
     depth: u16,
     health: Option<Arc<Health>>,
     rebuilds: Option<Arc<replication::rebuild::Manager>>,
+    ranges: Option<Arc<replication::ranges::RangeTable>>,
 }
 
 /// State shared between a volume's thread and the rest of the daemon.
@@ -166,6 +167,31 @@ impl VolumeShared {
 
     pub fn device_id(&self) -> Option<u32> {
         self.live.lock().unwrap().device_id
+    }
+
+    /// Compare the online replicas by checksum, region by region (1 MiB), while
+    /// the volume serves; with `repair`, rewrite what differs from the first one.
+    pub fn verify(&self, repair: bool) -> Result<replication::verify::Report, DaemonError> {
+        let (health, ranges) = {
+            let live = self.live.lock().unwrap();
+            match (&live.health, &live.ranges) {
+                (Some(h), Some(r)) => (h.clone(), r.clone()),
+                _ => {
+                    return Err(DaemonError::volume(
+                        &self.cfg.name,
+                        "not serving: start it first (ublkctl recover)",
+                    ))
+                }
+            }
+        };
+        replication::verify::verify(
+            &health,
+            &ranges,
+            replication::ByteLen(1 << 20),
+            repair,
+            &replication::rebuild::Progress::default(),
+        )
+        .map_err(|e| DaemonError::volume(&self.cfg.name, e.to_string()))
     }
 
     /// Apply an operator's rebuild command.
@@ -821,7 +847,11 @@ fn serve(
             history: health.log_dir().map(|d| d.join("rebuilds.json")),
         },
     )?);
-    shared.live.lock().unwrap().rebuilds = Some(rebuilds.clone());
+    {
+        let mut live = shared.live.lock().unwrap();
+        live.rebuilds = Some(rebuilds.clone());
+        live.ranges = Some(dp.ranges.clone());
+    }
     if !cheap_zeroing {
         tracing::info!(volume = %cfg.name,
             "not every replica zeroes a discarded range cheaply: DISCARD is not advertised (WRITE_ZEROES is)");
@@ -929,7 +959,11 @@ fn serve(
     } else {
         Err(DaemonError::volume(&cfg.name, "ublk device went away"))
     };
-    shared.live.lock().unwrap().rebuilds = None;
+    {
+        let mut live = shared.live.lock().unwrap();
+        live.rebuilds = None;
+        live.ranges = None;
+    }
     drop(rebuilds);
     health.stop();
     outcome

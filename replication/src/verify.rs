@@ -1,0 +1,232 @@
+//! Online verify: compare every online replica region by region by checksum,
+//! computed where the data is (a remote replica's server computes it: CHECKSUM,
+//! docs/protocol.md §4.1), while the volume is in use.
+//!
+//! A region is first checksummed without holding anything, so the application is
+//! not slowed; only when the replicas disagree is it checked again under the range
+//! lock (no application write to it in flight then), because a write that reached
+//! some replicas and not yet the others also makes them disagree. A mismatch under
+//! the lock is real. With `repair`, the region is then copied, still under the
+//! lock, from the replica reads are served from first (the first online one, as
+//! the host-crash resync does) to every replica that differs.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ReplicationError;
+use crate::health::{indices, Health};
+use crate::ids::{ByteLen, ByteOffset, SlotIndex};
+use crate::ranges::RangeTable;
+use crate::rebuild::Progress;
+use crate::replica::Replica;
+
+/// A region where the online replicas disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub offset: ByteOffset,
+    pub len: ByteLen,
+    /// Each replica's CRC32C of the region (under the range lock).
+    pub checksums: Vec<(SlotIndex, String, u32)>,
+    /// Rewritten from the first replica.
+    pub repaired: bool,
+}
+
+/// What a verify found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Bytes compared (the volume, unless it stopped early).
+    pub bytes: u64,
+    /// Regions checksummed again under the range lock (a write was in flight, or a
+    /// real mismatch).
+    pub rechecked: u64,
+    /// The online replicas compared, by location.
+    pub replicas: Vec<String>,
+    pub mismatches: Vec<Mismatch>,
+}
+
+impl Report {
+    /// Every region matched (or was repaired).
+    pub fn clean(&self) -> bool {
+        self.mismatches.iter().all(|m| m.repaired)
+    }
+}
+
+/// Verify every region of `region` bytes of `health`'s online replicas (at least
+/// two, else there is nothing to compare); see the module docs.
+pub fn verify(
+    health: &Arc<Health>,
+    ranges: &RangeTable,
+    region: ByteLen,
+    repair: bool,
+    progress: &Progress,
+) -> Result<Report, ReplicationError> {
+    let slots: Vec<SlotIndex> = indices(health.read_mask()).collect();
+    if slots.len() < 2 {
+        return Err(ReplicationError::NothingToVerify(slots.len()));
+    }
+    let mut handles: Vec<(SlotIndex, String, Box<dyn Replica>)> = Vec::new();
+    for &s in &slots {
+        let b = health.backing(s).ok_or(ReplicationError::NoSuchSlot(s))?;
+        let h = b.thread_handle()?;
+        handles.push((s, h.location().to_string(), h));
+    }
+    let size = health.size().0;
+    let mut report = Report {
+        replicas: handles.iter().map(|(_, l, _)| l.clone()).collect(),
+        ..Report::default()
+    };
+    progress.total.store(size, Ordering::Release);
+    progress.done.store(0, Ordering::Release);
+    let mut at = 0;
+    while at < size {
+        if progress.cancel.load(Ordering::Acquire) {
+            break;
+        }
+        let len = region.0.min(size - at);
+        let (offset, rlen) = (ByteOffset(at), ByteLen(len));
+        // A replica that left the read set meanwhile is no longer compared.
+        let live = health.read_mask();
+        let current: Vec<&(SlotIndex, String, Box<dyn Replica>)> = handles
+            .iter()
+            .filter(|(s, _, _)| live & (1 << s.get()) != 0)
+            .collect();
+        if current.len() < 2 {
+            return Err(ReplicationError::NothingToVerify(current.len()));
+        }
+        let sums = checksums(&current, offset, rlen)?;
+        if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
+            report.rechecked += 1;
+            let _lock = futures::executor::block_on(ranges.lock(at, len, &None));
+            let sums = checksums(&current, offset, rlen)?;
+            if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
+                let repaired = repair && rewrite(&current, &sums, offset, rlen)?;
+                tracing::warn!(volume = health.volume(), offset = at, len, repaired,
+                    checksums = ?sums, "replicas differ");
+                report.mismatches.push(Mismatch {
+                    offset,
+                    len: rlen,
+                    checksums: sums,
+                    repaired,
+                });
+            }
+        }
+        at += len;
+        report.bytes = at;
+        progress.done.store(at, Ordering::Release);
+    }
+    Ok(report)
+}
+
+fn checksums(
+    replicas: &[&(SlotIndex, String, Box<dyn Replica>)],
+    offset: ByteOffset,
+    len: ByteLen,
+) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
+    let mut outs = vec![[0u8; 4]; replicas.len()];
+    let results = futures::executor::block_on(join_all(
+        replicas
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|((_, _, r), out)| r.checksum(offset, len, out)),
+    ));
+    replicas
+        .iter()
+        .zip(results)
+        .zip(outs)
+        .map(|(((s, loc, _), res), out)| match res {
+            Ok(()) => Ok((*s, loc.clone(), u32::from_le_bytes(out))),
+            Err(e) => Err(ReplicationError::VerifyIo {
+                replica: loc.clone(),
+                offset: offset.0,
+                errno: e,
+            }),
+        })
+        .collect()
+}
+
+/// Copy the region from the first replica to those whose checksum differs.
+fn rewrite(
+    replicas: &[&(SlotIndex, String, Box<dyn Replica>)],
+    sums: &[(SlotIndex, String, u32)],
+    offset: ByteOffset,
+    len: ByteLen,
+) -> Result<bool, ReplicationError> {
+    let mut buf = vec![0u8; len.0 as usize];
+    let err = |loc: &str, e| ReplicationError::VerifyIo {
+        replica: loc.to_string(),
+        offset: offset.0,
+        errno: e,
+    };
+    let (_, src_loc, src) = replicas[0];
+    futures::executor::block_on(src.read(offset, &mut buf)).map_err(|e| err(src_loc, e))?;
+    for ((_, loc, r), (_, _, c)) in replicas.iter().zip(sums).skip(1) {
+        if *c != sums[0].2 {
+            futures::executor::block_on(r.write(offset, &buf, true)).map_err(|e| err(loc, e))?;
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mem_volume, test_nexus};
+
+    #[test]
+    fn identical_replicas_verify_clean_and_a_difference_is_found_and_repaired() {
+        let (stores, h) = mem_volume(3);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        let mut buf = vec![5u8; 1 << 20];
+        futures::executor::block_on(n.submit(
+            crate::request::BlockRequest::Write {
+                offset: ByteOffset(0),
+                len: ByteLen(1 << 20),
+                fua: false,
+            },
+            &mut buf,
+        ))
+        .unwrap();
+        let p = Progress::default();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), false, &p).unwrap();
+        assert!(r.clean() && r.mismatches.is_empty(), "{r:?}");
+        assert_eq!((r.bytes, r.replicas.len()), (1 << 20, 3));
+        // One block of replica 2 rots.
+        stores[2].put(300 << 10, &[9u8; 4096]);
+        let r = verify(&h, &ranges, ByteLen(64 << 10), false, &p).unwrap();
+        assert!(!r.clean());
+        assert_eq!(r.mismatches.len(), 1);
+        let m = &r.mismatches[0];
+        assert_eq!(
+            (m.offset, m.len),
+            (ByteOffset(256 << 10), ByteLen(64 << 10))
+        );
+        assert_eq!(m.checksums[0].2, m.checksums[1].2);
+        assert_ne!(m.checksums[0].2, m.checksums[2].2);
+        assert_ne!(stores[2].bytes(0, 1 << 20), stores[0].bytes(0, 1 << 20));
+        let r = verify(&h, &ranges, ByteLen(64 << 10), true, &p).unwrap();
+        assert!(r.clean() && r.mismatches[0].repaired, "{r:?}");
+        assert_eq!(stores[2].bytes(0, 1 << 20), stores[0].bytes(0, 1 << 20));
+        assert!(verify(&h, &ranges, ByteLen(64 << 10), false, &p)
+            .unwrap()
+            .mismatches
+            .is_empty());
+    }
+
+    #[test]
+    fn one_online_replica_has_nothing_to_compare_with() {
+        let (_stores, h) = mem_volume(1);
+        let e = verify(
+            &h,
+            &RangeTable::new(),
+            ByteLen(1 << 20),
+            false,
+            &Progress::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("1 online replica"), "{e}");
+    }
+}
