@@ -36,6 +36,8 @@ pub enum Request {
     },
     /// The replica server's connections and limits.
     Server,
+    /// Re-read the config file and apply what changed.
+    Reload,
     /// Compare the online replicas by checksum (and rewrite what differs).
     Verify {
         volume: String,
@@ -101,6 +103,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Server => json(&daemon.server_status()?),
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
         Request::Verify { volume, repair } => daemon.verify(&volume, repair)?,
+        Request::Reload => json(&daemon.reload()?),
     })
 }
 

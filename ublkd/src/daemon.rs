@@ -14,7 +14,10 @@ use crate::volume::{pid_alive, Net, VolumeRunner, VolumeStatus};
 use replica_server::{Server, ServerStatus};
 
 pub struct Daemon {
-    config: Config,
+    /// The configuration in force (replaced by a reload).
+    config: Mutex<Config>,
+    /// Where it was read from (a reload reads it again).
+    config_path: Option<std::path::PathBuf>,
     net: Net,
     state_dir: StateDir,
     volumes: Mutex<BTreeMap<String, VolumeRunner>>,
@@ -26,6 +29,13 @@ pub struct Daemon {
     shutting_down: std::sync::atomic::AtomicBool,
     /// This node's replica server, if it has a `[server]`.
     server: Option<std::sync::Arc<Server>>,
+}
+
+/// What a reload did: the changes applied, and those that failed (with why).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub applied: Vec<crate::reload::Change>,
+    pub failed: Vec<(crate::reload::Change, String)>,
 }
 
 /// A ublk device on this node that no configured volume owns.
@@ -48,7 +58,8 @@ impl Daemon {
     ) -> Result<Daemon, DaemonError> {
         let state_dir = StateDir::open(&config.node.state_dir)?;
         Ok(Daemon {
-            config,
+            config: Mutex::new(config),
+            config_path: None,
             net,
             state_dir,
             volumes: Mutex::new(BTreeMap::new()),
@@ -68,14 +79,20 @@ impl Daemon {
             })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.config.lock().unwrap().clone()
+    }
+
+    /// Reloads read `path`.
+    pub fn set_config_path(&mut self, path: std::path::PathBuf) {
+        self.config_path = Some(path);
     }
 
     /// Start every configured volume (each on its own thread; failures are
     /// reported per volume and do not stop the others).
     pub fn start_all(&self) {
-        for v in &self.config.volumes {
+        for v in self.config().volumes {
             if let Err(e) = self.start(&v.name) {
                 tracing::error!(volume = %v.name, error = %e, "cannot start volume");
             }
@@ -89,7 +106,7 @@ impl Daemon {
             return Err(DaemonError::volume(name, "ublkd is shutting down"));
         }
         let cfg = self
-            .config
+            .config()
             .volume(name)
             .ok_or_else(|| DaemonError::NoSuchVolume(name.into()))?
             .clone();
@@ -126,7 +143,7 @@ impl Daemon {
     ) -> Vec<u32> {
         let mut ids = Vec::new();
         for v in self
-            .config
+            .config()
             .volumes
             .iter()
             .filter(|v| Some(v.name.as_str()) != except)
@@ -192,14 +209,105 @@ impl Daemon {
     }
 
     pub fn status(&self, name: &str) -> Result<VolumeStatus, DaemonError> {
-        if self.config.volume(name).is_none() {
+        if self.config().volume(name).is_none() {
             return Err(DaemonError::NoSuchVolume(name.into()));
         }
         let vols = self.volumes.lock().unwrap();
         Ok(match vols.get(name) {
             Some(r) => r.shared.status(),
-            None => VolumeRunner::not_started(self.config.volume(name).unwrap(), &self.state_dir),
+            None => VolumeRunner::not_started(self.config().volume(name).unwrap(), &self.state_dir),
         })
+    }
+
+    /// Re-read the configuration file and apply what changed (see
+    /// [`crate::reload`]); nothing changes when the new file is invalid or asks
+    /// for what cannot change live.
+    pub fn reload(&self) -> Result<ReloadReport, DaemonError> {
+        use crate::reload::Change;
+        let path = self.config_path.clone().ok_or_else(|| {
+            DaemonError::ReloadFailed("the daemon was not started from a config file".into())
+        })?;
+        let new = Config::from_file(&path)?;
+        let old = self.config();
+        let changes = crate::reload::plan(&old, &new)?;
+        // A volume still in use is never stopped by a reload.
+        for c in &changes {
+            if let Change::VolumeRemoved { volume } = c {
+                let id = match self.volumes.lock().unwrap().get(volume) {
+                    Some(r) if !r.is_finished() => r.shared.device_id(),
+                    _ => None,
+                };
+                if let Some(why) = id.and_then(device_busy) {
+                    return Err(DaemonError::ReloadFailed(format!(
+                        "volume {volume} was removed from the config but its device is in use ({why}): unmount it first, or keep it in the config (nothing was changed)"
+                    )));
+                }
+            }
+        }
+        *self.config.lock().unwrap() = new.clone();
+        let mut report = ReloadReport::default();
+        let mut done = |c: &Change, r: Result<(), String>| match r {
+            Ok(()) => report.applied.push(c.clone()),
+            Err(e) => report.failed.push((c.clone(), e)),
+        };
+        let mut per_volume: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for c in &changes {
+            match c {
+                Change::RebuildLimits {
+                    rate,
+                    max_concurrent,
+                    ..
+                } => {
+                    self.net.rebuild.set(*rate, *max_concurrent);
+                    done(c, Ok(()));
+                }
+                Change::VolumeRemoved { volume } => {
+                    let r = match self.stop(volume, false) {
+                        Ok(()) => Ok(()),
+                        Err(DaemonError::Volume { message, .. }) if message == "not running" => {
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    done(c, r);
+                }
+                Change::VolumeAdded { volume } => {
+                    done(c, self.start(volume).map_err(|e| e.to_string()))
+                }
+                Change::ReplicaAdded { volume, .. }
+                | Change::ReplicaRemoved { volume, .. }
+                | Change::ReplicaReplaced { volume, .. }
+                | Change::AtNextStart { volume, .. } => {
+                    per_volume
+                        .entry(volume.clone())
+                        .or_default()
+                        .push(c.clone());
+                }
+            }
+        }
+        for (name, cs) in per_volume {
+            let Some(vcfg) = new.volume(&name) else {
+                continue;
+            };
+            let shared = self
+                .volumes
+                .lock()
+                .unwrap()
+                .get(&name)
+                .map(|r| r.shared.clone());
+            match shared {
+                Some(sh) => {
+                    for (c, r) in sh.apply_replicas(vcfg, &cs, &self.net) {
+                        done(&c, r);
+                    }
+                }
+                None => cs.iter().for_each(|c| done(c, Ok(()))),
+            }
+        }
+        for c in &report.applied {
+            tracing::info!(change = %c, "reload");
+        }
+        Ok(report)
     }
 
     /// Online verify of a running volume.
@@ -212,7 +320,7 @@ impl Daemon {
         &self,
         name: &str,
     ) -> Result<std::sync::Arc<crate::volume::VolumeShared>, DaemonError> {
-        if self.config.volume(name).is_none() {
+        if self.config().volume(name).is_none() {
             return Err(DaemonError::NoSuchVolume(name.into()));
         }
         match self.volumes.lock().unwrap().get(name) {
@@ -234,7 +342,7 @@ impl Daemon {
     }
 
     pub fn list(&self) -> Vec<VolumeStatus> {
-        self.config
+        self.config()
             .volumes
             .iter()
             .filter_map(|v| self.status(&v.name).ok())
@@ -247,7 +355,7 @@ impl Daemon {
             let vols = self.volumes.lock().unwrap();
             let mut tags = Vec::new();
             let mut unreadable = None;
-            for v in &self.config.volumes {
+            for v in &self.config().volumes {
                 match self.state_dir.load(&v.name) {
                     Ok(Some(rec)) => tags.push(frontend::owner_flags(rec.uid)),
                     Ok(None) => {}

@@ -21,6 +21,10 @@ pub enum DaemonError {
     Volume { volume: String, message: String },
     #[error("no volume named {0:?} in the configuration")]
     NoSuchVolume(String),
+    #[error("reload refused: {0}")]
+    Reload(#[from] crate::reload::Refused),
+    #[error("reload: {0}")]
+    ReloadFailed(String),
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
     #[error("{context}: {source}")]

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod error;
 pub mod frontend;
 pub mod lifecycle;
+pub mod reload;
 pub mod state;
 pub mod volume;
 

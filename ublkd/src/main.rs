@@ -139,7 +139,9 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         ),
         partial_window_s: cfg.rebuild.partial_window_s,
     };
-    let daemon = Arc::new(Daemon::new(cfg, net, replica_server)?);
+    let mut daemon = Daemon::new(cfg, net, replica_server)?;
+    daemon.set_config_path(config.to_path_buf());
+    let daemon = Arc::new(daemon);
     let d = daemon.clone();
     std::thread::Builder::new()
         .name("control".into())
@@ -151,9 +153,22 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
 
     loop {
         match signals.wait().context("wait for signals")? {
-            Signal::SIGHUP => tracing::info!(
-                "SIGHUP: config reload is not supported; restart ublkd to apply changes"
-            ),
+            Signal::SIGHUP => {
+                tracing::info!(config = %config.display(), "SIGHUP: reloading the config");
+                match daemon.reload() {
+                    Ok(r) => {
+                        for (c, e) in &r.failed {
+                            tracing::error!(change = %c, error = %e, "reload: not applied");
+                        }
+                        tracing::info!(
+                            applied = r.applied.len(),
+                            failed = r.failed.len(),
+                            "reload done"
+                        );
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload refused"),
+                }
+            }
             sig => {
                 tracing::info!(signal = ?sig, "stopping: draining I/O and removing devices");
                 daemon.stop_all();

@@ -7,11 +7,12 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
+SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
 timeout_repl_fio_sigkill=300
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
 timeout_repl_restart=300
+timeout_repl_rebuild_reload=400
 timeout_repl_fence=240
 timeout_repl_owner_kill9=300
 timeout_repl_stale_recover=240
@@ -218,6 +219,65 @@ last_rebuild_is() {
   case "$_last" in *'"outcome":"done"'*) ;; *) fail "last rebuild did not finish: $_h" ;; esac
   _b=$(echo "$_last" | sed -n 's/.*"bytes":\([0-9]*\).*/\1/p')
   [ -n "$_b" ] && [ "$_b" -ge "$2" ] && [ "$_b" -le "$3" ] || fail "last rebuild copied $_b bytes, expected $2..$3"
+}
+
+# ext4 mounted, fio verifying in a loop: a remote replica server is killed, restarted and
+# caught up by a partial rebuild; then the config replaces that replica by one on a third
+# server and `ublkctl reload` applies it: the new one is fully rebuilt and the old one dropped.
+# fio sees no error, `ublkctl verify` finds the replicas identical, e2fsck is clean.
+repl_rebuild_reload() {
+  setup
+  run "$MKFS_EXT4" -q -F $DEV
+  mkdir -p /mnt/r
+  run "$MOUNT" $DEV /mnt/r
+  rm -f "$T/fio.stop" "$T/fio.failed"
+  (n=0; while [ ! -e "$T/fio.stop" ]; do
+     n=$((n + 1))
+     "$FIO" --name=v$n --directory=/mnt/r --rw=randwrite --bs=4k --size=32M --iodepth=16 \
+       --ioengine=io_uring --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+       --output="$T/loop.fio.log" || { cp "$T/loop.fio.log" "$T/fio.failed"; break; }
+   done) &
+  _loop=$!
+  sleep 5
+  say "SIGKILL replica server 3, restart it after 5 s"
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+  expect_replica 2 faulted
+  sleep 5
+  replica_server 3 "$T/srv3/replicas"
+  wait_for 120 replica_is 2 online || fail "replica 2 not caught up: $(vol_status $VOL)"
+  last_rebuild_is partial 1 $((256 << 20))
+  _partial=$_b
+  [ "$_partial" -lt $((200 << 20)) ] || fail "the partial rebuild copied nearly everything ($_partial bytes)"
+
+  say "replace rv-b on server 3 by rv-c on server 4, by config and reload"
+  replica_server 4 "$T/srv4/replicas"
+  sed -i 's/{ remote = "127.0.0.3:7450", id = "rv-b" }/{ remote = "127.0.0.4:7450", id = "rv-c" }/' "$T/ublkd.conf"
+  cp "$T/ublkd.conf" "$T/last.conf"
+  "$UBLKCTL" --socket "$SOCK" reload > "$T/reload.out" 2>&1 || fail "reload: $(cat "$T/reload.out")"
+  cat "$T/reload.out"
+  grep -q "replaced by rv-c@127.0.0.4:7450" "$T/reload.out" || fail "reload did not replace: $(cat "$T/reload.out")"
+  wait_for 180 eval '[ "$(vol_status $VOL | json_replicas | grep "rv-c@127.0.0.4" | json_top_field state)" = online ]' \
+    || fail "the replacement is not online: $(vol_status $VOL)"
+  wait_for 20 eval '! vol_status $VOL | grep -q "rv-b@127.0.0.3"' || fail "the replaced replica is still there: $(vol_status $VOL)"
+  last_rebuild_is full $((256 << 20)) $((256 << 20))
+  # A size change is refused, and changes nothing.
+  sed 's/size = "256MiB"/size = "512MiB"/' "$T/ublkd.conf" > "$T/bigger.conf"
+  cp "$T/ublkd.conf" "$T/good.conf"; cp "$T/bigger.conf" "$T/ublkd.conf"
+  "$UBLKCTL" --socket "$SOCK" reload > "$T/reload2.out" 2>&1 && fail "a size change was accepted"
+  grep -q "size cannot change" "$T/reload2.out" || fail "size change not refused by name: $(cat "$T/reload2.out")"
+  cp "$T/good.conf" "$T/ublkd.conf"
+
+  touch "$T/fio.stop"
+  wait $_loop
+  [ -e "$T/fio.failed" ] && fail "fio failed: $(tail -n 20 "$T/fio.failed")"
+  fio_ok "$T/loop.fio.log"
+  "$UBLKCTL" --socket "$SOCK" verify $VOL > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
+  grep -q "replicas identical" "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
+  umount_checked /mnt/r $DEV
+  fsck_clean $DEV
+  stop_daemon_clean
+  same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv4/replicas/rv-c.img"
+  no_kernel_errors ublkb0
 }
 
 # The owner itself is killed (-9) under fio: /dev/ublkb0 stays (QUIESCED), a new owner takes it

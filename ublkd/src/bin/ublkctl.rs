@@ -53,6 +53,10 @@ enum Cmd {
     },
     /// The replica server of this node: connections, limits.
     Server,
+    /// Re-read the daemon's config file and apply what changed (as SIGHUP does):
+    /// volumes and replicas added, removed or replaced, [rebuild] limits. A size or
+    /// block size change, or [node]/[server] changes, are refused: nothing changes.
+    Reload,
     /// Compare the online replicas region by region by checksum (computed where the
     /// data is) while the volume is in use; exit status 1 if any region differs.
     Verify {
@@ -120,6 +124,7 @@ fn run() -> Result<()> {
         },
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },
         Cmd::Server => Request::Server,
+        Cmd::Reload => Request::Reload,
         Cmd::Verify { volume, repair } => Request::Verify {
             volume: volume.clone(),
             repair: *repair,
@@ -276,6 +281,21 @@ fn run() -> Result<()> {
             RebuildCmd::Watch { .. } => unreachable!("handled above"),
         },
         Cmd::Verify { .. } => unreachable!("handled above"),
+        Cmd::Reload => {
+            let r: ublkd::daemon::ReloadReport = serde_json::from_value(v)?;
+            if r.applied.is_empty() && r.failed.is_empty() {
+                println!("nothing changed");
+            }
+            for c in &r.applied {
+                println!("{c}");
+            }
+            for (c, e) in &r.failed {
+                println!("NOT APPLIED: {c}: {e}");
+            }
+            if !r.failed.is_empty() {
+                std::process::exit(1);
+            }
+        }
         Cmd::Server => {
             let st: replica_server::ServerStatus = serde_json::from_value(v)?;
             println!(

@@ -207,6 +207,64 @@ pub fn reopen(
     Ok((Arc::new(client), reply.label.membership.epoch))
 }
 
+/// Open a replica added to a running volume (by a reload): created if missing,
+/// given a new identity and an outdated first label (it holds nothing yet: a full
+/// rebuild fills it). Refused if it holds a replica of another volume.
+pub fn open_added(
+    cfg: &VolumeConfig,
+    net: &Net,
+    replica: &ReplicaConfig,
+    record: &VolumeRecord,
+) -> Result<(Backing, ReplicaUuid, Option<Arc<RemoteClient>>), String> {
+    let uuid = ReplicaUuid::random();
+    match replica {
+        ReplicaConfig::Local { path } => {
+            let b =
+                LocalBacking::open(path, cfg.size, Create::IfMissing).map_err(|e| e.to_string())?;
+            if let Ok(AreaRead::Label { label, .. }) = b.read_label() {
+                if label.volume_uuid != record.volume_uuid {
+                    return Err(format!(
+                        "{} holds a replica of volume {:?}: not overwritten (give another path, or wipe it)",
+                        path.display(),
+                        label.volume
+                    ));
+                }
+            }
+            let mut l = Label::new(
+                &cfg.name,
+                record.volume_uuid,
+                uuid,
+                cfg.size,
+                cfg.block_size,
+            );
+            l.generation = record.generation;
+            l.owner = record.owner;
+            l.outdated = true;
+            b.write_label(&l).map_err(|e| e.to_string())?;
+            Ok((Backing::Local(Arc::new(b)), uuid, None))
+        }
+        _ => {
+            let parts = OpenRequestParts {
+                volume_uuid: record.volume_uuid,
+                generation: record.generation,
+                owner: record.owner,
+                create: Some(uuid),
+            };
+            let spec = remote_spec(cfg, net, replica, &parts).ok_or("not a remote replica")?;
+            let (client, reply) = net
+                .rt
+                .block_on(RemoteClient::connect(spec))
+                .map_err(|e| e.to_string())?;
+            let client = Arc::new(client);
+            Ok((
+                Backing::Remote(client.clone()),
+                reply.label.replica_uuid,
+                Some(client),
+            ))
+        }
+    }
+}
+
 /// Open (and lock) or STAT every configured replica; what each one shows.
 fn probe_all(
     cfg: &VolumeConfig,

@@ -128,23 +128,31 @@ struct Live {
     health: Option<Arc<Health>>,
     rebuilds: Option<Arc<replication::rebuild::Manager>>,
     ranges: Option<Arc<replication::ranges::RangeTable>>,
+    /// Replaced replicas still in the set: (old, new) by uuid; the old one is
+    /// dropped once the new one is online.
+    replacing: Vec<(wire::ReplicaUuid, wire::ReplicaUuid)>,
 }
 
 /// State shared between a volume's thread and the rest of the daemon.
 pub struct VolumeShared {
-    cfg: VolumeConfig,
+    /// Its configuration: the one it started with, updated by a reload.
+    cfg: Mutex<VolumeConfig>,
     state_dir: StateDir,
     live: Mutex<Live>,
 }
 
 impl VolumeShared {
+    fn cfg(&self) -> VolumeConfig {
+        self.cfg.lock().unwrap().clone()
+    }
+
     fn set_state(&self, next: VolumeState, reason: Option<String>) {
         let mut live = self.live.lock().unwrap();
         let cur = live.state;
         assert!(
             cur == next || cur.can_become(next),
             "volume {}: illegal transition {cur:?} -> {next:?}",
-            self.cfg.name
+            self.cfg().name
         );
         live.state = next;
         live.reason = reason;
@@ -169,6 +177,122 @@ impl VolumeShared {
         self.live.lock().unwrap().device_id
     }
 
+    /// Apply a reload's replica changes to the running volume (`new` is its new
+    /// configuration): each change with its outcome. A volume that does not serve
+    /// only takes the new configuration (its next start opens what it lists).
+    pub fn apply_replicas(
+        &self,
+        new: &VolumeConfig,
+        changes: &[crate::reload::Change],
+        net: &Net,
+    ) -> Vec<(crate::reload::Change, Result<(), String>)> {
+        use crate::reload::Change;
+        let health = self.live.lock().unwrap().health.clone();
+        *self.cfg.lock().unwrap() = new.clone();
+        let Some(health) = health else {
+            return changes.iter().map(|c| (c.clone(), Ok(()))).collect();
+        };
+        let record = match self.state_dir.load(&new.name) {
+            Ok(Some(r)) => r,
+            _ => {
+                return changes
+                    .iter()
+                    .map(|c| (c.clone(), Err("the volume's record is unreadable".into())))
+                    .collect()
+            }
+        };
+        let slot_at = |loc: &str| {
+            health
+                .snapshot()
+                .slots
+                .into_iter()
+                .find(|s| s.location == loc)
+        };
+        let add = |loc: &str| -> Result<wire::ReplicaUuid, String> {
+            let r = new
+                .replicas
+                .iter()
+                .find(|r| r.location() == loc)
+                .ok_or("not in the new config")?;
+            let (backing, uuid, client) = activate::open_added(new, net, r, &record)?;
+            let slot = health
+                .add_slot(replication::health::SlotSpec {
+                    location: loc.to_string(),
+                    uuid,
+                    backing: Some(backing),
+                    remote: r.remote().is_some(),
+                    state: replication::ReplicaState::Faulted {
+                        reason: replication::state::FaultReason::NewReplica,
+                    },
+                    errors: 0,
+                    dirty: None,
+                })
+                .map_err(|e| e.to_string())?;
+            if let Some(c) = client {
+                c.set_events(health.conn_events(slot));
+            }
+            tracing::info!(volume = %new.name, replica = %loc, "replica added: a full rebuild fills it");
+            Ok(uuid)
+        };
+        let remove = |loc: &str| -> Result<(), String> {
+            let s = slot_at(loc).ok_or("not in the running set")?;
+            health.remove_slot(s.slot).map_err(|e| e.to_string())?;
+            tracing::info!(volume = %new.name, replica = %loc, "replica removed");
+            Ok(())
+        };
+        changes
+            .iter()
+            .map(|c| {
+                let res = match c {
+                    Change::ReplicaAdded { replica, .. } => add(replica).map(|_| ()),
+                    Change::ReplicaRemoved { replica, .. } => remove(replica),
+                    Change::ReplicaReplaced { old, new: n, .. } => add(n).and_then(|uuid| {
+                        match slot_at(old) {
+                            // Kept until the new one holds every write.
+                            Some(s) if s.state == replication::ReplicaState::Online => {
+                                self.live.lock().unwrap().replacing.push((s.uuid, uuid));
+                                Ok(())
+                            }
+                            Some(_) => remove(old),
+                            None => Ok(()),
+                        }
+                    }),
+                    _ => Ok(()),
+                };
+                if let Err(e) = &res {
+                    tracing::error!(volume = %new.name, change = %c, error = %e, "reload: change not applied");
+                }
+                (c.clone(), res)
+            })
+            .collect()
+    }
+
+    /// Drop the replaced replicas whose replacement is online.
+    fn finish_replacements(&self, health: &Health) {
+        let pending = std::mem::take(&mut self.live.lock().unwrap().replacing);
+        let snap = health.snapshot();
+        let state = |u: &wire::ReplicaUuid| snap.slots.iter().find(|s| s.uuid == *u);
+        let mut keep = Vec::new();
+        for (old, new) in pending {
+            match (state(&old), state(&new)) {
+                (Some(o), Some(n)) if n.state == replication::ReplicaState::Online => {
+                    match health.remove_slot(o.slot) {
+                        Ok(()) => tracing::info!(volume = %self.cfg().name, old = %o.location,
+                            new = %n.location, "replacement online: the old replica is dropped"),
+                        Err(e) => {
+                            tracing::warn!(volume = %self.cfg().name, replica = %o.location, error = %e,
+                                "cannot drop the replaced replica yet");
+                            keep.push((old, new));
+                        }
+                    }
+                }
+                (Some(_), Some(_)) => keep.push((old, new)),
+                _ => {}
+            }
+        }
+        self.live.lock().unwrap().replacing.extend(keep);
+    }
+
     /// Compare the online replicas by checksum, region by region (1 MiB), while
     /// the volume serves; with `repair`, rewrite what differs from the first one.
     pub fn verify(&self, repair: bool) -> Result<replication::verify::Report, DaemonError> {
@@ -178,7 +302,7 @@ impl VolumeShared {
                 (Some(h), Some(r)) => (h.clone(), r.clone()),
                 _ => {
                     return Err(DaemonError::volume(
-                        &self.cfg.name,
+                        &self.cfg().name,
                         "not serving: start it first (ublkctl recover)",
                     ))
                 }
@@ -191,7 +315,7 @@ impl VolumeShared {
             repair,
             &replication::rebuild::Progress::default(),
         )
-        .map_err(|e| DaemonError::volume(&self.cfg.name, e.to_string()))
+        .map_err(|e| DaemonError::volume(&self.cfg().name, e.to_string()))
     }
 
     /// Apply an operator's rebuild command.
@@ -206,7 +330,7 @@ impl VolumeShared {
                 (Some(h), Some(m)) => (h.clone(), m.clone()),
                 _ => {
                     return Err(DaemonError::volume(
-                        &self.cfg.name,
+                        &self.cfg().name,
                         "not serving: start it first (ublkctl recover)",
                     ))
                 }
@@ -228,7 +352,7 @@ impl VolumeShared {
                         .map(|s| format!("#{} {}", s.slot.0, s.location))
                         .collect();
                     DaemonError::volume(
-                        &self.cfg.name,
+                        &self.cfg().name,
                         format!("no replica {replica:?}; its replicas: {}", known.join(", ")),
                     )
                 })
@@ -241,7 +365,7 @@ impl VolumeShared {
                 let slot = slot_of(replica)?;
                 manager
                     .request(slot, *full)
-                    .map_err(|e| DaemonError::volume(&self.cfg.name, e.to_string()))?;
+                    .map_err(|e| DaemonError::volume(&self.cfg().name, e.to_string()))?;
                 v(&slot)
             }
             RebuildAction::Cancel { replica } => {
@@ -258,17 +382,17 @@ impl VolumeShared {
         // Not serving (yet): the last persisted record, if the volume ever ran.
         let rec = match &live.health {
             Some(_) => None,
-            None => self.state_dir.load(&self.cfg.name).ok().flatten(),
+            None => self.state_dir.load(&self.cfg().name).ok().flatten(),
         };
         let (replicas, io) = match &live.health {
             Some(h) => (
                 h.snapshot()
                     .slots
                     .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
+                    .map(|s| {
+                        // The slot number: what `ublkctl rebuild start VOL #N` takes.
                         let mut r = ReplicaStatus::of(
-                            i,
+                            s.slot.0 as usize,
                             s.location.clone(),
                             Some(s.uuid),
                             Some(&s.state),
@@ -281,7 +405,7 @@ impl VolumeShared {
                 h.stats.snapshot(),
             ),
             None => (
-                self.cfg
+                self.cfg()
                     .replicas
                     .iter()
                     .enumerate()
@@ -300,7 +424,7 @@ impl VolumeShared {
             ),
         };
         VolumeStatus {
-            name: self.cfg.name.clone(),
+            name: self.cfg().name.clone(),
             state,
             reason: live.reason.clone(),
             device: live
@@ -309,8 +433,8 @@ impl VolumeShared {
                 .map(|id| format!("/dev/ublkb{id}")),
             device_id: live.device_id,
             generation: live.generation.0,
-            size: self.cfg.size,
-            block_size: self.cfg.block_size,
+            size: self.cfg().size,
+            block_size: self.cfg().block_size,
             queues: live.queues,
             depth: live.depth,
             ublk_flags: live.ublk_flags,
@@ -363,7 +487,7 @@ impl VolumeRunner {
         net: Net,
     ) -> VolumeRunner {
         let shared = Arc::new(VolumeShared {
-            cfg: cfg.clone(),
+            cfg: Mutex::new(cfg.clone()),
             state_dir: state_dir.clone(),
             live: Mutex::new(Live {
                 device_id,
@@ -391,7 +515,7 @@ impl VolumeRunner {
     /// Status of a configured volume that was never started.
     pub fn not_started(cfg: &VolumeConfig, state_dir: &StateDir) -> VolumeStatus {
         VolumeShared {
-            cfg: cfg.clone(),
+            cfg: Mutex::new(cfg.clone()),
             state_dir: state_dir.clone(),
             live: Mutex::new(Live::default()),
         }
@@ -510,9 +634,9 @@ fn run(
     let stop_reopen = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
         std::thread::Builder::new()
-            .name(format!("reopen-{}", cfg.name))
+            .name(format!("house-{}", cfg.name))
             .spawn_scoped(sc, || {
-                reopen_unreachable(cfg, net, &record, &health, &stop_reopen)
+                housekeeping(cfg, net, &record, &health, shared, &stop_reopen)
             })
             .map_err(|e| DaemonError::volume(&cfg.name, format!("start a thread: {e}")))?;
         let out = serve(
@@ -534,17 +658,20 @@ fn run(
     })
 }
 
-/// Keep OPENing the remote replicas activation could not reach (their node was
-/// down), so that the rebuild manager can catch them up once they are back.
-fn reopen_unreachable(
+/// Every 2 s: keep OPENing the remote replicas activation could not reach (their
+/// node was down), so that the rebuild manager can catch them up once they are
+/// back; drop replaced replicas whose replacement is online.
+fn housekeeping(
     cfg: &VolumeConfig,
     net: &Net,
     record: &crate::state::VolumeRecord,
     health: &Arc<Health>,
+    shared: &VolumeShared,
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let mut failed_once = std::collections::HashSet::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        shared.finish_replacements(health);
         let snap = health.snapshot();
         for (slot, location) in health.unopened() {
             let Some(r) = cfg

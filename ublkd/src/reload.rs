@@ -1,0 +1,328 @@
+//! `ublkctl reload` / SIGHUP: what a re-read configuration changes, decided by a
+//! pure function of the old and the new one ([`plan`]); the daemon applies it.
+//!
+//! Applied live: volumes added (started) and removed (stopped, refused while in
+//! use), replicas added (opened, then fully rebuilt), removed (dropped; never the
+//! last online one) or replaced (a changed path or address at the same place in
+//! the list: the new one is added and rebuilt, the old one dropped once the new
+//! one is online), and the `[rebuild]` limits. Refused, changing nothing: a
+//! volume's size or block size, and `[node]` or `[server]` settings (a restart
+//! applies those). Other volume keys (queues, depth, max_io, device_id,
+//! partial_window_s) are taken at the volume's next start.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, RebuildConfig, VolumeConfig};
+
+/// One change a reload makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    RebuildLimits {
+        rate: u64,
+        max_concurrent: u32,
+        partial_window_s: u32,
+    },
+    VolumeAdded {
+        volume: String,
+    },
+    VolumeRemoved {
+        volume: String,
+    },
+    ReplicaAdded {
+        volume: String,
+        replica: String,
+    },
+    ReplicaRemoved {
+        volume: String,
+        replica: String,
+    },
+    /// `new` is added and rebuilt; `old` goes once `new` is online.
+    ReplicaReplaced {
+        volume: String,
+        old: String,
+        new: String,
+    },
+    /// Taken when the volume next starts.
+    AtNextStart {
+        volume: String,
+        key: String,
+    },
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::RebuildLimits {
+                rate,
+                max_concurrent,
+                partial_window_s,
+            } => write!(
+                f,
+                "[rebuild]: rate {rate} B/s, {max_concurrent} at once, partial window {partial_window_s} s"
+            ),
+            Change::VolumeAdded { volume } => write!(f, "volume {volume}: added, starting"),
+            Change::VolumeRemoved { volume } => write!(f, "volume {volume}: removed, stopping"),
+            Change::ReplicaAdded { volume, replica } => {
+                write!(f, "volume {volume}: replica {replica} added (full rebuild)")
+            }
+            Change::ReplicaRemoved { volume, replica } => {
+                write!(f, "volume {volume}: replica {replica} removed")
+            }
+            Change::ReplicaReplaced { volume, old, new } => write!(
+                f,
+                "volume {volume}: replica {old} replaced by {new} (rebuilt; {old} dropped once it is online)"
+            ),
+            Change::AtNextStart { volume, key } => {
+                write!(f, "volume {volume}: {key} changed: taken at the volume's next start")
+            }
+        }
+    }
+}
+
+/// Why a reload changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("[node] {key} changed: restart ublkd to apply it (nothing was changed)")]
+    Node { key: &'static str },
+    #[error("[server] changed: restart ublkd to apply it (nothing was changed)")]
+    Server,
+    #[error("volume {volume}: {key} cannot change while the volume exists ({old} -> {new}); put it back (nothing was changed)")]
+    Geometry {
+        volume: String,
+        key: &'static str,
+        old: u64,
+        new: u64,
+    },
+}
+
+/// What changes from `old` to `new`, in the order to apply it, or why nothing may.
+pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
+    let (a, b) = (&old.node, &new.node);
+    let node_keys: [(&'static str, bool); 6] = [
+        ("state_dir", a.state_dir != b.state_dir),
+        ("control_socket", a.control_socket != b.control_socket),
+        ("log_level", a.log_level != b.log_level),
+        (
+            "cluster_secret_file",
+            a.cluster_secret_file != b.cluster_secret_file,
+        ),
+        ("io_timeout_ms", a.io_timeout_ms != b.io_timeout_ms),
+        (
+            "no_replica_timeout_ms",
+            a.no_replica_timeout_ms != b.no_replica_timeout_ms,
+        ),
+    ];
+    if let Some((key, _)) = node_keys.iter().find(|(_, changed)| *changed) {
+        return Err(Refused::Node { key });
+    }
+    if old.server != new.server {
+        return Err(Refused::Server);
+    }
+    let mut changes = Vec::new();
+    for v in &new.volumes {
+        if let Some(o) = old.volume(&v.name) {
+            for (key, was, is) in [
+                ("size", o.size, v.size),
+                ("block_size", o.block_size.into(), v.block_size.into()),
+            ] {
+                if was != is {
+                    return Err(Refused::Geometry {
+                        volume: v.name.clone(),
+                        key,
+                        old: was,
+                        new: is,
+                    });
+                }
+            }
+        }
+    }
+    if old.rebuild != new.rebuild {
+        let RebuildConfig {
+            rate,
+            max_concurrent,
+            partial_window_s,
+        } = new.rebuild;
+        changes.push(Change::RebuildLimits {
+            rate,
+            max_concurrent,
+            partial_window_s,
+        });
+    }
+    for o in &old.volumes {
+        if new.volume(&o.name).is_none() {
+            changes.push(Change::VolumeRemoved {
+                volume: o.name.clone(),
+            });
+        }
+    }
+    for v in &new.volumes {
+        match old.volume(&v.name) {
+            None => changes.push(Change::VolumeAdded {
+                volume: v.name.clone(),
+            }),
+            Some(o) => {
+                replica_changes(o, v, &mut changes);
+                for (key, changed) in [
+                    ("queues", o.queues != v.queues),
+                    ("depth", o.depth != v.depth),
+                    ("max_io", o.max_io_bytes != v.max_io_bytes),
+                    ("device_id", o.device_id != v.device_id),
+                    ("partial_window_s", o.partial_window_s != v.partial_window_s),
+                ] {
+                    if changed {
+                        changes.push(Change::AtNextStart {
+                            volume: v.name.clone(),
+                            key: key.into(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// Replicas by location: gone, new, and a changed location at the same place in
+/// the list (both gone and new) is a replacement.
+fn replica_changes(old: &VolumeConfig, new: &VolumeConfig, out: &mut Vec<Change>) {
+    let locs = |v: &VolumeConfig| v.replicas.iter().map(|r| r.location()).collect::<Vec<_>>();
+    let (was, is) = (locs(old), locs(new));
+    let gone: Vec<usize> = (0..was.len()).filter(|&i| !is.contains(&was[i])).collect();
+    let fresh: Vec<usize> = (0..is.len()).filter(|&i| !was.contains(&is[i])).collect();
+    let volume = || new.name.clone();
+    let mut paired_new = Vec::new();
+    for &i in &gone {
+        if fresh.contains(&i) {
+            paired_new.push(i);
+            out.push(Change::ReplicaReplaced {
+                volume: volume(),
+                old: was[i].clone(),
+                new: is[i].clone(),
+            });
+        } else {
+            out.push(Change::ReplicaRemoved {
+                volume: volume(),
+                replica: was[i].clone(),
+            });
+        }
+    }
+    for &i in fresh.iter().filter(|i| !paired_new.contains(i)) {
+        out.push(Change::ReplicaAdded {
+            volume: volume(),
+            replica: is[i].clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(body: &str) -> Config {
+        Config::parse(body, "t.toml").unwrap()
+    }
+
+    fn vol(name: &str, size: &str, replicas: &[&str]) -> String {
+        let r: Vec<String> = replicas
+            .iter()
+            .map(|p| format!("{{ local = \"/r/{p}\" }}"))
+            .collect();
+        format!(
+            "[[volume]]\nname = \"{name}\"\nsize = \"{size}\"\nreplicas = [{}]\n",
+            r.join(", ")
+        )
+    }
+
+    #[test]
+    fn replica_lists_become_adds_removes_and_replacements() {
+        let old = cfg(&vol("v", "1GiB", &["a", "b"]));
+        type Case = (&'static str, Vec<&'static str>, Vec<Change>);
+        let add = |r: &str| Change::ReplicaAdded {
+            volume: "v".into(),
+            replica: format!("/r/{r}"),
+        };
+        let rm = |r: &str| Change::ReplicaRemoved {
+            volume: "v".into(),
+            replica: format!("/r/{r}"),
+        };
+        let repl = |o: &str, n: &str| Change::ReplicaReplaced {
+            volume: "v".into(),
+            old: format!("/r/{o}"),
+            new: format!("/r/{n}"),
+        };
+        let cases: Vec<Case> = vec![
+            ("unchanged", vec!["a", "b"], vec![]),
+            ("reordered", vec!["b", "a"], vec![]),
+            ("added", vec!["a", "b", "c"], vec![add("c")]),
+            ("removed", vec!["a"], vec![rm("b")]),
+            ("replaced in place", vec!["a", "c"], vec![repl("b", "c")]),
+            (
+                "removed and added elsewhere",
+                vec!["c", "a"],
+                vec![rm("b"), add("c")],
+            ),
+        ];
+        for (name, replicas, want) in cases {
+            let new = cfg(&vol("v", "1GiB", &replicas));
+            assert_eq!(plan(&old, &new).unwrap(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn volumes_come_and_go_and_other_keys_wait_for_a_restart() {
+        let old = cfg(&(vol("v", "1GiB", &["a"]) + &vol("w", "1GiB", &["b"])));
+        let new = cfg(&format!(
+            "[rebuild]\nrate = \"10MiB\"\n{}{}",
+            vol("v", "1GiB", &["a"]).replace("replicas", "queues = 2\nreplicas"),
+            vol("x", "1GiB", &["c"])
+        ));
+        assert_eq!(
+            plan(&old, &new).unwrap(),
+            vec![
+                Change::RebuildLimits {
+                    rate: 10 << 20,
+                    max_concurrent: 2,
+                    partial_window_s: 600
+                },
+                Change::VolumeRemoved { volume: "w".into() },
+                Change::AtNextStart {
+                    volume: "v".into(),
+                    key: "queues".into()
+                },
+                Change::VolumeAdded { volume: "x".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn geometry_node_and_server_changes_are_refused_by_name() {
+        let old = cfg(&vol("v", "1GiB", &["a"]));
+        let e = plan(&old, &cfg(&vol("v", "2GiB", &["a"]))).unwrap_err();
+        assert_eq!(
+            e,
+            Refused::Geometry {
+                volume: "v".into(),
+                key: "size",
+                old: 1 << 30,
+                new: 2 << 30
+            }
+        );
+        assert!(e.to_string().contains("nothing was changed"));
+        let bs = vol("v", "1GiB", &["a"]).replace("replicas", "block_size = 4096\nreplicas");
+        assert!(matches!(
+            plan(&old, &cfg(&bs)),
+            Err(Refused::Geometry {
+                key: "block_size",
+                ..
+            })
+        ));
+        let node = format!("[node]\nio_timeout_ms = 5000\n{}", vol("v", "1GiB", &["a"]));
+        assert_eq!(
+            plan(&old, &cfg(&node)),
+            Err(Refused::Node {
+                key: "io_timeout_ms"
+            })
+        );
+    }
+}
