@@ -592,6 +592,24 @@ impl<U: Uring> Replica for LocalReplica<U> {
         })
     }
 
+    /// `SEEK_DATA` from `offset`: no data before `offset + len` means a hole.
+    fn is_hole(&self, offset: ByteOffset, len: ByteLen) -> Option<bool> {
+        if self.backing.kind != BackingKind::File {
+            return None;
+        }
+        use std::os::fd::AsRawFd;
+        let fd = self.backing.buffered.as_raw_fd();
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let at = unsafe { libc::lseek(fd, offset.0 as libc::off_t, libc::SEEK_DATA) };
+        if at < 0 {
+            // ENXIO: no data at or after offset (the label area is data, so this
+            // only happens on a filesystem that reports none at all).
+            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
+                .then_some(true);
+        }
+        Some(at as u64 >= offset.0 + len.0)
+    }
+
     /// Reads through an aligned buffer, so the range goes `O_DIRECT` like the data
     /// path (no page cache filled by a verify).
     fn checksum<'a>(

@@ -37,6 +37,12 @@ pub trait Replica {
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_>;
     /// The range reads back as zeroes afterwards.
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_>;
+    /// `Some(true)`: `[offset, offset + len)` is certainly a hole (reads back as
+    /// zeroes, nothing allocated), so a rebuild zeroes it on the target instead of
+    /// copying it. `None`: unknown (the default, and block devices).
+    fn is_hole(&self, _offset: ByteOffset, _len: ByteLen) -> Option<bool> {
+        None
+    }
     /// CRC32C of `[offset, offset + len)` into `out`, computed where the data is: a
     /// remote replica asks its server (the data does not cross the network). This
     /// default reads the range here, 1 MiB at a time.

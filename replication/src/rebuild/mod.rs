@@ -202,6 +202,12 @@ fn stop(
     Ok(Outcome::Stopped { bytes, reason })
 }
 
+/// What a source read found.
+enum Read {
+    Data,
+    Hole,
+}
+
 struct Copier<'a> {
     health: &'a Arc<Health>,
     ranges: &'a RangeTable,
@@ -266,9 +272,13 @@ impl Copier<'_> {
         self.map.clear(offset, len);
         let n = len.0 as usize;
         let mut buf = std::mem::take(&mut self.buf);
-        let res = self.read_source(offset, &mut buf[..n]).and_then(|()| {
-            futures::executor::block_on(self.target.write(offset, &buf[..n], false))
-                .map_err(|e| self.target_failed(offset, len, e))
+        let res = self.read_source(offset, &mut buf[..n]).and_then(|read| {
+            let write = match read {
+                Read::Data => self.target.write(offset, &buf[..n], false),
+                // A hole on the source: zeroed on the target (a punch), not copied.
+                Read::Hole => self.target.write_zeroes(offset, len, false),
+            };
+            futures::executor::block_on(write).map_err(|e| self.target_failed(offset, len, e))
         });
         self.buf = buf;
         if res.is_err() {
@@ -277,8 +287,9 @@ impl Copier<'_> {
         res
     }
 
-    /// Read from an online replica, failing over to another when one fails.
-    fn read_source(&mut self, offset: ByteOffset, buf: &mut [u8]) -> Result<(), FaultReason> {
+    /// Read from an online replica, failing over to another when one fails; a
+    /// range the source knows to be a hole is not read.
+    fn read_source(&mut self, offset: ByteOffset, buf: &mut [u8]) -> Result<Read, FaultReason> {
         loop {
             let online = self.health.read_mask() & !(1 << self.slot.get());
             // Local replicas first: no network round trip.
@@ -299,8 +310,11 @@ impl Copier<'_> {
                     })
                 }
             };
+            if handle.is_hole(offset, ByteLen(buf.len() as u64)) == Some(true) {
+                return Ok(Read::Hole);
+            }
             match futures::executor::block_on(handle.read(offset, buf)) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Read::Data),
                 Err(e) => match self.health.read_failed(src, e) {
                     ReadVerdict::Retry => continue,
                     ReadVerdict::Fail(_) => {
@@ -623,5 +637,79 @@ pub(crate) mod tests {
             Err(ReplicationError::NoDirtyLog(_))
         ));
         assert!(matches!(state(&h, s.get()), ReplicaState::Faulted { .. }));
+    }
+
+    #[test]
+    fn a_full_rebuild_from_a_sparse_local_source_zeroes_its_holes_on_the_target() {
+        use crate::backing::Backing;
+        use crate::local::{Create, LocalBacking};
+        const SIZE: u64 = 8 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            Arc::new(LocalBacking::open(&dir.path().join(name), SIZE, Create::IfMissing).unwrap())
+        };
+        let (a, b) = (open("a.img"), open("b.img"));
+        // The target is stale: garbage everywhere a hole of the source must read zero.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("b.img"))
+                .unwrap();
+            f.write_all_at(&vec![0xAB; SIZE as usize], 0).unwrap();
+            f.sync_all().unwrap();
+        }
+        let h = crate::testing::health_over(
+            "sparse",
+            wire::VolumeUuid::random(),
+            SIZE,
+            vec![
+                (wire::ReplicaUuid::random(), Backing::Local(a.clone())),
+                (wire::ReplicaUuid::random(), Backing::Local(b.clone())),
+            ],
+            Box::new(crate::testing::RecordingSink::default()),
+        );
+        h.set_state(
+            SlotIndex(1),
+            ReplicaState::Faulted {
+                reason: FaultReason::NewReplica,
+            },
+        )
+        .unwrap();
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        write(&n, 3 << 20, 64 * K, 7);
+        let out = rebuild(
+            &h,
+            &ranges,
+            SlotIndex(1),
+            RebuildKind::Full,
+            CopyConfig::default(),
+            &Progress::default(),
+        )
+        .unwrap();
+        assert!(matches!(out, Outcome::Done { bytes: SIZE, .. }), "{out:?}");
+        let data = |p: &str| {
+            let mut v = std::fs::read(dir.path().join(p)).unwrap();
+            v.truncate(SIZE as usize);
+            v
+        };
+        let (da, db) = (data("a.img"), data("b.img"));
+        assert_eq!(da[(3 << 20) as usize], 7);
+        assert!(da == db, "the target holds the source's data and zeroes");
+        // Where the filesystem reports holes, the copy skipped them: the target
+        // has (about) the one written megabyte allocated, not eight.
+        let handle = Backing::Local(a).thread_handle().unwrap();
+        if handle.is_hole(ByteOffset(0), ByteLen(1 << 20)) == Some(true) {
+            use std::os::unix::fs::MetadataExt;
+            let allocated = std::fs::metadata(dir.path().join("b.img"))
+                .unwrap()
+                .blocks()
+                * 512;
+            assert!(
+                allocated <= 2 << 20,
+                "{allocated} bytes allocated on the target"
+            );
+        }
     }
 }
