@@ -46,7 +46,6 @@ pub enum Request {
     /// Start or cancel a rebuild, or list the volume's rebuild history.
     Rebuild {
         volume: String,
-        #[serde(flatten)]
         action: RebuildAction,
     },
 }
@@ -199,6 +198,38 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, DaemonErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_request_survives_the_socket_encoding() {
+        let reqs = [
+            Request::List,
+            Request::Status { volume: "v".into() },
+            Request::Reload,
+            Request::Verify {
+                volume: "v".into(),
+                repair: true,
+            },
+            Request::Rebuild {
+                volume: "v".into(),
+                action: RebuildAction::Start {
+                    replica: "#1".into(),
+                    full: false,
+                },
+            },
+            Request::Rebuild {
+                volume: "v".into(),
+                action: RebuildAction::Cancel { replica: None },
+            },
+            Request::Rebuild {
+                volume: "v".into(),
+                action: RebuildAction::History,
+            },
+        ];
+        for r in reqs {
+            let line = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r, "{line}");
+        }
+    }
 
     #[test]
     fn request_wire_format_is_tagged_json() {
