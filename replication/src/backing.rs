@@ -52,7 +52,11 @@ impl Backing {
     }
 
     pub fn is_remote(&self) -> bool {
-        matches!(self, Backing::Remote(_))
+        match self {
+            Backing::Remote(_) => true,
+            Backing::Memory(m) => m.plays_remote(),
+            Backing::Local(_) => false,
+        }
     }
 
     /// Replace the membership part of the replica's label, durably. Blocks: call

@@ -41,6 +41,7 @@ use crate::error::{Errno, ReplicationError};
 use crate::ids::{ByteLen, ByteOffset, Epoch, Generation, ReplicaUuid, SlotIndex};
 use crate::remote::{ConnEvents, Lost};
 use crate::state::{FaultReason, IoOp, ReplicaState};
+use crate::unflushed::Unflushed;
 use crate::wake::{Kick, Signal};
 
 /// What the persister makes durable besides the labels (the daemon's state dir).
@@ -114,6 +115,8 @@ pub struct Log {
 pub struct ReplicaSet {
     pub epoch: u64,
     pub backings: Vec<Option<Backing>>,
+    /// Per slot, for remote replicas: what they acknowledged and did not flush.
+    pub unflushed: Vec<Option<Arc<Unflushed>>>,
 }
 
 /// Volume I/O counters (relaxed atomics: statistics only).
@@ -241,6 +244,8 @@ struct Slot {
     dirty: Option<Arc<DirtyMap>>,
     /// Set with `dirty`.
     origin: Option<LogOrigin>,
+    /// A remote replica's acknowledged writes not yet flushed.
+    unflushed: Option<Arc<Unflushed>>,
 }
 
 struct Inner {
@@ -426,6 +431,7 @@ impl From<SlotSpec> for Slot {
             outdate: None,
             origin: s.dirty.as_ref().map(|l| l.origin),
             dirty: s.dirty.map(|l| l.map),
+            unflushed: None,
         }
     }
 }
@@ -486,7 +492,10 @@ impl Health {
                 s.location
             );
         }
-        let slots: Vec<Slot> = slots.into_iter().map(Slot::from).collect();
+        let mut slots: Vec<Slot> = slots.into_iter().map(Slot::from).collect();
+        for s in slots.iter_mut().filter(|s| s.remote) {
+            s.unflushed = Some(Arc::new(Unflushed::new(cfg.size)));
+        }
         let al = match &cfg.logs {
             Some(logs) => Some(open_logs(logs, cfg.size, &slots)?),
             None => None,
@@ -494,6 +503,7 @@ impl Health {
         let set = Arc::new(ReplicaSet {
             epoch: 1,
             backings: slots.iter().map(|s| s.backing.clone()).collect(),
+            unflushed: slots.iter().map(|s| s.unflushed.clone()).collect(),
         });
         let h = Arc::new(Health {
             write_mask: AtomicU64::new(0),
@@ -797,6 +807,17 @@ impl Health {
                 s.dirty = DirtyMap::new(self.size, self.grain).ok().map(Arc::new);
                 s.origin = Some(LogOrigin::now(LogKind::Missed, inner.membership.epoch));
             }
+            _ => {}
+        }
+        // What it acknowledged without flushing may be gone with its server's cache.
+        if let (ReplicaState::Faulted { .. }, true, Some(m), Some(u)) =
+            (&next, leaves_write_set, &s.dirty, &s.unflushed)
+        {
+            for (offset, len) in u.regions() {
+                m.mark(offset, len);
+            }
+        }
+        match next {
             ReplicaState::Online | ReplicaState::Removed => {
                 s.dirty = None;
                 s.origin = None;
@@ -1174,7 +1195,10 @@ impl Health {
         };
         let free = (0..inner.slots.len())
             .find(|&i| inner.slots[i].state == ReplicaState::Removed && !busy(i, &inner));
-        let slot = Slot::from(spec);
+        let mut slot = Slot::from(spec);
+        if slot.remote {
+            slot.unflushed = Some(Arc::new(Unflushed::new(self.size)));
+        }
         let i = match free {
             Some(i) => {
                 inner.slots[i] = slot;
@@ -1258,6 +1282,7 @@ impl Health {
             Arc::new(ReplicaSet {
                 epoch,
                 backings: inner.slots.iter().map(|s| s.backing.clone()).collect(),
+                unflushed: inner.slots.iter().map(|s| s.unflushed.clone()).collect(),
             }),
         );
         inner.retired.push(Arc::downgrade(&old));

@@ -38,6 +38,7 @@ pub mod replica;
 pub mod request;
 pub mod state;
 pub mod testing;
+pub mod unflushed;
 pub mod uring;
 pub mod verify;
 pub mod wake;

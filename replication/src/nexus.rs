@@ -47,6 +47,33 @@ impl QueueSet {
     fn handle(&self, i: SlotIndex) -> Option<&dyn Replica> {
         self.handles.get(i.get())?.as_deref()
     }
+
+    /// Send `m` to slot `i`, keeping its unflushed regions (remote replicas) up
+    /// to date: marked when a write completes, forgotten when a FLUSH sent after
+    /// it completes.
+    async fn send(&self, i: SlotIndex, m: &Mutation<'_>) -> Result<(), Errno> {
+        let Some(r) = self.handle(i) else {
+            return Err(Errno::EIO);
+        };
+        let Some(u) = self._set.unflushed.get(i.get()).and_then(Option::as_ref) else {
+            return m.start(r).await;
+        };
+        match m.req {
+            BlockRequest::Flush => {
+                let t = u.flush_sent();
+                m.start(r).await?;
+                u.flushed(t);
+            }
+            BlockRequest::Write { fua: true, .. } => m.start(r).await?,
+            req => {
+                m.start(r).await?;
+                if let Some((offset, len)) = req.range() {
+                    u.wrote(offset, len);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A mutation, as sent to each replica: the request, and a WRITE's data.
@@ -301,22 +328,13 @@ impl Nexus {
         if attempted.count_ones() == 1 {
             // One replica: no join, no allocation on the hot path.
             let i = SlotIndex(attempted.trailing_zeros() as u8);
-            return match set.handle(i) {
-                Some(r) => match m.start(r).await {
-                    Ok(()) => Vec::new(),
-                    Err(e) => vec![(i, e)],
-                },
-                None => vec![(i, Errno::EIO)],
+            return match set.send(i, m).await {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![(i, e)],
             };
         }
         let targets: Vec<SlotIndex> = indices(attempted).collect();
-        let results = join_all(targets.iter().map(|&i| async move {
-            match set.handle(i) {
-                Some(r) => m.start(r).await,
-                None => Err(Errno::EIO),
-            }
-        }))
-        .await;
+        let results = join_all(targets.iter().map(|&i| set.send(i, m))).await;
         targets
             .into_iter()
             .zip(results)

@@ -32,6 +32,8 @@ pub struct MemStore {
     label: Mutex<Option<wire::label::Label>>,
     /// Label writes fail with EIO.
     fail_labels: std::sync::atomic::AtomicBool,
+    /// Counts as a remote replica (its unflushed writes are tracked).
+    remote: std::sync::atomic::AtomicBool,
 }
 
 impl MemStore {
@@ -45,7 +47,17 @@ impl MemStore {
             latency_us: AtomicU64::new(0),
             label: Mutex::new(None),
             fail_labels: Default::default(),
+            remote: Default::default(),
         })
+    }
+
+    /// Make it count as a remote replica (before the health is made).
+    pub fn play_remote(&self) {
+        self.remote.store(true, Ordering::Release);
+    }
+
+    pub fn plays_remote(&self) -> bool {
+        self.remote.load(Ordering::Acquire)
     }
 
     pub fn set_latency(&self, d: std::time::Duration) {
@@ -345,7 +357,30 @@ pub fn mem_volume_logged(
     Arc<crate::health::Health>,
     Arc<RecordingSink>,
 ) {
+    mem_volume_of((0..n).map(|_| MemStore::new(1 << 20)).collect(), logs)
+}
+
+/// [`mem_volume`] whose replicas `remote` count as remote ones.
+pub fn mem_volume_remote(
+    n: usize,
+    remote: &[usize],
+) -> (Vec<Arc<MemStore>>, Arc<crate::health::Health>) {
     let stores: Vec<Arc<MemStore>> = (0..n).map(|_| MemStore::new(1 << 20)).collect();
+    for &i in remote {
+        stores[i].play_remote();
+    }
+    let (s, h, _) = mem_volume_of(stores, None);
+    (s, h)
+}
+
+fn mem_volume_of(
+    stores: Vec<Arc<MemStore>>,
+    logs: Option<&std::path::Path>,
+) -> (
+    Vec<Arc<MemStore>>,
+    Arc<crate::health::Health>,
+    Arc<RecordingSink>,
+) {
     let sink = Arc::new(RecordingSink::default());
     let backings = stores
         .iter()

@@ -712,4 +712,35 @@ pub(crate) mod tests {
             );
         }
     }
+
+    #[test]
+    fn what_a_remote_replica_acked_but_did_not_flush_is_rebuilt_after_its_fault() {
+        use crate::testing::mem_volume_remote;
+        let (stores, h) = mem_volume_remote(2, &[1]);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        write(&n, 0, 4 * K, 1);
+        futures::executor::block_on(n.submit(BlockRequest::Flush, &mut [])).unwrap();
+        // Acknowledged by both, never flushed: the server may lose it.
+        write(&n, 512 * K, 4 * K, 2);
+        // Its host goes down: the unflushed write is gone with its cache.
+        stores[1].put(512 * K as usize, &[0u8; 4096]);
+        stores[1].set_fault(Fault::All);
+        write(&n, 700 * K, 4 * K, 3);
+        assert!(matches!(state(&h, 1), ReplicaState::Faulted { .. }));
+        let map = h.dirty_map(SlotIndex(1)).unwrap();
+        assert!(
+            map.any(ByteOffset(512 * K), ByteLen(4 * K)),
+            "the unflushed write"
+        );
+        assert!(
+            map.any(ByteOffset(700 * K), ByteLen(4 * K)),
+            "the missed write"
+        );
+        assert!(!map.any(ByteOffset(0), ByteLen(4 * K)), "flushed: not lost");
+        stores[1].set_fault(Fault::None);
+        let out = partial(&h, &ranges, 1, &Progress::default()).unwrap();
+        assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+        assert_eq!(stores[0].bytes(0, 1 << 20), stores[1].bytes(0, 1 << 20));
+    }
 }
