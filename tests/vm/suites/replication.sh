@@ -213,7 +213,8 @@ repl_restart() {
 # rebuild that copied between MIN and MAX bytes.
 last_rebuild_is() {
   _h=$("$UBLKCTL" --socket "$SOCK" --output json rebuild history $VOL | tr -d ' \n')
-  _last=${_h##*\{\"started_unix_ms\"}
+  # The entries are objects in an array, oldest first: keep the last one.
+  _last=$(echo "$_h" | sed 's/.*},{/{/')
   say "last rebuild: $_last"
   case "$_last" in *"\"rebuild\":\"$1\""*) ;; *) fail "last rebuild is not $1: $_h" ;; esac
   case "$_last" in *'"outcome":"done"'*) ;; *) fail "last rebuild did not finish: $_h" ;; esac
