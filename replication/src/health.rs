@@ -913,6 +913,9 @@ impl Health {
     /// Mark the range of a mutation that reached only the slots in `took_it` in
     /// the dirty map of every logged slot it skipped.
     fn log_missed(&self, took_it: u64, range: Option<(ByteOffset, ByteLen)>) {
+        if cfg!(feature = "bench-no-dirty-log") {
+            return;
+        }
         let missed = self.logged_mask.load(Ordering::SeqCst) & !took_it;
         let Some((offset, len)) = range.filter(|_| missed != 0) else {
             return;

@@ -104,6 +104,10 @@ pub struct RebuildConfig {
     /// A replica away longer than this (seconds) is rebuilt in full, not in part;
     /// a volume's `partial_window_s` overrides it.
     pub partial_window_s: u32,
+    /// Bytes per dirty-map region (a power of two, 4KiB..4MiB): what a partial
+    /// rebuild copies per write missed. Changing it makes saved maps unusable (full
+    /// rebuilds of the replicas that had one).
+    pub grain: u32,
 }
 
 /// Default of `[rebuild] rate`: 64 MiB/s, most of a disk's bandwidth left to
@@ -122,6 +126,7 @@ impl Default for RebuildConfig {
             rate: DEFAULT_REBUILD_RATE,
             max_concurrent: DEFAULT_REBUILD_CONCURRENCY,
             partial_window_s: DEFAULT_PARTIAL_WINDOW_S,
+            grain: replication::dirty::Grain::DEFAULT.0,
         }
     }
 }
@@ -460,6 +465,7 @@ struct RawRebuild {
     rate: Option<Spanned<RawSize>>,
     max_concurrent: Option<Spanned<i64>>,
     partial_window_s: Option<Spanned<i64>>,
+    grain: Option<Spanned<RawSize>>,
 }
 
 /// Only the position of the `server` table, when it has one (it has none if
@@ -707,6 +713,29 @@ impl Validator<'_> {
                 0,
                 i64::from(MAX_PARTIAL_WINDOW_S),
             )? as u32;
+        }
+        if let Some(v) = raw.grain {
+            let bytes = v
+                .get_ref()
+                .bytes()
+                .map_err(|m| self.invalid(&v.span(), &section, "grain", m))?;
+            let ok = u32::try_from(bytes)
+                .ok()
+                .map(replication::dirty::Grain)
+                .and_then(|g| g.check().ok());
+            r.grain = ok
+                .ok_or_else(|| {
+                    self.invalid(
+                        &v.span(),
+                        &section,
+                        "grain",
+                        format!(
+                            "must be a power of two between 4KiB and 4MiB, got {}",
+                            v.get_ref().as_written()
+                        ),
+                    )
+                })?
+                .0;
         }
         Ok(r)
     }
@@ -1733,7 +1762,8 @@ replicas = [
             RebuildConfig {
                 rate: 100 << 20,
                 max_concurrent: 1,
-                partial_window_s: 60
+                partial_window_s: 60,
+                grain: 64 << 10,
             }
         );
         assert_eq!(c.volumes[0].partial_window_s, Some(3600));
@@ -1749,6 +1779,9 @@ replicas = [
             e.contains("max_concurrent") && e.contains("between 1 and 64"),
             "{e}"
         );
+        assert_eq!(ok("[rebuild]\ngrain = \"16KiB\"\n").rebuild.grain, 16 << 10);
+        let e = err("[rebuild]\ngrain = \"48KiB\"\n").to_string();
+        assert!(e.contains("grain") && e.contains("power of two"), "{e}");
         let e = err("[rebuild]\nspeed = 1\n").to_string();
         assert!(e.contains("speed"), "{e}");
     }

@@ -279,6 +279,7 @@ mod tests {
             no_replica_timeout: std::time::Duration::from_secs(1),
             rebuild: replication::rebuild::NodeLimits::unlimited(),
             partial_window_s: 600,
+            grain: 64 << 10,
         };
         let daemon = Arc::new(Daemon::new(cfg, net, None).unwrap());
         let l = bind(&sock).unwrap();

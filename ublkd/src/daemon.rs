@@ -274,6 +274,7 @@ impl Daemon {
                 Change::VolumeAdded { volume } => {
                     done(c, self.start(volume).map_err(|e| e.to_string()))
                 }
+                Change::AtDaemonRestart { .. } => done(c, Ok(())),
                 Change::ReplicaAdded { volume, .. }
                 | Change::ReplicaRemoved { volume, .. }
                 | Change::ReplicaReplaced { volume, .. }

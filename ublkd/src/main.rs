@@ -138,6 +138,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             cfg.rebuild.max_concurrent,
         ),
         partial_window_s: cfg.rebuild.partial_window_s,
+        grain: cfg.rebuild.grain,
     };
     let mut daemon = Daemon::new(cfg, net, replica_server)?;
     daemon.set_config_path(config.to_path_buf());

@@ -21,7 +21,10 @@ pub enum Change {
     RebuildLimits {
         rate: u64,
         max_concurrent: u32,
-        partial_window_s: u32,
+    },
+    /// A `[rebuild]` key the running daemon keeps until it restarts.
+    AtDaemonRestart {
+        key: String,
     },
     VolumeAdded {
         volume: String,
@@ -56,11 +59,10 @@ impl std::fmt::Display for Change {
             Change::RebuildLimits {
                 rate,
                 max_concurrent,
-                partial_window_s,
-            } => write!(
-                f,
-                "[rebuild]: rate {rate} B/s, {max_concurrent} at once, partial window {partial_window_s} s"
-            ),
+            } => write!(f, "[rebuild]: rate {rate} B/s, {max_concurrent} at once"),
+            Change::AtDaemonRestart { key } => {
+                write!(f, "[rebuild] {key} changed: taken when ublkd restarts")
+            }
             Change::VolumeAdded { volume } => write!(f, "volume {volume}: added, starting"),
             Change::VolumeRemoved { volume } => write!(f, "volume {volume}: removed, stopping"),
             Change::ReplicaAdded { volume, replica } => {
@@ -137,17 +139,28 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
             }
         }
     }
-    if old.rebuild != new.rebuild {
+    let (r0, r1) = (&old.rebuild, &new.rebuild);
+    if (r0.rate, r0.max_concurrent) != (r1.rate, r1.max_concurrent) {
         let RebuildConfig {
             rate,
             max_concurrent,
-            partial_window_s,
-        } = new.rebuild;
+            ..
+        } = *r1;
         changes.push(Change::RebuildLimits {
             rate,
             max_concurrent,
-            partial_window_s,
         });
+    }
+    for (key, changed) in [
+        (
+            "partial_window_s",
+            r0.partial_window_s != r1.partial_window_s,
+        ),
+        ("grain", r0.grain != r1.grain),
+    ] {
+        if changed {
+            changes.push(Change::AtDaemonRestart { key: key.into() });
+        }
     }
     for o in &old.volumes {
         if new.volume(&o.name).is_none() {
@@ -283,7 +296,6 @@ mod tests {
                 Change::RebuildLimits {
                     rate: 10 << 20,
                     max_concurrent: 2,
-                    partial_window_s: 600
                 },
                 Change::VolumeRemoved { volume: "w".into() },
                 Change::AtNextStart {

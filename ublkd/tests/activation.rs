@@ -33,6 +33,7 @@ fn net(rt: &tokio::runtime::Runtime) -> Net {
         no_replica_timeout: Duration::from_secs(10),
         rebuild: replication::rebuild::NodeLimits::unlimited(),
         partial_window_s: 600,
+        grain: 64 << 10,
     }
 }
 

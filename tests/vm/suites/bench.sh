@@ -1,6 +1,6 @@
 # disks: 4 size=1G
 # timeout: 2400
-# variants: bench-crc-frames bench-unordered
+# variants: bench-crc-frames bench-unordered bench-no-dirty-log
 #
 # Benchmark: ublkd (one local replica) against the kernel loop driver (losetup --direct-io=on)
 # over the same kind of backing store, in ONE boot so the ratios compare like with like.
@@ -19,6 +19,14 @@
 #                 storing on ext4 on disk 4 and disk 2. 1 local, 1 local + 1 remote, 1 local +
 #                 2 remote; ratios against both md raid1 baselines; worst write latency across a
 #                 SIGKILL and a SIGSTOP of a replica server.
+#   bench_rebuild rebuilds, on the disks of bench_replicated: a full rebuild onto a new remote
+#                 replica (uncapped) against a raw copy of the same bytes over loopback TCP
+#                 (dd from the local disk to an nbd device whose qemu-nbd writes a file on
+#                 server 3's filesystem);
+#                 the bytes a partial rebuild copies against the regions dirtied while its
+#                 server was down; application 4k randwrite QD32 IOPS during a rebuild at the
+#                 default cap against without one; the dirty log's cost on a degraded volume
+#                 (against the bench-no-dirty-log build).
 #   bench_costs   what protocol v2's frame tags and the range table cost: the same volume run
 #                 alternately by ublkd and by a cost-model build (feature bench-crc-frames:
 #                 v1's CRC32C instead of SipHash tags; bench-unordered: no range table).
@@ -26,13 +34,14 @@
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
 
-SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs"
+SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs bench_rebuild"
 timeout_bench_virtio=900
 timeout_bench_tmpfs=900
 timeout_bench_mdraid1=900
 timeout_bench_mdraid1_nvmetcp=900
 timeout_bench_replicated=1200
 timeout_bench_costs=900
+timeout_bench_rebuild=1500
 
 REGION=256M          # fio working set (prefilled by the sequential write)
 RUNTIME=${BENCH_RUNTIME:-10}
@@ -329,6 +338,9 @@ depth = 128
 device_id = 0
 replicas = [ $2 ]
 EOF
+  if [ -n "${REBUILD_RATE:-}" ]; then
+    printf '\n[rebuild]\nrate = "%s"\n' "$REBUILD_RATE" >> "$T/$1.conf"
+  fi
   cp "$T/$1.conf" "$T/last.conf"
   start_ublkd "$T/$1.conf"
   wait_dev /dev/ublkb0 60
@@ -525,4 +537,140 @@ bench_costs() {
   echo "RESULT costs_ranges_ordered_owner_cpu_us_per_io=$(median $CPU_A)"
   echo "RESULT costs_ranges_unordered_owner_cpu_us_per_io=$(median $CPU_B)"
   rm -rf /tmp/cost
+}
+
+# ---------------------------------------------------------------------------------------------
+# bench_rebuild (see the header).
+
+# last_rebuild FIELD: a number field of the newest rebuild history entry of volume bench.
+last_rebuild() {
+  "$UBLKCTL" --socket "$SOCK" --output json rebuild history bench | tr -d ' \n' \
+    | sed 's/.*},{/{/' | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"
+}
+
+# rebuilt N: the rebuild history has N entries and no rebuild runs.
+rebuilt() {
+  [ "$("$UBLKCTL" --socket "$SOCK" --output json rebuild history bench | grep -o started_unix_ms | wc -l)" -ge "$1" ] \
+    && ! vol_status bench | grep -q '"rebuild":{'
+}
+
+# add_replica TAG REPLICA: append REPLICA to the owner's config and reload it.
+add_replica() {
+  sed -i "s|^replicas = \[ \(.*\) \]|replicas = [ \1, $2 ]|" "$T/$1.conf"
+  "$UBLKCTL" --socket "$SOCK" reload || fail "reload: $(tail -n 3 "$T/ublkd.log")"
+}
+
+bench_rebuild() {
+  need_ublk
+  set -- $VM_DISKS
+  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
+  local_disk=$3
+  for d in "$4" "$2"; do run "$MKFS_EXT4" -q -F "$d"; done
+  mkdir -p /mnt/srv2 /mnt/srv3
+  run "$MOUNT" "$4" /mnt/srv2
+  run "$MOUNT" "$2" /mnt/srv3
+  cluster_secret
+  LOG_LEVEL=warn replica_server 2 /mnt/srv2
+  LOG_LEVEL=warn replica_server 3 /mnt/srv3
+  L="{ local = \"$local_disk\" }"
+  R2() { echo "{ remote = \"127.0.0.2:7450\", id = \"$1\" }"; }
+  R3() { echo "{ remote = \"127.0.0.3:7450\", id = \"$1\" }"; }
+  size=$((512 << 20))
+
+  # 1. Full rebuild, uncapped, of the whole (written) volume onto a new replica on server 3
+  #    (source: the local disk), against the same bytes copied local disk -> TCP -> a file on
+  #    server 3's filesystem, O_DIRECT at both ends.
+  TAG=full; wipe_label "$local_disk"; REBUILD_RATE=0 repl_owner $TAG "$L, $(R2 f2)"
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=512M --output=/dev/null
+  add_replica $TAG "$(R3 f3)"
+  wait_for 900 rebuilt 1 || fail "full rebuild did not finish: $(vol_status bench)"
+  bytes=$(last_rebuild bytes); t0=$(last_rebuild started_unix_ms); t1=$(last_rebuild ended_unix_ms)
+  [ "$bytes" = "$size" ] || fail "full rebuild copied $bytes bytes, not $size"
+  rb=$(awk -v b="$bytes" -v ms=$((t1 - t0)) 'BEGIN { printf "%.1f", b / 1048576 / (ms / 1000) }')
+  stop_ublkd 60 || fail "owner did not stop"
+  # The copy: local disk -> dd -> /dev/nbd0 -> TCP -> qemu-nbd -> a file on server 3's
+  # filesystem (the path a rebuild's target writes take), 1 MiB at a time, O_DIRECT.
+  run truncate -s 512M /mnt/srv3/copy.img
+  "$QEMU_NBD" -f raw --cache=none --aio=io_uring --discard=ignore --detect-zeroes=off \
+    -x copy -b 127.0.0.3 -p $NBD_PORT -t /mnt/srv3/copy.img > "$T/qemu-nbd.log" 2>&1 &
+  nbd_srv=$!
+  wait_for 20 tcp_listening 127.0.0.3 $NBD_PORT || fail "qemu-nbd: $(head -c 300 "$T/qemu-nbd.log")"
+  run "$NBD_CLIENT" 127.0.0.3 $NBD_PORT /dev/nbd0 -N copy
+  wait_dev /dev/nbd0
+  c0=$(now)
+  run dd if="$local_disk" of=/dev/nbd0 bs=1M count=512 iflag=direct oflag=direct conv=fsync
+  c1=$(now)
+  run "$NBD_CLIENT" -d /dev/nbd0
+  kill -TERM "$nbd_srv"; wait_pid "$nbd_srv" 10
+  cp_rate=$(awk -v b=$size -v t0="$c0" -v t1="$c1" 'BEGIN { printf "%.1f", b / 1048576 / (t1 - t0) }')
+  rm -f /mnt/srv3/copy.img
+  echo "TABLE rebuild full: $rb MiB/s (uncapped); raw TCP copy of the same bytes: $cp_rate MiB/s"
+  echo "RESULT full_rebuild_mibps=$rb"
+  echo "RESULT raw_tcp_copy_mibps=$cp_rate"
+  echo "RESULT ratio_full_rebuild_vs_copy=$(awk -v a="$rb" -v b="$cp_rate" 'BEGIN { printf "%.2f", a / b }')"
+
+  # 2. Partial rebuild: server 3 is killed, 100 blocks of 4 KiB are written in 100 distinct
+  #    64 KiB regions, the server comes back: the bytes copied against the regions dirtied.
+  TAG=partial; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 p2), $(R3 p3)"
+  run dd if=/dev/urandom of=/dev/ublkb0 bs=1M count=64 oflag=direct conv=fsync
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+  for i in $(seq 0 99); do
+    dd if=/dev/urandom of=/dev/ublkb0 bs=4k count=1 seek=$(( (i * 37 % 8192) * 16 )) oflag=direct 2>/dev/null
+  done
+  LOG_LEVEL=warn replica_server 3 /mnt/srv3
+  wait_for 300 rebuilt 1 || fail "partial rebuild did not finish: $(vol_status bench)"
+  bytes=$(last_rebuild bytes)
+  echo "TABLE rebuild partial: $bytes bytes copied for 100 dirtied 64 KiB regions"
+  echo "RESULT partial_rebuild_bytes=$bytes"
+  echo "RESULT ratio_partial_bytes_vs_dirty=$(awk -v b="$bytes" 'BEGIN { printf "%.2f", b / (100 * 65536) }')"
+  stop_ublkd 60 || fail "owner did not stop"
+
+  # 3. Application 4k randwrite QD32 while a full rebuild runs at the default cap, against
+  #    the same volume without one.
+  TAG=qos; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 q2)"
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=512M --output=/dev/null
+  set -- $(fio_run /dev/ublkb0 randwrite 4k 32 qos_idle)
+  idle=$1
+  add_replica $TAG "$(R3 q3)"
+  set -- $(fio_run /dev/ublkb0 randwrite 4k 32 qos_busy)
+  busy=$1
+  vol_status bench | grep -q '"rebuild":{' \
+    || echo "TABLE qos: the rebuild ended before fio did (the ratio covers part of the run)"
+  echo "TABLE rebuild qos: app 4k randwrite QD32 $idle IOPS idle, $busy IOPS during a rebuild at 64 MiB/s"
+  echo "RESULT app_randwrite_qd32_iops_idle=$idle"
+  echo "RESULT app_randwrite_qd32_iops_during_rebuild=$busy"
+  echo "RESULT rebuild_app_iops_ratio=$(awk -v a="$busy" -v b="$idle" 'BEGIN { printf "%.2f", a / b }')"
+  wait_for 900 rebuilt 1 || fail "capped rebuild did not finish: $(vol_status bench)"
+  stop_ublkd 60 || fail "owner did not stop"
+
+  # 4. The dirty log on a degraded volume: its remote replica killed, 4k randwrite QD32,
+  #    alternately with this build and with the bench-no-dirty-log one (3 rounds each).
+  nolog=/usr/local/bin/ublkd-bench-no-dirty-log
+  [ -x "$nolog" ] || fail "missing $nolog"
+  _r=0 A="" B=""
+  for r in 1 2 3; do
+    for bin in "$UBLKD" "$nolog"; do
+      _r=$((_r + 1))
+      LOG_LEVEL=warn replica_server 3 /mnt/srv3
+      TAG=log$_r; wipe_label "$local_disk"
+      UBLKD_BIN=$bin repl_owner $TAG "$L, $(R3 d$_r)"
+      kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+      wait_for 20 eval 'vol_status bench | grep -q "\"state\":\"faulted\""' \
+        || fail "replica not faulted: $(vol_status bench)"
+      set -- $(fio_run /dev/ublkb0 randwrite 4k 32 "log_$_r")
+      if [ "$bin" = "$UBLKD" ]; then A="$A $1"; else B="$B $1"; fi
+      stop_ublkd 60 || fail "owner did not stop"
+    done
+  done
+  a=$(median $A) b=$(median $B)
+  echo "TABLE rebuild dirty log: degraded 4k randwrite QD32 with the log$A IOPS, without$B IOPS"
+  echo "RESULT degraded_randwrite_qd32_iops_log=$a"
+  echo "RESULT degraded_randwrite_qd32_iops_nolog=$b"
+  echo "RESULT ratio_dirty_log_vs_none=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }')"
+  kill -TERM "$SRV_2" 2>/dev/null
+  wait_pid "$SRV_2" 20
+  run "$UMOUNT" /mnt/srv2
+  run "$UMOUNT" /mnt/srv3
 }

@@ -468,6 +468,8 @@ pub struct Net {
     pub rebuild: Arc<replication::rebuild::NodeLimits>,
     /// `[rebuild] partial_window_s`.
     pub partial_window_s: u32,
+    /// `[rebuild] grain`: bytes per dirty-map region.
+    pub grain: u32,
 }
 
 /// A running (or finished) volume thread.
@@ -819,7 +821,7 @@ fn attach_saved_maps(
             volume_uuid: record.volume_uuid,
             replica_uuid: slot.uuid,
             size: cfg.size,
-            grain: replication::dirty::Grain::DEFAULT,
+            grain: replication::dirty::Grain(net.grain),
             label: label.as_ref(),
             now_unix_ms: replication::dirty_file::unix_ms(),
             partial_window: partial_window(cfg, net),
@@ -864,7 +866,7 @@ pub fn health_of(
             no_replica_timeout: net.no_replica_timeout,
             volume: cfg.name.clone(),
             size: replication::ByteLen(cfg.size),
-            grain: replication::dirty::Grain::DEFAULT,
+            grain: replication::dirty::Grain(net.grain),
             logs: Some(logs),
         },
         slots,
