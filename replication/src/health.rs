@@ -370,7 +370,9 @@ pub struct Health {
     read_mask: AtomicU64,
     local_mask: AtomicU64,
     connecting_mask: AtomicU64,
-    /// Slots with a dirty map out of the write set: mutations that skip them mark it.
+    /// Slots with a dirty map (faulted, or rebuilding): a mutation that did not
+    /// reach one marks it — also one sent before a rebuilding slot joined the write
+    /// set, which the rebuild's barrier waits for.
     logged_mask: AtomicU64,
     set_epoch: AtomicU64,
     /// Bumped for every change that must be durable before a write that depends on
@@ -561,11 +563,10 @@ impl Health {
             Ordering::Release,
         );
         // Before the write mask: a request that no longer sends to a slot finds its
-        // map when it settles.
-        self.logged_mask.store(
-            mask_of(s, |x| x.dirty.is_some() && !x.state.in_write_set()),
-            Ordering::SeqCst,
-        );
+        // map when it settles. A rebuilding slot stays logged: a request that started
+        // before it took writes (and so skipped it) must mark what it lacks.
+        self.logged_mask
+            .store(mask_of(s, |x| x.dirty.is_some()), Ordering::SeqCst);
         self.read_mask
             .store(mask_of(s, |x| x.state.in_read_set()), Ordering::Release);
         self.write_mask

@@ -617,6 +617,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_write_sent_before_the_target_joined_the_write_set_marks_its_map() {
+        let (_stores, h) = mem_volume(2);
+        h.set_state(
+            SlotIndex(1),
+            ReplicaState::Faulted {
+                reason: FaultReason::ConnectionLost,
+            },
+        )
+        .unwrap();
+        // A write starts: its write set is slot 0 only.
+        let attempted = h.write_mask();
+        assert_eq!(attempted, 0b01);
+        // The rebuild begins meanwhile (the copier's barrier then waits for it).
+        let map = h.begin_rebuild(SlotIndex(1), RebuildKind::Partial).unwrap();
+        assert!(map.is_clean());
+        // It completes on slot 0 only: slot 1 lacks it, and its map must say so.
+        let range = (ByteOffset(640 * K), ByteLen(4 * K));
+        let _ = h.settle(attempted, &[], crate::state::IoOp::Write, Some(range));
+        assert!(
+            map.any(range.0, range.1),
+            "the write slot 1 never got is lost"
+        );
+        // A write sent to the rebuilding target marks nothing.
+        let _ = h.settle(
+            0b11,
+            &[],
+            crate::state::IoOp::Write,
+            Some((ByteOffset(0), ByteLen(4 * K))),
+        );
+        assert!(!map.any(ByteOffset(0), ByteLen(4 * K)));
+    }
+
+    #[test]
     fn a_partial_rebuild_needs_a_map() {
         let (_stores, h) = mem_volume(2);
         let ranges = RangeTable::new();

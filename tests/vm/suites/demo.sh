@@ -32,7 +32,7 @@ example_volume() {
   # Both replicas are full mirrors: identical data (each keeps its own label after it).
   size=$("$UBLKCTL" --config $conf status vol0 --output json | tr -d ' \t\r\n' | json_top_field size)
   [ -n "$size" ] && [ "$size" -gt 0 ] || fail "no volume size in the status"
-  cmp -n "$size" /var/lib/ublkd/vol0-a.img /var/lib/ublkd/vol0-b.img \
+  cmp -s -n "$size" /var/lib/ublkd/vol0-a.img /var/lib/ublkd/vol0-b.img \
     || fail "replicas differ after a clean run"
   say "replicas identical over the volume's $size bytes"
   stop_ublkd 60 || fail "ublkd did not stop cleanly"

@@ -333,7 +333,7 @@ mirror_fault() {
   run dd if=$DEV of="$T/rb" bs=1M skip=100 count=8 iflag=direct
   same_file "$T/pat" "$T/rb" "read back after restart"
   stop_daemon_clean
-  cmp -n $((256 << 20)) "$T/r0.img" "$dm" || fail "the rebuilt replica differs from replica 0"
+  cmp -s -n $((256 << 20)) "$T/r0.img" "$dm" || fail "the rebuilt replica differs from replica 0"
   no_kernel_errors ublkb0
 }
 
@@ -376,7 +376,7 @@ lost_state_dir() {
   # It comes back by a full rebuild (the lost state dir lost what it missed), never before.
   wait_for 120 vol_is_live vol0 || fail "replica 1 not rebuilt: $(vol_status vol0)"
   stop_daemon_clean
-  cmp -n $((256 << 20)) "$T/r0.img" "$dm" || fail "the rebuilt replica differs from replica 0"
+  cmp -s -n $((256 << 20)) "$T/r0.img" "$dm" || fail "the rebuilt replica differs from replica 0"
   no_kernel_errors ublkb0
 }
 
@@ -491,7 +491,7 @@ unclean_restart() {
   run dd if=$DEV of="$T/rb" bs=1M skip=4 count=4 iflag=direct
   same_file "$T/pat" "$T/rb" "data after unclean restart"
   stop_daemon_clean
-  cmp -n $((64 << 20)) "$T/r0.img" "$T/r1.img" || fail "replicas differ after the resync"
+  cmp -s -n $((64 << 20)) "$T/r0.img" "$T/r1.img" || fail "replicas differ after the resync"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
   [ "$(vol_status vol0 | json_top_field read_policy)" = spread ] || fail "reads pinned again after a clean restart"

@@ -45,6 +45,6 @@ two_queues_verify() {
   # Mirror: both replicas' data (the 256 MiB before each one's own label) identical after a
   # clean stop.
   stop_ublkd 30 || fail "ublkd did not stop cleanly"
-  cmp -n $((256 << 20)) "$T/r0.img" "$T/r1.img" || fail "replicas differ"
+  cmp -s -n $((256 << 20)) "$T/r0.img" "$T/r1.img" || fail "replicas differ"
   no_kernel_errors ublkb0
 }
