@@ -621,16 +621,7 @@ impl<U: Uring> Replica for LocalReplica<U> {
         Box::pin(async move {
             let chunk = crate::replica::CHECKSUM_CHUNK;
             let mut buf = AlignedBuf::zeroed(len.0.min(chunk) as usize);
-            let mut crc = 0u32;
-            let mut at = 0;
-            while at < len.0 {
-                let n = (len.0 - at).min(chunk) as usize;
-                let data = &mut buf.as_mut_slice()[..n];
-                self.read(ByteOffset(offset.0 + at), data).await?;
-                crc = crc32c::crc32c_append(crc, data);
-                at += n as u64;
-            }
-            *out = crc.to_le_bytes();
+            *out = crate::replica::checksum_through(self, buf.as_mut_slice(), offset, len).await?;
             Ok(())
         })
     }

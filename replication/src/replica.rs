@@ -54,18 +54,30 @@ pub trait Replica {
     ) -> IoFuture<'a> {
         Box::pin(async move {
             let mut buf = vec![0u8; len.0.min(CHECKSUM_CHUNK) as usize];
-            let mut crc = 0u32;
-            let mut at = 0;
-            while at < len.0 {
-                let n = (len.0 - at).min(CHECKSUM_CHUNK) as usize;
-                self.read(ByteOffset(offset.0 + at), &mut buf[..n]).await?;
-                crc = crc32c::crc32c_append(crc, &buf[..n]);
-                at += n as u64;
-            }
-            *out = crc.to_le_bytes();
+            *out = checksum_through(self, &mut buf, offset, len).await?;
             Ok(())
         })
     }
+}
+
+/// CRC32C (little-endian bytes) of `[offset, offset + len)` of `r`, read through
+/// `buf` (at most its length at a time): the loop of every [`Replica::checksum`]
+/// that reads the data itself, whatever buffer its reads need.
+pub async fn checksum_through<R: Replica + ?Sized>(
+    r: &R,
+    buf: &mut [u8],
+    offset: ByteOffset,
+    len: ByteLen,
+) -> Result<[u8; 4], Errno> {
+    let mut crc = 0u32;
+    let mut at = 0;
+    while at < len.0 {
+        let n = (len.0 - at).min(buf.len() as u64) as usize;
+        r.read(ByteOffset(offset.0 + at), &mut buf[..n]).await?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(crc.to_le_bytes())
 }
 
 /// The piece of a range read at once to checksum it.
