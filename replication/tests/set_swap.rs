@@ -69,8 +69,21 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
             })
             .collect();
 
+        // A failed assertion below must still stop the workers, or the scope waits
+        // for them forever.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(150));
         // Out with replica 2, in with a new one: it takes writes at once...
+        // `held` stands for a request of the old set still in flight (whether a
+        // worker's request is in flight at this instant depends on scheduling):
+        // slot 2's index is not reused while it lives.
+        let held = health.replica_set();
         health.remove_slot(SlotIndex(2)).expect("remove");
         let new = health.add_slot(spec).expect("add");
         assert_eq!(
@@ -78,6 +91,7 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
             SlotIndex(3),
             "slot 2 is still held by requests of the old set"
         );
+        drop(held);
         health
             .set_state(
                 new,
