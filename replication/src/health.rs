@@ -1025,6 +1025,27 @@ impl Health {
     }
 
     /// The dirty map of `slot`: what it lacks (`None`: unknown, or nothing).
+    /// Application requests served so far (a rebuild yields while it grows).
+    pub fn app_requests(&self) -> u64 {
+        let s = &self.stats;
+        [
+            &s.reads,
+            &s.writes,
+            &s.flushes,
+            &s.discards,
+            &s.write_zeroes,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+
+    /// What a remote replica acknowledged and has not flushed (`None`: local).
+    pub fn unflushed(&self, slot: SlotIndex) -> Option<Arc<Unflushed>> {
+        let inner = self.inner.lock().unwrap();
+        inner.slots.get(slot.get())?.unflushed.clone()
+    }
+
     pub fn dirty_map(&self, slot: SlotIndex) -> Option<Arc<DirtyMap>> {
         let inner = self.inner.lock().unwrap();
         inner.slots.get(slot.get())?.dirty.clone()

@@ -99,6 +99,9 @@ pub struct Config {
 pub struct RebuildConfig {
     /// Bytes per second one rebuild copies at most; 0 = uncapped.
     pub rate: u64,
+    /// Percent of its time a rebuild may copy while the volume serves application
+    /// I/O (100: it does not yield).
+    pub busy_percent: u32,
     /// Rebuilds running at once on this node (the others wait their turn).
     pub max_concurrent: u32,
     /// A replica away longer than this (seconds) is rebuilt in full, not in part;
@@ -124,6 +127,7 @@ impl Default for RebuildConfig {
     fn default() -> Self {
         RebuildConfig {
             rate: DEFAULT_REBUILD_RATE,
+            busy_percent: replication::rebuild::DEFAULT_BUSY_PERCENT,
             max_concurrent: DEFAULT_REBUILD_CONCURRENCY,
             partial_window_s: DEFAULT_PARTIAL_WINDOW_S,
             grain: replication::dirty::Grain::DEFAULT.0,
@@ -464,6 +468,7 @@ struct RawConfig {
 struct RawRebuild {
     rate: Option<Spanned<RawSize>>,
     max_concurrent: Option<Spanned<i64>>,
+    busy_percent: Option<Spanned<i64>>,
     partial_window_s: Option<Spanned<i64>>,
     grain: Option<Spanned<RawSize>>,
 }
@@ -704,6 +709,9 @@ impl Validator<'_> {
         }
         if let Some(v) = raw.max_concurrent {
             r.max_concurrent = self.ranged(&v, &section, "max_concurrent", 1, 64)? as u32;
+        }
+        if let Some(v) = raw.busy_percent {
+            r.busy_percent = self.ranged(&v, &section, "busy_percent", 1, 100)? as u32;
         }
         if let Some(v) = raw.partial_window_s {
             r.partial_window_s = self.ranged(
@@ -1756,11 +1764,12 @@ replicas = [
 
     #[test]
     fn rebuild_section_sets_rate_concurrency_and_window_and_volumes_override_it() {
-        let c = ok("[rebuild]\nrate = \"100MiB\"\nmax_concurrent = 1\npartial_window_s = 60\n\n[[volume]]\nname = \"v\"\nsize = \"1MiB\"\npartial_window_s = 3600\nreplicas = [{ local = \"/a\" }]\n");
+        let c = ok("[rebuild]\nrate = \"100MiB\"\nbusy_percent = 50\nmax_concurrent = 1\npartial_window_s = 60\n\n[[volume]]\nname = \"v\"\nsize = \"1MiB\"\npartial_window_s = 3600\nreplicas = [{ local = \"/a\" }]\n");
         assert_eq!(
             c.rebuild,
             RebuildConfig {
                 rate: 100 << 20,
+                busy_percent: 50,
                 max_concurrent: 1,
                 partial_window_s: 60,
                 grain: 64 << 10,
@@ -1772,6 +1781,11 @@ replicas = [
         let e = err("[rebuild]\nrate = \"100KiB\"\n").to_string();
         assert!(
             e.contains("[rebuild]") && e.contains("rate") && e.contains("1MiB"),
+            "{e}"
+        );
+        let e = err("[rebuild]\nbusy_percent = 0\n").to_string();
+        assert!(
+            e.contains("busy_percent") && e.contains("between 1 and 100"),
             "{e}"
         );
         let e = err("[rebuild]\nmax_concurrent = 0\n").to_string();

@@ -255,10 +255,10 @@ impl Daemon {
             match c {
                 Change::RebuildLimits {
                     rate,
+                    busy_percent,
                     max_concurrent,
-                    ..
                 } => {
-                    self.net.rebuild.set(*rate, *max_concurrent);
+                    self.net.rebuild.set(*rate, *busy_percent, *max_concurrent);
                     done(c, Ok(()));
                 }
                 Change::VolumeRemoved { volume } => {

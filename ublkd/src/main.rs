@@ -135,6 +135,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         no_replica_timeout: std::time::Duration::from_millis(cfg.node.no_replica_timeout_ms as u64),
         rebuild: replication::rebuild::NodeLimits::new(
             cfg.rebuild.rate,
+            cfg.rebuild.busy_percent,
             cfg.rebuild.max_concurrent,
         ),
         partial_window_s: cfg.rebuild.partial_window_s,

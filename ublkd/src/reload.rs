@@ -20,6 +20,7 @@ use crate::config::{Config, RebuildConfig, VolumeConfig};
 pub enum Change {
     RebuildLimits {
         rate: u64,
+        busy_percent: u32,
         max_concurrent: u32,
     },
     /// A `[rebuild]` key the running daemon keeps until it restarts.
@@ -58,8 +59,12 @@ impl std::fmt::Display for Change {
         match self {
             Change::RebuildLimits {
                 rate,
+                busy_percent,
                 max_concurrent,
-            } => write!(f, "[rebuild]: rate {rate} B/s, {max_concurrent} at once"),
+            } => write!(
+                f,
+                "[rebuild]: rate {rate} B/s, {busy_percent}% of the time while the application is busy, {max_concurrent} at once"
+            ),
             Change::AtDaemonRestart { key } => {
                 write!(f, "[rebuild] {key} changed: taken when ublkd restarts")
             }
@@ -140,14 +145,18 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
         }
     }
     let (r0, r1) = (&old.rebuild, &new.rebuild);
-    if (r0.rate, r0.max_concurrent) != (r1.rate, r1.max_concurrent) {
+    if (r0.rate, r0.busy_percent, r0.max_concurrent)
+        != (r1.rate, r1.busy_percent, r1.max_concurrent)
+    {
         let RebuildConfig {
             rate,
+            busy_percent,
             max_concurrent,
             ..
         } = *r1;
         changes.push(Change::RebuildLimits {
             rate,
+            busy_percent,
             max_concurrent,
         });
     }
@@ -295,6 +304,7 @@ mod tests {
             vec![
                 Change::RebuildLimits {
                     rate: 10 << 20,
+                    busy_percent: 25,
                     max_concurrent: 2,
                 },
                 Change::VolumeRemoved { volume: "w".into() },

@@ -19,7 +19,8 @@ use crate::ranges::RangeTable;
 use crate::state::{FaultReason, RebuildKind, ReplicaState};
 
 /// A node's rebuild budget, shared by its volumes' managers: the rate cap of each
-/// rebuild and how many run at once. Changed live by a reload.
+/// rebuild, its share of time while the application is busy, and how many run at
+/// once. Changed live by a reload.
 #[derive(Debug)]
 pub struct NodeLimits {
     pub rate: Rate,
@@ -28,21 +29,24 @@ pub struct NodeLimits {
 }
 
 impl NodeLimits {
-    pub fn new(rate: u64, max_concurrent: u32) -> Arc<NodeLimits> {
-        Arc::new(NodeLimits {
+    pub fn new(rate: u64, busy_percent: u32, max_concurrent: u32) -> Arc<NodeLimits> {
+        let limits = Arc::new(NodeLimits {
             rate: Rate::fixed(rate),
             max_concurrent: AtomicU32::new(max_concurrent.max(1)),
             running: AtomicU32::new(0),
-        })
+        });
+        limits.rate.set_busy_percent(busy_percent);
+        limits
     }
 
     /// No cap at all (tests, tools).
     pub fn unlimited() -> Arc<NodeLimits> {
-        NodeLimits::new(0, u32::MAX)
+        NodeLimits::new(0, 100, u32::MAX)
     }
 
-    pub fn set(&self, rate: u64, max_concurrent: u32) {
+    pub fn set(&self, rate: u64, busy_percent: u32, max_concurrent: u32) {
         self.rate.set(rate);
+        self.rate.set_busy_percent(busy_percent);
         self.max_concurrent
             .store(max_concurrent.max(1), Ordering::Release);
     }
@@ -373,6 +377,34 @@ fn load_history(path: &Path) -> VecDeque<HistoryEntry> {
 }
 
 /// Append `e` to the history (and its file, best effort: it is for people).
+/// Run one job: shown as running while `work` runs, then recorded in the history.
+fn run_job(
+    state: &ManagerState,
+    cfg: &ManagerConfig,
+    (slot, location, what): (Option<SlotIndex>, String, Work),
+    (trigger, fault): (Trigger, Option<FaultReason>),
+    work: impl FnOnce() -> Ended,
+) {
+    *state.running.lock().unwrap() = Some((slot, location.clone(), what, Instant::now()));
+    let started = unix_ms();
+    let ended = work();
+    *state.running.lock().unwrap() = None;
+    record(
+        state,
+        cfg,
+        HistoryEntry {
+            started_unix_ms: started,
+            ended_unix_ms: unix_ms(),
+            slot,
+            location,
+            work: what,
+            trigger,
+            fault,
+            ended,
+        },
+    );
+}
+
 fn record(state: &ManagerState, cfg: &ManagerConfig, e: HistoryEntry) {
     let mut h = state.history.lock().unwrap();
     h.push_back(e);
@@ -408,43 +440,29 @@ fn manage(
     let copy = || CopyConfig {
         chunk: cfg.chunk,
         rate: cfg.limits.rate.clone(),
+        ..CopyConfig::default()
     };
     if !cfg.resync.is_empty() {
-        *state.running.lock().unwrap() =
-            Some((None, "online replicas".into(), Work::Resync, Instant::now()));
-        let (t0, started) = (Instant::now(), unix_ms());
-        let res = resync(health, ranges, &cfg.resync, &copy(), &state.progress);
-        *state.running.lock().unwrap() = None;
-        let ended = match res {
-            Ok(bytes) => {
-                tracing::info!(volume = health.volume(), bytes,
-                    millis = t0.elapsed().as_millis() as u64,
-                    "resync done: the replicas are identical where writes were in flight; reads are spread again");
-                Ended::Done { bytes }
-            }
-            Err(reason) => {
-                tracing::error!(volume = health.volume(), %reason,
-                    "resync stopped: reads stay on one replica");
-                Ended::Stopped {
-                    bytes: state.progress.done.load(Ordering::Acquire),
-                    reason,
+        let job = (None, "online replicas".to_string(), Work::Resync);
+        run_job(state, &cfg, job, (Trigger::UncleanShutdown, None), || {
+            let t0 = Instant::now();
+            match resync(health, ranges, &cfg.resync, &copy(), &state.progress) {
+                Ok(bytes) => {
+                    tracing::info!(volume = health.volume(), bytes,
+                        millis = t0.elapsed().as_millis() as u64,
+                        "resync done: the replicas are identical where writes were in flight; reads are spread again");
+                    Ended::Done { bytes }
+                }
+                Err(reason) => {
+                    tracing::error!(volume = health.volume(), %reason,
+                        "resync stopped: reads stay on one replica");
+                    Ended::Stopped {
+                        bytes: state.progress.done.load(Ordering::Acquire),
+                        reason,
+                    }
                 }
             }
-        };
-        record(
-            state,
-            &cfg,
-            HistoryEntry {
-                started_unix_ms: started,
-                ended_unix_ms: unix_ms(),
-                slot: None,
-                location: "online replicas".into(),
-                work: Work::Resync,
-                trigger: Trigger::UncleanShutdown,
-                fault: None,
-                ended,
-            },
-        );
+        });
     }
     let mut requested: HashMap<ReplicaUuid, bool> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
@@ -510,55 +528,38 @@ fn manage(
                 age_s = o.age_ms(unix_ms()) / 1000, window_s = cfg.partial_window.as_secs(),
                 "away longer than the partial-rebuild window: full rebuild");
         }
-        *state.running.lock().unwrap() = Some((
-            Some(slot),
-            slot_status.location.clone(),
-            Work::Rebuild(kind),
-            Instant::now(),
-        ));
         // A cancel of an earlier job does not reach this one.
         state
             .progress
             .cancel
             .store(stop.load(Ordering::SeqCst), Ordering::SeqCst);
-        let started = unix_ms();
-        let out = rebuild(health, ranges, slot, kind, copy(), &state.progress);
-        drop(turn);
-        *state.running.lock().unwrap() = None;
-        let ended = match &out {
-            Ok(Outcome::Done { bytes, .. }) => {
-                failures.remove(&uuid);
-                Ended::Done { bytes: *bytes }
+        let job = (
+            Some(slot),
+            slot_status.location.clone(),
+            Work::Rebuild(kind),
+        );
+        let why = (trigger, slot_status.state.fault_reason().cloned());
+        run_job(state, &cfg, job, why, || {
+            let out = rebuild(health, ranges, slot, kind, copy(), &state.progress);
+            drop(turn);
+            if let Err(e) = &out {
+                tracing::warn!(volume = health.volume(), slot = %slot, error = %e, "rebuild could not run");
             }
-            Ok(Outcome::Stopped { .. }) | Err(_) => {
-                if let Err(e) = &out {
-                    tracing::warn!(volume = health.volume(), slot = %slot, error = %e, "rebuild could not run");
-                }
+            let ended = match out {
+                Ok(Outcome::Done { bytes, .. }) => Ended::Done { bytes },
+                Ok(Outcome::Stopped { bytes, reason }) => Ended::Stopped { bytes, reason },
+                Err(e) => Ended::NotStarted {
+                    error: e.to_string(),
+                },
+            };
+            if let Ended::Done { .. } = ended {
+                failures.remove(&uuid);
+            } else {
                 let n = failures.get(&uuid).map_or(1, |(n, _)| n + 1);
                 failures.insert(uuid, (n, Instant::now() + retry_delay(n)));
-                match out {
-                    Ok(Outcome::Stopped { bytes, reason }) => Ended::Stopped { bytes, reason },
-                    Err(e) => Ended::NotStarted {
-                        error: e.to_string(),
-                    },
-                    Ok(Outcome::Done { .. }) => unreachable!("matched above"),
-                }
             }
-        };
-        record(
-            state,
-            &cfg,
-            HistoryEntry {
-                started_unix_ms: started,
-                ended_unix_ms: unix_ms(),
-                slot: Some(slot),
-                location: slot_status.location.clone(),
-                work: Work::Rebuild(kind),
-                trigger,
-                fault: slot_status.state.fault_reason().cloned(),
-                ended,
-            },
-        );
+            ended
+        });
     }
 }
 
@@ -699,7 +700,7 @@ mod tests {
         stores[1].set_fault(Fault::None);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rebuilds.json");
-        let limits = NodeLimits::new(256 * K, 1);
+        let limits = NodeLimits::new(256 * K, 100, 1);
         let cfg = ManagerConfig {
             chunk: ByteLen(64 * K),
             history: Some(path.clone()),
@@ -734,7 +735,7 @@ mod tests {
             ),
             "{first:?}"
         );
-        limits.set(0, 1);
+        limits.set(0, 100, 1);
         m.request(SlotIndex(1), false).unwrap();
         while state(&h, 1) != ReplicaState::Online {
             assert!(t0.elapsed() < Duration::from_secs(20), "not rebuilt");

@@ -20,7 +20,7 @@
 //! with [`FaultReason::RebuildStopped`]; a failed target is faulted by the write
 //! that failed. The copier runs on its own thread, never on a ublk queue.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,36 +50,192 @@ pub struct CopyConfig {
     pub chunk: ByteLen,
     /// Bytes per second at most, read before every chunk (a reload changes it).
     pub rate: Rate,
+    /// The target is flushed after this many copied bytes: what it acknowledged
+    /// since its last flush counts as missing again if it fails (its host may lose
+    /// its cache), so a stopped rebuild resumes from the last flush, not the start.
+    pub flush_every: ByteLen,
 }
+
+/// Default of [`CopyConfig::flush_every`]: one flush per 64 MiB copied costs a
+/// round trip per ~1 s of copying at the default rate.
+pub const FLUSH_EVERY: ByteLen = ByteLen(64 << 20);
 
 impl Default for CopyConfig {
     fn default() -> CopyConfig {
         CopyConfig {
             chunk: ByteLen(1 << 20),
             rate: Rate::uncapped(),
+            flush_every: FLUSH_EVERY,
         }
     }
 }
 
-/// A rebuild rate cap in bytes per second (0: uncapped), shared and changeable.
-#[derive(Debug, Clone, Default)]
-pub struct Rate(Arc<AtomicU64>);
+/// Flushes a copy's target now and then and keeps what it wrote since: a target
+/// that fails before its next flush lacks those regions again (its host may lose
+/// its cache), so they go back into its dirty map — and, for a remote replica,
+/// into its unflushed regions, which its fault merges into the map whoever
+/// faults it. A flush also makes the application's earlier writes durable there.
+pub(crate) struct Durability {
+    every: u64,
+    since: u64,
+    regions: Vec<(ByteOffset, ByteLen)>,
+}
+
+impl Durability {
+    pub(crate) fn new(every: ByteLen) -> Durability {
+        Durability {
+            every: every.0.max(1),
+            since: 0,
+            regions: Vec::new(),
+        }
+    }
+
+    /// The copy wrote `len` bytes at `offset` to `slot` (not FUA).
+    pub(crate) fn wrote(
+        &mut self,
+        health: &Health,
+        slot: SlotIndex,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) {
+        if let Some(u) = health.unflushed(slot) {
+            u.wrote(offset, len);
+        }
+        self.regions.push((offset, len));
+        self.since += len.0;
+    }
+
+    /// Whether enough was copied since the last flush to flush again.
+    pub(crate) fn due(&self) -> bool {
+        self.since >= self.every
+    }
+
+    /// What was written since the last flush.
+    pub(crate) fn unflushed(&self) -> &[(ByteOffset, ByteLen)] {
+        &self.regions
+    }
+
+    /// Flush `target` (slot `slot`); what it acknowledged before is durable then.
+    pub(crate) fn flush(
+        &mut self,
+        health: &Health,
+        slot: SlotIndex,
+        target: &dyn Replica,
+    ) -> Result<(), Errno> {
+        let u = health.unflushed(slot);
+        let ticket = u.as_ref().map(|u| u.flush_sent());
+        futures::executor::block_on(target.flush())?;
+        if let (Some(u), Some(t)) = (u, ticket) {
+            u.flushed(t);
+        }
+        self.since = 0;
+        self.regions.clear();
+        Ok(())
+    }
+}
+
+/// How fast a rebuild may copy, shared and changeable (a reload sets it): a cap in
+/// bytes per second (0: uncapped), and the share of its time a copy may take
+/// while the volume serves application I/O (application first: after a round of
+/// copying that took `t` while requests came in, the copier waits
+/// `t * (100 / busy_percent - 1)`), so the cap needs no tuning per device.
+#[derive(Debug, Clone)]
+pub struct Rate(Arc<(AtomicU64, AtomicU32)>);
+
+/// Default of the busy share: a quarter of the time, three quarters left to the
+/// application (the bench's `rebuild_app_iops_ratio` target is 0.7).
+pub const DEFAULT_BUSY_PERCENT: u32 = 25;
+
+impl Default for Rate {
+    fn default() -> Rate {
+        Rate::fixed(0)
+    }
+}
 
 impl Rate {
+    /// No cap, and no yielding to the application.
     pub fn uncapped() -> Rate {
-        Rate::default()
+        let r = Rate::fixed(0);
+        r.set_busy_percent(100);
+        r
     }
 
     pub fn fixed(bytes_per_s: u64) -> Rate {
-        Rate(Arc::new(AtomicU64::new(bytes_per_s)))
+        Rate(Arc::new((
+            AtomicU64::new(bytes_per_s),
+            AtomicU32::new(DEFAULT_BUSY_PERCENT),
+        )))
     }
 
     pub fn set(&self, bytes_per_s: u64) {
-        self.0.store(bytes_per_s, Ordering::Release);
+        self.0 .0.store(bytes_per_s, Ordering::Release);
     }
 
     pub fn get(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Acquire)).filter(|r| *r > 0)
+        Some(self.0 .0.load(Ordering::Acquire)).filter(|r| *r > 0)
+    }
+
+    /// 1..=100 (100: the copy does not yield).
+    pub fn set_busy_percent(&self, percent: u32) {
+        self.0 .1.store(percent.clamp(1, 100), Ordering::Release);
+    }
+
+    pub fn busy_percent(&self) -> u32 {
+        self.0 .1.load(Ordering::Acquire)
+    }
+}
+
+/// Paces a copy loop to a [`Rate`]: after each chunk, sleeps as long as the cap
+/// asks (a cap changed meanwhile applies from the next chunk on; at most 1 s of
+/// credit is kept, so an idle spell does not turn into a burst).
+pub(crate) struct Pacer {
+    rate: Rate,
+    next_at: Instant,
+}
+
+impl Pacer {
+    pub(crate) fn new(rate: Rate) -> Pacer {
+        Pacer {
+            rate,
+            next_at: Instant::now(),
+        }
+    }
+
+    /// After a round that copied `len` bytes in `took`, with application
+    /// requests arriving meanwhile (`busy`) or not.
+    pub(crate) fn pace(&mut self, len: ByteLen, took: Duration, busy: bool) {
+        let now = Instant::now();
+        let mut until = now;
+        if let Some(rate) = self.rate.get() {
+            let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+            self.next_at =
+                self.next_at.max(floor) + Duration::from_secs_f64(len.0 as f64 / rate as f64);
+            until = until.max(self.next_at);
+        }
+        let share = self.rate.busy_percent();
+        if busy && share < 100 {
+            until = until.max(now + took.mul_f64(100.0 / share as f64 - 1.0));
+        }
+        if let Some(wait) = until.checked_duration_since(now) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Thread handles of a volume's replicas, made on first use by a copy loop.
+#[derive(Default)]
+pub(crate) struct Handles(Vec<(SlotIndex, Box<dyn Replica>)>);
+
+impl Handles {
+    pub(crate) fn get(&mut self, health: &Health, slot: SlotIndex) -> Option<&dyn Replica> {
+        if !self.0.iter().any(|(s, _)| *s == slot) {
+            let h = health.backing(slot)?.thread_handle().ok()?;
+            self.0.push((slot, h));
+        }
+        self.0
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, h)| h.as_ref())
     }
 }
 
@@ -138,25 +294,34 @@ pub fn rebuild(
         slot,
         target: target.as_ref(),
         map: &map,
-        buf: vec![0u8; cfg.chunk.0 as usize],
-        cfg,
+        bufs: vec![vec![0u8; cfg.chunk.0 as usize]; DEPTH],
+        chunk: cfg.chunk,
+        pacer: Pacer::new(cfg.rate),
+        durability: Durability::new(cfg.flush_every),
         progress,
-        sources: Vec::new(),
-        next_at: t0,
+        sources: Handles::default(),
     };
     progress.total.store(map.dirty_bytes(), Ordering::Release);
     progress.done.store(0, Ordering::Release);
-    let res = copier.copy_all();
+    let res = copier.copy_all().and_then(|()| {
+        copier
+            .durability
+            .flush(health, slot, target.as_ref())
+            .map_err(|e| FaultReason::of_errno(IoOp::Flush, e))
+    });
     let bytes = progress.done.load(Ordering::Acquire);
     let end = match res {
-        Ok(()) => match futures::executor::block_on(target.flush()) {
-            Ok(()) => health.end_rebuild(slot, Ok(())).map(|()| Outcome::Done {
-                bytes,
-                millis: t0.elapsed().as_millis() as u64,
-            }),
-            Err(e) => stop(health, slot, bytes, FaultReason::of_errno(IoOp::Flush, e)),
-        },
-        Err(reason) => stop(health, slot, bytes, reason),
+        Ok(()) => health.end_rebuild(slot, Ok(())).map(|()| Outcome::Done {
+            bytes,
+            millis: t0.elapsed().as_millis() as u64,
+        }),
+        Err(reason) => {
+            // Copied but never flushed: the target may not keep it.
+            for &(o, l) in copier.durability.unflushed() {
+                map.mark(o, l);
+            }
+            stop(health, slot, bytes, reason)
+        }
     };
     match &end {
         Ok(Outcome::Done { bytes, millis }) => {
@@ -202,10 +367,16 @@ fn stop(
     Ok(Outcome::Stopped { bytes, reason })
 }
 
-/// What a source read found.
-enum Read {
-    Data,
-    Hole,
+/// Chunks a rebuild copies at once (each with a buffer of `chunk` bytes).
+pub const DEPTH: usize = 4;
+
+/// Why one chunk's copy failed.
+#[derive(Debug, Clone, Copy)]
+enum Lane {
+    Source(Errno),
+    Target(Errno),
+    Log,
+    NoSource,
 }
 
 struct Copier<'a> {
@@ -214,32 +385,148 @@ struct Copier<'a> {
     slot: SlotIndex,
     target: &'a dyn Replica,
     map: &'a DirtyMap,
-    cfg: CopyConfig,
+    chunk: ByteLen,
+    pacer: Pacer,
+    durability: Durability,
     progress: &'a Progress,
-    /// Handles of source slots, made on first use.
-    sources: Vec<(SlotIndex, Box<dyn Replica>)>,
-    buf: Vec<u8>,
-    /// When the next chunk may start, by the rate cap.
-    next_at: Instant,
+    sources: Handles,
+    bufs: Vec<Vec<u8>>,
 }
 
 impl Copier<'_> {
-    /// Copy until the map is clean, or the reason the rebuild stops.
+    /// Copy until the map is clean, or the reason the rebuild stops. Up to
+    /// [`DEPTH`] chunks are in flight at once, so the source's reads and the
+    /// target's writes overlap instead of taking turns.
     fn copy_all(&mut self) -> Result<(), FaultReason> {
         // Runs are taken afresh from the start until none is left: regions
         // re-marked by a failed copy are found again.
-        while let Some((offset, len)) = self.map.runs(ByteOffset(0), self.cfg.chunk).next() {
+        loop {
+            let runs: Vec<_> = self
+                .map
+                .runs(ByteOffset(0), self.chunk)
+                .take(DEPTH)
+                .collect();
+            if runs.is_empty() {
+                return self.target_ok();
+            }
             if self.progress.cancel.load(Ordering::Acquire) {
                 return Err(FaultReason::RebuildStopped {
                     why: RebuildStop::Cancelled,
                 });
             }
             self.target_ok()?;
-            self.copy(offset, len)?;
-            self.progress.done.fetch_add(len.0, Ordering::AcqRel);
-            self.pace(len);
+            let src = self.pick_source()?;
+            let (t0, requests) = (Instant::now(), self.health.app_requests());
+            let mut sources = std::mem::take(&mut self.sources);
+            let mut bufs = std::mem::take(&mut self.bufs);
+            let results = match sources.get(self.health, src) {
+                Some(handle) => {
+                    let lanes = runs.iter().zip(bufs.iter_mut()).map(|(&(o, l), buf)| {
+                        self.copy_one(handle, o, l, &mut buf[..l.0 as usize])
+                    });
+                    futures::executor::block_on(futures::future::join_all(lanes))
+                }
+                None => vec![Err(Lane::NoSource); runs.len()],
+            };
+            (self.sources, self.bufs) = (sources, bufs);
+            let mut copied = 0;
+            let mut failure = None;
+            for (&(o, l), res) in runs.iter().zip(results) {
+                match res {
+                    Ok(()) => {
+                        self.durability.wrote(self.health, self.slot, o, l);
+                        copied += l.0;
+                    }
+                    Err(e) => failure = failure.or(Some((o, l, e))),
+                }
+            }
+            self.progress.done.fetch_add(copied, Ordering::AcqRel);
+            match failure {
+                None => {}
+                Some((o, l, Lane::Target(e))) => return Err(self.target_failed(o, l, e)),
+                Some((.., Lane::Log)) => {
+                    return Err(FaultReason::RebuildStopped {
+                        why: RebuildStop::LogFailed,
+                    })
+                }
+                Some((.., Lane::NoSource)) => {
+                    return Err(FaultReason::RebuildStopped {
+                        why: RebuildStop::NoSource,
+                    })
+                }
+                // The source is faulted; the next round takes another one.
+                Some((.., Lane::Source(e))) => match self.health.read_failed(src, e) {
+                    ReadVerdict::Retry => continue,
+                    ReadVerdict::Fail(_) => {
+                        return Err(FaultReason::RebuildStopped {
+                            why: RebuildStop::NoSource,
+                        })
+                    }
+                },
+            }
+            if self.durability.due() {
+                self.durability
+                    .flush(self.health, self.slot, self.target)
+                    .map_err(|e| FaultReason::of_errno(IoOp::Flush, e))?;
+            }
+            let busy = self.health.app_requests() != requests;
+            self.pacer.pace(ByteLen(copied), t0.elapsed(), busy);
         }
-        self.target_ok()
+    }
+
+    /// An online replica to copy from, local ones first (no network round trip).
+    fn pick_source(&self) -> Result<SlotIndex, FaultReason> {
+        let online = self.health.read_mask() & !(1 << self.slot.get());
+        let prefer = match online & self.health.local_mask() {
+            0 => online,
+            local => local,
+        };
+        indices(prefer).next().ok_or(FaultReason::RebuildStopped {
+            why: RebuildStop::NoSource,
+        })
+    }
+
+    /// Copy one chunk from `source`, holding its range against the application;
+    /// a failure leaves it marked in the map again. A range the source knows to
+    /// be a hole is zeroed on the target (a punch), not read and copied.
+    async fn copy_one(
+        &self,
+        source: &dyn Replica,
+        offset: ByteOffset,
+        len: ByteLen,
+        buf: &mut [u8],
+    ) -> Result<(), Lane> {
+        let _guard = self.ranges.lock(offset.0, len.0, &None).await;
+        // In the activity log like an application write: the saved map may lose
+        // the bits cleared below before the copy is written, and a crash then
+        // finds the region through the log's hot extents.
+        let _al = self
+            .health
+            .enter_activity(offset, len, None)
+            .await
+            .map_err(|_| Lane::Log)?;
+        // Unmarked before the copy: an application write cannot come in between
+        // (the range is ours), and a failure below marks it again.
+        self.map.clear(offset, len);
+        let res = async {
+            if source.is_hole(offset, len) == Some(true) {
+                return self
+                    .target
+                    .write_zeroes(offset, len, false)
+                    .await
+                    .map_err(Lane::Target);
+            }
+            source.read(offset, buf).await.map_err(Lane::Source)?;
+            self.target
+                .write(offset, buf, false)
+                .await
+                .map_err(Lane::Target)
+        }
+        .await;
+        if res.is_err() {
+            self.map.mark(offset, len);
+        }
+        res
     }
 
     /// The target is still rebuilding (a failed application write faults it).
@@ -258,86 +545,6 @@ impl Copier<'_> {
         }
     }
 
-    fn copy(&mut self, offset: ByteOffset, len: ByteLen) -> Result<(), FaultReason> {
-        let _guard = futures::executor::block_on(self.ranges.lock(offset.0, len.0, &None));
-        // In the activity log like an application write: the saved map may lose
-        // the bits cleared below before the copy is written, and a crash then
-        // finds the region through the log's hot extents.
-        let _al = futures::executor::block_on(self.health.enter_activity(offset, len, None))
-            .map_err(|_| FaultReason::RebuildStopped {
-                why: RebuildStop::LogFailed,
-            })?;
-        // Unmarked before the copy: an application write cannot come in between
-        // (the range is ours), and a failure below marks it again.
-        self.map.clear(offset, len);
-        let n = len.0 as usize;
-        let mut buf = std::mem::take(&mut self.buf);
-        let res = self.read_source(offset, &mut buf[..n]).and_then(|read| {
-            let write = match read {
-                Read::Data => self.target.write(offset, &buf[..n], false),
-                // A hole on the source: zeroed on the target (a punch), not copied.
-                Read::Hole => self.target.write_zeroes(offset, len, false),
-            };
-            futures::executor::block_on(write).map_err(|e| self.target_failed(offset, len, e))
-        });
-        self.buf = buf;
-        if res.is_err() {
-            self.map.mark(offset, len);
-        }
-        res
-    }
-
-    /// Read from an online replica, failing over to another when one fails; a
-    /// range the source knows to be a hole is not read.
-    fn read_source(&mut self, offset: ByteOffset, buf: &mut [u8]) -> Result<Read, FaultReason> {
-        loop {
-            let online = self.health.read_mask() & !(1 << self.slot.get());
-            // Local replicas first: no network round trip.
-            let prefer = match online & self.health.local_mask() {
-                0 => online,
-                local => local,
-            };
-            let Some(src) = indices(prefer).next() else {
-                return Err(FaultReason::RebuildStopped {
-                    why: RebuildStop::NoSource,
-                });
-            };
-            let handle = match self.source(src) {
-                Some(h) => h,
-                None => {
-                    return Err(FaultReason::RebuildStopped {
-                        why: RebuildStop::NoSource,
-                    })
-                }
-            };
-            if handle.is_hole(offset, ByteLen(buf.len() as u64)) == Some(true) {
-                return Ok(Read::Hole);
-            }
-            match futures::executor::block_on(handle.read(offset, buf)) {
-                Ok(()) => return Ok(Read::Data),
-                Err(e) => match self.health.read_failed(src, e) {
-                    ReadVerdict::Retry => continue,
-                    ReadVerdict::Fail(_) => {
-                        return Err(FaultReason::RebuildStopped {
-                            why: RebuildStop::NoSource,
-                        })
-                    }
-                },
-            }
-        }
-    }
-
-    fn source(&mut self, slot: SlotIndex) -> Option<&dyn Replica> {
-        if !self.sources.iter().any(|(s, _)| *s == slot) {
-            let h = self.health.backing(slot)?.thread_handle().ok()?;
-            self.sources.push((slot, h));
-        }
-        self.sources
-            .iter()
-            .find(|(s, _)| *s == slot)
-            .map(|(_, h)| h.as_ref())
-    }
-
     /// A copy write to the target failed: the target is faulted (keeping its map).
     fn target_failed(&self, offset: ByteOffset, len: ByteLen, e: Errno) -> FaultReason {
         let reason = FaultReason::of_errno(IoOp::Write, e);
@@ -346,22 +553,6 @@ impl Copier<'_> {
             tracing::debug!(error = %err, "target already faulted");
         }
         reason
-    }
-
-    /// Sleep as long as the rate cap asks after copying `len` bytes (a cap
-    /// changed meanwhile applies from the next chunk on; at most 1 s of credit is
-    /// kept, so an idle spell does not turn into a burst).
-    fn pace(&mut self, len: ByteLen) {
-        let Some(rate) = self.cfg.rate.get() else {
-            return;
-        };
-        let now = Instant::now();
-        let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
-        self.next_at =
-            self.next_at.max(floor) + Duration::from_secs_f64(len.0 as f64 / rate as f64);
-        if let Some(wait) = self.next_at.checked_duration_since(now) {
-            std::thread::sleep(wait);
-        }
     }
 }
 
@@ -401,6 +592,7 @@ pub(crate) mod tests {
         let cfg = CopyConfig {
             chunk: ByteLen(128 * K),
             rate: Rate::uncapped(),
+            ..CopyConfig::default()
         };
         rebuild(
             h,
@@ -472,6 +664,7 @@ pub(crate) mod tests {
             let cfg = CopyConfig {
                 chunk: ByteLen(64 * K),
                 rate: Rate::uncapped(),
+                ..CopyConfig::default()
             };
             let out = rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p).unwrap();
             stop.store(true, Ordering::Release);
@@ -515,6 +708,52 @@ pub(crate) mod tests {
         let out = partial(&h, &ranges, 1, &p);
         assert!(matches!(out, Ok(Outcome::Done { .. })), "{out:?}");
         assert_eq!(stores[1].bytes(0, 4096), vec![9; 4096]);
+    }
+
+    #[test]
+    fn a_target_failing_half_way_lacks_again_only_what_it_got_since_its_last_flush() {
+        let (stores, h) = mem_volume(1);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        write(&n, 0, 1 << 20, 3);
+        let (fresh, spec) = fresh_mem_slot(&stores[0]);
+        let slot = h.add_slot(spec).unwrap();
+        let p = Progress::default();
+        let out = std::thread::scope(|sc| {
+            let job = sc.spawn(|| {
+                let cfg = CopyConfig {
+                    chunk: ByteLen(64 * K),
+                    rate: Rate::fixed(2 << 20),
+                    flush_every: ByteLen(256 * K),
+                };
+                rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p)
+            });
+            // A chunk past the second flush (at 512 KiB).
+            while p.done.load(Ordering::Acquire) < 576 * K {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            fresh.set_fault(Fault::Writes);
+            job.join().unwrap().unwrap()
+        });
+        assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
+        let left = h.dirty_map(slot).expect("its map").dirty_bytes();
+        // Flushed every 256 KiB: the rebuild resumes from the last flush.
+        assert!(
+            left > 0 && left <= 512 * K && left % (256 * K) == 0,
+            "{left}"
+        );
+        let map = h.dirty_map(slot).unwrap();
+        assert!(
+            !map.any(ByteOffset(0), ByteLen((1 << 20) - left)),
+            "flushed"
+        );
+        fresh.set_fault(Fault::None);
+        let out = partial(&h, &ranges, slot.get(), &p).unwrap();
+        assert!(
+            matches!(out, Outcome::Done { bytes, .. } if bytes == left),
+            "{out:?}"
+        );
+        assert_eq!(fresh.bytes(0, 1 << 20), stores[0].bytes(0, 1 << 20));
     }
 
     #[test]

@@ -3,13 +3,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{CopyConfig, Progress};
+use super::{CopyConfig, Durability, Handles, Pacer, Progress};
 use crate::health::{indices, Health, ReadVerdict};
 use crate::ids::{ByteLen, ByteOffset, SlotIndex};
 use crate::ranges::RangeTable;
-use crate::replica::Replica;
 use crate::state::{FaultReason, IoOp, RebuildStop};
 
 /// Host-crash resync: make the online replicas identical where the last run may
@@ -29,8 +28,10 @@ pub fn resync(
     progress.total.store(total, Ordering::Release);
     progress.done.store(0, Ordering::Release);
     let mut buf = vec![0u8; cfg.chunk.0 as usize];
-    let mut handles: Vec<(SlotIndex, Box<dyn Replica>)> = Vec::new();
-    let mut next_at = Instant::now();
+    let mut handles = Handles::default();
+    let mut pacer = Pacer::new(cfg.rate.clone());
+    // Per target: what it was sent since its last flush.
+    let mut durable: Vec<(SlotIndex, Durability)> = Vec::new();
     let pieces: Vec<(ByteOffset, ByteLen)> = in_flight
         .iter()
         .flat_map(|&(o, l)| {
@@ -45,6 +46,7 @@ pub fn resync(
                 why: RebuildStop::Cancelled,
             });
         }
+        let (t0, requests) = (Instant::now(), health.app_requests());
         let _range = futures::executor::block_on(ranges.lock(offset.0, len.0, &None));
         let _al = futures::executor::block_on(health.enter_activity(offset, len, None)).map_err(
             |_| FaultReason::RebuildStopped {
@@ -60,9 +62,11 @@ pub fn resync(
                     why: RebuildStop::NoSource,
                 });
             };
-            let h = handle(health, &mut handles, src).ok_or(FaultReason::RebuildStopped {
-                why: RebuildStop::NoSource,
-            })?;
+            let h = handles
+                .get(health, src)
+                .ok_or(FaultReason::RebuildStopped {
+                    why: RebuildStop::NoSource,
+                })?;
             match futures::executor::block_on(h.read(offset, data)) {
                 Ok(()) => break src,
                 Err(e) => {
@@ -75,42 +79,70 @@ pub fn resync(
             }
         };
         for t in indices(health.read_mask() & !(1 << src.get())) {
-            let Some(h) = handle(health, &mut handles, t) else {
+            let Some(h) = handles.get(health, t) else {
                 continue;
             };
-            if let Err(e) = futures::executor::block_on(h.write(offset, data, false)) {
-                let reason = FaultReason::of_errno(IoOp::Write, e);
-                if let Err(err) = health.fault_missing(t, reason, &pieces[i..]) {
-                    tracing::warn!(volume = health.volume(), slot = %t, error = %err, "resync target already out");
+            let d = match durable.iter().position(|(s, _)| *s == t) {
+                Some(k) => &mut durable[k].1,
+                None => {
+                    durable.push((t, Durability::new(cfg.flush_every)));
+                    &mut durable.last_mut().expect("pushed").1
                 }
+            };
+            let res = futures::executor::block_on(h.write(offset, data, false))
+                .map_err(|e| FaultReason::of_errno(IoOp::Write, e))
+                .and_then(|()| {
+                    d.wrote(health, t, offset, len);
+                    match d.due() {
+                        true => d
+                            .flush(health, t, h)
+                            .map_err(|e| FaultReason::of_errno(IoOp::Flush, e)),
+                        false => Ok(()),
+                    }
+                });
+            if let Err(reason) = res {
+                lost(health, t, reason, d.unflushed(), &pieces[i..]);
             }
         }
         progress.done.fetch_add(len.0, Ordering::AcqRel);
-        if let Some(rate) = cfg.rate.get() {
-            next_at =
-                next_at.max(Instant::now()) + Duration::from_secs_f64(len.0 as f64 / rate as f64);
-            if let Some(w) = next_at.checked_duration_since(Instant::now()) {
-                std::thread::sleep(w);
-            }
+        drop((_range, _al));
+        pacer.pace(len, t0.elapsed(), health.app_requests() != requests);
+    }
+    // Durable on every target before reads are spread over them.
+    for (t, d) in &mut durable {
+        if health.read_mask() & (1 << t.get()) == 0 {
+            continue; // faulted meanwhile, with what it lacks
+        }
+        let Some(h) = handles.get(health, *t) else {
+            continue;
+        };
+        if let Err(e) = d.flush(health, *t, h) {
+            lost(
+                health,
+                *t,
+                FaultReason::of_errno(IoOp::Flush, e),
+                d.unflushed(),
+                &[],
+            );
         }
     }
     health.set_read_policy(crate::health::ReadPolicy::Spread);
     Ok(total)
 }
 
-fn handle<'a>(
+/// A resync target failed: faulted, lacking what it was sent since its last flush
+/// and what the resync has not reached yet.
+fn lost(
     health: &Health,
-    handles: &'a mut Vec<(SlotIndex, Box<dyn Replica>)>,
-    slot: SlotIndex,
-) -> Option<&'a dyn Replica> {
-    if !handles.iter().any(|(s, _)| *s == slot) {
-        let h = health.backing(slot)?.thread_handle().ok()?;
-        handles.push((slot, h));
+    t: SlotIndex,
+    reason: FaultReason,
+    unflushed: &[(ByteOffset, ByteLen)],
+    rest: &[(ByteOffset, ByteLen)],
+) {
+    let missing: Vec<_> = unflushed.iter().chain(rest).copied().collect();
+    if let Err(err) = health.fault_missing(t, reason, &missing) {
+        tracing::warn!(volume = health.volume(), slot = %t, error = %err, "resync target already out");
     }
-    handles
-        .iter()
-        .find(|(s, _)| *s == slot)
-        .map(|(_, h)| h.as_ref())
 }
 
 #[cfg(test)]
@@ -139,6 +171,7 @@ mod tests {
         let cfg = CopyConfig {
             chunk: ByteLen(64 * K),
             rate: Rate::uncapped(),
+            flush_every: ByteLen(128 * K),
         };
         assert_eq!(resync(&h, &ranges, &hot, &cfg, &p), Ok(256 * K));
         // The pinned replica (the first online one) won everywhere.
