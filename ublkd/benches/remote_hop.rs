@@ -79,6 +79,25 @@ fn via_runtime(rt: &tokio::runtime::Handle, addr: &str, qd: usize, n: u64) -> f6
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// 1 MiB writes one at a time (a rebuild's copy): MiB/s.
+fn seq_1m(rt: &tokio::runtime::Handle, addr: &str, mib: u64) -> f64 {
+    let client =
+        rt.block_on(async { RemoteClient::connect(spec(addr, "seq", 1)).await.unwrap().0 });
+    let client = Arc::new(client);
+    let replica = client.replica(None);
+    let buf = vec![5u8; 1 << 20];
+    let t = Instant::now();
+    for i in 0..mib {
+        futures::executor::block_on(replica.write(
+            ByteOffset((i % (SIZE >> 20)) << 20),
+            &buf,
+            false,
+        ))
+        .unwrap();
+    }
+    mib as f64 / t.elapsed().as_secs_f64()
+}
+
 /// Option A's lower bound at QD1: the calling thread does the exchange itself.
 fn inline_qd1(rt: &tokio::runtime::Handle, addr: &str, n: u64) -> f64 {
     let (mut s, keys) = rt.block_on(async {
@@ -170,12 +189,15 @@ fn main() {
     let b1 = via_runtime(rt, &addr, 1, n);
     let a1 = inline_qd1(rt, &addr, n);
     let b32 = via_runtime(rt, &addr, 32, 4 * n);
+    seq_1m(rt, &addr, 256);
+    let s1m = seq_1m(rt, &addr, 1024);
     let lines = [
         format!("remote_hop_inline_qd1_iops={a1:.0}"),
         format!("remote_hop_runtime_qd1_iops={b1:.0}"),
         format!("remote_hop_runtime_qd32_iops={b32:.0}"),
         format!("remote_hop_cost_us_per_io_qd1={:.1}", 1e6 / b1 - 1e6 / a1),
         format!("remote_hop_qd1_ratio_runtime_vs_inline={:.2}", b1 / a1),
+        format!("remote_seq_1m_qd1_mibps={s1m:.0}"),
     ];
     let _ = server.kill();
     let _ = server.wait();

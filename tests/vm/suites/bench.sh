@@ -570,8 +570,16 @@ bench_rebuild() {
   run "$MOUNT" "$4" /mnt/srv2
   run "$MOUNT" "$2" /mnt/srv3
   cluster_secret
-  LOG_LEVEL=warn replica_server 2 /mnt/srv2
-  LOG_LEVEL=warn replica_server 3 /mnt/srv3
+  # Each part starts with empty servers: a 1 GiB disk holds one filled 512 MiB image, not two.
+  fresh_servers() {
+    for i in 2 3; do
+      pid=$(eval echo "\${SRV_$i:-}")
+      [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait_pid "$pid" 20
+      rm -f /mnt/srv$i/*.img
+      LOG_LEVEL=warn replica_server $i /mnt/srv$i
+    done
+  }
+  fresh_servers
   L="{ local = \"$local_disk\" }"
   R2() { echo "{ remote = \"127.0.0.2:7450\", id = \"$1\" }"; }
   R3() { echo "{ remote = \"127.0.0.3:7450\", id = \"$1\" }"; }
@@ -590,7 +598,10 @@ bench_rebuild() {
   rb=$(awk -v b="$bytes" -v ms=$((t1 - t0)) 'BEGIN { printf "%.1f", b / 1048576 / (ms / 1000) }')
   stop_ublkd 60 || fail "owner did not stop"
   # The copy: local disk -> dd -> /dev/nbd0 -> TCP -> qemu-nbd -> a file on server 3's
-  # filesystem (the path a rebuild's target writes take), 1 MiB at a time, O_DIRECT.
+  # filesystem (the path a rebuild's target writes take), 1 MiB at a time, O_DIRECT. The
+  # rebuilt replica's image goes first: the 1 GiB disk holds one 512 MiB image, not two.
+  kill -TERM "$SRV_3"; wait_pid "$SRV_3" 20
+  rm -f /mnt/srv3/*.img
   run truncate -s 512M /mnt/srv3/copy.img
   "$QEMU_NBD" -f raw --cache=none --aio=io_uring --discard=ignore --detect-zeroes=off \
     -x copy -b 127.0.0.3 -p $NBD_PORT -t /mnt/srv3/copy.img > "$T/qemu-nbd.log" 2>&1 &
@@ -612,6 +623,7 @@ bench_rebuild() {
 
   # 2. Partial rebuild: server 3 is killed, 100 blocks of 4 KiB are written in 100 distinct
   #    64 KiB regions, the server comes back: the bytes copied against the regions dirtied.
+  fresh_servers
   TAG=partial; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 p2), $(R3 p3)"
   run dd if=/dev/urandom of=/dev/ublkb0 bs=1M count=64 oflag=direct conv=fsync
   kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
@@ -628,6 +640,7 @@ bench_rebuild() {
 
   # 3. Application 4k randwrite QD32 while a full rebuild runs at the default cap, against
   #    the same volume without one.
+  fresh_servers
   TAG=qos; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 q2)"
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=4 --size=512M --output=/dev/null
@@ -649,6 +662,8 @@ bench_rebuild() {
   #    alternately with this build and with the bench-no-dirty-log one (3 rounds each).
   nolog=/usr/local/bin/ublkd-bench-no-dirty-log
   [ -x "$nolog" ] || fail "missing $nolog"
+  kill -TERM "$SRV_3"; wait_pid "$SRV_3" 20
+  rm -f /mnt/srv3/*.img
   _r=0 A="" B=""
   for r in 1 2 3; do
     for bin in "$UBLKD" "$nolog"; do
