@@ -92,6 +92,37 @@ pub struct Config {
     pub server: Option<ServerConfig>,
     /// The `[rebuild]` section (defaults when absent).
     pub rebuild: RebuildConfig,
+    /// The `[ha]` section (defaults when absent).
+    pub ha: HaConfig,
+}
+
+/// The `[ha]` section: how this node's HA monitor watches the replica servers
+/// its volumes use and replaces the replicas of a dead one on a spare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaConfig {
+    /// A server failing its probes this long is dead (its replicas are replaced).
+    pub grace_ms: u32,
+    /// How often every server is probed.
+    pub probe_interval_ms: u32,
+    /// Good probes in a row that bring a dead server back.
+    pub rejoin_probes: u32,
+    /// Replacements in progress at once on this node.
+    pub max_concurrent: u32,
+}
+
+/// Default of `[ha] grace_ms`: 5 s, well above a server restart's blip and a
+/// probe's timeout, well below what an operator would take to notice.
+pub const DEFAULT_HA_GRACE_MS: u32 = 5000;
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            grace_ms: DEFAULT_HA_GRACE_MS,
+            probe_interval_ms: 1000,
+            rejoin_probes: 3,
+            max_concurrent: 2,
+        }
+    }
 }
 
 /// The `[rebuild]` section: how this node rebuilds its volumes' replicas.
@@ -201,6 +232,9 @@ pub struct VolumeConfig {
     pub replicas: Vec<ReplicaConfig>,
     /// Overrides `[rebuild] partial_window_s` for this volume.
     pub partial_window_s: Option<u32>,
+    /// Replica servers (`host:port`, canonical form) the HA monitor may place a
+    /// replacement replica on; distinct.
+    pub spares: Vec<String>,
 }
 
 /// One replica of a volume.
@@ -461,6 +495,16 @@ struct RawConfig {
     // fail to deserialize. See `ServerPos`.
     server: Option<RawServer>,
     rebuild: Option<RawRebuild>,
+    ha: Option<RawHa>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHa {
+    grace_ms: Option<Spanned<i64>>,
+    probe_interval_ms: Option<Spanned<i64>>,
+    rejoin_probes: Option<Spanned<i64>>,
+    max_concurrent: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -511,6 +555,7 @@ struct RawVolume {
     device_id: Option<Spanned<i64>>,
     replicas: Option<Spanned<Vec<Spanned<RawReplica>>>>,
     partial_window_s: Option<Spanned<i64>>,
+    spares: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// One element of `replicas`. Each replica kind is a key (`local`,
@@ -599,6 +644,8 @@ struct Seen {
     paths: HashMap<PathBuf, PathUse>,
     /// Canonical remote (addr, id) -> first use.
     remotes: HashMap<(String, String), PathUse>,
+    /// The first volume with spares: (line, volume).
+    first_spares: Option<(usize, String)>,
 }
 
 impl Validator<'_> {
@@ -658,10 +705,14 @@ impl Validator<'_> {
                     )
                 });
             let server = server_line.map(|line| (line, "a [server] section exists".to_string()));
-            let first = match (first_remote, server) {
-                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-                (a, b) => a.or(b),
-            };
+            let spares = seen
+                .first_spares
+                .clone()
+                .map(|(line, v)| (line, format!("volume {v:?} has spares")));
+            let first = [first_remote, server, spares]
+                .into_iter()
+                .flatten()
+                .min_by_key(|(line, _)| *line);
             if let Some((line, why)) = first {
                 return Err(ConfigError::Invalid {
                     origin: self.origin.to_string(),
@@ -678,12 +729,52 @@ impl Validator<'_> {
             Some(r) => self.rebuild(r)?,
             None => RebuildConfig::default(),
         };
+        let ha = match raw.ha {
+            Some(h) => self.ha(h)?,
+            None => HaConfig::default(),
+        };
         Ok(Config {
             node,
             volumes,
             server,
             rebuild,
+            ha,
         })
+    }
+
+    fn ha(&self, raw: RawHa) -> Result<HaConfig, ConfigError> {
+        let section = Some("[ha]".to_string());
+        let mut h = HaConfig::default();
+        if let Some(v) = &raw.grace_ms {
+            h.grace_ms = self.ranged(v, &section, "grace_ms", 1000, 3_600_000)? as u32;
+        }
+        if let Some(v) = &raw.probe_interval_ms {
+            h.probe_interval_ms =
+                self.ranged(v, &section, "probe_interval_ms", 100, 60_000)? as u32;
+        }
+        if let Some(v) = raw.rejoin_probes {
+            h.rejoin_probes = self.ranged(&v, &section, "rejoin_probes", 1, 100)? as u32;
+        }
+        if let Some(v) = raw.max_concurrent {
+            h.max_concurrent = self.ranged(&v, &section, "max_concurrent", 1, 64)? as u32;
+        }
+        if h.probe_interval_ms >= h.grace_ms {
+            let (key, span) = match (&raw.probe_interval_ms, &raw.grace_ms) {
+                (Some(p), _) => ("probe_interval_ms", p.span()),
+                (None, Some(g)) => ("grace_ms", g.span()),
+                (None, None) => unreachable!("the defaults are consistent"),
+            };
+            return Err(self.invalid(
+                &span,
+                &section,
+                key,
+                format!(
+                    "probe_interval_ms ({} ms) must be below grace_ms ({} ms): a server would be declared dead on its first failed probe",
+                    h.probe_interval_ms, h.grace_ms
+                ),
+            ));
+        }
+        Ok(h)
     }
 
     fn rebuild(&self, raw: RawRebuild) -> Result<RebuildConfig, ConfigError> {
@@ -1099,6 +1190,24 @@ impl Validator<'_> {
             )? as u32),
             None => None,
         };
+        let mut spares: Vec<String> = Vec::new();
+        if let Some(list) = &raw.spares {
+            seen.first_spares
+                .get_or_insert_with(|| (self.line(&list.span()), name.clone()));
+            for a in list.get_ref() {
+                let canonical = check_remote_addr(a.get_ref())
+                    .map_err(|m| self.invalid(&a.span(), &section, "spares", m))?;
+                if spares.contains(&canonical) {
+                    return Err(self.invalid(
+                        &a.span(),
+                        &section,
+                        "spares",
+                        format!("{:?} is listed twice", a.get_ref()),
+                    ));
+                }
+                spares.push(canonical);
+            }
+        }
 
         Ok(VolumeConfig {
             name,
@@ -1110,6 +1219,7 @@ impl Validator<'_> {
             device_id,
             replicas,
             partial_window_s,
+            spares,
         })
     }
 
@@ -1750,6 +1860,7 @@ replicas = [
                     },
                 ],
                 partial_window_s: None,
+                spares: vec![],
             }
         );
         let v1 = c.volume("Vol_1.b-2").unwrap();
@@ -1760,6 +1871,66 @@ replicas = [
             v1.replicas[0].local_path(),
             Some(Path::new("/var/lib/ublkd/v1.img"))
         );
+    }
+
+    #[test]
+    fn ha_section_and_spares_are_read_and_checked() {
+        const SECRET: &str = "[node]\ncluster_secret_file = \"/k\"\n";
+        let vol = |extra: &str| {
+            format!("[[volume]]\nname = \"v\"\nsize = \"1MiB\"\nreplicas = [{{ local = \"/a\" }}]\n{extra}")
+        };
+        let c = ok(&format!(
+            "{SECRET}[ha]\ngrace_ms = 8000\nprobe_interval_ms = 500\nrejoin_probes = 2\nmax_concurrent = 4\n{}",
+            vol("spares = [\"10.0.0.4:7450\", \"Node-5:07450\"]\n")
+        ));
+        assert_eq!(
+            c.ha,
+            HaConfig {
+                grace_ms: 8000,
+                probe_interval_ms: 500,
+                rejoin_probes: 2,
+                max_concurrent: 4
+            }
+        );
+        // Canonical: the same server is recognised however it is written.
+        assert_eq!(c.volumes[0].spares, ["10.0.0.4:7450", "node-5:7450"]);
+        assert_eq!(ok(&vol("")).ha, HaConfig::default());
+        assert!(ok(&vol("")).volumes[0].spares.is_empty());
+        for (text, want) in [
+            (
+                format!("{SECRET}[ha]\ngrace_ms = 10\n"),
+                vec!["ublk.toml:4:", "grace_ms", "between 1000 and 3600000"],
+            ),
+            (
+                format!("{SECRET}[ha]\ngrace_ms = 2000\nprobe_interval_ms = 2000\n"),
+                vec![
+                    "ublk.toml:5:",
+                    "probe_interval_ms",
+                    "must be below grace_ms",
+                ],
+            ),
+            (format!("{SECRET}[ha]\nspares = []\n"), vec!["spares"]),
+            (
+                format!("{SECRET}{}", vol("spares = [\"10.0.0.4\"]\n")),
+                vec!["ublk.toml:7:", "spares", "missing \":port\""],
+            ),
+            (
+                format!(
+                    "{SECRET}{}",
+                    vol("spares = [\"10.0.0.4:7450\", \"10.0.0.4:7450\"]\n")
+                ),
+                vec!["spares", "listed twice"],
+            ),
+            (
+                vol("spares = [\"10.0.0.4:7450\"]\n"),
+                vec!["cluster_secret_file", "volume \"v\" has spares"],
+            ),
+        ] {
+            let e = err(&text).to_string();
+            for w in want {
+                assert!(e.contains(w), "{text:?}: {e:?} lacks {w:?}");
+            }
+        }
     }
 
     #[test]

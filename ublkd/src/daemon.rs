@@ -274,10 +274,12 @@ impl Daemon {
                 Change::VolumeAdded { volume } => {
                     done(c, self.start(volume).map_err(|e| e.to_string()))
                 }
-                Change::AtDaemonRestart { .. } => done(c, Ok(())),
+                // The monitor reads the config in force at each round.
+                Change::AtDaemonRestart { .. } | Change::HaRules { .. } => done(c, Ok(())),
                 Change::ReplicaAdded { volume, .. }
                 | Change::ReplicaRemoved { volume, .. }
                 | Change::ReplicaReplaced { volume, .. }
+                | Change::Spares { volume, .. }
                 | Change::AtNextStart { volume, .. } => {
                     per_volume
                         .entry(volume.clone())

@@ -23,6 +23,18 @@ pub enum Change {
         busy_percent: u32,
         max_concurrent: u32,
     },
+    /// `[ha]` changed: the monitor takes it at its next round.
+    HaRules {
+        grace_ms: u32,
+        probe_interval_ms: u32,
+        rejoin_probes: u32,
+        max_concurrent: u32,
+    },
+    /// A volume's spares changed: the monitor places on the new list.
+    Spares {
+        volume: String,
+        spares: Vec<String>,
+    },
     /// A `[rebuild]` key the running daemon keeps until it restarts.
     AtDaemonRestart {
         key: String,
@@ -65,6 +77,18 @@ impl std::fmt::Display for Change {
                 f,
                 "[rebuild]: rate {rate} B/s, {busy_percent}% of the time while the application is busy, {max_concurrent} at once"
             ),
+            Change::HaRules {
+                grace_ms,
+                probe_interval_ms,
+                rejoin_probes,
+                max_concurrent,
+            } => write!(
+                f,
+                "[ha]: a server is dead after {grace_ms} ms of failed probes (every {probe_interval_ms} ms), back after {rejoin_probes} good ones; {max_concurrent} replacements at once"
+            ),
+            Change::Spares { volume, spares } => {
+                write!(f, "volume {volume}: spares are now [{}]", spares.join(", "))
+            }
             Change::AtDaemonRestart { key } => {
                 write!(f, "[rebuild] {key} changed: taken when ublkd restarts")
             }
@@ -160,6 +184,20 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
             max_concurrent,
         });
     }
+    if old.ha != new.ha {
+        let crate::config::HaConfig {
+            grace_ms,
+            probe_interval_ms,
+            rejoin_probes,
+            max_concurrent,
+        } = new.ha;
+        changes.push(Change::HaRules {
+            grace_ms,
+            probe_interval_ms,
+            rejoin_probes,
+            max_concurrent,
+        });
+    }
     for (key, changed) in [
         (
             "partial_window_s",
@@ -185,6 +223,12 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
             }),
             Some(o) => {
                 replica_changes(o, v, &mut changes);
+                if o.spares != v.spares {
+                    changes.push(Change::Spares {
+                        volume: v.name.clone(),
+                        spares: v.spares.clone(),
+                    });
+                }
                 for (key, changed) in [
                     ("queues", o.queues != v.queues),
                     ("depth", o.depth != v.depth),
@@ -315,6 +359,32 @@ mod tests {
                 Change::VolumeAdded { volume: "x".into() },
             ]
         );
+    }
+
+    #[test]
+    fn ha_rules_and_spares_apply_live() {
+        let secret = "[node]\ncluster_secret_file = \"/k\"\n";
+        let old = cfg(&format!("{secret}{}", vol("v", "1GiB", &["a"])));
+        let new = cfg(&format!(
+            "{secret}[ha]\ngrace_ms = 9000\n{}",
+            vol("v", "1GiB", &["a"]).replace("replicas", "spares = [\"10.0.0.9:7450\"]\nreplicas")
+        ));
+        assert_eq!(
+            plan(&old, &new).unwrap(),
+            vec![
+                Change::HaRules {
+                    grace_ms: 9000,
+                    probe_interval_ms: 1000,
+                    rejoin_probes: 3,
+                    max_concurrent: 2,
+                },
+                Change::Spares {
+                    volume: "v".into(),
+                    spares: vec!["10.0.0.9:7450".into()],
+                },
+            ]
+        );
+        assert!(plan(&new, &new).unwrap().is_empty());
     }
 
     #[test]
