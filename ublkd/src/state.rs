@@ -54,6 +54,31 @@ pub struct VolumeRecord {
     pub clean: bool,
     /// Pinned to `Primary` after an unclean shutdown, until a resync.
     pub read_policy: ReadPolicy,
+    /// Replicas the HA monitor put in place of configured ones: ublkd never edits
+    /// the config, so these apply over its list at every start
+    /// ([`VolumeRecord::effective`]) until the config names the replacement itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substitutions: Vec<Substitution>,
+}
+
+/// A configured replica and what runs in its place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Substitution {
+    /// The replica's location as the config lists it.
+    pub configured: String,
+    /// The replacement: its server (canonical `host:port`) and its id there.
+    pub addr: String,
+    pub id: String,
+    pub since: ha::UnixMs,
+    pub reason: ha::event::ReplaceReason,
+}
+
+impl Substitution {
+    /// The replacement's location (`id@host:port`).
+    pub fn location(&self) -> String {
+        format!("{}@{}", self.id, self.addr)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +155,7 @@ impl RecordV1 {
                 .collect(),
             clean: self.clean,
             read_policy: self.read_policy,
+            substitutions: Vec::new(),
         }
     }
 }
@@ -151,6 +177,7 @@ impl VolumeRecord {
             replicas: Vec::new(),
             clean: true,
             read_policy: ReadPolicy::Spread,
+            substitutions: Vec::new(),
         }
     }
 
@@ -185,6 +212,41 @@ impl VolumeRecord {
                 })
                 .collect(),
         }
+    }
+
+    /// `cfg` as the volume runs it: each substituted replica replaced by its
+    /// substitute, in place (the slot order stays the config's).
+    pub fn effective(&self, cfg: &VolumeConfig) -> VolumeConfig {
+        let mut out = cfg.clone();
+        for r in &mut out.replicas {
+            if let Some(s) = self.substitution_of(&r.location()) {
+                *r = crate::config::ReplicaConfig::Remote {
+                    addr: s.addr.clone(),
+                    id: s.id.clone(),
+                };
+            }
+        }
+        out
+    }
+
+    /// The substitution of a configured replica.
+    pub fn substitution_of(&self, configured: &str) -> Option<&Substitution> {
+        self.substitutions
+            .iter()
+            .find(|s| s.configured == configured)
+    }
+
+    /// Record that `running` (a configured replica, or a substitute) is being
+    /// replaced by `new`: a substitute's substitution is updated in place, so the
+    /// config's location stays the key.
+    pub fn substitute(&mut self, running: &str, new: Substitution) {
+        let configured = self
+            .substitutions
+            .iter()
+            .find(|s| s.location() == running)
+            .map_or_else(|| running.to_string(), |s| s.configured.clone());
+        self.substitutions.retain(|s| s.configured != configured);
+        self.substitutions.push(Substitution { configured, ..new });
     }
 
     pub fn replica(&self, location: &str) -> Option<&ReplicaRecord> {
@@ -282,6 +344,17 @@ impl RecordSink {
         self.dir.save(&rec)
     }
 
+    /// Change the record (the HA monitor's substitutions) and save it.
+    pub fn edit(&self, f: impl FnOnce(&mut VolumeRecord)) -> Result<(), DaemonError> {
+        let mut rec = self.record.lock().unwrap();
+        f(&mut rec);
+        self.dir.save(&rec)
+    }
+
+    pub fn record(&self) -> VolumeRecord {
+        self.record.lock().unwrap().clone()
+    }
+
     pub fn set_device_id(&self, id: u32) -> Result<(), DaemonError> {
         let mut rec = self.record.lock().unwrap();
         if rec.device_id != Some(id) {
@@ -355,6 +428,50 @@ mod tests {
         fs::write(dir.path().join("volumes/v.json"), b"{not json").unwrap();
         let err = sd.load("v").unwrap_err().to_string();
         assert!(err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn substitutions_apply_over_the_config_keyed_by_the_configured_replica() {
+        let cfg = Config::parse(
+            "[node]\ncluster_secret_file = \"/k\"\n[[volume]]\nname = \"v\"\nsize = \"1MiB\"\nreplicas = [{ local = \"/a\" }, { remote = \"10.0.0.2:7450\", id = \"v-b\" }, { remote = \"10.0.0.3:7450\", id = \"v-c\" }]\n",
+            "t.toml",
+        )
+        .unwrap()
+        .volumes
+        .remove(0);
+        let locs = |c: &VolumeConfig| c.replicas.iter().map(|r| r.location()).collect::<Vec<_>>();
+        let mut rec = VolumeRecord::fresh(&cfg);
+        assert_eq!(rec.effective(&cfg), cfg);
+        let sub = |addr: &str, since| Substitution {
+            configured: String::new(),
+            addr: addr.into(),
+            id: "v-b".into(),
+            since: ha::UnixMs(since),
+            reason: ha::event::ReplaceReason::Operator,
+        };
+        rec.substitute("v-b@10.0.0.2:7450", sub("10.0.0.4:7450", 1));
+        assert_eq!(
+            locs(&rec.effective(&cfg)),
+            ["/a", "v-b@10.0.0.4:7450", "v-c@10.0.0.3:7450"]
+        );
+        // The substitute replaced in turn: still keyed by what the config says.
+        rec.substitute("v-b@10.0.0.4:7450", sub("10.0.0.5:7450", 2));
+        assert_eq!(rec.substitutions.len(), 1);
+        assert_eq!(rec.substitutions[0].configured, "v-b@10.0.0.2:7450");
+        assert_eq!(
+            locs(&rec.effective(&cfg)),
+            ["/a", "v-b@10.0.0.5:7450", "v-c@10.0.0.3:7450"]
+        );
+        // Persisted with the record; a record without any reads as before.
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        sd.save(&rec).unwrap();
+        assert_eq!(sd.load("v").unwrap().unwrap(), rec);
+        rec.substitutions.clear();
+        sd.save(&rec).unwrap();
+        let text = fs::read_to_string(dir.path().join("volumes/v.json")).unwrap();
+        assert!(!text.contains("substitutions"), "{text}");
+        assert_eq!(sd.load("v").unwrap().unwrap(), rec);
     }
 
     #[test]

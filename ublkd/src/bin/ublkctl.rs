@@ -557,6 +557,15 @@ fn print_status(s: &VolumeStatus) {
             _ => {}
         }
     }
+    for sub in &s.substitutions {
+        println!(
+            "  differs from the config: {} runs in place of {} since {} (unix ms) because {}; name it in the config to make this permanent",
+            sub.location(),
+            sub.configured,
+            sub.since.0,
+            sub.reason
+        );
+    }
     if let Some(b) = &s.rebuild {
         let secs = (b.elapsed_ms as f64 / 1000.0).max(0.001);
         let rate = b.done as f64 / secs;

@@ -71,6 +71,10 @@ pub struct VolumeStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<replication::rebuild::Running>,
     pub io: IoStatsSnapshot,
+    /// Replicas that run in place of configured ones (HA replacements), since
+    /// when and why; the config catches up by naming the replacement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substitutions: Vec<crate::state::Substitution>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +135,8 @@ struct Live {
     /// Replaced replicas still in the set: (old, new) by uuid; the old one is
     /// dropped once the new one is online.
     replacing: Vec<(wire::ReplicaUuid, wire::ReplicaUuid)>,
+    /// The record while serving (it owns the HA monitor's substitutions).
+    sink: Option<Arc<RecordSink>>,
 }
 
 /// State shared between a volume's thread and the rest of the daemon.
@@ -187,7 +193,10 @@ impl VolumeShared {
         net: &Net,
     ) -> Vec<(crate::reload::Change, Result<(), String>)> {
         use crate::reload::Change;
-        let health = self.live.lock().unwrap().health.clone();
+        let (health, sink) = {
+            let live = self.live.lock().unwrap();
+            (live.health.clone(), live.sink.clone())
+        };
         *self.cfg.lock().unwrap() = new.clone();
         let Some(health) = health else {
             return changes.iter().map(|c| (c.clone(), Ok(()))).collect();
@@ -240,13 +249,46 @@ impl VolumeShared {
             tracing::info!(volume = %new.name, replica = %loc, "replica removed");
             Ok(())
         };
+        // A change of a configured replica the HA monitor substituted applies to
+        // its substitute, and ends the substitution: the config speaks again.
+        let substitute = |configured: &str| {
+            sink.as_ref()
+                .and_then(|s| s.record().substitution_of(configured).cloned())
+        };
+        let unsubstitute = |configured: &str| -> Result<(), String> {
+            match &sink {
+                Some(s) => s
+                    .edit(|r| r.substitutions.retain(|x| x.configured != configured))
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        };
         changes
             .iter()
             .map(|c| {
                 let res = match c {
                     Change::ReplicaAdded { replica, .. } => add(replica).map(|_| ()),
-                    Change::ReplicaRemoved { replica, .. } => remove(replica),
+                    Change::ReplicaRemoved { replica, .. } => match substitute(replica) {
+                        Some(sub) => remove(&sub.location()).and_then(|()| unsubstitute(replica)),
+                        None => remove(replica),
+                    },
+                    // The config now names what the monitor put in place.
+                    Change::ReplicaReplaced { old, new: n, .. }
+                        if substitute(old).is_some_and(|sub| sub.location() == *n) =>
+                    {
+                        tracing::info!(volume = %new.name, replica = %n,
+                            "the config now names the HA replacement: substitution ended");
+                        unsubstitute(old)
+                    }
                     Change::ReplicaReplaced { old, new: n, .. } => add(n).and_then(|uuid| {
+                        let running = match substitute(old) {
+                            Some(sub) => {
+                                unsubstitute(old)?;
+                                sub.location()
+                            }
+                            None => old.clone(),
+                        };
+                        let old = &running;
                         match slot_at(old) {
                             // Kept until the new one holds every write.
                             Some(s) if s.state == replication::ReplicaState::Online => {
@@ -405,7 +447,8 @@ impl VolumeShared {
                 h.stats.snapshot(),
             ),
             None => (
-                self.cfg()
+                rec.as_ref()
+                    .map_or_else(|| self.cfg(), |r| r.effective(&self.cfg()))
                     .replicas
                     .iter()
                     .enumerate()
@@ -449,6 +492,11 @@ impl VolumeShared {
             replicas,
             rebuild: live.rebuilds.as_ref().and_then(|m| m.running()),
             io,
+            substitutions: match (&live.sink, &rec) {
+                (Some(s), _) => s.record().substitutions,
+                (None, Some(r)) => r.substitutions.clone(),
+                (None, None) => Vec::new(),
+            },
         }
     }
 }
@@ -558,6 +606,9 @@ fn run(
     if let Some(rec) = &record {
         rec.check_geometry(cfg)?;
     }
+    // What the HA monitor replaced runs in place of what the config lists.
+    let effective = record.as_ref().map(|r| r.effective(cfg));
+    let cfg = effective.as_ref().unwrap_or(cfg);
     let uid = record.as_ref().map(|r| r.uid);
     let mode = match record.as_ref().and_then(|r| r.device_id).or(claimed_id) {
         Some(id) if ublk_device_exists(id) => match uid {
@@ -932,6 +983,7 @@ fn serve(
         let mut live = shared.live.lock().unwrap();
         live.generation = generation;
         live.health = Some(health.clone());
+        live.sink = Some(sink.clone());
         live.queues = queues;
         live.depth = depth;
     }
@@ -1092,6 +1144,7 @@ fn serve(
         let mut live = shared.live.lock().unwrap();
         live.rebuilds = None;
         live.ranges = None;
+        live.sink = None;
     }
     drop(rebuilds);
     health.stop();
