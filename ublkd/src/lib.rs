@@ -7,12 +7,14 @@
 //! * [`lifecycle`] — the volume's state machine as users see it.
 //! * [`daemon`] — all volumes of the node, orphan detection.
 //! * [`control`] — the local control socket `ublkctl` talks to.
+//! * [`ha`] — the HA monitor's edge: probes of the replica servers.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod frontend;
+pub mod ha;
 pub mod lifecycle;
 pub mod reload;
 pub mod state;
