@@ -651,7 +651,7 @@ bench_rebuild() {
   busy=$1
   vol_status bench | grep -q '"rebuild":{' \
     || echo "TABLE qos: the rebuild ended before fio did (the ratio covers part of the run)"
-  echo "TABLE rebuild qos: app 4k randwrite QD32 $idle IOPS idle, $busy IOPS during a rebuild at 64 MiB/s"
+  echo "TABLE rebuild qos: app 4k randwrite QD32 $idle IOPS idle, $busy IOPS during a rebuild at the default limits (64 MiB/s, busy_percent 25)"
   echo "RESULT app_randwrite_qd32_iops_idle=$idle"
   echo "RESULT app_randwrite_qd32_iops_during_rebuild=$busy"
   echo "RESULT rebuild_app_iops_ratio=$(awk -v a="$busy" -v b="$idle" 'BEGIN { printf "%.2f", a / b }')"
