@@ -1337,7 +1337,7 @@ impl Validator<'_> {
 /// 1..=65535. No name resolution. Returns a canonical form (lower-case
 /// hostname, normalized IP, port without leading zeros) to detect
 /// duplicates, or an error message (without key/line).
-fn check_remote_addr(addr: &str) -> Result<String, String> {
+pub fn check_remote_addr(addr: &str) -> Result<String, String> {
     const EXPECTED: &str = "expected \"host:port\" with a hostname, an IPv4 address or a bracketed IPv6 address, e.g. \"node-b:7000\", \"10.0.0.2:7000\" or \"[fd00::2]:7000\"";
     let bad = |what: &str| format!("{what} in {addr:?}; {EXPECTED}");
     let (host, port) = if let Some(rest) = addr.strip_prefix('[') {

@@ -48,6 +48,28 @@ pub enum Request {
         volume: String,
         action: RebuildAction,
     },
+    /// The HA monitor's events after `since` (all kept ones without).
+    Events {
+        since: Option<u64>,
+    },
+    /// The HA monitor: its view of the servers, or pause/resume it.
+    Ha {
+        action: HaAction,
+    },
+    /// Replace a replica now, on `to` or on a spare the placement rule picks.
+    ReplicaReplace {
+        volume: String,
+        replica: String,
+        to: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HaAction {
+    Status,
+    Pause,
+    Resume,
 }
 
 /// What `Request::Rebuild` does.
@@ -103,6 +125,20 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
         Request::Verify { volume, repair } => daemon.verify(&volume, repair)?,
         Request::Reload => json(&daemon.reload()?),
+        Request::Events { since } => json(&daemon.ha().events.since(since)),
+        Request::Ha { action } => {
+            match action {
+                HaAction::Status => {}
+                HaAction::Pause => daemon.ha().set_paused(true)?,
+                HaAction::Resume => daemon.ha().set_paused(false)?,
+            }
+            json(&daemon.ha().status())
+        }
+        Request::ReplicaReplace {
+            volume,
+            replica,
+            to,
+        } => daemon.replica_replace(&volume, &replica, to.as_deref())?,
     })
 }
 

@@ -29,6 +29,8 @@ pub struct Daemon {
     shutting_down: std::sync::atomic::AtomicBool,
     /// This node's replica server, if it has a `[server]`.
     server: Option<std::sync::Arc<Server>>,
+    /// The HA monitor (its loop runs on a thread of its own: [`crate::ha::run`]).
+    ha: crate::ha::Ha,
 }
 
 /// What a reload did: the changes applied, and those that failed (with why).
@@ -57,7 +59,9 @@ impl Daemon {
         server: Option<std::sync::Arc<Server>>,
     ) -> Result<Daemon, DaemonError> {
         let state_dir = StateDir::open(&config.node.state_dir)?;
+        let ha = crate::ha::Ha::new(&state_dir, &config.ha);
         Ok(Daemon {
+            ha,
             config: Mutex::new(config),
             config_path: None,
             net,
@@ -77,6 +81,87 @@ impl Daemon {
                 volume: "-".into(),
                 message: "this node has no [server] section: it hosts no replicas".into(),
             })
+    }
+
+    pub fn ha(&self) -> &crate::ha::Ha {
+        &self.ha
+    }
+
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// The volumes whose threads run (serving, or starting).
+    pub fn serving(&self) -> Vec<std::sync::Arc<crate::volume::VolumeShared>> {
+        self.volumes
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| !r.is_finished())
+            .map(|r| r.shared.clone())
+            .collect()
+    }
+
+    /// `ublkctl replica replace`: the HA monitor's replacement, on demand (also
+    /// while HA is paused). `to`: the server, else the volume's spares decide.
+    pub fn replica_replace(
+        &self,
+        volume: &str,
+        replica: &str,
+        to: Option<&str>,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let shared = self.running(volume)?;
+        let err = |m: String| DaemonError::volume(volume, m);
+        let view = shared
+            .ha_view()
+            .ok_or_else(|| err("not serving: start it first (ublkctl recover)".into()))?;
+        let old = view
+            .slots
+            .iter()
+            .enumerate()
+            .find(|(i, s)| {
+                s.location == replica
+                    || replica.trim_start_matches('#').parse::<usize>().ok() == Some(*i)
+            })
+            .map(|(_, s)| s.location.clone())
+            .ok_or_else(|| {
+                let known: Vec<&str> = view.slots.iter().map(|s| s.location.as_str()).collect();
+                err(format!(
+                    "no replica {replica:?}; its replicas: {}",
+                    known.join(", ")
+                ))
+            })?;
+        if let Some(r) = view.replacing.first() {
+            return Err(err(format!(
+                "{} is being replaced by {} already: one replacement at a time (wait, or `ublkctl rebuild watch {volume}`)",
+                r.old, r.new
+            )));
+        }
+        let to = match to {
+            Some(a) => {
+                let canonical = crate::config::check_remote_addr(a).map_err(err)?;
+                ha::PeerAddr::new(&canonical).map_err(|e| err(e.to_string()))?
+            }
+            None => self
+                .ha
+                .place(&view)
+                .map_err(|e| err(format!("{e}; or name the server with --to HOST:PORT")))?,
+        };
+        let reason = ha::event::ReplaceReason::Operator;
+        let new = shared
+            .ha_replace(&old, &to, reason.clone(), &self.net)
+            .map_err(err)?;
+        self.ha.events.push(ha::event::Event {
+            at: ha::UnixMs(replication::dirty_file::unix_ms()),
+            volume: Some(volume.to_string()),
+            replica: Some(old.clone()),
+            kind: ha::event::EventKind::ReplacementPlaced {
+                new: new.clone(),
+                to: to.clone(),
+                reason,
+            },
+        });
+        Ok(serde_json::json!({ "old": old, "new": new, "to": to.to_string() }))
     }
 
     /// The configuration in force.

@@ -92,4 +92,451 @@ mod tests {
             assert_eq!(got["failure"], want, "{e}");
         }
     }
+    #[test]
+    fn the_event_log_is_bounded_persisted_and_numbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let ev = |i: u64| Event {
+            at: UnixMs(i),
+            volume: Some("vol0".into()),
+            replica: None,
+            kind: EventKind::Paused,
+        };
+        let log = EventLog::open(path.clone());
+        for i in 0..(2 * EVENTS_KEPT as u64 + 10) {
+            log.push(ev(i));
+        }
+        let all = log.since(None);
+        assert_eq!(all.len(), EVENTS_KEPT);
+        assert_eq!(all.last().unwrap().seq, 2 * EVENTS_KEPT as u64 + 10);
+        assert_eq!(log.since(Some(all.last().unwrap().seq - 3)).len(), 3);
+        // The file was compacted once it held twice the kept number of lines.
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= 2 * EVENTS_KEPT, "{lines}");
+        // A restart reads them back, numbers go on, a torn line is skipped.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"seq\": 5, torn")
+            .unwrap();
+        let again = EventLog::open(path);
+        assert_eq!(again.since(None), all);
+        again.push(ev(1));
+        assert_eq!(again.since(None).last().unwrap().seq, all.last().unwrap().seq + 1);
+        assert_eq!(EventLog::open(dir.path().join("events.jsonl")).since(None), again.since(None));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The monitor's state on this node, its event log and its loop.
+// ---------------------------------------------------------------------------
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ha::event::{Event, EventKind, ReplaceReason};
+use ha::monitor::{Decision, Monitor, Rules, VolumeView, Waiting};
+use ha::{PeerAddr, UnixMs};
+use serde::{Deserialize, Serialize};
+
+use crate::config::HaConfig;
+use crate::error::DaemonError;
+use crate::state::StateDir;
+use crate::volume::VolumeShared;
+
+/// Events kept (in memory and, after compaction, in the file).
+pub const EVENTS_KEPT: usize = 1000;
+
+/// An event with its number: `ublkctl events --follow` asks for those after
+/// the last one it showed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logged {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// The bounded, persisted event log: `<state_dir>/events.jsonl`, one JSON object
+/// per line, appended; rewritten with the last [`EVENTS_KEPT`] once twice that
+/// many lines are in it.
+pub struct EventLog {
+    path: PathBuf,
+    inner: Mutex<(VecDeque<Logged>, u64, usize)>,
+}
+
+impl EventLog {
+    pub fn open(path: PathBuf) -> EventLog {
+        let mut recent = VecDeque::new();
+        let mut lines = 0;
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            // A crash mid-append left a torn last line: the next one starts afresh.
+            if !text.is_empty() && !text.ends_with('\n') {
+                let _ = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(b"\n"));
+            }
+            for line in text.lines() {
+                lines += 1;
+                match serde_json::from_str::<Logged>(line) {
+                    Ok(l) => recent.push_back(l),
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                        "an event line cannot be read: skipped"),
+                }
+                if recent.len() > EVENTS_KEPT {
+                    recent.pop_front();
+                }
+            }
+        }
+        let seq = recent.back().map_or(0, |l| l.seq);
+        EventLog {
+            path,
+            inner: Mutex::new((recent, seq, lines)),
+        }
+    }
+
+    pub fn push(&self, event: Event) {
+        tracing::info!(event = %event, "ha");
+        let mut g = self.inner.lock().unwrap();
+        let (recent, seq, lines) = &mut *g;
+        *seq += 1;
+        let l = Logged { seq: *seq, event };
+        let line = serde_json::to_string(&l).expect("events serialize");
+        recent.push_back(l);
+        if recent.len() > EVENTS_KEPT {
+            recent.pop_front();
+        }
+        *lines += 1;
+        let res = if *lines > 2 * EVENTS_KEPT {
+            *lines = recent.len();
+            let text: String = recent
+                .iter()
+                .map(|l| serde_json::to_string(l).expect("events serialize") + "\n")
+                .collect();
+            replication::durable::replace(&self.path, text.as_bytes()).map_err(|e| e.to_string())
+        } else {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()))
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = res {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot persist an event");
+        }
+    }
+
+    /// The events after `seq` (all kept ones with `None`).
+    pub fn since(&self, seq: Option<u64>) -> Vec<Logged> {
+        let g = self.inner.lock().unwrap();
+        g.0.iter()
+            .filter(|l| seq.is_none_or(|s| l.seq > s))
+            .cloned()
+            .collect()
+    }
+}
+
+/// What `ublkctl ha status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HaStatus {
+    pub paused: bool,
+    /// Every server probed: its liveness and space.
+    pub peers: Vec<PeerStatus>,
+    /// Replicas that need a replacement and wait, with why.
+    pub waiting: Vec<WaitingReplica>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer: String,
+    pub liveness: ha::peer::Liveness,
+    pub capacity: Option<wire::control::Capacity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WaitingReplica {
+    pub volume: String,
+    pub replica: String,
+    pub reason: ReplaceReason,
+    pub waiting: Waiting,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Paused {
+    paused: bool,
+}
+
+/// The HA monitor of this node.
+pub struct Ha {
+    monitor: Mutex<Monitor>,
+    pub events: EventLog,
+    paused_file: PathBuf,
+    /// Replacements already reported online: (volume, new location).
+    announced: Mutex<BTreeSet<(String, String)>>,
+}
+
+pub fn rules(c: &HaConfig) -> Rules {
+    Rules {
+        peer: ha::peer::PeerRules {
+            grace_ms: c.grace_ms.into(),
+            rejoin_oks: c.rejoin_probes,
+        },
+        max_concurrent: c.max_concurrent as usize,
+        backoff_first_ms: 5_000,
+        backoff_max_ms: 300_000,
+        report_every_ms: 60_000,
+    }
+}
+
+fn now() -> UnixMs {
+    UnixMs(replication::dirty_file::unix_ms())
+}
+
+impl Ha {
+    pub fn new(state_dir: &StateDir, c: &HaConfig) -> Ha {
+        let paused_file = state_dir.node_file("ha.json");
+        let paused = std::fs::read(&paused_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Paused>(&b).ok())
+            .is_some_and(|p| p.paused);
+        if paused {
+            tracing::warn!("HA decisions are paused (ublkctl ha resume)");
+        }
+        Ha {
+            monitor: Mutex::new(Monitor::new(rules(c), paused)),
+            events: EventLog::open(state_dir.node_file("events.jsonl")),
+            paused_file,
+            announced: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Pause or resume automatic decisions (persisted: a restart keeps it).
+    pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
+        let body = serde_json::to_vec(&Paused { paused }).expect("serializes");
+        replication::durable::replace(&self.paused_file, &body).map_err(|e| {
+            DaemonError::State {
+                path: self.paused_file.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let mut m = self.monitor.lock().unwrap();
+        if m.paused() != paused {
+            m.set_paused(paused);
+            self.events.push(Event {
+                at: now(),
+                volume: None,
+                replica: None,
+                kind: if paused {
+                    EventKind::Paused
+                } else {
+                    EventKind::Resumed
+                },
+            });
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> HaStatus {
+        let m = self.monitor.lock().unwrap();
+        HaStatus {
+            paused: m.paused(),
+            peers: m
+                .peers()
+                .iter()
+                .map(|(p, v)| PeerStatus {
+                    peer: p.to_string(),
+                    liveness: v.liveness.clone(),
+                    capacity: v.capacity,
+                })
+                .collect(),
+            waiting: m
+                .waiting()
+                .iter()
+                .map(|((volume, replica), (reason, waiting))| WaitingReplica {
+                    volume: volume.clone(),
+                    replica: replica.clone(),
+                    reason: reason.clone(),
+                    waiting: waiting.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The spare a manual replacement of a replica of `view` would take now.
+    pub fn place(&self, view: &VolumeView) -> Result<PeerAddr, ha::placement::NoPlacement> {
+        let m = self.monitor.lock().unwrap();
+        let candidates: Vec<ha::placement::Candidate> = view
+            .spares
+            .iter()
+            .map(|a| ha::placement::Candidate {
+                addr: a,
+                liveness: m.peers().get(a).map(|p| &p.liveness),
+                capacity: m.peers().get(a).and_then(|p| p.capacity),
+            })
+            .collect();
+        let in_use: Vec<&PeerAddr> = view.slots.iter().filter_map(|s| s.peer.as_ref()).collect();
+        ha::placement::place(
+            &view.name,
+            view.size,
+            &candidates,
+            &in_use,
+            &BTreeMap::new(),
+        )
+    }
+
+    /// One round: probe every server the volumes use or may use, decide, carry
+    /// the decisions out, report.
+    pub fn round(
+        &self,
+        cfg: &crate::config::Config,
+        net: &crate::volume::Net,
+        volumes: &[Arc<VolumeShared>],
+    ) {
+        let Some(secret) = &net.secret else { return };
+        let views: Vec<(Arc<VolumeShared>, VolumeView)> = volumes
+            .iter()
+            .filter_map(|v| Some((v.clone(), v.ha_view()?)))
+            .collect();
+        let peers: BTreeSet<PeerAddr> = views
+            .iter()
+            .flat_map(|(_, v)| {
+                v.slots
+                    .iter()
+                    .filter_map(|s| s.peer.clone())
+                    .chain(v.spares.iter().cloned())
+            })
+            .collect();
+        let timeout = Duration::from_millis(u64::from(cfg.ha.probe_interval_ms).clamp(200, 2000));
+        let probes = net.rt.block_on(futures::future::join_all(
+            peers.iter().map(|p| probe(p.as_str(), secret, timeout)),
+        ));
+        let at = now();
+        let mut events = Vec::new();
+        let (decisions, returned) = {
+            let mut m = self.monitor.lock().unwrap();
+            m.set_rules(rules(&cfg.ha));
+            m.retain_peers(&peers);
+            for (p, r) in peers.iter().zip(&probes) {
+                events.extend(m.probed(p, r, at));
+            }
+            let returned: Vec<PeerAddr> = events
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    EventKind::PeerReturned { peer, .. } => Some(peer.clone()),
+                    _ => None,
+                })
+                .collect();
+            let just: Vec<VolumeView> = views.iter().map(|(_, v)| v.clone()).collect();
+            let (d, e) = m.select(at, &just);
+            events.extend(e);
+            (d, returned)
+        };
+        for e in events {
+            self.events.push(e);
+        }
+        for d in decisions {
+            self.carry_out(d, &views, net);
+        }
+        self.report_changes(&views, &returned);
+    }
+
+    fn carry_out(
+        &self,
+        d: Decision,
+        views: &[(Arc<VolumeShared>, VolumeView)],
+        net: &crate::volume::Net,
+    ) {
+        let shared = |name: &str| {
+            views
+                .iter()
+                .find(|(_, v)| v.name == name)
+                .map(|(s, _)| s.clone())
+        };
+        match d {
+            Decision::Replace {
+                volume,
+                old,
+                to,
+                reason,
+            } => {
+                let Some(sh) = shared(&volume) else { return };
+                let res = sh.ha_replace(&old, &to, reason.clone(), net);
+                let kind = match res {
+                    Ok(new) => {
+                        self.monitor.lock().unwrap().succeeded(&volume, &old);
+                        EventKind::ReplacementPlaced { new, to, reason }
+                    }
+                    Err(error) => {
+                        let retry_in_ms = self.monitor.lock().unwrap().failed(&volume, &old, now());
+                        EventKind::ReplacementFailed { error, retry_in_ms }
+                    }
+                };
+                self.events.push(Event {
+                    at: now(),
+                    volume: Some(volume),
+                    replica: Some(old),
+                    kind,
+                });
+            }
+            Decision::Abandon { volume, old, new } => {
+                let Some(sh) = shared(&volume) else { return };
+                if let Err(e) = sh.ha_abandon(&old, &new) {
+                    tracing::warn!(volume = %volume, replica = %new, error = %e,
+                        "cannot drop the half-built replacement");
+                }
+            }
+        }
+    }
+
+    /// Replacements that came online, and replaced replicas whose server answers
+    /// again (stale: not used).
+    fn report_changes(&self, views: &[(Arc<VolumeShared>, VolumeView)], returned: &[PeerAddr]) {
+        let mut announced = self.announced.lock().unwrap();
+        for (sh, v) in views {
+            for sub in sh.substitutions() {
+                let new = sub.location();
+                let online = v
+                    .slots
+                    .iter()
+                    .any(|s| s.location == new && s.cond == ha::monitor::SlotCond::Online)
+                    && !v.replacing.iter().any(|r| r.new == new);
+                if online && announced.insert((v.name.clone(), new.clone())) {
+                    self.events.push(Event {
+                        at: now(),
+                        volume: Some(v.name.clone()),
+                        replica: Some(sub.configured.clone()),
+                        kind: EventKind::ReplacementOnline { new: new.clone() },
+                    });
+                }
+                let old_peer = crate::volume::peer_of(&sub.configured);
+                let in_set = v.slots.iter().any(|s| s.location == sub.configured);
+                if let Some(p) = old_peer.filter(|p| returned.contains(p) && !in_set) {
+                    self.events.push(Event {
+                        at: now(),
+                        volume: Some(v.name.clone()),
+                        replica: Some(sub.configured.clone()),
+                        kind: EventKind::StaleRefused { peer: p },
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The monitor's loop: a round every `[ha] probe_interval_ms` until `stop`.
+pub fn run(daemon: &crate::daemon::Daemon, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let cfg = daemon.config();
+        let t0 = std::time::Instant::now();
+        daemon.ha().round(&cfg, daemon.net(), &daemon.serving());
+        let interval = Duration::from_millis(cfg.ha.probe_interval_ms.into());
+        while t0.elapsed() < interval && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -151,6 +151,15 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
 
     report_orphans(&daemon);
     daemon.start_all();
+    // The HA monitor: probes the replica servers, replaces the replicas of dead
+    // ones on the volumes' spares.
+    let ha_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ha_thread = {
+        let (d, stop) = (daemon.clone(), ha_stop.clone());
+        std::thread::Builder::new()
+            .name("ha-monitor".into())
+            .spawn(move || ublkd::ha::run(&d, &stop))?
+    };
     tracing::info!(socket = %socket.display(), "ublkd running");
 
     loop {
@@ -173,6 +182,9 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             }
             sig => {
                 tracing::info!(signal = ?sig, "stopping: draining I/O and removing devices");
+                // No replacement may start while the volumes stop.
+                ha_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = ha_thread.join();
                 daemon.stop_all();
                 let _ = net_stop.send(());
                 let _ = net_thread.join();

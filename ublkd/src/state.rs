@@ -278,6 +278,14 @@ impl StateDir {
         self.volumes.join(format!("{name}.json"))
     }
 
+    /// The node-wide state files (the HA monitor's events and pause flag).
+    pub fn node_file(&self, name: &str) -> PathBuf {
+        self.volumes
+            .parent()
+            .expect("volumes/ is under the state dir")
+            .join(name)
+    }
+
     /// Where the volume's activity log and dirty maps live.
     pub fn logs_dir(&self, name: &str) -> PathBuf {
         self.volumes.join(format!("{name}.logs"))

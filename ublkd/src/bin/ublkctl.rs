@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use replication::rebuild::{Ended, HistoryEntry, Work};
-use ublkd::control::{call, RebuildAction, Request};
+use ublkd::control::{call, HaAction, RebuildAction, Request};
 use ublkd::daemon::Orphan;
 use ublkd::volume::VolumeStatus;
 
@@ -70,6 +70,50 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RebuildCmd,
     },
+    /// What the HA monitor saw and decided (servers suspected, dead, back;
+    /// replacements placed, online, dropped), oldest first.
+    Events {
+        /// Keep printing new events as they come (Ctrl-C ends).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// The HA monitor: its view of the servers, or stop and resume its decisions.
+    Ha {
+        #[command(subcommand)]
+        cmd: HaCmd,
+    },
+    /// One replica of a volume: replace it now, or make the config match.
+    Replica {
+        #[command(subcommand)]
+        cmd: ReplicaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum HaCmd {
+    /// Each server's liveness and space; replicas waiting for a replacement, and why.
+    Status,
+    /// Stop automatic replacements (persisted across restarts); manual ones still work.
+    Pause,
+    /// Resume automatic replacements.
+    Resume,
+}
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    /// Replace REPLICA (its location or #index) by a new replica, on --to or on a
+    /// spare the placement rule picks, filled by a full rebuild while I/O goes on;
+    /// the old one is dropped once the new one is online.
+    Replace {
+        volume: String,
+        replica: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        to: Option<String>,
+    },
+    /// Print the `replicas = [...]` line that makes the config name what runs
+    /// (the HA monitor's replacements): put it in the config, then `ublkctl reload`.
+    /// ublkd never edits the config itself.
+    Accept { volume: String },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +155,29 @@ fn run() -> Result<()> {
         (None, None) => PathBuf::from(ublkd::config::DEFAULT_CONTROL_SOCKET),
     };
     let req = match &cli.cmd {
+        Cmd::Events { follow } => return events(&socket, *follow, cli.output),
+        Cmd::Replica {
+            cmd: ReplicaCmd::Accept { volume },
+        } => return accept(&socket, volume, cli.output),
+        Cmd::Ha { cmd } => Request::Ha {
+            action: match cmd {
+                HaCmd::Status => HaAction::Status,
+                HaCmd::Pause => HaAction::Pause,
+                HaCmd::Resume => HaAction::Resume,
+            },
+        },
+        Cmd::Replica {
+            cmd:
+                ReplicaCmd::Replace {
+                    volume,
+                    replica,
+                    to,
+                },
+        } => Request::ReplicaReplace {
+            volume: volume.clone(),
+            replica: replica.clone(),
+            to: to.clone(),
+        },
         Cmd::List => Request::List,
         Cmd::Status { volume } => Request::Status {
             volume: volume.clone(),
@@ -281,6 +348,57 @@ fn run() -> Result<()> {
             RebuildCmd::Watch { .. } => unreachable!("handled above"),
         },
         Cmd::Verify { .. } => unreachable!("handled above"),
+        Cmd::Events { .. }
+        | Cmd::Replica {
+            cmd: ReplicaCmd::Accept { .. },
+        } => {
+            unreachable!("handled above")
+        }
+        Cmd::Ha { .. } => {
+            let st: ublkd::ha::HaStatus = serde_json::from_value(v)?;
+            println!(
+                "HA monitor: {}",
+                if st.paused {
+                    "paused (ublkctl ha resume)"
+                } else {
+                    "deciding"
+                }
+            );
+            for p in &st.peers {
+                let space = p
+                    .capacity
+                    .map(|c| format!("  {} free of {}", human(c.free_bytes), human(c.total_bytes)))
+                    .unwrap_or_default();
+                let why = match &p.liveness {
+                    ha::peer::Liveness::Alive => String::new(),
+                    ha::peer::Liveness::Suspected { why, .. }
+                    | ha::peer::Liveness::Dead { why, .. } => {
+                        format!("  ({why})")
+                    }
+                };
+                println!(
+                    "  server {:<24} {:<10}{why}{space}",
+                    p.peer,
+                    p.liveness.name()
+                );
+            }
+            for w in &st.waiting {
+                println!(
+                    "  {} {}: needs a replacement ({}) but waits: {}",
+                    w.volume, w.replica, w.reason, w.waiting
+                );
+            }
+        }
+        Cmd::Replica {
+            cmd: ReplicaCmd::Replace { volume, .. },
+        } => {
+            println!(
+                "{} is being replaced by {} on {}: `ublkctl rebuild watch {volume}` follows its rebuild",
+                v["old"].as_str().unwrap_or("?"),
+                v["new"].as_str().unwrap_or("?"),
+                v["to"].as_str().unwrap_or("?")
+            );
+        }
         Cmd::Reload => {
             let r: ublkd::daemon::ReloadReport = serde_json::from_value(v)?;
             if r.applied.is_empty() && r.failed.is_empty() {
@@ -317,6 +435,66 @@ fn run() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `ublkctl events [--follow]`.
+fn events(socket: &std::path::Path, follow: bool, output: Output) -> Result<()> {
+    let mut since = None;
+    loop {
+        let v = call(socket, &Request::Events { since })?;
+        let list: Vec<ublkd::ha::Logged> = serde_json::from_value(v)?;
+        for l in &list {
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(l)?),
+                Output::Text => println!("{} #{} {}", utc(l.event.at.0), l.seq, l.event),
+            }
+            since = Some(l.seq);
+        }
+        if !follow {
+            if list.is_empty() && output == Output::Text {
+                println!("no events");
+            }
+            return Ok(());
+        }
+        since = since.or(Some(0));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// `ublkctl replica accept VOL`: the config line naming what runs.
+fn accept(socket: &std::path::Path, volume: &str, output: Output) -> Result<()> {
+    let v = call(
+        socket,
+        &Request::Status {
+            volume: volume.to_string(),
+        },
+    )?;
+    let s: VolumeStatus = serde_json::from_value(v).context("decode status")?;
+    // A replica being replaced is on its way out: the line names its successor.
+    let config: Vec<String> = s
+        .replicas
+        .iter()
+        .filter(|r| !s.substitutions.iter().any(|x| x.configured == r.path))
+        .map(|r| match r.path.split_once('@') {
+            Some((id, addr)) => format!("{{ remote = \"{addr}\", id = \"{id}\" }}"),
+            None => format!("{{ local = \"{}\" }}", r.path),
+        })
+        .collect();
+    let line = format!("replicas = [ {} ]", config.join(", "));
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({ "volume": volume, "replicas_line": line, "substitutions": s.substitutions })
+        );
+        return Ok(());
+    }
+    if s.substitutions.is_empty() {
+        println!("volume {volume}: the config already names every replica that runs");
+        return Ok(());
+    }
+    println!("# In the [[volume]] named {volume:?} of the config, then `ublkctl reload`:");
+    println!("{line}");
     Ok(())
 }
 

@@ -309,6 +309,221 @@ impl VolumeShared {
             .collect()
     }
 
+    /// What the HA monitor put in place of configured replicas (serving only).
+    pub fn substitutions(&self) -> Vec<crate::state::Substitution> {
+        self.live
+            .lock()
+            .unwrap()
+            .sink
+            .as_ref()
+            .map(|s| s.record().substitutions)
+            .unwrap_or_default()
+    }
+
+    /// The volume as the HA monitor sees it (`None`: it does not serve).
+    pub fn ha_view(&self) -> Option<ha::monitor::VolumeView> {
+        use ha::monitor::{Replacing, SlotCond, SlotView, VolumeView};
+        let (health, rebuilds, replacing) = {
+            let live = self.live.lock().unwrap();
+            (
+                live.health.clone()?,
+                live.rebuilds.clone(),
+                live.replacing.clone(),
+            )
+        };
+        let cfg = self.cfg();
+        let snap = health.snapshot();
+        let running = rebuilds.and_then(|m| m.running());
+        let slots =
+            snap.slots
+                .iter()
+                .map(|s| {
+                    let cond = match &s.state {
+                        replication::ReplicaState::Online => SlotCond::Online,
+                        replication::ReplicaState::Connecting
+                        | replication::ReplicaState::Removed => SlotCond::Connecting,
+                        replication::ReplicaState::Rebuilding { kind } => {
+                            let remaining = match &running {
+                                Some(r) if r.slot == Some(s.slot) => r.total.saturating_sub(r.done),
+                                _ => health
+                                    .dirty_map(s.slot)
+                                    .map_or(cfg.size, |m| m.dirty_bytes()),
+                            };
+                            SlotCond::Rebuilding {
+                                remaining_bytes: remaining,
+                                partial: *kind == replication::state::RebuildKind::Partial,
+                            }
+                        }
+                        replication::ReplicaState::Faulted { reason } => SlotCond::Faulted {
+                            reason: reason.clone(),
+                            missing_bytes: health.dirty_map(s.slot).map(|m| m.dirty_bytes()),
+                            reachable: health.backing(s.slot).is_some_and(|b| b.is_reachable()),
+                        },
+                    };
+                    SlotView {
+                        location: s.location.clone(),
+                        peer: peer_of(&s.location),
+                        cond,
+                    }
+                })
+                .collect();
+        let loc = |u: &wire::ReplicaUuid| {
+            snap.slots
+                .iter()
+                .find(|s| s.uuid == *u)
+                .map(|s| s.location.clone())
+        };
+        Some(VolumeView {
+            name: cfg.name.clone(),
+            size: cfg.size,
+            spares: cfg
+                .spares
+                .iter()
+                .filter_map(|a| ha::PeerAddr::new(a).ok())
+                .collect(),
+            slots,
+            replacing: replacing
+                .iter()
+                .filter_map(|(o, n)| {
+                    Some(Replacing {
+                        old: loc(o)?,
+                        new: loc(n)?,
+                    })
+                })
+                .collect(),
+        })
+    }
+
+    /// Swap a new replica on `to` in for the running replica `old` (the HA
+    /// monitor's, or an operator's, replacement): create it there, record the
+    /// substitution, add it to the running set (it takes writes at once and a full
+    /// rebuild fills it); `old` stays in the set, faulted or not, until the new
+    /// one is online. Returns the new replica's location.
+    pub fn ha_replace(
+        &self,
+        old: &str,
+        to: &ha::PeerAddr,
+        reason: ha::event::ReplaceReason,
+        net: &Net,
+    ) -> Result<String, String> {
+        let (health, sink) = {
+            let live = self.live.lock().unwrap();
+            match (&live.health, &live.sink) {
+                (Some(h), Some(s)) => (h.clone(), s.clone()),
+                _ => return Err("the volume is not serving".into()),
+            }
+        };
+        let cfg = self.cfg();
+        let snap = health.snapshot();
+        let old_slot = snap
+            .slots
+            .iter()
+            .find(|s| s.location == old)
+            .ok_or_else(|| format!("no replica {old} in the running set"))?;
+        if snap
+            .slots
+            .iter()
+            .any(|s| peer_of(&s.location).as_ref() == Some(to))
+        {
+            return Err(format!("{to} already holds a replica of this volume"));
+        }
+        // A remote replica keeps its id on the new server; a local one is named
+        // after the volume and its slot.
+        let id = match old.split_once('@') {
+            Some((id, _)) => id.to_string(),
+            None => format!("{}-{}", cfg.name, old_slot.slot.0),
+        };
+        let new_cfg = crate::config::ReplicaConfig::Remote {
+            addr: to.to_string(),
+            id: id.clone(),
+        };
+        let location = new_cfg.location();
+        let record = sink.record();
+        let (backing, uuid, client) = activate::open_added(&cfg, net, &new_cfg, &record)?;
+        sink.edit(|r| {
+            r.substitute(
+                old,
+                crate::state::Substitution {
+                    configured: String::new(),
+                    addr: to.to_string(),
+                    id,
+                    since: ha::UnixMs(replication::dirty_file::unix_ms()),
+                    reason,
+                },
+            )
+        })
+        .map_err(|e| format!("record the substitution: {e}"))?;
+        let slot = health
+            .add_slot(replication::health::SlotSpec {
+                location: location.clone(),
+                uuid,
+                backing: Some(backing),
+                remote: true,
+                state: replication::ReplicaState::Faulted {
+                    reason: FaultReason::NewReplica,
+                },
+                errors: 0,
+                dirty: None,
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(c) = client {
+            c.set_events(health.conn_events(slot));
+        }
+        self.live
+            .lock()
+            .unwrap()
+            .replacing
+            .push((old_slot.uuid, uuid));
+        tracing::info!(volume = %cfg.name, old = %old, new = %location,
+            "replacement added: a full rebuild fills it, the old replica goes once it is online");
+        Ok(location)
+    }
+
+    /// Drop the half-built replacement `new` of `old` (which came back and is
+    /// caught up instead); the substitution goes back to `old`.
+    pub fn ha_abandon(&self, old: &str, new: &str) -> Result<(), String> {
+        let (health, sink) = {
+            let live = self.live.lock().unwrap();
+            match (&live.health, &live.sink) {
+                (Some(h), Some(s)) => (h.clone(), s.clone()),
+                _ => return Err("the volume is not serving".into()),
+            }
+        };
+        let snap = health.snapshot();
+        let new_slot = snap
+            .slots
+            .iter()
+            .find(|s| s.location == new)
+            .ok_or_else(|| format!("no replica {new} in the running set"))?;
+        health
+            .remove_slot(new_slot.slot)
+            .map_err(|e| e.to_string())?;
+        self.live
+            .lock()
+            .unwrap()
+            .replacing
+            .retain(|(_, n)| *n != new_slot.uuid);
+        sink.edit(|r| {
+            let Some(i) = r.substitutions.iter().position(|s| s.location() == new) else {
+                return;
+            };
+            match old.split_once('@') {
+                // `old` was itself a substitute: it is again.
+                Some((id, addr)) if r.substitutions[i].configured != old => {
+                    r.substitutions[i].id = id.to_string();
+                    r.substitutions[i].addr = addr.to_string();
+                }
+                _ => {
+                    r.substitutions.remove(i);
+                }
+            }
+        })
+        .map_err(|e| format!("record: {e}"))?;
+        tracing::info!(volume = %self.cfg().name, old = %old, new = %new,
+            "the old replica came back lacking less: its replacement is dropped");
+        Ok(())
+    }
+
     /// Drop the replaced replicas whose replacement is online.
     fn finish_replacements(&self, health: &Health) {
         let pending = std::mem::take(&mut self.live.lock().unwrap().replacing);
@@ -499,6 +714,14 @@ impl VolumeShared {
             },
         }
     }
+}
+
+/// The server of a replica's location (`id@host:port`; `None` for a path), in
+/// the canonical form the config gives spares.
+pub fn peer_of(location: &str) -> Option<ha::PeerAddr> {
+    let (_, addr) = location.split_once('@')?;
+    let canonical = crate::config::check_remote_addr(addr).ok()?;
+    ha::PeerAddr::new(&canonical).ok()
 }
 
 /// What volumes with remote replicas need from the daemon.
