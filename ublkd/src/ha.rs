@@ -123,8 +123,14 @@ mod tests {
         let again = EventLog::open(path);
         assert_eq!(again.since(None), all);
         again.push(ev(1));
-        assert_eq!(again.since(None).last().unwrap().seq, all.last().unwrap().seq + 1);
-        assert_eq!(EventLog::open(dir.path().join("events.jsonl")).since(None), again.since(None));
+        assert_eq!(
+            again.since(None).last().unwrap().seq,
+            all.last().unwrap().seq + 1
+        );
+        assert_eq!(
+            EventLog::open(dir.path().join("events.jsonl")).since(None),
+            again.since(None)
+        );
     }
 }
 
@@ -402,13 +408,21 @@ impl Ha {
             .iter()
             .filter_map(|v| Some((v.clone(), v.ha_view()?)))
             .collect();
+        // The replicas' servers, the spares, and the servers of replaced replicas
+        // (their return is reported: what they hold is stale).
         let peers: BTreeSet<PeerAddr> = views
             .iter()
-            .flat_map(|(_, v)| {
+            .flat_map(|(sh, v)| {
                 v.slots
                     .iter()
                     .filter_map(|s| s.peer.clone())
                     .chain(v.spares.iter().cloned())
+                    .chain(
+                        sh.substitutions()
+                            .iter()
+                            .filter_map(|x| crate::volume::peer_of(&x.configured)),
+                    )
+                    .collect::<Vec<_>>()
             })
             .collect();
         let timeout = Duration::from_millis(u64::from(cfg.ha.probe_interval_ms).clamp(200, 2000));

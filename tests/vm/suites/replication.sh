@@ -7,12 +7,13 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
+SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
 timeout_repl_fio_sigkill=300
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
 timeout_repl_restart=600
 timeout_repl_rebuild_reload=400
+timeout_repl_ha=500
 timeout_repl_fence=240
 timeout_repl_owner_kill9=300
 timeout_repl_stale_recover=240
@@ -23,7 +24,8 @@ DEV=/dev/ublkb0
 VOL=rv
 IO_TIMEOUT_MS=1500
 
-# owner_conf FILE DEVICE_ID STATE_DIR SOCKET REPLICAS: an owner config for volume $VOL.
+# owner_conf FILE DEVICE_ID STATE_DIR SOCKET REPLICAS [VOLUME_LINE]: an owner config for
+# volume $VOL (VOLUME_LINE: one more key of the volume, e.g. its spares).
 owner_conf() {
   cat > "$1" <<EOF
 [node]
@@ -37,6 +39,7 @@ name = "$VOL"
 size = "256MiB"
 block_size = 4096
 device_id = $2
+${6:-}
 replicas = [ $5 ]
 EOF
   say "config $1:"; sed 's/^/    /' "$1"
@@ -213,6 +216,43 @@ repl_restart() {
 
 # last_rebuild_is KIND MIN MAX: the newest entry of the rebuild history is a finished KIND
 # rebuild that copied between MIN and MAX bytes.
+# fio_loop_start DIR / fio_loop_stop: fio with crc32c verify, 32M files in DIR, one run after
+# the other until stopped; the stop fails the scenario if any run failed.
+fio_loop_start() {
+  rm -f "$T/fio.stop" "$T/fio.failed"
+  (n=0; while [ ! -e "$T/fio.stop" ]; do
+     n=$((n + 1))
+     "$FIO" --name=v$n --directory="$1" --rw=randwrite --bs=4k --size=32M --iodepth=16 \
+       --ioengine=io_uring --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+       --output="$T/loop.fio.log" || { cp "$T/loop.fio.log" "$T/fio.failed"; break; }
+   done) &
+  FIO_LOOP=$!
+}
+fio_loop_stop() {
+  touch "$T/fio.stop"
+  wait $FIO_LOOP
+  [ -e "$T/fio.failed" ] && fail "fio failed: $(tail -n 20 "$T/fio.failed")"
+  fio_ok "$T/loop.fio.log"
+}
+
+# ext4_under_fio: a fresh ext4 on $DEV mounted on /mnt/r, the fio loop running in it for 5 s.
+ext4_under_fio() {
+  run "$MKFS_EXT4" -q -F $DEV
+  mkdir -p /mnt/r
+  run "$MOUNT" $DEV /mnt/r
+  fio_loop_start /mnt/r
+  sleep 5
+}
+
+# verified_and_clean: `ublkctl verify` finds the replicas identical, then $DEV is unmounted
+# from /mnt/r and e2fsck finds it clean.
+verified_and_clean() {
+  "$UBLKCTL" --socket "$SOCK" verify $VOL > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
+  grep -q "replicas identical" "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
+  umount_checked /mnt/r $DEV
+  fsck_clean $DEV
+}
+
 last_rebuild_is() {
   _h=$("$UBLKCTL" --socket "$SOCK" --output json rebuild history $VOL | tr -d ' \n')
   # The entries are objects in an array, oldest first: keep the last one.
@@ -230,18 +270,7 @@ last_rebuild_is() {
 # fio sees no error, `ublkctl verify` finds the replicas identical, e2fsck is clean.
 repl_rebuild_reload() {
   setup
-  run "$MKFS_EXT4" -q -F $DEV
-  mkdir -p /mnt/r
-  run "$MOUNT" $DEV /mnt/r
-  rm -f "$T/fio.stop" "$T/fio.failed"
-  (n=0; while [ ! -e "$T/fio.stop" ]; do
-     n=$((n + 1))
-     "$FIO" --name=v$n --directory=/mnt/r --rw=randwrite --bs=4k --size=32M --iodepth=16 \
-       --ioengine=io_uring --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
-       --output="$T/loop.fio.log" || { cp "$T/loop.fio.log" "$T/fio.failed"; break; }
-   done) &
-  _loop=$!
-  sleep 5
+  ext4_under_fio
   say "SIGKILL replica server 3, restart it after 5 s"
   kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
   expect_replica 2 faulted
@@ -270,16 +299,73 @@ repl_rebuild_reload() {
   grep -q "size cannot change" "$T/reload2.out" || fail "size change not refused by name: $(cat "$T/reload2.out")"
   cp "$T/good.conf" "$T/ublkd.conf"
 
-  touch "$T/fio.stop"
-  wait $_loop
-  [ -e "$T/fio.failed" ] && fail "fio failed: $(tail -n 20 "$T/fio.failed")"
-  fio_ok "$T/loop.fio.log"
-  "$UBLKCTL" --socket "$SOCK" verify $VOL > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
-  grep -q "replicas identical" "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
-  umount_checked /mnt/r $DEV
-  fsck_clean $DEV
+  fio_loop_stop
+  verified_and_clean
   stop_daemon_clean
   same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv4/replicas/rv-c.img"
+  no_kernel_errors ublkb0
+}
+
+# The HA monitor, end to end. ext4 mounted on $DEV (1 local + 2 remote replicas, spare server
+# 4), fio verifying: replica server 3 is SIGKILLed for good. Once it has failed its probes for
+# [ha] grace_ms (default 5 s), the monitor creates rv-b anew on the spare, the running device
+# takes it as a full-rebuild target, and the dead one is dropped once the new one is online.
+# fio sees no error; status shows the substitution; the events tell the story; the dead
+# server's return is reported stale and changes nothing; verify and e2fsck are clean; an owner
+# restart with the unchanged config keeps the replacement.
+repl_ha() {
+  need_ublk
+  cluster_secret
+  replica_server 2 "$T/srv2/replicas"
+  replica_server 3 "$T/srv3/replicas"
+  replica_server 4 "$T/srv4/replicas"
+  owner_conf "$T/ublkd.conf" 0 "$T/state" "$SOCK" \
+    "{ local = \"$T/local.img\" }, { remote = \"127.0.0.2:7450\", id = \"rv-a\" }, { remote = \"127.0.0.3:7450\", id = \"rv-b\" }" \
+    'spares = [ "127.0.0.4:7450" ]'
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV 60
+  wait_live $VOL
+  ext4_under_fio
+  say "SIGKILL replica server 3 for good"
+  _t0=$(now)
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+  has_new() { vol_status $VOL | json_replicas | grep -q 'rv-b@127.0.0.4:7450'; }
+  wait_for 60 has_new || fail "no replacement on the spare: $(vol_status $VOL); $("$UBLKCTL" --socket "$SOCK" events)"
+  _t1=$(now)
+  say "replacement taking writes $(awk -v a="$_t0" -v b="$_t1" 'BEGIN { printf "%.1f", b - a }') s after the SIGKILL"
+  new_online() { [ "$(vol_status $VOL | json_replicas | grep 'rv-b@127.0.0.4' | json_top_field state)" = online ]; }
+  wait_for 300 new_online || fail "the replacement is not online: $(vol_status $VOL)"
+  wait_for 20 eval '! vol_status $VOL | json_replicas | grep -q "rv-b@127.0.0.3"' \
+    || fail "the dead replica is still in the set: $(vol_status $VOL)"
+  say "redundancy restored $(awk -v a="$_t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the SIGKILL"
+  "$UBLKCTL" --socket "$SOCK" status $VOL > "$T/status.out"
+  cat "$T/status.out"
+  grep -q "differs from the config: rv-b@127.0.0.4:7450 runs in place of rv-b@127.0.0.3:7450" "$T/status.out" \
+    || fail "status does not show the substitution: $(cat "$T/status.out")"
+  "$UBLKCTL" --socket "$SOCK" events > "$T/events.out"
+  cat "$T/events.out"
+  for _e in "peer 127.0.0.3:7450 declared dead" "replaced by rv-b@127.0.0.4:7450 on 127.0.0.4:7450 because its server 127.0.0.3:7450 is dead" "rv-b@127.0.0.4:7450 is online"; do
+    grep -q "$_e" "$T/events.out" || fail "no event \"$_e\""
+  done
+  "$UBLKCTL" --socket "$SOCK" replica accept $VOL > "$T/accept.out"
+  grep -q 'remote = "127.0.0.4:7450", id = "rv-b"' "$T/accept.out" || fail "accept: $(cat "$T/accept.out")"
+  say "the dead server comes back: its replica is stale and stays out"
+  replica_server 3 "$T/srv3/replicas"
+  wait_for 30 eval '"$UBLKCTL" --socket "$SOCK" events | grep -q "stale, not used"' \
+    || fail "no stale event: $("$UBLKCTL" --socket "$SOCK" events | tail -n 5)"
+  vol_status $VOL | json_replicas | grep -q "rv-b@127.0.0.3" && fail "the stale replica came back into the set"
+  fio_loop_stop
+  verified_and_clean
+  stop_daemon_clean
+  same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv4/replicas/rv-b.img"
+  say "owner restart with the same config: the replacement is kept"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV 60
+  wait_live $VOL
+  for i in 0 1 2; do expect_replica $i online; done
+  vol_status $VOL | json_replicas | grep -q 'rv-b@127.0.0.4:7450' || fail "the restart undid the replacement: $(vol_status $VOL)"
+  stop_daemon_clean
   no_kernel_errors ublkb0
 }
 
