@@ -7,13 +7,14 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
+SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_ha_rules repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
 timeout_repl_fio_sigkill=300
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
 timeout_repl_restart=600
 timeout_repl_rebuild_reload=400
 timeout_repl_ha=500
+timeout_repl_ha_rules=700
 timeout_repl_fence=240
 timeout_repl_owner_kill9=300
 timeout_repl_stale_recover=240
@@ -216,13 +217,14 @@ repl_restart() {
 
 # last_rebuild_is KIND MIN MAX: the newest entry of the rebuild history is a finished KIND
 # rebuild that copied between MIN and MAX bytes.
-# fio_loop_start DIR / fio_loop_stop: fio with crc32c verify, 32M files in DIR, one run after
+# fio_loop_start DIR / fio_loop_stop: fio with crc32c verify on a 32M file in DIR, one run after
 # the other until stopped; the stop fails the scenario if any run failed.
 fio_loop_start() {
   rm -f "$T/fio.stop" "$T/fio.failed"
   (n=0; while [ ! -e "$T/fio.stop" ]; do
      n=$((n + 1))
-     "$FIO" --name=v$n --directory="$1" --rw=randwrite --bs=4k --size=32M --iodepth=16 \
+     # One file, rewritten by every run: the volume never fills.
+     "$FIO" --name=v$n --filename="$1/fio.dat" --rw=randwrite --bs=4k --size=32M --iodepth=16 \
        --ioengine=io_uring --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
        --output="$T/loop.fio.log" || { cp "$T/loop.fio.log" "$T/fio.failed"; break; }
    done) &
@@ -366,6 +368,84 @@ repl_ha() {
   for i in 0 1 2; do expect_replica $i online; done
   vol_status $VOL | json_replicas | grep -q 'rv-b@127.0.0.4:7450' || fail "the restart undid the replacement: $(vol_status $VOL)"
   stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# The HA monitor's rules, under ext4 + fio verify, rebuilds slowed to 4 MiB/s:
+# 1. server 2 stopped for 2 s, continued for 1 s, five times: suspected, never declared dead,
+#    nothing replaced;
+# 2. server 3 killed, no spares: the volume stays degraded and says why;
+# 3. a reload adds a spare: the replacement is placed on it;
+# 4. server 3 comes back before the replacement is online: its replica lacks less than the
+#    half-built one, which is dropped (partial instead of full);
+# 5. server 3 killed again, the replacement placed again, the owner SIGKILLed while it is
+#    rebuilt: the restarted owner takes the device back and finishes the replacement.
+# fio sees no error throughout; verify and e2fsck are clean; the survivors are identical.
+repl_ha_rules() {
+  need_ublk
+  cluster_secret
+  for i in 2 3 4; do replica_server $i "$T/srv$i/replicas"; done
+  owner_conf "$T/ublkd.conf" 0 "$T/state" "$SOCK" \
+    "{ local = \"$T/local.img\" }, { remote = \"127.0.0.2:7450\", id = \"rv-a\" }, { remote = \"127.0.0.3:7450\", id = \"rv-b\" }"
+  printf '[rebuild]\nrate = "4MiB"\n' >> "$T/ublkd.conf"
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV 60
+  wait_live $VOL
+  ext4_under_fio
+  events() { "$UBLKCTL" --socket "$SOCK" events; }
+
+  # (A 1 s stall is within one probe's timeout: stopped 2 s, each stop fails a probe.)
+  say "1. server 2 flaps (SIGSTOP 2 s, SIGCONT 1 s) for 15 s"
+  for _i in 1 2 3 4 5; do
+    kill -STOP "$SRV_2"; sleep 2; kill -CONT "$SRV_2"; sleep 1
+  done
+  sleep 3
+  events | grep -q "peer 127.0.0.2:7450 suspected" || fail "the stops were not noticed: $(events)"
+  events | grep -q "127.0.0.2:7450 declared dead" && fail "a flapping server was declared dead: $(events)"
+  vol_status $VOL | grep -q '"substitutions"' && fail "something was replaced: $(vol_status $VOL)"
+
+  say "2. server 3 killed, no spare"
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+  wait_for 30 eval 'events | grep -q "needs a replacement (its server 127.0.0.3:7450 is dead) but no spares configured"' \
+    || fail "no degraded-without-spare event: $(events)"
+  "$UBLKCTL" --socket "$SOCK" ha status > "$T/ha.out"; cat "$T/ha.out"
+  grep -q "server 127.0.0.3:7450 *dead" "$T/ha.out" || fail "ha status: $(cat "$T/ha.out")"
+  grep -q "waits: no spares configured" "$T/ha.out" || fail "ha status: $(cat "$T/ha.out")"
+  [ "$(vol_status $VOL | json_top_field state)" = degraded ] || fail "not degraded: $(vol_status $VOL)"
+
+  say "3. a spare added by reload"
+  sed -i 's/^device_id = 0$/device_id = 0\nspares = [ "127.0.0.4:7450" ]/' "$T/ublkd.conf"
+  "$UBLKCTL" --socket "$SOCK" reload > "$T/reload.out" 2>&1 || fail "reload: $(cat "$T/reload.out")"
+  grep -q "spares are now \[127.0.0.4:7450\]" "$T/reload.out" || fail "reload: $(cat "$T/reload.out")"
+  has_new() { vol_status $VOL | json_replicas | grep -q 'rv-b@127.0.0.4:7450'; }
+  wait_for 30 has_new || fail "no replacement after the reload: $(events)"
+
+  say "4. server 3 back before the replacement is online"
+  replica_server 3 "$T/srv3/replicas"
+  wait_for 60 eval 'events | grep -q "caught up by a partial rebuild, rv-b@127.0.0.4:7450 dropped"' \
+    || fail "the half-built replacement was not dropped: $(events); $(vol_status $VOL)"
+  wait_for 120 replica_is 2 online || fail "rv-b not caught up: $(vol_status $VOL)"
+  has_new && fail "the dropped replacement is still in the set: $(vol_status $VOL)"
+  vol_status $VOL | grep -q '"substitutions"' && fail "the substitution was kept: $(vol_status $VOL)"
+
+  say "5. server 3 killed again; the owner killed while the replacement is rebuilt"
+  kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+  wait_for 30 has_new || fail "no second replacement: $(events)"
+  sleep 3
+  kill -KILL "$DPID"; wait "$DPID" 2>/dev/null
+  [ -b $DEV ] || fail "$DEV vanished with the owner"
+  start_ublkd "$T/ublkd.conf"
+  # Degraded, not live: the replacement is still being rebuilt.
+  wait_for 60 eval '[ "$(vol_status $VOL | json_top_field state)" = degraded ]' \
+    || fail "the restarted owner does not serve: $(vol_status $VOL)"
+  vol_status $VOL | json_replicas | grep -q 'rv-b@127.0.0.3' && fail "the restart went back to the dead replica: $(vol_status $VOL)"
+  new_online() { [ "$(vol_status $VOL | json_replicas | grep 'rv-b@127.0.0.4' | json_top_field state)" = online ]; }
+  wait_for 400 new_online || fail "the replacement did not finish after the restart: $(vol_status $VOL)"
+  fio_loop_stop
+  verified_and_clean
+  stop_daemon_clean
+  same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv4/replicas/rv-b.img"
   no_kernel_errors ublkb0
 }
 
