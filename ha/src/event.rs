@@ -94,8 +94,7 @@ pub enum EventKind {
     },
     RebuildEnded {
         kind: RebuildKind,
-        bytes: u64,
-        outcome: String,
+        ended: replication::rebuild::Ended,
     },
     /// A replaced replica's server answers again: the replica is stale, not used,
     /// and its storage kept until an operator reclaims it.
@@ -147,12 +146,20 @@ impl std::fmt::Display for Event {
                 f,
                 "came back lacking {old_missing_bytes} bytes, less than the {new_remaining_bytes} {new} still lacks: caught up by a partial rebuild, {new} dropped"
             ),
-            RebuildStarted { kind } => write!(f, "{kind:?} rebuild started"),
-            RebuildEnded {
-                kind,
-                bytes,
-                outcome,
-            } => write!(f, "{kind:?} rebuild {outcome} after {bytes} bytes"),
+            RebuildStarted { kind } => {
+                write!(f, "{} rebuild started", format!("{kind:?}").to_lowercase())
+            }
+            RebuildEnded { kind, ended } => {
+                use replication::rebuild::Ended;
+                let kind = format!("{kind:?}").to_lowercase();
+                match ended {
+                    Ended::Done { bytes } => write!(f, "{kind} rebuild done: {bytes} bytes copied"),
+                    Ended::Stopped { bytes, reason } => {
+                        write!(f, "{kind} rebuild stopped after {bytes} bytes: {reason}")
+                    }
+                    Ended::NotStarted { error } => write!(f, "{kind} rebuild not started: {error}"),
+                }
+            }
             StaleRefused { peer } => write!(
                 f,
                 "its server {peer} answers again, but it was replaced: stale, not used (reclaim its storage with ublkctl replica reclaim)"

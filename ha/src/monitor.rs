@@ -162,10 +162,13 @@ pub struct PeerView {
     reported: Option<(UnixMs, u32)>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Backoff {
     until: UnixMs,
     delay_ms: u64,
+    /// Spares an attempt failed on: the next attempts go elsewhere while another
+    /// one qualifies (a spare that cannot take the replica is not retried forever).
+    failed_on: BTreeSet<PeerAddr>,
 }
 
 type Key = (String, String);
@@ -266,19 +269,22 @@ impl Monitor {
         kind.map(event).into_iter().collect()
     }
 
-    /// A replacement of `old` in `volume` failed: wait before the next attempt.
-    /// Returns the delay.
-    pub fn failed(&mut self, volume: &str, old: &str, now: UnixMs) -> u64 {
+    /// A replacement of `old` in `volume` on spare `on` failed: wait before the
+    /// next attempt, and make it elsewhere if another spare qualifies. Returns the
+    /// delay.
+    pub fn failed(&mut self, volume: &str, old: &str, on: &PeerAddr, now: UnixMs) -> u64 {
         let key = (volume.to_string(), old.to_string());
-        let delay_ms = match self.backoff.get(&key) {
-            Some(b) => (b.delay_ms * 2).min(self.rules.backoff_max_ms),
-            None => self.rules.backoff_first_ms,
+        let (delay_ms, mut failed_on) = match self.backoff.remove(&key) {
+            Some(b) => ((b.delay_ms * 2).min(self.rules.backoff_max_ms), b.failed_on),
+            None => (self.rules.backoff_first_ms, BTreeSet::new()),
         };
+        failed_on.insert(on.clone());
         self.backoff.insert(
             key,
             Backoff {
                 until: now.plus_ms(delay_ms),
                 delay_ms,
+                failed_on,
             },
         );
         delay_ms
@@ -416,7 +422,23 @@ impl Monitor {
                             capacity: self.peers.get(a).and_then(|p| p.capacity),
                         })
                         .collect();
-                    match place(&v.name, v.size, &candidates, &in_use, &reserved) {
+                    let avoid: Vec<Candidate> = candidates
+                        .iter()
+                        .filter(|c| {
+                            !self
+                                .backoff
+                                .get(&key)
+                                .is_some_and(|b| b.failed_on.contains(c.addr))
+                        })
+                        .cloned()
+                        .collect();
+                    let placed = match place(&v.name, v.size, &avoid, &in_use, &reserved) {
+                        Err(_) if avoid.len() < candidates.len() => {
+                            place(&v.name, v.size, &candidates, &in_use, &reserved)
+                        }
+                        r => r,
+                    };
+                    match placed {
                         Ok(to) => {
                             *reserved.entry(to.clone()).or_insert(0) += v.size;
                             decisions.push(Decision::Replace {
@@ -736,7 +758,10 @@ mod tests {
 
         // The attempt failed: backoff 5 s, then 10 s (.3 is back, out of the way).
         probed(&mut m, &[(6000, 3, ok()), (7000, 3, ok())]);
-        assert_eq!(m.failed("vol0", "vol0-b@10.0.0.2:7450", UnixMs(5000)), 5000);
+        assert_eq!(
+            m.failed("vol0", "vol0-b@10.0.0.2:7450", &addr(4), UnixMs(5000)),
+            5000
+        );
         let one = [vol0(lost(), SlotCond::Online)];
         assert!(m.select(UnixMs(9999), &one).0.is_empty());
         assert_eq!(
@@ -747,7 +772,7 @@ mod tests {
         );
         assert_eq!(replaced(&m.select(UnixMs(10000), &one).0).len(), 1);
         assert_eq!(
-            m.failed("vol0", "vol0-b@10.0.0.2:7450", UnixMs(10000)),
+            m.failed("vol0", "vol0-b@10.0.0.2:7450", &addr(4), UnixMs(10000)),
             10000
         );
         m.succeeded("vol0", "vol0-b@10.0.0.2:7450");
@@ -758,6 +783,31 @@ mod tests {
         assert_eq!(
             m.waiting()[&("vol0".into(), "vol0-b@10.0.0.2:7450".into())].1,
             Waiting::Paused
+        );
+    }
+
+    #[test]
+    fn after_a_failed_attempt_the_next_one_goes_to_another_spare_while_one_qualifies() {
+        let mut m = Monitor::new(rules(), false);
+        all_alive(&mut m, 0);
+        probed(&mut m, &[(0, 2, refused()), (5000, 2, refused())]);
+        let v = [vol0(faulted(FaultReason::ConnectionLost), SlotCond::Online)];
+        let old = "vol0-b@10.0.0.2:7450";
+        let first = replaced(&m.select(UnixMs(5000), &v).0)[0].1.clone();
+        let first = PeerAddr::new(&first).unwrap();
+        let other = if first == addr(4) { addr(5) } else { addr(4) };
+        let delay = m.failed("vol0", old, &first, UnixMs(5000));
+        let second = replaced(&m.select(UnixMs(5000 + delay), &v).0);
+        assert_eq!(second, [(old.to_string(), other.to_string())]);
+        // Both failed: back to the rule's choice rather than no attempt at all.
+        let delay2 = m.failed("vol0", old, &other, UnixMs(5000 + delay));
+        let third = replaced(&m.select(UnixMs(5000 + delay + delay2), &v).0);
+        assert_eq!(third, [(old.to_string(), first.to_string())]);
+        // A success forgets the failures.
+        m.succeeded("vol0", old);
+        assert_eq!(
+            replaced(&m.select(UnixMs(900_000), &v).0)[0].1,
+            first.to_string()
         );
     }
 

@@ -284,7 +284,12 @@ pub struct Ha {
     paused_file: PathBuf,
     /// Replacements already reported online: (volume, new location).
     announced: Mutex<BTreeSet<(String, String)>>,
+    /// Per volume: the rebuild last seen running (target, start) and the end of
+    /// the newest finished one reported.
+    rebuilds: Mutex<BTreeMap<String, RebuildsSeen>>,
 }
+
+type RebuildsSeen = (Option<(String, u64)>, u64);
 
 pub fn rules(c: &HaConfig) -> Rules {
     Rules {
@@ -318,6 +323,7 @@ impl Ha {
             events: EventLog::open(state_dir.node_file("events.jsonl")),
             paused_file,
             announced: Mutex::new(BTreeSet::new()),
+            rebuilds: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -483,10 +489,18 @@ impl Ha {
                 let kind = match res {
                     Ok(new) => {
                         self.monitor.lock().unwrap().succeeded(&volume, &old);
-                        EventKind::ReplacementPlaced { new, to, reason }
+                        EventKind::ReplacementPlaced {
+                            new,
+                            to: to.clone(),
+                            reason,
+                        }
                     }
                     Err(error) => {
-                        let retry_in_ms = self.monitor.lock().unwrap().failed(&volume, &old, now());
+                        let retry_in_ms =
+                            self.monitor
+                                .lock()
+                                .unwrap()
+                                .failed(&volume, &old, &to, now());
                         EventKind::ReplacementFailed { error, retry_in_ms }
                     }
                 };
@@ -507,9 +521,59 @@ impl Ha {
         }
     }
 
+    /// Rebuilds started and ended since the last round (the rebuild manager's
+    /// history says how they ended; the first round only takes note).
+    fn report_rebuilds(&self, views: &[(Arc<VolumeShared>, VolumeView)]) {
+        use replication::rebuild::Work;
+        let mut seen = self.rebuilds.lock().unwrap();
+        for (sh, v) in views {
+            let (running, history) = sh.rebuilds();
+            let newest = history.iter().map(|e| e.ended_unix_ms).max().unwrap_or(0);
+            let Some((last_run, last_end)) = seen.get_mut(&v.name) else {
+                let run = running.map(|r| (r.location, now().0.saturating_sub(r.elapsed_ms)));
+                seen.insert(v.name.clone(), (run, newest));
+                continue;
+            };
+            for e in history.iter().filter(|e| e.ended_unix_ms > *last_end) {
+                if let Work::Rebuild(kind) = e.work {
+                    self.events.push(Event {
+                        at: UnixMs(e.ended_unix_ms),
+                        volume: Some(v.name.clone()),
+                        replica: Some(e.location.clone()),
+                        kind: EventKind::RebuildEnded {
+                            kind,
+                            ended: e.ended.clone(),
+                        },
+                    });
+                }
+            }
+            *last_end = (*last_end).max(newest);
+            let run = running.map(|r| {
+                let started = now().0.saturating_sub(r.elapsed_ms);
+                // The same job seen again: its start moves by the rounding only.
+                let same = last_run
+                    .as_ref()
+                    .is_some_and(|(loc, t)| *loc == r.location && started.abs_diff(*t) < 1000);
+                if !same {
+                    if let Work::Rebuild(kind) = r.work {
+                        self.events.push(Event {
+                            at: UnixMs(started),
+                            volume: Some(v.name.clone()),
+                            replica: Some(r.location.clone()),
+                            kind: EventKind::RebuildStarted { kind },
+                        });
+                    }
+                }
+                (r.location, started)
+            });
+            *last_run = run;
+        }
+    }
+
     /// Replacements that came online, and replaced replicas whose server answers
     /// again (stale: not used).
     fn report_changes(&self, views: &[(Arc<VolumeShared>, VolumeView)], returned: &[PeerAddr]) {
+        self.report_rebuilds(views);
         let mut announced = self.announced.lock().unwrap();
         for (sh, v) in views {
             for sub in sh.substitutions() {

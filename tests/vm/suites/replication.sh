@@ -347,7 +347,7 @@ repl_ha() {
     || fail "status does not show the substitution: $(cat "$T/status.out")"
   "$UBLKCTL" --socket "$SOCK" events > "$T/events.out"
   cat "$T/events.out"
-  for _e in "peer 127.0.0.3:7450 declared dead" "replaced by rv-b@127.0.0.4:7450 on 127.0.0.4:7450 because its server 127.0.0.3:7450 is dead" "rv-b@127.0.0.4:7450 is online"; do
+  for _e in "peer 127.0.0.3:7450 declared dead" "replaced by rv-b@127.0.0.4:7450 on 127.0.0.4:7450 because its server 127.0.0.3:7450 is dead" "rv-b@127.0.0.4:7450 is online" "rv-b@127.0.0.4:7450: full rebuild started" "rv-b@127.0.0.4:7450: full rebuild done"; do
     grep -q "$_e" "$T/events.out" || fail "no event \"$_e\""
   done
   "$UBLKCTL" --socket "$SOCK" replica accept $VOL > "$T/accept.out"

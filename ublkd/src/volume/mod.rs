@@ -309,6 +309,17 @@ impl VolumeShared {
             .collect()
     }
 
+    /// The rebuild running and the finished ones (serving only).
+    pub fn rebuilds(
+        &self,
+    ) -> (
+        Option<replication::rebuild::Running>,
+        Vec<replication::rebuild::HistoryEntry>,
+    ) {
+        let m = self.live.lock().unwrap().rebuilds.clone();
+        m.map(|m| (m.running(), m.history())).unwrap_or_default()
+    }
+
     /// What the HA monitor put in place of configured replicas (serving only).
     pub fn substitutions(&self) -> Vec<crate::state::Substitution> {
         self.live
