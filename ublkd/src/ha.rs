@@ -37,6 +37,14 @@ pub async fn probe(addr: &str, secret: &Secret, timeout: Duration) -> Probe {
         Ok(Ok(reply)) => Probe::Answered {
             capacity: reply.capacity,
         },
+        // It answered with an error (its storage fails): the process is alive, so
+        // it is no dead peer; zero space keeps placement off it.
+        Ok(Err(ReplicationError::Remote { .. })) => Probe::Answered {
+            capacity: wire::control::Capacity {
+                total_bytes: 0,
+                free_bytes: 0,
+            },
+        },
         Ok(Err(e)) => Probe::Failed(classify(&e)),
         Err(_) => Probe::Failed(ProbeFailure::NoReply),
     }

@@ -27,6 +27,11 @@
 #                 server was down; application 4k randwrite QD32 IOPS during a rebuild at the
 #                 default cap against without one; the dirty log's cost on a degraded volume
 #                 (against the bench-no-dirty-log build).
+#   bench_ha      the HA monitor's swap: a 1 GiB volume with 512 MiB written (local replica a
+#                 file on ext4 on disk 1, replica servers on ext4 on disks 2 and 3, a spare on
+#                 disk 4), 4k randwrite QD8 running; a server SIGKILLed: seconds until the
+#                 replacement takes writes, until every replica is online again, and the
+#                 worst write latency across it.
 #   bench_costs   what protocol v2's frame tags and the range table cost: the same volume run
 #                 alternately by ublkd and by a cost-model build (feature bench-crc-frames:
 #                 v1's CRC32C instead of SipHash tags; bench-unordered: no range table).
@@ -34,7 +39,7 @@
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
 
-SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs bench_rebuild"
+SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs bench_rebuild bench_ha"
 timeout_bench_virtio=900
 timeout_bench_tmpfs=900
 timeout_bench_mdraid1=900
@@ -42,6 +47,7 @@ timeout_bench_mdraid1_nvmetcp=900
 timeout_bench_replicated=1200
 timeout_bench_costs=900
 timeout_bench_rebuild=1500
+timeout_bench_ha=900
 
 REGION=256M          # fio working set (prefilled by the sequential write)
 RUNTIME=${BENCH_RUNTIME:-10}
@@ -688,4 +694,70 @@ bench_rebuild() {
   wait_pid "$SRV_2" 20
   run "$UMOUNT" /mnt/srv2
   run "$UMOUNT" /mnt/srv3
+}
+
+bench_ha() {
+  need_ublk
+  set -- $VM_DISKS
+  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
+  i=1
+  for d in "$1" "$2" "$3" "$4"; do
+    run "$MKFS_EXT4" -q -F "$d"; mkdir -p /mnt/ha$i; run "$MOUNT" "$d" /mnt/ha$i; i=$((i + 1))
+  done
+  cluster_secret
+  for i in 2 3 4; do LOG_LEVEL=warn replica_server $i /mnt/ha$i; done
+  cat > "$T/ha.conf" <<EOF
+[node]
+state_dir = "$T/owner-ha"
+control_socket = "$SOCK"
+cluster_secret_file = "$T/cluster.key"
+io_timeout_ms = $REPL_TIMEOUT_MS
+log_level = "warn"
+
+[[volume]]
+name = "bench"
+size = "1GiB"
+block_size = 4096
+queues = 1
+depth = 128
+device_id = 0
+spares = [ "127.0.0.4:7450" ]
+replicas = [ { local = "/mnt/ha1/bench.img" }, { remote = "127.0.0.2:7450", id = "ha-b" }, { remote = "127.0.0.3:7450", id = "ha-c" } ]
+EOF
+  cp "$T/ha.conf" "$T/last.conf"
+  start_ublkd "$T/ha.conf"
+  wait_dev /dev/ublkb0 60
+  wait_live bench 30
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size=512M --output=/dev/null
+  "$FIO" --name=ha --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=8 --size=512M --time_based --runtime=1800 --norandommap --randrepeat=0 \
+    --minimal > "$T/ha.terse" 2> "$T/ha.err" &
+  _f=$!
+  sleep 5
+  t0=$(now)
+  kill -KILL "$SRV_3"
+  has_new() { vol_status bench | grep -q 'ha-c@127.0.0.4:7450'; }
+  wait_for 120 has_new || fail "no replacement: $(vol_status bench)"
+  t1=$(now)
+  restored() {
+    _st=$(vol_status bench)
+    ! echo "$_st" | grep -q 'ha-c@127.0.0.3' && [ "$(echo "$_st" | grep -o '"state":"online"' | wc -l)" -eq 3 ]
+  }
+  wait_for 1200 restored || fail "redundancy not restored: $(vol_status bench)"
+  t2=$(now)
+  kill -INT $_f
+  wait $_f || fail "fio failed: $(head -c 300 "$T/ha.err")"
+  ms=$(awk -F';' '{ if ($5 != 0) exit 1; printf "%d\n", $80 / 1000 }' "$T/ha.terse") || fail "fio reported errors"
+  iops=$(awk -F';' '{ printf "%d\n", $49 }' "$T/ha.terse")
+  sw=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+  rs=$(awk -v a="$t0" -v b="$t2" 'BEGIN { printf "%.1f", b - a }')
+  echo "TABLE ha: replacement taking writes ${sw} s after the SIGKILL (grace 5 s), all replicas online after ${rs} s (1 GiB volume, 512 MiB written), worst 4k write latency ${ms} ms, ${iops} IOPS meanwhile"
+  echo "RESULT replace_after_peer_death_s=$sw"
+  echo "RESULT redundancy_restored_s=$rs"
+  echo "RESULT ha_worst_write_latency_ms=$ms"
+  "$UBLKCTL" --socket "$SOCK" verify bench > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
+  stop_ublkd 60 || fail "owner did not stop"
+  for i in 2 4; do kill -TERM "$(eval echo \$SRV_$i)"; wait_pid "$(eval echo \$SRV_$i)" 20; done
+  for i in 1 2 3 4; do run "$UMOUNT" /mnt/ha$i; done
 }

@@ -7,7 +7,7 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_ha_rules repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
+SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_ha_rules repl_ha_disk repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
 timeout_repl_fio_sigkill=300
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
@@ -15,6 +15,7 @@ timeout_repl_restart=600
 timeout_repl_rebuild_reload=400
 timeout_repl_ha=500
 timeout_repl_ha_rules=700
+timeout_repl_ha_disk=400
 timeout_repl_fence=240
 timeout_repl_owner_kill9=300
 timeout_repl_stale_recover=240
@@ -447,6 +448,60 @@ repl_ha_rules() {
   stop_daemon_clean
   same_replicas "$T/srv2/replicas/rv-a.img" "$T/srv4/replicas/rv-b.img"
   no_kernel_errors ublkb0
+}
+
+# A failed disk: the owner's local replica is a dm device that starts failing every I/O under
+# fio verify. Its server is this node, which answers: after [ha] grace_ms the monitor replaces
+# that replica alone, by a new one on the spare, and drops it once the new one is online; the
+# remote replicas are left as they are. fio sees no error; verify is clean; the survivors hold
+# the same data.
+repl_ha_disk() {
+  need_ublk
+  cluster_secret
+  for i in 2 3 4; do replica_server $i "$T/srv$i/replicas"; done
+  run truncate -s 257M "$T/dmback.img"
+  _loop=$("$LOSETUP" -f --show "$T/dmback.img") || fail "losetup failed"
+  _sectors=$((257 * 1024 * 1024 / 512))
+  run "$DMSETUP" create hadisk --table "0 $_sectors linear $_loop 0"
+  _dm=$(dm_dev hadisk) || fail "no /dev/dm-N for hadisk"
+  owner_conf "$T/ublkd.conf" 0 "$T/state" "$SOCK" \
+    "{ local = \"$_dm\" }, { remote = \"127.0.0.2:7450\", id = \"rv-a\" }, { remote = \"127.0.0.3:7450\", id = \"rv-b\" }" \
+    'spares = [ "127.0.0.4:7450" ]'
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV 60
+  wait_live $VOL
+  fio_bg disk 128M
+  sleep 3
+  say "the local replica's disk fails"
+  run "$DMSETUP" suspend hadisk
+  run "$DMSETUP" load hadisk --table "0 $_sectors error"
+  run "$DMSETUP" resume hadisk
+  expect_replica 0 faulted
+  vol_status $VOL | json_replicas | grep "\"index\":0" | grep -q '"kind":"io_error"' \
+    || fail "the local replica is not faulted for an I/O error: $(vol_status $VOL)"
+  has_new() { vol_status $VOL | json_replicas | grep -q 'rv-0@127.0.0.4:7450'; }
+  wait_for 60 has_new || fail "the failed replica was not replaced: $(vol_status $VOL); $("$UBLKCTL" --socket "$SOCK" events)"
+  new_online() { [ "$(vol_status $VOL | json_replicas | grep 'rv-0@127.0.0.4' | json_top_field state)" = online ]; }
+  wait_for 300 new_online || fail "the replacement is not online: $(vol_status $VOL)"
+  wait_for 20 eval '! vol_status $VOL | json_replicas | grep -q "\"path\":\"$_dm\""' \
+    || fail "the failed replica is still in the set: $(vol_status $VOL)"
+  "$UBLKCTL" --socket "$SOCK" events > "$T/events.out"; cat "$T/events.out"
+  grep -q "$_dm: replaced by rv-0@127.0.0.4:7450 on 127.0.0.4:7450 because its storage failed" "$T/events.out" \
+    || fail "no disk-failure replacement event"
+  grep -q "declared dead" "$T/events.out" && fail "a server was declared dead: $(cat "$T/events.out")"
+  _subs=$(vol_status $VOL | sed 's/.*"substitutions":\[//' | grep -o '"configured"' | wc -l)
+  [ "$_subs" = 1 ] || fail "$_subs replicas were substituted, expected the failed one alone: $(vol_status $VOL)"
+  wait "$FIO_PID" || fail "fio failed: $(tail -n 20 "$T/disk.fio.log")"
+  fio_ok "$T/disk.fio.log"
+  "$UBLKCTL" --socket "$SOCK" verify $VOL > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
+  grep -q "replicas identical" "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
+  stop_daemon_clean
+  for _i in "$T/srv3/replicas/rv-b.img" "$T/srv4/replicas/rv-0.img"; do
+    cmp -s -n $((256 << 20)) "$T/srv2/replicas/rv-a.img" "$_i" || fail "$_i differs from rv-a"
+  done
+  run "$DMSETUP" remove hadisk
+  "$LOSETUP" -d "$_loop"
 }
 
 # The owner itself is killed (-9) under fio: /dev/ublkb0 stays (QUIESCED), a new owner takes it
