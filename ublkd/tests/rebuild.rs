@@ -256,6 +256,10 @@ fn a_full_rebuild_whose_target_dies_half_way_is_resumed_when_it_returns() {
         || true,
         || {},
     );
+    // The replica is online a moment before the manager records the job.
+    wait_until(10, "the resumed rebuild is recorded", || {
+        !rebuilds.history().is_empty()
+    });
     let history = rebuilds.history();
     let last = history.last().expect("the resumed rebuild is recorded");
     assert!(
