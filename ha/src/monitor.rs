@@ -295,6 +295,28 @@ impl Monitor {
         self.backoff.remove(&(volume.to_string(), old.to_string()));
     }
 
+    /// The volume's spares as placement sees them, and the servers it already uses.
+    fn candidates<'a>(&'a self, v: &'a VolumeView) -> (Vec<Candidate<'a>>, Vec<&'a PeerAddr>) {
+        let candidates = v
+            .spares
+            .iter()
+            .map(|a| Candidate {
+                addr: a,
+                liveness: self.peers.get(a).map(|p| &p.liveness),
+                capacity: self.peers.get(a).and_then(|p| p.capacity),
+            })
+            .collect();
+        let in_use = v.slots.iter().filter_map(|o| o.peer.as_ref()).collect();
+        (candidates, in_use)
+    }
+
+    /// Where a replacement of one of `v`'s replicas would go now (an operator's
+    /// replacement: no backoff, no caps).
+    pub fn place(&self, v: &VolumeView) -> Result<PeerAddr, NoPlacement> {
+        let (candidates, in_use) = self.candidates(v);
+        place(&v.name, v.size, &candidates, &in_use, &BTreeMap::new())
+    }
+
     fn alive(&self, peer: Option<&PeerAddr>) -> bool {
         peer.is_none_or(|p| {
             self.peers
@@ -411,17 +433,7 @@ impl Monitor {
                 } else if let Some(b) = backoff {
                     Some(Waiting::Backoff { until: b.until })
                 } else {
-                    let in_use: Vec<&PeerAddr> =
-                        v.slots.iter().filter_map(|o| o.peer.as_ref()).collect();
-                    let candidates: Vec<Candidate> = v
-                        .spares
-                        .iter()
-                        .map(|a| Candidate {
-                            addr: a,
-                            liveness: self.peers.get(a).map(|p| &p.liveness),
-                            capacity: self.peers.get(a).and_then(|p| p.capacity),
-                        })
-                        .collect();
+                    let (candidates, in_use) = self.candidates(v);
                     let avoid: Vec<Candidate> = candidates
                         .iter()
                         .filter(|c| {

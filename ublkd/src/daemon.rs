@@ -115,22 +115,10 @@ impl Daemon {
         let view = shared
             .ha_view()
             .ok_or_else(|| err("not serving: start it first (ublkctl recover)".into()))?;
-        let old = view
-            .slots
-            .iter()
-            .enumerate()
-            .find(|(i, s)| {
-                s.location == replica
-                    || replica.trim_start_matches('#').parse::<usize>().ok() == Some(*i)
-            })
-            .map(|(_, s)| s.location.clone())
-            .ok_or_else(|| {
-                let known: Vec<&str> = view.slots.iter().map(|s| s.location.as_str()).collect();
-                err(format!(
-                    "no replica {replica:?}; its replicas: {}",
-                    known.join(", ")
-                ))
-            })?;
+        let health = shared
+            .serving_health()
+            .ok_or_else(|| err("not serving: start it first (ublkctl recover)".into()))?;
+        let (_, old) = shared.replica_named(&health, replica)?;
         if let Some(r) = view.replacing.first() {
             return Err(err(format!(
                 "{} is being replaced by {} already: one replacement at a time (wait, or `ublkctl rebuild watch {volume}`)",

@@ -389,24 +389,7 @@ impl Ha {
 
     /// The spare a manual replacement of a replica of `view` would take now.
     pub fn place(&self, view: &VolumeView) -> Result<PeerAddr, ha::placement::NoPlacement> {
-        let m = self.monitor.lock().unwrap();
-        let candidates: Vec<ha::placement::Candidate> = view
-            .spares
-            .iter()
-            .map(|a| ha::placement::Candidate {
-                addr: a,
-                liveness: m.peers().get(a).map(|p| &p.liveness),
-                capacity: m.peers().get(a).and_then(|p| p.capacity),
-            })
-            .collect();
-        let in_use: Vec<&PeerAddr> = view.slots.iter().filter_map(|s| s.peer.as_ref()).collect();
-        ha::placement::place(
-            &view.name,
-            view.size,
-            &candidates,
-            &in_use,
-            &BTreeMap::new(),
-        )
+        self.monitor.lock().unwrap().place(view)
     }
 
     /// One round: probe every server the volumes use or may use, decide, carry

@@ -417,13 +417,7 @@ impl VolumeShared {
         reason: ha::event::ReplaceReason,
         net: &Net,
     ) -> Result<String, String> {
-        let (health, sink) = {
-            let live = self.live.lock().unwrap();
-            match (&live.health, &live.sink) {
-                (Some(h), Some(s)) => (h.clone(), s.clone()),
-                _ => return Err("the volume is not serving".into()),
-            }
-        };
+        let (health, sink) = self.serving_parts()?;
         let cfg = self.cfg();
         let snap = health.snapshot();
         let old_slot = snap
@@ -490,16 +484,19 @@ impl VolumeShared {
         Ok(location)
     }
 
+    /// The health and the record of a serving volume.
+    fn serving_parts(&self) -> Result<(Arc<Health>, Arc<RecordSink>), String> {
+        let live = self.live.lock().unwrap();
+        match (&live.health, &live.sink) {
+            (Some(h), Some(s)) => Ok((h.clone(), s.clone())),
+            _ => Err("the volume is not serving".into()),
+        }
+    }
+
     /// Drop the half-built replacement `new` of `old` (which came back and is
     /// caught up instead); the substitution goes back to `old`.
     pub fn ha_abandon(&self, old: &str, new: &str) -> Result<(), String> {
-        let (health, sink) = {
-            let live = self.live.lock().unwrap();
-            match (&live.health, &live.sink) {
-                (Some(h), Some(s)) => (h.clone(), s.clone()),
-                _ => return Err("the volume is not serving".into()),
-            }
-        };
+        let (health, sink) = self.serving_parts()?;
         let snap = health.snapshot();
         let new_slot = snap
             .slots
@@ -586,6 +583,39 @@ impl VolumeShared {
         .map_err(|e| DaemonError::volume(&self.cfg().name, e.to_string()))
     }
 
+    /// A replica of the running set as an operator names it: its location, or
+    /// `#N` with N its slot as `status` shows it. Returns its slot and location.
+    pub fn replica_named(
+        &self,
+        health: &Health,
+        replica: &str,
+    ) -> Result<(SlotIndex, String), DaemonError> {
+        let snap = health.snapshot();
+        snap.slots
+            .iter()
+            .find(|s| {
+                s.location == replica
+                    || replica.trim_start_matches('#').parse::<u8>().ok() == Some(s.slot.0)
+            })
+            .map(|s| (s.slot, s.location.clone()))
+            .ok_or_else(|| {
+                let known: Vec<String> = snap
+                    .slots
+                    .iter()
+                    .map(|s| format!("#{} {}", s.slot.0, s.location))
+                    .collect();
+                DaemonError::volume(
+                    &self.cfg().name,
+                    format!("no replica {replica:?}; its replicas: {}", known.join(", ")),
+                )
+            })
+    }
+
+    /// The health of a serving volume, for a replica named by an operator.
+    pub fn serving_health(&self) -> Option<Arc<Health>> {
+        self.live.lock().unwrap().health.clone()
+    }
+
     /// Apply an operator's rebuild command.
     pub fn rebuild(
         &self,
@@ -604,27 +634,7 @@ impl VolumeShared {
                 }
             }
         };
-        let slot_of = |replica: &str| -> Result<SlotIndex, DaemonError> {
-            let snap = health.snapshot();
-            snap.slots
-                .iter()
-                .find(|s| {
-                    s.location == replica
-                        || replica.trim_start_matches('#').parse::<u8>().ok() == Some(s.slot.0)
-                })
-                .map(|s| s.slot)
-                .ok_or_else(|| {
-                    let known: Vec<String> = snap
-                        .slots
-                        .iter()
-                        .map(|s| format!("#{} {}", s.slot.0, s.location))
-                        .collect();
-                    DaemonError::volume(
-                        &self.cfg().name,
-                        format!("no replica {replica:?}; its replicas: {}", known.join(", ")),
-                    )
-                })
-        };
+        let slot_of = |replica: &str| self.replica_named(&health, replica).map(|(slot, _)| slot);
         fn v<T: Serialize>(x: &T) -> serde_json::Value {
             serde_json::to_value(x).expect("rebuild types serialize")
         }
