@@ -324,8 +324,9 @@ wipe_label() {
   run dd if=/dev/zero of="$1" bs=64k count=1 seek=$((512 * 16)) oflag=direct conv=notrunc 2>/dev/null
 }
 
-# repl_owner TAG REPLICAS: an owner (state dir $T/owner-TAG) serving /dev/ublkb0 with every
-# replica online (a measurement of fewer replicas than configured would be meaningless).
+# repl_owner TAG REPLICAS: an owner (state dir $T/owner-TAG, config $T/TAG.conf) serving
+# /dev/ublkb0 with every replica online (a measurement of fewer replicas than configured would
+# be meaningless). VOL_SIZE (512MiB) sizes the volume; VOL_EXTRA is one more volume key.
 repl_owner() {
   cat > "$T/$1.conf" <<EOF
 [node]
@@ -337,11 +338,12 @@ log_level = "warn"
 
 [[volume]]
 name = "bench"
-size = "512MiB"
+size = "${VOL_SIZE:-512MiB}"
 block_size = 4096
 queues = 1
 depth = 128
 device_id = 0
+${VOL_EXTRA:-}
 replicas = [ $2 ]
 EOF
   if [ -n "${REBUILD_RATE:-}" ]; then
@@ -706,28 +708,8 @@ bench_ha() {
   done
   cluster_secret
   for i in 2 3 4; do LOG_LEVEL=warn replica_server $i /mnt/ha$i; done
-  cat > "$T/ha.conf" <<EOF
-[node]
-state_dir = "$T/owner-ha"
-control_socket = "$SOCK"
-cluster_secret_file = "$T/cluster.key"
-io_timeout_ms = $REPL_TIMEOUT_MS
-log_level = "warn"
-
-[[volume]]
-name = "bench"
-size = "1GiB"
-block_size = 4096
-queues = 1
-depth = 128
-device_id = 0
-spares = [ "127.0.0.4:7450" ]
-replicas = [ { local = "/mnt/ha1/bench.img" }, { remote = "127.0.0.2:7450", id = "ha-b" }, { remote = "127.0.0.3:7450", id = "ha-c" } ]
-EOF
-  cp "$T/ha.conf" "$T/last.conf"
-  start_ublkd "$T/ha.conf"
-  wait_dev /dev/ublkb0 60
-  wait_live bench 30
+  VOL_SIZE=1GiB VOL_EXTRA='spares = [ "127.0.0.4:7450" ]' repl_owner ha \
+    '{ local = "/mnt/ha1/bench.img" }, { remote = "127.0.0.2:7450", id = "ha-b" }, { remote = "127.0.0.3:7450", id = "ha-c" }'
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=4 --size=512M --output=/dev/null
   "$FIO" --name=ha --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
