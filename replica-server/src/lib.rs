@@ -242,15 +242,15 @@ impl Server {
             .map_err(io_err("set_nonblocking"))?;
         let local = std_listener.local_addr().map_err(io_err("local_addr"))?;
         *self.listen.lock().unwrap() = Some(local);
+        // Registered here, not in the task: a listener that cannot be registered fails
+        // the start instead of leaving a server that listens and never accepts.
+        let listener = {
+            let _in_rt = rt.enter();
+            tokio::net::TcpListener::from_std(std_listener)
+                .map_err(io_err("register the listener"))?
+        };
         let me = self.clone();
         rt.spawn(async move {
-            let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "replica server: cannot register listener");
-                    return;
-                }
-            };
             loop {
                 match listener.accept().await {
                     Ok((s, peer)) => me.admit(s, peer),

@@ -56,8 +56,9 @@ impl ServerProc {
         let _ = self.child.wait();
     }
     pub fn start(&mut self) {
+        let starts = self.log().matches("ublkd running").count();
         self.child = spawn_ublkd(&self.dir);
-        wait_listening(self);
+        wait_listening(self, starts);
     }
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("ublkd.log")).unwrap_or_default()
@@ -77,6 +78,10 @@ impl ServerProc {
 
 impl Drop for ServerProc {
     fn drop(&mut self) {
+        // A failing test shows what its servers said (their directory goes with it).
+        if std::thread::panicking() {
+            eprintln!("--- log of the server at {}:\n{}", self.addr, self.log());
+        }
         let _ = unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -98,9 +103,13 @@ fn spawn_ublkd(dir: &Path) -> Child {
         .unwrap()
 }
 
-fn wait_listening(s: &mut ServerProc) {
+/// Until the server accepts and its daemon has finished starting (a process that
+/// listened and then failed to start would pass a bare connect).
+/// `starts`: how many starts its (appended) log showed before this one.
+fn wait_listening(s: &mut ServerProc, starts: usize) {
     let t0 = Instant::now();
-    while TcpStream::connect(s.addr).is_err() {
+    while TcpStream::connect(s.addr).is_err() || s.log().matches("ublkd running").count() <= starts
+    {
         assert!(s.alive(), "server exited: {}", s.log());
         assert!(
             t0.elapsed() < Duration::from_secs(20),
@@ -142,9 +151,13 @@ pub fn start_server(root: &Path, n: u8) -> ServerProc {
         ),
     )
     .unwrap();
+    let starts = std::fs::read_to_string(dir.join("ublkd.log"))
+        .unwrap_or_default()
+        .matches("ublkd running")
+        .count();
     let child = spawn_ublkd(&dir);
     let mut s = ServerProc { child, addr, dir };
-    wait_listening(&mut s);
+    wait_listening(&mut s, starts);
     s
 }
 
