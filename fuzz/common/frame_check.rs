@@ -15,7 +15,9 @@
 //!
 //! A failed check panics, which is what the fuzzer and the test report.
 
-use wire::control::{self, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest};
+use wire::control::{
+    self, DeleteReply, DeleteRequest, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
+};
 use wire::frame::{
     FrameKey, Opener, ReplyHeader, RequestHeader, Sealer, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
@@ -174,6 +176,10 @@ fn check_control(p: &[u8]) {
     if let Some(r) = control_round_trip!(StatReply, p) {
         let _ = r.label.map(|l| l.checked());
     }
+    if let Some(d) = control_round_trip!(DeleteRequest, p) {
+        check_name(&d.replica);
+    }
+    control_round_trip!(DeleteReply, p);
     control_round_trip!(LabelUpdate, p);
 }
 
@@ -237,7 +243,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         1 | 3 | 4 => (true, 0),
         2 => (true, 1),
         5 => (true, 2),
-        6 | 7 | 16..=18 => (false, 0),
+        6 | 7 | 16..=19 => (false, 0),
         _ => return Some(Reject::Unknown),
     };
     if flags & !allowed != 0 || offset.checked_add(u64::from(len)).is_none() {

@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use wire::control::{
-    decode_control, encode_control, LabelUpdate, OpenRequest, StatReply, StatRequest,
+    decode_control, encode_control, DeleteRequest, LabelUpdate, OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
     Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, CHECKSUM_LEN, FLAG_FUA, FLAG_NO_UNMAP,
@@ -500,7 +500,7 @@ impl Server {
         res
     }
 
-    /// OPEN, STAT, PING.
+    /// OPEN, STAT, PING, DELETE.
     async fn control(
         &self,
         h: &RequestHeader,
@@ -556,6 +556,21 @@ impl Server {
                     Err(r) => {
                         tracing::warn!(replica = %req.replica, volume = %req.volume,
                             generation = req.generation.0, status = ?r.status, message = %r.message, "OPEN refused");
+                        Reply::refused(h.id, r)
+                    }
+                }
+            }
+            Op::Delete => {
+                let req: DeleteRequest = decode_control(p)?;
+                if session.is_some() {
+                    return Err(ReplicationError::Protocol(
+                        "DELETE on a connection with an open replica".into(),
+                    ));
+                }
+                match self.store.delete(&req).await {
+                    Ok(reply) => Reply::json(h.id, &reply),
+                    Err(r) => {
+                        tracing::warn!(replica = %req.replica, status = ?r.status, message = %r.message, "DELETE refused");
                         Reply::refused(h.id, r)
                     }
                 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use replication::local::{Create, LocalBacking};
 use serde::Deserialize;
-use wire::control::{Capacity, LabelUpdate, OpenReply, OpenRequest};
+use wire::control::{Capacity, DeleteReply, DeleteRequest, LabelUpdate, OpenReply, OpenRequest};
 use wire::frame::Status;
 use wire::label::{AreaRead, Label, LABEL_AREA, MAX_MEMBERS};
 use wire::names::valid_name;
@@ -63,6 +63,9 @@ pub struct Hosted {
     pub volume_tag: VolumeTag,
     pub size: u64,
     cheap_zeroing: bool,
+    /// Set (under the fence) by a DELETE: an OPEN that found this replica before it
+    /// went must not hand out a session to an unlinked file.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl Hosted {
@@ -224,6 +227,7 @@ impl Store {
             volume_tag: VolumeTag::of(&label.volume),
             size: label.size,
             label: Mutex::new(label),
+            deleted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -369,6 +373,12 @@ impl Store {
         // Wait for requests admitted under the old generation or session, then
         // raise it durably.
         let _excl = hosted.fence.write().await;
+        if hosted.deleted.load(Ordering::SeqCst) {
+            return Err(refused(
+                Status::NotFound,
+                format!("replica {} was deleted", req.replica),
+            ));
+        }
         let mut label = hosted.label.lock().unwrap();
         let same_owner = req.generation == label.generation && req.owner == label.owner;
         if req.generation < label.generation || (req.generation == label.generation && !same_owner)
@@ -415,6 +425,79 @@ impl Store {
             session,
             reply,
         })
+    }
+
+    /// DELETE: remove a replica its owner retired. The label must name the
+    /// request's volume and replica uuids (so a replica created since under the
+    /// same id is never the one removed) and the request's generation and owner
+    /// must be allowed to OPEN it (a fenced-out owner deletes nothing).
+    pub async fn delete(&self, req: &DeleteRequest) -> Result<DeleteReply, Refused> {
+        let hosted = self.load(&req.replica)?.ok_or_else(|| {
+            refused(
+                Status::NotFound,
+                format!("no replica {} on this server", req.replica),
+            )
+        })?;
+        // In-flight requests of any session finish first; later ones are fenced.
+        let _excl = hosted.fence.write().await;
+        let label = hosted.label.lock().unwrap().clone();
+        if hosted.deleted.load(Ordering::SeqCst) {
+            return Err(refused(
+                Status::NotFound,
+                format!("replica {} was deleted", req.replica),
+            ));
+        }
+        if label.volume_uuid != req.volume_uuid || label.replica_uuid != req.replica_uuid {
+            return Err(refused(
+                Status::Conflict,
+                format!(
+                    "replica {} is {} of volume {:?} ({}), not the {} of {} the request names: not deleted",
+                    req.replica,
+                    label.replica_uuid,
+                    label.volume,
+                    label.volume_uuid,
+                    req.replica_uuid,
+                    req.volume_uuid
+                ),
+            ));
+        }
+        let same_owner = req.generation == label.generation && req.owner == label.owner;
+        if req.generation < label.generation || (req.generation == label.generation && !same_owner)
+        {
+            return Err(Refused {
+                status: Status::Fenced,
+                aux: label.generation.0,
+                message: format!(
+                    "generation {} may not delete replica {} (its generation is {})",
+                    req.generation.0, req.replica, label.generation.0
+                ),
+            });
+        }
+        let img = self.image(&req.replica);
+        let freed_bytes = std::fs::metadata(&img)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        hosted.deleted.store(true, Ordering::SeqCst);
+        // Frames of a session still attached are fenced from now on.
+        hosted.generation.store(u64::MAX, Ordering::SeqCst);
+        {
+            let mut map = self.hosted.lock().unwrap();
+            if map
+                .get(&req.replica)
+                .is_some_and(|h| Arc::ptr_eq(h, &hosted))
+            {
+                map.remove(&req.replica);
+            }
+        }
+        std::fs::remove_file(&img)
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+            .map_err(|e| io_refused(format!("{}: {e}", img.display())))?;
+        let mut v1 = self.meta_v1(&req.replica).into_os_string();
+        v1.push(".v1");
+        let _ = std::fs::remove_file(v1);
+        tracing::info!(replica = %req.replica, volume = %label.volume, uuid = %label.replica_uuid,
+            freed_bytes, "replica deleted (retired by its owner)");
+        Ok(DeleteReply { freed_bytes })
     }
 }
 

@@ -755,3 +755,99 @@ fn a_replica_whose_server_restarted_is_caught_up_by_a_partial_rebuild_under_io()
     verify_image(&a.image("p-r1"), &expected);
     verify_image(&b.image("p-r2"), &expected);
 }
+
+/// DELETE removes exactly the retired copy: never one of another uuid (a replica
+/// created since under the same id), never for an owner below the replica's
+/// generation; the owner that retired it may, and a session still attached to it
+/// is fenced from then on.
+#[test]
+fn delete_removes_only_the_named_copy_and_only_for_an_owner_allowed_to_open_it() {
+    use replication::remote::client::delete;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_server(tmp.path(), 31);
+    let rt = rt();
+    let vu = VolumeUuid::random();
+    let owner = Owner::open(&rt, vec![spec(&server, "d-r1", "d", vu, 3, 30)], None);
+    let nexus = owner.nexus();
+    assert_eq!(workload(&nexus, 50, 4, u64::MAX, || {}).errors, 0);
+    flush(&nexus);
+    let label = rt
+        .block_on(stat(&spec(&server, "d-r1", "d", vu, 0, 0)))
+        .unwrap()
+        .label
+        .expect("d-r1 exists");
+    let image = server.image("d-r1");
+
+    let refused = |r: Result<_, ReplicationError>, want: Status| match r {
+        Err(ReplicationError::Remote {
+            status, message, ..
+        }) if status == want => message,
+        Err(ReplicationError::Fenced { .. }) if want == Status::Fenced => "fenced".into(),
+        other => panic!("expected {want:?}, got {other:?}"),
+    };
+    // Another copy's uuid, another volume, an older or foreign owner: nothing goes.
+    let msg = refused(
+        rt.block_on(delete(
+            &spec(&server, "d-r1", "d", vu, 3, 30),
+            wire::ReplicaUuid::random(),
+        )),
+        Status::Conflict,
+    );
+    assert!(msg.contains("not deleted"), "{msg}");
+    refused(
+        rt.block_on(delete(
+            &spec(&server, "d-r1", "d", VolumeUuid::random(), 3, 30),
+            label.replica_uuid,
+        )),
+        Status::Conflict,
+    );
+    refused(
+        rt.block_on(delete(
+            &spec(&server, "d-r1", "d", vu, 2, 30),
+            label.replica_uuid,
+        )),
+        Status::Fenced,
+    );
+    refused(
+        rt.block_on(delete(
+            &spec(&server, "d-r1", "d", vu, 3, 31),
+            label.replica_uuid,
+        )),
+        Status::Fenced,
+    );
+    refused(
+        rt.block_on(delete(
+            &spec(&server, "nope", "d", vu, 3, 30),
+            label.replica_uuid,
+        )),
+        Status::NotFound,
+    );
+    assert!(image.exists());
+    assert_eq!(workload(&nexus, 10, 1, u64::MAX, || {}).errors, 0);
+
+    // The owner that holds it deletes it: gone from disk and from STAT.
+    let reply = rt
+        .block_on(delete(
+            &spec(&server, "d-r1", "d", vu, 3, 30),
+            label.replica_uuid,
+        ))
+        .expect("delete");
+    assert!(reply.freed_bytes > 0, "{reply:?}");
+    assert!(!image.exists());
+    let after = rt
+        .block_on(stat(&spec(&server, "d-r1", "d", vu, 0, 0)))
+        .unwrap();
+    assert_eq!(after.label, None);
+    // The session still attached lands nothing more: its next write is refused.
+    let mut buf = block_data(1, 7);
+    let res = futures::executor::block_on(nexus.submit(
+        BlockRequest::Write {
+            offset: ByteOffset(BLOCK as u64),
+            len: ByteLen(BLOCK as u64),
+            fua: true,
+        },
+        &mut buf,
+    ));
+    assert!(res.is_err(), "a write to a deleted replica succeeded");
+    assert!(!image.exists(), "a late write recreated the image");
+}

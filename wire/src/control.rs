@@ -68,6 +68,27 @@ pub struct Capacity {
     pub free_bytes: u64,
 }
 
+/// DELETE: remove replica `replica` from the server, storage and all. Done only
+/// when its label names `volume_uuid` and `replica_uuid` (the very copy the owner
+/// retired, not one created since under the same id) and `generation`/`owner` may
+/// OPEN it (section 8 of the protocol): the owner that retired it, or a newer one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRequest {
+    pub replica: String,
+    pub volume_uuid: VolumeUuid,
+    pub replica_uuid: ReplicaUuid,
+    pub generation: Generation,
+    pub owner: OwnerId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteReply {
+    /// Bytes the replica's storage used (allocated, not its size).
+    pub freed_bytes: u64,
+}
+
 /// SET_LABEL: replace the owner-controlled part of the label (fenced: only the
 /// replica's current session may). Identity, geometry and generation never change
 /// this way.

@@ -56,6 +56,9 @@ pub enum Op {
     Stat = 17,
     /// Liveness probe, and on an open session a fence probe; no payload.
     Ping = 18,
+    /// Delete a replica its owner retired (`ublkctl replica reclaim`): only the
+    /// copy named by uuid, only for an owner at or above its generation.
+    Delete = 19,
 }
 
 impl Op {
@@ -71,6 +74,7 @@ impl Op {
             16 => Op::Open,
             17 => Op::Stat,
             18 => Op::Ping,
+            19 => Op::Delete,
             _ => {
                 return Err(WireError::UnknownField {
                     what: "op",
@@ -229,14 +233,16 @@ impl RequestHeader {
             }
             Op::Discard | Op::WriteZeroes if self.len == 0 => bad("zero length"),
             Op::Discard | Op::WriteZeroes if self.payload_len != 0 => bad("carries a payload"),
-            Op::SetLabel | Op::Open | Op::Stat if self.payload_len == 0 => bad("needs a payload"),
-            Op::SetLabel | Op::Open | Op::Stat | Op::Ping
+            Op::SetLabel | Op::Open | Op::Stat | Op::Delete if self.payload_len == 0 => {
+                bad("needs a payload")
+            }
+            Op::SetLabel | Op::Open | Op::Stat | Op::Ping | Op::Delete
                 if self.offset.0 != 0 || self.len != 0 =>
             {
                 bad("must have zero offset and length")
             }
             Op::Ping if self.payload_len != 0 => bad("carries a payload"),
-            Op::Open | Op::Stat | Op::Ping if unfenced_ids_set => {
+            Op::Open | Op::Stat | Op::Ping | Op::Delete if unfenced_ids_set => {
                 bad("generation, session and volume must be zero on a control op")
             }
             _ => Ok(()),
@@ -543,6 +549,7 @@ mod tests {
             Op::Open,
             Op::Stat,
             Op::Ping,
+            Op::Delete,
         ])
     }
 
@@ -576,7 +583,9 @@ mod tests {
                         (h.offset, h.len) = (off, len);
                         h.flags = if f { FLAG_NO_UNMAP } else { 0 };
                     }
-                    Op::SetLabel | Op::Open | Op::Stat => h.payload_len = 1 + len % MAX_CONTROL,
+                    Op::SetLabel | Op::Open | Op::Stat | Op::Delete => {
+                        h.payload_len = 1 + len % MAX_CONTROL
+                    }
                     Op::Flush | Op::Ping => {}
                 }
                 h

@@ -36,14 +36,15 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use wire::control::{
-    decode_control, encode_control, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
+    decode_control, encode_control, DeleteReply, DeleteRequest, LabelUpdate, OpenReply,
+    OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
     Op, Opener, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP, REPLY_HEADER_LEN,
 };
 use wire::handshake::Secret;
 use wire::label::Label;
-use wire::{ByteLen, ByteOffset, Generation, RequestId, SessionId, VolumeTag};
+use wire::{ByteLen, ByteOffset, Generation, ReplicaUuid, RequestId, SessionId, VolumeTag};
 
 use super::conn::{client_handshake, exchange};
 use crate::error::{Errno, ReplicationError};
@@ -306,6 +307,25 @@ pub async fn stat(spec: &RemoteSpec) -> Result<StatReply, ReplicationError> {
         label: reply.label.map(Label::checked).transpose()?,
         ..reply
     })
+}
+
+/// DELETE the replica `spec` names, if its label still shows `replica_uuid` of
+/// `spec`'s volume (a retired copy: `ublkctl replica reclaim`). `spec.open`'s
+/// generation and owner are the requester's.
+pub async fn delete(
+    spec: &RemoteSpec,
+    replica_uuid: ReplicaUuid,
+) -> Result<DeleteReply, ReplicationError> {
+    let mut s = dial(spec).await?;
+    let req = DeleteRequest {
+        replica: spec.open.replica.clone(),
+        volume_uuid: spec.open.volume_uuid,
+        replica_uuid,
+        generation: spec.open.generation,
+        owner: spec.open.owner,
+    };
+    let p = control(&mut s, spec, Op::Delete, &encode_control(&req)).await?;
+    decode_control(&p).map_err(Into::into)
 }
 
 async fn open(spec: &RemoteSpec) -> Result<(Session, OpenReply), ReplicationError> {
