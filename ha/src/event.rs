@@ -101,6 +101,10 @@ pub enum EventKind {
     StaleRefused {
         peer: PeerAddr,
     },
+    /// An operator reclaimed the storage of the event's (retired) replica.
+    Reclaimed {
+        freed_bytes: u64,
+    },
     Paused,
     Resumed,
 }
@@ -164,6 +168,9 @@ impl std::fmt::Display for Event {
                 f,
                 "its server {peer} answers again, but it was replaced: stale, not used (reclaim its storage with ublkctl replica reclaim)"
             ),
+            Reclaimed { freed_bytes } => {
+                write!(f, "retired replica's storage reclaimed ({freed_bytes} bytes freed)")
+            }
             Paused => write!(f, "automatic HA decisions paused"),
             Resumed => write!(f, "automatic HA decisions resumed"),
         }

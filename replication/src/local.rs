@@ -262,6 +262,30 @@ impl LocalBacking {
         Ok(())
     }
 
+    /// Zero both label slots durably: the storage is no replica any more (a
+    /// retired replica on a device that cannot be deleted).
+    pub fn wipe_label(&self) -> Result<(), ReplicationError> {
+        let zeroes = vec![0u8; 2 * SLOT_LEN];
+        let fd = self.buffered.as_raw_fd();
+        // SAFETY: pwrite from our own buffer of that length.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                zeroes.as_ptr().cast(),
+                zeroes.len(),
+                self.data_size as libc::off_t,
+            )
+        };
+        if n != zeroes.len() as isize {
+            return Err(self.label_error("wipe", std::io::Error::last_os_error()));
+        }
+        self.buffered
+            .sync_data()
+            .map_err(|e| self.label_error("sync", e))?;
+        *self.label.lock().unwrap() = Some((0, None));
+        Ok(())
+    }
+
     /// Replace the membership part of the label (read or written before).
     pub fn update_label(
         &self,

@@ -62,6 +62,11 @@ pub enum Request {
         replica: String,
         to: Option<String>,
     },
+    /// Delete the storage of retired replicas (`replica`: one location, else all).
+    ReplicaReclaim {
+        volume: String,
+        replica: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -139,6 +144,9 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
             replica,
             to,
         } => daemon.replica_replace(&volume, &replica, to.as_deref())?,
+        Request::ReplicaReclaim { volume, replica } => {
+            daemon.replica_reclaim(&volume, replica.as_deref())?
+        }
     })
 }
 
@@ -316,6 +324,7 @@ mod tests {
             rebuild: replication::rebuild::NodeLimits::unlimited(),
             partial_window_s: 600,
             grain: 64 << 10,
+            frontend: crate::volume::Frontend::Headless,
         };
         let daemon = Arc::new(Daemon::new(cfg, net, None).unwrap());
         let l = bind(&sock).unwrap();

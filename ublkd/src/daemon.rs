@@ -152,6 +152,38 @@ impl Daemon {
         Ok(serde_json::json!({ "old": old, "new": new, "to": to.to_string() }))
     }
 
+    /// `ublkctl replica reclaim`: delete the storage of the volume's retired
+    /// replicas (`replica`: that location only). Each is checked to still be the
+    /// copy that was retired; one that cannot be reached stays retired.
+    pub fn replica_reclaim(
+        &self,
+        volume: &str,
+        replica: Option<&str>,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let shared = self.running(volume)?;
+        let done = shared
+            .reclaim(replica, &self.net)
+            .map_err(|m| DaemonError::volume(volume, m))?;
+        let mut out = Vec::new();
+        for (retired, res) in done {
+            if let Ok(crate::volume::activate::Reclaimed::Deleted { freed_bytes }) = &res {
+                self.ha.events.push(ha::event::Event {
+                    at: ha::UnixMs(replication::dirty_file::unix_ms()),
+                    volume: Some(volume.to_string()),
+                    replica: Some(retired.location.clone()),
+                    kind: ha::event::EventKind::Reclaimed {
+                        freed_bytes: *freed_bytes,
+                    },
+                });
+            }
+            out.push(match res {
+                Ok(r) => serde_json::json!({ "retired": retired, "result": r }),
+                Err(e) => serde_json::json!({ "retired": retired, "error": e }),
+            });
+        }
+        Ok(serde_json::json!({ "volume": volume, "reclaimed": out }))
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Config {
         self.config.lock().unwrap().clone()

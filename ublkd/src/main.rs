@@ -128,19 +128,12 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         replica_server = Some(server);
     }
     let socket = cfg.node.control_socket.clone();
-    let net = Net {
-        rt: net_handle.clone(),
+    let net = Net::new(
+        &cfg,
+        net_handle.clone(),
         secret,
-        io_timeout: std::time::Duration::from_millis(cfg.node.io_timeout_ms as u64),
-        no_replica_timeout: std::time::Duration::from_millis(cfg.node.no_replica_timeout_ms as u64),
-        rebuild: replication::rebuild::NodeLimits::new(
-            cfg.rebuild.rate,
-            cfg.rebuild.busy_percent,
-            cfg.rebuild.max_concurrent,
-        ),
-        partial_window_s: cfg.rebuild.partial_window_s,
-        grain: cfg.rebuild.grain,
-    };
+        ublkd::volume::Frontend::Ublk,
+    );
     let mut daemon = Daemon::new(cfg, net, replica_server)?;
     daemon.set_config_path(config.to_path_buf());
     let daemon = Arc::new(daemon);

@@ -59,6 +59,49 @@ pub struct VolumeRecord {
     /// ([`VolumeRecord::effective`]) until the config names the replacement itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub substitutions: Vec<Substitution>,
+    /// Replicas dropped from the running set whose storage is kept (a returning
+    /// one is refused as stale: it is no member) until `ublkctl replica reclaim`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<Retired>,
+}
+
+/// A replica dropped from the running set, storage not reclaimed yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retired {
+    pub location: String,
+    /// Its identity when dropped: reclaim deletes that copy only, never one made
+    /// since at the same location.
+    pub uuid: ReplicaUuid,
+    pub since: ha::UnixMs,
+    pub why: RetiredWhy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RetiredWhy {
+    /// Its replacement came online.
+    Replaced { by: String },
+    /// A reload dropped it (the config no longer lists it).
+    Removed,
+    /// A half-built replacement, dropped because the replica it replaced came
+    /// back lacking less.
+    Abandoned { of: String },
+}
+
+impl std::fmt::Display for RetiredWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetiredWhy::Replaced { by } => write!(f, "replaced by {by}"),
+            RetiredWhy::Removed => write!(f, "removed from the config"),
+            RetiredWhy::Abandoned { of } => {
+                write!(
+                    f,
+                    "half-built replacement of {of}, dropped when {of} came back"
+                )
+            }
+        }
+    }
 }
 
 /// A configured replica and what runs in its place.
@@ -156,6 +199,7 @@ impl RecordV1 {
             clean: self.clean,
             read_policy: self.read_policy,
             substitutions: Vec::new(),
+            retired: Vec::new(),
         }
     }
 }
@@ -178,6 +222,7 @@ impl VolumeRecord {
             clean: true,
             read_policy: ReadPolicy::Spread,
             substitutions: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -247,6 +292,22 @@ impl VolumeRecord {
             .map_or_else(|| running.to_string(), |s| s.configured.clone());
         self.substitutions.retain(|s| s.configured != configured);
         self.substitutions.push(Substitution { configured, ..new });
+    }
+
+    /// `location` (uuid `uuid`) left the running set for `why`; a location that
+    /// enters it again stops being retired ([`VolumeRecord::unretire`]).
+    pub fn retire(&mut self, location: &str, uuid: ReplicaUuid, why: RetiredWhy) {
+        self.retired.retain(|r| r.location != location);
+        self.retired.push(Retired {
+            location: location.to_string(),
+            uuid,
+            since: ha::UnixMs(replication::dirty_file::unix_ms()),
+            why,
+        });
+    }
+
+    pub fn unretire(&mut self, location: &str) {
+        self.retired.retain(|r| r.location != location);
     }
 
     pub fn replica(&self, location: &str) -> Option<&ReplicaRecord> {
@@ -427,6 +488,43 @@ mod tests {
         });
         sd.save(&rec).unwrap();
         assert_eq!(sd.load("v").unwrap(), Some(rec));
+    }
+
+    #[test]
+    fn a_retired_replica_is_kept_per_location_until_it_returns_or_is_reclaimed() {
+        let mut rec = VolumeRecord::fresh(&cfg());
+        let (u1, u2) = (ReplicaUuid::random(), ReplicaUuid::random());
+        rec.retire("v-b@10.0.0.2:7450", u1, RetiredWhy::Removed);
+        rec.retire(
+            "v-c@10.0.0.3:7450",
+            u2,
+            RetiredWhy::Replaced {
+                by: "v-c@10.0.0.4:7450".into(),
+            },
+        );
+        // Retired again at the same location (added back, then dropped): the
+        // newer identity is the one reclaim may delete.
+        let u3 = ReplicaUuid::random();
+        rec.retire("v-b@10.0.0.2:7450", u3, RetiredWhy::Removed);
+        let at = |loc: &str| {
+            rec.retired
+                .iter()
+                .find(|r| r.location == loc)
+                .map(|r| r.uuid)
+        };
+        assert_eq!(rec.retired.len(), 2);
+        assert_eq!(at("v-b@10.0.0.2:7450"), Some(u3));
+        assert_eq!(at("v-c@10.0.0.3:7450"), Some(u2));
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        sd.save(&rec).unwrap();
+        assert_eq!(sd.load("v").unwrap().unwrap(), rec);
+        rec.unretire("v-b@10.0.0.2:7450");
+        rec.unretire("v-c@10.0.0.3:7450");
+        assert!(rec.retired.is_empty());
+        sd.save(&rec).unwrap();
+        let text = fs::read_to_string(dir.path().join("volumes/v.json")).unwrap();
+        assert!(!text.contains("retired"), "{text}");
     }
 
     #[test]

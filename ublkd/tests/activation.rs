@@ -34,6 +34,7 @@ fn net(rt: &tokio::runtime::Runtime) -> Net {
         rebuild: replication::rebuild::NodeLimits::unlimited(),
         partial_window_s: 600,
         grain: 64 << 10,
+        frontend: ublkd::volume::Frontend::Headless,
     }
 }
 

@@ -144,3 +144,335 @@ fn a_flapping_server_is_never_declared_dead_and_a_killed_one_is() {
         "{events:?}"
     );
 }
+
+/// The daemon itself, in this process, with its volume served headless (no ublk
+/// driver on the host): activation, replica connections, rebuilds, the HA monitor
+/// thread and reload run as in `ublkd`; the test does the volume's I/O.
+struct Node {
+    daemon: std::sync::Arc<ublkd::daemon::Daemon>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    monitor: Option<std::thread::JoinHandle<()>>,
+    config: std::path::PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Node {
+    fn start(dir: &std::path::Path, config_text: &str) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("ublk.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let cfg = ublkd::config::Config::from_file(&config).unwrap();
+        let rt = support::rt();
+        let net = ublkd::volume::Net::new(
+            &cfg,
+            rt.handle().clone(),
+            Some(Secret::new(SECRET.to_vec())),
+            ublkd::volume::Frontend::Headless,
+        );
+        let mut daemon = ublkd::daemon::Daemon::new(cfg, net, None).unwrap();
+        daemon.set_config_path(config.clone());
+        let daemon = std::sync::Arc::new(daemon);
+        daemon.start_all();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let monitor = {
+            let (d, s) = (daemon.clone(), stop.clone());
+            std::thread::spawn(move || ublkd::ha::run(&d, &s))
+        };
+        Node {
+            daemon,
+            stop,
+            monitor: Some(monitor),
+            config,
+            _rt: rt,
+        }
+    }
+
+    fn status(&self) -> ublkd::volume::VolumeStatus {
+        self.daemon.status("hv").unwrap()
+    }
+
+    /// The replicas' locations and states.
+    fn replicas(&self) -> Vec<(String, String)> {
+        self.status()
+            .replicas
+            .into_iter()
+            .map(|r| (r.path, r.state.unwrap_or_default()))
+            .collect()
+    }
+
+    fn all_online(&self, locations: &[String]) -> bool {
+        let mut got = self.replicas();
+        got.sort();
+        let mut want: Vec<(String, String)> = locations
+            .iter()
+            .map(|l| (l.clone(), "online".to_string()))
+            .collect();
+        want.sort();
+        got == want
+    }
+
+    fn nexus(&self) -> replication::Nexus {
+        wait_until(30, "the volume serves", || {
+            self.status().state == ublkd::lifecycle::VolumeState::Live
+        });
+        self.daemon.serving()[0].nexus().expect("serving")
+    }
+
+    fn events(&self) -> Vec<ha::event::Event> {
+        self.daemon
+            .ha()
+            .events
+            .since(None)
+            .into_iter()
+            .map(|l| l.event)
+            .collect()
+    }
+
+    fn count(&self, f: impl Fn(&ha::event::EventKind) -> bool) -> usize {
+        self.events().iter().filter(|e| f(&e.kind)).count()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+        self.daemon.stop_all();
+    }
+}
+
+fn node_config(dir: &std::path::Path, a: &ServerProc, b: &ServerProc, spares: &str) -> String {
+    format!(
+        "[node]\nstate_dir = \"{d}/state\"\ncontrol_socket = \"{d}/ctl.sock\"\n\
+         cluster_secret_file = \"{k}\"\n\
+         [ha]\ngrace_ms = 1000\nprobe_interval_ms = 200\n\
+         [[volume]]\nname = \"hv\"\nsize = \"{SIZE}B\"\n\
+         replicas = [ {{ local = \"{d}/local.img\" }}, {{ remote = \"{a}\", id = \"hv-a\" }}, {{ remote = \"{b}\", id = \"hv-b\" }} ]\n\
+         spares = [ {spares} ]\n",
+        d = dir.display(),
+        k = secret_file(dir, SECRET).display(),
+        a = a.addr,
+        b = b.addr,
+    )
+}
+
+/// Servers a, b and a spare on 127.0.0.`base`.. and a node whose volume "hv" has a
+/// local replica and replicas on a and b (the spare listed only `with_spare`),
+/// all three online.
+struct Cluster {
+    // Dropped first: the node stops before its servers go.
+    node: Node,
+    a: ServerProc,
+    b: ServerProc,
+    spare: ServerProc,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn start(root: &std::path::Path, base: u8, with_spare: bool) -> Cluster {
+        let a = start_server(root, base);
+        let b = start_server(root, base + 1);
+        let spare = start_server(root, base + 2);
+        let dir = root.join("owner");
+        std::fs::create_dir_all(&dir).unwrap();
+        let spares = if with_spare {
+            format!("\"{}\"", spare.addr)
+        } else {
+            String::new()
+        };
+        let node = Node::start(&dir, &node_config(&dir, &a, &b, &spares));
+        let c = Cluster {
+            node,
+            a,
+            b,
+            spare,
+            dir,
+        };
+        let (local, at_a, at_b, _) = c.locations();
+        wait_until(30, "three online", || {
+            c.node
+                .all_online(&[local.clone(), at_a.clone(), at_b.clone()])
+        });
+        c
+    }
+
+    /// The local replica, a's and b's, and b's replacement on the spare.
+    fn locations(&self) -> (String, String, String, String) {
+        (
+            self.dir.join("local.img").display().to_string(),
+            format!("hv-a@{}", self.a.addr),
+            format!("hv-b@{}", self.b.addr),
+            format!("hv-b@{}", self.spare.addr),
+        )
+    }
+}
+
+/// Runs the verifying workload in rounds until `done` (at most `secs`); every
+/// request must succeed.
+fn io_until(
+    nexus: &replication::Nexus,
+    mut expected: Vec<u64>,
+    base: &mut u64,
+    secs: u64,
+    what: &str,
+    done: impl Fn() -> bool,
+) -> Vec<u64> {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s"
+        );
+        *base += 1 << 20;
+        let out = workload_from(nexus, expected, *base, 100, 4, u64::MAX, || {});
+        assert_eq!(
+            out.errors, 0,
+            "application I/O failed while waiting: {what}"
+        );
+        expected = out.expected;
+    }
+    expected
+}
+
+/// A replica server is SIGKILLed under a verifying workload: the monitor declares
+/// it dead after the grace, creates its replica anew on the spare inside the
+/// running volume, the full rebuild fills it and the dead one is dropped — no
+/// application error, one replacement, every survivor holding every acknowledged
+/// write. The dead server's return is refused as stale; its storage stays until
+/// reclaimed, and the reclaim deletes it alone.
+#[test]
+fn a_dead_server_is_replaced_on_a_spare_inside_the_running_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(tmp.path(), 50, true);
+    let (node, nexus, dir) = (&c.node, c.node.nexus(), c.dir.clone());
+    let (local, at_a, at_b, at_spare) = c.locations();
+    let (a, spare) = (&c.a, &c.spare);
+    let b = &mut c.b;
+
+    let out = workload(&nexus, 400, 4, 100, || b.kill());
+    assert_eq!(out.errors, 0);
+    let mut base = 1 << 32;
+    let expected = io_until(
+        &nexus,
+        out.expected,
+        &mut base,
+        90,
+        "replaced and rebuilt",
+        || node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()]),
+    );
+    flush(&nexus);
+    verify_image(&dir.join("local.img"), &expected);
+    verify_image(&a.image("hv-a"), &expected);
+    verify_image(&spare.image("hv-b"), &expected);
+    use ha::event::EventKind as K;
+    assert_eq!(node.count(|k| matches!(k, K::ReplacementPlaced { .. })), 1);
+    assert_eq!(node.count(|k| matches!(k, K::PeerDead { .. })), 1);
+    let st = node.status();
+    assert_eq!(st.substitutions.len(), 1, "{:?}", st.substitutions);
+    assert_eq!(st.substitutions[0].configured, at_b);
+    assert_eq!(st.retired.len(), 1, "{:?}", st.retired);
+    assert_eq!(st.retired[0].location, at_b);
+
+    // Back: reported stale, kept out of the set, its storage untouched.
+    b.start();
+    let expected = io_until(&nexus, expected, &mut base, 30, "stale reported", || {
+        node.count(|k| matches!(k, K::StaleRefused { .. })) > 0
+    });
+    assert!(node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()]));
+    assert!(b.image("hv-b").exists());
+    // Reclaimed on request: that copy only.
+    let r = node.daemon.replica_reclaim("hv", None).unwrap();
+    assert_eq!(r["reclaimed"][0]["result"]["outcome"], "deleted", "{r}");
+    assert!(!b.image("hv-b").exists());
+    assert!(spare.image("hv-b").exists());
+    assert!(node.status().retired.is_empty());
+    let expected = workload_from(&nexus, expected, base + (1 << 20), 200, 4, u64::MAX, || {});
+    assert_eq!(expected.errors, 0);
+    flush(&nexus);
+    verify_image(&spare.image("hv-b"), &expected.expected);
+}
+
+/// Rules under a verifying workload: a server that stops and continues every
+/// half second is suspected, never declared dead, and nothing is replaced; a
+/// killed one with no spare configured leaves the volume degraded with the
+/// reason in `ha status`; a reload that adds a spare gets it replaced there.
+#[test]
+fn a_flapping_server_is_kept_and_a_spare_added_by_reload_is_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(tmp.path(), 53, false);
+    let (node, nexus, dir) = (&c.node, c.node.nexus(), c.dir.clone());
+    let (local, at_a, at_b, at_spare) = c.locations();
+    let (a, spare) = (&c.a, &c.spare);
+    let b = &mut c.b;
+    use ha::event::EventKind as K;
+
+    // Flapping: stopped 600 ms (under the 1 s grace), continued 400 ms, 6 times,
+    // on a timer of its own while the workload goes on.
+    let pid = a.child.id() as i32;
+    let flapper = std::thread::spawn(move || {
+        for _ in 0..6 {
+            // SAFETY: kill(2) on the test's own child.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            std::thread::sleep(Duration::from_millis(600));
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let mut base = 0;
+    let expected = io_until(
+        &nexus,
+        vec![0; BLOCKS],
+        &mut base,
+        60,
+        "flapping over",
+        || flapper.is_finished(),
+    );
+    assert!(
+        node.count(|k| matches!(k, K::PeerSuspected { .. })) > 0,
+        "{:?}",
+        node.events()
+    );
+    assert_eq!(
+        node.count(|k| matches!(k, K::PeerDead { .. })),
+        0,
+        "{:?}",
+        node.events()
+    );
+    assert_eq!(node.count(|k| matches!(k, K::ReplacementPlaced { .. })), 0);
+
+    // No spare: degraded, and the monitor says why it waits.
+    b.kill();
+    let expected = io_until(&nexus, expected, &mut base, 30, "waits for a spare", || {
+        node.daemon
+            .ha()
+            .status()
+            .waiting
+            .iter()
+            .any(|w| w.replica == at_b)
+    });
+    assert_eq!(node.status().state, ublkd::lifecycle::VolumeState::Degraded);
+    assert!(node.count(|k| matches!(k, K::NoPlacement { .. })) > 0);
+
+    // A reload adds the spare: used.
+    std::fs::write(
+        &node.config,
+        node_config(&dir, a, b, &format!("\"{}\"", spare.addr)),
+    )
+    .unwrap();
+    let report = node.daemon.reload().unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let expected = io_until(
+        &nexus,
+        expected,
+        &mut base,
+        90,
+        "replaced after the reload",
+        || node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()]),
+    );
+    assert_eq!(node.count(|k| matches!(k, K::ReplacementPlaced { .. })), 1);
+    flush(&nexus);
+    verify_image(&a.image("hv-a"), &expected);
+    verify_image(&spare.image("hv-b"), &expected);
+}

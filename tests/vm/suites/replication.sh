@@ -314,8 +314,9 @@ repl_rebuild_reload() {
 # [ha] grace_ms (default 5 s), the monitor creates rv-b anew on the spare, the running device
 # takes it as a full-rebuild target, and the dead one is dropped once the new one is online.
 # fio sees no error; status shows the substitution; the events tell the story; the dead
-# server's return is reported stale and changes nothing; verify and e2fsck are clean; an owner
-# restart with the unchanged config keeps the replacement.
+# server's return is reported stale and changes nothing, its storage stays until `replica
+# reclaim` deletes it (only it); verify and e2fsck are clean; an owner restart with the
+# unchanged config keeps the replacement.
 repl_ha() {
   need_ublk
   cluster_secret
@@ -358,6 +359,19 @@ repl_ha() {
   wait_for 30 eval '"$UBLKCTL" --socket "$SOCK" events | grep -q "stale, not used"' \
     || fail "no stale event: $("$UBLKCTL" --socket "$SOCK" events | tail -n 5)"
   vol_status $VOL | json_replicas | grep -q "rv-b@127.0.0.3" && fail "the stale replica came back into the set"
+  [ -e "$T/srv3/replicas/rv-b.img" ] || fail "the stale replica's storage went without a reclaim"
+  "$UBLKCTL" --socket "$SOCK" status $VOL | grep -q "retired: rv-b@127.0.0.3:7450 since .*(replaced by rv-b@127.0.0.4:7450)" \
+    || fail "status does not list the retired replica: $("$UBLKCTL" --socket "$SOCK" status $VOL)"
+  say "reclaim the stale replica's storage (under fio)"
+  "$UBLKCTL" --socket "$SOCK" replica reclaim $VOL > "$T/reclaim.out" || fail "reclaim: $(cat "$T/reclaim.out")"
+  cat "$T/reclaim.out"
+  grep -q "rv-b@127.0.0.3:7450 (replaced by rv-b@127.0.0.4:7450): deleted" "$T/reclaim.out" || fail "reclaim: $(cat "$T/reclaim.out")"
+  [ -e "$T/srv3/replicas/rv-b.img" ] && fail "the stale replica's image is still on server 3"
+  [ -e "$T/srv4/replicas/rv-b.img" ] || fail "the reclaim touched the replacement"
+  "$UBLKCTL" --socket "$SOCK" events | grep -q "rv-b@127.0.0.3:7450: retired replica's storage reclaimed" || fail "no reclaim event"
+  "$UBLKCTL" --socket "$SOCK" status $VOL | grep -q "retired:" && fail "still listed as retired after the reclaim"
+  "$UBLKCTL" --socket "$SOCK" replica reclaim $VOL > "$T/reclaim2.out" 2>&1 && fail "a second reclaim found something: $(cat "$T/reclaim2.out")"
+  grep -q "nothing to reclaim" "$T/reclaim2.out" || fail "second reclaim: $(cat "$T/reclaim2.out")"
   fio_loop_stop
   verified_and_clean
   stop_daemon_clean

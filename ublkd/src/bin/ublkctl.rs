@@ -110,6 +110,13 @@ enum ReplicaCmd {
         #[arg(long, value_name = "HOST:PORT")]
         to: Option<String>,
     },
+    /// Delete the storage of the volume's retired replicas (replaced, removed by a
+    /// reload, or half-built replacements), or only REPLICA's. Each is checked to
+    /// be the very copy that was retired; one out of reach stays retired (retry).
+    Reclaim {
+        volume: String,
+        replica: Option<String>,
+    },
     /// Print the `replicas = [...]` line that makes the config name what runs
     /// (the HA monitor's replacements): put it in the config, then `ublkctl reload`.
     /// ublkd never edits the config itself.
@@ -165,6 +172,12 @@ fn run() -> Result<()> {
                 HaCmd::Pause => HaAction::Pause,
                 HaCmd::Resume => HaAction::Resume,
             },
+        },
+        Cmd::Replica {
+            cmd: ReplicaCmd::Reclaim { volume, replica },
+        } => Request::ReplicaReclaim {
+            volume: volume.clone(),
+            replica: replica.clone(),
         },
         Cmd::Replica {
             cmd:
@@ -398,6 +411,39 @@ fn run() -> Result<()> {
                 v["new"].as_str().unwrap_or("?"),
                 v["to"].as_str().unwrap_or("?")
             );
+        }
+        Cmd::Replica {
+            cmd: ReplicaCmd::Reclaim { .. },
+        } => {
+            let mut failed = false;
+            for e in v["reclaimed"].as_array().into_iter().flatten() {
+                let r: ublkd::state::Retired = serde_json::from_value(e["retired"].clone())?;
+                let what = match (e.get("result"), e.get("error")) {
+                    (Some(res), _) => {
+                        let res: ublkd::volume::activate::Reclaimed =
+                            serde_json::from_value(res.clone())?;
+                        use ublkd::volume::activate::Reclaimed::*;
+                        match res {
+                            Deleted { freed_bytes } => format!("deleted, {} freed", human(freed_bytes)),
+                            LabelWiped => "label wiped (a device: its data stays, nothing takes it for a replica)".into(),
+                            AlreadyGone => "already gone".into(),
+                            NotOurs { holds } => format!("left alone, it holds something else now: {holds}"),
+                        }
+                    }
+                    (None, Some(err)) => {
+                        failed = true;
+                        format!(
+                            "NOT RECLAIMED: {}; it stays retired, run this again once it is reachable",
+                            err.as_str().unwrap_or("?")
+                        )
+                    }
+                    (None, None) => "?".into(),
+                };
+                println!("{} ({}): {what}", r.location, r.why);
+            }
+            if failed {
+                std::process::exit(1);
+            }
         }
         Cmd::Reload => {
             let r: ublkd::daemon::ReloadReport = serde_json::from_value(v)?;
@@ -737,11 +783,20 @@ fn print_status(s: &VolumeStatus) {
     }
     for sub in &s.substitutions {
         println!(
-            "  differs from the config: {} runs in place of {} since {} (unix ms) because {}; name it in the config to make this permanent",
+            "  differs from the config: {} runs in place of {} since {} because {}; name it in the config to make this permanent",
             sub.location(),
             sub.configured,
-            sub.since.0,
+            utc(sub.since.0),
             sub.reason
+        );
+    }
+    for r in &s.retired {
+        println!(
+            "  retired: {} since {} ({}): storage kept, `ublkctl replica reclaim {}` deletes it",
+            r.location,
+            utc(r.since.0),
+            r.why,
+            s.name
         );
     }
     if let Some(b) = &s.rebuild {

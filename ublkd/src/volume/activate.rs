@@ -265,6 +265,101 @@ pub fn open_added(
     }
 }
 
+/// What reclaiming a retired replica's storage did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Reclaimed {
+    /// Its file (local or on its server) is deleted.
+    Deleted { freed_bytes: u64 },
+    /// A block device: its label is zeroed, so nothing takes it for a replica.
+    LabelWiped,
+    /// Nothing of it is left there.
+    AlreadyGone,
+    /// The storage there is another replica now (or no replica): left alone.
+    NotOurs { holds: String },
+}
+
+/// Delete the storage of `retired` (a replica of the volume of `record` no longer
+/// in its running set), checking first that it still is that very replica (its
+/// uuid). `Err`: it could not be reached or changed; it stays retired.
+pub fn reclaim(
+    cfg: &VolumeConfig,
+    net: &Net,
+    record: &VolumeRecord,
+    retired: &crate::state::Retired,
+) -> Result<Reclaimed, String> {
+    let replica = match retired.location.split_once('@') {
+        Some((id, addr)) => ReplicaConfig::Remote {
+            addr: addr.to_string(),
+            id: id.to_string(),
+        },
+        None => ReplicaConfig::Local {
+            path: retired.location.clone().into(),
+        },
+    };
+    match &replica {
+        ReplicaConfig::Local { path } => {
+            if !path.exists() {
+                return Ok(Reclaimed::AlreadyGone);
+            }
+            let b = LocalBacking::open(path, cfg.size, Create::Never).map_err(|e| e.to_string())?;
+            match b.read_label().map_err(|e| e.to_string())? {
+                AreaRead::Label { label, .. }
+                    if label.volume_uuid == record.volume_uuid
+                        && label.replica_uuid == retired.uuid => {}
+                AreaRead::Label { label, .. } => {
+                    return Ok(Reclaimed::NotOurs {
+                        holds: format!(
+                            "replica {} of volume {:?}",
+                            label.replica_uuid, label.volume
+                        ),
+                    })
+                }
+                AreaRead::NoLabel => {
+                    return Ok(Reclaimed::NotOurs {
+                        holds: "no replica label".into(),
+                    })
+                }
+            }
+            if b.kind() == replication::local::BackingKind::BlockDevice {
+                b.wipe_label().map_err(|e| e.to_string())?;
+                return Ok(Reclaimed::LabelWiped);
+            }
+            let freed_bytes = std::fs::metadata(path)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            drop(b);
+            std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Reclaimed::Deleted { freed_bytes })
+        }
+        _ => {
+            let parts = OpenRequestParts {
+                volume_uuid: record.volume_uuid,
+                generation: record.generation,
+                owner: record.owner,
+                create: None,
+            };
+            let spec = remote_spec(cfg, net, &replica, &parts).ok_or("not a remote replica")?;
+            match net
+                .rt
+                .block_on(replication::remote::client::delete(&spec, retired.uuid))
+            {
+                Ok(r) => Ok(Reclaimed::Deleted {
+                    freed_bytes: r.freed_bytes,
+                }),
+                Err(ReplicationError::Remote {
+                    status, message, ..
+                }) => match status {
+                    wire::frame::Status::NotFound => Ok(Reclaimed::AlreadyGone),
+                    wire::frame::Status::Conflict => Ok(Reclaimed::NotOurs { holds: message }),
+                    _ => Err(message),
+                },
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+}
+
 /// Open (and lock) or STAT every configured replica; what each one shows.
 fn probe_all(
     cfg: &VolumeConfig,
@@ -603,4 +698,74 @@ fn open_and_label(
         membership,
         cheap_zeroing: cheap,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local_retired(dir: &Path) -> (VolumeConfig, Net, VolumeRecord, std::path::PathBuf) {
+        let path = dir.join("old.img");
+        let text = format!(
+            "[node]\nstate_dir = \"{d}/s\"\n[[volume]]\nname = \"v\"\nsize = \"1MiB\"\nreplicas = [{{ local = \"{d}/a.img\" }}]\n",
+            d = dir.display()
+        );
+        let cfg = crate::config::Config::parse(&text, "t.toml")
+            .unwrap()
+            .volumes
+            .remove(0);
+        let rt = Box::leak(Box::new(tokio::runtime::Runtime::new().unwrap()));
+        let net = Net {
+            rt: rt.handle().clone(),
+            secret: None,
+            io_timeout: Duration::from_secs(1),
+            no_replica_timeout: Duration::from_secs(1),
+            rebuild: replication::rebuild::NodeLimits::unlimited(),
+            partial_window_s: 600,
+            grain: 64 << 10,
+            frontend: crate::volume::Frontend::Headless,
+        };
+        let mut record = VolumeRecord::fresh(&cfg);
+        record.volume_uuid = wire::VolumeUuid::random();
+        (cfg, net, record, path)
+    }
+
+    fn retired(path: &Path, uuid: ReplicaUuid) -> crate::state::Retired {
+        crate::state::Retired {
+            location: path.display().to_string(),
+            uuid,
+            since: ha::UnixMs(0),
+            why: crate::state::RetiredWhy::Removed,
+        }
+    }
+
+    /// A retired local file is deleted only while its label still names the
+    /// retired replica of this volume; a copy relabelled since is left alone.
+    #[test]
+    fn reclaiming_a_local_replica_deletes_only_the_retired_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, net, record, path) = local_retired(dir.path());
+        let b = LocalBacking::open(&path, cfg.size, Create::IfMissing).unwrap();
+        let uuid = ReplicaUuid::random();
+        b.write_label(&Label::new("v", record.volume_uuid, uuid, cfg.size, 4096))
+            .unwrap();
+        drop(b);
+        let other = reclaim(&cfg, &net, &record, &retired(&path, ReplicaUuid::random())).unwrap();
+        assert!(matches!(other, Reclaimed::NotOurs { .. }), "{other:?}");
+        let mut foreign = record.clone();
+        foreign.volume_uuid = wire::VolumeUuid::random();
+        let other = reclaim(&cfg, &net, &foreign, &retired(&path, uuid)).unwrap();
+        assert!(matches!(other, Reclaimed::NotOurs { .. }), "{other:?}");
+        assert!(path.exists());
+        let done = reclaim(&cfg, &net, &record, &retired(&path, uuid)).unwrap();
+        assert!(
+            matches!(done, Reclaimed::Deleted { freed_bytes } if freed_bytes > 0),
+            "{done:?}"
+        );
+        assert!(!path.exists());
+        assert_eq!(
+            reclaim(&cfg, &net, &record, &retired(&path, uuid)).unwrap(),
+            Reclaimed::AlreadyGone
+        );
+    }
 }

@@ -75,6 +75,9 @@ pub struct VolumeStatus {
     /// when and why; the config catches up by naming the replacement.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub substitutions: Vec<crate::state::Substitution>,
+    /// Dropped replicas whose storage is kept until `ublkctl replica reclaim`.
+    #[serde(default)]
+    pub retired: Vec<crate::state::Retired>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +141,9 @@ struct Live {
     /// The record while serving (it owns the HA monitor's substitutions).
     sink: Option<Arc<RecordSink>>,
 }
+
+/// A retired replica and what reclaiming it did (`Err`: it stays retired).
+pub type ReclaimResult = (crate::state::Retired, Result<activate::Reclaimed, String>);
 
 /// State shared between a volume's thread and the rest of the daemon.
 pub struct VolumeShared {
@@ -240,13 +246,22 @@ impl VolumeShared {
             if let Some(c) = client {
                 c.set_events(health.conn_events(slot));
             }
+            if let Some(sink) = &sink {
+                // Its storage was (re)labelled with a new identity just now.
+                sink.edit(|r| r.unretire(loc)).map_err(|e| e.to_string())?;
+            }
             tracing::info!(volume = %new.name, replica = %loc, "replica added: a full rebuild fills it");
             Ok(uuid)
         };
         let remove = |loc: &str| -> Result<(), String> {
             let s = slot_at(loc).ok_or("not in the running set")?;
             health.remove_slot(s.slot).map_err(|e| e.to_string())?;
-            tracing::info!(volume = %new.name, replica = %loc, "replica removed");
+            if let Some(sink) = &sink {
+                sink.edit(|r| r.retire(loc, s.uuid, crate::state::RetiredWhy::Removed))
+                    .map_err(|e| e.to_string())?;
+            }
+            tracing::info!(volume = %new.name, replica = %loc,
+                "replica removed (its storage is kept: `ublkctl replica reclaim` deletes it)");
             Ok(())
         };
         // A change of a configured replica the HA monitor substituted applies to
@@ -446,6 +461,7 @@ impl VolumeShared {
         let record = sink.record();
         let (backing, uuid, client) = activate::open_added(&cfg, net, &new_cfg, &record)?;
         sink.edit(|r| {
+            r.unretire(&location);
             r.substitute(
                 old,
                 crate::state::Substitution {
@@ -484,6 +500,74 @@ impl VolumeShared {
         Ok(location)
     }
 
+    /// Reclaim the storage of retired replicas (`which`: one location or uuid,
+    /// else all): those reclaimed, already gone or holding something else now
+    /// leave the record; those that fail stay in it.
+    pub fn reclaim(&self, which: Option<&str>, net: &Net) -> Result<Vec<ReclaimResult>, String> {
+        let (health, sink) = self.serving_parts()?;
+        let record = sink.record();
+        let chosen: Vec<_> = record
+            .retired
+            .iter()
+            .filter(|r| which.is_none_or(|w| r.location == w || r.uuid.to_string() == w))
+            .cloned()
+            .collect();
+        if chosen.is_empty() {
+            let all: Vec<&str> = record.retired.iter().map(|r| r.location.as_str()).collect();
+            return Err(match (which, all.is_empty()) {
+                (_, true) => "no retired replica: nothing to reclaim".into(),
+                (Some(w), false) => {
+                    format!("no retired replica {w}; retired: {}", all.join(", "))
+                }
+                (None, false) => unreachable!("all chosen"),
+            });
+        }
+        let running: Vec<String> = health
+            .snapshot()
+            .slots
+            .into_iter()
+            .map(|s| s.location)
+            .collect();
+        let cfg = self.cfg();
+        let mut out = Vec::new();
+        for r in chosen {
+            let res = if running.contains(&r.location) {
+                Ok(activate::Reclaimed::NotOurs {
+                    holds: "a replica of the running set (it was added again)".into(),
+                })
+            } else {
+                activate::reclaim(&cfg, net, &record, &r)
+            };
+            match &res {
+                Ok(done) => {
+                    tracing::info!(volume = %cfg.name, replica = %r.location, result = ?done, "retired replica reclaimed");
+                    sink.edit(|rec| rec.unretire(&r.location))
+                        .map_err(|e| format!("record: {e}"))?;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %cfg.name, replica = %r.location, error = %e, "retired replica not reclaimed")
+                }
+            }
+            out.push((r, res));
+        }
+        Ok(out)
+    }
+
+    /// An I/O path into the serving volume for this thread (what a ublk queue
+    /// has): for in-process callers of a headless volume.
+    pub fn nexus(&self) -> Option<replication::Nexus> {
+        let live = self.live.lock().unwrap();
+        let (health, ranges) = (live.health.clone()?, live.ranges.clone()?);
+        Some(replication::Nexus::new(
+            health,
+            ranges,
+            None,
+            Box::new(|b: &replication::backing::Backing| {
+                b.thread_handle().expect("a thread's replica handle")
+            }),
+        ))
+    }
+
     /// The health and the record of a serving volume.
     fn serving_parts(&self) -> Result<(Arc<Health>, Arc<RecordSink>), String> {
         let live = self.live.lock().unwrap();
@@ -512,6 +596,13 @@ impl VolumeShared {
             .replacing
             .retain(|(_, n)| *n != new_slot.uuid);
         sink.edit(|r| {
+            r.retire(
+                new,
+                new_slot.uuid,
+                crate::state::RetiredWhy::Abandoned {
+                    of: old.to_string(),
+                },
+            );
             let Some(i) = r.substitutions.iter().position(|s| s.location() == new) else {
                 return;
             };
@@ -542,8 +633,20 @@ impl VolumeShared {
             match (state(&old), state(&new)) {
                 (Some(o), Some(n)) if n.state == replication::ReplicaState::Online => {
                     match health.remove_slot(o.slot) {
-                        Ok(()) => tracing::info!(volume = %self.cfg().name, old = %o.location,
-                            new = %n.location, "replacement online: the old replica is dropped"),
+                        Ok(()) => {
+                            tracing::info!(volume = %self.cfg().name, old = %o.location,
+                                new = %n.location, "replacement online: the old replica is dropped (its storage is kept: `ublkctl replica reclaim` deletes it)");
+                            let sink = self.live.lock().unwrap().sink.clone();
+                            let why = crate::state::RetiredWhy::Replaced {
+                                by: n.location.clone(),
+                            };
+                            if let Some(Err(e)) =
+                                sink.map(|s| s.edit(|r| r.retire(&o.location, o.uuid, why)))
+                            {
+                                tracing::warn!(volume = %self.cfg().name, replica = %o.location, error = %e,
+                                    "cannot record the retired replica: reclaim it by hand");
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(volume = %self.cfg().name, replica = %o.location, error = %e,
                                 "cannot drop the replaced replica yet");
@@ -733,6 +836,11 @@ impl VolumeShared {
                 (None, Some(r)) => r.substitutions.clone(),
                 (None, None) => Vec::new(),
             },
+            retired: match (&live.sink, &rec) {
+                (Some(s), _) => s.record().retired,
+                (None, Some(r)) => r.retired.clone(),
+                (None, None) => Vec::new(),
+            },
         }
     }
 }
@@ -762,6 +870,44 @@ pub struct Net {
     pub partial_window_s: u32,
     /// `[rebuild] grain`: bytes per dirty-map region.
     pub grain: u32,
+    pub frontend: Frontend,
+}
+
+impl Net {
+    /// The node's settings from `cfg`, replica connections on `rt`.
+    pub fn new(
+        cfg: &crate::config::Config,
+        rt: tokio::runtime::Handle,
+        secret: Option<Secret>,
+        frontend: Frontend,
+    ) -> Net {
+        Net {
+            rt,
+            secret,
+            io_timeout: Duration::from_millis(cfg.node.io_timeout_ms.into()),
+            no_replica_timeout: Duration::from_millis(cfg.node.no_replica_timeout_ms.into()),
+            rebuild: replication::rebuild::NodeLimits::new(
+                cfg.rebuild.rate,
+                cfg.rebuild.busy_percent,
+                cfg.rebuild.max_concurrent,
+            ),
+            partial_window_s: cfg.rebuild.partial_window_s,
+            grain: cfg.rebuild.grain,
+            frontend,
+        }
+    }
+}
+
+/// What serves a volume's I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frontend {
+    /// A ublk device, `/dev/ublkbN`.
+    #[default]
+    Ublk,
+    /// No device: only callers in this process, through [`VolumeShared::nexus`]
+    /// (the daemon's host tests, where no ublk driver exists; everything else —
+    /// activation, replicas, rebuilds, HA, reload — runs as with a device).
+    Headless,
 }
 
 /// A running (or finished) volume thread.
@@ -1199,14 +1345,15 @@ fn serve(
     resync: Vec<(replication::ByteOffset, replication::ByteLen)>,
     cmd: Receiver<VolumeCmd>,
 ) -> Result<(), DaemonError> {
-    let (id, queues, depth, max_io, dev_flags) = match mode {
-        Mode::Add { id } => (
+    let device = match mode {
+        Mode::Add { id } => Device {
             id,
-            cfg.queues,
-            cfg.depth,
-            cfg.max_io_bytes,
-            UblkFlags::UBLK_DEV_F_ADD_DEV,
-        ),
+            queues: cfg.queues,
+            depth: cfg.depth,
+            max_io: cfg.max_io_bytes,
+            dev_flags: UblkFlags::UBLK_DEV_F_ADD_DEV,
+            uid,
+        },
         Mode::Recover {
             id,
             queues,
@@ -1214,13 +1361,14 @@ fn serve(
             max_io,
         } => {
             device::start_recovery(cfg, id)?;
-            (
-                id as i32,
+            Device {
+                id: id as i32,
                 queues,
                 depth,
                 max_io,
-                UblkFlags::UBLK_DEV_F_RECOVER_DEV,
-            )
+                dev_flags: UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+                uid,
+            }
         }
     };
     {
@@ -1228,31 +1376,16 @@ fn serve(
         live.generation = generation;
         live.health = Some(health.clone());
         live.sink = Some(sink.clone());
-        live.queues = queues;
-        live.depth = depth;
+        live.queues = device.queues;
+        live.depth = device.depth;
     }
-
-    let ctrl = UblkCtrlBuilder::default()
-        .name("ublkd")
-        .id(id)
-        .nr_queues(queues)
-        .depth(depth)
-        .io_buf_bytes(max_io)
-        .ctrl_flags(CTRL_FLAGS)
-        .ctrl_target_flags(frontend::owner_flags(uid))
-        .dev_flags(dev_flags)
-        .build()
-        .map_err(|e| DaemonError::ublk("add device", e))?;
-    let dev_id = ctrl.dev_info().dev_id;
-    sink.set_device_id(dev_id)?;
-    shared.live.lock().unwrap().device_id = Some(dev_id);
 
     let dp = Arc::new(DataPath {
         volume: cfg.name.clone(),
         geometry: Geometry {
             size: cfg.size,
             block_size: cfg.block_size,
-            max_io_bytes: max_io,
+            max_io_bytes: device.max_io,
         },
         health: health.clone(),
         ranges: RangeTable::new(),
@@ -1281,12 +1414,114 @@ fn serve(
         tracing::info!(volume = %cfg.name,
             "not every replica zeroes a discarded range cheaply: DISCARD is not advertised (WRITE_ZEROES is)");
     }
+    let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ctrl = match net.frontend {
+        Frontend::Headless => {
+            serve_headless(cfg, shared, sink, &dp.health, cmd, &stop_requested);
+            None
+        }
+        Frontend::Ublk => {
+            match serve_device(cfg, shared, sink, &dp, device, cmd, &stop_requested) {
+                Ok(ctrl) => Some(ctrl),
+                Err(e) => {
+                    wind_down(shared, rebuilds, health);
+                    return Err(e);
+                }
+            }
+        }
+    };
+
+    // 4. Down.
+    let remove_device = |ctrl: Option<&UblkCtrl>, what: &str| {
+        let Some(ctrl) = ctrl else { return };
+        if let Err(e) = ctrl.del_dev_async() {
+            if ublk_device_exists(ctrl.dev_info().dev_id) {
+                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the {what} device");
+            }
+        }
+    };
+    let outcome = if let Some(why) = health.fence().reason() {
+        remove_device(ctrl.as_ref(), "fenced");
+        // Not clean: the newer owner's view of the data is the one that counts.
+        shared.set_state(VolumeState::Fenced, Some(why.to_string()));
+        Ok(())
+    } else if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
+        // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
+        // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
+        // after a forced stop). An ADD_DEV control may already have deleted it.
+        remove_device(ctrl.as_ref(), "stopped");
+        // Drained, but not necessarily durable: the application may not have flushed.
+        // Only replicas synced to stable storage make a clean stop.
+        let failed = health.sync_all();
+        for (loc, e) in &failed {
+            tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
+        }
+        if failed.is_empty() && health.is_durable() {
+            sink.set_clean(true)?;
+        }
+        shared.set_state(VolumeState::Stopped, None);
+        tracing::info!(volume = %cfg.name, "volume stopped, device removed");
+        Ok(())
+    } else {
+        Err(DaemonError::volume(&cfg.name, "ublk device went away"))
+    };
+    wind_down(shared, rebuilds, health);
+    outcome
+}
+
+/// The volume serves no more: its rebuilds are cancelled, then its replicas stop.
+fn wind_down(shared: &VolumeShared, rebuilds: Arc<replication::rebuild::Manager>, health: &Health) {
+    {
+        let mut live = shared.live.lock().unwrap();
+        live.rebuilds = None;
+        live.ranges = None;
+        live.sink = None;
+    }
+    drop(rebuilds);
+    health.stop();
+}
+
+/// The ublk device's parameters.
+struct Device {
+    id: i32,
+    queues: u16,
+    depth: u16,
+    max_io: u32,
+    dev_flags: UblkFlags,
+    uid: u32,
+}
+
+/// Add (or recover) the ublk device and serve it on its queue threads until the
+/// volume is stopped or fenced or the device goes away; returns its control.
+fn serve_device(
+    cfg: &VolumeConfig,
+    shared: &Arc<VolumeShared>,
+    sink: &Arc<RecordSink>,
+    dp: &Arc<DataPath>,
+    dev: Device,
+    cmd: Receiver<VolumeCmd>,
+    stop_requested: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<UblkCtrl, DaemonError> {
+    let ctrl = UblkCtrlBuilder::default()
+        .name("ublkd")
+        .id(dev.id)
+        .nr_queues(dev.queues)
+        .depth(dev.depth)
+        .io_buf_bytes(dev.max_io)
+        .ctrl_flags(CTRL_FLAGS)
+        .ctrl_target_flags(frontend::owner_flags(dev.uid))
+        .dev_flags(dev.dev_flags)
+        .build()
+        .map_err(|e| DaemonError::ublk("add device", e))?;
+    let dev_id = ctrl.dev_info().dev_id;
+    sink.set_device_id(dev_id)?;
+    shared.live.lock().unwrap().device_id = Some(dev_id);
+
     let dp_init = dp.clone();
     let dp_q = dp.clone();
     let shared_dev = shared.clone();
     let sink_dev = sink.clone();
     let cmd = Mutex::new(cmd);
-    let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_flag = stop_requested.clone();
     let dp_dev = dp.clone();
     let name = cfg.name.clone();
@@ -1309,88 +1544,90 @@ fn serve(
                 tracing::warn!(volume = %name, flags = format_args!("{:#x}", info.flags),
                     "kernel did not grant USER_RECOVERY|REISSUE: a daemon crash will fail I/O");
             }
-            if let Err(e) = sink_dev.set_clean(false) {
-                tracing::error!(volume = %name, error = %e,
-                    "cannot record that the volume is in use: after a host crash its replicas would not be treated as possibly divergent");
-            }
-            shared_dev.set_state(VolumeState::Live, None);
+            now_serving(&name, &shared_dev, &sink_dev);
             tracing::info!(volume = %name, device = %ctrl.get_bdev_path(),
                 granted_flags = format_args!("{:#x}", info.flags), queues = info.nr_hw_queues,
                 depth = info.queue_depth, "volume serving");
-            loop {
-                // A fenced volume must stop writing at once; the I/O path already
-                // fails every request, this removes the device.
-                if let Some(why) = dp_dev.health.fence().reason() {
-                    tracing::error!(volume = %name, reason = %why, "fenced by a newer owner: stopping the device");
-                    shared_dev.set_state(VolumeState::Fenced, Some(why.to_string()));
+            let dev_id = info.dev_id;
+            match wait_for_stop(&name, &dp_dev.health, &shared_dev, &cmd, &stop_flag, || {
+                !ublk_device_exists(dev_id)
+            }) {
+                // STOP_DEV: the kernel drains in-flight I/O, then the queues see
+                // their commands aborted and exit.
+                Ending::Fenced | Ending::Stop => {
                     if let Err(e) = ctrl.kill_dev() {
                         tracing::error!(volume = %name, error = ?e, "stop device");
                     }
-                    return;
                 }
-                match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
-                    Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                        stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                        shared_dev.set_state(VolumeState::Stopping, None);
-                        // STOP_DEV: the kernel drains in-flight I/O, then the queues
-                        // see their commands aborted and exit.
-                        if let Err(e) = ctrl.kill_dev() {
-                            tracing::error!(volume = %name, error = ?e, "stop device");
-                        }
-                        return;
-                    }
-                    Err(RecvTimeoutError::Timeout) if !ublk_device_exists(info.dev_id) => {
-                        tracing::error!(volume = %name, "ublk device removed behind our back");
-                        return;
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                }
+                Ending::Gone => {}
             }
         },
     )
     .map_err(|e| DaemonError::ublk("run device", e))?;
+    Ok(ctrl)
+}
 
-    // 4. Down.
-    let outcome = if let Some(why) = health.fence().reason() {
-        if let Err(e) = ctrl.del_dev_async() {
-            if ublk_device_exists(dev_id) {
-                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the fenced device");
-            }
-        }
-        // Not clean: the newer owner's view of the data is the one that counts.
-        shared.set_state(VolumeState::Fenced, Some(why.to_string()));
-        Ok(())
-    } else if stop_requested.load(std::sync::atomic::Ordering::SeqCst) {
-        // A RECOVER_DEV control does not delete on drop; ADD_DEV would. Be explicit.
-        // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
-        // after a forced stop). An ADD_DEV control may already have deleted it.
-        if let Err(e) = ctrl.del_dev_async() {
-            if ublk_device_exists(dev_id) {
-                tracing::warn!(volume = %cfg.name, error = ?e, "cannot delete the stopped device");
-            }
-        }
-        // Drained, but not necessarily durable: the application may not have flushed.
-        // Only replicas synced to stable storage make a clean stop.
-        let failed = health.sync_all();
-        for (loc, e) in &failed {
-            tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
-        }
-        if failed.is_empty() && health.is_durable() {
-            sink.set_clean(true)?;
-        }
-        shared.set_state(VolumeState::Stopped, None);
-        tracing::info!(volume = %cfg.name, "volume stopped, device removed");
-        Ok(())
-    } else {
-        Err(DaemonError::volume(&cfg.name, "ublk device went away"))
-    };
-    {
-        let mut live = shared.live.lock().unwrap();
-        live.rebuilds = None;
-        live.ranges = None;
-        live.sink = None;
+/// Serve without a device (`Frontend::Headless`): in-process callers only, until
+/// the volume is stopped or fenced.
+fn serve_headless(
+    cfg: &VolumeConfig,
+    shared: &Arc<VolumeShared>,
+    sink: &Arc<RecordSink>,
+    health: &Arc<Health>,
+    cmd: Receiver<VolumeCmd>,
+    stop_requested: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    now_serving(&cfg.name, shared, sink);
+    let cmd = Mutex::new(cmd);
+    wait_for_stop(&cfg.name, health, shared, &cmd, stop_requested, || false);
+}
+
+/// The volume takes I/O: recorded unclean (a host crash from now on leaves the
+/// replicas possibly divergent), state `Live`.
+fn now_serving(name: &str, shared: &VolumeShared, sink: &RecordSink) {
+    if let Err(e) = sink.set_clean(false) {
+        tracing::error!(volume = %name, error = %e,
+            "cannot record that the volume is in use: after a host crash its replicas would not be treated as possibly divergent");
     }
-    drop(rebuilds);
-    health.stop();
-    outcome
+    shared.set_state(VolumeState::Live, None);
+}
+
+enum Ending {
+    /// A newer owner took over: stop writing at once.
+    Fenced,
+    Stop,
+    /// The device was removed behind our back.
+    Gone,
+}
+
+/// Wait until the volume is fenced (state set), asked to stop (state set, flag
+/// raised) or `gone()`.
+fn wait_for_stop(
+    name: &str,
+    health: &Health,
+    shared: &VolumeShared,
+    cmd: &Mutex<Receiver<VolumeCmd>>,
+    stop_flag: &std::sync::atomic::AtomicBool,
+    gone: impl Fn() -> bool,
+) -> Ending {
+    loop {
+        // The I/O path already fails every request of a fenced volume.
+        if let Some(why) = health.fence().reason() {
+            tracing::error!(volume = %name, reason = %why, "fenced by a newer owner: stopping");
+            shared.set_state(VolumeState::Fenced, Some(why.to_string()));
+            return Ending::Fenced;
+        }
+        match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
+            Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                shared.set_state(VolumeState::Stopping, None);
+                return Ending::Stop;
+            }
+            Err(RecvTimeoutError::Timeout) if gone() => {
+                tracing::error!(volume = %name, "ublk device removed behind our back");
+                return Ending::Gone;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
