@@ -293,7 +293,7 @@ repl_rebuild_reload() {
   grep -q "replaced by rv-c@127.0.0.4:7450" "$T/reload.out" || fail "reload did not replace: $(cat "$T/reload.out")"
   wait_for 180 eval '[ "$(vol_status $VOL | json_replicas | grep "rv-c@127.0.0.4" | json_top_field state)" = online ]' \
     || fail "the replacement is not online: $(vol_status $VOL)"
-  wait_for 20 eval '! vol_status $VOL | grep -q "rv-b@127.0.0.3"' || fail "the replaced replica is still there: $(vol_status $VOL)"
+  wait_for 20 eval '! vol_status $VOL | json_replicas | grep -q "rv-b@127.0.0.3"' || fail "the replaced replica is still there: $(vol_status $VOL)"
   last_rebuild_is full $((256 << 20)) $((256 << 20))
   # A size change is refused, and changes nothing.
   sed 's/size = "256MiB"/size = "512MiB"/' "$T/ublkd.conf" > "$T/bigger.conf"
