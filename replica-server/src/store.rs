@@ -45,6 +45,26 @@ fn io_refused(message: impl Into<String>) -> Refused {
     }
 }
 
+/// Whether an owner at `generation`/`owner` may claim a replica whose label is
+/// `label` (protocol section 8): a generation above the label's, or the same
+/// activation again; `Ok(true)` for the latter. FENCED with `refusal` otherwise.
+fn claim(
+    label: &Label,
+    generation: Generation,
+    owner: OwnerId,
+    refusal: impl FnOnce() -> String,
+) -> Result<bool, Refused> {
+    let same_owner = generation == label.generation && owner == label.owner;
+    if generation < label.generation || (generation == label.generation && !same_owner) {
+        return Err(Refused {
+            status: Status::Fenced,
+            aux: label.generation.0,
+            message: refusal(),
+        });
+    }
+    Ok(same_owner)
+}
+
 /// One hosted replica, shared by every connection that uses it.
 pub struct Hosted {
     pub backing: Arc<LocalBacking>,
@@ -79,6 +99,18 @@ impl Hosted {
 
     pub fn label(&self) -> Label {
         self.label.lock().unwrap().clone()
+    }
+
+    /// NOT_FOUND once a DELETE removed it (checked under the fence, which the
+    /// DELETE held when it marked it).
+    fn not_deleted(&self, id: &str) -> Result<(), Refused> {
+        if self.deleted.load(Ordering::SeqCst) {
+            return Err(refused(
+                Status::NotFound,
+                format!("replica {id} was deleted"),
+            ));
+        }
+        Ok(())
     }
 
     /// SET_LABEL (the caller checked the session and holds the fence shared).
@@ -373,25 +405,14 @@ impl Store {
         // Wait for requests admitted under the old generation or session, then
         // raise it durably.
         let _excl = hosted.fence.write().await;
-        if hosted.deleted.load(Ordering::SeqCst) {
-            return Err(refused(
-                Status::NotFound,
-                format!("replica {} was deleted", req.replica),
-            ));
-        }
+        hosted.not_deleted(&req.replica)?;
         let mut label = hosted.label.lock().unwrap();
-        let same_owner = req.generation == label.generation && req.owner == label.owner;
-        if req.generation < label.generation || (req.generation == label.generation && !same_owner)
-        {
-            return Err(Refused {
-                status: Status::Fenced,
-                aux: label.generation.0,
-                message: format!(
-                    "generation {} is not above the replica's {}",
-                    req.generation.0, label.generation.0
-                ),
-            });
-        }
+        let same_owner = claim(&label, req.generation, req.owner, || {
+            format!(
+                "generation {} is not above the replica's {}",
+                req.generation.0, label.generation.0
+            )
+        })?;
         let (previous_generation, previous_owner) = (label.generation, label.owner);
         if !same_owner || label.volume_uuid.is_nil() {
             let mut next = label.clone();
@@ -441,12 +462,7 @@ impl Store {
         // In-flight requests of any session finish first; later ones are fenced.
         let _excl = hosted.fence.write().await;
         let label = hosted.label.lock().unwrap().clone();
-        if hosted.deleted.load(Ordering::SeqCst) {
-            return Err(refused(
-                Status::NotFound,
-                format!("replica {} was deleted", req.replica),
-            ));
-        }
+        hosted.not_deleted(&req.replica)?;
         if label.volume_uuid != req.volume_uuid || label.replica_uuid != req.replica_uuid {
             return Err(refused(
                 Status::Conflict,
@@ -461,18 +477,12 @@ impl Store {
                 ),
             ));
         }
-        let same_owner = req.generation == label.generation && req.owner == label.owner;
-        if req.generation < label.generation || (req.generation == label.generation && !same_owner)
-        {
-            return Err(Refused {
-                status: Status::Fenced,
-                aux: label.generation.0,
-                message: format!(
-                    "generation {} may not delete replica {} (its generation is {})",
-                    req.generation.0, req.replica, label.generation.0
-                ),
-            });
-        }
+        claim(&label, req.generation, req.owner, || {
+            format!(
+                "generation {} may not delete replica {} (its generation is {})",
+                req.generation.0, req.replica, label.generation.0
+            )
+        })?;
         let img = self.image(&req.replica);
         let freed_bytes = std::fs::metadata(&img)
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)

@@ -765,6 +765,12 @@ impl VolumeShared {
             Some(_) => None,
             None => self.state_dir.load(&self.cfg().name).ok().flatten(),
         };
+        // The record in force: the serving one's, else the persisted one.
+        let current = live
+            .sink
+            .as_ref()
+            .map(|s| s.record())
+            .or_else(|| rec.clone());
         let (replicas, io) = match &live.health {
             Some(h) => (
                 h.snapshot()
@@ -831,16 +837,11 @@ impl VolumeShared {
             replicas,
             rebuild: live.rebuilds.as_ref().and_then(|m| m.running()),
             io,
-            substitutions: match (&live.sink, &rec) {
-                (Some(s), _) => s.record().substitutions,
-                (None, Some(r)) => r.substitutions.clone(),
-                (None, None) => Vec::new(),
-            },
-            retired: match (&live.sink, &rec) {
-                (Some(s), _) => s.record().retired,
-                (None, Some(r)) => r.retired.clone(),
-                (None, None) => Vec::new(),
-            },
+            substitutions: current
+                .as_ref()
+                .map(|r| r.substitutions.clone())
+                .unwrap_or_default(),
+            retired: current.map(|r| r.retired).unwrap_or_default(),
         }
     }
 }
@@ -899,10 +900,9 @@ impl Net {
 }
 
 /// What serves a volume's I/O.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frontend {
     /// A ublk device, `/dev/ublkbN`.
-    #[default]
     Ublk,
     /// No device: only callers in this process, through [`VolumeShared::nexus`]
     /// (the daemon's host tests, where no ublk driver exists; everything else —
