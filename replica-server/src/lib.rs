@@ -512,6 +512,9 @@ impl Server {
             // On an open session a PING is a cheap fence probe: an owner that only
             // reads its local replica still learns that a newer owner took over.
             Op::Ping => match session {
+                Some(sess) if sess.hosted.is_deleted() => {
+                    Reply::message(Status::NotOpen, h.id, "the replica was deleted")
+                }
                 Some(sess) if sess.hosted.generation() != sess.generation => Reply {
                     aux: sess.hosted.generation().0,
                     ..Reply::new(Status::Fenced, h.id)
@@ -660,6 +663,9 @@ async fn serve_fenced(
 ) -> Reply {
     // Checked under the shared lock: an OPEN that changes either waits for us.
     let _shared = hosted.fence.read().await;
+    if hosted.is_deleted() {
+        return Reply::message(Status::NotOpen, h.id, "the replica was deleted");
+    }
     let current = hosted.generation();
     // The frame's generation must be its session's, and the session's the replica's:
     // a client cannot stamp a newer generation on an old session.

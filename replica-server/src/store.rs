@@ -101,6 +101,10 @@ impl Hosted {
         self.label.lock().unwrap().clone()
     }
 
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
+    }
+
     /// NOT_FOUND once a DELETE removed it (checked under the fence, which the
     /// DELETE held when it marked it).
     fn not_deleted(&self, id: &str) -> Result<(), Refused> {
@@ -459,7 +463,7 @@ impl Store {
                 format!("no replica {} on this server", req.replica),
             )
         })?;
-        // In-flight requests of any session finish first; later ones are fenced.
+        // In-flight requests of any session finish first; later ones get NOT_OPEN.
         let _excl = hosted.fence.write().await;
         let label = hosted.label.lock().unwrap().clone();
         hosted.not_deleted(&req.replica)?;
@@ -487,9 +491,9 @@ impl Store {
         let freed_bytes = std::fs::metadata(&img)
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
             .unwrap_or(0);
+        // A session still attached gets NOT_OPEN from now on: the replica is gone,
+        // which is not a newer owner (FENCED would stop its owner's whole volume).
         hosted.deleted.store(true, Ordering::SeqCst);
-        // Frames of a session still attached are fenced from now on.
-        hosted.generation.store(u64::MAX, Ordering::SeqCst);
         {
             let mut map = self.hosted.lock().unwrap();
             if map

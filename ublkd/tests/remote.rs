@@ -850,4 +850,12 @@ fn delete_removes_only_the_named_copy_and_only_for_an_owner_allowed_to_open_it()
     ));
     assert!(res.is_err(), "a write to a deleted replica succeeded");
     assert!(!image.exists(), "a late write recreated the image");
+    // A deleted replica is no newer owner: its owner is not fenced (a reclaim of a
+    // retired replica whose old client still reconnects must not stop the volume).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !owner.health.fence().is_tripped(),
+        "{:?}",
+        owner.health.fence().reason()
+    );
 }
