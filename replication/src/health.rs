@@ -929,6 +929,37 @@ impl Health {
         }
     }
 
+    /// `attempted` without the rebuilding slots that still lack part of `range`.
+    ///
+    /// Such a slot need not take the mutation: its map keeps the range marked
+    /// (the mutation's settle marks what it skipped), and the copier copies the
+    /// region from a source that holds this mutation, after it — the copy takes
+    /// the range in the range table, which the caller holds until it settles, and
+    /// only the copier clears marks, under that lock. So a rebuilding target takes
+    /// application writes only where it is already whole, and a full rebuild does
+    /// not cost the application a third replica's writes for regions not yet
+    /// copied (they would be overwritten by the copy anyway). A mutation that
+    /// straddles copied and uncopied regions skips it too; the copied part is
+    /// copied again.
+    pub fn skip_uncopied(&self, attempted: u64, range: Option<(ByteOffset, ByteLen)>) -> u64 {
+        let logged = attempted & self.logged_mask.load(Ordering::SeqCst);
+        let Some((offset, len)) = range.filter(|_| logged != 0) else {
+            return attempted;
+        };
+        let inner = self.inner.lock().unwrap();
+        let mut out = attempted;
+        for i in indices(logged) {
+            let s = &inner.slots[i.get()];
+            if !matches!(s.state, ReplicaState::Rebuilding { .. }) {
+                continue;
+            }
+            if s.dirty.as_ref().is_some_and(|m| m.any(offset, len)) {
+                out &= !(1 << i.get());
+            }
+        }
+        out
+    }
+
     /// Put faulted `slot` into the write set to be rebuilt. Returns what it lacks,
     /// which the rebuild copies: the regions its dirty map marks for a partial
     /// rebuild (it must have one), every region for a full one. Durable on return.

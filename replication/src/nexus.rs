@@ -300,6 +300,12 @@ impl Nexus {
                 }
                 return Err(Errno::EIO);
             }
+            // (Only safe under the range lock, which the unordered cost model skips.)
+            let attempted = if cfg!(feature = "bench-unordered") {
+                attempted
+            } else {
+                self.health.skip_uncopied(attempted, m.req.range())
+            };
             let set = self.queue_set();
             let failures = self.fan_out(&set, attempted, &m).await;
             match self

@@ -679,6 +679,64 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rebuilding_target_takes_writes_only_where_it_is_already_whole() {
+        let (stores, h) = mem_volume(1);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        let (fresh, spec) = fresh_mem_slot(&stores[0]);
+        let slot = h.add_slot(spec).unwrap();
+        let map = h.begin_rebuild(slot, RebuildKind::Full).unwrap();
+        // Region 0 not copied yet: the write skips the target and stays marked.
+        let before = fresh.writes();
+        write(&n, 4 * K, 4 * K, 7);
+        assert_eq!(
+            fresh.writes(),
+            before,
+            "an uncopied region's write reached the target"
+        );
+        assert_eq!(fresh.bytes(4 * K as usize, 4), vec![0; 4]);
+        assert!(map.any(ByteOffset(0), ByteLen(64 * K)));
+        // Region 0 copied (as the copier does, under the range lock): writes reach it.
+        map.clear(ByteOffset(0), ByteLen(64 * K));
+        write(&n, 8 * K, 4 * K, 8);
+        assert_eq!(fresh.bytes(8 * K as usize, 4), vec![8; 4]);
+        assert!(!map.any(ByteOffset(0), ByteLen(64 * K)));
+        // A write straddling copied region 0 and uncopied region 1 skips the target
+        // and marks region 0 again, so the copier brings the whole write.
+        write(&n, 60 * K, 8 * K, 9);
+        assert_eq!(fresh.bytes(60 * K as usize, 4), vec![0; 4]);
+        assert!(map.any(ByteOffset(0), ByteLen(4 * K)));
+        // The copy leaves the replicas identical.
+        let p = Progress::default();
+        let cfg = CopyConfig {
+            chunk: ByteLen(128 * K),
+            rate: Rate::uncapped(),
+            ..CopyConfig::default()
+        };
+        let mut copier = Copier {
+            health: &h,
+            ranges: &ranges,
+            slot,
+            target: &*h.backing(slot).unwrap().thread_handle().unwrap(),
+            map: &map,
+            bufs: vec![vec![0u8; cfg.chunk.0 as usize]; DEPTH],
+            chunk: cfg.chunk,
+            pacer: Pacer::new(cfg.rate),
+            durability: Durability::new(cfg.flush_every),
+            progress: &p,
+            sources: Handles::default(),
+        };
+        copier.copy_all().unwrap();
+        h.end_rebuild(slot, Ok(())).unwrap();
+        assert_eq!(state(&h, slot.get()), ReplicaState::Online);
+        assert_eq!(stores[0].bytes(0, 1 << 20), fresh.bytes(0, 1 << 20));
+        assert_eq!(
+            fresh.bytes(60 * K as usize, 8 * K as usize),
+            vec![9; 8 * K as usize]
+        );
+    }
+
+    #[test]
     fn a_failed_target_is_faulted_again_and_keeps_what_it_lacks() {
         let (stores, h) = mem_volume(2);
         let ranges = RangeTable::new();
