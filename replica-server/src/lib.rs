@@ -20,6 +20,7 @@
 //! * Anything malformed, forged, oversized or out of range closes the connection
 //!   with a logged reason; the server carries on.
 
+mod bufpool;
 pub mod store;
 mod uring;
 
@@ -29,7 +30,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use replication::local::{AlignedBuf, LocalReplica};
+use bufpool::PooledBuf;
+use replication::local::LocalReplica;
 use replication::remote::conn::server_handshake;
 use replication::{Replica, ReplicationError};
 use serde::{Deserialize, Serialize};
@@ -470,8 +472,8 @@ impl Server {
             };
             let mut payload = Payload::None;
             if h.payload_len > 0 {
-                let mut buf = AlignedBuf::zeroed(h.payload_len as usize);
-                let data = &mut buf.as_mut_slice()[..h.payload_len as usize];
+                let mut buf = PooledBuf::take(h.payload_len as usize);
+                let data = buf.as_mut_slice();
                 if let Err(e) = rd.read_exact(data).await {
                     break Err(ReplicationError::Net(e));
                 }
@@ -593,7 +595,7 @@ struct Session {
 enum Payload {
     None,
     Vec(Vec<u8>),
-    Aligned(AlignedBuf, usize),
+    Aligned(PooledBuf, usize),
 }
 
 impl Payload {
@@ -685,8 +687,8 @@ async fn serve_fenced(
     let (off, len) = (h.offset, h.len as usize);
     let res = match h.op {
         Op::Read => {
-            let mut buf = AlignedBuf::zeroed(len);
-            match replica.read(off, &mut buf.as_mut_slice()[..len]).await {
+            let mut buf = PooledBuf::take(len);
+            match replica.read(off, buf.as_mut_slice()).await {
                 Ok(()) => {
                     return Reply {
                         payload: Payload::Aligned(buf, len),

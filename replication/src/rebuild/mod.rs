@@ -24,12 +24,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dirty::DirtyMap;
 use crate::error::{Errno, ReplicationError};
 use crate::health::{indices, Health, ReadVerdict};
 use crate::ids::{ByteLen, ByteOffset, SlotIndex};
+use crate::local::AlignedBuf;
 use crate::ranges::RangeTable;
 use crate::replica::Replica;
 use crate::state::{FaultReason, IoOp, RebuildKind, RebuildStop, ReplicaState};
@@ -202,8 +204,16 @@ impl Pacer {
     }
 
     /// After a round that copied `len` bytes in `took`, with application
-    /// requests arriving meanwhile (`busy`) or not.
+    /// requests arriving meanwhile (`busy`) or not: sleep as long as the cap and
+    /// the busy share ask.
     pub(crate) fn pace(&mut self, len: ByteLen, took: Duration, busy: bool) {
+        if let Some(at) = self.delay(len, took, busy) {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// When the copy may go on after such a round, if not now.
+    pub(crate) fn delay(&mut self, len: ByteLen, took: Duration, busy: bool) -> Option<Instant> {
         let now = Instant::now();
         let mut until = now;
         if let Some(rate) = self.rate.get() {
@@ -216,9 +226,7 @@ impl Pacer {
         if busy && share < 100 {
             until = until.max(now + took.mul_f64(100.0 / share as f64 - 1.0));
         }
-        if let Some(wait) = until.checked_duration_since(now) {
-            std::thread::sleep(wait);
-        }
+        (until > now).then_some(until)
     }
 }
 
@@ -294,12 +302,16 @@ pub fn rebuild(
         slot,
         target: target.as_ref(),
         map: &map,
-        bufs: vec![vec![0u8; cfg.chunk.0 as usize]; DEPTH],
+        bufs: (0..DEPTH)
+            .map(|_| AlignedBuf::zeroed(cfg.chunk.0 as usize))
+            .collect(),
         chunk: cfg.chunk,
         pacer: Pacer::new(cfg.rate),
         durability: Durability::new(cfg.flush_every),
         progress,
         sources: Handles::default(),
+        cursor: ByteOffset(0),
+        resume_at: None,
     };
     progress.total.store(map.dirty_bytes(), Ordering::Release);
     progress.done.store(0, Ordering::Release);
@@ -367,7 +379,7 @@ fn stop(
     Ok(Outcome::Stopped { bytes, reason })
 }
 
-/// Chunks a rebuild copies at once (each with a buffer of `chunk` bytes).
+/// Chunks a rebuild keeps in flight (each with a buffer of `chunk` bytes).
 pub const DEPTH: usize = 4;
 
 /// Why one chunk's copy failed.
@@ -377,6 +389,16 @@ enum Lane {
     Target(Errno),
     Log,
     NoSource,
+}
+
+/// Why a stretch of copying paused.
+enum Pause {
+    /// The pass reached the map's end (the next one starts over, for regions
+    /// marked again meanwhile), or pacing or a flush is due.
+    Pass,
+    Due,
+    /// A chunk failed (every other chunk in flight has finished).
+    Failed(ByteOffset, ByteLen, Lane, SlotIndex),
 }
 
 struct Copier<'a> {
@@ -390,23 +412,33 @@ struct Copier<'a> {
     durability: Durability,
     progress: &'a Progress,
     sources: Handles,
-    bufs: Vec<Vec<u8>>,
+    /// Page-aligned, so a local source reads them with O_DIRECT (a plain `Vec`
+    /// would go through the page cache: a copy more and the cache churned).
+    bufs: Vec<AlignedBuf>,
+    /// Where the current pass over the map goes on.
+    cursor: ByteOffset,
+    /// When to go on copying, if the pacer wants a pause.
+    resume_at: Option<Instant>,
+}
+
+/// What one chunk's copy needs: shared by the chunks in flight.
+#[derive(Clone, Copy)]
+struct Chunks<'a> {
+    health: &'a Health,
+    ranges: &'a RangeTable,
+    target: &'a dyn Replica,
+    map: &'a DirtyMap,
 }
 
 impl Copier<'_> {
     /// Copy until the map is clean, or the reason the rebuild stops. Up to
-    /// [`DEPTH`] chunks are in flight at once, so the source's reads and the
-    /// target's writes overlap instead of taking turns.
+    /// [`DEPTH`] chunks are in flight at once, a new one started as soon as one
+    /// ends, so the source's reads and the target's writes overlap instead of
+    /// taking turns; pacing and flushes wait for the chunks in flight first.
     fn copy_all(&mut self) -> Result<(), FaultReason> {
-        // Runs are taken afresh from the start until none is left: regions
-        // re-marked by a failed copy are found again.
+        let mut window = (Instant::now(), self.health.app_requests(), 0u64);
         loop {
-            let runs: Vec<_> = self
-                .map
-                .runs(ByteOffset(0), self.chunk)
-                .take(DEPTH)
-                .collect();
-            if runs.is_empty() {
+            if self.cursor == ByteOffset(0) && self.map.is_clean() {
                 return self.target_ok();
             }
             if self.progress.cancel.load(Ordering::Acquire) {
@@ -416,46 +448,24 @@ impl Copier<'_> {
             }
             self.target_ok()?;
             let src = self.pick_source()?;
-            let (t0, requests) = (Instant::now(), self.health.app_requests());
-            let mut sources = std::mem::take(&mut self.sources);
-            let mut bufs = std::mem::take(&mut self.bufs);
-            let results = match sources.get(self.health, src) {
-                Some(handle) => {
-                    let lanes = runs.iter().zip(bufs.iter_mut()).map(|(&(o, l), buf)| {
-                        self.copy_one(handle, o, l, &mut buf[..l.0 as usize])
-                    });
-                    futures::executor::block_on(futures::future::join_all(lanes))
-                }
-                None => vec![Err(Lane::NoSource); runs.len()],
-            };
-            (self.sources, self.bufs) = (sources, bufs);
-            let mut copied = 0;
-            let mut failure = None;
-            for (&(o, l), res) in runs.iter().zip(results) {
-                match res {
-                    Ok(()) => {
-                        self.durability.wrote(self.health, self.slot, o, l);
-                        copied += l.0;
-                    }
-                    Err(e) => failure = failure.or(Some((o, l, e))),
-                }
-            }
-            self.progress.done.fetch_add(copied, Ordering::AcqRel);
-            match failure {
-                None => {}
-                Some((o, l, Lane::Target(e))) => return Err(self.target_failed(o, l, e)),
-                Some((.., Lane::Log)) => {
+            let pause = self.stretch(src, &mut window);
+            match pause {
+                Pause::Pass => self.cursor = ByteOffset(0),
+                Pause::Due => {}
+                Pause::Failed(o, l, Lane::Target(e), _) => return Err(self.target_failed(o, l, e)),
+                Pause::Failed(.., Lane::Log, _) => {
                     return Err(FaultReason::RebuildStopped {
                         why: RebuildStop::LogFailed,
                     })
                 }
-                Some((.., Lane::NoSource)) => {
+                Pause::Failed(.., Lane::NoSource, _) => {
                     return Err(FaultReason::RebuildStopped {
                         why: RebuildStop::NoSource,
                     })
                 }
-                // The source is faulted; the next round takes another one.
-                Some((.., Lane::Source(e))) => match self.health.read_failed(src, e) {
+                // The source is faulted; the next stretch takes another one (its
+                // chunk is marked again: the pass finds it when it starts over).
+                Pause::Failed(.., Lane::Source(e), src) => match self.health.read_failed(src, e) {
                     ReadVerdict::Retry => continue,
                     ReadVerdict::Fail(_) => {
                         return Err(FaultReason::RebuildStopped {
@@ -469,9 +479,89 @@ impl Copier<'_> {
                     .flush(self.health, self.slot, self.target)
                     .map_err(|e| FaultReason::of_errno(IoOp::Flush, e))?;
             }
-            let busy = self.health.app_requests() != requests;
-            self.pacer.pace(ByteLen(copied), t0.elapsed(), busy);
+            if let Some(at) = self.resume_at.take() {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                window = (Instant::now(), self.health.app_requests(), 0);
+            }
         }
+    }
+
+    /// Copy from `src` with up to [`DEPTH`] chunks in flight, from the cursor on,
+    /// until the pass ends, a chunk fails, or a flush, the pacer or a cancel
+    /// wants a pause; every chunk in flight has ended on return. `window` counts
+    /// what was copied since the last pacing (its start, the application
+    /// requests then, bytes): once a round of [`DEPTH`] chunks was copied, the
+    /// pacer is asked whether to wait, which needs the chunks drained.
+    fn stretch(&mut self, src: SlotIndex, window: &mut (Instant, u64, u64)) -> Pause {
+        let chunks = Chunks {
+            health: self.health,
+            ranges: self.ranges,
+            target: self.target,
+            map: self.map,
+        };
+        let mut sources = std::mem::take(&mut self.sources);
+        let Some(handle) = sources.get(self.health, src) else {
+            self.sources = sources;
+            return Pause::Failed(self.cursor, ByteLen(0), Lane::NoSource, src);
+        };
+        let mut bufs = std::mem::take(&mut self.bufs);
+        let round = DEPTH as u64 * self.chunk.0;
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut pause = None;
+        futures::executor::block_on(async {
+            loop {
+                while pause.is_none() && inflight.len() < DEPTH {
+                    let Some((o, l)) = self.map.runs(self.cursor, self.chunk).next() else {
+                        pause = Some(Pause::Pass);
+                        break;
+                    };
+                    self.cursor = ByteOffset(o.0 + l.0);
+                    let mut buf = bufs.pop().expect("a buffer per chunk in flight");
+                    inflight.push(async move {
+                        let res = chunks
+                            .copy_one(handle, o, l, &mut buf.as_mut_slice()[..l.0 as usize])
+                            .await;
+                        (o, l, res, buf)
+                    });
+                }
+                let Some((o, l, res, buf)) = inflight.next().await else {
+                    break;
+                };
+                bufs.push(buf);
+                match res {
+                    Ok(()) => {
+                        self.durability.wrote(self.health, self.slot, o, l);
+                        self.progress.done.fetch_add(l.0, Ordering::AcqRel);
+                        window.2 += l.0;
+                    }
+                    // The first failure wins; the cursor goes back to it.
+                    Err(e) => {
+                        if !matches!(pause, Some(Pause::Failed(..))) {
+                            pause = Some(Pause::Failed(o, l, e, src));
+                        }
+                    }
+                }
+                if pause.is_none() && window.2 >= round {
+                    let (t0, requests, bytes) = *window;
+                    let busy = self.health.app_requests() != requests;
+                    self.resume_at = self.pacer.delay(ByteLen(bytes), t0.elapsed(), busy);
+                    *window = (Instant::now(), self.health.app_requests(), 0);
+                }
+                if pause.is_none()
+                    && (self.durability.due()
+                        || self.resume_at.is_some()
+                        || self.progress.cancel.load(Ordering::Acquire))
+                {
+                    pause = Some(Pause::Due);
+                }
+            }
+        });
+        drop(inflight);
+        (self.sources, self.bufs) = (sources, bufs);
+        if let Some(Pause::Failed(o, ..)) = &pause {
+            self.cursor = self.cursor.min(*o);
+        }
+        pause.unwrap_or(Pause::Pass)
     }
 
     /// An online replica to copy from, local ones first (no network round trip).
@@ -486,6 +576,34 @@ impl Copier<'_> {
         })
     }
 
+    /// The target is still rebuilding (a failed application write faults it).
+    fn target_ok(&self) -> Result<(), FaultReason> {
+        match self
+            .health
+            .snapshot()
+            .slots
+            .into_iter()
+            .find(|s| s.slot == self.slot)
+            .map(|s| s.state)
+        {
+            Some(ReplicaState::Rebuilding { .. }) => Ok(()),
+            Some(ReplicaState::Faulted { reason }) => Err(reason),
+            _ => Err(FaultReason::Missing),
+        }
+    }
+
+    /// A copy write to the target failed: the target is faulted (keeping its map).
+    fn target_failed(&self, offset: ByteOffset, len: ByteLen, e: Errno) -> FaultReason {
+        let reason = FaultReason::of_errno(IoOp::Write, e);
+        self.map.mark(offset, len);
+        if let Err(err) = self.health.end_rebuild(self.slot, Err(reason.clone())) {
+            tracing::debug!(error = %err, "target already faulted");
+        }
+        reason
+    }
+}
+
+impl Chunks<'_> {
     /// Copy one chunk from `source`, holding its range against the application;
     /// a failure leaves it marked in the map again. A range the source knows to
     /// be a hole is zeroed on the target (a punch), not read and copied.
@@ -527,32 +645,6 @@ impl Copier<'_> {
             self.map.mark(offset, len);
         }
         res
-    }
-
-    /// The target is still rebuilding (a failed application write faults it).
-    fn target_ok(&self) -> Result<(), FaultReason> {
-        match self
-            .health
-            .snapshot()
-            .slots
-            .into_iter()
-            .find(|s| s.slot == self.slot)
-            .map(|s| s.state)
-        {
-            Some(ReplicaState::Rebuilding { .. }) => Ok(()),
-            Some(ReplicaState::Faulted { reason }) => Err(reason),
-            _ => Err(FaultReason::Missing),
-        }
-    }
-
-    /// A copy write to the target failed: the target is faulted (keeping its map).
-    fn target_failed(&self, offset: ByteOffset, len: ByteLen, e: Errno) -> FaultReason {
-        let reason = FaultReason::of_errno(IoOp::Write, e);
-        self.map.mark(offset, len);
-        if let Err(err) = self.health.end_rebuild(self.slot, Err(reason.clone())) {
-            tracing::debug!(error = %err, "target already faulted");
-        }
-        reason
     }
 }
 
@@ -719,12 +811,16 @@ pub(crate) mod tests {
             slot,
             target: &*h.backing(slot).unwrap().thread_handle().unwrap(),
             map: &map,
-            bufs: vec![vec![0u8; cfg.chunk.0 as usize]; DEPTH],
+            bufs: (0..DEPTH)
+                .map(|_| AlignedBuf::zeroed(cfg.chunk.0 as usize))
+                .collect(),
             chunk: cfg.chunk,
             pacer: Pacer::new(cfg.rate),
             durability: Durability::new(cfg.flush_every),
             progress: &p,
             sources: Handles::default(),
+            cursor: ByteOffset(0),
+            resume_at: None,
         };
         copier.copy_all().unwrap();
         h.end_rebuild(slot, Ok(())).unwrap();
@@ -795,9 +891,10 @@ pub(crate) mod tests {
         });
         assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
         let left = h.dirty_map(slot).expect("its map").dirty_bytes();
-        // Flushed every 256 KiB: the rebuild resumes from the last flush.
+        // Flushed after every 256 KiB (once the chunks in flight are done): the
+        // rebuild resumes from the last flush, at most 256 KiB + DEPTH chunks back.
         assert!(
-            left > 0 && left <= 512 * K && left % (256 * K) == 0,
+            left > 0 && left <= (256 + DEPTH as u64 * 64) * K && left % (64 * K) == 0,
             "{left}"
         );
         let map = h.dirty_map(slot).unwrap();
