@@ -322,7 +322,7 @@ mod tests {
             io_timeout: std::time::Duration::from_secs(1),
             no_replica_timeout: std::time::Duration::from_secs(1),
             rebuild: replication::rebuild::NodeLimits::unlimited(),
-            partial_window_s: 600,
+            partial_window_s: Arc::new(600.into()),
             grain: 64 << 10,
             frontend: crate::volume::Frontend::Headless,
         };

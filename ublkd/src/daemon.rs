@@ -379,6 +379,22 @@ impl Daemon {
                 Change::VolumeAdded { volume } => {
                     done(c, self.start(volume).map_err(|e| e.to_string()))
                 }
+                // Every running volume's manager gets its window from the new config
+                // (the node's, unless the volume overrides it).
+                Change::PartialWindow { volume, window_s } => {
+                    if volume.is_none() {
+                        self.net
+                            .partial_window_s
+                            .store(*window_s, std::sync::atomic::Ordering::Release);
+                    }
+                    for (name, run) in self.volumes.lock().unwrap().iter() {
+                        if let Some(v) = new.volume(name) {
+                            let w = crate::volume::partial_window(v, &self.net);
+                            run.shared.set_partial_window(w);
+                        }
+                    }
+                    done(c, Ok(()));
+                }
                 // The monitor reads the config in force at each round.
                 Change::AtDaemonRestart { .. } | Change::HaRules { .. } => done(c, Ok(())),
                 Change::ReplicaAdded { volume, .. }

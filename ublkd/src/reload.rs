@@ -5,10 +5,10 @@
 //! use), replicas added (opened, then fully rebuilt), removed (dropped; never the
 //! last online one) or replaced (a changed path or address at the same place in
 //! the list: the new one is added and rebuilt, the old one dropped once the new
-//! one is online), and the `[rebuild]` limits. Refused, changing nothing: a
+//! one is online), the `[rebuild]` limits and partial-rebuild windows. Refused, changing nothing: a
 //! volume's size or block size, and `[node]` or `[server]` settings (a restart
-//! applies those). Other volume keys (queues, depth, max_io, device_id,
-//! partial_window_s) are taken at the volume's next start.
+//! applies those). Other volume keys (queues, depth, max_io, device_id) are
+//! taken at the volume's next start.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,12 @@ pub enum Change {
     Spares {
         volume: String,
         spares: Vec<String>,
+    },
+    /// The partial-rebuild window: `[rebuild] partial_window_s` (`volume` none) or
+    /// a volume's override. Running volumes take it at their next decision.
+    PartialWindow {
+        volume: Option<String>,
+        window_s: u32,
     },
     /// A `[rebuild]` key the running daemon keeps until it restarts.
     AtDaemonRestart {
@@ -89,6 +95,14 @@ impl std::fmt::Display for Change {
             Change::Spares { volume, spares } => {
                 write!(f, "volume {volume}: spares are now [{}]", spares.join(", "))
             }
+            Change::PartialWindow {
+                volume: None,
+                window_s,
+            } => write!(f, "[rebuild] partial_window_s: {window_s} s"),
+            Change::PartialWindow {
+                volume: Some(volume),
+                window_s,
+            } => write!(f, "volume {volume}: partial_window_s {window_s} s"),
             Change::AtDaemonRestart { key } => {
                 write!(f, "[rebuild] {key} changed: taken when ublkd restarts")
             }
@@ -198,16 +212,16 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
             max_concurrent,
         });
     }
-    for (key, changed) in [
-        (
-            "partial_window_s",
-            r0.partial_window_s != r1.partial_window_s,
-        ),
-        ("grain", r0.grain != r1.grain),
-    ] {
-        if changed {
-            changes.push(Change::AtDaemonRestart { key: key.into() });
-        }
+    if r0.partial_window_s != r1.partial_window_s {
+        changes.push(Change::PartialWindow {
+            volume: None,
+            window_s: r1.partial_window_s,
+        });
+    }
+    if r0.grain != r1.grain {
+        changes.push(Change::AtDaemonRestart {
+            key: "grain".into(),
+        });
     }
     for o in &old.volumes {
         if new.volume(&o.name).is_none() {
@@ -223,6 +237,12 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
             }),
             Some(o) => {
                 replica_changes(o, v, &mut changes);
+                if o.partial_window_s != v.partial_window_s {
+                    changes.push(Change::PartialWindow {
+                        volume: Some(v.name.clone()),
+                        window_s: v.partial_window_s.unwrap_or(r1.partial_window_s),
+                    });
+                }
                 if o.spares != v.spares {
                     changes.push(Change::Spares {
                         volume: v.name.clone(),
@@ -234,7 +254,6 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
                     ("depth", o.depth != v.depth),
                     ("max_io", o.max_io_bytes != v.max_io_bytes),
                     ("device_id", o.device_id != v.device_id),
-                    ("partial_window_s", o.partial_window_s != v.partial_window_s),
                 ] {
                     if changed {
                         changes.push(Change::AtNextStart {
@@ -358,6 +377,42 @@ mod tests {
                 },
                 Change::VolumeAdded { volume: "x".into() },
             ]
+        );
+    }
+
+    #[test]
+    fn partial_windows_apply_live_the_node_one_and_a_volume_override() {
+        let old = cfg(&(vol("v", "1GiB", &["a"]) + &vol("w", "1GiB", &["b"])));
+        let new = cfg(&format!(
+            "[rebuild]\npartial_window_s = 60\n{}{}",
+            vol("v", "1GiB", &["a"]).replace("replicas", "partial_window_s = 3600\nreplicas"),
+            vol("w", "1GiB", &["b"])
+        ));
+        assert_eq!(
+            plan(&old, &new).unwrap(),
+            vec![
+                Change::PartialWindow {
+                    volume: None,
+                    window_s: 60
+                },
+                Change::PartialWindow {
+                    volume: Some("v".into()),
+                    window_s: 3600
+                },
+            ]
+        );
+        // Dropping the override falls back to the node's window.
+        let back = cfg(&format!(
+            "[rebuild]\npartial_window_s = 60\n{}{}",
+            vol("v", "1GiB", &["a"]),
+            vol("w", "1GiB", &["b"])
+        ));
+        assert_eq!(
+            plan(&new, &back).unwrap(),
+            vec![Change::PartialWindow {
+                volume: Some("v".into()),
+                window_s: 60
+            }]
         );
     }
 

@@ -32,7 +32,7 @@ fn net(rt: &tokio::runtime::Runtime) -> Net {
         io_timeout: Duration::from_millis(800),
         no_replica_timeout: Duration::from_secs(10),
         rebuild: replication::rebuild::NodeLimits::unlimited(),
-        partial_window_s: 600,
+        partial_window_s: std::sync::Arc::new(600.into()),
         grain: 64 << 10,
         frontend: ublkd::volume::Frontend::Headless,
     }

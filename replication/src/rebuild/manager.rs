@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,7 +140,7 @@ pub struct ManagerConfig {
     /// Most bytes per copy.
     pub chunk: ByteLen,
     /// A replica away for longer gets a full rebuild, not a partial one.
-    pub partial_window: Duration,
+    pub partial_window: PartialWindow,
     /// The node's budget (rate cap, rebuilds at once), shared with other volumes.
     pub limits: Arc<NodeLimits>,
     /// Resync these ranges first ([`resync`]): after an unclean shutdown.
@@ -153,11 +153,30 @@ impl Default for ManagerConfig {
     fn default() -> ManagerConfig {
         ManagerConfig {
             chunk: CopyConfig::default().chunk,
-            partial_window: DEFAULT_PARTIAL_WINDOW,
+            partial_window: PartialWindow::new(DEFAULT_PARTIAL_WINDOW),
             limits: NodeLimits::unlimited(),
             resync: Vec::new(),
             history: None,
         }
+    }
+}
+
+/// The partial-rebuild window, shared with whoever may change it while the
+/// manager runs (a reload): read at every decision.
+#[derive(Debug, Clone)]
+pub struct PartialWindow(Arc<AtomicU64>);
+
+impl PartialWindow {
+    pub fn new(window: Duration) -> PartialWindow {
+        PartialWindow(Arc::new(AtomicU64::new(window.as_secs())))
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_secs(self.0.load(Ordering::Acquire))
+    }
+
+    pub fn set(&self, window: Duration) {
+        self.0.store(window.as_secs(), Ordering::Release);
     }
 }
 
@@ -167,6 +186,58 @@ pub const DEFAULT_PARTIAL_WINDOW: Duration = Duration::from_secs(600);
 /// Whether a map of `origin` is too old for a partial rebuild at `now_ms`.
 pub fn map_expired(origin: &LogOrigin, now_ms: u64, window: Duration) -> bool {
     origin.kind == LogKind::Missed && origin.age_ms(now_ms) > window.as_millis() as u64
+}
+
+/// Why a faulted replica gets (or got) a full rebuild rather than a partial one:
+/// shown by status and kept in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
+pub enum FullWhy {
+    /// Nothing says what it lacks: it is new to the volume (added by a reload, a
+    /// replacement), or its saved dirty map was lost or not trusted at start (the
+    /// owner's log says why).
+    NoMap,
+    /// Its map records missed writes since longer than the partial-rebuild window.
+    Expired { age_s: u64, window_s: u64 },
+    /// An operator asked for a full rebuild.
+    Requested,
+}
+
+impl std::fmt::Display for FullWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FullWhy::NoMap => write!(
+                f,
+                "no record of what it missed (a new replica, or its dirty map was not kept)"
+            ),
+            FullWhy::Expired { age_s, window_s } => write!(
+                f,
+                "away for {age_s} s, longer than the partial-rebuild window ({window_s} s)"
+            ),
+            FullWhy::Requested => write!(f, "an operator asked for a full rebuild"),
+        }
+    }
+}
+
+/// Why a replica whose map is `map` (its origin, when it has one) is rebuilt in
+/// full at `now_ms`, or `None`: a partial rebuild copies what its map marks.
+pub fn full_why(
+    map: Option<Option<LogOrigin>>,
+    now_ms: u64,
+    window: Duration,
+    requested_full: bool,
+) -> Option<FullWhy> {
+    if requested_full {
+        return Some(FullWhy::Requested);
+    }
+    match map {
+        None => Some(FullWhy::NoMap),
+        Some(Some(o)) if map_expired(&o, now_ms, window) => Some(FullWhy::Expired {
+            age_s: o.age_ms(now_ms) / 1000,
+            window_s: window.as_secs(),
+        }),
+        Some(_) => None,
+    }
 }
 
 /// What the manager is doing.
@@ -233,6 +304,9 @@ pub struct HistoryEntry {
     /// What the target was faulted for when the rebuild began.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultReason>,
+    /// Why a full rebuild rather than a partial one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_why: Option<FullWhy>,
     #[serde(flatten)]
     pub ended: Ended,
 }
@@ -245,6 +319,7 @@ pub const HISTORY_LEN: usize = 100;
 /// Dropped, it cancels the rebuild in progress (the replica keeps what it still
 /// lacks) and joins the thread.
 pub struct Manager {
+    window: PartialWindow,
     stop: Arc<AtomicBool>,
     state: Arc<ManagerState>,
     health: Arc<Health>,
@@ -276,17 +351,24 @@ impl Manager {
         if let Some(path) = &cfg.history {
             *state.history.lock().unwrap() = load_history(path);
         }
+        let window = cfg.partial_window.clone();
         let (s, st, h) = (stop.clone(), state.clone(), health.clone());
         let thread = std::thread::Builder::new()
             .name(format!("rebuild-{}", health.volume()))
             .spawn(move || manage(&h, &ranges, cfg, &s, &st))
             .map_err(|e| ReplicationError::Persist(format!("start the rebuild thread: {e}")))?;
         Ok(Manager {
+            window,
             stop,
             state,
             health,
             thread: Some(thread),
         })
+    }
+
+    /// The partial-rebuild window in force (a reload changes it).
+    pub fn partial_window(&self) -> &PartialWindow {
+        &self.window
     }
 
     /// The rebuild in progress, if any.
@@ -382,7 +464,7 @@ fn run_job(
     state: &ManagerState,
     cfg: &ManagerConfig,
     (slot, location, what): (Option<SlotIndex>, String, Work),
-    (trigger, fault): (Trigger, Option<FaultReason>),
+    (trigger, fault, full_why): (Trigger, Option<FaultReason>, Option<FullWhy>),
     work: impl FnOnce() -> Ended,
 ) {
     *state.running.lock().unwrap() = Some((slot, location.clone(), what, Instant::now()));
@@ -400,6 +482,7 @@ fn run_job(
             work: what,
             trigger,
             fault,
+            full_why,
             ended,
         },
     );
@@ -444,25 +527,31 @@ fn manage(
     };
     if !cfg.resync.is_empty() {
         let job = (None, "online replicas".to_string(), Work::Resync);
-        run_job(state, &cfg, job, (Trigger::UncleanShutdown, None), || {
-            let t0 = Instant::now();
-            match resync(health, ranges, &cfg.resync, &copy(), &state.progress) {
-                Ok(bytes) => {
-                    tracing::info!(volume = health.volume(), bytes,
+        run_job(
+            state,
+            &cfg,
+            job,
+            (Trigger::UncleanShutdown, None, None),
+            || {
+                let t0 = Instant::now();
+                match resync(health, ranges, &cfg.resync, &copy(), &state.progress) {
+                    Ok(bytes) => {
+                        tracing::info!(volume = health.volume(), bytes,
                         millis = t0.elapsed().as_millis() as u64,
                         "resync done: the replicas are identical where writes were in flight; reads are spread again");
-                    Ended::Done { bytes }
-                }
-                Err(reason) => {
-                    tracing::error!(volume = health.volume(), %reason,
+                        Ended::Done { bytes }
+                    }
+                    Err(reason) => {
+                        tracing::error!(volume = health.volume(), %reason,
                         "resync stopped: reads stay on one replica");
-                    Ended::Stopped {
-                        bytes: state.progress.done.load(Ordering::Acquire),
-                        reason,
+                        Ended::Stopped {
+                            bytes: state.progress.done.load(Ordering::Acquire),
+                            reason,
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
     }
     let mut requested: HashMap<ReplicaUuid, bool> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
@@ -492,7 +581,7 @@ fn manage(
                     has_map: health.dirty_map(s.slot).is_some(),
                     map_expired: s
                         .log
-                        .is_some_and(|o| map_expired(&o, unix_ms(), cfg.partial_window)),
+                        .is_some_and(|o| map_expired(&o, unix_ms(), cfg.partial_window.get())),
                     retry_at: failures.get(&s.uuid).map(|(_, t)| *t),
                     requested: match (&s.state, requested.get(&s.uuid)) {
                         (ReplicaState::Faulted { .. }, Some(full)) => Some(*full),
@@ -519,14 +608,23 @@ fn manage(
             std::thread::sleep(Duration::from_millis(500));
             continue;
         };
-        let trigger = match requested.remove(&uuid) {
+        let asked = requested.remove(&uuid);
+        let trigger = match asked {
             Some(_) => Trigger::Operator,
             None => Trigger::Auto,
         };
-        if let (RebuildKind::Full, Some(o), Trigger::Auto) = (kind, slot_status.log, trigger) {
-            tracing::info!(volume = health.volume(), replica = %slot_status.location,
-                age_s = o.age_ms(unix_ms()) / 1000, window_s = cfg.partial_window.as_secs(),
-                "away longer than the partial-rebuild window: full rebuild");
+        let why_full = match kind {
+            RebuildKind::Full => full_why(
+                health.dirty_map(slot).map(|_| slot_status.log),
+                unix_ms(),
+                cfg.partial_window.get(),
+                asked == Some(true),
+            ),
+            RebuildKind::Partial => None,
+        };
+        if let Some(w) = &why_full {
+            tracing::info!(volume = health.volume(), replica = %slot_status.location, why = %w,
+                "full rebuild");
         }
         // A cancel of an earlier job does not reach this one.
         state
@@ -538,7 +636,7 @@ fn manage(
             slot_status.location.clone(),
             Work::Rebuild(kind),
         );
-        let why = (trigger, slot_status.state.fault_reason().cloned());
+        let why = (trigger, slot_status.state.fault_reason().cloned(), why_full);
         run_job(state, &cfg, job, why, || {
             let out = rebuild(health, ranges, slot, kind, copy(), &state.progress);
             drop(turn);
@@ -568,6 +666,58 @@ mod tests {
     use super::*;
     use crate::rebuild::tests::{state, write, K};
     use crate::testing::{mem_volume, test_nexus, Fault};
+
+    #[test]
+    fn why_a_full_rebuild_is_named_from_the_map_its_age_and_the_request() {
+        let window = Duration::from_secs(600);
+        let at = |kind, age_s: u64| LogOrigin {
+            kind,
+            since_epoch: wire::Epoch(3),
+            since_unix_ms: 1_000_000_000 - age_s * 1000,
+        };
+        let now = 1_000_000_000;
+        type Case = (&'static str, Option<Option<LogOrigin>>, bool, Option<FullWhy>);
+        let cases: Vec<Case> = vec![
+            ("no map", None, false, Some(FullWhy::NoMap)),
+            (
+                "fresh map",
+                Some(Some(at(LogKind::Missed, 60))),
+                false,
+                None,
+            ),
+            (
+                "map past the window",
+                Some(Some(at(LogKind::Missed, 700))),
+                false,
+                Some(FullWhy::Expired {
+                    age_s: 700,
+                    window_s: 600,
+                }),
+            ),
+            // A full rebuild's remainder resumes at any age: not expired.
+            (
+                "old rebuild map",
+                Some(Some(at(LogKind::Rebuild, 9000))),
+                false,
+                None,
+            ),
+            (
+                "map, asked in full",
+                Some(Some(at(LogKind::Missed, 1))),
+                true,
+                Some(FullWhy::Requested),
+            ),
+        ];
+        for (name, map, asked, want) in cases {
+            assert_eq!(full_why(map, now, window, asked), want, "{name}");
+        }
+        assert!(FullWhy::Expired {
+            age_s: 700,
+            window_s: 600
+        }
+        .to_string()
+        .contains("longer than the partial-rebuild window (600 s)"));
+    }
 
     #[test]
     fn the_scheduler_takes_reachable_faulted_replicas_partial_first() {

@@ -40,8 +40,9 @@ mod manager;
 mod resync;
 
 pub use manager::{
-    map_expired, next_rebuild, retry_delay, Candidate, Ended, HistoryEntry, Manager, ManagerConfig,
-    NodeLimits, Running, Trigger, Work, DEFAULT_PARTIAL_WINDOW, HISTORY_LEN,
+    full_why, map_expired, next_rebuild, retry_delay, Candidate, Ended, FullWhy, HistoryEntry,
+    Manager, ManagerConfig, NodeLimits, PartialWindow, Running, Trigger, Work,
+    DEFAULT_PARTIAL_WINDOW, HISTORY_LEN,
 };
 pub use resync::resync;
 
@@ -212,8 +213,19 @@ impl Pacer {
         }
     }
 
+    /// Whether [`Pacer::pace`] may sleep after `len` more bytes: the cap is not
+    /// met yet, or the application is busy and the copy yields to it.
+    pub(crate) fn may_wait(&self, len: ByteLen, busy: bool) -> bool {
+        let capped = self.rate.get().is_some_and(|rate| {
+            let now = Instant::now();
+            let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+            self.next_at.max(floor) + Duration::from_secs_f64(len.0 as f64 / rate as f64) > now
+        });
+        capped || (busy && self.rate.busy_percent() < 100)
+    }
+
     /// When the copy may go on after such a round, if not now.
-    pub(crate) fn delay(&mut self, len: ByteLen, took: Duration, busy: bool) -> Option<Instant> {
+    fn delay(&mut self, len: ByteLen, took: Duration, busy: bool) -> Option<Instant> {
         let now = Instant::now();
         let mut until = now;
         if let Some(rate) = self.rate.get() {
@@ -296,6 +308,8 @@ pub fn rebuild(
         &None,
     )));
     let t0 = Instant::now();
+    // A copy takes whole regions of the map: one at least, whatever the config.
+    let chunk = ByteLen(cfg.chunk.0.max(u64::from(map.grain().0)));
     let mut copier = Copier {
         health,
         ranges,
@@ -303,15 +317,15 @@ pub fn rebuild(
         target: target.as_ref(),
         map: &map,
         bufs: (0..DEPTH)
-            .map(|_| AlignedBuf::zeroed(cfg.chunk.0 as usize))
+            .map(|_| AlignedBuf::zeroed(chunk.0 as usize))
             .collect(),
-        chunk: cfg.chunk,
+        chunk,
         pacer: Pacer::new(cfg.rate),
         durability: Durability::new(cfg.flush_every),
         progress,
         sources: Handles::default(),
         cursor: ByteOffset(0),
-        resume_at: None,
+        pace_due: false,
     };
     progress.total.store(map.dirty_bytes(), Ordering::Release);
     progress.done.store(0, Ordering::Release);
@@ -417,8 +431,8 @@ struct Copier<'a> {
     bufs: Vec<AlignedBuf>,
     /// Where the current pass over the map goes on.
     cursor: ByteOffset,
-    /// When to go on copying, if the pacer wants a pause.
-    resume_at: Option<Instant>,
+    /// The pacer may want a pause once the chunks in flight are done.
+    pace_due: bool,
 }
 
 /// What one chunk's copy needs: shared by the chunks in flight.
@@ -479,8 +493,12 @@ impl Copier<'_> {
                     .flush(self.health, self.slot, self.target)
                     .map_err(|e| FaultReason::of_errno(IoOp::Flush, e))?;
             }
-            if let Some(at) = self.resume_at.take() {
-                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            // Paced over the whole round, the chunks drained included: the time
+            // the copy was active is what the busy share is a share of.
+            if std::mem::take(&mut self.pace_due) {
+                let (t0, requests, bytes) = window;
+                let busy = self.health.app_requests() != requests;
+                self.pacer.pace(ByteLen(bytes), t0.elapsed(), busy);
                 window = (Instant::now(), self.health.app_requests(), 0);
             }
         }
@@ -542,14 +560,19 @@ impl Copier<'_> {
                     }
                 }
                 if pause.is_none() && window.2 >= round {
-                    let (t0, requests, bytes) = *window;
-                    let busy = self.health.app_requests() != requests;
-                    self.resume_at = self.pacer.delay(ByteLen(bytes), t0.elapsed(), busy);
-                    *window = (Instant::now(), self.health.app_requests(), 0);
+                    let busy = self.health.app_requests() != window.1;
+                    if self.pacer.may_wait(ByteLen(window.2), busy) {
+                        self.pace_due = true;
+                    } else {
+                        // Nothing to wait for: the pipeline stays full.
+                        self.pacer
+                            .pace(ByteLen(window.2), window.0.elapsed(), false);
+                        *window = (Instant::now(), self.health.app_requests(), 0);
+                    }
                 }
                 if pause.is_none()
                     && (self.durability.due()
-                        || self.resume_at.is_some()
+                        || self.pace_due
                         || self.progress.cancel.load(Ordering::Acquire))
                 {
                     pause = Some(Pause::Due);
@@ -820,7 +843,7 @@ pub(crate) mod tests {
             progress: &p,
             sources: Handles::default(),
             cursor: ByteOffset(0),
-            resume_at: None,
+            pace_due: false,
         };
         copier.copy_all().unwrap();
         h.end_rebuild(slot, Ok(())).unwrap();
@@ -830,6 +853,28 @@ pub(crate) mod tests {
             fresh.bytes(60 * K as usize, 8 * K as usize),
             vec![9; 8 * K as usize]
         );
+    }
+
+    #[test]
+    fn a_copy_chunk_smaller_than_a_map_region_copies_whole_regions() {
+        let (stores, h) = mem_volume(1);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        write(&n, 0, 256 * K, 5);
+        let (fresh, spec) = fresh_mem_slot(&stores[0]);
+        let slot = h.add_slot(spec).unwrap();
+        let cfg = CopyConfig {
+            chunk: ByteLen(4 * K),
+            rate: Rate::uncapped(),
+            ..CopyConfig::default()
+        };
+        let p = Progress::default();
+        let out = rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p).unwrap();
+        assert!(
+            matches!(out, Outcome::Done { bytes, .. } if bytes == 1 << 20),
+            "{out:?}"
+        );
+        assert_eq!(stores[0].bytes(0, 1 << 20), fresh.bytes(0, 1 << 20));
     }
 
     #[test]

@@ -593,9 +593,14 @@ bench_rebuild() {
   R3() { echo "{ remote = \"127.0.0.3:7450\", id = \"$1\" }"; }
   size=$((512 << 20))
 
+  # BENCH_REBUILD_PARTS: which parts run (default all four).
+  parts=" ${BENCH_REBUILD_PARTS:-full partial qos log} "
+  part() { case "$parts" in *" $1 "*) return 0 ;; *) say "bench_rebuild: part $1 skipped"; return 1 ;; esac; }
+
   # 1. Full rebuild, uncapped, of the whole (written) volume onto a new replica on server 3
   #    (source: the local disk), against the same bytes copied local disk -> TCP -> a file on
   #    server 3's filesystem, O_DIRECT at both ends.
+  if part full; then
   TAG=full; wipe_label "$local_disk"; REBUILD_RATE=0 repl_owner $TAG "$L, $(R2 f2)"
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=4 --size=512M --output=/dev/null
@@ -628,9 +633,11 @@ bench_rebuild() {
   echo "RESULT full_rebuild_mibps=$rb"
   echo "RESULT raw_tcp_copy_mibps=$cp_rate"
   echo "RESULT ratio_full_rebuild_vs_copy=$(awk -v a="$rb" -v b="$cp_rate" 'BEGIN { printf "%.2f", a / b }')"
+  fi
 
   # 2. Partial rebuild: server 3 is killed, 100 blocks of 4 KiB are written in 100 distinct
   #    64 KiB regions, the server comes back: the bytes copied against the regions dirtied.
+  if part partial; then
   fresh_servers
   TAG=partial; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 p2), $(R3 p3)"
   run dd if=/dev/urandom of=/dev/ublkb0 bs=1M count=64 oflag=direct conv=fsync
@@ -645,9 +652,11 @@ bench_rebuild() {
   echo "RESULT partial_rebuild_bytes=$bytes"
   echo "RESULT ratio_partial_bytes_vs_dirty=$(awk -v b="$bytes" 'BEGIN { printf "%.2f", b / (100 * 65536) }')"
   stop_ublkd 60 || fail "owner did not stop"
+  fi
 
   # 3. Application 4k randwrite QD32 while a full rebuild runs at the default cap, against
   #    the same volume without one.
+  if part qos; then
   fresh_servers
   TAG=qos; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 q2)"
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
@@ -659,39 +668,56 @@ bench_rebuild() {
   busy=$1
   vol_status bench | grep -q '"rebuild":{' \
     || echo "TABLE qos: the rebuild ended before fio did (the ratio covers part of the run)"
-  echo "TABLE rebuild qos: app 4k randwrite QD32 $idle IOPS idle, $busy IOPS during a rebuild at the default limits (64 MiB/s, busy_percent 25)"
+  echo "TABLE rebuild qos: app 4k randwrite QD32 $idle IOPS idle, $busy IOPS during a rebuild at the default limits ([rebuild] rate and busy_percent)"
   echo "RESULT app_randwrite_qd32_iops_idle=$idle"
   echo "RESULT app_randwrite_qd32_iops_during_rebuild=$busy"
   echo "RESULT rebuild_app_iops_ratio=$(awk -v a="$busy" -v b="$idle" 'BEGIN { printf "%.2f", a / b }')"
   wait_for 900 rebuilt 1 || fail "capped rebuild did not finish: $(vol_status bench)"
   stop_ublkd 60 || fail "owner did not stop"
+  fi
 
   # 4. The dirty log on a degraded volume: its remote replica killed, 4k randwrite QD32,
-  #    alternately with this build and with the bench-no-dirty-log one (3 rounds each).
+  #    with this build and with the bench-no-dirty-log one, 5 rounds, each round both builds
+  #    back to back in alternating order (ABBA: drift hits both alike). The ratio is the
+  #    median of the 5 rounds' ratios; the owner's CPU per write is the steadier figure (a
+  #    run's IOPS spread by ±40 % under TCG).
+  if part log; then
   nolog=/usr/local/bin/ublkd-bench-no-dirty-log
   [ -x "$nolog" ] || fail "missing $nolog"
   kill -TERM "$SRV_3"; wait_pid "$SRV_3" 20
   rm -f /mnt/srv3/*.img
-  _r=0 A="" B=""
-  for r in 1 2 3; do
-    for bin in "$UBLKD" "$nolog"; do
-      _r=$((_r + 1))
-      LOG_LEVEL=warn replica_server 3 /mnt/srv3
-      TAG=log$_r; wipe_label "$local_disk"
-      UBLKD_BIN=$bin repl_owner $TAG "$L, $(R3 d$_r)"
-      kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
-      wait_for 20 eval 'vol_status bench | grep -q "\"state\":\"faulted\""' \
-        || fail "replica not faulted: $(vol_status bench)"
-      set -- $(fio_run /dev/ublkb0 randwrite 4k 32 "log_$_r")
-      if [ "$bin" = "$UBLKD" ]; then A="$A $1"; else B="$B $1"; fi
-      stop_ublkd 60 || fail "owner did not stop"
+  _r=0 A="" B="" CA="" CB="" R=""
+  log_run() { # BIN: one degraded run; sets iops and cpu (µs of owner CPU per write)
+    _r=$((_r + 1))
+    LOG_LEVEL=warn replica_server 3 /mnt/srv3
+    TAG=log$_r; wipe_label "$local_disk"
+    UBLKD_BIN=$1 repl_owner $TAG "$L, $(R3 d$_r)"
+    kill -KILL "$SRV_3"; wait "$SRV_3" 2>/dev/null
+    wait_for 20 eval 'vol_status bench | grep -q "\"state\":\"faulted\""' \
+      || fail "replica not faulted: $(vol_status bench)"
+    set -- $(ticks_of "$DPID") $(fio_run /dev/ublkb0 randwrite 4k 32 "log_$_r") $(ticks_of "$DPID")
+    iops=$3 u_iops=$3
+    cpu=$(per_io $(($6 + $7 - $1 - $2)))
+    stop_ublkd 60 || fail "owner did not stop"
+  }
+  for r in 1 2 3 4 5; do
+    if [ $((r % 2)) = 1 ]; then order="$UBLKD $nolog"; else order="$nolog $UBLKD"; fi
+    for bin in $order; do
+      log_run "$bin"
+      if [ "$bin" = "$UBLKD" ]; then A="$A $iops" CA="$CA $cpu" a1=$iops
+      else B="$B $iops" CB="$CB $cpu" b1=$iops; fi
     done
+    R="$R $(awk -v a="$a1" -v b="$b1" 'BEGIN { printf "%.3f", a / b }')"
   done
-  a=$(median $A) b=$(median $B)
-  echo "TABLE rebuild dirty log: degraded 4k randwrite QD32 with the log$A IOPS, without$B IOPS"
+  a=$(median $A) b=$(median $B) ca=$(median $CA) cb=$(median $CB)
+  echo "TABLE rebuild dirty log: degraded 4k randwrite QD32 with the log$A IOPS (owner CPU$CA us/write), without$B IOPS ($CB us/write); per-round ratios$R"
   echo "RESULT degraded_randwrite_qd32_iops_log=$a"
   echo "RESULT degraded_randwrite_qd32_iops_nolog=$b"
-  echo "RESULT ratio_dirty_log_vs_none=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }')"
+  echo "RESULT degraded_owner_cpu_us_per_write_log=$ca"
+  echo "RESULT degraded_owner_cpu_us_per_write_nolog=$cb"
+  echo "RESULT ratio_dirty_log_vs_none=$(median $R | awk '{ printf "%.2f", $1 }')"
+  echo "RESULT ratio_dirty_log_cpu_nolog_vs_log=$(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.2f", b / a }')"
+  fi
   kill -TERM "$SRV_2" 2>/dev/null
   wait_pid "$SRV_2" 20
   run "$UMOUNT" /mnt/srv2

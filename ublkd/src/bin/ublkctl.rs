@@ -773,11 +773,12 @@ fn print_status(s: &VolumeStatus) {
                 .map(|x| format!("  ({x})"))
                 .unwrap_or_default()
         );
-        match (r.state.as_deref(), r.missing_bytes) {
-            (Some("faulted"), Some(n)) => {
+        match (r.state.as_deref(), r.missing_bytes, &r.full_rebuild) {
+            (Some("faulted"), _, Some(why)) => println!("      needs a full rebuild: {why}"),
+            (Some("faulted"), Some(n), None) => {
                 println!("      lacks {}: a partial rebuild catches it up", human(n))
             }
-            (Some("faulted"), None) => println!("      needs a full rebuild"),
+            (Some("faulted"), None, None) => println!("      needs a full rebuild"),
             _ => {}
         }
     }

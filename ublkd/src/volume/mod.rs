@@ -99,6 +99,9 @@ pub struct ReplicaStatus {
     /// for a faulted replica without a map (a full rebuild).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_bytes: Option<u64>,
+    /// A faulted replica that a full rebuild will fill: why not a partial one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_rebuild: Option<replication::rebuild::FullWhy>,
 }
 
 impl ReplicaStatus {
@@ -119,6 +122,7 @@ impl ReplicaStatus {
             fault,
             errors,
             missing_bytes: None,
+            full_rebuild: None,
         }
     }
 }
@@ -322,6 +326,14 @@ impl VolumeShared {
                 (c.clone(), res)
             })
             .collect()
+    }
+
+    /// Set the partial-rebuild window of the volume's rebuild manager (serving
+    /// only; a volume not serving takes it from the config when it starts).
+    pub fn set_partial_window(&self, window: Duration) {
+        if let Some(m) = &self.live.lock().unwrap().rebuilds {
+            m.partial_window().set(window);
+        }
     }
 
     /// The rebuild running and the finished ones (serving only).
@@ -771,6 +783,12 @@ impl VolumeShared {
             .as_ref()
             .map(|s| s.record())
             .or_else(|| rec.clone());
+        let window = live
+            .rebuilds
+            .as_ref()
+            .map_or(replication::rebuild::DEFAULT_PARTIAL_WINDOW, |m| {
+                m.partial_window().get()
+            });
         let (replicas, io) = match &live.health {
             Some(h) => (
                 h.snapshot()
@@ -785,7 +803,16 @@ impl VolumeShared {
                             Some(&s.state),
                             s.errors,
                         );
-                        r.missing_bytes = h.dirty_map(s.slot).map(|m| m.dirty_bytes());
+                        let map = h.dirty_map(s.slot);
+                        r.missing_bytes = map.as_ref().map(|m| m.dirty_bytes());
+                        if matches!(s.state, replication::ReplicaState::Faulted { .. }) {
+                            r.full_rebuild = replication::rebuild::full_why(
+                                map.map(|_| s.log),
+                                replication::dirty_file::unix_ms(),
+                                window,
+                                false,
+                            );
+                        }
                         r
                     })
                     .collect(),
@@ -867,8 +894,8 @@ pub struct Net {
     pub no_replica_timeout: Duration,
     /// The node's rebuild budget (`[rebuild]` rate and concurrency).
     pub rebuild: Arc<replication::rebuild::NodeLimits>,
-    /// `[rebuild] partial_window_s`.
-    pub partial_window_s: u32,
+    /// `[rebuild] partial_window_s` (a reload changes it).
+    pub partial_window_s: Arc<std::sync::atomic::AtomicU32>,
     /// `[rebuild] grain`: bytes per dirty-map region.
     pub grain: u32,
     pub frontend: Frontend,
@@ -892,7 +919,7 @@ impl Net {
                 cfg.rebuild.busy_percent,
                 cfg.rebuild.max_concurrent,
             ),
-            partial_window_s: cfg.rebuild.partial_window_s,
+            partial_window_s: Arc::new(cfg.rebuild.partial_window_s.into()),
             grain: cfg.rebuild.grain,
             frontend,
         }
@@ -1326,7 +1353,10 @@ const AL_CAPACITY: usize = 1024;
 
 /// The volume's partial-rebuild window: its own, else the node's.
 pub fn partial_window(cfg: &VolumeConfig, net: &Net) -> Duration {
-    Duration::from_secs(cfg.partial_window_s.unwrap_or(net.partial_window_s).into())
+    let node = net
+        .partial_window_s
+        .load(std::sync::atomic::Ordering::Acquire);
+    Duration::from_secs(cfg.partial_window_s.unwrap_or(node).into())
 }
 
 /// Add (or recover) the device, serve until stopped or fenced, then take it down.
@@ -1399,7 +1429,7 @@ fn serve(
         dp.ranges.clone(),
         replication::rebuild::ManagerConfig {
             chunk: replication::ByteLen(1 << 20),
-            partial_window: partial_window(cfg, net),
+            partial_window: replication::rebuild::PartialWindow::new(partial_window(cfg, net)),
             limits: net.rebuild.clone(),
             resync,
             history: health.log_dir().map(|d| d.join("rebuilds.json")),
