@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
-use crate::ids::{ByteOffset, FrameSeq, Generation, RequestId, SessionId, VolumeTag};
+use crate::ids::{ByteLen, ByteOffset, FrameSeq, Generation, RequestId, SessionId, VolumeTag};
 
 /// Largest data payload (and READ length): the largest ublk request (`max_io`).
 pub const MAX_DATA: u32 = 32 << 20;
@@ -30,6 +30,10 @@ pub const MAX_CONTROL: u32 = 64 << 10;
 pub const MAX_CHECKSUM: u32 = 64 << 20;
 /// Bytes of a CHECKSUM reply's payload.
 pub const CHECKSUM_LEN: usize = 4;
+/// Most extents in an answer to "which parts of this range may hold data"; a
+/// range with more is answered with the last one running to the range's end
+/// (over-reporting data is always safe).
+pub const MAX_EXTENTS: usize = 256;
 
 pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"UKQ2");
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"UKP2");
@@ -249,6 +253,9 @@ impl RequestHeader {
         }
     }
 }
+
+/// A range of a replica: where it starts and how long it is.
+pub type Extent = (ByteOffset, ByteLen);
 
 /// Outcome of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
