@@ -8,6 +8,8 @@
 //! * a header that parses, sealed with the corpus key, opens again to itself; with
 //!   any one byte changed, or under another key, or out of sequence, it does not;
 //! * the payload tag accepts exactly the payload it was made for;
+//! * the DATA_EXTENTS reply decoder agrees with docs/protocol.md §4.1, restated
+//!   here, on which lists it accepts, and what it accepts encodes back to itself;
 //! * control payloads and label slots that decode re-encode to values that decode
 //!   to the same value (JSON has many spellings of one value, so the round trip is
 //!   on values, and the re-encoding is checked to be stable);
@@ -19,7 +21,8 @@ use wire::control::{
     self, DeleteReply, DeleteRequest, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    FrameKey, Opener, ReplyHeader, RequestHeader, Sealer, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+    decode_extents, encode_extents, FrameKey, Opener, ReplyHeader, RequestHeader, Sealer,
+    REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
 use wire::label::{self, Slot};
 use wire::WireError;
@@ -30,6 +33,8 @@ const REPLY_LEN: usize = 72;
 const MAX_DATA: u32 = 32 << 20;
 const MAX_CONTROL: u32 = 64 << 10;
 const MAX_CHECKSUM: u32 = 64 << 20;
+const MAX_EXTENTS_RANGE: u32 = 1 << 30;
+const MAX_EXTENTS: usize = 256;
 /// The key the corpus's valid frames are sealed with.
 pub const CORPUS_KEY: [u8; 16] = [0x42; 16];
 
@@ -44,7 +49,8 @@ enum Reject {
 }
 
 /// Runs every check on `data`: as a request frame (header, then payload), as a
-/// reply frame, as a control payload at offsets 0, 72 and 96, and as a label slot.
+/// reply frame, as a control payload at offsets 0, 72 and 96, as a label slot, and
+/// as a DATA_EXTENTS reply (bytes 0..8 the request's offset, 8..12 its length).
 pub fn check(data: &[u8]) {
     assert_eq!(REQUEST_LEN, REQUEST_HEADER_LEN);
     assert_eq!(REPLY_LEN, REPLY_HEADER_LEN);
@@ -61,6 +67,7 @@ pub fn check(data: &[u8]) {
         }
     }
     check_slot(data);
+    check_extents(data);
 }
 
 fn key() -> FrameKey {
@@ -207,6 +214,53 @@ fn check_slot(b: &[u8]) {
     let _ = label::read_area(&b[..half], &b[half..]);
 }
 
+/// A DATA_EXTENTS reply decodes exactly when the restated rules accept it, to the
+/// same list, which encodes back to the same bytes.
+fn check_extents(data: &[u8]) {
+    let Some(head) = data.first_chunk::<12>() else {
+        return;
+    };
+    let (offset, len) = (le64(head, 0), u64::from(le32(head, 8)));
+    if offset.checked_add(len).is_none() {
+        return; // no request has such a range (§3.3 check 7)
+    }
+    let payload = &data[12..];
+    let got = decode_extents(wire::ByteOffset(offset), wire::ByteLen(len), payload);
+    let spec = spec_extents(offset, len, payload);
+    assert_eq!(
+        got.as_ref()
+            .ok()
+            .map(|v| v.iter().map(|(o, l)| (o.0, l.0)).collect::<Vec<_>>()),
+        spec,
+        "DATA_EXTENTS reply for [{offset}, +{len}): the decoder ({got:?}) disagrees with docs/protocol.md"
+    );
+    match got {
+        Ok(v) => assert_eq!(encode_extents(&v), payload, "extents round trip"),
+        Err(e) => assert!(matches!(e, WireError::Malformed { .. }), "{e:?}"),
+    }
+}
+
+/// docs/protocol.md §4.1: the records of a DATA_EXTENTS reply to a request for
+/// `[offset, offset + len)`, or `None` when the client must close.
+fn spec_extents(offset: u64, len: u64, p: &[u8]) -> Option<Vec<(u64, u64)>> {
+    if !p.len().is_multiple_of(16) || p.len() / 16 > MAX_EXTENTS {
+        return None;
+    }
+    let end = u128::from(offset) + u128::from(len);
+    let mut next_free = u128::from(offset);
+    let mut v = Vec::new();
+    for r in p.chunks(16) {
+        let (at, n) = (le64(r, 0), le64(r, 8));
+        let (start, stop) = (u128::from(at), u128::from(at) + u128::from(n));
+        if n == 0 || start < next_free || stop > end {
+            return None;
+        }
+        next_free = stop;
+        v.push((at, n));
+    }
+    Some(v)
+}
+
 fn reject_of(e: &WireError, head: &[u8]) -> Reject {
     match e {
         WireError::BadMagic(m) => {
@@ -243,7 +297,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         1 | 3 | 4 => (true, 0),
         2 => (true, 1),
         5 => (true, 2),
-        6 | 7 | 16..=19 => (false, 0),
+        6..=8 | 16..=19 => (false, 0),
         _ => return Some(Reject::Unknown),
     };
     if flags & !allowed != 0 || offset.checked_add(u64::from(len)).is_none() {
@@ -259,6 +313,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         4 | 5 => len >= 1 && payload_len == 0,
         6 => offset == 0 && len == 0 && payload_len >= 1,
         7 => (1..=MAX_CHECKSUM).contains(&len) && payload_len == 0,
+        8 => (1..=MAX_EXTENTS_RANGE).contains(&len) && payload_len == 0,
         18 => offset == 0 && len == 0 && payload_len == 0 && ids_zero,
         _ => offset == 0 && len == 0 && payload_len >= 1 && ids_zero,
     };

@@ -42,8 +42,8 @@ use wire::control::{
     decode_control, encode_control, DeleteRequest, LabelUpdate, OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, CHECKSUM_LEN, FLAG_FUA, FLAG_NO_UNMAP,
-    REQUEST_HEADER_LEN,
+    encode_extents, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, CHECKSUM_LEN,
+    EXTENT_RECORD_LEN, FLAG_FUA, FLAG_NO_UNMAP, MAX_EXTENTS, REQUEST_HEADER_LEN,
 };
 use wire::handshake::{Secret, HANDSHAKE_TIMEOUT};
 use wire::{ByteLen, RequestId, SessionId};
@@ -461,6 +461,7 @@ impl Server {
             let buf_bytes = match h.op {
                 Op::Write | Op::Read => h.len as usize,
                 Op::Checksum => h.len.min(replication::replica::CHECKSUM_CHUNK as u32) as usize,
+                Op::DataExtents => MAX_EXTENTS * EXTENT_RECORD_LEN,
                 _ => h.payload_len as usize,
             };
             let kib_needed = buf_bytes.div_ceil(1024) as u32;
@@ -712,6 +713,20 @@ async fn serve_fenced(
                         payload: Payload::Vec(crc.to_vec()),
                         ..Reply::new(Status::Ok, h.id)
                     }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Op::DataExtents => {
+            let range = ByteLen(len as u64);
+            match replica.data_extents(off, range).await {
+                // Storage that cannot tell (a block device) answers all of it as data.
+                Ok(extents) => {
+                    let extents = extents.unwrap_or_else(|| vec![(off, range)]);
+                    return Reply {
+                        payload: Payload::Vec(encode_extents(&extents)),
+                        ..Reply::new(Status::Ok, h.id)
+                    };
                 }
                 Err(e) => Err(e),
             }

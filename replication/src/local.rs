@@ -17,7 +17,7 @@ use wire::label::{self, AreaRead, Label, LABEL_AREA, SLOT_LEN};
 
 use crate::error::{Errno, ReplicationError};
 use crate::ids::{ByteLen, ByteOffset};
-use crate::replica::{IoFuture, IoResult, Replica};
+use crate::replica::{Extent, ExtentsFuture, IoFuture, IoResult, Replica, MAX_EXTENTS};
 use crate::uring::Uring;
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -556,6 +556,52 @@ fn is_unsupported(res: i32) -> bool {
     res == -libc::EOPNOTSUPP || res == -libc::ENOTSUP || res == -libc::EINVAL
 }
 
+/// The data extents of `[start, end)` of a file, from `SEEK_DATA` / `SEEK_HOLE`,
+/// widened to 512-byte boundaries (within the range) and merged; past
+/// [`MAX_EXTENTS`] the last one runs to `end`. `None` when the filesystem cannot
+/// tell (an error other than ENXIO). Only ever reports more data, never less.
+fn seek_data_extents(fd: RawFd, start: u64, end: u64) -> Option<Vec<Extent>> {
+    let seek = |at: u64, whence| {
+        // SAFETY: lseek on a descriptor we own; no memory is passed. The file
+        // position it moves is unused (I/O is positioned).
+        let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let mut out: Vec<Extent> = Vec::new();
+    let mut at = start;
+    while at < end {
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(d) => d.max(at),
+            // ENXIO: no data at or after `at`.
+            Err(Some(libc::ENXIO)) => break,
+            Err(_) => return None,
+        };
+        if data >= end {
+            break;
+        }
+        // A hole found at `data` itself (punched meanwhile) still counts one byte:
+        // the walk moves on, and data is over-reported, never missed.
+        let hole = seek(data, libc::SEEK_HOLE).map_or(end, |h| h.max(data + 1));
+        let from = (data - data % 512).max(start);
+        let to = hole.div_ceil(512).saturating_mul(512).min(end);
+        let full = out.len() == MAX_EXTENTS;
+        match out.last_mut() {
+            Some((o, l)) if from <= o.0 + l.0 => l.0 = to.max(o.0 + l.0) - o.0,
+            Some((o, l)) if full => {
+                l.0 = end - o.0;
+                break;
+            }
+            _ => out.push((ByteOffset(from), ByteLen(to - from))),
+        }
+        at = hole;
+    }
+    Some(out)
+}
+
 impl<U: Uring> Replica for LocalReplica<U> {
     fn location(&self) -> &str {
         &self.backing.location
@@ -616,22 +662,20 @@ impl<U: Uring> Replica for LocalReplica<U> {
         })
     }
 
-    /// `SEEK_DATA` from `offset`: no data before `offset + len` means a hole.
-    fn is_hole(&self, offset: ByteOffset, len: ByteLen) -> Option<bool> {
-        if self.backing.kind != BackingKind::File {
-            return None;
-        }
-        use std::os::fd::AsRawFd;
-        let fd = self.backing.buffered.as_raw_fd();
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
-        let at = unsafe { libc::lseek(fd, offset.0 as libc::off_t, libc::SEEK_DATA) };
-        if at < 0 {
-            // ENXIO: no data at or after offset (the label area is data, so this
-            // only happens on a filesystem that reports none at all).
-            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
-                .then_some(true);
-        }
-        Some(at as u64 >= offset.0 + len.0)
+    /// `SEEK_DATA` / `SEEK_HOLE` on files; unknown on block devices.
+    fn data_extents(&self, offset: ByteOffset, len: ByteLen) -> ExtentsFuture<'_> {
+        let extents = match self.backing.kind {
+            BackingKind::File => {
+                use std::os::fd::AsRawFd;
+                seek_data_extents(
+                    self.backing.buffered.as_raw_fd(),
+                    offset.0,
+                    offset.0 + len.0,
+                )
+            }
+            BackingKind::BlockDevice => None,
+        };
+        Box::pin(std::future::ready(Ok(extents)))
     }
 
     /// Reads through an aligned buffer, so the range goes `O_DIRECT` like the data
@@ -697,6 +741,54 @@ mod tests {
         let r = replica(&dir, 1 << 20);
         assert!(r.backing.inline, "tmpfs files are served inline");
         roundtrip(&r);
+    }
+
+    /// SEEK_DATA / SEEK_HOLE of a sparse file: exact extents clipped to the asked
+    /// range, a hole as an empty list, and past MAX_EXTENTS the last one running to
+    /// the end of the range (more data, never less).
+    #[test]
+    fn data_extents_of_a_sparse_file() {
+        const MIB: u64 = 1 << 20;
+        let dir = disk_dir();
+        let r = replica(&dir, 32 * MIB);
+        let extents = |off: u64, len: u64| {
+            block_on(r.data_extents(ByteOffset(off), ByteLen(len)))
+                .unwrap()
+                .expect("a file on disk knows its holes")
+                .into_iter()
+                .map(|(o, l)| (o.0, l.0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(extents(0, 32 * MIB), [], "fresh: all hole");
+        let block = vec![0x5au8; 8192];
+        block_on(r.write(ByteOffset(MIB), &block[..4096], false)).unwrap();
+        block_on(r.write(ByteOffset(5 * MIB), &block, false)).unwrap();
+        assert_eq!(extents(0, 32 * MIB), [(MIB, 4096), (5 * MIB, 8192)]);
+        assert_eq!(
+            extents(MIB + 512, 4 * MIB),
+            [(MIB + 512, 3584), (5 * MIB, 512)],
+            "clipped"
+        );
+        assert_eq!(extents(5 * MIB + 4096, 512), [(5 * MIB + 4096, 512)]);
+        assert_eq!(extents(2 * MIB, MIB), [], "between the two");
+        // More extents than a reply may carry: one 4 KiB block every 64 KiB from 8 MiB.
+        let n = MAX_EXTENTS as u64 + 4;
+        for i in 0..n {
+            block_on(r.write(ByteOffset(8 * MIB + i * 65536), &block[..4096], false)).unwrap();
+        }
+        let got = extents(8 * MIB, 24 * MIB);
+        assert_eq!(got.len(), MAX_EXTENTS);
+        let last = MAX_EXTENTS as u64 - 1;
+        assert_eq!(
+            got[..MAX_EXTENTS - 1],
+            (0..last)
+                .map(|i| (8 * MIB + i * 65536, 4096))
+                .collect::<Vec<_>>()[..]
+        );
+        assert_eq!(
+            got[MAX_EXTENTS - 1],
+            (8 * MIB + last * 65536, 24 * MIB - last * 65536)
+        );
     }
 
     fn roundtrip(r: &LocalReplica<BlockingUring>) {

@@ -11,6 +11,7 @@ use std::pin::Pin;
 
 use crate::error::Errno;
 use crate::ids::{ByteLen, ByteOffset};
+pub use wire::frame::{Extent, MAX_EXTENTS};
 
 pub type IoResult = Result<(), Errno>;
 /// **Contract: poll every `IoFuture` to completion; never drop one that is pending.**
@@ -19,6 +20,11 @@ pub type IoResult = Result<(), Errno>;
 /// that borrow once the future is boxed. The nexus awaits every future it creates.
 /// Boxed so `dyn Replica` works across replica kinds; one small allocation per op.
 pub type IoFuture<'a> = Pin<Box<dyn Future<Output = IoResult> + 'a>>;
+
+/// Which parts of a range may hold data: `Ok(None)` when the replica cannot tell.
+pub type ExtentsResult = Result<Option<Vec<Extent>>, Errno>;
+/// **Contract: as for [`IoFuture`], poll every `ExtentsFuture` to completion.**
+pub type ExtentsFuture<'a> = Pin<Box<dyn Future<Output = ExtentsResult> + 'a>>;
 
 pub trait Replica {
     /// Human-readable location (path, address) for logs and the CLI.
@@ -37,11 +43,15 @@ pub trait Replica {
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_>;
     /// The range reads back as zeroes afterwards.
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_>;
-    /// `Some(true)`: `[offset, offset + len)` is certainly a hole (reads back as
-    /// zeroes, nothing allocated), so a rebuild zeroes it on the target instead of
-    /// copying it. `None`: unknown (the default, and block devices).
-    fn is_hole(&self, _offset: ByteOffset, _len: ByteLen) -> Option<bool> {
-        None
+    /// The parts of `[offset, offset + len)` that may hold data: sorted, disjoint
+    /// extents inside the range, at most [`MAX_EXTENTS`] (past that the last one
+    /// runs to the range's end); the rest certainly reads back as zeroes. So
+    /// `Some(vec![])` is a hole, which a rebuild zeroes on the target instead of
+    /// copying. `None`: unknown (the default, block devices); a remote replica asks
+    /// its server. The answer is stale as soon as a write reaches the range: ask
+    /// under the range lock, and never keep it past the lock.
+    fn data_extents(&self, _offset: ByteOffset, _len: ByteLen) -> ExtentsFuture<'_> {
+        Box::pin(std::future::ready(Ok(None)))
     }
     /// CRC32C of `[offset, offset + len)` into `out`, computed where the data is: a
     /// remote replica asks its server (the data does not cross the network). This

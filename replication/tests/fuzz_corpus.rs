@@ -15,12 +15,13 @@ use wire::control::{
     encode_control, Capacity, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    FrameKey, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP,
-    MAX_CONTROL, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+    decode_extents, encode_extents, FrameKey, Op, Opener, ReplyHeader, RequestHeader, Sealer,
+    Status, FLAG_FUA, FLAG_NO_UNMAP, MAX_CONTROL, MAX_EXTENTS_RANGE, REPLY_HEADER_LEN,
+    REQUEST_HEADER_LEN,
 };
 use wire::label::{encode_slot, Label, Membership};
 use wire::{
-    ByteOffset, Epoch, Generation, OwnerId, ReplicaUuid, RequestId, SessionId, VolumeTag,
+    ByteLen, ByteOffset, Epoch, Generation, OwnerId, ReplicaUuid, RequestId, SessionId, VolumeTag,
     VolumeUuid,
 };
 
@@ -51,6 +52,19 @@ fn check(what: &str, data: &[u8]) {
 
 fn key() -> FrameKey {
     FrameKey::from_bytes(frame_check::CORPUS_KEY)
+}
+
+/// A DATA_EXTENTS reply as the fuzz checks read it: the request's offset (8 bytes)
+/// and length (4), then the records.
+fn extents(offset: u64, len: u32, v: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = offset.to_le_bytes().to_vec();
+    b.extend_from_slice(&len.to_le_bytes());
+    let v: Vec<_> = v
+        .iter()
+        .map(|&(o, l)| (ByteOffset(o), ByteLen(l)))
+        .collect();
+    b.extend_from_slice(&encode_extents(&v));
+    b
 }
 
 fn req(op: Op, f: impl FnOnce(&mut RequestHeader)) -> RequestHeader {
@@ -147,6 +161,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut torn_slot = encode_slot(&label(), 3);
     torn_slot[40] ^= 0xff;
     let ping = sealed_req(req(Op::Ping, |_| {}), &[]);
+    let extents_reply = extents(1 << 20, 1 << 20, &[(1 << 20, 4096), (3 << 19, 65536)]);
     let flip = |mut v: Vec<u8>, at: usize| {
         v[at] ^= 0x01;
         v
@@ -183,6 +198,16 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("valid-req-open", control(Op::Open, &open_json)),
         ("valid-req-stat", control(Op::Stat, &stat_json)),
         ("valid-req-ping", ping.clone()),
+        (
+            "valid-req-data-extents",
+            sealed_req(
+                req(Op::DataExtents, |h| {
+                    h.offset = ByteOffset(1 << 20);
+                    h.len = MAX_EXTENTS_RANGE;
+                }),
+                &[],
+            ),
+        ),
         ("valid-rep-ok", sealed_rep(Status::Ok, 0, &[])),
         (
             "valid-rep-read-512",
@@ -199,6 +224,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("valid-rep-open", sealed_rep(Status::Ok, 0, &open_reply)),
+        (
+            "valid-rep-data-extents",
+            sealed_rep(Status::Ok, 0, &extents_reply[12..]),
+        ),
         ("valid-rep-stat", sealed_rep(Status::Ok, 0, &stat_reply)),
         ("bad-req-header-tag", flip(ping.clone(), 90)),
         ("bad-req-magic-v1", flip(ping.clone(), 3)),
@@ -254,6 +283,20 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 &stat_json,
             ),
         ),
+        (
+            "bad-req-data-extents-payload",
+            sealed_req(
+                req(Op::DataExtents, |h| {
+                    h.len = 4096;
+                    h.payload_len = 16;
+                }),
+                &data(16, 0),
+            ),
+        ),
+        (
+            "bad-req-data-extents-too-long",
+            sealed_req(req(Op::DataExtents, |h| h.len = MAX_EXTENTS_RANGE + 1), &[]),
+        ),
         ("bad-req-payload-tag", {
             let mut v = sealed_req(write(512, false), &data(512, 0x11));
             v[REQUEST_HEADER_LEN + 100] ^= 1;
@@ -289,6 +332,20 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             s.insert_str(1, "\"stale\":true,");
             s.into_bytes()
         }),
+        ("valid-extents-two", extents_reply.clone()),
+        ("valid-extents-hole", extents(1 << 20, 1 << 20, &[])),
+        (
+            "bad-extents-outside",
+            extents(1 << 20, 1 << 20, &[(0, 4096)]),
+        ),
+        (
+            "bad-extents-unsorted",
+            extents(0, 1 << 20, &[(65536, 4096), (0, 4096)]),
+        ),
+        (
+            "bad-extents-torn",
+            extents_reply[..extents_reply.len() - 1].to_vec(),
+        ),
         ("valid-slot-label", encode_slot(&label(), 3)),
         ("bad-slot-torn", torn_slot),
         ("empty", Vec::new()),
@@ -363,6 +420,13 @@ fn seeds_decode_as_their_names_say() {
             assert!(request(&data).is_err(), "{name} is accepted");
         } else if name.starts_with("bad-rep-") {
             assert!(reply(&data).is_err(), "{name} is accepted");
+        } else if name.starts_with("valid-extents-") || name.starts_with("bad-extents-") {
+            let (offset, len) = (
+                u64::from_le_bytes(data[..8].try_into().unwrap()),
+                u32::from_le_bytes(data[8..12].try_into().unwrap()),
+            );
+            let got = decode_extents(ByteOffset(offset), ByteLen(len.into()), &data[12..]);
+            assert_eq!(got.is_ok(), name.starts_with("valid-"), "{name}: {got:?}");
         } else if name.starts_with("valid-slot-") {
             assert!(
                 matches!(

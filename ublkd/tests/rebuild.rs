@@ -272,3 +272,96 @@ fn a_full_rebuild_whose_target_dies_half_way_is_resumed_when_it_returns() {
         verify_image(&s.image(&format!("ft-r{i}")), &expected);
     }
 }
+
+/// A full rebuild whose only source is a remote replica asks it (DATA_EXTENTS)
+/// which chunks hold data: the holes of a mostly-discarded volume are punched on
+/// the target instead of copied, so the target, fully allocated before, ends up
+/// with about the bytes written since, and the same data as the source.
+#[test]
+fn a_full_rebuild_from_a_remote_source_zeroes_its_holes_instead_of_copying_them() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_server(tmp.path(), 48);
+    let mut b = start_server(tmp.path(), 49);
+    let rt = rt();
+    let vu = VolumeUuid::random();
+    let owner = Owner::open(
+        &rt,
+        vec![
+            spec(&a, "sp-r1", "sp", vu, 1, 7),
+            spec(&b, "sp-r2", "sp", vu, 1, 7),
+        ],
+        None,
+    );
+    let nexus = owner.nexus();
+    let submit = |req: BlockRequest, buf: &mut [u8]| {
+        futures::executor::block_on(nexus.submit(req, buf)).expect("application I/O");
+    };
+    let write = |block: usize, seq: u64| {
+        let req = BlockRequest::Write {
+            offset: ByteOffset((block * BLOCK) as u64),
+            len: ByteLen(BLOCK as u64),
+            fua: false,
+        };
+        submit(req, &mut block_data(block, seq));
+    };
+    for block in 0..BLOCKS {
+        write(block, 1);
+    }
+    flush(&nexus);
+    let allocated = |s: &ServerProc| std::fs::metadata(s.image("sp-r2")).unwrap().blocks() * 512;
+    assert!(allocated(&b) >= SIZE, "the target starts fully allocated");
+    // While the target is away the volume is discarded, then four 64 KiB regions
+    // (the dirty map's and here the copy's unit) are written again.
+    b.kill();
+    let discard = BlockRequest::Discard {
+        offset: ByteOffset(0),
+        len: ByteLen(SIZE),
+    };
+    submit(discard, &mut []);
+    let mut expected = vec![0u64; BLOCKS];
+    const REGION: usize = (64 << 10) / BLOCK;
+    for region in [1, 9, 20, 30] {
+        let blocks = region * REGION..(region + 1) * REGION;
+        for (block, seq) in blocks.clone().zip(&mut expected[blocks]) {
+            write(block, 2);
+            *seq = 2;
+        }
+    }
+    flush(&nexus);
+    assert_eq!(owner.states(), ["online", "faulted"]);
+    b.start();
+    wait_until(20, "the target reconnects", || reachable(&owner, 1));
+    // One chunk per region: a chunk is copied whole or zeroed whole.
+    let copy = CopyConfig {
+        chunk: ByteLen(64 << 10),
+        rate: Rate::uncapped(),
+        ..CopyConfig::default()
+    };
+    let progress = Progress::default();
+    let out = rebuild(
+        &owner.health,
+        &owner.ranges,
+        SlotIndex(1),
+        RebuildKind::Full,
+        copy,
+        &progress,
+    )
+    .unwrap();
+    assert!(matches!(out, Outcome::Done { bytes: SIZE, .. }), "{out:?}");
+    assert_eq!(owner.states(), ["online", "online"]);
+    flush(&nexus);
+    verify_image(&a.image("sp-r1"), &expected);
+    verify_image(&b.image("sp-r2"), &expected);
+    assert!(
+        data_of(&a.image("sp-r1")) == data_of(&b.image("sp-r2")),
+        "source and target differ"
+    );
+    // The written blocks and the label area, not the volume.
+    let written = 4 << 16;
+    let on_target = allocated(&b);
+    assert!(
+        (written..=written + wire::label::LABEL_AREA).contains(&on_target),
+        "{on_target} bytes allocated on the target for {written} written"
+    );
+}

@@ -859,3 +859,88 @@ fn delete_removes_only_the_named_copy_and_only_for_an_owner_allowed_to_open_it()
         owner.health.fence().reason()
     );
 }
+
+/// DATA_EXTENTS against a real server: a sparse image is answered with exactly the
+/// blocks written (raw, and through the owner's `Replica::data_extents`), a hole
+/// with nothing; a connection without the replica open, and an owner a newer one
+/// fenced, get no answer; a range past the replica's end closes the connection.
+#[test]
+fn data_extents_answers_a_sparse_images_extents_and_only_to_its_owner() {
+    use replication::Replica;
+    use wire::frame::decode_extents;
+    const K: u64 = 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_server(tmp.path(), 32);
+    let rt = rt();
+    let vu = VolumeUuid::random();
+    let mut raw = Raw::connect(&rt, server.addr);
+    let o = raw.open("x-r1", vu, 1, 5);
+    for off in [64 * K, 68 * K, 1024 * K] {
+        raw.write(&o, 1, off, &vec![0x5a; BLOCK]);
+        assert_eq!(raw.reply().0.status, Status::Ok);
+    }
+    let ask = |raw: &mut Raw, session, generation, offset: u64, len: u64| {
+        let mut h = RequestHeader::new(Op::DataExtents, RequestId(3));
+        h.offset = ByteOffset(offset);
+        h.len = len as u32;
+        h.generation = Generation(generation);
+        h.session = session;
+        h.volume = VolumeTag::of("g");
+        raw.send(&h, &[]);
+        raw.reply()
+    };
+    let extents = |raw: &mut Raw, offset: u64, len: u64| {
+        let (r, p) = ask(raw, o.session, 1, offset, len);
+        assert_eq!(r.status, Status::Ok, "{}", String::from_utf8_lossy(&p));
+        decode_extents(ByteOffset(offset), ByteLen(len), &p)
+            .expect("a well-formed list")
+            .into_iter()
+            .map(|(o, l)| (o.0, l.0))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        extents(&mut raw, 0, SIZE),
+        [(64 * K, 8 * K), (1024 * K, 4 * K)]
+    );
+    assert_eq!(extents(&mut raw, 128 * K, 512 * K), [], "a hole");
+    assert_eq!(
+        extents(&mut raw, 68 * K, 1024 * K),
+        [(68 * K, 4 * K), (1024 * K, 4 * K)],
+        "clipped to the range"
+    );
+
+    // The owner's side asks the same over its connection.
+    let client = Arc::new(
+        rt.block_on(RemoteClient::connect(spec(&server, "x-r1", "g", vu, 2, 6)))
+            .unwrap()
+            .0,
+    );
+    let replica = client.replica(None);
+    let got = futures::executor::block_on(replica.data_extents(ByteOffset(0), ByteLen(SIZE)));
+    assert_eq!(
+        got,
+        Ok(Some(vec![
+            (ByteOffset(64 * K), ByteLen(8 * K)),
+            (ByteOffset(1024 * K), ByteLen(4 * K)),
+        ]))
+    );
+    // That OPEN at generation 2 fenced the first owner: no answer for it.
+    let (r, p) = ask(&mut raw, o.session, 1, 0, SIZE);
+    assert_eq!((r.status, r.aux, p.len()), (Status::Fenced, 2, 0));
+    // Nor for a connection that opened nothing.
+    let mut stranger = Raw::connect(&rt, server.addr);
+    let (r, p) = ask(&mut stranger, o.session, 2, 0, SIZE);
+    assert_eq!(r.status, Status::NotOpen, "{}", String::from_utf8_lossy(&p));
+    // A range past the end is a broken client: closed, like any I/O out of range.
+    let mut past = Raw::connect(&rt, server.addr);
+    let o3 = past.open("x-r3", vu, 1, 7);
+    let mut h = RequestHeader::new(Op::DataExtents, RequestId(3));
+    (h.offset, h.len) = (ByteOffset(SIZE - BLOCK as u64), 2 * BLOCK as u32);
+    (h.generation, h.session, h.volume) = (Generation(1), o3.session, VolumeTag::of("g"));
+    past.send(&h, &[]);
+    assert!(
+        past.closed_without_reply(),
+        "out-of-range DATA_EXTENTS answered"
+    );
+    assert!(client.is_connected());
+}

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
-use crate::ids::{ByteOffset, FrameSeq, Generation, RequestId, SessionId, VolumeTag};
+use crate::ids::{ByteLen, ByteOffset, FrameSeq, Generation, RequestId, SessionId, VolumeTag};
 
 /// Largest data payload (and READ length): the largest ublk request (`max_io`).
 pub const MAX_DATA: u32 = 32 << 20;
@@ -30,6 +30,13 @@ pub const MAX_CONTROL: u32 = 64 << 10;
 pub const MAX_CHECKSUM: u32 = 64 << 20;
 /// Bytes of a CHECKSUM reply's payload.
 pub const CHECKSUM_LEN: usize = 4;
+/// Largest range of one DATA_EXTENTS.
+pub const MAX_EXTENTS_RANGE: u32 = 1 << 30;
+/// Most extents in a DATA_EXTENTS reply; a range with more is answered with the
+/// last one running to the range's end (over-reporting data is always safe).
+pub const MAX_EXTENTS: usize = 256;
+/// Bytes of one extent in a DATA_EXTENTS reply: offset, then length, u64 LE each.
+pub const EXTENT_RECORD_LEN: usize = 16;
 
 pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"UKQ2");
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"UKP2");
@@ -50,6 +57,9 @@ pub enum Op {
     /// CRC32C of a range, computed by the server: the reply's payload is the 4
     /// bytes (little-endian), never the data (online verify).
     Checksum = 7,
+    /// Which parts of a range may hold data (`SEEK_DATA` on the server): the reply
+    /// lists them, so a rebuild zeroes the rest instead of copying it.
+    DataExtents = 8,
     /// Open (optionally create) a replica for a volume owner at a generation.
     Open = 16,
     /// Report a replica's label without claiming it.
@@ -71,6 +81,7 @@ impl Op {
             5 => Op::WriteZeroes,
             6 => Op::SetLabel,
             7 => Op::Checksum,
+            8 => Op::DataExtents,
             16 => Op::Open,
             17 => Op::Stat,
             18 => Op::Ping,
@@ -225,6 +236,10 @@ impl RequestHeader {
                 bad("length must be 1..=MAX_CHECKSUM")
             }
             Op::Checksum if self.payload_len != 0 => bad("carries a payload"),
+            Op::DataExtents if self.len == 0 || self.len > MAX_EXTENTS_RANGE => {
+                bad("length must be 1..=MAX_EXTENTS_RANGE")
+            }
+            Op::DataExtents if self.payload_len != 0 => bad("carries a payload"),
             Op::Write if self.len == 0 || self.payload_len != self.len => {
                 bad("payload length must equal the (non-zero) length")
             }
@@ -248,6 +263,61 @@ impl RequestHeader {
             _ => Ok(()),
         }
     }
+}
+
+/// A range of a replica: where it starts and how long it is.
+pub type Extent = (ByteOffset, ByteLen);
+
+/// The payload of a DATA_EXTENTS reply. The caller keeps the rules
+/// [`decode_extents`] checks (at most [`MAX_EXTENTS`], sorted, inside the range).
+pub fn encode_extents(extents: &[Extent]) -> Vec<u8> {
+    debug_assert!(extents.len() <= MAX_EXTENTS);
+    let mut b = Vec::with_capacity(extents.len() * EXTENT_RECORD_LEN);
+    for (off, len) in extents {
+        b.extend_from_slice(&off.0.to_le_bytes());
+        b.extend_from_slice(&len.0.to_le_bytes());
+    }
+    b
+}
+
+/// The extents of a DATA_EXTENTS reply to a request for `[offset, offset + len)`:
+/// whole records, at most [`MAX_EXTENTS`], each non-empty, inside the range, sorted
+/// and non-overlapping. Anything else is a broken server: the client closes.
+pub fn decode_extents(
+    offset: ByteOffset,
+    len: ByteLen,
+    payload: &[u8],
+) -> Result<Vec<Extent>, WireError> {
+    let bad = |why| {
+        Err(WireError::Malformed {
+            op: Op::DataExtents,
+            why,
+        })
+    };
+    if !payload.len().is_multiple_of(EXTENT_RECORD_LEN) {
+        return bad("reply payload is not whole 16-byte extent records");
+    }
+    if payload.len() / EXTENT_RECORD_LEN > MAX_EXTENTS {
+        return bad("reply lists more than MAX_EXTENTS extents");
+    }
+    let end = offset.0.saturating_add(len.0);
+    let mut out = Vec::with_capacity(payload.len() / EXTENT_RECORD_LEN);
+    let mut prev_end = offset.0;
+    for r in payload.chunks_exact(EXTENT_RECORD_LEN) {
+        let (at, n) = (le64(r, 0), le64(r, 8));
+        if n == 0 {
+            return bad("reply lists an empty extent");
+        }
+        if at < offset.0 || at.checked_add(n).is_none_or(|e| e > end) {
+            return bad("reply lists an extent outside the requested range");
+        }
+        if at < prev_end {
+            return bad("reply extents are unsorted or overlap");
+        }
+        prev_end = at + n;
+        out.push((ByteOffset(at), ByteLen(n)));
+    }
+    Ok(out)
 }
 
 /// Outcome of a request.
@@ -546,6 +616,7 @@ mod tests {
             Op::WriteZeroes,
             Op::SetLabel,
             Op::Checksum,
+            Op::DataExtents,
             Op::Open,
             Op::Stat,
             Op::Ping,
@@ -579,6 +650,7 @@ mod tests {
                     }
                     Op::Discard => (h.offset, h.len) = (off, len),
                     Op::Checksum => (h.offset, h.len) = (off, 1 + len % MAX_CHECKSUM),
+                    Op::DataExtents => (h.offset, h.len) = (off, 1 + len % MAX_EXTENTS_RANGE),
                     Op::WriteZeroes => {
                         (h.offset, h.len) = (off, len);
                         h.flags = if f { FLAG_NO_UNMAP } else { 0 };
@@ -644,6 +716,23 @@ mod tests {
             let rep: [u8; REPLY_HEADER_LEN] = v[..REPLY_HEADER_LEN].try_into().unwrap();
             let _ = ReplyHeader::parse(&rep);
             let _ = Opener::new(key(1)).open_reply(&rep);
+        }
+
+        /// Any list the decoder accepts encodes back to the same bytes.
+        #[test]
+        fn data_extents_decode_then_encode_is_identity(
+            off in 0u64..(1 << 40),
+            len in 1u64..=(MAX_EXTENTS_RANGE as u64),
+            cuts in prop::collection::vec(any::<u64>(), 0..40),
+        ) {
+            // Sorted cut points inside the range, paired into extents.
+            let mut c: Vec<u64> = cuts.iter().map(|x| off + x % len).collect();
+            c.sort();
+            c.dedup();
+            let v: Vec<(u64, u64)> = c.chunks_exact(2).map(|p| (p[0], p[1] - p[0])).collect();
+            let p = records(&v);
+            let back = decode_extents(ByteOffset(off), ByteLen(len), &p).unwrap();
+            prop_assert_eq!(encode_extents(&back), p);
         }
 
         #[test]
@@ -739,6 +828,118 @@ mod tests {
         assert!(
             matches!(bad(h), WireError::Malformed { .. }),
             "ids on control op"
+        );
+    }
+
+    #[test]
+    fn data_extents_requests_are_bounded_and_carry_no_payload() {
+        let req = |len: u32, payload_len: u32| {
+            let mut h = RequestHeader::new(Op::DataExtents, RequestId(1));
+            (h.offset, h.len, h.payload_len) = (ByteOffset(1 << 20), len, payload_len);
+            h.generation = Generation(3);
+            let b = Sealer::new(key(8)).seal_request(&h, &vec![0; payload_len as usize]);
+            Opener::new(key(8)).open_request(&b).map(|(got, _)| got)
+        };
+        let got = req(MAX_EXTENTS_RANGE, 0).expect("the largest range");
+        assert_eq!((got.op, got.len), (Op::DataExtents, MAX_EXTENTS_RANGE));
+        let malformed = |why| {
+            Err(WireError::Malformed {
+                op: Op::DataExtents,
+                why,
+            })
+        };
+        let bad_len = malformed("length must be 1..=MAX_EXTENTS_RANGE");
+        assert_eq!(req(0, 0), bad_len);
+        assert_eq!(req(MAX_EXTENTS_RANGE + 1, 0), bad_len);
+        assert_eq!(req(4096, 16), malformed("carries a payload"));
+        let mut b = [0u8; REQUEST_HEADER_LEN];
+        b[..4].copy_from_slice(&REQUEST_MAGIC.to_le_bytes());
+        b[4] = 8;
+        b[32..36].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(RequestHeader::parse(&b).unwrap().0.op, Op::DataExtents);
+    }
+
+    fn records(v: &[(u64, u64)]) -> Vec<u8> {
+        let e: Vec<Extent> = v
+            .iter()
+            .map(|&(o, l)| (ByteOffset(o), ByteLen(l)))
+            .collect();
+        encode_extents(&e)
+    }
+
+    #[test]
+    fn data_extents_replies_round_trip() {
+        let (off, len) = (ByteOffset(1 << 20), ByteLen(1 << 20));
+        let v = [
+            (1 << 20, 4096),
+            (1 << 20 | 65536, 8192),
+            ((2 << 20) - 512, 512),
+        ];
+        let p = records(&v);
+        assert_eq!(p.len(), 3 * EXTENT_RECORD_LEN);
+        // Little-endian offset, then length.
+        assert_eq!(p[..16], [0, 0, 16, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0]);
+        let back = decode_extents(off, len, &p).unwrap();
+        assert_eq!(
+            back,
+            [
+                (ByteOffset(1 << 20), ByteLen(4096)),
+                (ByteOffset(1 << 20 | 65536), ByteLen(8192)),
+                (ByteOffset((2 << 20) - 512), ByteLen(512)),
+            ]
+        );
+        assert_eq!(decode_extents(off, len, &[]).unwrap(), [], "a hole");
+        let whole = records(&[(1 << 20, 1 << 20)]);
+        assert_eq!(decode_extents(off, len, &whole).unwrap(), [(off, len)]);
+        let full: Vec<(u64, u64)> = (0..MAX_EXTENTS as u64).map(|i| (i * 8192, 4096)).collect();
+        let cap = decode_extents(ByteOffset(0), ByteLen(4 << 20), &records(&full)).unwrap();
+        assert_eq!(cap.len(), MAX_EXTENTS);
+    }
+
+    #[test]
+    fn malformed_data_extents_replies_are_rejected_naming_the_problem() {
+        let bad = |v: &[(u64, u64)]| match decode_extents(
+            ByteOffset(1 << 20),
+            ByteLen(1 << 20),
+            &records(v),
+        ) {
+            Err(WireError::Malformed {
+                op: Op::DataExtents,
+                why,
+            }) => why,
+            other => panic!("{v:?} accepted: {other:?}"),
+        };
+        assert_eq!(
+            bad(&[(0, 4096)]),
+            "reply lists an extent outside the requested range"
+        );
+        assert_eq!(
+            bad(&[((2 << 20) - 4096, 8192)]),
+            "reply lists an extent outside the requested range"
+        );
+        assert_eq!(
+            bad(&[(u64::MAX - 10, 4096)]),
+            "reply lists an extent outside the requested range"
+        );
+        assert_eq!(
+            bad(&[(1 << 20 | 8192, 4096), (1 << 20, 4096)]),
+            "reply extents are unsorted or overlap"
+        );
+        assert_eq!(
+            bad(&[(1 << 20, 8192), (1 << 20 | 4096, 4096)]),
+            "reply extents are unsorted or overlap"
+        );
+        assert_eq!(bad(&[(1 << 20, 0)]), "reply lists an empty extent");
+        let too_many: Vec<(u64, u64)> = (0..=MAX_EXTENTS as u64)
+            .map(|i| ((1 << 20) + i * 1024, 512))
+            .collect();
+        assert_eq!(bad(&too_many), "reply lists more than MAX_EXTENTS extents");
+        let mut torn = records(&[(1 << 20, 4096)]);
+        torn.pop();
+        let err = decode_extents(ByteOffset(1 << 20), ByteLen(1 << 20), &torn).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "malformed DataExtents frame: reply payload is not whole 16-byte extent records"
         );
     }
 }

@@ -15,7 +15,9 @@ pub enum ProtocolVersion {
     /// every frame carries a sequence number and SipHash-2-4-128 tags over header and
     /// payload instead of CRCs (no replay, reordering, deletion or forgery by anyone
     /// on the path); replica labels (identity + membership) in STAT/OPEN and the
-    /// fenced SET_LABEL op; a v1 peer is refused with an upgrade message.
+    /// fenced SET_LABEL op; a v1 peer is refused with an upgrade message. Added
+    /// within 2 (a server built before closes the connection on the op, so upgrade
+    /// servers first): CHECKSUM (op 7, 2026-12-02), DATA_EXTENTS (op 8, 2026-12-05).
     V2 = 2,
 }
 

@@ -40,7 +40,8 @@ use wire::control::{
     OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    Op, Opener, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP, REPLY_HEADER_LEN,
+    decode_extents, Extent, Op, Opener, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP,
+    MAX_EXTENTS_RANGE, REPLY_HEADER_LEN,
 };
 use wire::handshake::Secret;
 use wire::label::Label;
@@ -48,7 +49,7 @@ use wire::{ByteLen, ByteOffset, Generation, ReplicaUuid, RequestId, SessionId, V
 
 use super::conn::{client_handshake, exchange};
 use crate::error::{Errno, ReplicationError};
-use crate::replica::{IoFuture, IoResult, Replica};
+use crate::replica::{ExtentsFuture, IoFuture, IoResult, Replica};
 pub use crate::wake::Kick;
 
 /// Why a connection went down.
@@ -107,6 +108,8 @@ enum JobData {
     Borrowed(RawBuf),
     /// A control payload the job owns (SET_LABEL).
     Owned(Vec<u8>),
+    /// Where the reader puts a DATA_EXTENTS answer, checked, before it completes.
+    Extents(Arc<Mutex<Option<Vec<Extent>>>>),
 }
 
 struct Job {
@@ -646,6 +649,24 @@ async fn reader(
             );
         };
         let res = match r.status {
+            Status::Ok if job.op == Op::DataExtents => {
+                match decode_extents(ByteOffset(job.offset), ByteLen(job.len.into()), &payload) {
+                    Ok(extents) => {
+                        if let JobData::Extents(slot) = &job.data {
+                            *slot.lock().unwrap() = Some(extents);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Put it back so teardown fails it after the tasks stopped.
+                        pending
+                            .lock()
+                            .unwrap()
+                            .insert(r.id.0, Pending { job, sent: true });
+                        return die(&mut kicks, format!("protocol violation: {e}"));
+                    }
+                }
+            }
             Status::Ok if matches!(job.op, Op::Read | Op::Checksum) => {
                 let JobData::Borrowed(b) = job.data else {
                     unreachable!("a read has a buffer")
@@ -901,6 +922,24 @@ impl Replica for RemoteReplica {
             len: out.len(),
         };
         self.io(Op::Checksum, 0, offset.0, len.0, JobData::Borrowed(raw))
+    }
+
+    /// Asks the server (DATA_EXTENTS). A range the op cannot carry (too long, not
+    /// 512-aligned: the server would close the connection) is simply unknown.
+    fn data_extents(&self, offset: ByteOffset, len: ByteLen) -> ExtentsFuture<'_> {
+        if !(1..=u64::from(MAX_EXTENTS_RANGE)).contains(&len.0)
+            || !offset.0.is_multiple_of(512)
+            || !len.0.is_multiple_of(512)
+        {
+            return Box::pin(std::future::ready(Ok(None)));
+        }
+        let slot = Arc::new(Mutex::new(None));
+        let data = JobData::Extents(slot.clone());
+        let done = self.io(Op::DataExtents, 0, offset.0, len.0, data);
+        Box::pin(async move {
+            done.await?;
+            Ok(slot.lock().unwrap().take())
+        })
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
