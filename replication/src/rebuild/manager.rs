@@ -676,7 +676,12 @@ mod tests {
             since_unix_ms: 1_000_000_000 - age_s * 1000,
         };
         let now = 1_000_000_000;
-        type Case = (&'static str, Option<Option<LogOrigin>>, bool, Option<FullWhy>);
+        type Case = (
+            &'static str,
+            Option<Option<LogOrigin>>,
+            bool,
+            Option<FullWhy>,
+        );
         let cases: Vec<Case> = vec![
             ("no map", None, false, Some(FullWhy::NoMap)),
             (

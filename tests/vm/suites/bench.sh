@@ -556,6 +556,19 @@ last_rebuild() {
     | sed 's/.*},{/{/' | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"
 }
 
+# all_online N: volume bench has N replicas, every one online.
+all_online() {
+  _st=$(vol_status bench | json_replicas)
+  [ "$(echo "$_st" | grep -c '"state":')" -eq "$1" ] \
+    && [ "$(echo "$_st" | grep -c '"state":"online"')" -eq "$1" ]
+}
+
+# rebuild_done: bytes the running rebuild of volume bench has copied (0 when none runs).
+rebuild_done() {
+  _d=$(vol_status bench | tr -d ' \n' | sed -n 's/.*"rebuild":{[^}]*"done":\([0-9]*\).*/\1/p')
+  echo "${_d:-0}"
+}
+
 # rebuilt N: the rebuild history has N entries and no rebuild runs.
 rebuilt() {
   [ "$("$UBLKCTL" --socket "$SOCK" --output json rebuild history bench | grep -o started_unix_ms | wc -l)" -ge "$1" ] \
@@ -654,25 +667,40 @@ bench_rebuild() {
   stop_ublkd 60 || fail "owner did not stop"
   fi
 
-  # 3. Application 4k randwrite QD32 while a full rebuild runs at the default cap, against
-  #    the same volume without one.
+  # 3. Application 4k randwrite QD32 while a full rebuild of a third replica runs at the
+  #    default limits, against the same three replicas once it is done (and, for the record,
+  #    the two before it was added).
   if part qos; then
   fresh_servers
   TAG=qos; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 q2)"
   run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=4 --size=512M --output=/dev/null
+  # Both replicas must take the writes, or "idle" measures a degraded volume.
+  all_online 2 || fail "a replica is not online after the fill: $(vol_status bench)"
   set -- $(fio_run /dev/ublkb0 randwrite 4k 32 qos_idle)
   idle=$1
+  all_online 2 || fail "a replica left during the idle run: $(vol_status bench)"
   add_replica $TAG "$(R3 q3)"
+  d0=$(rebuild_done)
   set -- $(fio_run /dev/ublkb0 randwrite 4k 32 qos_busy)
-  busy=$1
+  busy=$1 d1=$(rebuild_done)
   vol_status bench | grep -q '"rebuild":{' \
     || echo "TABLE qos: the rebuild ended before fio did (the ratio covers part of the run)"
-  echo "TABLE rebuild qos: app 4k randwrite QD32 $idle IOPS idle, $busy IOPS during a rebuild at the default limits ([rebuild] rate and busy_percent)"
-  echo "RESULT app_randwrite_qd32_iops_idle=$idle"
-  echo "RESULT app_randwrite_qd32_iops_during_rebuild=$busy"
-  echo "RESULT rebuild_app_iops_ratio=$(awk -v a="$busy" -v b="$idle" 'BEGIN { printf "%.2f", a / b }')"
+  vol_status bench | json_replicas | grep -q '"state":"faulted"' \
+    && fail "a replica faulted during the busy run: $(vol_status bench)"
   wait_for 900 rebuilt 1 || fail "capped rebuild did not finish: $(vol_status bench)"
+  # Without a rebuild, the same three replicas: what the rebuild itself costs (the
+  # third replica's writes are the volume's from now on, rebuild or not).
+  all_online 3 || fail "not three replicas online after the rebuild: $(vol_status bench)"
+  set -- $(fio_run /dev/ublkb0 randwrite 4k 32 qos_after)
+  after=$1
+  echo "TABLE rebuild qos: app 4k randwrite QD32 $busy IOPS during a rebuild at the default limits ([rebuild] rate and busy_percent; $(( (d1 - d0) >> 20 )) MiB copied meanwhile), $after IOPS on the same three replicas without one; $idle IOPS on the two before the third was added"
+  echo "RESULT app_randwrite_qd32_iops_two_replicas=$idle"
+  echo "RESULT app_randwrite_qd32_iops_during_rebuild=$busy"
+  echo "RESULT app_randwrite_qd32_iops_three_replicas=$after"
+  echo "RESULT rebuild_mib_copied_during_fio=$(( (d1 - d0) >> 20 ))"
+  echo "RESULT rebuild_app_iops_ratio=$(awk -v a="$busy" -v b="$after" 'BEGIN { printf "%.2f", a / b }')"
+  echo "RESULT rebuild_app_iops_ratio_vs_two_replicas=$(awk -v a="$busy" -v b="$idle" 'BEGIN { printf "%.2f", a / b }')"
   stop_ublkd 60 || fail "owner did not stop"
   fi
 
@@ -718,8 +746,10 @@ bench_rebuild() {
   echo "RESULT ratio_dirty_log_vs_none=$(median $R | awk '{ printf "%.2f", $1 }')"
   echo "RESULT ratio_dirty_log_cpu_nolog_vs_log=$(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.2f", b / a }')"
   fi
-  kill -TERM "$SRV_2" 2>/dev/null
-  wait_pid "$SRV_2" 20
+  for i in 2 3; do
+    pid=$(eval echo "\${SRV_$i:-}")
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait_pid "$pid" 20
+  done
   run "$UMOUNT" /mnt/srv2
   run "$UMOUNT" /mnt/srv3
 }

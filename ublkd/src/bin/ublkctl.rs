@@ -342,11 +342,14 @@ fn run() -> Result<()> {
                     "STARTED (UTC)", "SECONDS", "KIND", "BY", "BYTES", "REPLICA"
                 );
                 for e in h {
-                    let (bytes, outcome) = match &e.ended {
+                    let (bytes, mut outcome) = match &e.ended {
                         Ended::Done { bytes } => (*bytes, "done".to_string()),
                         Ended::Stopped { bytes, reason } => (*bytes, format!("stopped: {reason}")),
                         Ended::NotStarted { error } => (0, format!("not started: {error}")),
                     };
+                    if let Some(why) = &e.full_why {
+                        outcome = format!("{outcome} (full: {why})");
+                    }
                     println!(
                         "{:<20} {:>8.1} {:<8} {:<8} {:>10}  {:<28} {outcome}",
                         utc(e.started_unix_ms),
