@@ -433,6 +433,9 @@ impl Store {
                 .store(label.generation.0, Ordering::SeqCst);
             tracing::info!(replica = %req.replica, volume = %req.volume, generation = label.generation.0,
                 "replica opened by a new owner generation");
+        } else {
+            tracing::info!(replica = %req.replica, volume = %req.volume, generation = label.generation.0,
+                "replica reopened by its owner (same generation: a reconnect)");
         }
         let session = SessionId(wire::random::u64());
         hosted.session.store(session.0, Ordering::SeqCst);

@@ -43,6 +43,13 @@ impl Backing {
         })
     }
 
+    /// It left the volume's replica set: a remote replica stops reconnecting.
+    pub fn retire(&self) {
+        if let Backing::Remote(c) = self {
+            c.retire();
+        }
+    }
+
     /// Whether I/O can reach it now (a remote replica's connection is up).
     pub fn is_reachable(&self) -> bool {
         match self {

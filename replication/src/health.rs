@@ -1324,7 +1324,9 @@ impl Health {
             return Err(ReplicationError::LastOnline(s.location.clone()));
         }
         self.transition(&mut inner, i, ReplicaState::Removed);
-        inner.slots[i].backing = None;
+        if let Some(b) = inner.slots[i].backing.take() {
+            b.retire();
+        }
         self.publish_set(&mut inner);
         self.commit(inner, "the removal")
     }

@@ -382,6 +382,16 @@ fn a_dead_server_is_replaced_on_a_spare_inside_the_running_volume() {
     });
     assert!(node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()]));
     assert!(b.image("hv-b").exists());
+    // The dropped replica's client does not reconnect to it (an idle queue may
+    // still hold its handle): past the longest reconnect backoff (5 s), no OPEN.
+    let t0 = Instant::now();
+    let expected = io_until(&nexus, expected, &mut base, 30, "reconnect backoff", || {
+        t0.elapsed() > Duration::from_secs(6)
+    });
+    assert!(
+        !b.log().contains("reopened by its owner"),
+        "the retired replica's client reconnected"
+    );
     // Reclaimed on request: that copy only.
     let r = node.daemon.replica_reclaim("hv", None).unwrap();
     assert_eq!(r["reclaimed"][0]["result"]["outcome"], "deleted", "{r}");

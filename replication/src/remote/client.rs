@@ -421,6 +421,15 @@ impl std::fmt::Debug for RemoteClient {
     }
 }
 
+impl RemoteClient {
+    /// The replica left the volume's set: no more reconnects (a queue that is
+    /// idle may hold its handle for long). A live connection still serves the
+    /// requests in flight on it and closes with the last handle.
+    pub fn retire(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Drop for RemoteClient {
     fn drop(&mut self) {
         // Closing the channel ends the writer; the supervisor then tears down.
