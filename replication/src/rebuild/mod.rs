@@ -784,8 +784,10 @@ pub(crate) mod tests {
             };
             let out = rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p).unwrap();
             stop.store(true, Ordering::Release);
+            // Every region at least once; a write straddling the copied and the
+            // uncopied part skipped the target and had its copied part copied again.
             assert!(
-                matches!(out, Outcome::Done { bytes, .. } if bytes == 1 << 20),
+                matches!(out, Outcome::Done { bytes, .. } if bytes >= 1 << 20),
                 "{out:?}"
             );
             assert!(writer.join().unwrap() >= 200);
@@ -937,10 +939,12 @@ pub(crate) mod tests {
         });
         assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
         let left = h.dirty_map(slot).expect("its map").dirty_bytes();
-        // Flushed after every 256 KiB (once the chunks in flight are done): the
-        // rebuild resumes from the last flush, at most 256 KiB + DEPTH chunks back.
+        // Flushed once 256 KiB were copied (after the chunks in flight: at 256 to
+        // 448 KiB), before the fault at 576 KiB: the rebuild resumes from the last
+        // flush, never from the start.
+        assert!(fresh.flushes() >= 1);
         assert!(
-            left > 0 && left <= (256 + DEPTH as u64 * 64) * K && left % (64 * K) == 0,
+            left > 0 && left <= (1024 - 256) * K && left % (64 * K) == 0,
             "{left}"
         );
         let map = h.dirty_map(slot).unwrap();
