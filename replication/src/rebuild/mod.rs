@@ -216,23 +216,25 @@ impl Pacer {
     /// Whether [`Pacer::pace`] may sleep after `len` more bytes: the cap is not
     /// met yet, or the application is busy and the copy yields to it.
     pub(crate) fn may_wait(&self, len: ByteLen, busy: bool) -> bool {
-        let capped = self.rate.get().is_some_and(|rate| {
-            let now = Instant::now();
-            let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
-            self.next_at.max(floor) + Duration::from_secs_f64(len.0 as f64 / rate as f64) > now
-        });
-        capped || (busy && self.rate.busy_percent() < 100)
+        let now = Instant::now();
+        self.cap_until(now, len).is_some_and(|t| t > now)
+            || (busy && self.rate.busy_percent() < 100)
+    }
+
+    /// Under a cap, when `len` more bytes are paid for (at most 1 s of credit).
+    fn cap_until(&self, now: Instant, len: ByteLen) -> Option<Instant> {
+        let rate = self.rate.get()?;
+        let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        Some(self.next_at.max(floor) + Duration::from_secs_f64(len.0 as f64 / rate as f64))
     }
 
     /// When the copy may go on after such a round, if not now.
     fn delay(&mut self, len: ByteLen, took: Duration, busy: bool) -> Option<Instant> {
         let now = Instant::now();
         let mut until = now;
-        if let Some(rate) = self.rate.get() {
-            let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
-            self.next_at =
-                self.next_at.max(floor) + Duration::from_secs_f64(len.0 as f64 / rate as f64);
-            until = until.max(self.next_at);
+        if let Some(t) = self.cap_until(now, len) {
+            self.next_at = t;
+            until = until.max(t);
         }
         let share = self.rate.busy_percent();
         if busy && share < 100 {
