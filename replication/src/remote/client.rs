@@ -368,6 +368,13 @@ impl RemoteClient {
         Ok((RemoteClient { shared }, reply))
     }
 
+    /// The replica left the volume's set: no more reconnects (a queue that is
+    /// idle may hold its handle for long). A live connection still serves the
+    /// requests in flight on it and closes with the last handle.
+    pub fn retire(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+    }
+
     /// Where connection events go (set once, when the volume's health exists).
     pub fn set_events(&self, events: Arc<dyn ConnEvents>) {
         let _ = self.shared.events.set(events);
@@ -421,19 +428,10 @@ impl std::fmt::Debug for RemoteClient {
     }
 }
 
-impl RemoteClient {
-    /// The replica left the volume's set: no more reconnects (a queue that is
-    /// idle may hold its handle for long). A live connection still serves the
-    /// requests in flight on it and closes with the last handle.
-    pub fn retire(&self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
-    }
-}
-
 impl Drop for RemoteClient {
     fn drop(&mut self) {
         // Closing the channel ends the writer; the supervisor then tears down.
-        self.shared.closed.store(true, Ordering::SeqCst);
+        self.retire();
         self.shared.conn.lock().unwrap().take();
     }
 }
