@@ -592,10 +592,13 @@ bench_rebuild() {
   run "$MOUNT" "$2" /mnt/srv3
   cluster_secret
   # Each part starts with empty servers: a 1 GiB disk holds one filled 512 MiB image, not two.
+  stop_server() { # I: server I stopped, if it runs
+    pid=$(eval echo "\${SRV_$1:-}")
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait_pid "$pid" 20
+  }
   fresh_servers() {
     for i in 2 3; do
-      pid=$(eval echo "\${SRV_$i:-}")
-      [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait_pid "$pid" 20
+      stop_server $i
       rm -f /mnt/srv$i/*.img
       LOG_LEVEL=warn replica_server $i /mnt/srv$i
     done
@@ -749,10 +752,7 @@ bench_rebuild() {
   echo "RESULT ratio_dirty_log_vs_none=$(median $R | awk '{ printf "%.2f", $1 }')"
   echo "RESULT ratio_dirty_log_cpu_nolog_vs_log=$(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.2f", b / a }')"
   fi
-  for i in 2 3; do
-    pid=$(eval echo "\${SRV_$i:-}")
-    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait_pid "$pid" 20
-  done
+  stop_server 2; stop_server 3
   REPL_TIMEOUT_MS=$_timeout
   run "$UMOUNT" /mnt/srv2
   run "$UMOUNT" /mnt/srv3
