@@ -100,6 +100,12 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
                 },
             )
             .expect("rebuilding");
+        // The workers write all the time, but a loaded host may not schedule one
+        // during the copy below: wait (bounded) until one reaches the new replica.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fresh.writes() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // ...and is filled chunk by chunk under the range table, so a copy never
         // overwrites a newer write.
         for chunk in 0..BLOCKS / 16 {
