@@ -7,8 +7,12 @@
 //! lock (no application write to it in flight then), because a write that reached
 //! some replicas and not yet the others also makes them disagree. A mismatch under
 //! the lock is real. With `repair`, the region is then copied, still under the
-//! lock, from the replica reads are served from first (the first online one, as
-//! the host-crash resync does) to every replica that differs.
+//! lock, to every replica that differs, from a replica [`repair_source`] picks:
+//! one holding the checksum a majority of the compared replicas hold (so one
+//! rotten replica, even the read-preferred one, is outvoted rather than copied
+//! over the good ones); without a majority (two replicas, or all differ) the one
+//! reads are served from first (the first online one: the local one when there
+//! is one, as the host-crash resync does). The report says which rule chose.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,8 +34,61 @@ pub struct Mismatch {
     pub len: ByteLen,
     /// Each replica's CRC32C of the region (under the range lock).
     pub checksums: Vec<(SlotIndex, String, u32)>,
-    /// Rewritten from the first replica.
+    /// The replica a repair copies (copied, when `repaired`) the region from, and
+    /// why that one.
+    pub source: RepairSource,
+    /// Rewritten from `source`.
     pub repaired: bool,
+}
+
+/// Which replica a repair takes a region from, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairSource {
+    pub slot: SlotIndex,
+    pub location: String,
+    /// How many of the `of` compared replicas hold the source's checksum.
+    pub agree: usize,
+    pub of: usize,
+    pub rule: SourceRule,
+}
+
+/// The rule that picked a [`RepairSource`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceRule {
+    /// More than half of the compared replicas hold its checksum.
+    Majority,
+    /// No checksum is held by a majority: the replica reads prefer.
+    ReadPreferred,
+}
+
+impl std::fmt::Display for RepairSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (loc, agree, of) = (&self.location, self.agree, self.of);
+        match self.rule {
+            SourceRule::Majority => write!(f, "{loc} (held by {agree} of {of} replicas)"),
+            SourceRule::ReadPreferred => write!(
+                f,
+                "{loc} (no majority: {agree} of {of} replicas hold its data; \
+                 the replica reads prefer)"
+            ),
+        }
+    }
+}
+
+/// The index in `sums` (in read-preference order) of the replica to repair a
+/// region from: the first holding the checksum more than half of them hold, else
+/// the first (the read-preferred one). Pure: the rule is table-tested.
+pub fn repair_source(sums: &[u32]) -> (usize, usize, SourceRule) {
+    let agree = |c: u32| sums.iter().filter(|&&x| x == c).count();
+    match sums.iter().position(|&c| 2 * agree(c) > sums.len()) {
+        Some(i) => (i, agree(sums[i]), SourceRule::Majority),
+        None => (
+            0,
+            sums.first().map_or(0, |&c| agree(c)),
+            SourceRule::ReadPreferred,
+        ),
+    }
 }
 
 /// What a verify found.
@@ -102,13 +159,23 @@ pub fn verify(
             let _lock = futures::executor::block_on(ranges.lock(at, len, &None));
             let sums = checksums(&current, offset, rlen)?;
             if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
-                let repaired = repair && rewrite(&current, &sums, offset, rlen)?;
+                let plain: Vec<u32> = sums.iter().map(|(_, _, c)| *c).collect();
+                let (i, agree, rule) = repair_source(&plain);
+                let source = RepairSource {
+                    slot: sums[i].0,
+                    location: sums[i].1.clone(),
+                    agree,
+                    of: sums.len(),
+                    rule,
+                };
+                let repaired = repair && rewrite(&current, &sums, i, offset, rlen)?;
                 tracing::warn!(volume = health.volume(), offset = at, len, repaired,
-                    checksums = ?sums, "replicas differ");
+                    checksums = ?sums, source = %source, "replicas differ");
                 report.mismatches.push(Mismatch {
                     offset,
                     len: rlen,
                     checksums: sums,
+                    source,
                     repaired,
                 });
             }
@@ -147,10 +214,11 @@ fn checksums(
         .collect()
 }
 
-/// Copy the region from the first replica to those whose checksum differs.
+/// Copy the region from replica `from` to those whose checksum differs from its.
 fn rewrite(
     replicas: &[&(SlotIndex, String, Box<dyn Replica>)],
     sums: &[(SlotIndex, String, u32)],
+    from: usize,
     offset: ByteOffset,
     len: ByteLen,
 ) -> Result<bool, ReplicationError> {
@@ -160,10 +228,10 @@ fn rewrite(
         offset: offset.0,
         errno: e,
     };
-    let (_, src_loc, src) = replicas[0];
+    let (_, src_loc, src) = replicas[from];
     futures::executor::block_on(src.read(offset, &mut buf)).map_err(|e| err(src_loc, e))?;
-    for ((_, loc, r), (_, _, c)) in replicas.iter().zip(sums).skip(1) {
-        if *c != sums[0].2 {
+    for ((_, loc, r), (_, _, c)) in replicas.iter().zip(sums) {
+        if *c != sums[from].2 {
             futures::executor::block_on(r.write(offset, &buf, true)).map_err(|e| err(loc, e))?;
         }
     }
@@ -214,6 +282,40 @@ mod tests {
             .unwrap()
             .mismatches
             .is_empty());
+        // Now the read-preferred replica rots: the two that agree outvote it, and
+        // the repair rewrites it rather than copying its rot over them.
+        stores[0].put(700 << 10, &[7u8; 4096]);
+        let r = verify(&h, &ranges, ByteLen(64 << 10), true, &p).unwrap();
+        assert!(r.clean(), "{r:?}");
+        let m = &r.mismatches[0];
+        assert_eq!(m.offset, ByteOffset(640 << 10));
+        assert_eq!(
+            (m.source.slot, m.source.agree, m.source.of, m.source.rule),
+            (SlotIndex(1), 2, 3, SourceRule::Majority)
+        );
+        for s in &stores {
+            assert_eq!(s.bytes(0, 1 << 20), vec![5u8; 1 << 20]);
+        }
+    }
+
+    #[test]
+    fn the_repair_source_is_the_majority_else_the_read_preferred_replica() {
+        use SourceRule::*;
+        // (checksums in read-preference order, (index, agree, rule))
+        type Pick = (usize, usize, SourceRule);
+        let table: &[(&[u32], Pick)] = &[
+            (&[1, 1, 2], (0, 2, Majority)),
+            (&[2, 1, 1], (1, 2, Majority)),
+            (&[1, 2, 1], (0, 2, Majority)),
+            (&[1, 2], (0, 1, ReadPreferred)),
+            (&[1, 2, 3], (0, 1, ReadPreferred)),
+            (&[1, 1, 2, 2], (0, 2, ReadPreferred)),
+            (&[3, 1, 1, 1], (1, 3, Majority)),
+            (&[4, 5, 5, 6, 5], (1, 3, Majority)),
+        ];
+        for (sums, want) in table {
+            assert_eq!(repair_source(sums), *want, "{sums:?}");
+        }
     }
 
     #[test]

@@ -564,6 +564,13 @@ fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial
             let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
             assert_eq!(report.mismatches.len(), 1, "{report:?}");
             assert_eq!(report.mismatches[0].offset.0, 0);
+            // Two replicas: no majority, so the read-preferred (local) one is the source.
+            let src = &report.mismatches[0].source;
+            assert_eq!(
+                (src.slot.0, src.agree, src.of, src.rule),
+                (0, 1, 2, replication::verify::SourceRule::ReadPreferred),
+                "{report:?}"
+            );
             let report = verify(&health, &ranges, ByteLen(256 << 10), true, &p).unwrap();
             assert!(report.clean(), "{report:?}");
             let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();

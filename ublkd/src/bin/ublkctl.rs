@@ -576,24 +576,30 @@ fn print_verify(r: &replication::verify::Report) {
             .map(|(s, loc, c)| format!("#{} {loc}: {c:08x}", s.0))
             .collect();
         println!(
-            "  DIFFERS at {}..{} ({}){}: {}",
+            "  DIFFERS at {}..{} ({}): {}",
             m.offset.0,
             m.offset.0 + m.len.0,
             human(m.len.0),
-            if m.repaired { ", repaired" } else { "" },
             sums.join(", ")
         );
+        let verb = if m.repaired {
+            "repaired"
+        } else {
+            "--repair would copy it"
+        };
+        println!("    {verb} from {}", m.source);
     }
     if r.mismatches.is_empty() {
         println!("replicas identical");
     } else if r.clean() {
         println!(
-            "{} region(s) differed and were rewritten from the first replica",
+            "{} region(s) differed and were rewritten (sources above)",
             r.mismatches.len()
         );
     } else {
         println!(
-            "{} region(s) differ: `ublkctl verify --repair` rewrites them from the first online replica",
+            "{} region(s) differ: `ublkctl verify --repair` rewrites each from the replica above \
+             (the majority's, else the read-preferred one)",
             r.mismatches.len()
         );
     }
