@@ -34,6 +34,9 @@ pub struct MemStore {
     fail_labels: std::sync::atomic::AtomicBool,
     /// Counts as a remote replica (its unflushed writes are tracked).
     remote: std::sync::atomic::AtomicBool,
+    /// Writes that reach this offset fail with EIO, and so does everything after
+    /// the first of them (a disk dying at a known point of a copy, not at a time).
+    fail_from: AtomicU64,
 }
 
 impl MemStore {
@@ -48,6 +51,7 @@ impl MemStore {
             label: Mutex::new(None),
             fail_labels: Default::default(),
             remote: Default::default(),
+            fail_from: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -98,6 +102,11 @@ impl MemStore {
         label.membership = u.membership.clone();
         label.outdated = u.outdated;
         Ok(())
+    }
+
+    /// The first write that reaches `offset` sets [`Fault::Writes`] (and fails).
+    pub fn fail_writes_from(&self, offset: u64) {
+        self.fail_from.store(offset, Ordering::SeqCst);
     }
 
     pub fn set_fault(&self, f: Fault) {
@@ -178,6 +187,9 @@ impl Replica for MemReplica {
 
     fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], _fua: bool) -> IoFuture<'a> {
         self.store.writes.fetch_add(1, Ordering::SeqCst);
+        if offset.0 + buf.len() as u64 > self.store.fail_from.load(Ordering::SeqCst) {
+            self.store.set_fault(Fault::Writes);
+        }
         let res = self
             .store
             .mutate(|d| d[range(offset, buf.len() as u64)].copy_from_slice(buf));

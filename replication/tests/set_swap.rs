@@ -117,7 +117,12 @@ fn a_replica_is_swapped_under_a_verifying_workload() {
         assert!(fresh.writes() > 0, "it took writes while rebuilding");
         health.set_state(new, ReplicaState::Online).expect("online");
         let writes_at_removal = stores[2].writes();
-        std::thread::sleep(Duration::from_millis(150));
+        // Online, it serves reads: wait (bounded) for one, as above.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fresh.reads() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
         stop.store(true, Ordering::SeqCst);
         let last = workers.into_iter().map(|w| w.join().unwrap()).collect();
         assert!(

@@ -29,7 +29,7 @@ fn net(rt: &tokio::runtime::Runtime) -> Net {
     Net {
         rt: rt.handle().clone(),
         secret: Some(replication::remote::Secret::new(SECRET.to_vec())),
-        io_timeout: Duration::from_millis(800),
+        io_timeout: Duration::from_secs(3),
         no_replica_timeout: Duration::from_secs(10),
         rebuild: replication::rebuild::NodeLimits::unlimited(),
         partial_window_s: std::sync::Arc::new(600.into()),

@@ -182,13 +182,25 @@ fn full_rebuild_of_third_killing(
                 &progress,
             )
         });
+        // The kill has a thread of its own, watching the copy's progress: a round
+        // of the workload may take long on a loaded host, and the copy would be
+        // over before the next one.
+        sc.spawn(|| {
+            let t0 = std::time::Instant::now();
+            while progress.done.load(Ordering::Acquire) < SIZE / 4
+                && t0.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            victim.kill();
+        });
         let expected = workload_until(
             &nexus,
             expected,
             1 << 40,
             || job.is_finished(),
-            || progress.done.load(Ordering::Acquire) >= SIZE / 4,
-            || victim.kill(),
+            || true,
+            || {},
         );
         (job.join().unwrap().unwrap(), expected)
     })

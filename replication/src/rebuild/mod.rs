@@ -923,22 +923,15 @@ pub(crate) mod tests {
         let (fresh, spec) = fresh_mem_slot(&stores[0]);
         let slot = h.add_slot(spec).unwrap();
         let p = Progress::default();
-        let out = std::thread::scope(|sc| {
-            let job = sc.spawn(|| {
-                let cfg = CopyConfig {
-                    chunk: ByteLen(64 * K),
-                    rate: Rate::fixed(2 << 20),
-                    flush_every: ByteLen(256 * K),
-                };
-                rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p)
-            });
-            // A chunk past the second flush (at 512 KiB).
-            while p.done.load(Ordering::Acquire) < 576 * K {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            fresh.set_fault(Fault::Writes);
-            job.join().unwrap().unwrap()
-        });
+        // The target dies at the chunk at 576 KiB, past the second flush (at 512
+        // KiB): at a point of the copy, not at a time the test thread may miss.
+        fresh.fail_writes_from(576 * K);
+        let cfg = CopyConfig {
+            chunk: ByteLen(64 * K),
+            rate: Rate::fixed(2 << 20),
+            flush_every: ByteLen(256 * K),
+        };
+        let out = rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p).unwrap();
         assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
         let left = h.dirty_map(slot).expect("its map").dirty_bytes();
         // Flushed once 256 KiB were copied (after the chunks in flight: at 256 to
@@ -954,6 +947,7 @@ pub(crate) mod tests {
             !map.any(ByteOffset(0), ByteLen((1 << 20) - left)),
             "flushed"
         );
+        fresh.fail_writes_from(u64::MAX);
         fresh.set_fault(Fault::None);
         let out = partial(&h, &ranges, slot.get(), &p).unwrap();
         assert!(

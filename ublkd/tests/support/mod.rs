@@ -201,7 +201,9 @@ pub fn spec(
         addr: s.addr.to_string(),
         secret: Secret::new(SECRET.to_vec()),
         open: open_request(replica, volume, vu, generation, owner),
-        deadline: Duration::from_millis(800),
+        // The daemon's default: a loaded CI host can hold a reply (a FUA write, a
+        // label fsync) past a shorter one and fault a healthy replica.
+        deadline: Duration::from_secs(3),
         connect_timeout: Duration::from_secs(3),
     }
 }
