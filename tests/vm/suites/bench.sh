@@ -612,8 +612,9 @@ bench_rebuild() {
   # A deadline for throughput, not for stall measurements: under TCG a server's write can
   # stall for over 2 s while its filesystem commits (seen once in the QoS part's idle run).
   _timeout=$REPL_TIMEOUT_MS REPL_TIMEOUT_MS=10000
-  # BENCH_REBUILD_PARTS: which parts run (default all four).
-  parts=" ${BENCH_REBUILD_PARTS:-full partial qos log} "
+  # BENCH_REBUILD_PARTS: which parts run, comma-separated (the harness passes plain words
+  # only), e.g. full,partial; default all four.
+  parts=" $(echo "${BENCH_REBUILD_PARTS:-full,partial,qos,log}" | tr ',' ' ') "
   part() { case "$parts" in *" $1 "*) return 0 ;; *) say "bench_rebuild: part $1 skipped"; return 1 ;; esac; }
 
   # 1. Full rebuild, uncapped, of the whole (written) volume onto a new replica on server 3
