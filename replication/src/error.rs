@@ -80,6 +80,8 @@ pub enum ReplicationError {
     NotOpen(String),
     #[error("nothing to verify: {0} online replica(s), a comparison needs at least 2")]
     NothingToVerify(usize),
+    #[error("replica #{} is not online: a repair copies only from an online replica (see status)", .0.0)]
+    NotOnline(SlotIndex),
     #[error("verify: replica {replica} failed at offset {offset}: {errno}")]
     VerifyIo {
         replica: String,

@@ -12,7 +12,9 @@
 //! rotten replica, even the read-preferred one, is outvoted rather than copied
 //! over the good ones); without a majority (two replicas, or all differ) the one
 //! reads are served from first (the first online one: the local one when there
-//! is one, as the host-crash resync does). The report says which rule chose.
+//! is one, as the host-crash resync does) — unless the operator names the source
+//! ([`Repair::From`]: with two replicas that disagree only they can know which is
+//! right). The report says which rule chose.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -60,6 +62,19 @@ pub enum SourceRule {
     Majority,
     /// No checksum is held by a majority: the replica reads prefer.
     ReadPreferred,
+    /// The operator named it.
+    Chosen,
+}
+
+/// What a verify does with a region where the replicas differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Report it only.
+    No,
+    /// Rewrite it from the replica [`repair_source`] picks.
+    Vote,
+    /// Rewrite it from this replica (it must be online).
+    From(SlotIndex),
 }
 
 impl std::fmt::Display for RepairSource {
@@ -71,6 +86,10 @@ impl std::fmt::Display for RepairSource {
                 f,
                 "{loc} (no majority: {agree} of {of} replicas hold its data; \
                  the replica reads prefer)"
+            ),
+            SourceRule::Chosen => write!(
+                f,
+                "{loc} (chosen by the operator; {agree} of {of} replicas hold its data)"
             ),
         }
     }
@@ -117,12 +136,17 @@ pub fn verify(
     health: &Arc<Health>,
     ranges: &RangeTable,
     region: ByteLen,
-    repair: bool,
+    repair: Repair,
     progress: &Progress,
 ) -> Result<Report, ReplicationError> {
     let slots: Vec<SlotIndex> = indices(health.read_mask()).collect();
     if slots.len() < 2 {
         return Err(ReplicationError::NothingToVerify(slots.len()));
+    }
+    if let Repair::From(s) = repair {
+        if !slots.contains(&s) {
+            return Err(ReplicationError::NotOnline(s));
+        }
     }
     let mut handles: Vec<(SlotIndex, String, Box<dyn Replica>)> = Vec::new();
     for &s in &slots {
@@ -160,7 +184,18 @@ pub fn verify(
             let sums = checksums(&current, offset, rlen)?;
             if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
                 let plain: Vec<u32> = sums.iter().map(|(_, _, c)| *c).collect();
-                let (i, agree, rule) = repair_source(&plain);
+                let (i, agree, rule) = match repair {
+                    Repair::From(s) => {
+                        // It may have left the read set since the start.
+                        let i = sums
+                            .iter()
+                            .position(|(x, _, _)| *x == s)
+                            .ok_or(ReplicationError::NotOnline(s))?;
+                        let agree = plain.iter().filter(|&&c| c == plain[i]).count();
+                        (i, agree, SourceRule::Chosen)
+                    }
+                    Repair::No | Repair::Vote => repair_source(&plain),
+                };
                 let source = RepairSource {
                     slot: sums[i].0,
                     location: sums[i].1.clone(),
@@ -168,7 +203,7 @@ pub fn verify(
                     of: sums.len(),
                     rule,
                 };
-                let repaired = repair && rewrite(&current, &sums, i, offset, rlen)?;
+                let repaired = repair != Repair::No && rewrite(&current, &sums, i, offset, rlen)?;
                 tracing::warn!(volume = health.volume(), offset = at, len, repaired,
                     checksums = ?sums, source = %source, "replicas differ");
                 report.mismatches.push(Mismatch {
@@ -241,15 +276,14 @@ fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mem_volume, test_nexus};
+    use crate::testing::{mem_volume, test_nexus, MemStore};
 
-    #[test]
-    fn identical_replicas_verify_clean_and_a_difference_is_found_and_repaired() {
-        let (stores, h) = mem_volume(3);
+    /// `n` in-memory replicas whose first MiB holds 5s.
+    fn filled(n: usize) -> (Vec<Arc<MemStore>>, Arc<Health>, Arc<RangeTable>) {
+        let (stores, h) = mem_volume(n);
         let ranges = RangeTable::new();
-        let n = test_nexus(&h, ranges.clone());
         let mut buf = vec![5u8; 1 << 20];
-        futures::executor::block_on(n.submit(
+        futures::executor::block_on(test_nexus(&h, ranges.clone()).submit(
             crate::request::BlockRequest::Write {
                 offset: ByteOffset(0),
                 len: ByteLen(1 << 20),
@@ -258,13 +292,19 @@ mod tests {
             &mut buf,
         ))
         .unwrap();
+        (stores, h, ranges)
+    }
+
+    #[test]
+    fn identical_replicas_verify_clean_and_a_difference_is_found_and_repaired() {
+        let (stores, h, ranges) = filled(3);
         let p = Progress::default();
-        let r = verify(&h, &ranges, ByteLen(64 << 10), false, &p).unwrap();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), Repair::No, &p).unwrap();
         assert!(r.clean() && r.mismatches.is_empty(), "{r:?}");
         assert_eq!((r.bytes, r.replicas.len()), (1 << 20, 3));
         // One block of replica 2 rots.
         stores[2].put(300 << 10, &[9u8; 4096]);
-        let r = verify(&h, &ranges, ByteLen(64 << 10), false, &p).unwrap();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), Repair::No, &p).unwrap();
         assert!(!r.clean());
         assert_eq!(r.mismatches.len(), 1);
         let m = &r.mismatches[0];
@@ -275,17 +315,17 @@ mod tests {
         assert_eq!(m.checksums[0].2, m.checksums[1].2);
         assert_ne!(m.checksums[0].2, m.checksums[2].2);
         assert_ne!(stores[2].bytes(0, 1 << 20), stores[0].bytes(0, 1 << 20));
-        let r = verify(&h, &ranges, ByteLen(64 << 10), true, &p).unwrap();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), Repair::Vote, &p).unwrap();
         assert!(r.clean() && r.mismatches[0].repaired, "{r:?}");
         assert_eq!(stores[2].bytes(0, 1 << 20), stores[0].bytes(0, 1 << 20));
-        assert!(verify(&h, &ranges, ByteLen(64 << 10), false, &p)
+        assert!(verify(&h, &ranges, ByteLen(64 << 10), Repair::No, &p)
             .unwrap()
             .mismatches
             .is_empty());
         // Now the read-preferred replica rots: the two that agree outvote it, and
         // the repair rewrites it rather than copying its rot over them.
         stores[0].put(700 << 10, &[7u8; 4096]);
-        let r = verify(&h, &ranges, ByteLen(64 << 10), true, &p).unwrap();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), Repair::Vote, &p).unwrap();
         assert!(r.clean(), "{r:?}");
         let m = &r.mismatches[0];
         assert_eq!(m.offset, ByteOffset(640 << 10));
@@ -293,6 +333,48 @@ mod tests {
             (m.source.slot, m.source.agree, m.source.of, m.source.rule),
             (SlotIndex(1), 2, 3, SourceRule::Majority)
         );
+        for s in &stores {
+            assert_eq!(s.bytes(0, 1 << 20), vec![5u8; 1 << 20]);
+        }
+    }
+
+    #[test]
+    fn an_operator_names_the_source_when_two_replicas_disagree() {
+        let (stores, h, ranges) = filled(2);
+        // The read-preferred replica rots: with two there is no majority.
+        stores[0].put(0, &[7u8; 4096]);
+        let p = Progress::default();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), Repair::No, &p).unwrap();
+        let src = &r.mismatches[0].source;
+        assert_eq!(
+            (src.slot, src.rule),
+            (SlotIndex(0), SourceRule::ReadPreferred)
+        );
+        // A replica that is not online cannot be the source; nothing is written.
+        let e = verify(
+            &h,
+            &ranges,
+            ByteLen(64 << 10),
+            Repair::From(SlotIndex(5)),
+            &p,
+        );
+        assert!(
+            matches!(e, Err(ReplicationError::NotOnline(SlotIndex(5)))),
+            "{e:?}"
+        );
+        assert_eq!(stores[1].bytes(0, 4096), vec![5u8; 4096]);
+        // The operator knows replica 1 is right.
+        let r = verify(
+            &h,
+            &ranges,
+            ByteLen(64 << 10),
+            Repair::From(SlotIndex(1)),
+            &p,
+        )
+        .unwrap();
+        let src = &r.mismatches[0].source;
+        assert!(r.clean(), "{r:?}");
+        assert_eq!((src.slot, src.rule), (SlotIndex(1), SourceRule::Chosen));
         for s in &stores {
             assert_eq!(s.bytes(0, 1 << 20), vec![5u8; 1 << 20]);
         }
@@ -325,7 +407,7 @@ mod tests {
             &h,
             &RangeTable::new(),
             ByteLen(1 << 20),
-            false,
+            Repair::No,
             &Progress::default(),
         )
         .unwrap_err();

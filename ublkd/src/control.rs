@@ -42,6 +42,10 @@ pub enum Request {
     Verify {
         volume: String,
         repair: bool,
+        /// With `repair`: the replica (location or `#N`) to copy from, instead of
+        /// the majority's or the read-preferred one.
+        #[serde(default)]
+        from: Option<String>,
     },
     /// Start or cancel a rebuild, or list the volume's rebuild history.
     Rebuild {
@@ -128,7 +132,11 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),
         Request::Server => json(&daemon.server_status()?),
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
-        Request::Verify { volume, repair } => daemon.verify(&volume, repair)?,
+        Request::Verify {
+            volume,
+            repair,
+            from,
+        } => daemon.verify(&volume, repair, from.as_deref())?,
         Request::Reload => json(&daemon.reload()?),
         Request::Events { since } => json(&daemon.ha().events.since(since)),
         Request::Ha { action } => {
@@ -252,6 +260,7 @@ mod tests {
             Request::Verify {
                 volume: "v".into(),
                 repair: true,
+                from: Some("#1".into()),
             },
             Request::Rebuild {
                 volume: "v".into(),

@@ -434,10 +434,16 @@ impl Daemon {
         Ok(report)
     }
 
-    /// Online verify of a running volume.
-    pub fn verify(&self, name: &str, repair: bool) -> Result<serde_json::Value, DaemonError> {
+    /// Online verify of a running volume; with `repair`, from replica `from` when
+    /// given (a location or `#N`).
+    pub fn verify(
+        &self,
+        name: &str,
+        repair: bool,
+        from: Option<&str>,
+    ) -> Result<serde_json::Value, DaemonError> {
         let shared = self.running(name)?;
-        Ok(serde_json::to_value(shared.verify(repair)?).expect("report serializes"))
+        Ok(serde_json::to_value(shared.verify(repair, from)?).expect("report serializes"))
     }
 
     fn running(

@@ -476,7 +476,7 @@ fn an_owner_that_was_taken_over_does_not_fence_the_new_one_when_told_not_to() {
 fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial() {
     use replication::rebuild::{rebuild, CopyConfig, Outcome, Progress};
     use replication::state::RebuildKind;
-    use replication::verify::verify;
+    use replication::verify::{verify, Repair};
     use replication::ByteLen;
     use replication::SlotIndex;
     use ublkd::volume::restore_logs;
@@ -549,7 +549,7 @@ fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial
         assert_eq!(states_of(&health), ["online", "online"]);
         // Online verify: the server checksums its copy (CHECKSUM), no data moves.
         let p = Progress::default();
-        let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
+        let report = verify(&health, &ranges, ByteLen(256 << 10), Repair::No, &p).unwrap();
         assert!(report.mismatches.is_empty(), "{report:?}");
         assert_eq!(report.bytes, SIZE);
         if crash {
@@ -561,7 +561,7 @@ fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial
                 .unwrap();
             img.write_all_at(&[0xEE; 4096], 7 * 4096).unwrap();
             img.sync_all().unwrap();
-            let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
+            let report = verify(&health, &ranges, ByteLen(256 << 10), Repair::No, &p).unwrap();
             assert_eq!(report.mismatches.len(), 1, "{report:?}");
             assert_eq!(report.mismatches[0].offset.0, 0);
             // Two replicas: no majority, so the read-preferred (local) one is the source.
@@ -571,9 +571,9 @@ fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial
                 (0, 1, 2, replication::verify::SourceRule::ReadPreferred),
                 "{report:?}"
             );
-            let report = verify(&health, &ranges, ByteLen(256 << 10), true, &p).unwrap();
+            let report = verify(&health, &ranges, ByteLen(256 << 10), Repair::Vote, &p).unwrap();
             assert!(report.clean(), "{report:?}");
-            let report = verify(&health, &ranges, ByteLen(256 << 10), false, &p).unwrap();
+            let report = verify(&health, &ranges, ByteLen(256 << 10), Repair::No, &p).unwrap();
             assert!(report.mismatches.is_empty(), "{report:?}");
         }
         health.stop();

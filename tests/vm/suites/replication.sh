@@ -252,6 +252,10 @@ ext4_under_fio() {
 verified_and_clean() {
   "$UBLKCTL" --socket "$SOCK" verify $VOL > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
   grep -q "replicas identical" "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
+  # A repair's named source must be one of the volume's replicas: refused, with the list.
+  "$UBLKCTL" --socket "$SOCK" verify --repair --from '#9' $VOL > "$T/verify.out" 2>&1 \
+    && fail "verify --from #9 was accepted: $(cat "$T/verify.out")"
+  grep -q 'no replica "#9"' "$T/verify.out" || fail "verify --from #9: $(cat "$T/verify.out")"
   umount_checked /mnt/r $DEV
   fsck_clean $DEV
 }

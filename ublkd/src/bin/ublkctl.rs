@@ -61,9 +61,14 @@ enum Cmd {
     /// data is) while the volume is in use; exit status 1 if any region differs.
     Verify {
         volume: String,
-        /// Rewrite differing regions from the first online replica.
+        /// Rewrite differing regions from the replica a majority agrees with (with no
+        /// majority, e.g. two replicas, the read-preferred one).
         #[arg(long)]
         repair: bool,
+        /// With --repair: copy from this replica instead (its location or #N, as
+        /// `status` shows it), when you know which one is right.
+        #[arg(long, value_name = "REPLICA", requires = "repair")]
+        from: Option<String>,
     },
     /// Rebuilds of a volume's replicas: start, cancel, watch, history.
     Rebuild {
@@ -205,9 +210,14 @@ fn run() -> Result<()> {
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },
         Cmd::Server => Request::Server,
         Cmd::Reload => Request::Reload,
-        Cmd::Verify { volume, repair } => Request::Verify {
+        Cmd::Verify {
+            volume,
+            repair,
+            from,
+        } => Request::Verify {
             volume: volume.clone(),
             repair: *repair,
+            from: from.clone(),
         },
         Cmd::Rebuild {
             cmd: RebuildCmd::Watch { volume },

@@ -674,8 +674,14 @@ impl VolumeShared {
     }
 
     /// Compare the online replicas by checksum, region by region (1 MiB), while
-    /// the volume serves; with `repair`, rewrite what differs from the first one.
-    pub fn verify(&self, repair: bool) -> Result<replication::verify::Report, DaemonError> {
+    /// the volume serves; with `repair`, rewrite what differs (from replica `from`,
+    /// a location or `#N`, when given; see `replication::verify`).
+    pub fn verify(
+        &self,
+        repair: bool,
+        from: Option<&str>,
+    ) -> Result<replication::verify::Report, DaemonError> {
+        use replication::verify::Repair;
         let (health, ranges) = {
             let live = self.live.lock().unwrap();
             match (&live.health, &live.ranges) {
@@ -687,6 +693,17 @@ impl VolumeShared {
                     ))
                 }
             }
+        };
+        let repair = match (repair, from) {
+            (false, None) => Repair::No,
+            (false, Some(_)) => {
+                return Err(DaemonError::volume(
+                    &self.cfg().name,
+                    "--from names the source of a repair: add --repair",
+                ))
+            }
+            (true, None) => Repair::Vote,
+            (true, Some(r)) => Repair::From(self.replica_named(&health, r)?.0),
         };
         replication::verify::verify(
             &health,
