@@ -144,6 +144,10 @@ pub struct Opened {
 pub struct Store {
     dir: PathBuf,
     hosted: Mutex<HashMap<String, Arc<Hosted>>>,
+    /// Held from an OPEN's lookup to its create: two OPENs creating one id must
+    /// not both build `<id>.img.new` (the loser's session would end on an
+    /// unlinked file, and every write it took would be gone at the next restart).
+    creating: Mutex<()>,
 }
 
 /// What `<id>.meta` held in ublkd 0.1.
@@ -164,6 +168,7 @@ impl Store {
         Ok(Store {
             dir,
             hosted: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
         })
     }
 
@@ -353,6 +358,16 @@ impl Store {
                 "generation 0 is reserved (a fresh replica holds it)",
             ));
         }
+        if req.generation >= Generation::LIMIT {
+            return Err(refused(
+                Status::Invalid,
+                format!(
+                    "generation {} is past any real history (limit {}): no owner could open the replica after it",
+                    req.generation.0,
+                    Generation::LIMIT.0
+                ),
+            ));
+        }
         if req.volume_uuid.is_nil() {
             return Err(refused(Status::Invalid, "nil volume uuid"));
         }
@@ -368,20 +383,23 @@ impl Store {
                 ),
             ));
         }
-        let (hosted, created) = match self.load(&req.replica)? {
-            Some(h) => (h, false),
-            None => match req.create {
-                Some(uuid) => (self.create(req, uuid)?, true),
-                None => {
-                    return Err(refused(
-                        Status::NotFound,
-                        format!(
-                            "no replica {} on this server (and OPEN did not ask to create it)",
-                            req.replica
-                        ),
-                    ))
-                }
-            },
+        let (hosted, created) = {
+            let _one = self.creating.lock().unwrap();
+            match self.load(&req.replica)? {
+                Some(h) => (h, false),
+                None => match req.create {
+                    Some(uuid) => (self.create(req, uuid)?, true),
+                    None => {
+                        return Err(refused(
+                            Status::NotFound,
+                            format!(
+                                "no replica {} on this server (and OPEN did not ask to create it)",
+                                req.replica
+                            ),
+                        ))
+                    }
+                },
+            }
         };
         {
             let l = hosted.label.lock().unwrap();
@@ -594,6 +612,59 @@ mod tests {
             store.load("r").unwrap().unwrap().label().generation,
             Generation(5)
         );
+    }
+
+    /// (S) OPENs creating one replica id at once all end on the same replica,
+    /// the one whose image is in place: none on an unlinked file whose writes a
+    /// restart would lose.
+    #[test]
+    fn concurrent_creates_of_one_id_share_one_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::new(dir.path().to_path_buf()).unwrap());
+        let vu = VolumeUuid::random();
+        for round in 0..20 {
+            let id = format!("r{round}");
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let opened: Vec<Arc<Hosted>> = (0..4)
+                .map(|_| {
+                    let (store, start, id) = (store.clone(), start.clone(), id.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let r = req(&id, "v", vu, 1, true);
+                        match rt().block_on(store.open(&r)) {
+                            Ok(o) => o.hosted,
+                            Err(e) => panic!("{id}: {e:?}"),
+                        }
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            for h in &opened[1..] {
+                assert!(Arc::ptr_eq(h, &opened[0]), "{id}: two replicas created");
+            }
+            assert!(!dir.path().join(format!("{id}.img.new")).exists());
+        }
+    }
+
+    /// (T) An OPEN at a generation no history reaches is refused: accepted, it
+    /// would leave a replica no later owner could open.
+    #[test]
+    fn a_generation_past_the_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_path_buf()).unwrap();
+        let vu = VolumeUuid::random();
+        for g in [u64::MAX, 1 << 63] {
+            let e = rt()
+                .block_on(store.open(&req("r", "v", vu, g, true)))
+                .err()
+                .unwrap();
+            assert_eq!(e.status, Status::Invalid, "generation {g}");
+        }
+        assert!(rt()
+            .block_on(store.open(&req("r", "v", vu, (1 << 63) - 1, true)))
+            .is_ok());
     }
 
     #[test]

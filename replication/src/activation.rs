@@ -150,8 +150,12 @@ pub enum ActivationError {
     SplitBrain { epoch: u64, a: String, b: String },
     #[error("no replica holds the volume's current data: {0}")]
     NoCurrentReplica(String),
-    #[error("generation at its maximum: refusing to activate")]
-    GenerationExhausted,
+    #[error("{location}: its {what} {value} is past any real history (limit {limit}): a damaged or hostile label or record; refusing to activate (check that replica, or remove it from the config)", limit = 1u64 << 63)]
+    Implausible {
+        location: String,
+        what: &'static str,
+        value: u64,
+    },
 }
 
 /// The activation decision (module docs).
@@ -167,7 +171,36 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
     let record = input.record;
     let recorded = |loc: &str| record.and_then(|r| r.replicas.iter().find(|x| x.location == loc));
 
-    // 1. Identity.
+    // 1. Identity, and numbers no history reaches (the arithmetic below and the
+    // running volume's epochs must not overflow).
+    let implausible = |location: &str, what, value| ActivationError::Implausible {
+        location: location.to_string(),
+        what,
+        value,
+    };
+    for (p, l) in &labels {
+        if l.generation >= Generation::LIMIT {
+            return Err(implausible(&p.location, "label generation", l.generation.0));
+        }
+        if l.membership.epoch >= Epoch::LIMIT || l.membership.generation >= Generation::LIMIT {
+            return Err(implausible(
+                &p.location,
+                "label membership epoch",
+                l.membership.epoch.0,
+            ));
+        }
+    }
+    if let Some(r) = record {
+        let epoch = r.membership.as_ref().map_or(Epoch(0), |m| m.epoch);
+        if r.generation >= Generation::LIMIT || epoch >= Epoch::LIMIT {
+            let value = r.generation.0.max(epoch.0);
+            return Err(implausible(
+                "the owner's record",
+                "generation or epoch",
+                value,
+            ));
+        }
+    }
     let mut volume_uuid = record.and_then(|r| r.volume_uuid);
     for (p, l) in &labels {
         let foreign = |uuid| ActivationError::ForeignReplica {
@@ -215,7 +248,8 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
         .fold(last_gen, Generation::max);
     let generation = newest
         .checked_next()
-        .ok_or(ActivationError::GenerationExhausted)?;
+        .filter(|g| *g < Generation::LIMIT)
+        .ok_or_else(|| implausible("the newest label", "generation", newest.0))?;
     let foreign_gen = |l: &Label| {
         l.generation > last_gen
             || (l.generation == last_gen
@@ -1013,22 +1047,44 @@ mod tests {
             true,
         ));
         assert_eq!(p.takeover, Some(Generation(3)));
-        let Seen::Label(mut l) = w.label(1, 4, &all, u64::MAX) else {
-            unreachable!()
-        };
-        l.generation = Generation(u64::MAX);
-        assert_eq!(
-            run(
+        // (T) A peer's label at the top of the number range is refused with a
+        // clear error, never a panic on the next generation or epoch.
+        for (generation, epoch, what) in [
+            (u64::MAX, 4, "label generation"),
+            (1 << 63, 4, "label generation"),
+            (3, u64::MAX, "label membership epoch"),
+        ] {
+            let Seen::Label(mut l) = w.label(1, epoch, &all, 3) else {
+                unreachable!()
+            };
+            l.generation = Generation(generation);
+            let res = run(
                 Some(&rec),
                 vec![
                     w.label(0, 4, &all, 3),
                     Seen::Label(l),
-                    w.label(2, 4, &all, 3)
+                    w.label(2, 4, &all, 3),
                 ],
-                true
-            ),
-            Err(ActivationError::GenerationExhausted)
-        );
+                true,
+            );
+            assert!(
+                matches!(&res, Err(ActivationError::Implausible { what: w, .. }) if *w == what),
+                "{res:?}"
+            );
+        }
+        let Seen::Label(near) = w.label(1, 4, &all, (1 << 63) - 2) else {
+            unreachable!()
+        };
+        let p = go(run(
+            Some(&rec),
+            vec![
+                w.label(0, 4, &all, 3),
+                Seen::Label(near),
+                w.label(2, 4, &all, 3),
+            ],
+            true,
+        ));
+        assert_eq!(p.generation, Generation((1 << 63) - 1));
     }
 
     #[test]

@@ -38,6 +38,11 @@ impl ByteLen {
 pub struct Generation(pub u64);
 
 impl Generation {
+    /// No real history reaches this (a new owner every nanosecond for 146 years):
+    /// a generation at or past it is damaged or hostile, refused where it enters
+    /// (OPEN, activation) so that arithmetic on it never overflows.
+    pub const LIMIT: Generation = Generation(1 << 63);
+
     /// `None` at the maximum (a replica's stored generation is peer-controlled).
     pub fn checked_next(self) -> Option<Generation> {
         self.0.checked_add(1).map(Generation)
@@ -53,6 +58,10 @@ impl Generation {
 pub struct Epoch(pub u64);
 
 impl Epoch {
+    /// As [`Generation::LIMIT`]: activation refuses a label or record at or past
+    /// it, so a running volume's epochs (which start below it) cannot overflow.
+    pub const LIMIT: Epoch = Epoch(1 << 63);
+
     pub fn next(self) -> Epoch {
         Epoch(self.0.checked_add(1).expect("membership epoch overflow"))
     }
