@@ -96,7 +96,7 @@ pub enum ReplicationError {
         from: &'static str,
         to: &'static str,
     },
-    #[error("replica {0} is the last online replica: it holds the only current copy")]
+    #[error("replica {0} is the last replica holding every acknowledged write (online, or awaited while it reconnects): it holds the only current copy")]
     LastOnline(String),
     #[error("the volume has no free replica slot (64 in use): restart it to compact the set")]
     TooManySlots,

@@ -246,6 +246,9 @@ struct Slot {
     origin: Option<LogOrigin>,
     /// A remote replica's acknowledged writes not yet flushed.
     unflushed: Option<Arc<Unflushed>>,
+    /// The newest membership epoch known to be in its label (written by this run,
+    /// or read at activation): a label older than that was rolled back.
+    label_epoch: Epoch,
 }
 
 struct Inner {
@@ -434,6 +437,7 @@ impl From<SlotSpec> for Slot {
             origin: s.dirty.as_ref().map(|l| l.origin),
             dirty: s.dirty.map(|l| l.map),
             unflushed: None,
+            label_epoch: Epoch(0),
         }
     }
 }
@@ -466,8 +470,20 @@ fn mask_of(slots: &[Slot], f: impl Fn(&Slot) -> bool) -> u64 {
         .fold(0, |m, (i, _)| m | 1 << i)
 }
 
-fn is_connection_error(e: Errno) -> bool {
-    matches!(e.0, libc::ENOTCONN | libc::ETIMEDOUT)
+/// A remote replica's lost connection or missed deadline (the client reports them
+/// as ENOTCONN and ETIMEDOUT). A local disk's ETIMEDOUT is a media error: waiting
+/// for it to "reconnect" would wait forever.
+fn is_connection_error(s: &Slot, e: Errno) -> bool {
+    s.remote && matches!(e.0, libc::ENOTCONN | libc::ETIMEDOUT)
+}
+
+/// Whether a slot outside `except` is Online, by the lock's view.
+fn online_besides(inner: &Inner, except: u64) -> bool {
+    inner
+        .slots
+        .iter()
+        .enumerate()
+        .any(|(i, s)| except & (1 << i) == 0 && s.state == ReplicaState::Online)
 }
 
 impl Health {
@@ -497,6 +513,10 @@ impl Health {
         let mut slots: Vec<Slot> = slots.into_iter().map(Slot::from).collect();
         for s in slots.iter_mut().filter(|s| s.remote) {
             s.unflushed = Some(Arc::new(Unflushed::new(cfg.size)));
+        }
+        // Activation wrote the membership into every member's label.
+        for s in slots.iter_mut().filter(|s| cfg.membership.contains(s.uuid)) {
+            s.label_epoch = cfg.membership.epoch;
         }
         let al = match &cfg.logs {
             Some(logs) => Some(open_logs(logs, cfg.size, &slots)?),
@@ -790,8 +810,13 @@ impl Health {
             }
         }
         let uuid = s.uuid;
-        let leaves_write_set = s.state.in_write_set() && !next.in_write_set();
+        // A Connecting member was in the write set until its connection dropped, and
+        // nothing was acknowledged since (no replica was online): from here on,
+        // what it misses is logged like for a replica faulted while online.
         let member_now = inner.membership.contains(uuid);
+        let leaves_write_set = (s.state.in_write_set()
+            || (s.state == ReplicaState::Connecting && member_now))
+            && !next.in_write_set();
         let member_next = match next {
             ReplicaState::Online => true,
             ReplicaState::Connecting => member_now,
@@ -839,6 +864,27 @@ impl Health {
         true
     }
 
+    /// **A slot is Connecting only while no slot is Online.** A Connecting member
+    /// is waited for because it may hold the only current copy, and no write is
+    /// acknowledged meanwhile. Once a replica is online again (the first of several
+    /// back, a rebuild done), writes are acknowledged without the others: they leave
+    /// the membership now, with a map of what they miss, before any such write is
+    /// (the caller persists when this returns `true`). Otherwise the second one back
+    /// would come Online without the writes the first took alone.
+    fn fault_unawaited(&self, inner: &mut Inner) -> bool {
+        if !online_besides(inner, 0) {
+            return false;
+        }
+        let waiting: Vec<usize> = (0..inner.slots.len())
+            .filter(|&i| inner.slots[i].state == ReplicaState::Connecting)
+            .collect();
+        for &i in &waiting {
+            let reason = FaultReason::ConnectionLost;
+            self.transition(inner, i, ReplicaState::Faulted { reason });
+        }
+        !waiting.is_empty()
+    }
+
     /// THE ACK RULE for a mutation sent to the slots in `attempted`, of which those
     /// in `failures` failed:
     ///
@@ -873,11 +919,14 @@ impl Health {
             let mut retry = false;
             for (slot, errno) in failures {
                 let s = &inner.slots[slot.get()];
-                if !is_connection_error(*errno) {
+                if !is_connection_error(s, *errno) {
                     continue;
                 }
                 match s.state {
-                    ReplicaState::Online if self.read_mask() & !failed == 0 => {
+                    // Decided on this lock's view, not the published masks: a slot
+                    // another failure of this request sent to Connecting is no
+                    // longer online.
+                    ReplicaState::Online if !online_besides(&inner, failed) => {
                         self.transition(&mut inner, slot.get(), ReplicaState::Connecting);
                         retry = true;
                     }
@@ -885,10 +934,14 @@ impl Health {
                     _ => {}
                 }
             }
+            if self.fault_unawaited(&mut inner) {
+                self.want_persist();
+            }
             if retry {
                 self.publish_masks(&inner);
                 return Settle::Retry;
             }
+            self.publish_masks(&inner);
             return Settle::Fail(failures[0].1);
         }
         // Every fault is recorded (with a new membership epoch if it was a member).
@@ -909,6 +962,13 @@ impl Health {
         drop(inner);
         self.log_missed(attempted & !failed, range);
         self.ticket()
+    }
+
+    /// Data written into `[offset, offset + len)` outside the application path (a
+    /// repair) reached only the slots in `took_it`: every replica with a dirty map
+    /// that it skipped (rebuilding, faulted) now lacks the region.
+    pub fn mark_missed(&self, took_it: u64, offset: ByteOffset, len: ByteLen) {
+        self.log_missed(took_it, Some((offset, len)));
     }
 
     /// Mark the range of a mutation that reached only the slots in `took_it` in
@@ -1041,6 +1101,7 @@ impl Health {
             return Err(ReplicationError::NotRebuilt(s.location.clone()));
         }
         self.transition(&mut inner, slot.get(), next);
+        self.fault_unawaited(&mut inner);
         self.commit(inner, "the rebuild's end")
     }
 
@@ -1106,7 +1167,7 @@ impl Health {
             let reason = FaultReason::of_errno(IoOp::Read, errno);
             self.transition(&mut inner, i, ReplicaState::Faulted { reason });
             self.want_persist();
-        } else if is_connection_error(errno) {
+        } else if is_connection_error(&inner.slots[i], errno) {
             self.transition(&mut inner, i, ReplicaState::Connecting);
         } else {
             return ReadVerdict::Fail(errno);
@@ -1165,15 +1226,34 @@ impl Health {
         }
         let epoch = inner.membership.epoch;
         let generation = inner.generation;
-        match inner.slots[i].state {
+        let s = &inner.slots[i];
+        // A Connecting member missed no acknowledged write (none is acknowledged
+        // while no replica is online): its label may lag our epoch only because a
+        // fault could not be written to it while its connection was down too. It
+        // must still be this run's copy (uuid, generation), not outdated, and not
+        // older than the newest epoch we know it had.
+        let lagging = label.membership.epoch < epoch
+            && label.membership.epoch >= s.label_epoch
+            && !label.outdated
+            && label.membership.contains(s.uuid)
+            && inner.membership.contains(s.uuid);
+        match s.state {
             ReplicaState::Connecting
-                if label.replica_uuid == inner.slots[i].uuid
+                if label.replica_uuid == s.uuid
                     && label.generation == generation
-                    && label.is_current_at(epoch) =>
+                    && (label.is_current_at(epoch) || lagging) =>
             {
+                if lagging {
+                    tracing::warn!(volume = %self.volume, replica = %s.location,
+                        label_epoch = label.membership.epoch.0, epoch = epoch.0,
+                        "the reconnected replica missed no write but its label lags: relabelling it");
+                }
                 self.transition(&mut inner, i, ReplicaState::Online);
+                // Writes are acknowledged once its label shows the current epoch.
+                if self.fault_unawaited(&mut inner) || lagging {
+                    self.want_persist();
+                }
                 self.publish_masks(&inner);
-                // Back in the read set: the membership did not change (it never left).
                 true
             }
             ReplicaState::Connecting => {
@@ -1227,6 +1307,7 @@ impl Health {
             return Err(ReplicationError::LastOnline(s.location.clone()));
         }
         self.transition(&mut inner, slot.get(), next);
+        self.fault_unawaited(&mut inner);
         self.commit(inner, "the change")
     }
 
@@ -1320,7 +1401,15 @@ impl Health {
             .get(i)
             .filter(|s| s.state != ReplicaState::Removed)
             .ok_or(ReplicationError::NoSuchSlot(slot))?;
-        if s.state == ReplicaState::Online && self.read_mask() & !(1 << i) == 0 {
+        // The last replica holding every acknowledged write stays, Online or
+        // waited for as Connecting: the membership must never become empty.
+        let current = |x: &Slot| matches!(x.state, ReplicaState::Online | ReplicaState::Connecting);
+        let others = inner
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(j, x)| j != i && current(x));
+        if current(s) && !others {
             return Err(ReplicationError::LastOnline(s.location.clone()));
         }
         self.transition(&mut inner, i, ReplicaState::Removed);
@@ -1602,6 +1691,11 @@ fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
             .collect();
         if failed.is_empty() {
             h.sink.persist(&snap)?;
+            let mut inner = h.inner.lock().unwrap();
+            for (i, _) in &members {
+                let s = &mut inner.slots[*i];
+                s.label_epoch = s.label_epoch.max(snap.membership.epoch);
+            }
             return Ok(target);
         }
         // A member that cannot take the new membership is faulted too (the next
@@ -1687,4 +1781,179 @@ impl std::fmt::Debug for Health {
 /// The membership epoch of `m` advanced by one (what activation writes).
 pub fn next_epoch(m: &Membership) -> Epoch {
     m.epoch.next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nexus::Nexus;
+    use crate::testing::{mem_nexus, mem_volume_remote};
+
+    const ENOTCONN: Errno = Errno(libc::ENOTCONN);
+
+    fn write(n: &Nexus, off: u64, byte: u8) -> Result<u32, Errno> {
+        crate::testing::write_through(n, off, 4096, byte)
+    }
+
+    fn state(h: &Health, i: usize) -> ReplicaState {
+        h.snapshot().slots[i].state.clone()
+    }
+
+    fn wait_durable(h: &Health) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !h.is_durable() {
+            assert!(Instant::now() < until, "the persister made nothing durable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// (A) Both connections reset under one request: both wait as Connecting. The
+    /// first back serves alone, so the second must not come back Online without the
+    /// writes the first took meanwhile.
+    #[test]
+    fn the_second_of_two_reset_replicas_back_is_not_trusted_with_writes_it_missed() {
+        let (stores, h) = mem_volume_remote(2, &[0, 1]);
+        let n = mem_nexus(&h);
+        let range = Some((ByteOffset(0), ByteLen(4096)));
+        let both = [(SlotIndex(0), ENOTCONN), (SlotIndex(1), ENOTCONN)];
+        assert_eq!(h.settle(0b11, &both, IoOp::Write, range), Settle::Retry);
+        assert_eq!(state(&h, 0), ReplicaState::Connecting);
+        assert_eq!(state(&h, 1), ReplicaState::Connecting);
+        assert!(h.waiting());
+
+        let label0 = stores[0].label().unwrap();
+        assert!(h.reconnected(SlotIndex(0), &label0));
+        assert!(
+            matches!(state(&h, 1), ReplicaState::Faulted { .. }),
+            "once slot 0 serves, slot 1 no longer holds every acknowledged write"
+        );
+        assert_eq!(write(&n, 8192, 7), Ok(4096));
+        assert_eq!(stores[1].bytes(8192, 4096), vec![0; 4096]);
+        let label1 = stores[1].label().unwrap();
+        assert!(!h.reconnected(SlotIndex(1), &label1));
+        assert_eq!(h.read_mask(), 0b01);
+        let map = h.dirty_map(SlotIndex(1)).expect("a map of what it missed");
+        assert!(map.any(ByteOffset(8192), ByteLen(4096)));
+        // The survivor's label recorded the fault before the write was acknowledged.
+        let l0 = stores[0].label().unwrap();
+        assert_eq!(l0.membership.members, vec![l0.replica_uuid]);
+    }
+
+    /// (A) One replica resets while the other fails the same request with a media
+    /// error: the online one stays, so the reset one must not wait as a member.
+    #[test]
+    fn a_reset_replica_is_faulted_when_another_stays_online() {
+        let (_, h) = mem_volume_remote(2, &[0, 1]);
+        let failures = [(SlotIndex(0), ENOTCONN), (SlotIndex(1), Errno::EIO)];
+        let range = Some((ByteOffset(0), ByteLen(4096)));
+        assert_eq!(h.settle(0b11, &failures, IoOp::Write, range), Settle::Retry);
+        assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
+        assert_eq!(state(&h, 1), ReplicaState::Online);
+        assert!(!h.waiting());
+        wait_durable(&h);
+        assert!(!h.snapshot().membership.contains(h.snapshot().slots[0].uuid));
+    }
+
+    /// (Q) Both servers die: the first loss faults slot 0, but the survivor's label
+    /// cannot take that epoch (its connection is dead too). Slot 1, the last
+    /// current replica, comes back with the older epoch: it missed nothing, so it is
+    /// relabelled and serves, instead of I/O waiting for it forever.
+    #[test]
+    fn the_last_member_back_with_a_lagging_label_is_relabelled_and_serves() {
+        let (stores, h) = mem_volume_remote(2, &[0, 1]);
+        let n = mem_nexus(&h);
+        assert_eq!(write(&n, 0, 1), Ok(4096));
+        stores[1].fail_labels(true);
+        let closed = Lost::Closed {
+            why: "reset".into(),
+        };
+        h.connection_lost(SlotIndex(0), &closed);
+        assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
+        h.connection_lost(SlotIndex(1), &closed);
+        assert_eq!(state(&h, 1), ReplicaState::Connecting);
+        wait_durable(&h);
+        let epoch = h.snapshot().membership.epoch;
+        let label1 = stores[1].label().unwrap();
+        assert!(
+            label1.membership.epoch < epoch,
+            "the fault did not reach it"
+        );
+
+        stores[1].fail_labels(false);
+        assert!(h.reconnected(SlotIndex(1), &label1));
+        assert_eq!(h.read_mask(), 0b10);
+        assert_eq!(write(&n, 4096, 2), Ok(4096));
+        // Acknowledged only once its label shows the current membership.
+        let l1 = stores[1].label().unwrap();
+        assert_eq!(l1.membership.epoch, epoch);
+        assert_eq!(l1.membership.members, vec![l1.replica_uuid]);
+    }
+
+    /// (D) The last current replica is reconnecting (a write waits for it): a
+    /// reload that replaces or removes it must not empty the membership.
+    #[test]
+    fn the_last_current_replica_cannot_be_removed_while_it_reconnects() {
+        let (stores, h) = mem_volume_remote(2, &[1]);
+        let n = mem_nexus(&h);
+        stores[0].set_fault(crate::testing::Fault::All);
+        assert_eq!(write(&n, 0, 1), Ok(4096));
+        h.connection_lost(
+            SlotIndex(1),
+            &Lost::Closed {
+                why: "killed".into(),
+            },
+        );
+        assert_eq!(state(&h, 1), ReplicaState::Connecting);
+        assert!(matches!(
+            h.remove_slot(SlotIndex(1)),
+            Err(ReplicationError::LastOnline(_))
+        ));
+        assert_eq!(h.snapshot().membership.members.len(), 1);
+        // A faulted replica can go.
+        h.remove_slot(SlotIndex(0)).unwrap();
+        let label1 = stores[1].label().unwrap();
+        assert!(h.reconnected(SlotIndex(1), &label1));
+    }
+
+    /// (O) A local disk's ETIMEDOUT fails the request: only a remote replica is
+    /// waited for to come back.
+    #[test]
+    fn a_local_timeout_is_an_error_not_a_lost_connection() {
+        let (_, h) = crate::testing::mem_volume(1);
+        let etimedout = Errno(libc::ETIMEDOUT);
+        let range = Some((ByteOffset(0), ByteLen(4096)));
+        let failures = [(SlotIndex(0), etimedout)];
+        assert_eq!(
+            h.settle(0b1, &failures, IoOp::Write, range),
+            Settle::Fail(etimedout)
+        );
+        assert_eq!(
+            h.read_failed(SlotIndex(0), etimedout),
+            ReadVerdict::Fail(etimedout)
+        );
+        assert_eq!(state(&h, 0), ReplicaState::Online);
+        let (_, h) = mem_volume_remote(1, &[0]);
+        assert_eq!(h.settle(0b1, &failures, IoOp::Write, range), Settle::Retry);
+    }
+
+    /// A label older than one this run wrote is a rolled-back copy, never trusted.
+    #[test]
+    fn a_rolled_back_label_is_not_trusted() {
+        let (stores, h) = mem_volume_remote(3, &[0, 1, 2]);
+        let n = mem_nexus(&h);
+        let old = stores[1].label().unwrap();
+        // Slot 2 faults: the members' labels take epoch 2.
+        stores[2].set_fault(crate::testing::Fault::All);
+        assert_eq!(write(&n, 0, 1), Ok(4096));
+        let closed = Lost::Closed {
+            why: "reset".into(),
+        };
+        h.connection_lost(SlotIndex(0), &closed);
+        h.connection_lost(SlotIndex(1), &closed);
+        assert_eq!(state(&h, 1), ReplicaState::Connecting);
+        wait_durable(&h);
+        assert!(old.membership.epoch < stores[1].label().unwrap().membership.epoch);
+        assert!(!h.reconnected(SlotIndex(1), &old));
+        assert_eq!(h.read_mask(), 0);
+    }
 }

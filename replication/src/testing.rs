@@ -37,7 +37,12 @@ pub struct MemStore {
     /// Writes that reach this offset fail with EIO, and so does everything after
     /// the first of them (a disk dying at a known point of a copy, not at a time).
     fail_from: AtomicU64,
+    /// Runs (once) inside the first read at or past its offset, before the data is
+    /// taken: a fault or a write that lands while a read is in flight.
+    on_read: Mutex<Option<ReadHook>>,
 }
+
+type ReadHook = (u64, Box<dyn FnOnce() + Send>);
 
 impl MemStore {
     pub fn new(size: usize) -> Arc<MemStore> {
@@ -52,7 +57,22 @@ impl MemStore {
             fail_labels: Default::default(),
             remote: Default::default(),
             fail_from: AtomicU64::new(u64::MAX),
+            on_read: Mutex::new(None),
         })
+    }
+
+    /// Run `f` inside the first read that reaches `offset` or past it.
+    pub fn on_read_at(&self, offset: u64, f: impl FnOnce() + Send + 'static) {
+        *self.on_read.lock().unwrap() = Some((offset, Box::new(f)));
+    }
+
+    fn read_hook(&self, offset: u64, len: u64) {
+        let mut hook = self.on_read.lock().unwrap();
+        if hook.as_ref().is_some_and(|(at, _)| offset + len > *at) {
+            let (_, f) = hook.take().expect("checked");
+            drop(hook);
+            f();
+        }
     }
 
     /// Make it count as a remote replica (before the health is made).
@@ -174,6 +194,7 @@ impl Replica for MemReplica {
 
     fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
         self.store.reads.fetch_add(1, Ordering::SeqCst);
+        self.store.read_hook(offset.0, buf.len() as u64);
         self.store.wait();
         let res = if self.store.fails(true) {
             Err(Errno::EIO)
@@ -527,6 +548,19 @@ pub fn fresh_mem_slot(like: &MemStore) -> (Arc<MemStore>, crate::health::SlotSpe
         dirty: None,
     };
     (fresh, spec)
+}
+
+/// Write `len` bytes of `byte` at `off` through `n`, as the application would.
+pub fn write_through(n: &crate::nexus::Nexus, off: u64, len: u64, byte: u8) -> Result<u32, Errno> {
+    let mut buf = vec![byte; len as usize];
+    futures::executor::block_on(n.submit(
+        crate::request::BlockRequest::Write {
+            offset: ByteOffset(off),
+            len: ByteLen(len),
+            fua: false,
+        },
+        &mut buf,
+    ))
 }
 
 pub fn mem_nexus(h: &Arc<crate::health::Health>) -> crate::nexus::Nexus {

@@ -309,8 +309,15 @@ impl VolumeShared {
                         };
                         let old = &running;
                         match slot_at(old) {
-                            // Kept until the new one holds every write.
-                            Some(s) if s.state == replication::ReplicaState::Online => {
+                            // Kept until the new one holds every write (a Connecting
+                            // one may hold the only current copy).
+                            Some(s)
+                                if matches!(
+                                    s.state,
+                                    replication::ReplicaState::Online
+                                        | replication::ReplicaState::Connecting
+                                ) =>
+                            {
                                 self.live.lock().unwrap().replacing.push((s.uuid, uuid));
                                 Ok(())
                             }
@@ -1257,8 +1264,9 @@ pub fn restore_logs(
             "unclean shutdown: resyncing where writes may have been in flight; reads stay on one replica until then");
         record.read_policy = ReadPolicy::Primary;
         resync = in_flight;
+        // Kept hot until the resync ends: a crash meanwhile finds them again.
+        logs.carry = saved.hot;
     }
-    logs.carry = saved.hot;
     (logs, resync)
 }
 
