@@ -86,6 +86,11 @@ struct AlInner {
     wanted: BTreeSet<u32>,
     next: u64,
     hot: BTreeSet<u32>,
+    /// The last run's hot extents, kept hot until the resync that makes them
+    /// identical has ended ([`ActivityLog::release_carried`]): evicted before, a
+    /// second crash would not find them again. Never used, they would otherwise
+    /// be the first to go.
+    carried: BTreeSet<u32>,
 }
 
 impl ActivityLog {
@@ -113,6 +118,7 @@ impl ActivityLog {
                 wanted: BTreeSet::new(),
                 next: 1,
                 hot: BTreeSet::new(),
+                carried: BTreeSet::new(),
             }),
             store,
         };
@@ -120,6 +126,7 @@ impl ActivityLog {
             let mut inner = al.inner.lock().unwrap();
             for &e in hot.iter().filter(|&&e| u64::from(e) < extents) {
                 inner.hot.insert(e);
+                inner.carried.insert(e);
                 al.set_hot(e, true);
             }
         }
@@ -212,7 +219,7 @@ impl ActivityLog {
         if hot.len() > self.capacity {
             let mut idle: Vec<(u64, u32)> = hot
                 .iter()
-                .filter(|&&e| !wanted.contains(&e))
+                .filter(|&&e| !wanted.contains(&e) && !inner.carried.contains(&e))
                 .filter(|&&e| self.inflight[e as usize].load(Ordering::Acquire) == 0)
                 .map(|&e| (self.last_use[e as usize].load(Ordering::Acquire), e))
                 .filter(|&(used, _)| used < pass)
@@ -267,6 +274,12 @@ impl ActivityLog {
             .iter()
             .map(|&e| (ByteOffset(u64::from(e) << SHIFT), ByteLen(EXTENT)))
             .collect()
+    }
+
+    /// The resync of the last run's hot extents has ended (its writes durable on
+    /// every target): they may go cold like any other.
+    pub fn release_carried(&self) {
+        self.inner.lock().unwrap().carried.clear();
     }
 
     /// More extents are hot than the capacity: a commit may evict some.
@@ -511,6 +524,28 @@ mod tests {
         assert_eq!(reopened.load().unwrap(), Some((4, many)));
         reopened.save(5, &[1]).unwrap();
         assert_eq!(reopened.load().unwrap(), Some((5, vec![1])));
+    }
+
+    /// (F) The last run's hot extents stay hot until their resync ended, however
+    /// many others the workload uses meanwhile: a second crash during the resync
+    /// must find them again.
+    #[test]
+    fn carried_extents_stay_hot_until_released() {
+        let al = ActivityLog::new(ByteLen(64 * M), 2, &[3, 4], Box::new(NoAlStore));
+        for e in [7u64, 8, 9, 10] {
+            al.enter(ByteOffset(e * 4 * M), ByteLen(4096));
+            commit(&al);
+            al.leave(ByteOffset(e * 4 * M), ByteLen(4096));
+        }
+        commit(&al);
+        let hot = |al: &ActivityLog| -> Vec<u64> {
+            al.hot_ranges().iter().map(|(o, _)| o.0 / (4 * M)).collect()
+        };
+        assert_eq!(hot(&al), [3, 4]);
+        al.release_carried();
+        al.enter(ByteOffset(11 * 4 * M), ByteLen(4096));
+        commit(&al);
+        assert_eq!(hot(&al), [4, 11]);
     }
 
     #[test]

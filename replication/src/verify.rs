@@ -180,39 +180,8 @@ pub fn verify(
         let sums = checksums(&current, offset, rlen)?;
         if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
             report.rechecked += 1;
-            let _lock = futures::executor::block_on(ranges.lock(at, len, &None));
-            let sums = checksums(&current, offset, rlen)?;
-            if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
-                let plain: Vec<u32> = sums.iter().map(|(_, _, c)| *c).collect();
-                let (i, agree, rule) = match repair {
-                    Repair::From(s) => {
-                        // It may have left the read set since the start.
-                        let i = sums
-                            .iter()
-                            .position(|(x, _, _)| *x == s)
-                            .ok_or(ReplicationError::NotOnline(s))?;
-                        let agree = plain.iter().filter(|&&c| c == plain[i]).count();
-                        (i, agree, SourceRule::Chosen)
-                    }
-                    Repair::No | Repair::Vote => repair_source(&plain),
-                };
-                let source = RepairSource {
-                    slot: sums[i].0,
-                    location: sums[i].1.clone(),
-                    agree,
-                    of: sums.len(),
-                    rule,
-                };
-                let repaired = repair != Repair::No && rewrite(&current, &sums, i, offset, rlen)?;
-                tracing::warn!(volume = health.volume(), offset = at, len, repaired,
-                    checksums = ?sums, source = %source, "replicas differ");
-                report.mismatches.push(Mismatch {
-                    offset,
-                    len: rlen,
-                    checksums: sums,
-                    source,
-                    repaired,
-                });
+            if let Some(m) = locked_region(health, ranges, &handles, repair, offset, rlen)? {
+                report.mismatches.push(m);
             }
         }
         at += len;
@@ -222,8 +191,94 @@ pub fn verify(
     Ok(report)
 }
 
+type Handle = (SlotIndex, String, Box<dyn Replica>);
+
+/// A region whose replicas differed, compared again under its range lock (and
+/// repaired): the mismatch, if it is real. The replicas compared, and the source,
+/// are those online *under the lock*, checked again once they answered: one
+/// faulted meanwhile (for a write elsewhere, while it still reads) may lack a write
+/// acknowledged to this region before the lock was taken, and must neither be
+/// outvoted nor copied from. A replica leaving while the region is compared
+/// starts the region over (each time one fewer, so this ends).
+fn locked_region(
+    health: &Health,
+    ranges: &RangeTable,
+    handles: &[Handle],
+    repair: Repair,
+    offset: ByteOffset,
+    rlen: ByteLen,
+) -> Result<Option<Mismatch>, ReplicationError> {
+    loop {
+        let _lock = futures::executor::block_on(ranges.lock(offset.0, rlen.0, &None));
+        let live = health.read_mask();
+        let current: Vec<&Handle> = handles
+            .iter()
+            .filter(|(s, _, _)| live & (1 << s.get()) != 0)
+            .collect();
+        if current.len() < 2 {
+            return Err(ReplicationError::NothingToVerify(current.len()));
+        }
+        let mask = current.iter().fold(0u64, |m, (s, _, _)| m | 1 << s.get());
+        let still = || health.read_mask() & mask == mask;
+        let sums = checksums(&current, offset, rlen)?;
+        if !still() {
+            continue;
+        }
+        if sums.iter().all(|(_, _, c)| *c == sums[0].2) {
+            return Ok(None);
+        }
+        let plain: Vec<u32> = sums.iter().map(|(_, _, c)| *c).collect();
+        let (i, agree, rule) = match repair {
+            Repair::From(s) => {
+                // It may have left the read set since the start.
+                let i = sums
+                    .iter()
+                    .position(|(x, _, _)| *x == s)
+                    .ok_or(ReplicationError::NotOnline(s))?;
+                let agree = plain.iter().filter(|&&c| c == plain[i]).count();
+                (i, agree, SourceRule::Chosen)
+            }
+            Repair::No | Repair::Vote => repair_source(&plain),
+        };
+        let source = RepairSource {
+            slot: sums[i].0,
+            location: sums[i].1.clone(),
+            agree,
+            of: sums.len(),
+            rule,
+        };
+        let repaired = match repair {
+            Repair::No => false,
+            _ => match rewrite(&current, &sums, i, offset, rlen, &still)? {
+                Rewrite::Done => {
+                    // Replicas that were not compared (rebuilding, faulted)
+                    // lack the region as it is now.
+                    health.mark_missed(mask, offset, rlen);
+                    true
+                }
+                Rewrite::SourceLeft => continue,
+            },
+        };
+        tracing::warn!(volume = health.volume(), offset = offset.0, len = rlen.0, repaired,
+            checksums = ?sums, source = %source, "replicas differ");
+        return Ok(Some(Mismatch {
+            offset,
+            len: rlen,
+            checksums: sums,
+            source,
+            repaired,
+        }));
+    }
+}
+
+enum Rewrite {
+    Done,
+    /// A compared replica left the read set while the source was read.
+    SourceLeft,
+}
+
 fn checksums(
-    replicas: &[&(SlotIndex, String, Box<dyn Replica>)],
+    replicas: &[&Handle],
     offset: ByteOffset,
     len: ByteLen,
 ) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
@@ -249,14 +304,16 @@ fn checksums(
         .collect()
 }
 
-/// Copy the region from replica `from` to those whose checksum differs from its.
+/// Copy the region from replica `from` to those whose checksum differs from its,
+/// if every compared replica is `still` online once the source was read.
 fn rewrite(
-    replicas: &[&(SlotIndex, String, Box<dyn Replica>)],
+    replicas: &[&Handle],
     sums: &[(SlotIndex, String, u32)],
     from: usize,
     offset: ByteOffset,
     len: ByteLen,
-) -> Result<bool, ReplicationError> {
+    still: &dyn Fn() -> bool,
+) -> Result<Rewrite, ReplicationError> {
     let mut buf = vec![0u8; len.0 as usize];
     let err = |loc: &str, e| ReplicationError::VerifyIo {
         replica: loc.to_string(),
@@ -265,34 +322,77 @@ fn rewrite(
     };
     let (_, src_loc, src) = replicas[from];
     futures::executor::block_on(src.read(offset, &mut buf)).map_err(|e| err(src_loc, e))?;
+    if !still() {
+        return Ok(Rewrite::SourceLeft);
+    }
     for ((_, loc, r), (_, _, c)) in replicas.iter().zip(sums) {
         if *c != sums[from].2 {
             futures::executor::block_on(r.write(offset, &buf, true)).map_err(|e| err(loc, e))?;
         }
     }
-    Ok(true)
+    Ok(Rewrite::Done)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mem_volume, test_nexus, MemStore};
+    use crate::testing::{mem_volume, test_nexus, write_through, MemStore};
 
     /// `n` in-memory replicas whose first MiB holds 5s.
     fn filled(n: usize) -> (Vec<Arc<MemStore>>, Arc<Health>, Arc<RangeTable>) {
         let (stores, h) = mem_volume(n);
         let ranges = RangeTable::new();
-        let mut buf = vec![5u8; 1 << 20];
-        futures::executor::block_on(test_nexus(&h, ranges.clone()).submit(
-            crate::request::BlockRequest::Write {
-                offset: ByteOffset(0),
-                len: ByteLen(1 << 20),
-                fua: false,
-            },
-            &mut buf,
-        ))
-        .unwrap();
+        write_through(&test_nexus(&h, ranges.clone()), 0, 1 << 20, 5).unwrap();
         (stores, h, ranges)
+    }
+
+    /// (C) While the region is compared, replica 0 is faulted (a write error; it
+    /// still reads) and a write to the region is acknowledged on replica 1 only.
+    /// With two replicas there is no majority: the repair must not copy the faulted
+    /// one's stale data over the only copy of that write.
+    #[test]
+    fn a_replica_faulted_during_the_region_is_neither_compared_nor_copied_from() {
+        let (stores, h, ranges) = filled(2);
+        let (h2, r2, s0) = (h.clone(), ranges.clone(), stores[0].clone());
+        stores[0].on_read_at(256 << 10, move || {
+            s0.set_fault(crate::testing::Fault::Writes);
+            std::thread::spawn(move || write_through(&test_nexus(&h2, r2), 260 << 10, 4096, 8))
+                .join()
+                .unwrap()
+                .unwrap();
+        });
+        let p = Progress::default();
+        let r = verify(&h, &ranges, ByteLen(64 << 10), Repair::Vote, &p);
+        assert!(
+            matches!(r, Err(ReplicationError::NothingToVerify(1))),
+            "{r:?}"
+        );
+        assert_eq!(h.read_mask(), 0b10);
+        assert_eq!(stores[1].bytes(260 << 10, 4096), vec![8u8; 4096]);
+    }
+
+    /// (M) A repair changes the online replicas' data: a faulted replica's map
+    /// must cover the repaired region, or its partial rebuild would skip it.
+    #[test]
+    fn a_repair_marks_the_map_of_a_replica_it_did_not_compare() {
+        let (stores, h, ranges) = filled(3);
+        stores[2].set_fault(crate::testing::Fault::All);
+        write_through(&test_nexus(&h, ranges.clone()), 0, 4096, 6).unwrap();
+        let map = h.dirty_map(SlotIndex(2)).expect("faulted: a map");
+        assert!(!map.any(ByteOffset(512 << 10), ByteLen(64 << 10)));
+        stores[1].put(520 << 10, &[3u8; 4096]);
+        let p = Progress::default();
+        let r = verify(
+            &h,
+            &ranges,
+            ByteLen(64 << 10),
+            Repair::From(SlotIndex(1)),
+            &p,
+        )
+        .unwrap();
+        assert!(r.clean() && r.mismatches.len() == 1, "{r:?}");
+        assert_eq!(stores[0].bytes(520 << 10, 4096), vec![3u8; 4096]);
+        assert!(map.any(ByteOffset(512 << 10), ByteLen(64 << 10)));
     }
 
     #[test]

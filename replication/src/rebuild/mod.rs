@@ -402,6 +402,9 @@ pub const DEPTH: usize = 4;
 #[derive(Debug, Clone, Copy)]
 enum Lane {
     Source(Errno),
+    /// The source left the read set while the chunk was read (faulted, removed):
+    /// what it returned may lack a write it skipped. Copied again from another.
+    SourceLeft,
     Target(Errno),
     Log,
     NoSource,
@@ -479,6 +482,9 @@ impl Copier<'_> {
                         why: RebuildStop::NoSource,
                     })
                 }
+                // Its chunk is marked again: the pass finds it when it starts over,
+                // copying from another source.
+                Pause::Failed(.., Lane::SourceLeft, _) => continue,
                 // The source is faulted; the next stretch takes another one (its
                 // chunk is marked again: the pass finds it when it starts over).
                 Pause::Failed(.., Lane::Source(e), src) => match self.health.read_failed(src, e) {
@@ -539,7 +545,7 @@ impl Copier<'_> {
                     let mut buf = bufs.pop().expect("a buffer per chunk in flight");
                     inflight.push(async move {
                         let res = chunks
-                            .copy_one(handle, o, l, &mut buf.as_mut_slice()[..l.0 as usize])
+                            .copy_one((src, handle), o, l, &mut buf.as_mut_slice()[..l.0 as usize])
                             .await;
                         (o, l, res, buf)
                     });
@@ -634,11 +640,22 @@ impl Chunks<'_> {
     /// be a hole is zeroed on the target (a punch), not read and copied.
     async fn copy_one(
         &self,
-        source: &dyn Replica,
+        (src, source): (SlotIndex, &dyn Replica),
         offset: ByteOffset,
         len: ByteLen,
         buf: &mut [u8],
     ) -> Result<(), Lane> {
+        // Checked after the source answered, under the range lock: a source still
+        // online then held every write to the range acknowledged so far (a later
+        // one waits for the lock). One faulted meanwhile — for a write error, while
+        // it still reads — or removed by a reload may lack a write it skipped.
+        let still_source = || {
+            if self.health.read_mask() & (1 << src.get()) == 0 {
+                Err(Lane::SourceLeft)
+            } else {
+                Ok(())
+            }
+        };
         let _guard = self.ranges.lock(offset.0, len.0, &None).await;
         // In the activity log like an application write: the saved map may lose
         // the bits cleared below before the copy is written, and a crash then
@@ -654,6 +671,7 @@ impl Chunks<'_> {
         let res = async {
             // Asked under the range lock: no write can land in the hole meanwhile.
             if matches!(source.data_extents(offset, len).await, Ok(Some(e)) if e.is_empty()) {
+                still_source()?;
                 return self
                     .target
                     .write_zeroes(offset, len, false)
@@ -661,6 +679,7 @@ impl Chunks<'_> {
                     .map_err(Lane::Target);
             }
             source.read(offset, buf).await.map_err(Lane::Source)?;
+            still_source()?;
             self.target
                 .write(offset, buf, false)
                 .await
@@ -684,16 +703,7 @@ pub(crate) mod tests {
     pub(crate) const K: u64 = 1024;
 
     pub(crate) fn write(n: &crate::Nexus, off: u64, len: u64, byte: u8) {
-        let mut buf = vec![byte; len as usize];
-        block_on(n.submit(
-            BlockRequest::Write {
-                offset: ByteOffset(off),
-                len: ByteLen(len),
-                fua: false,
-            },
-            &mut buf,
-        ))
-        .expect("write");
+        crate::testing::write_through(n, off, len, byte).expect("write");
     }
 
     pub(crate) fn state(h: &Health, i: usize) -> ReplicaState {
@@ -955,6 +965,40 @@ pub(crate) mod tests {
             "{out:?}"
         );
         assert_eq!(fresh.bytes(0, 1 << 20), stores[0].bytes(0, 1 << 20));
+    }
+
+    /// (B) The source is faulted for a *write* error while the copy reads it, and
+    /// still reads fine: a write it skipped must not be overwritten on the target
+    /// by its stale copy (the chunk is copied again from a replica still online).
+    #[test]
+    fn a_source_faulted_for_writes_mid_copy_is_not_copied_from() {
+        let (stores, h) = mem_volume(2);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        write(&n, 0, 1 << 20, 1);
+        let (fresh, spec) = fresh_mem_slot(&stores[0]);
+        let slot = h.add_slot(spec).unwrap();
+        // While the copier reads 256 KiB from slot 0: slot 0's disk starts failing
+        // writes, and the application writes 768 KiB, which the target has not got
+        // yet (it skips the target) and slot 0 misses (it is faulted).
+        let (h2, r2, s0) = (h.clone(), ranges.clone(), stores[0].clone());
+        stores[0].on_read_at(256 * K, move || {
+            s0.set_fault(Fault::Writes);
+            std::thread::spawn(move || write(&test_nexus(&h2, r2), 768 * K, 4 * K, 9))
+                .join()
+                .unwrap();
+        });
+        let cfg = CopyConfig {
+            chunk: ByteLen(64 * K),
+            ..CopyConfig::default()
+        };
+        let p = Progress::default();
+        let out = rebuild(&h, &ranges, slot, RebuildKind::Full, cfg, &p).unwrap();
+        assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+        assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
+        assert_eq!(stores[0].bytes(768 * K as usize, 4096), vec![1; 4096]);
+        assert_eq!(fresh.bytes(768 * K as usize, 4096), vec![9; 4096]);
+        assert_eq!(fresh.bytes(0, 1 << 20), stores[1].bytes(0, 1 << 20));
     }
 
     #[test]

@@ -126,6 +126,11 @@ pub fn resync(
             );
         }
     }
+    // Every target durable (or faulted with what it lacks): the carried extents
+    // have served their purpose.
+    if let Some(al) = health.activity() {
+        al.release_carried();
+    }
     health.set_read_policy(crate::health::ReadPolicy::Spread);
     Ok(total)
 }
