@@ -207,32 +207,51 @@ impl ActivityLog {
         self.pass.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Commit: the wanted extents become hot, idle ones beyond the capacity go cold
-    /// (only those not used since pass `pass` began). Returns the commit's number.
-    pub fn commit(&self, pass: u64) -> Result<u64, ReplicationError> {
+    /// The extents a commit in pass `pass` would evict: idle ones beyond the
+    /// capacity, least recently used first. Between this and the commit the set
+    /// only shrinks (an extent used meanwhile is used in the pass).
+    fn evictions(&self, inner: &AlInner, pass: u64) -> Vec<u32> {
+        let mut hot = inner.hot.clone();
+        hot.extend(inner.wanted.iter().copied());
+        if hot.len() <= self.capacity {
+            return Vec::new();
+        }
+        let mut idle: Vec<(u64, u32)> = hot
+            .iter()
+            .filter(|&&e| !inner.wanted.contains(&e) && !inner.carried.contains(&e))
+            .filter(|&&e| self.inflight[e as usize].load(Ordering::Acquire) == 0)
+            .map(|&e| (self.last_use[e as usize].load(Ordering::Acquire), e))
+            .filter(|&(used, _)| used < pass)
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter()
+            .take(hot.len() - self.capacity)
+            .map(|(_, e)| e)
+            .collect()
+    }
+
+    /// Whether a commit in pass `pass` would evict an extent: the caller makes the
+    /// replicas' data durable first (DRBD flushes its backing device before an
+    /// evicting AL transaction), since after it a crash no longer resyncs it.
+    pub fn would_evict(&self, pass: u64) -> bool {
+        !self.evictions(&self.inner.lock().unwrap(), pass).is_empty()
+    }
+
+    /// Commit: the wanted extents become hot; with `evict`, idle ones beyond the
+    /// capacity go cold (only those not used since pass `pass` began). Returns the
+    /// commit's number.
+    pub fn commit(&self, pass: u64, evict: bool) -> Result<u64, ReplicationError> {
         let mut inner = self.inner.lock().unwrap();
         let n = inner.next;
+        let evict = match evict {
+            true => self.evictions(&inner, pass),
+            false => Vec::new(),
+        };
         let mut wanted = std::mem::take(&mut inner.wanted);
         let mut hot = inner.hot.clone();
         hot.extend(wanted.iter().copied());
-        let mut evict: Vec<u32> = Vec::new();
-        if hot.len() > self.capacity {
-            let mut idle: Vec<(u64, u32)> = hot
-                .iter()
-                .filter(|&&e| !wanted.contains(&e) && !inner.carried.contains(&e))
-                .filter(|&&e| self.inflight[e as usize].load(Ordering::Acquire) == 0)
-                .map(|&e| (self.last_use[e as usize].load(Ordering::Acquire), e))
-                .filter(|&(used, _)| used < pass)
-                .collect();
-            idle.sort_unstable();
-            evict = idle
-                .into_iter()
-                .take(hot.len() - self.capacity)
-                .map(|(_, e)| e)
-                .collect();
-            for e in &evict {
-                hot.remove(e);
-            }
+        for e in &evict {
+            hot.remove(e);
         }
         // Beyond the hard limit, the newest wanted extents wait for evictions.
         while hot.len() > MAX_HOT {
@@ -425,7 +444,7 @@ mod tests {
 
     fn commit(al: &ActivityLog) -> u64 {
         let pass = al.begin_pass();
-        al.commit(pass).unwrap()
+        al.commit(pass, true).unwrap()
     }
 
     #[test]
@@ -499,7 +518,7 @@ mod tests {
         // have missed the save, so it must stay hot.
         al.enter(ByteOffset(0), ByteLen(4096));
         al.leave(ByteOffset(0), ByteLen(4096));
-        al.commit(pass).unwrap();
+        al.commit(pass, true).unwrap();
         assert_eq!(al.hot_count(), 2);
     }
 

@@ -86,7 +86,7 @@ impl Backing {
                 .sync()
                 .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO))),
             Backing::Remote(c) => c.runtime().block_on(c.flush()),
-            Backing::Memory(_) => Ok(()),
+            Backing::Memory(m) => m.sync(),
         }
     }
 }

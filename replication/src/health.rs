@@ -1649,7 +1649,18 @@ fn save_logs(h: &Health) -> Result<(), ReplicationError> {
     drop(files);
     if let (Some(al), Some(pass)) = (&h.al, pass) {
         if al.wants_commit() || al.over_capacity() {
-            al.commit(pass)?;
+            // An evicted extent is no longer resynced after an owner crash: what was
+            // written there must be durable on every replica that took it first
+            // (a rebuild target's copies included). A failed flush evicts nothing.
+            let evict = al.would_evict(pass) && {
+                let failed = h.sync_all();
+                for (replica, e) in &failed {
+                    tracing::warn!(volume = %h.volume, %replica, error = %e,
+                        "cannot flush before an activity-log eviction: the extents stay hot");
+                }
+                failed.is_empty()
+            };
+            al.commit(pass, evict)?;
         }
     }
     Ok(())
@@ -1934,6 +1945,35 @@ mod tests {
         assert_eq!(state(&h, 0), ReplicaState::Online);
         let (_, h) = mem_volume_remote(1, &[0]);
         assert_eq!(h.settle(0b1, &failures, IoOp::Write, range), Settle::Retry);
+    }
+
+    /// (I) An extent leaves the activity log only once what was written there is
+    /// durable on the replicas: after an owner power loss, an extent that is no
+    /// longer hot is not resynced, so its data must not be in a volatile cache.
+    #[test]
+    fn an_evicting_activity_log_commit_flushes_the_replicas_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = (0..2)
+            .map(|_| crate::testing::MemStore::new(32 << 20))
+            .collect();
+        // The AL keeps 4 extents of 4 MiB hot.
+        let (stores, h, _) = crate::testing::mem_volume_of(stores, Some(dir.path()));
+        let n = mem_nexus(&h);
+        let al = h.activity().expect("logs kept");
+        for e in 0..4u64 {
+            assert_eq!(write(&n, e * (4 << 20), 1), Ok(4096));
+        }
+        assert_eq!(al.hot_count(), 4);
+        assert_eq!(stores[0].flushes(), 0, "no eviction yet: no flush");
+        for e in 4..8u64 {
+            assert_eq!(write(&n, e * (4 << 20), 1), Ok(4096));
+            let flushed = [stores[0].flushes(), stores[1].flushes()];
+            assert!(
+                flushed.iter().all(|&f| f >= e - 3),
+                "extent {e}: evicting commits without flushes {flushed:?}"
+            );
+        }
+        assert_eq!(al.hot_count(), 4);
     }
 
     /// A label older than one this run wrote is a rolled-back copy, never trusted.

@@ -96,6 +96,17 @@ impl MemStore {
         }
     }
 
+    pub fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+
+    /// What `Backing::sync` does for a memory replica: a flush.
+    pub fn sync(&self) -> Result<(), Errno> {
+        self.mutate(|_| ())?;
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
     }
@@ -406,7 +417,8 @@ pub fn mem_volume_remote(
     (s, h)
 }
 
-fn mem_volume_of(
+/// A volume over `stores` (of one size), all online, its logs in `logs`.
+pub fn mem_volume_of(
     stores: Vec<Arc<MemStore>>,
     logs: Option<&std::path::Path>,
 ) -> (
@@ -431,7 +443,8 @@ fn mem_volume_of(
         al_capacity: 4,
         carry: Vec::new(),
     });
-    let health = health_over_in("mem", vu, 1 << 20, backings, Box::new(sink.clone()), logs);
+    let size = stores[0].size();
+    let health = health_over_in("mem", vu, size, backings, Box::new(sink.clone()), logs);
     (stores, health, sink)
 }
 
