@@ -271,12 +271,23 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
             sources.push(("the owner's record".to_string(), m));
         }
     }
-    let newest_epoch = sources.iter().map(|(_, m)| m.epoch).max();
-    let truth: Option<&Membership> = match newest_epoch {
+    // Histories are ordered by (generation, epoch): a newer owner's activation
+    // writes an epoch above every one it saw, so in one line of history a newer
+    // generation has the higher epochs too. An older generation at or above the
+    // newest generation's epoch kept going after the newer one forked from it —
+    // after a partition, an owner that faulted its unreachable replicas one by one
+    // and acknowledged writes on the rest: two histories that both acknowledged
+    // writes, split brain, for an operator to settle (never a silent rollback of
+    // either side). (A newer generation that moved on past that epoch hides the
+    // fork: there, refusing takeovers at an ordinary start protects the old side.)
+    let order = |m: &Membership| (m.generation, m.epoch);
+    let newest_at = sources.iter().map(|(_, m)| order(m)).max();
+    let newest_epoch = newest_at.map(|(_, e)| e);
+    let truth: Option<&Membership> = match newest_at {
         None => None,
         Some(e) => {
             let at: Vec<&(String, &Membership)> =
-                sources.iter().filter(|(_, m)| m.epoch == e).collect();
+                sources.iter().filter(|(_, m)| order(m) == e).collect();
             let sorted = |m: &Membership| {
                 let mut v = m.members.clone();
                 v.sort();
@@ -285,9 +296,19 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
             let first = sorted(at[0].1);
             if let Some(other) = at.iter().find(|(_, m)| sorted(m) != first) {
                 return Err(ActivationError::SplitBrain {
-                    epoch: e.0,
+                    epoch: e.1 .0,
                     a: at[0].0.clone(),
                     b: other.0.clone(),
+                });
+            }
+            let forked = sources
+                .iter()
+                .find(|(_, m)| m.generation < e.0 && m.epoch >= e.1 && sorted(m) != first);
+            if let Some(old) = forked {
+                return Err(ActivationError::SplitBrain {
+                    epoch: old.1.epoch.0,
+                    a: old.0.clone(),
+                    b: at[0].0.clone(),
                 });
             }
             Some(at[0].1)
@@ -314,7 +335,11 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
         let r = match &p.seen {
             Seen::Label(l) => {
                 let current = match truth {
-                    Some(m) => l.is_current_at(m.epoch) && m.contains(l.replica_uuid),
+                    Some(m) => {
+                        l.is_current_at(m.epoch)
+                            && l.membership.generation == m.generation
+                            && m.contains(l.replica_uuid)
+                    }
                     None => !l.outdated && may_be_current,
                 };
                 let state = if current {
@@ -473,6 +498,9 @@ pub enum MapRefused {
     /// The replica's label was written after the map began: someone else changed
     /// it, so the map no longer covers what it lacks.
     LabelNewer { label_epoch: Epoch, since: Epoch },
+    /// Another owner ran the volume since the map's owner: its writes are in no
+    /// map of ours.
+    OtherOwner { generation: Generation },
 }
 
 impl std::fmt::Display for MapRefused {
@@ -494,6 +522,11 @@ impl std::fmt::Display for MapRefused {
                 "its label (epoch {}) was written after the dirty map began (epoch {})",
                 label_epoch.0, since.0
             ),
+            MapRefused::OtherOwner { generation } => write!(
+                f,
+                "another owner (generation {}) ran the volume since the dirty map was saved: what it wrote is in no map of ours",
+                generation.0
+            ),
         }
     }
 }
@@ -510,6 +543,9 @@ pub struct MapCheck<'a> {
     pub label: Option<&'a Label>,
     pub now_unix_ms: u64,
     pub partial_window: std::time::Duration,
+    /// Another owner ran the volume since our last activation
+    /// ([`Plan::takeover`]): at this generation.
+    pub taken_over: Option<Generation>,
 }
 
 /// May the saved map with `header` be trusted to say what the replica lacks? A
@@ -526,6 +562,9 @@ pub fn check_saved_map(
     }
     if header.size.0 != c.size || header.grain != c.grain {
         return Err(MapRefused::Geometry);
+    }
+    if let Some(generation) = c.taken_over {
+        return Err(MapRefused::OtherOwner { generation });
     }
     if let Some(l) = c.label {
         if l.replica_uuid != c.replica_uuid || l.volume_uuid != c.volume_uuid {
@@ -993,6 +1032,75 @@ mod tests {
         );
     }
 
+    /// (R) A partition: the old owner (generation 3) lost both remotes and faulted
+    /// them one by one, counting epochs up to 6 on its local replica alone, while a
+    /// new owner (generation 4) took the remotes over from epoch 4 and wrote epoch
+    /// 5. By epochs alone the old owner's local replica wins and the new owner's
+    /// acknowledged writes would be rebuilt away; by (generation, epoch) the newer
+    /// generation's history is the truth, and the start is a takeover.
+    #[test]
+    fn after_a_partition_the_newer_generation_wins_not_the_higher_epoch() {
+        let w = World::new();
+        let rec = w.record(6, &[0], 3);
+        let seen = || {
+            vec![
+                w.label(0, 6, &[0], 3),
+                w.label(1, 5, &[1, 2], 4),
+                w.label(2, 5, &[1, 2], 4),
+            ]
+        };
+        // Both sides acknowledged writes after the fork: split brain, whoever starts.
+        let d = run(Some(&rec), seen(), true);
+        assert!(
+            matches!(&d, Err(ActivationError::SplitBrain { epoch: 6, a, .. }) if a == "r0"),
+            "{d:?}"
+        );
+        let rec4 = w.record(5, &[1, 2], 4);
+        let d = run(Some(&rec4), seen(), true);
+        assert!(
+            matches!(d, Err(ActivationError::SplitBrain { .. })),
+            "{d:?}"
+        );
+        // The new owner moved on past the old one's epochs: its history is the
+        // truth, never the old owner's local replica; the old owner's start is a
+        // takeover (which the daemon refuses unless the operator forces it).
+        let seen = || {
+            vec![
+                w.label(0, 5, &[0], 3),
+                w.label(1, 7, &[1, 2], 4),
+                w.label(2, 7, &[1, 2], 4),
+            ]
+        };
+        let rec = w.record(5, &[0], 3);
+        let d = run(Some(&rec), seen(), true);
+        assert_eq!(outcome(d.clone()), "missed-generation online online");
+        let Ok(Decision::Go(p)) = d else {
+            unreachable!()
+        };
+        assert_eq!(p.takeover, Some(Generation(4)));
+        assert_eq!(
+            (p.generation, p.membership.epoch),
+            (Generation(5), Epoch(8))
+        );
+        let rec4 = w.record(7, &[1, 2], 4);
+        let d = run(Some(&rec4), seen(), true);
+        assert_eq!(outcome(d), "faulted(recorded) online online");
+        // Two histories at the same (generation, epoch) that differ: split brain.
+        let d = run(
+            Some(&w.record(5, &[1, 2], 4)),
+            vec![
+                w.label(0, 5, &[0], 4),
+                w.label(1, 5, &[1, 2], 4),
+                w.label(2, 5, &[1, 2], 4),
+            ],
+            true,
+        );
+        assert!(matches!(
+            d,
+            Err(ActivationError::SplitBrain { epoch: 5, .. })
+        ));
+    }
+
     #[test]
     fn generation_and_takeover() {
         let w = World::new();
@@ -1167,8 +1275,29 @@ mod tests {
                 label,
                 now_unix_ms: now,
                 partial_window: window,
+                taken_over: None,
             };
             assert_eq!(check_saved_map(&header(kind, age), &c), want, "case {i}");
+        }
+        // (G) Another owner ran the volume since (a takeover, then failback): its
+        // writes are in no map of ours, whatever the replica's label says.
+        for kind in [LogKind::Missed, LogKind::Rebuild] {
+            let c = MapCheck {
+                volume_uuid: w.vu,
+                replica_uuid: w.uuids[1],
+                size: SIZE,
+                grain: Grain::DEFAULT,
+                label: Some(&at5),
+                now_unix_ms: now,
+                partial_window: window,
+                taken_over: Some(Generation(3)),
+            };
+            assert_eq!(
+                check_saved_map(&header(kind, min), &c),
+                refused(MapRefused::OtherOwner {
+                    generation: Generation(3)
+                })
+            );
         }
         // Another volume's map.
         let mut foreign = header(LogKind::Missed, min);
@@ -1181,6 +1310,7 @@ mod tests {
             label: None,
             now_unix_ms: now,
             partial_window: window,
+            taken_over: None,
         };
         assert_eq!(check_saved_map(&foreign, &c), refused(MapRefused::NotOurs));
     }

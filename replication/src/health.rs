@@ -181,18 +181,24 @@ pub enum ReadPolicy {
 /// its replicas. From then on every request fails: two writers must never coexist.
 #[derive(Debug, Default)]
 pub struct Fence {
-    reason: std::sync::OnceLock<String>,
+    reason: std::sync::OnceLock<(Generation, String)>,
 }
 
 impl Fence {
-    pub fn trip(&self, reason: String) {
-        if self.reason.set(reason.clone()).is_ok() {
-            tracing::error!(%reason, "volume fenced: failing all I/O");
+    /// A newer owner, at generation `by`, took the replicas.
+    pub fn trip(&self, by: Generation, reason: String) {
+        if self.reason.set((by, reason.clone())).is_ok() {
+            tracing::error!(%reason, by = by.0, "volume fenced: failing all I/O");
         }
     }
 
+    /// The newer owner's generation, once tripped.
+    pub fn by(&self) -> Option<Generation> {
+        self.reason.get().map(|(g, _)| *g)
+    }
+
     pub fn reason(&self) -> Option<&str> {
-        self.reason.get().map(String::as_str)
+        self.reason.get().map(|(_, r)| r.as_str())
     }
 
     pub fn is_tripped(&self) -> bool {
@@ -1280,10 +1286,13 @@ impl Health {
                 .unwrap_or_default();
             (loc, inner.generation)
         };
-        self.fence.trip(format!(
-            "replica {loc} now belongs to generation {} (ours is {}): a newer owner took over",
-            theirs.0, ours.0
-        ));
+        self.fence.trip(
+            theirs,
+            format!(
+                "replica {loc} now belongs to generation {} (ours is {}): a newer owner took over",
+                theirs.0, ours.0
+            ),
+        );
         self.signal.notify();
     }
 

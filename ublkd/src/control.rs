@@ -30,6 +30,9 @@ pub enum Request {
     /// Start configured volumes that are not running (all, or one).
     Recover {
         volume: Option<String>,
+        /// Take the volume over even from a newer owner (one volume only).
+        #[serde(default)]
+        force_takeover: bool,
     },
     Orphans {
         remove: bool,
@@ -113,15 +116,26 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
             json(&daemon.status(&volume)?)
         }
         // One volume named: its error is the answer.
-        Request::Recover { volume: Some(v) } => {
-            daemon.start(&v)?;
+        Request::Recover {
+            volume: Some(v),
+            force_takeover,
+        } => {
+            daemon.start(&v, force_takeover)?;
             json(&[v])
         }
+        Request::Recover {
+            volume: None,
+            force_takeover: true,
+        } => {
+            return Err(DaemonError::BadRequest(
+                "--force-takeover takes one volume, by name: it fences another owner".into(),
+            ))
+        }
         // All: start what can be started; one stuck volume must not block the others.
-        Request::Recover { volume: None } => {
+        Request::Recover { volume: None, .. } => {
             let mut started = Vec::new();
             for s in daemon.list().into_iter().filter(|s| !s.state.is_serving()) {
-                match daemon.start(&s.name) {
+                match daemon.start(&s.name, false) {
                     Ok(()) => started.push(s.name),
                     Err(e) => tracing::warn!(volume = %s.name, error = %e, "recover: not started"),
                 }

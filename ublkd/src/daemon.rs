@@ -198,14 +198,16 @@ impl Daemon {
     /// reported per volume and do not stop the others).
     pub fn start_all(&self) {
         for v in self.config().volumes {
-            if let Err(e) = self.start(&v.name) {
+            if let Err(e) = self.start(&v.name, false) {
                 tracing::error!(volume = %v.name, error = %e, "cannot start volume");
             }
         }
     }
 
     /// Start (or restart after a failure or a stop) one volume.
-    pub fn start(&self, name: &str) -> Result<(), DaemonError> {
+    /// Start volume `name`; `force_takeover`: even from a newer owner (the
+    /// operator knows it is gone for good).
+    pub fn start(&self, name: &str, force_takeover: bool) -> Result<(), DaemonError> {
         let _ops = self.ops.lock().unwrap();
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DaemonError::volume(name, "ublkd is shutting down"));
@@ -234,7 +236,13 @@ impl Daemon {
         });
         vols.insert(
             name.into(),
-            VolumeRunner::spawn(cfg, self.state_dir.clone(), id, self.net.clone()),
+            VolumeRunner::spawn(
+                cfg,
+                self.state_dir.clone(),
+                id,
+                self.net.clone(),
+                force_takeover,
+            ),
         );
         Ok(())
     }
@@ -377,7 +385,7 @@ impl Daemon {
                     done(c, r);
                 }
                 Change::VolumeAdded { volume } => {
-                    done(c, self.start(volume).map_err(|e| e.to_string()))
+                    done(c, self.start(volume, false).map_err(|e| e.to_string()))
                 }
                 // Every running volume's manager gets its window from the new config
                 // (the node's, unless the volume overrides it).

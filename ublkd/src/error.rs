@@ -21,6 +21,8 @@ pub enum DaemonError {
     Volume { volume: String, message: String },
     #[error("no volume named {0:?} in the configuration")]
     NoSuchVolume(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
     #[error("reload refused: {0}")]
     Reload(#[from] crate::reload::Refused),
     #[error("reload: {0}")]

@@ -63,6 +63,22 @@ pub struct VolumeRecord {
     /// one is refused as stale: it is no member) until `ublkctl replica reclaim`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<Retired>,
+    /// A newer owner took the volume over while this node served it (or since it
+    /// last did): an ordinary start leaves it alone, whatever the replicas in reach
+    /// say, until the operator forces a takeover (`ublkctl recover VOL
+    /// --force-takeover`). Otherwise a restart after a partition could fence the
+    /// live owner and roll back what it acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<Fenced>,
+}
+
+/// Why and since when a volume's record says it was fenced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fenced {
+    /// The newer owner's generation.
+    pub by: Generation,
+    pub since_unix_ms: u64,
 }
 
 /// A replica dropped from the running set, storage not reclaimed yet.
@@ -200,6 +216,7 @@ impl RecordV1 {
             read_policy: self.read_policy,
             substitutions: Vec::new(),
             retired: Vec::new(),
+            fenced: None,
         }
     }
 }
@@ -223,6 +240,7 @@ impl VolumeRecord {
             read_policy: ReadPolicy::Spread,
             substitutions: Vec::new(),
             retired: Vec::new(),
+            fenced: None,
         }
     }
 

@@ -64,7 +64,7 @@ fn start_as(
     cfg: &VolumeConfig,
     net: &Net,
     dir: &Path,
-    refuse_takeover: bool,
+    allow_takeover: bool,
 ) -> Result<Activated, String> {
     let sd = StateDir::open(dir).unwrap();
     let record = sd.load(&cfg.name).unwrap();
@@ -73,7 +73,7 @@ fn start_as(
         net,
         &sd,
         record,
-        refuse_takeover,
+        allow_takeover,
         &mut |_| false,
         &mut |_| {},
     )
@@ -443,8 +443,9 @@ fn an_owner_that_was_taken_over_does_not_fence_the_new_one_when_told_not_to() {
     // Another owner (its own state dir) takes the volume: generation 2.
     let second = start(&cfg, &net, &tmp.path().join("second")).unwrap();
     assert_eq!(second.record.generation.0, 2);
-    // The first comes back to recover its old device: it must leave the volume alone.
-    let err = start_as(&cfg, &net, &tmp.path().join("first"), true)
+    // The first comes back (an ordinary start, or to recover its old device): it
+    // must leave the volume alone unless the operator forces it.
+    let err = start(&cfg, &net, &tmp.path().join("first"))
         .err()
         .expect("refused");
     assert_eq!(err, "taken over by generation 2");
@@ -464,6 +465,22 @@ fn an_owner_that_was_taken_over_does_not_fence_the_new_one_when_told_not_to() {
         l.generation.0, 2,
         "the newer owner's generation still holds"
     );
+    // (R) The second owner's record says it was fenced (say its replica was out of
+    // reach when it noticed): an ordinary start leaves the volume alone even where
+    // no label shows a newer owner.
+    let sd = StateDir::open(&tmp.path().join("second")).unwrap();
+    let mut rec = sd.load("to").unwrap().unwrap();
+    rec.fenced = Some(ublkd::state::Fenced {
+        by: wire::Generation(9),
+        since_unix_ms: 0,
+    });
+    sd.save(&rec).unwrap();
+    let err = start(&cfg, &net, &tmp.path().join("second")).err();
+    assert_eq!(err.as_deref(), Some("taken over by generation 9"));
+    // The operator forces the first owner's start: it fences the second.
+    let forced = start_as(&cfg, &net, &tmp.path().join("first"), true).unwrap();
+    assert_eq!(forced.record.generation.0, 3);
+    assert!(forced.record.fenced.is_none());
 }
 
 /// Owner restarts while a replica is down: the first one clean (its dirty map is

@@ -44,7 +44,15 @@ enum Cmd {
         force: bool,
     },
     /// (Re)start configured volumes that are not serving: all, or the one named.
-    Recover { volume: Option<String> },
+    Recover {
+        volume: Option<String>,
+        /// Start VOLUME even though another owner took it over since this node ran
+        /// it (it is fenced until then): that owner is fenced in turn. Only when it
+        /// is gone for good; writes it acknowledged that no replica in reach holds
+        /// are lost.
+        #[arg(long, requires = "volume")]
+        force_takeover: bool,
+    },
     /// ublk devices no configured volume owns.
     Orphans {
         /// Delete them.
@@ -204,7 +212,11 @@ fn run() -> Result<()> {
             volume: volume.clone(),
             force: *force,
         },
-        Cmd::Recover { volume } => Request::Recover {
+        Cmd::Recover {
+            volume,
+            force_takeover,
+        } => Request::Recover {
+            force_takeover: *force_takeover,
             volume: volume.clone(),
         },
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },

@@ -44,6 +44,9 @@ pub struct Activated {
     pub remotes: Vec<(usize, Arc<RemoteClient>)>,
     /// Every replica zeroes a discarded range cheaply.
     pub cheap_zeroing: bool,
+    /// Another owner ran the volume since our last activation (a forced takeover):
+    /// the saved dirty maps do not cover its writes.
+    pub takeover: Option<Generation>,
     pub local_replicas: usize,
 }
 
@@ -65,15 +68,17 @@ impl From<DaemonError> for Halt {
 }
 
 /// Probe, plan, open, label; until it works, `stop()` says stop, or it fails for
-/// good. `waiting(reason)` is told what the volume waits for. With
-/// `refuse_takeover`, a volume another owner ran since our last activation is left
-/// alone ([`Halt::TakenOver`]) before any replica is opened.
+/// good. `waiting(reason)` is told what the volume waits for. Unless
+/// `allow_takeover` (the operator forced it), a volume another owner ran since our
+/// last activation — by the labels, or by our record's [`crate::state::Fenced`] —
+/// is left alone ([`Halt::TakenOver`]) before any replica is opened: opening would
+/// fence that owner, and the newest history in reach may not be its.
 pub fn activate(
     cfg: &VolumeConfig,
     net: &Net,
     state_dir: &StateDir,
     record: Option<VolumeRecord>,
-    refuse_takeover: bool,
+    allow_takeover: bool,
     stop: &mut dyn FnMut(Duration) -> bool,
     waiting: &mut dyn FnMut(Option<String>),
 ) -> Result<Activated, Halt> {
@@ -82,6 +87,12 @@ pub fn activate(
     let grace_end = Instant::now() + GRACE;
     // Local backings stay open (and locked) across rounds.
     let mut locals: Vec<Option<Arc<LocalBacking>>> = vec![None; cfg.replicas.len()];
+    if let (false, Some(f)) = (
+        allow_takeover,
+        record.as_ref().and_then(|r| r.fenced.as_ref()),
+    ) {
+        return Err(Halt::TakenOver(f.by));
+    }
     let mut record = record;
     loop {
         let recorded = record.as_ref().map(VolumeRecord::recorded);
@@ -111,7 +122,7 @@ pub fn activate(
             }
         };
         waiting(None);
-        if let (true, Some(g)) = (refuse_takeover, plan.takeover) {
+        if let (false, Some(g)) = (allow_takeover, plan.takeover) {
             return Err(Halt::TakenOver(g));
         }
         // Durable before any replica sees it: a generation is never reused.
@@ -119,6 +130,10 @@ pub fn activate(
         rec.volume_uuid = plan.volume_uuid;
         rec.generation = plan.generation;
         rec.owner = owner;
+        if let Some(f) = rec.fenced.take() {
+            tracing::warn!(volume = %cfg.name, newer = f.by.0, generation = plan.generation.0,
+                "takeover forced by the operator: fencing the newer owner");
+        }
         state_dir.save(&rec)?;
         match open_and_label(cfg, net, &plan, owner, &probes, &locals) {
             Ok(mut opened) => {
@@ -159,6 +174,7 @@ pub fn activate(
                     slots: opened.slots,
                     remotes: opened.remotes,
                     cheap_zeroing: opened.cheap_zeroing,
+                    takeover: plan.takeover,
                     local_replicas: locals.iter().flatten().count(),
                 });
             }

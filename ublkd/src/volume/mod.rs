@@ -971,11 +971,14 @@ pub struct VolumeRunner {
 impl VolumeRunner {
     /// `device_id`: the id the daemon claimed for this volume (configured, recorded,
     /// or the lowest one nobody owns); `None` lets the kernel pick.
+    /// Start the volume's thread; `force_takeover`: the operator said to take the
+    /// volume over even from a newer owner ([`activate::activate`]).
     pub fn spawn(
         cfg: VolumeConfig,
         state_dir: StateDir,
         device_id: Option<u32>,
         net: Net,
+        force_takeover: bool,
     ) -> VolumeRunner {
         let shared = Arc::new(VolumeShared {
             cfg: Mutex::new(cfg.clone()),
@@ -990,7 +993,7 @@ impl VolumeRunner {
         let thread = std::thread::Builder::new()
             .name(format!("vol-{}", cfg.name))
             .spawn(move || {
-                if let Err(e) = run(&cfg, &state_dir, device_id, &net, &sh, rx) {
+                if let Err(e) = run(&cfg, &state_dir, device_id, &net, &sh, rx, force_takeover) {
                     tracing::error!(volume = %cfg.name, error = %e, "volume failed");
                     sh.set_state(VolumeState::Failed, Some(e.to_string()));
                 }
@@ -1038,6 +1041,7 @@ fn run(
     net: &Net,
     shared: &Arc<VolumeShared>,
     cmd: Receiver<VolumeCmd>,
+    force_takeover: bool,
 ) -> Result<(), DaemonError> {
     shared.set_state(VolumeState::Starting, None);
 
@@ -1080,7 +1084,7 @@ fn run(
         net,
         state_dir,
         record,
-        recovering,
+        force_takeover && !recovering,
         &mut stop_asked,
         &mut |why| shared.set_reason(why),
     ) {
@@ -1090,15 +1094,21 @@ fn run(
             return Ok(());
         }
         Err(Halt::TakenOver(g)) => {
-            let Mode::Recover { id, .. } = mode else {
-                unreachable!("takeovers are refused only when recovering")
+            let why = match mode {
+                Mode::Recover { id, .. } => {
+                    device::remove_stale(cfg, id);
+                    format!(
+                        "another owner activated this volume (generation {}) after /dev/ublkb{id} was created: not recovering it; the device is removed (if that owner is gone for good: ublkctl recover {} --force-takeover)",
+                        g.0, cfg.name
+                    )
+                }
+                _ => format!(
+                    "another owner (generation {}) has run this volume since this node did: not starting it, which would fence that owner and could roll back what it acknowledged (if that owner is gone for good: ublkctl recover {} --force-takeover)",
+                    g.0, cfg.name
+                ),
             };
-            let why = format!(
-                "another owner activated this volume (generation {}) after /dev/ublkb{id} was created: not recovering it; the device is removed",
-                g.0
-            );
             tracing::error!(volume = %cfg.name, reason = %why, "fenced");
-            device::remove_stale(cfg, id);
+            record_fenced(state_dir, &cfg.name, g);
             shared.set_state(VolumeState::Fenced, Some(why));
             return Ok(());
         }
@@ -1241,15 +1251,7 @@ pub fn restore_logs(
     } else {
         &in_flight[..]
     };
-    attach_saved_maps(
-        cfg,
-        net,
-        record,
-        &mut act.slots,
-        &act.labels,
-        saved.maps,
-        unclean,
-    );
+    attach_saved_maps(cfg, net, record, act, saved.maps, unclean);
     for e in &saved.unreadable {
         tracing::warn!(volume = %cfg.name, error = %e, "a saved log cannot be read (its replica gets a full rebuild)");
     }
@@ -1291,8 +1293,7 @@ fn attach_saved_maps(
     cfg: &VolumeConfig,
     net: &Net,
     record: &crate::state::VolumeRecord,
-    slots: &mut [replication::health::SlotSpec],
-    labels: &[Option<wire::label::Label>],
+    act: &mut activate::Activated,
     mut maps: Vec<(
         replication::dirty_file::DirtyHeader,
         replication::dirty::DirtyMap,
@@ -1300,7 +1301,8 @@ fn attach_saved_maps(
     in_flight: &[(replication::ByteOffset, replication::ByteLen)],
 ) {
     use replication::activation::{check_saved_map, MapCheck};
-    for (slot, label) in slots.iter_mut().zip(labels) {
+    let taken_over = act.takeover;
+    for (slot, label) in act.slots.iter_mut().zip(&act.labels) {
         if slot.state.in_write_set() {
             continue;
         }
@@ -1318,6 +1320,7 @@ fn attach_saved_maps(
             label: label.as_ref(),
             now_unix_ms: replication::dirty_file::unix_ms(),
             partial_window: partial_window(cfg, net),
+            taken_over,
         };
         match check_saved_map(&header, &check) {
             Ok(()) => {
@@ -1497,6 +1500,13 @@ fn serve(
     };
     let outcome = if let Some(why) = health.fence().reason() {
         remove_device(ctrl.as_ref(), "fenced");
+        if let Some(by) = health.fence().by() {
+            // Through the sink: it holds the record the persister saves.
+            if let Err(e) = sink.edit(|r| mark_fenced(r, by)) {
+                tracing::error!(volume = %cfg.name, error = %e,
+                    "cannot record that the volume was fenced: a restart may try to take it back");
+            }
+        }
         // Not clean: the newer owner's view of the data is the one that counts.
         shared.set_state(VolumeState::Fenced, Some(why.to_string()));
         Ok(())
@@ -1522,6 +1532,32 @@ fn serve(
     };
     wind_down(shared, rebuilds, health);
     outcome
+}
+
+/// A newer owner (generation `by`) took the volume over: an ordinary start
+/// leaves it alone from then on.
+fn mark_fenced(rec: &mut crate::state::VolumeRecord, by: wire::Generation) {
+    if rec.fenced.as_ref().is_none_or(|f| f.by < by) {
+        rec.fenced = Some(crate::state::Fenced {
+            by,
+            since_unix_ms: replication::dirty_file::unix_ms(),
+        });
+    }
+}
+
+/// [`mark_fenced`] in the saved record, before the volume has a sink.
+fn record_fenced(state_dir: &StateDir, name: &str, by: wire::Generation) {
+    let res = state_dir.load(name).and_then(|rec| match rec {
+        Some(mut rec) => {
+            mark_fenced(&mut rec, by);
+            state_dir.save(&rec)
+        }
+        None => Ok(()),
+    });
+    if let Err(e) = res {
+        tracing::error!(volume = %name, error = %e,
+            "cannot record that the volume was fenced: a restart may try to take it back");
+    }
 }
 
 /// The volume serves no more: its rebuilds are cancelled, then its replicas stop.
