@@ -191,7 +191,14 @@ impl MemStore {
         lost
     }
 
-    fn mutate(&self, at: Option<(usize, usize)>, f: impl FnOnce(&mut Vec<u8>)) -> Result<(), Errno> {
+    /// Apply a mutation of the byte range `at` (`None`: a flush); a FUA write
+    /// (`fua`) is durable at once.
+    fn mutate(
+        &self,
+        at: Option<(usize, usize)>,
+        fua: bool,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Errno> {
         self.wait();
         if let Some(e) = self.error(false) {
             return Err(e);
@@ -201,6 +208,7 @@ impl MemStore {
         let mut d = self.durable.lock().unwrap();
         if let Some((durable, dirty)) = d.as_mut() {
             match at {
+                Some((o, l)) if fua => durable[o..o + l].copy_from_slice(&data[o..o + l]),
                 Some(r) => dirty.push(r),
                 // A flush: what was written is durable now.
                 None => {
@@ -251,7 +259,7 @@ impl Replica for MemReplica {
         Box::pin(std::future::ready(res))
     }
 
-    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], _fua: bool) -> IoFuture<'a> {
+    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a> {
         gate_pass();
         self.store.writes.fetch_add(1, Ordering::SeqCst);
         if offset.0 + buf.len() as u64 > self.store.fail_from.load(Ordering::SeqCst) {
@@ -260,13 +268,13 @@ impl Replica for MemReplica {
         let r = range(offset, buf.len() as u64);
         let res = self
             .store
-            .mutate(Some((r.start, r.len())), |d| d[r].copy_from_slice(buf));
+            .mutate(Some((r.start, r.len())), fua, |d| d[r].copy_from_slice(buf));
         Box::pin(std::future::ready(res))
     }
 
     fn flush(&self) -> IoFuture<'_> {
         gate_pass();
-        let res = self.store.mutate(None, |_| ());
+        let res = self.store.mutate(None, false, |_| ());
         if res.is_ok() {
             self.store.flushes.fetch_add(1, Ordering::SeqCst);
         }
@@ -276,14 +284,14 @@ impl Replica for MemReplica {
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
         gate_pass();
         let r = range(offset, len.0);
-        let res = self.store.mutate(Some((r.start, r.len())), |d| d[r].fill(0));
+        let res = self.store.mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, _no_unmap: bool) -> IoFuture<'_> {
         gate_pass();
         let r = range(offset, len.0);
-        let res = self.store.mutate(Some((r.start, r.len())), |d| d[r].fill(0));
+        let res = self.store.mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
     }
 }
