@@ -246,7 +246,7 @@ impl Replica for MemReplica {
     }
 
     fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
-        gate_pass();
+        gate_pass(|| format!("read {}@{}+{}", self.location, offset.0 >> 10, buf.len() >> 10));
         self.store.reads.fetch_add(1, Ordering::SeqCst);
         self.store.wait();
         let res = if let Some(e) = self.store.error(true) {
@@ -260,7 +260,7 @@ impl Replica for MemReplica {
     }
 
     fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a> {
-        gate_pass();
+        gate_pass(|| format!("write {}@{}+{}", self.location, offset.0 >> 10, buf.len() >> 10));
         self.store.writes.fetch_add(1, Ordering::SeqCst);
         if offset.0 + buf.len() as u64 > self.store.fail_from.load(Ordering::SeqCst) {
             self.store.set_fault(Fault::Writes);
@@ -273,7 +273,7 @@ impl Replica for MemReplica {
     }
 
     fn flush(&self) -> IoFuture<'_> {
-        gate_pass();
+        gate_pass(|| format!("flush {}", self.location));
         let res = self.store.mutate(None, false, |_| ());
         if res.is_ok() {
             self.store.flushes.fetch_add(1, Ordering::SeqCst);
@@ -282,14 +282,14 @@ impl Replica for MemReplica {
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
-        gate_pass();
+        gate_pass(|| format!("discard {}@{}+{}", self.location, offset.0 >> 10, len.0 >> 10));
         let r = range(offset, len.0);
         let res = self.store.mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, _no_unmap: bool) -> IoFuture<'_> {
-        gate_pass();
+        gate_pass(|| format!("zero {}@{}+{}", self.location, offset.0 >> 10, len.0 >> 10));
         let r = range(offset, len.0);
         let res = self.store.mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
@@ -313,6 +313,8 @@ struct GateState {
     parked: bool,
     done: bool,
     passed: u64,
+    /// The operations passed since [`Gate::take_log`], described.
+    log: Vec<String>,
 }
 
 /// Where a gated thread is after [`Gate::step`].
@@ -330,9 +332,9 @@ thread_local! {
     static GATE: std::cell::RefCell<Option<Arc<Gate>>> = const { std::cell::RefCell::new(None) };
 }
 
-fn gate_pass() {
+fn gate_pass(op: impl FnOnce() -> String) {
     if let Some(g) = GATE.with(|g| g.borrow().clone()) {
-        g.pass();
+        g.pass(op());
     }
 }
 
@@ -349,8 +351,9 @@ impl Gate {
         self.cv.notify_all();
     }
 
-    fn pass(&self) {
+    fn pass(&self, op: String) {
         let mut s = self.state.lock().unwrap();
+        s.log.push(op);
         s.parked = true;
         self.cv.notify_all();
         while s.permits == 0 {
@@ -359,6 +362,11 @@ impl Gate {
         s.permits -= 1;
         s.parked = false;
         s.passed += 1;
+    }
+
+    /// The operations it did (or is parked before) since the last call.
+    pub fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut self.state.lock().unwrap().log)
     }
 
     /// Operations passed so far.

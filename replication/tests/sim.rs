@@ -74,6 +74,18 @@ const KNOWN_HOLES: &[Hole] = &[
         flags: "EIO,ADD_REMOVE,LABEL_FAULTS",
         seed: 0,
     },
+    Hole {
+        flag: Flags::CONN_PAIR,
+        bug: "G: two connections lost back to back: the last member's label misses the first one's fault, it is refused forever",
+        flags: "CONN_LOSS,CONN_PAIR",
+        seed: 0,
+    },
+    Hole {
+        flag: Flags::TARGET_FLAP,
+        bug: "H: the copier keeps copying into a target faulted mid-stretch; a host crash then loses those copies unmarked",
+        flags: "HOST_CRASH,CONN_LOSS,REBUILD,TARGET_FLAP",
+        seed: 0,
+    },
 ];
 
 struct Hole {

@@ -35,6 +35,14 @@ impl Flags {
     /// Several online replicas carry a fault that fails their label writes at once.
     pub const LABEL_FAULTS: Flags = Flags(1 << 12);
 
+    /// Two remote replicas' connections drop one right after the other (both
+    /// `lost` events before the persister runs).
+    pub const CONN_PAIR: Flags = Flags(1 << 13);
+
+    /// A rebuild's target reconnects while its rebuild runs (after its
+    /// connection, or its host, went down).
+    pub const TARGET_FLAP: Flags = Flags(1 << 14);
+
     pub const NAMES: &'static [(Flags, &'static str)] = &[
         (Flags::WRITE_ERR, "WRITE_ERR"),
         (Flags::READ_ERR, "READ_ERR"),
@@ -49,6 +57,8 @@ impl Flags {
         (Flags::VERIFY_FAULTS, "VERIFY_FAULTS"),
         (Flags::REMOVE_CONNECTING, "REMOVE_CONNECTING"),
         (Flags::LABEL_FAULTS, "LABEL_FAULTS"),
+        (Flags::CONN_PAIR, "CONN_PAIR"),
+        (Flags::TARGET_FLAP, "TARGET_FLAP"),
     ];
 
     pub const NONE: Flags = Flags(0);

@@ -135,6 +135,8 @@ pub struct World {
     pending_lost: Vec<usize>,
     pending_since: usize,
     trace: Trace,
+    /// SIM_TRACE=1: print every step.
+    verbose: bool,
     pub stats: Stats,
 }
 
@@ -194,6 +196,7 @@ impl World {
             pending_lost: Vec::new(),
             pending_since: 0,
             trace,
+            verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             stats: Stats::default(),
         };
         let desc = (0..n)
@@ -205,6 +208,9 @@ impl World {
     }
 
     fn note(&self, s: String) {
+        if self.verbose {
+            eprintln!("#{:<4} {s}", self.step);
+        }
         let mut t = self.trace.borrow_mut();
         if t.len() == TRACE_LEN {
             t.pop_front();
@@ -483,6 +489,10 @@ impl World {
         }
     }
 
+    fn is_rebuild_target(&self, slot: usize) -> bool {
+        matches!(&self.job, Some(Job { kind: JobKind::Rebuild { slot: t, .. }, .. }) if *t == slot)
+    }
+
     fn inject(&mut self) -> Step {
         let mut kinds = Vec::new();
         if self.flags.has(Flags::WRITE_ERR) {
@@ -562,7 +572,13 @@ impl World {
                 return Ok(());
             }
         }
-        let want = if multi { 2 + self.rng.below(cands.len() - 1) } else { 1 + self.rng.below(cands.len().clamp(1, 2)) };
+        let want = if multi {
+            2 + self.rng.below(cands.len() - 1)
+        } else if self.flags.has(Flags::CONN_PAIR) {
+            1 + self.rng.below(cands.len().clamp(1, 2))
+        } else {
+            1
+        };
         let mut lost = Vec::new();
         while lost.len() < want && !cands.is_empty() {
             let k = self.rng.below(cands.len());
@@ -605,10 +621,22 @@ impl World {
         store.set_fault(Fault::None);
         let Some(label) = store.label() else { return Ok(false) };
         let before = self.states();
+        let was = self.state(slot);
         let back = self.health.reconnected(SlotIndex(slot as u8), &label);
         self.stats.reconnects += 1;
         self.note(format!("  slot {slot} reconnects (label epoch {}): takes I/O {back}; {before} -> {}", label.membership.epoch.0, self.states()));
         self.quiesce()?;
+        // Liveness: a reconnecting member that holds every acknowledged write and
+        // is the only one that could (nothing online) must be taken back, else
+        // the volume waits for it forever.
+        if !back && was == Some(ReplicaState::Connecting) && self.health.read_mask() == 0 && self.check_slot(slot, 0, SECTORS).is_ok() {
+            return err(format!(
+                "WEDGED: slot {slot}, the last member, is back and holds every acknowledged write, but is refused \
+                 (its label is at epoch {}); no I/O can ever complete; {}",
+                label.membership.epoch.0,
+                self.states()
+            ));
+        }
         Ok(back)
     }
 
@@ -619,6 +647,7 @@ impl World {
             .filter(|&i| self.store(i).unwrap().fault() == Fault::NotConn)
             .filter(|&i| !self.pending_lost.contains(&i))
             .filter(|&i| self.faults_allowed(Some(i)))
+            .filter(|&i| self.flags.has(Flags::TARGET_FLAP) || !self.is_rebuild_target(i))
             .collect();
         let Some(slot) = self.pick(&cands) else { return Ok(()) };
         self.reconnect(slot)?;
@@ -734,7 +763,8 @@ impl World {
             .expect("spawn the job thread");
         self.job = Some(Job { kind, gate: gate.clone(), thread: Some(thread) });
         let at = gate.wait(STUCK);
-        self.note(format!("start {} -> {at:?}; {}", what.1, self.states()));
+        let ops = self.job_log(&gate);
+        self.note(format!("start {} -> {at:?} [{ops}]; {}", what.1, self.states()));
         if at == GateAt::Stuck {
             return err("stuck: the job never reached its first replica operation");
         }
@@ -792,7 +822,8 @@ impl World {
                 GateAt::Stuck => return err(format!("stuck: the job did not reach its next replica operation; {}", self.states())),
             }
         }
-        self.note(format!("job: {} ops so far", gate.passed()));
+        let ops = self.job_log(&gate);
+        self.note(format!("job: {ops}"));
         self.finish_job_if_done()
     }
 
@@ -811,9 +842,22 @@ impl World {
             }
         }
         if n > 0 {
-            self.note(format!("  job: {n} ops to free the range"));
+            let ops = self.job_log(&gate);
+            self.note(format!("  job, to free the range: {ops}"));
         }
         self.finish_job_if_done()
+    }
+
+    /// The job's operations since the last look (the last one is the one it is
+    /// parked before), with slot numbers for locations.
+    fn job_log(&self, gate: &Gate) -> String {
+        let mut ops = gate.take_log().join(", ");
+        for (i, s) in self.stores.iter().enumerate() {
+            if let Some(s) = s {
+                ops = ops.replace(&format!("mem:{:p}", Arc::as_ptr(s)), &format!("s{i}"));
+            }
+        }
+        ops
     }
 
     fn finish_job_if_done(&mut self) -> Step {
