@@ -42,8 +42,12 @@ pub struct MemStore {
     fail_from: AtomicU64,
     /// With [`MemStore::track_durable`]: the contents as of the last flush, and the
     /// byte ranges written since.
-    durable: Mutex<Option<(Vec<u8>, Vec<(usize, usize)>)>>,
+    durable: Mutex<Option<Durable>>,
 }
+
+/// A [`MemStore`]'s contents as of its last flush, and the byte ranges
+/// (offset, length) written since.
+type Durable = (Vec<u8>, Vec<(usize, usize)>);
 
 impl MemStore {
     pub fn new(size: usize) -> Arc<MemStore> {
@@ -246,7 +250,14 @@ impl Replica for MemReplica {
     }
 
     fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
-        gate_pass(|| format!("read {}@{}+{}", self.location, offset.0 >> 10, buf.len() >> 10));
+        gate_pass(|| {
+            format!(
+                "read {}@{}+{}",
+                self.location,
+                offset.0 >> 10,
+                buf.len() >> 10
+            )
+        });
         self.store.reads.fetch_add(1, Ordering::SeqCst);
         self.store.wait();
         let res = if let Some(e) = self.store.error(true) {
@@ -260,7 +271,14 @@ impl Replica for MemReplica {
     }
 
     fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a> {
-        gate_pass(|| format!("write {}@{}+{}", self.location, offset.0 >> 10, buf.len() >> 10));
+        gate_pass(|| {
+            format!(
+                "write {}@{}+{}",
+                self.location,
+                offset.0 >> 10,
+                buf.len() >> 10
+            )
+        });
         self.store.writes.fetch_add(1, Ordering::SeqCst);
         if offset.0 + buf.len() as u64 > self.store.fail_from.load(Ordering::SeqCst) {
             self.store.set_fault(Fault::Writes);
@@ -282,16 +300,27 @@ impl Replica for MemReplica {
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
-        gate_pass(|| format!("discard {}@{}+{}", self.location, offset.0 >> 10, len.0 >> 10));
+        gate_pass(|| {
+            format!(
+                "discard {}@{}+{}",
+                self.location,
+                offset.0 >> 10,
+                len.0 >> 10
+            )
+        });
         let r = range(offset, len.0);
-        let res = self.store.mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
+        let res = self
+            .store
+            .mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, _no_unmap: bool) -> IoFuture<'_> {
         gate_pass(|| format!("zero {}@{}+{}", self.location, offset.0 >> 10, len.0 >> 10));
         let r = range(offset, len.0);
-        let res = self.store.mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
+        let res = self
+            .store
+            .mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
     }
 }

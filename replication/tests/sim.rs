@@ -46,45 +46,52 @@ use world::{panic_text, Stats, World};
 const KNOWN_HOLES: &[Hole] = &[
     Hole {
         flag: Flags::CONN_MULTI,
-        bug: "A: two remote replicas lose their connection under one request",
-        flags: "CONN_MULTI",
-        seed: 0,
+        bug: "A: two remote replicas lose their connection under one request; the second back is stale",
+        flags: "WRITE_ERR,CONN_LOSS,CONN_MULTI,VERIFY,ADD_REMOVE",
+        seed: 16,
+        step: 18,
     },
     Hole {
         flag: Flags::REBUILD_FAULTS,
         bug: "B: the copier keeps copying from a source faulted for write errors",
-        flags: "WRITE_ERR,REBUILD,REBUILD_FAULTS",
-        seed: 0,
+        flags: "WRITE_ERR,REBUILD,ADD_REMOVE,REBUILD_FAULTS",
+        seed: 166,
+        step: 74,
     },
     Hole {
         flag: Flags::VERIFY_FAULTS,
         bug: "C: verify --repair copies from a replica faulted during the region",
-        flags: "WRITE_ERR,VERIFY,VERIFY_FAULTS",
-        seed: 0,
+        flags: "WRITE_ERR,CONN_LOSS,HOST_CRASH,REBUILD,VERIFY,ADD_REMOVE,VERIFY_FAULTS",
+        seed: 117,
+        step: 20,
     },
     Hole {
         flag: Flags::REMOVE_CONNECTING,
-        bug: "D: removing the last current replica while it is Connecting",
-        flags: "CONN_LOSS,ADD_REMOVE,REMOVE_CONNECTING",
-        seed: 0,
+        bug: "D: removing the last current replica while it is Connecting empties the membership",
+        flags: "WRITE_ERR,EIO,CONN_LOSS,VERIFY,ADD_REMOVE,REMOVE_CONNECTING",
+        seed: 293,
+        step: 36,
     },
     Hole {
         flag: Flags::LABEL_FAULTS,
         bug: "E: the persister faults every member whose label fails, the last online one too",
-        flags: "EIO,ADD_REMOVE,LABEL_FAULTS",
-        seed: 0,
+        flags: "WRITE_ERR,READ_ERR,EIO,HOST_CRASH,REBUILD,VERIFY,ADD_REMOVE,LABEL_FAULTS",
+        seed: 17,
+        step: 12,
     },
     Hole {
         flag: Flags::CONN_PAIR,
         bug: "G: two connections lost back to back: the last member's label misses the first one's fault, it is refused forever",
-        flags: "CONN_LOSS,CONN_PAIR",
-        seed: 0,
+        flags: "WRITE_ERR,READ_ERR,CONN_LOSS,REBUILD,VERIFY,ADD_REMOVE,CONN_PAIR",
+        seed: 38,
+        step: 1,
     },
     Hole {
         flag: Flags::TARGET_FLAP,
         bug: "H: the copier keeps copying into a target faulted mid-stretch; a host crash then loses those copies unmarked",
-        flags: "HOST_CRASH,CONN_LOSS,REBUILD,TARGET_FLAP",
-        seed: 0,
+        flags: "READ_ERR,EIO,CONN_LOSS,HOST_CRASH,REBUILD,VERIFY,ADD_REMOVE,TARGET_FLAP",
+        seed: 661,
+        step: 120,
     },
 ];
 
@@ -94,7 +101,15 @@ struct Hole {
     /// Flags of the recorded failing seed.
     flags: &'static str,
     seed: u64,
+    /// The step that catches it (with [`HOLE_STEPS`] steps per seed).
+    step: usize,
 }
+
+/// Steps per seed of the CI batch.
+const DEFAULT_STEPS: usize = 160;
+
+/// Steps per seed of the recorded holes.
+const HOLE_STEPS: usize = 120;
 
 fn holes() -> Flags {
     KNOWN_HOLES.iter().fold(Flags::NONE, |m, h| m | h.flag)
@@ -179,9 +194,13 @@ struct Failure {
 }
 
 impl Failure {
-    fn report(&self, mode: &Mode) -> String {
+    fn report(&self, mode: &Mode, steps: usize) -> String {
+        let steps = match steps {
+            DEFAULT_STEPS => String::new(),
+            n => format!("SIM_STEPS={n} "),
+        };
         let mut s = format!(
-            "SIM FAILURE seed {} step {} (flags {}):\n  {}\n  replay: {}SIM_SEED={} cargo test --release -p replication --test sim\n  last steps:\n",
+            "SIM FAILURE seed {} step {} (flags {}):\n  {}\n  replay: {}{steps}SIM_SEED={} cargo test --release -p replication --test sim\n  last steps:\n",
             self.seed, self.step, self.flags, self.what, mode.env, self.seed
         );
         for t in &self.trace {
@@ -233,7 +252,7 @@ fn run_seed(seed: u64, flags: Flags, steps: usize) -> Result<Stats, Failure> {
 #[test]
 fn sim() {
     let mode = Mode::from_env();
-    let steps = env_u64("SIM_STEPS").unwrap_or(120) as usize;
+    let steps = env_u64("SIM_STEPS").unwrap_or(DEFAULT_STEPS as u64) as usize;
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
         Some(s) => vec![s],
         None => {
@@ -251,7 +270,7 @@ fn sim() {
             Ok(s) => total.add(&s),
             Err(f) => {
                 if failures.len() < 5 {
-                    eprintln!("{}", f.report(&mode));
+                    eprintln!("{}", f.report(&mode, steps));
                 }
                 failures.push(f);
             }
@@ -289,7 +308,10 @@ fn sim() {
     // Not vacuous: a full batch really exercised faults and recoveries.
     if seeds.len() >= 100 && mode.fixed.is_none() {
         assert!(total.faults > 0 && total.writes_failed > 0, "{total:?}");
-        assert!(total.rebuilds_done > 0 && total.rebuilds_stopped > 0, "{total:?}");
+        assert!(
+            total.rebuilds_done > 0 && total.rebuilds_stopped > 0,
+            "{total:?}"
+        );
         assert!(total.reconnects > 0 && total.conn_losses > 0, "{total:?}");
         assert!(total.verifies > 0 && total.host_crashes > 0, "{total:?}");
         assert!(total.adds > 0 && total.removes > 0, "{total:?}");
@@ -301,12 +323,14 @@ fn sim() {
 #[test]
 #[ignore]
 fn known_holes() {
-    let steps = env_u64("SIM_STEPS").unwrap_or(120) as usize;
-    for h in KNOWN_HOLES.iter().filter(|h| h.seed != 0) {
+    for h in KNOWN_HOLES {
         let flags = Flags::parse(h.flags);
-        match run_seed(h.seed, flags, steps) {
+        match run_seed(h.seed, flags, HOLE_STEPS) {
             Ok(_) => panic!("hole {} no longer fails at seed {}: fixed?", h.bug, h.seed),
-            Err(f) => eprintln!("{}: seed {} step {}: {}", h.bug, f.seed, f.step, f.what),
+            Err(f) => {
+                eprintln!("{}\n  seed {} step {}: {}", h.bug, f.seed, f.step, f.what);
+                assert_eq!(f.step, h.step, "{}: caught at another step", h.bug);
+            }
         }
     }
 }

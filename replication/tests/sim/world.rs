@@ -26,7 +26,9 @@ use replication::ranges::RangeTable;
 use replication::rebuild::{self, CopyConfig, Outcome, Progress, Rate};
 use replication::remote::Lost;
 use replication::state::{RebuildKind, ReplicaState};
-use replication::testing::{health_over, test_nexus, Fault, Gate, GateAt, MemStore, RecordingSink, Rng};
+use replication::testing::{
+    health_over, test_nexus, Fault, Gate, GateAt, MemStore, RecordingSink, Rng,
+};
 use replication::verify::{self, Repair, Report};
 use replication::{BlockRequest, ByteLen, ByteOffset, Health, Nexus, ReplicationError, SlotIndex};
 use wire::{ReplicaUuid, VolumeUuid};
@@ -75,9 +77,27 @@ impl Stats {
     pub fn add(&mut self, o: &Stats) {
         macro_rules! sum { ($($f:ident),*) => { $(self.$f += o.$f;)* } }
         sum!(
-            steps, writes_acked, writes_failed, reads_ok, reads_failed, flushes, zeroes, faults,
-            heals, conn_losses, reconnects, host_crashes, timeouts, rebuilds_done,
-            rebuilds_stopped, verifies, repaired, adds, removes, full_checks, divergent
+            steps,
+            writes_acked,
+            writes_failed,
+            reads_ok,
+            reads_failed,
+            flushes,
+            zeroes,
+            faults,
+            heals,
+            conn_losses,
+            reconnects,
+            host_crashes,
+            timeouts,
+            rebuilds_done,
+            rebuilds_stopped,
+            verifies,
+            repaired,
+            adds,
+            removes,
+            full_checks,
+            divergent
         );
     }
 }
@@ -254,7 +274,11 @@ impl World {
             .filter_map(|u| snap.slots.iter().find(|s| s.uuid == *u))
             .map(|s| s.slot.get())
             .collect();
-        format!("[{}] e{} members {members:?}", out.join(" "), snap.membership.epoch.0)
+        format!(
+            "[{}] e{} members {members:?}",
+            out.join(" "),
+            snap.membership.epoch.0
+        )
     }
 
     fn store(&self, slot: usize) -> Option<&Arc<MemStore>> {
@@ -262,7 +286,9 @@ impl World {
     }
 
     fn live_slots(&self) -> Vec<usize> {
-        (0..self.stores.len()).filter(|&i| self.stores[i].is_some()).collect()
+        (0..self.stores.len())
+            .filter(|&i| self.stores[i].is_some())
+            .collect()
     }
 
     fn pick(&mut self, from: &[usize]) -> Option<usize> {
@@ -301,7 +327,10 @@ impl World {
             }
             self.note(format!("  a persist failed: heal online slots {healed:?}"));
             if healed.is_empty() && t0.elapsed() > STUCK {
-                return err(format!("stuck: a state change never became durable; {}", self.states()));
+                return err(format!(
+                    "stuck: a state change never became durable; {}",
+                    self.states()
+                ));
             }
         }
     }
@@ -325,7 +354,10 @@ impl World {
                 return Ok(Some(x));
             }
             if t0.elapsed() > STUCK {
-                return err(format!("stuck: a request never completed; {}", self.states()));
+                return err(format!(
+                    "stuck: a request never completed; {}",
+                    self.states()
+                ));
             }
             if !durable_before || !self.health.is_durable() {
                 self.quiesce()?;
@@ -380,7 +412,12 @@ impl World {
         (first, n.min(SECTORS - first))
     }
 
-    fn submit(&mut self, nexus: &Nexus, req: BlockRequest, buf: &mut [u8]) -> Result<Option<Result<u32, replication::Errno>>, String> {
+    fn submit(
+        &mut self,
+        nexus: &Nexus,
+        req: BlockRequest,
+        buf: &mut [u8],
+    ) -> Result<Option<Result<u32, replication::Errno>>, String> {
         if let Some((o, l)) = req.range() {
             self.clear_job_range(o.0, l.0)?;
         }
@@ -400,17 +437,36 @@ impl World {
             fua,
         };
         let res = self.submit(nexus, req, &mut buf)?;
-        self.mutated(first, n, id, res, format!("write #{id} sectors {first}+{n}{}", if fua { " fua" } else { "" }));
+        self.mutated(
+            first,
+            n,
+            id,
+            res,
+            format!(
+                "write #{id} sectors {first}+{n}{}",
+                if fua { " fua" } else { "" }
+            ),
+        );
         self.check_range(first, n)
     }
 
     fn zero(&mut self, nexus: &Nexus) -> Step {
         let (first, n) = self.range();
-        let (offset, len) = (ByteOffset((first * SECTOR) as u64), ByteLen((n * SECTOR) as u64));
+        let (offset, len) = (
+            ByteOffset((first * SECTOR) as u64),
+            ByteLen((n * SECTOR) as u64),
+        );
         let (req, what) = if self.chance(2) {
             (BlockRequest::Discard { offset, len }, "discard")
         } else {
-            (BlockRequest::WriteZeroes { offset, len, no_unmap: false }, "write_zeroes")
+            (
+                BlockRequest::WriteZeroes {
+                    offset,
+                    len,
+                    no_unmap: false,
+                },
+                "write_zeroes",
+            )
         };
         let res = self.submit(nexus, req, &mut [])?;
         self.stats.zeroes += 1;
@@ -418,7 +474,14 @@ impl World {
         self.check_range(first, n)
     }
 
-    fn mutated(&mut self, first: usize, n: usize, id: u64, res: Option<Result<u32, replication::Errno>>, what: String) {
+    fn mutated(
+        &mut self,
+        first: usize,
+        n: usize,
+        id: u64,
+        res: Option<Result<u32, replication::Errno>>,
+        what: String,
+    ) {
         match res {
             Some(Ok(_)) => {
                 self.model.ack(first, n, id);
@@ -482,10 +545,14 @@ impl World {
     fn faults_allowed(&self, slot: Option<usize>) -> bool {
         match &self.job {
             None => true,
-            Some(Job { kind: JobKind::Rebuild { slot: t, .. }, .. }) => {
-                self.flags.has(Flags::REBUILD_FAULTS) || slot == Some(*t)
-            }
-            Some(Job { kind: JobKind::Verify, .. }) => self.flags.has(Flags::VERIFY_FAULTS),
+            Some(Job {
+                kind: JobKind::Rebuild { slot: t, .. },
+                ..
+            }) => self.flags.has(Flags::REBUILD_FAULTS) || slot == Some(*t),
+            Some(Job {
+                kind: JobKind::Verify,
+                ..
+            }) => self.flags.has(Flags::VERIFY_FAULTS),
         }
     }
 
@@ -526,7 +593,9 @@ impl World {
                     || self.flags.has(Flags::LABEL_FAULTS)
             })
             .collect();
-        let Some(slot) = self.pick(&cands) else { return Ok(()) };
+        let Some(slot) = self.pick(&cands) else {
+            return Ok(());
+        };
         self.store(slot).unwrap().set_fault(kind);
         self.stats.faults += 1;
         self.note(format!("fault {kind:?} on slot {slot}"));
@@ -537,10 +606,17 @@ impl World {
         let cands: Vec<usize> = self
             .live_slots()
             .into_iter()
-            .filter(|&i| matches!(self.store(i).unwrap().fault(), Fault::Writes | Fault::Reads | Fault::All))
+            .filter(|&i| {
+                matches!(
+                    self.store(i).unwrap().fault(),
+                    Fault::Writes | Fault::Reads | Fault::All
+                )
+            })
             .filter(|&i| self.faults_allowed(Some(i)))
             .collect();
-        let Some(slot) = self.pick(&cands) else { return Ok(()) };
+        let Some(slot) = self.pick(&cands) else {
+            return Ok(());
+        };
         self.store(slot).unwrap().set_fault(Fault::None);
         self.stats.heals += 1;
         self.note(format!("heal slot {slot}"));
@@ -592,14 +668,20 @@ impl World {
             self.stats.conn_losses += 1;
         }
         if multi {
-            self.note(format!("connections of slots {lost:?} break (events after the next request's errors)"));
+            self.note(format!(
+                "connections of slots {lost:?} break (events after the next request's errors)"
+            ));
             self.pending_lost.extend(lost);
             self.pending_since = self.step;
         } else {
             for &i in &lost {
-                self.health.connection_lost(SlotIndex(i as u8), &Lost::Closed { why: "sim".into() });
+                self.health
+                    .connection_lost(SlotIndex(i as u8), &Lost::Closed { why: "sim".into() });
             }
-            self.note(format!("connections of slots {lost:?} lost -> {}", self.states()));
+            self.note(format!(
+                "connections of slots {lost:?} lost -> {}",
+                self.states()
+            ));
         }
         Ok(())
     }
@@ -610,26 +692,40 @@ impl World {
         }
         let lost = std::mem::take(&mut self.pending_lost);
         for &i in &lost {
-            self.health.connection_lost(SlotIndex(i as u8), &Lost::Closed { why: "sim".into() });
+            self.health
+                .connection_lost(SlotIndex(i as u8), &Lost::Closed { why: "sim".into() });
         }
-        self.note(format!("  lost events of slots {lost:?} -> {}", self.states()));
+        self.note(format!(
+            "  lost events of slots {lost:?} -> {}",
+            self.states()
+        ));
     }
 
     /// Slot `slot`'s connection comes back: its client reports the label OPEN read.
     fn reconnect(&mut self, slot: usize) -> Result<bool, String> {
         let store = self.store(slot).unwrap().clone();
         store.set_fault(Fault::None);
-        let Some(label) = store.label() else { return Ok(false) };
+        let Some(label) = store.label() else {
+            return Ok(false);
+        };
         let before = self.states();
         let was = self.state(slot);
         let back = self.health.reconnected(SlotIndex(slot as u8), &label);
         self.stats.reconnects += 1;
-        self.note(format!("  slot {slot} reconnects (label epoch {}): takes I/O {back}; {before} -> {}", label.membership.epoch.0, self.states()));
+        self.note(format!(
+            "  slot {slot} reconnects (label epoch {}): takes I/O {back}; {before} -> {}",
+            label.membership.epoch.0,
+            self.states()
+        ));
         self.quiesce()?;
         // Liveness: a reconnecting member that holds every acknowledged write and
         // is the only one that could (nothing online) must be taken back, else
         // the volume waits for it forever.
-        if !back && was == Some(ReplicaState::Connecting) && self.health.read_mask() == 0 && self.check_slot(slot, 0, SECTORS).is_ok() {
+        if !back
+            && was == Some(ReplicaState::Connecting)
+            && self.health.read_mask() == 0
+            && self.check_slot(slot, 0, SECTORS).is_ok()
+        {
             return err(format!(
                 "WEDGED: slot {slot}, the last member, is back and holds every acknowledged write, but is refused \
                  (its label is at epoch {}); no I/O can ever complete; {}",
@@ -649,7 +745,9 @@ impl World {
             .filter(|&i| self.faults_allowed(Some(i)))
             .filter(|&i| self.flags.has(Flags::TARGET_FLAP) || !self.is_rebuild_target(i))
             .collect();
-        let Some(slot) = self.pick(&cands) else { return Ok(()) };
+        let Some(slot) = self.pick(&cands) else {
+            return Ok(());
+        };
         self.reconnect(slot)?;
         // Full check: it may be in the read set again.
         self.check_all()
@@ -666,13 +764,24 @@ impl World {
             .filter(|&i| read & !(1 << i) != 0)
             .filter(|&i| self.faults_allowed(Some(i)))
             .collect();
-        let Some(slot) = self.pick(&cands) else { return Ok(()) };
+        let Some(slot) = self.pick(&cands) else {
+            return Ok(());
+        };
         let store = self.store(slot).unwrap().clone();
         store.set_fault(Fault::NotConn);
         let lost = store.crash();
-        self.health.connection_lost(SlotIndex(slot as u8), &Lost::Closed { why: "host crash".into() });
+        self.health.connection_lost(
+            SlotIndex(slot as u8),
+            &Lost::Closed {
+                why: "host crash".into(),
+            },
+        );
         self.stats.host_crashes += 1;
-        self.note(format!("host of slot {slot} crashes ({} unflushed ranges differ) -> {}", lost.len(), self.states()));
+        self.note(format!(
+            "host of slot {slot} crashes ({} unflushed ranges differ) -> {}",
+            lost.len(),
+            self.states()
+        ));
         Ok(())
     }
 
@@ -684,7 +793,8 @@ impl World {
             return Ok(());
         }
         let like = self.store(live[0]).unwrap().clone();
-        let (fresh, mut spec): (Arc<MemStore>, SlotSpec) = replication::testing::fresh_mem_slot(&like);
+        let (fresh, mut spec): (Arc<MemStore>, SlotSpec) =
+            replication::testing::fresh_mem_slot(&like);
         if self.chance(2) {
             fresh.play_remote();
             spec.remote = true;
@@ -701,7 +811,11 @@ impl World {
                 }
                 self.stores[i] = Some(fresh);
                 self.stats.adds += 1;
-                self.note(format!("add slot {i} ({}) -> {}", if remote { "remote" } else { "local" }, self.states()));
+                self.note(format!(
+                    "add slot {i} ({}) -> {}",
+                    if remote { "remote" } else { "local" },
+                    self.states()
+                ));
             }
             Err(e) => self.note(format!("add slot refused: {e}")),
         }
@@ -715,9 +829,14 @@ impl World {
         let cands: Vec<usize> = self
             .live_slots()
             .into_iter()
-            .filter(|&i| self.flags.has(Flags::REMOVE_CONNECTING) || self.state(i) != Some(ReplicaState::Connecting))
+            .filter(|&i| {
+                self.flags.has(Flags::REMOVE_CONNECTING)
+                    || self.state(i) != Some(ReplicaState::Connecting)
+            })
             .collect();
-        let Some(slot) = self.pick(&cands) else { return Ok(()) };
+        let Some(slot) = self.pick(&cands) else {
+            return Ok(());
+        };
         let before = self.states();
         match self.health.remove_slot(SlotIndex(slot as u8)) {
             Ok(()) => {
@@ -741,30 +860,62 @@ impl World {
         let flush_every = ByteLen(256 << (10 + self.rng.below(3)));
         let region = ByteLen(64 << (10 + self.rng.below(2)));
         let what = match &kind {
-            JobKind::Rebuild { slot, kind } => (Some((*slot, *kind)), format!("{kind:?} rebuild of slot {slot} (chunk {}K)", chunk.0 >> 10)),
-            JobKind::Verify => (None, format!("verify --repair (regions of {}K)", region.0 >> 10)),
+            JobKind::Rebuild { slot, kind } => (
+                Some((*slot, *kind)),
+                format!("{kind:?} rebuild of slot {slot} (chunk {}K)", chunk.0 >> 10),
+            ),
+            JobKind::Verify => (
+                None,
+                format!("verify --repair (regions of {}K)", region.0 >> 10),
+            ),
         };
         let rebuild_of = what.0;
         let thread = std::thread::Builder::new()
             .name("sim-job".into())
             .spawn(move || {
                 g.enter();
-                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match rebuild_of {
-                    Some((slot, kind)) => {
-                        let cfg = CopyConfig { chunk, rate: Rate::uncapped(), flush_every };
-                        JobOut::Rebuild(rebuild::rebuild(&h, &r, SlotIndex(slot as u8), kind, cfg, &Progress::default()))
-                    }
-                    None => JobOut::Verify(verify::verify(&h, &r, region, Repair::Vote, &Progress::default())),
-                }))
-                .map_err(|p| panic_text(&*p));
+                let res =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match rebuild_of {
+                        Some((slot, kind)) => {
+                            let cfg = CopyConfig {
+                                chunk,
+                                rate: Rate::uncapped(),
+                                flush_every,
+                            };
+                            JobOut::Rebuild(rebuild::rebuild(
+                                &h,
+                                &r,
+                                SlotIndex(slot as u8),
+                                kind,
+                                cfg,
+                                &Progress::default(),
+                            ))
+                        }
+                        None => JobOut::Verify(verify::verify(
+                            &h,
+                            &r,
+                            region,
+                            Repair::Vote,
+                            &Progress::default(),
+                        )),
+                    }))
+                    .map_err(|p| panic_text(&*p));
                 g.done();
                 res
             })
             .expect("spawn the job thread");
-        self.job = Some(Job { kind, gate: gate.clone(), thread: Some(thread) });
+        self.job = Some(Job {
+            kind,
+            gate: gate.clone(),
+            thread: Some(thread),
+        });
         let at = gate.wait(STUCK);
         let ops = self.job_log(&gate);
-        self.note(format!("start {} -> {at:?} [{ops}]; {}", what.1, self.states()));
+        self.note(format!(
+            "start {} -> {at:?} [{ops}]; {}",
+            what.1,
+            self.states()
+        ));
         if at == GateAt::Stuck {
             return err("stuck: the job never reached its first replica operation");
         }
@@ -786,14 +937,23 @@ impl World {
             .map(|s| s.slot.get())
             .filter(|&i| self.store(i).is_some_and(|s| s.fault() != Fault::NotConn))
             .collect();
-        let Some(slot) = self.pick(&cands) else { return Ok(()) };
+        let Some(slot) = self.pick(&cands) else {
+            return Ok(());
+        };
         let has_map = self.health.dirty_map(SlotIndex(slot as u8)).is_some();
-        let kind = if has_map && !self.chance(5) { RebuildKind::Partial } else { RebuildKind::Full };
+        let kind = if has_map && !self.chance(5) {
+            RebuildKind::Partial
+        } else {
+            RebuildKind::Full
+        };
         self.spawn(JobKind::Rebuild { slot, kind })
     }
 
     fn start_verify(&mut self) -> Step {
-        if self.job.is_some() || self.health.read_mask().count_ones() < 2 || !self.sources_sound(Flags::VERIFY_FAULTS) {
+        if self.job.is_some()
+            || self.health.read_mask().count_ones() < 2
+            || !self.sources_sound(Flags::VERIFY_FAULTS)
+        {
             return Ok(());
         }
         self.spawn(JobKind::Verify)
@@ -807,7 +967,11 @@ impl World {
         }
         let read = self.health.read_mask();
         self.live_slots().into_iter().all(|i| {
-            read & (1 << i) == 0 || !matches!(self.store(i).unwrap().fault(), Fault::Writes | Fault::All | Fault::NotConn)
+            read & (1 << i) == 0
+                || !matches!(
+                    self.store(i).unwrap().fault(),
+                    Fault::Writes | Fault::All | Fault::NotConn
+                )
         })
     }
 
@@ -819,7 +983,12 @@ impl World {
             match gate.step(STUCK) {
                 GateAt::Parked => {}
                 GateAt::Done => break,
-                GateAt::Stuck => return err(format!("stuck: the job did not reach its next replica operation; {}", self.states())),
+                GateAt::Stuck => {
+                    return err(format!(
+                        "stuck: the job did not reach its next replica operation; {}",
+                        self.states()
+                    ))
+                }
             }
         }
         let ops = self.job_log(&gate);
@@ -834,7 +1003,12 @@ impl World {
         let Some(job) = &self.job else { return Ok(()) };
         let gate = job.gate.clone();
         let mut n = 0;
-        while self.ranges.lock(offset, len, &None).now_or_never().is_none() {
+        while self
+            .ranges
+            .lock(offset, len, &None)
+            .now_or_never()
+            .is_none()
+        {
             match gate.step(STUCK) {
                 GateAt::Parked => n += 1,
                 GateAt::Done => break,
@@ -861,18 +1035,28 @@ impl World {
     }
 
     fn finish_job_if_done(&mut self) -> Step {
-        let Some(job) = &mut self.job else { return Ok(()) };
+        let Some(job) = &mut self.job else {
+            return Ok(());
+        };
         if job.gate.wait(Duration::ZERO) != GateAt::Done {
             return Ok(());
         }
-        let out = job.thread.take().unwrap().join().map_err(|p| panic_text(&*p))?;
+        let out = job
+            .thread
+            .take()
+            .unwrap()
+            .join()
+            .map_err(|p| panic_text(&*p))?;
         let job = self.job.take().unwrap();
         self.quiesce()?;
         match (out, job.kind) {
             (Err(p), _) => return err(format!("the job panicked: {p}")),
             (Ok(JobOut::Rebuild(res)), JobKind::Rebuild { slot, kind }) => {
                 let state = self.state(slot);
-                self.note(format!("{kind:?} rebuild of slot {slot} ended: {res:?} -> {}", self.states()));
+                self.note(format!(
+                    "{kind:?} rebuild of slot {slot} ended: {res:?} -> {}",
+                    self.states()
+                ));
                 match res {
                     Ok(Outcome::Done { .. }) => {
                         self.stats.rebuilds_done += 1;
@@ -889,7 +1073,8 @@ impl World {
                 self.stats.verifies += 1;
                 match &res {
                     Ok(r) => {
-                        self.stats.repaired += r.mismatches.iter().filter(|m| m.repaired).count() as u64;
+                        self.stats.repaired +=
+                            r.mismatches.iter().filter(|m| m.repaired).count() as u64;
                         self.note(format!(
                             "verify ended: {} mismatches ({} repaired) -> {}",
                             r.mismatches.len(),
@@ -910,14 +1095,22 @@ impl World {
 
     fn check_slot(&self, slot: usize, first: usize, n: usize) -> Step {
         let store = self.store(slot).ok_or("no store")?;
-        store.inspect(|d| self.model.check(&d[first * SECTOR..(first + n) * SECTOR], first))
+        store.inspect(|d| {
+            self.model
+                .check(&d[first * SECTOR..(first + n) * SECTOR], first)
+        })
     }
 
     /// Every online replica holds what the model allows in sectors `first..+n`.
     fn check_range(&self, first: usize, n: usize) -> Step {
         for slot in replication::health::indices(self.health.read_mask()) {
-            self.check_slot(slot.get(), first, n)
-                .map_err(|e| format!("STALE ONLINE REPLICA: slot {} (in the read set) {e}; {}", slot.get(), self.states()))?;
+            self.check_slot(slot.get(), first, n).map_err(|e| {
+                format!(
+                    "STALE ONLINE REPLICA: slot {} (in the read set) {e}; {}",
+                    slot.get(),
+                    self.states()
+                )
+            })?;
         }
         Ok(())
     }
@@ -944,14 +1137,22 @@ impl World {
                 Err(e) => why.push(format!("slot {m}: {e}")),
             }
         }
-        err(format!("LOST: no member holds every acknowledged write: {}; {}", why.join("; "), self.states()))
+        err(format!(
+            "LOST: no member holds every acknowledged write: {}; {}",
+            why.join("; "),
+            self.states()
+        ))
     }
 
     /// Online replicas are identical where the model is determinate (they may
     /// differ where a write failed to the application).
     fn check_identical(&mut self, when: &str) -> Step {
-        let online: Vec<usize> = replication::health::indices(self.health.read_mask()).map(|s| s.get()).collect();
-        let Some((&a, rest)) = online.split_first() else { return Ok(()) };
+        let online: Vec<usize> = replication::health::indices(self.health.read_mask())
+            .map(|s| s.get())
+            .collect();
+        let Some((&a, rest)) = online.split_first() else {
+            return Ok(());
+        };
         let da = self.store(a).unwrap().bytes(0, SIZE);
         for &b in rest {
             let db = self.store(b).unwrap().bytes(0, SIZE);
@@ -977,19 +1178,26 @@ impl World {
         let faults = f.any(Flags::WRITE_ERR | Flags::READ_ERR | Flags::EIO);
         // (weight, action)
         let table: [(usize, u8); 14] = [
-            (30, 0),                                            // write
-            (18, 1),                                            // read
-            (4, 2),                                             // flush
-            (4, 3),                                             // discard / write_zeroes
-            (if faults { 5 } else { 0 }, 4),                    // inject a fault
-            (if faults { 4 } else { 0 }, 5),                    // heal one
-            (if f.has(Flags::CONN_LOSS) { 3 } else { 0 }, 6),   // lose connections
-            (if f.has(Flags::CONN_MULTI) { 3 } else { 0 }, 7),  // lose several, errors first
-            (if f.any(Flags::CONN_LOSS | Flags::CONN_MULTI | Flags::HOST_CRASH) { 5 } else { 0 }, 8), // reconnect
-            (if f.has(Flags::HOST_CRASH) { 2 } else { 0 }, 9),  // host crash
+            (30, 0),                                           // write
+            (18, 1),                                           // read
+            (4, 2),                                            // flush
+            (4, 3),                                            // discard / write_zeroes
+            (if faults { 5 } else { 0 }, 4),                   // inject a fault
+            (if faults { 4 } else { 0 }, 5),                   // heal one
+            (if f.has(Flags::CONN_LOSS) { 3 } else { 0 }, 6),  // lose connections
+            (if f.has(Flags::CONN_MULTI) { 3 } else { 0 }, 7), // lose several, errors first
+            (
+                if f.any(Flags::CONN_LOSS | Flags::CONN_MULTI | Flags::HOST_CRASH) {
+                    5
+                } else {
+                    0
+                },
+                8,
+            ), // reconnect
+            (if f.has(Flags::HOST_CRASH) { 2 } else { 0 }, 9), // host crash
             (if f.has(Flags::REBUILD) && !job { 6 } else { 0 }, 10),
             (if f.has(Flags::VERIFY) && !job { 2 } else { 0 }, 11),
-            (if job { 25 } else { 0 }, 12),                     // job ops
+            (if job { 25 } else { 0 }, 12), // job ops
             (if f.has(Flags::ADD_REMOVE) { 2 } else { 0 }, 13), // add / remove
         ];
         let total: usize = table.iter().map(|(w, _)| w).sum();
@@ -1063,14 +1271,23 @@ impl World {
         if self.flags.has(Flags::REBUILD) {
             for _ in 0..MAX_LIVE {
                 let snap = self.snapshot();
-                let Some(slot) = snap.slots.iter().find(|s| matches!(s.state, ReplicaState::Faulted { .. })).map(|s| s.slot.get()) else {
+                let Some(slot) = snap
+                    .slots
+                    .iter()
+                    .find(|s| matches!(s.state, ReplicaState::Faulted { .. }))
+                    .map(|s| s.slot.get())
+                else {
                     break;
                 };
                 if self.health.read_mask() == 0 {
                     break;
                 }
                 let has_map = self.health.dirty_map(SlotIndex(slot as u8)).is_some();
-                let kind = if has_map { RebuildKind::Partial } else { RebuildKind::Full };
+                let kind = if has_map {
+                    RebuildKind::Partial
+                } else {
+                    RebuildKind::Full
+                };
                 self.spawn(JobKind::Rebuild { slot, kind })?;
                 while self.job.is_some() {
                     self.job_steps(64)?;
@@ -1087,10 +1304,13 @@ impl World {
         let Some(slot) = replication::health::indices(self.health.read_mask()).last() else {
             return false;
         };
-        let Some(s) = (0..SECTORS).find(|&s| self.model.determinate(s) && self.model.acked(s) != 0) else {
+        let Some(s) = (0..SECTORS).find(|&s| self.model.determinate(s) && self.model.acked(s) != 0)
+        else {
             return false;
         };
-        self.store(slot.get()).unwrap().put(s * SECTOR, &[0; SECTOR]);
+        self.store(slot.get())
+            .unwrap()
+            .put(s * SECTOR, &[0; SECTOR]);
         true
     }
 
