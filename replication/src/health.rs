@@ -1727,7 +1727,9 @@ fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
                 continue;
             }
             inner.slots[i].errors += 1;
-            if h.read_mask() & !(1 << i) == 0 {
+            // The lock's view: a failure faulted earlier in this loop is not online.
+            if !online_besides(&inner, 1 << i) {
+                h.publish_masks(&inner);
                 return Err(ReplicationError::Persist(format!(
                     "the label of {}, the last online replica, cannot be written: {errno}",
                     inner.slots[i].location

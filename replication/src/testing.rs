@@ -18,6 +18,9 @@ pub enum Fault {
     Reads = 2,
     /// Writes (and flush/discard/zeroes) fail with EIO; reads work.
     Writes = 3,
+    /// Every operation (labels too) fails with ENOTCONN: a remote replica whose
+    /// connection is down (what its client answers until it is back).
+    NotConn = 4,
 }
 
 /// The shared contents of one in-memory replica.
@@ -40,9 +43,16 @@ pub struct MemStore {
     /// Runs (once) inside the first read at or past its offset, before the data is
     /// taken: a fault or a write that lands while a read is in flight.
     on_read: Mutex<Option<ReadHook>>,
+    /// With [`MemStore::track_durable`]: the contents as of the last flush, and the
+    /// byte ranges written since.
+    durable: Mutex<Option<Durable>>,
 }
 
 type ReadHook = (u64, Box<dyn FnOnce() + Send>);
+
+/// A [`MemStore`]'s contents as of its last flush, and the byte ranges
+/// (offset, length) written since.
+type Durable = (Vec<u8>, Vec<(usize, usize)>);
 
 impl MemStore {
     pub fn new(size: usize) -> Arc<MemStore> {
@@ -58,6 +68,7 @@ impl MemStore {
             remote: Default::default(),
             fail_from: AtomicU64::new(u64::MAX),
             on_read: Mutex::new(None),
+            durable: Mutex::new(None),
         })
     }
 
@@ -102,7 +113,7 @@ impl MemStore {
 
     /// What `Backing::sync` does for a memory replica: a flush.
     pub fn sync(&self) -> Result<(), Errno> {
-        self.mutate(|_| ())?;
+        self.mutate(None, false, |_| ())?;
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -125,8 +136,11 @@ impl MemStore {
 
     /// What `Backing::update_label` does for a memory replica.
     pub fn update_label(&self, u: &wire::control::LabelUpdate) -> Result<(), Errno> {
-        if self.fail_labels.load(Ordering::SeqCst) || self.fails(false) {
+        if self.fail_labels.load(Ordering::SeqCst) {
             return Err(Errno::EIO);
+        }
+        if let Some(e) = self.error(false) {
+            return Err(e);
         }
         let mut l = self.label.lock().unwrap();
         let label = l.as_mut().ok_or(Errno::EIO)?;
@@ -161,21 +175,84 @@ impl MemStore {
         self.flushes.load(Ordering::SeqCst)
     }
 
-    fn fails(&self, is_read: bool) -> bool {
+    /// The error an operation gets now (reads or the others), if any.
+    fn error(&self, is_read: bool) -> Option<Errno> {
         match self.fault.load(Ordering::SeqCst) {
-            x if x == Fault::All as u8 => true,
-            x if x == Fault::Reads as u8 => is_read,
-            x if x == Fault::Writes as u8 => !is_read,
-            _ => false,
+            x if x == Fault::All as u8 => Some(Errno::EIO),
+            x if x == Fault::Reads as u8 && is_read => Some(Errno::EIO),
+            x if x == Fault::Writes as u8 && !is_read => Some(Errno::EIO),
+            x if x == Fault::NotConn as u8 => Some(Errno(libc::ENOTCONN)),
+            _ => None,
         }
     }
 
-    fn mutate(&self, f: impl FnOnce(&mut Vec<u8>)) -> Result<(), Errno> {
-        self.wait();
-        if self.fails(false) {
-            return Err(Errno::EIO);
+    pub fn fault(&self) -> Fault {
+        match self.fault.load(Ordering::SeqCst) {
+            1 => Fault::All,
+            2 => Fault::Reads,
+            3 => Fault::Writes,
+            4 => Fault::NotConn,
+            _ => Fault::None,
         }
-        f(&mut self.data.lock().unwrap());
+    }
+
+    /// Look at the whole (volatile) contents without copying them.
+    pub fn inspect<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.data.lock().unwrap())
+    }
+
+    /// Keep a durable copy apart from the contents: from now on a
+    /// [`MemStore::crash`] drops what was written since the last flush.
+    pub fn track_durable(&self) {
+        let data = self.data.lock().unwrap().clone();
+        *self.durable.lock().unwrap() = Some((data, Vec::new()));
+    }
+
+    /// The replica's host crashes: its contents go back to the last flush (only
+    /// with [`MemStore::track_durable`]). Returns the byte ranges that changed.
+    pub fn crash(&self) -> Vec<(usize, usize)> {
+        let mut d = self.durable.lock().unwrap();
+        let Some((durable, dirty)) = d.as_mut() else {
+            return Vec::new();
+        };
+        let mut data = self.data.lock().unwrap();
+        let mut lost = Vec::new();
+        for (o, l) in dirty.drain(..) {
+            if data[o..o + l] != durable[o..o + l] {
+                lost.push((o, l));
+            }
+            data[o..o + l].copy_from_slice(&durable[o..o + l]);
+        }
+        lost
+    }
+
+    /// Apply a mutation of the byte range `at` (`None`: a flush); a FUA write
+    /// (`fua`) is durable at once.
+    fn mutate(
+        &self,
+        at: Option<(usize, usize)>,
+        fua: bool,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Errno> {
+        self.wait();
+        if let Some(e) = self.error(false) {
+            return Err(e);
+        }
+        let mut data = self.data.lock().unwrap();
+        f(&mut data);
+        let mut d = self.durable.lock().unwrap();
+        if let Some((durable, dirty)) = d.as_mut() {
+            match at {
+                Some((o, l)) if fua => durable[o..o + l].copy_from_slice(&data[o..o + l]),
+                Some(r) => dirty.push(r),
+                // A flush: what was written is durable now.
+                None => {
+                    for (o, l) in dirty.drain(..) {
+                        durable[o..o + l].copy_from_slice(&data[o..o + l]);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -204,11 +281,19 @@ impl Replica for MemReplica {
     }
 
     fn read<'a>(&'a self, offset: ByteOffset, buf: &'a mut [u8]) -> IoFuture<'a> {
+        gate_pass(|| {
+            format!(
+                "read {}@{}+{}",
+                self.location,
+                offset.0 >> 10,
+                buf.len() >> 10
+            )
+        });
         self.store.reads.fetch_add(1, Ordering::SeqCst);
         self.store.read_hook(offset.0, buf.len() as u64);
         self.store.wait();
-        let res = if self.store.fails(true) {
-            Err(Errno::EIO)
+        let res = if let Some(e) = self.store.error(true) {
+            Err(e)
         } else {
             let data = self.store.data.lock().unwrap();
             buf.copy_from_slice(&data[range(offset, buf.len() as u64)]);
@@ -217,19 +302,29 @@ impl Replica for MemReplica {
         Box::pin(std::future::ready(res))
     }
 
-    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], _fua: bool) -> IoFuture<'a> {
+    fn write<'a>(&'a self, offset: ByteOffset, buf: &'a [u8], fua: bool) -> IoFuture<'a> {
+        gate_pass(|| {
+            format!(
+                "write {}@{}+{}",
+                self.location,
+                offset.0 >> 10,
+                buf.len() >> 10
+            )
+        });
         self.store.writes.fetch_add(1, Ordering::SeqCst);
         if offset.0 + buf.len() as u64 > self.store.fail_from.load(Ordering::SeqCst) {
             self.store.set_fault(Fault::Writes);
         }
+        let r = range(offset, buf.len() as u64);
         let res = self
             .store
-            .mutate(|d| d[range(offset, buf.len() as u64)].copy_from_slice(buf));
+            .mutate(Some((r.start, r.len())), fua, |d| d[r].copy_from_slice(buf));
         Box::pin(std::future::ready(res))
     }
 
     fn flush(&self) -> IoFuture<'_> {
-        let res = self.store.mutate(|_| ());
+        gate_pass(|| format!("flush {}", self.location));
+        let res = self.store.mutate(None, false, |_| ());
         if res.is_ok() {
             self.store.flushes.fetch_add(1, Ordering::SeqCst);
         }
@@ -237,13 +332,146 @@ impl Replica for MemReplica {
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
-        let res = self.store.mutate(|d| d[range(offset, len.0)].fill(0));
+        gate_pass(|| {
+            format!(
+                "discard {}@{}+{}",
+                self.location,
+                offset.0 >> 10,
+                len.0 >> 10
+            )
+        });
+        let r = range(offset, len.0);
+        let res = self
+            .store
+            .mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, _no_unmap: bool) -> IoFuture<'_> {
-        let res = self.store.mutate(|d| d[range(offset, len.0)].fill(0));
+        gate_pass(|| format!("zero {}@{}+{}", self.location, offset.0 >> 10, len.0 >> 10));
+        let r = range(offset, len.0);
+        let res = self
+            .store
+            .mutate(Some((r.start, r.len())), false, |d| d[r].fill(0));
         Box::pin(std::future::ready(res))
+    }
+}
+
+/// Lets a simulator run a background job (a rebuild, a verify) on its own thread
+/// one replica operation at a time: a thread that [`Gate::enter`]ed parks before
+/// every memory replica operation until the simulator grants it the next one, so
+/// the job's operations interleave with the application's at points the simulator
+/// chooses (deterministically, from its seed).
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    permits: u64,
+    parked: bool,
+    done: bool,
+    passed: u64,
+    /// The operations passed since [`Gate::take_log`], described.
+    log: Vec<String>,
+}
+
+/// Where a gated thread is after [`Gate::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAt {
+    /// Parked before its next replica operation.
+    Parked,
+    /// Its job ended ([`Gate::done`]).
+    Done,
+    /// Neither within the timeout (blocked on something else).
+    Stuck,
+}
+
+thread_local! {
+    static GATE: std::cell::RefCell<Option<Arc<Gate>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn gate_pass(op: impl FnOnce() -> String) {
+    if let Some(g) = GATE.with(|g| g.borrow().clone()) {
+        g.pass(op());
+    }
+}
+
+impl Gate {
+    /// Gate the calling thread's memory replica operations.
+    pub fn enter(self: &Arc<Self>) {
+        GATE.with(|g| *g.borrow_mut() = Some(self.clone()));
+    }
+
+    /// The gated thread's job ended (call on it, last).
+    pub fn done(&self) {
+        GATE.with(|g| *g.borrow_mut() = None);
+        self.state.lock().unwrap().done = true;
+        self.cv.notify_all();
+    }
+
+    fn pass(&self, op: String) {
+        let mut s = self.state.lock().unwrap();
+        s.log.push(op);
+        s.parked = true;
+        self.cv.notify_all();
+        while s.permits == 0 {
+            s = self.cv.wait(s).unwrap();
+        }
+        s.permits -= 1;
+        s.parked = false;
+        s.passed += 1;
+    }
+
+    /// The operations it did (or is parked before) since the last call.
+    pub fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut self.state.lock().unwrap().log)
+    }
+
+    /// Operations passed so far.
+    pub fn passed(&self) -> u64 {
+        self.state.lock().unwrap().passed
+    }
+
+    /// Wait until the gated thread parks or ends (the first time after its start).
+    pub fn wait(&self, timeout: std::time::Duration) -> GateAt {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.state.lock().unwrap();
+        loop {
+            if s.done {
+                return GateAt::Done;
+            }
+            if s.parked && s.permits == 0 {
+                return GateAt::Parked;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return GateAt::Stuck;
+            }
+            s = self.cv.wait_timeout(s, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Let the gated thread run free from now on (a simulator giving up on it).
+    pub fn open(&self) {
+        self.state.lock().unwrap().permits = u64::MAX / 2;
+        self.cv.notify_all();
+    }
+
+    /// Let the gated thread do its next operation, and wait until it parks again
+    /// or ends.
+    pub fn step(&self, timeout: std::time::Duration) -> GateAt {
+        {
+            let mut s = self.state.lock().unwrap();
+            if s.done {
+                return GateAt::Done;
+            }
+            s.permits += 1;
+            self.cv.notify_all();
+        }
+        self.wait(timeout)
     }
 }
 
@@ -542,13 +770,10 @@ pub fn fresh_mem_slot(like: &MemStore) -> (Arc<MemStore>, crate::health::SlotSpe
     let l = like.label().expect("a labelled replica");
     let fresh = MemStore::new(l.size as usize);
     let uuid = wire::ReplicaUuid::random();
-    fresh.set_label(Some(wire::label::Label::new(
-        &l.volume,
-        l.volume_uuid,
-        uuid,
-        l.size,
-        l.block_size,
-    )));
+    let mut label = wire::label::Label::new(&l.volume, l.volume_uuid, uuid, l.size, l.block_size);
+    // Opened by the running owner, as a remote replica's OPEN would stamp it.
+    (label.generation, label.owner) = (l.generation, l.owner);
+    fresh.set_label(Some(label));
     let spec = crate::health::SlotSpec {
         location: format!("mem:{:p}", Arc::as_ptr(&fresh)),
         uuid,

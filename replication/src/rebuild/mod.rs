@@ -405,6 +405,9 @@ enum Lane {
     /// The source left the read set while the chunk was read (faulted, removed):
     /// what it returned may lack a write it skipped. Copied again from another.
     SourceLeft,
+    /// The target left the write set (faulted: its connection or host went
+    /// down): nothing more is copied to it, and the chunk stays marked.
+    TargetLeft,
     Target(Errno),
     Log,
     NoSource,
@@ -446,6 +449,8 @@ struct Chunks<'a> {
     health: &'a Health,
     ranges: &'a RangeTable,
     target: &'a dyn Replica,
+    /// The target's slot: it must still be in the write set.
+    slot: SlotIndex,
     map: &'a DirtyMap,
 }
 
@@ -485,6 +490,10 @@ impl Copier<'_> {
                 // Its chunk is marked again: the pass finds it when it starts over,
                 // copying from another source.
                 Pause::Failed(.., Lane::SourceLeft, _) => continue,
+                Pause::Failed(.., Lane::TargetLeft, _) => {
+                    self.target_ok()?;
+                    continue;
+                }
                 // The source is faulted; the next stretch takes another one (its
                 // chunk is marked again: the pass finds it when it starts over).
                 Pause::Failed(.., Lane::Source(e), src) => match self.health.read_failed(src, e) {
@@ -523,6 +532,7 @@ impl Copier<'_> {
             health: self.health,
             ranges: self.ranges,
             target: self.target,
+            slot: self.slot,
             map: self.map,
         };
         let mut sources = std::mem::take(&mut self.sources);
@@ -665,6 +675,14 @@ impl Chunks<'_> {
             .enter_activity(offset, len, None)
             .await
             .map_err(|_| Lane::Log)?;
+        // A target faulted meanwhile (its host went down, then came back) is
+        // copied to no more: what it took after its fault would be in no map, and
+        // gone with its cache at its next crash. Checked before the map is cleared
+        // and again once it acknowledged the chunk.
+        let target_in = || self.health.write_mask() & (1 << self.slot.get()) != 0;
+        if !target_in() {
+            return Err(Lane::TargetLeft);
+        }
         // Unmarked before the copy: an application write cannot come in between
         // (the range is ours), and a failure below marks it again.
         self.map.clear(offset, len);
@@ -686,6 +704,10 @@ impl Chunks<'_> {
                 .map_err(Lane::Target)
         }
         .await;
+        let res = res.and_then(|()| match target_in() {
+            true => Ok(()),
+            false => Err(Lane::TargetLeft),
+        });
         if res.is_err() {
             self.map.mark(offset, len);
         }
