@@ -394,6 +394,12 @@ fn a_dead_server_is_replaced_on_a_spare_inside_the_running_volume() {
     assert_eq!(st.substitutions[0].configured, at_b);
     assert_eq!(st.retired.len(), 1, "{:?}", st.retired);
     assert_eq!(st.retired[0].location, at_b);
+    // (H) An abandon the monitor decided on an older view (the old replica back,
+    // before the replacement came online) is refused: the old one is retired and
+    // the replacement online, so dropping it would leave a replica short.
+    let abandon = node.daemon.serving()[0].ha_abandon(&at_b, &at_spare);
+    assert!(abandon.is_err(), "{abandon:?}");
+    assert!(node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()]));
 
     // Back: reported stale, kept out of the set, its storage untouched.
     b.start();

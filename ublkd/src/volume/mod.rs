@@ -155,6 +155,11 @@ pub struct VolumeShared {
     cfg: Mutex<VolumeConfig>,
     state_dir: StateDir,
     live: Mutex<Live>,
+    /// Held by every decision that changes the replica set (reload, HA replace
+    /// and abandon, dropping replaced replicas, reclaim): one at a time, each
+    /// taking its view of the set under it, so none acts on a view another one
+    /// changed since (an abandon racing the end of the replacement it abandons).
+    decide: Mutex<()>,
 }
 
 impl VolumeShared {
@@ -203,6 +208,7 @@ impl VolumeShared {
         net: &Net,
     ) -> Vec<(crate::reload::Change, Result<(), String>)> {
         use crate::reload::Change;
+        let _one = self.decide.lock().unwrap();
         let (health, sink) = {
             let live = self.live.lock().unwrap();
             (live.health.clone(), live.sink.clone())
@@ -451,6 +457,7 @@ impl VolumeShared {
         reason: ha::event::ReplaceReason,
         net: &Net,
     ) -> Result<String, String> {
+        let _one = self.decide.lock().unwrap();
         let (health, sink) = self.serving_parts()?;
         let cfg = self.cfg();
         let snap = health.snapshot();
@@ -523,6 +530,7 @@ impl VolumeShared {
     /// else all): those reclaimed, already gone or holding something else now
     /// leave the record; those that fail stay in it.
     pub fn reclaim(&self, which: Option<&str>, net: &Net) -> Result<Vec<ReclaimResult>, String> {
+        let _one = self.decide.lock().unwrap();
         let (health, sink) = self.serving_parts()?;
         let record = sink.record();
         let chosen: Vec<_> = record
@@ -599,6 +607,7 @@ impl VolumeShared {
     /// Drop the half-built replacement `new` of `old` (which came back and is
     /// caught up instead); the substitution goes back to `old`.
     pub fn ha_abandon(&self, old: &str, new: &str) -> Result<(), String> {
+        let _one = self.decide.lock().unwrap();
         let (health, sink) = self.serving_parts()?;
         let snap = health.snapshot();
         let new_slot = snap
@@ -606,6 +615,19 @@ impl VolumeShared {
             .iter()
             .find(|s| s.location == new)
             .ok_or_else(|| format!("no replica {new} in the running set"))?;
+        // The monitor decided on an earlier view: the replacement may have come
+        // online since, and the old replica been dropped for it (abandoning it now
+        // would leave the volume a replica short), or the old one be gone.
+        if new_slot.state == replication::ReplicaState::Online {
+            return Err(format!(
+                "{new} is online now: the replacement finished, nothing to abandon"
+            ));
+        }
+        if !snap.slots.iter().any(|s| s.location == old) {
+            return Err(format!(
+                "{old} is no longer in the running set: {new} is its replacement, kept"
+            ));
+        }
         health
             .remove_slot(new_slot.slot)
             .map_err(|e| e.to_string())?;
@@ -644,6 +666,7 @@ impl VolumeShared {
 
     /// Drop the replaced replicas whose replacement is online.
     fn finish_replacements(&self, health: &Health) {
+        let _one = self.decide.lock().unwrap();
         let pending = std::mem::take(&mut self.live.lock().unwrap().replacing);
         let snap = health.snapshot();
         let state = |u: &wire::ReplicaUuid| snap.slots.iter().find(|s| s.uuid == *u);
@@ -987,6 +1010,7 @@ impl VolumeRunner {
                 device_id,
                 ..Live::default()
             }),
+            decide: Mutex::new(()),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let sh = shared.clone();
@@ -1012,6 +1036,7 @@ impl VolumeRunner {
             cfg: Mutex::new(cfg.clone()),
             state_dir: state_dir.clone(),
             live: Mutex::new(Live::default()),
+            decide: Mutex::new(()),
         }
         .status()
     }
