@@ -172,6 +172,8 @@ impl Admission {
 pub struct Server {
     store: Store,
     secret: Secret,
+    /// Named in OPEN replies of sessions with the INSTANCE feature.
+    instance: wire::control::ServerInstance,
     limits: Limits,
     /// KiB of buffers, server-wide (`max_total_bytes`).
     buffers: Arc<Semaphore>,
@@ -195,6 +197,21 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError
     move |source| ServerError::Io { what, source }
 }
 
+/// This process on this boot of the host. A host whose boot id cannot be read
+/// gets a random one per process: every restart then looks like a reboot, which
+/// costs a rebuild of what was unflushed, never a stale read.
+fn this_instance() -> wire::control::ServerInstance {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("unknown-{:016x}", wire::random::u64()));
+    wire::control::ServerInstance {
+        boot_id,
+        process: wire::random::u64(),
+    }
+}
+
 impl Server {
     pub fn new(
         dir: std::path::PathBuf,
@@ -205,6 +222,7 @@ impl Server {
         Ok(Arc::new(Server {
             store,
             secret,
+            instance: this_instance(),
             buffers: Arc::new(Semaphore::new(limits.max_total_bytes / 1024)),
             limits,
             counters: Counters::default(),
@@ -372,6 +390,7 @@ impl Server {
         let (reply_tx, reply_rx) = mpsc::channel::<Reply>(lim.max_in_flight + 1);
         let writer = tokio::task::spawn_local(reply_writer(wr, Sealer::new(keys.send), reply_rx));
         let mut opener = Opener::new(keys.recv);
+        let keys_features = keys.features;
         let ring = TokioUring::new()?;
         let mut session: Option<Session> = None;
         let mut tasks = tokio::task::JoinSet::new();
@@ -420,7 +439,10 @@ impl Server {
                 if let Err(e) = opener.open_payload(&seal, &p) {
                     break Err(e.into());
                 }
-                let reply = match self.control(&h, &p, &mut session, &ring).await {
+                let reply = match self
+                    .control(&h, &p, &mut session, &ring, keys_features)
+                    .await
+                {
                     Ok(r) => r,
                     Err(e) => break Err(e),
                 };
@@ -510,6 +532,7 @@ impl Server {
         p: &[u8],
         session: &mut Option<Session>,
         ring: &TokioUring,
+        features: wire::version::Features,
     ) -> Result<Reply, ReplicationError> {
         Ok(match h.op {
             // On an open session a PING is a cheap fence probe: an owner that only
@@ -545,8 +568,11 @@ impl Server {
                     ));
                 }
                 match self.store.open(&req).await {
-                    Ok(o) => {
+                    Ok(mut o) => {
                         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+                        if features.has(wire::version::Features::INSTANCE) {
+                            o.reply.instance = Some(self.instance.clone());
+                        }
                         let reply = Reply::json(h.id, &o.reply);
                         *session = Some(Session {
                             id: o.session,

@@ -464,6 +464,7 @@ impl Store {
             previous_generation,
             previous_owner,
             cheap_zeroing: hosted.cheap_zeroing,
+            instance: None,
         };
         drop(label);
         Ok(Opened {

@@ -1221,7 +1221,11 @@ impl Health {
     }
 
     /// `slot` is reachable again with `label`: whether it takes I/O.
-    pub fn reconnected(&self, slot: SlotIndex, label: &Label) -> bool {
+    /// `host_rebooted`: its server's host booted again meanwhile, so whatever it
+    /// acknowledged and had not flushed is gone — a Connecting member holding such
+    /// writes is not trusted (it is the one waited for: I/O keeps waiting for
+    /// another member, else fails at the no-replica timeout; never a stale read).
+    pub fn reconnected(&self, slot: SlotIndex, label: &Label, host_rebooted: bool) -> bool {
         if self.stopping.load(Ordering::SeqCst) {
             return false;
         }
@@ -1243,6 +1247,15 @@ impl Health {
             && !label.outdated
             && label.membership.contains(s.uuid)
             && inner.membership.contains(s.uuid);
+        let lost_unflushed = host_rebooted
+            && s.unflushed
+                .as_ref()
+                .is_some_and(|u| !u.regions().is_empty());
+        if s.state == ReplicaState::Connecting && lost_unflushed {
+            tracing::error!(volume = %self.volume, replica = %s.location,
+                "the reconnected replica's host rebooted and lost writes it had acknowledged but not flushed: not trusted, I/O keeps waiting for another member");
+            return false;
+        }
         match s.state {
             ReplicaState::Connecting
                 if label.replica_uuid == s.uuid
@@ -1509,10 +1522,10 @@ impl ConnEvents for SlotEvents {
             h.connection_lost(self.slot, why);
         }
     }
-    fn reconnected(&self, label: &Label) -> bool {
+    fn reconnected(&self, label: &Label, host_rebooted: bool) -> bool {
         self.health
             .upgrade()
-            .is_some_and(|h| h.reconnected(self.slot, label))
+            .is_some_and(|h| h.reconnected(self.slot, label, host_rebooted))
     }
     fn fenced(&self, theirs: Generation) {
         if let Some(h) = self.health.upgrade() {
@@ -1844,7 +1857,7 @@ mod tests {
         assert!(h.waiting());
 
         let label0 = stores[0].label().unwrap();
-        assert!(h.reconnected(SlotIndex(0), &label0));
+        assert!(h.reconnected(SlotIndex(0), &label0, false));
         assert!(
             matches!(state(&h, 1), ReplicaState::Faulted { .. }),
             "once slot 0 serves, slot 1 no longer holds every acknowledged write"
@@ -1852,7 +1865,7 @@ mod tests {
         assert_eq!(write(&n, 8192, 7), Ok(4096));
         assert_eq!(stores[1].bytes(8192, 4096), vec![0; 4096]);
         let label1 = stores[1].label().unwrap();
-        assert!(!h.reconnected(SlotIndex(1), &label1));
+        assert!(!h.reconnected(SlotIndex(1), &label1, false));
         assert_eq!(h.read_mask(), 0b01);
         let map = h.dirty_map(SlotIndex(1)).expect("a map of what it missed");
         assert!(map.any(ByteOffset(8192), ByteLen(4096)));
@@ -1902,7 +1915,7 @@ mod tests {
         );
 
         stores[1].fail_labels(false);
-        assert!(h.reconnected(SlotIndex(1), &label1));
+        assert!(h.reconnected(SlotIndex(1), &label1, false));
         assert_eq!(h.read_mask(), 0b10);
         assert_eq!(write(&n, 4096, 2), Ok(4096));
         // Acknowledged only once its label shows the current membership.
@@ -1934,7 +1947,7 @@ mod tests {
         // A faulted replica can go.
         h.remove_slot(SlotIndex(0)).unwrap();
         let label1 = stores[1].label().unwrap();
-        assert!(h.reconnected(SlotIndex(1), &label1));
+        assert!(h.reconnected(SlotIndex(1), &label1, false));
     }
 
     /// (O) A local disk's ETIMEDOUT fails the request: only a remote replica is
@@ -1987,6 +2000,35 @@ mod tests {
         assert_eq!(al.hot_count(), 4);
     }
 
+    /// (E) Both members wait as Connecting. One's host rebooted while it held
+    /// acknowledged, unflushed writes (its label is intact, its cache is gone): it
+    /// is not trusted when it comes back first; the other one is, and the rebooted
+    /// one then lacks (in its map) what it had not flushed.
+    #[test]
+    fn a_replica_whose_host_rebooted_with_unflushed_writes_is_not_trusted() {
+        let (stores, h) = mem_volume_remote(2, &[0, 1]);
+        let n = mem_nexus(&h);
+        assert_eq!(write(&n, 8192, 3), Ok(4096));
+        let both = [(SlotIndex(0), ENOTCONN), (SlotIndex(1), ENOTCONN)];
+        let range = Some((ByteOffset(0), ByteLen(4096)));
+        assert_eq!(h.settle(0b11, &both, IoOp::Write, range), Settle::Retry);
+        let label0 = stores[0].label().unwrap();
+        assert!(!h.reconnected(SlotIndex(0), &label0, true));
+        assert_eq!(state(&h, 0), ReplicaState::Connecting);
+        assert_eq!(h.read_mask(), 0, "nothing serves a stale copy");
+        let label1 = stores[1].label().unwrap();
+        assert!(h.reconnected(SlotIndex(1), &label1, false));
+        assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
+        let map = h.dirty_map(SlotIndex(0)).expect("a map of what it lacks");
+        assert!(map.any(ByteOffset(8192), ByteLen(4096)), "its lost cache");
+        // A restarted process (same boot) keeps its page cache: trusted.
+        let (stores, h) = mem_volume_remote(1, &[0]);
+        let n = mem_nexus(&h);
+        assert_eq!(write(&n, 0, 1), Ok(4096));
+        h.connection_lost(SlotIndex(0), &Lost::Closed { why: "kill".into() });
+        assert!(h.reconnected(SlotIndex(0), &stores[0].label().unwrap(), false));
+    }
+
     /// A label older than one this run wrote is a rolled-back copy, never trusted.
     #[test]
     fn a_rolled_back_label_is_not_trusted() {
@@ -2004,7 +2046,7 @@ mod tests {
         assert_eq!(state(&h, 1), ReplicaState::Connecting);
         wait_durable(&h);
         assert!(old.membership.epoch < stores[1].label().unwrap().membership.epoch);
-        assert!(!h.reconnected(SlotIndex(1), &old));
+        assert!(!h.reconnected(SlotIndex(1), &old, false));
         assert_eq!(h.read_mask(), 0);
     }
 }

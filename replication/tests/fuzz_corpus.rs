@@ -149,6 +149,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         previous_generation: Generation(2),
         previous_owner: OwnerId(41),
         cheap_zeroing: true,
+        instance: Some(wire::control::ServerInstance {
+            boot_id: "6d3c5a8e-1f2b-4c7d-9e0a-b1c2d3e4f5a6".into(),
+            process: 0x5eed,
+        }),
     });
     let stat_reply = encode_control(&StatReply {
         label: Some(label()),

@@ -426,6 +426,42 @@ fn a_reconnect_supersedes_the_old_session_and_generations_cannot_be_forged() {
     assert!(img[BLOCK..2 * BLOCK].iter().all(|&b| b == 0x33));
 }
 
+/// (E, protocol v3) The OPEN reply names the server's instance: this host's boot
+/// id, and a process nonce that a restart changes and the boot id does not. A
+/// version-2 owner's handshake still completes, and its reply carries no
+/// instance (its parser rejects unknown fields).
+#[test]
+fn the_open_reply_names_the_server_instance_and_a_v2_owner_is_still_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = start_server(tmp.path(), 19);
+    let rt = rt();
+    let vu = VolumeUuid::random();
+    let o1 = Raw::connect(&rt, server.addr).open("i-r1", vu, 1, 42);
+    let i1 = o1.instance.expect("a v3 session's OPEN names the instance");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(i1.boot_id, boot_id.trim());
+    server.restart();
+    let o2 = Raw::connect(&rt, server.addr).open("i-r1", vu, 2, 42);
+    let i2 = o2.instance.expect("instance");
+    assert!(!i1.host_rebooted_by(&i2), "same boot");
+    assert_ne!(i1.process, i2.process, "another process");
+    // A version-2 owner: HELLO version 2, v2 proofs, no features.
+    let raw = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut hello = [0u8; wire::handshake::HELLO_LEN];
+        hello[..8].copy_from_slice(&wire::handshake::HELLO_MAGIC);
+        hello[8..10].copy_from_slice(&2u16.to_le_bytes());
+        s.write_all(&hello).await.unwrap();
+        let mut ch = [0u8; wire::handshake::CHALLENGE_LEN];
+        s.read_exact(&mut ch).await.unwrap();
+        ch
+    });
+    assert_eq!(u16::from_le_bytes([raw[8], raw[9]]), 0, "status ok");
+    assert_eq!(u16::from_le_bytes([raw[10], raw[11]]), 2, "answered as v2");
+    assert_eq!(raw[12..16], [0; 4], "no features");
+}
+
 #[test]
 fn an_idle_lost_connection_is_faulted_and_recorded_at_once_and_marked_outdated() {
     let tmp = tempfile::tempdir().unwrap();

@@ -44,6 +44,29 @@ pub struct OpenReply {
     /// DISCARD of this replica reads back as zeroes without writing them (the
     /// server's filesystem punches holes): owners advertise discard only then.
     pub cheap_zeroing: bool,
+    /// The server's instance ([`crate::version::Features::INSTANCE`] sessions
+    /// only; absent for a v2 owner, whose parser knows no such field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<ServerInstance>,
+}
+
+/// Which run of which boot of the server's host answered: a replica whose host
+/// booted again since it acknowledged writes it had not flushed lost them (its
+/// page cache went with the host); one whose process alone restarted did not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerInstance {
+    /// The host's boot id (`/proc/sys/kernel/random/boot_id`): new at every boot.
+    pub boot_id: String,
+    /// Random per server process.
+    pub process: u64,
+}
+
+impl ServerInstance {
+    /// Whether `later` runs on another boot of the host than `self`.
+    pub fn host_rebooted_by(&self, later: &ServerInstance) -> bool {
+        self.boot_id != later.boot_id
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -67,9 +67,11 @@ pub trait ConnEvents: Send + Sync {
     /// The connection is gone; called before its pending requests fail.
     fn lost(&self, why: &Lost);
     /// A new connection is up (after a loss); `label` is the replica's, as OPEN
-    /// returned it. Returns whether the replica may take I/O: if not, the client
-    /// marks it outdated on its server so no later owner trusts it either.
-    fn reconnected(&self, label: &Label) -> bool;
+    /// returned it; `host_rebooted`: the server's host booted again since the
+    /// last OPEN (what the replica acknowledged and had not flushed is gone).
+    /// Returns whether the replica may take I/O: if not, the client marks it
+    /// outdated on its server so no later owner trusts it either.
+    fn reconnected(&self, label: &Label, host_rebooted: bool) -> bool;
     /// The replica answered FENCED: it belongs to a newer owner generation.
     fn fenced(&self, theirs: Generation);
 }
@@ -172,6 +174,8 @@ struct Shared {
     /// The owner dropped the client: stop reconnecting.
     closed: AtomicBool,
     rt: tokio::runtime::Handle,
+    /// The server instance the last OPEN reached.
+    instance: Mutex<Option<wire::control::ServerInstance>>,
 }
 
 impl Shared {
@@ -363,6 +367,7 @@ impl RemoteClient {
             events: OnceLock::new(),
             closed: AtomicBool::new(false),
             rt: tokio::runtime::Handle::current(),
+            instance: Mutex::new(reply.instance.clone()),
         });
         start(&shared, sess, reply.session, reply.label.generation);
         Ok((RemoteClient { shared }, reply))
@@ -826,9 +831,23 @@ async fn reconnect(shared: Arc<Shared>) {
                     shared.conn.lock().unwrap().take(); // dropped meanwhile
                     return;
                 }
+                let host_rebooted = {
+                    let mut known = shared.instance.lock().unwrap();
+                    let rebooted = match (known.as_ref(), reply.instance.as_ref()) {
+                        (Some(was), Some(now)) => was.host_rebooted_by(now),
+                        // A server that does not say (a v2 peer): as before.
+                        _ => false,
+                    };
+                    *known = reply.instance.clone();
+                    rebooted
+                };
+                if host_rebooted {
+                    tracing::warn!(replica = %shared.location,
+                        "the replica's host booted again since we last reached it");
+                }
                 let usable = shared
                     .events()
-                    .is_some_and(|ev| ev.reconnected(&reply.label));
+                    .is_some_and(|ev| ev.reconnected(&reply.label, host_rebooted));
                 tracing::info!(replica = %shared.location, takes_io = usable, "replica reachable again");
                 if !usable && !reply.label.outdated {
                     // It missed writes: say so on the replica, so that no owner —

@@ -154,6 +154,9 @@ pub struct World {
     /// after the requests' errors (CONN_MULTI).
     pending_lost: Vec<usize>,
     pending_since: usize,
+    /// By slot: its host crashed since it last connected (the server's next OPEN
+    /// reply names another boot).
+    rebooted: Vec<bool>,
     trace: Trace,
     /// SIM_TRACE=1: print every step.
     verbose: bool,
@@ -215,6 +218,7 @@ impl World {
             job: None,
             pending_lost: Vec::new(),
             pending_since: 0,
+            rebooted: Vec::new(),
             trace,
             verbose: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             stats: Stats::default(),
@@ -710,7 +714,10 @@ impl World {
         };
         let before = self.states();
         let was = self.state(slot);
-        let back = self.health.reconnected(SlotIndex(slot as u8), &label);
+        let rebooted = std::mem::take(self.rebooted_mut(slot));
+        let back = self
+            .health
+            .reconnected(SlotIndex(slot as u8), &label, rebooted);
         self.stats.reconnects += 1;
         self.note(format!(
             "  slot {slot} reconnects (label epoch {}): takes I/O {back}; {before} -> {}",
@@ -753,29 +760,54 @@ impl World {
         self.check_all()
     }
 
+    fn rebooted_mut(&mut self, slot: usize) -> &mut bool {
+        if self.rebooted.len() <= slot {
+            self.rebooted.resize(slot + 1, false);
+        }
+        &mut self.rebooted[slot]
+    }
+
     /// A remote replica's host crashes: what it did not flush is gone, and so is
-    /// its connection. Never the last online replica (its unflushed acknowledged
-    /// writes would be gone for good: a block device's cache semantics, not a bug).
+    /// its connection. Never the last replica holding every acknowledged write (its
+    /// unflushed acknowledged writes would be gone for good: a block device's cache
+    /// semantics, not a bug): a connected one while another is online, or one
+    /// disconnected and waited for while another waited-for member did not crash.
     fn host_crash(&mut self) -> Step {
         let read = self.health.read_mask();
-        let cands: Vec<usize> = self
+        let waited: Vec<usize> = self
+            .live_slots()
+            .into_iter()
+            .filter(|&i| self.state(i) == Some(ReplicaState::Connecting))
+            .collect();
+        let intact = |w: &World, i: usize| !w.rebooted.get(i).copied().unwrap_or(false);
+        let mut cands: Vec<usize> = self
             .connected_remotes()
             .into_iter()
             .filter(|&i| read & !(1 << i) != 0)
-            .filter(|&i| self.faults_allowed(Some(i)))
             .collect();
+        cands.extend(
+            waited
+                .iter()
+                .copied()
+                .filter(|&i| intact(self, i) && waited.iter().any(|&j| j != i && intact(self, j))),
+        );
+        cands.retain(|&i| self.faults_allowed(Some(i)));
         let Some(slot) = self.pick(&cands) else {
             return Ok(());
         };
         let store = self.store(slot).unwrap().clone();
+        let connected = store.fault() != Fault::NotConn;
         store.set_fault(Fault::NotConn);
         let lost = store.crash();
-        self.health.connection_lost(
-            SlotIndex(slot as u8),
-            &Lost::Closed {
-                why: "host crash".into(),
-            },
-        );
+        *self.rebooted_mut(slot) = true;
+        if connected {
+            self.health.connection_lost(
+                SlotIndex(slot as u8),
+                &Lost::Closed {
+                    why: "host crash".into(),
+                },
+            );
+        }
         self.stats.host_crashes += 1;
         self.note(format!(
             "host of slot {slot} crashes ({} unflushed ranges differ) -> {}",
