@@ -315,7 +315,7 @@ fn garbage_replayed_forged_and_flipped_frames_close_the_connection_not_the_serve
     let mut server = start_server(tmp.path(), 9);
     let rt = rt();
     let vu = VolumeUuid::random();
-    // A protocol v1 client: an explicit version reply (status 1, our version 2), then
+    // A protocol v1 client: an explicit version reply (status 1, our version 3), then
     // close.
     let mut s = TcpStream::connect(server.addr).unwrap();
     let mut hello = [0u8; 48];
@@ -329,7 +329,7 @@ fn garbage_replayed_forged_and_flipped_frames_close_the_connection_not_the_serve
         1,
         "version-mismatch status"
     );
-    assert_eq!(u16::from_le_bytes([ch[10], ch[11]]), 2);
+    assert_eq!(u16::from_le_bytes([ch[10], ch[11]]), 3);
     // The server logs after it answers: give it a moment.
     assert!(
         server.log_shows("upgrade ublkd on the peer"),
