@@ -891,17 +891,18 @@ impl Health {
         !waiting.is_empty()
     }
 
-    /// THE ACK RULE for a mutation sent to the slots in `attempted`, of which those
-    /// in `failures` failed:
+    /// THE ACK RULE ([`crate::ack::ack_rule`], where it is stated and tested
+    /// exhaustively) for a mutation sent to the slots in `attempted`, of which those
+    /// in `failures` failed, applied to the slots as they are under the lock:
     ///
-    /// * at least one slot that took it must *still* be online (another queue may
-    ///   have faulted it meanwhile): otherwise the request fails (first error), and no
-    ///   replica is faulted for it — the data reached no replica that stays in the set,
-    ///   so the application must know, and the last good copy is never thrown away.
-    ///   Except when the online replicas failed for a lost connection: they go to
-    ///   Connecting and the request is retried once one is back (or times out);
-    /// * every failed slot is faulted, and the new membership without it must be
-    ///   durable before the request is acknowledged.
+    /// * acknowledged once durable if a slot that took it is still online;
+    ///   every failed slot of the write set is faulted first (a new membership
+    ///   epoch, durable before the ack);
+    /// * otherwise it fails (first error), and no replica is faulted for a media
+    ///   error — the data reached no replica that stays in the set, so the
+    ///   application must know, and the last good copy is never thrown away;
+    ///   except when the online replicas lost their connection: they go to
+    ///   Connecting and the request is retried once one is back (or times out).
     ///
     /// A fenced volume acknowledges nothing (a newer owner took the replicas).
     pub fn settle(
@@ -914,60 +915,58 @@ impl Health {
         if self.fence.is_tripped() {
             return Settle::Fail(Errno::EIO);
         }
-        if failures.is_empty() {
+        // The common case, without the lock: every slot took it and one of them
+        // still holds it (the rule's answer then is Ack, nothing moves).
+        let holders = self.read_mask() | self.connecting_mask.load(Ordering::Acquire);
+        if failures.is_empty() && attempted & holders != 0 {
             self.log_missed(attempted, range);
             return self.ticket();
         }
         let mut inner = self.inner.lock().unwrap();
         let failed = failures.iter().fold(0u64, |m, (i, _)| m | 1 << i.get());
-        let took_it = attempted & !failed & self.read_mask();
-        if took_it == 0 {
-            let mut retry = false;
-            for (slot, errno) in failures {
-                let s = &inner.slots[slot.get()];
-                if !is_connection_error(s, *errno) {
-                    continue;
-                }
-                match s.state {
-                    // Decided on this lock's view, not the published masks: a slot
-                    // another failure of this request sent to Connecting is no
-                    // longer online.
-                    ReplicaState::Online if !online_besides(&inner, failed) => {
-                        self.transition(&mut inner, slot.get(), ReplicaState::Connecting);
-                        retry = true;
-                    }
-                    ReplicaState::Connecting => retry = true,
-                    _ => {}
-                }
-            }
-            if self.fault_unawaited(&mut inner) {
-                self.want_persist();
-            }
-            if retry {
-                self.publish_masks(&inner);
-                return Settle::Retry;
-            }
-            self.publish_masks(&inner);
-            return Settle::Fail(failures[0].1);
+        let views: Vec<crate::ack::SlotView> = inner
+            .slots
+            .iter()
+            .map(|s| crate::ack::SlotView {
+                state: s.state.clone(),
+                remote: s.remote,
+            })
+            .collect();
+        let mut outcomes = vec![crate::ack::Outcome::NotSent; views.len()];
+        for i in indices(attempted & !failed) {
+            outcomes[i.get()] = crate::ack::Outcome::Took;
         }
-        // Every fault is recorded (with a new membership epoch if it was a member).
-        let mut faulted = false;
         for (slot, errno) in failures {
-            let i = slot.get();
-            inner.slots[i].errors += 1;
-            if inner.slots[i].state.in_write_set() {
-                let reason = FaultReason::of_errno(op, *errno);
-                self.transition(&mut inner, i, ReplicaState::Faulted { reason });
-                faulted = true;
-            }
+            outcomes[slot.get()] = crate::ack::Outcome::Failed(*errno);
+            inner.slots[slot.get()].errors += 1;
+        }
+        let verdict = crate::ack::ack_rule(&views, &outcomes, op);
+        let mut record = false;
+        for (i, to) in verdict.moves {
+            record |= matches!(to, ReplicaState::Faulted { .. });
+            record |= self.transition(&mut inner, i, to);
         }
         self.publish_masks(&inner);
-        if faulted {
+        if record {
             self.want_persist();
         }
         drop(inner);
-        self.log_missed(attempted & !failed, range);
-        self.ticket()
+        match verdict.answer {
+            crate::ack::Answer::Ack => {
+                self.log_missed(attempted & !failed, range);
+                self.ticket()
+            }
+            // What a rebuilding target (or any logged slot) took of a request that
+            // fails, the online replicas may not hold: its copy must be redone.
+            crate::ack::Answer::Fail(e) => {
+                self.log_missed(0, range);
+                Settle::Fail(e)
+            }
+            crate::ack::Answer::Retry => {
+                self.log_missed(0, range);
+                Settle::Retry
+            }
+        }
     }
 
     /// Data written into `[offset, offset + len)` outside the application path (a
@@ -1875,13 +1874,17 @@ mod tests {
     }
 
     /// (A) One replica resets while the other fails the same request with a media
-    /// error: the online one stays, so the reset one must not wait as a member.
+    /// error: the online one stays, so the reset one must not wait as a member, and
+    /// the request fails (nothing online holds it; nothing to wait for).
     #[test]
     fn a_reset_replica_is_faulted_when_another_stays_online() {
         let (_, h) = mem_volume_remote(2, &[0, 1]);
         let failures = [(SlotIndex(0), ENOTCONN), (SlotIndex(1), Errno::EIO)];
         let range = Some((ByteOffset(0), ByteLen(4096)));
-        assert_eq!(h.settle(0b11, &failures, IoOp::Write, range), Settle::Retry);
+        assert_eq!(
+            h.settle(0b11, &failures, IoOp::Write, range),
+            Settle::Fail(ENOTCONN)
+        );
         assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
         assert_eq!(state(&h, 1), ReplicaState::Online);
         assert!(!h.waiting());

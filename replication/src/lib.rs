@@ -20,6 +20,7 @@
 //! per-queue handles (on the ublk queue's own ring) and a [`wake::Kick`] that wakes
 //! its queue thread.
 
+pub mod ack;
 pub mod activation;
 pub mod activity;
 pub mod backing;

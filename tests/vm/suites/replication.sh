@@ -7,8 +7,9 @@
 # cluster secret). Every scenario checks data (fio verify=crc32c, checksums, e2fsck) and, after
 # a clean stop of the owner, that every surviving replica is byte-identical to the local one.
 
-SCENARIOS="repl_fio_sigkill repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_ha_rules repl_ha_disk repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
+SCENARIOS="repl_fio_sigkill repl_both_remotes_die repl_fio_sigstop repl_ext4_kill repl_restart repl_rebuild_reload repl_ha repl_ha_rules repl_ha_disk repl_owner_kill9 repl_fence repl_stale_recover repl_lost_state_dir repl_overlap"
 timeout_repl_fio_sigkill=300
+timeout_repl_both_remotes_die=400
 timeout_repl_fio_sigstop=300
 timeout_repl_ext4_kill=300
 timeout_repl_restart=600
@@ -114,6 +115,47 @@ repl_fio_sigkill() {
   expect_replica 2 faulted
   stop_daemon_clean
   same_replicas "$T/srv2/replicas/rv-a.img"
+  no_kernel_errors ublkb0
+}
+
+# Both replica servers of a volume with two remote replicas are SIGKILLed together under fio
+# verify and come back 1 s and 7 s later (a rack power cycle, a switch reboot; issue 16 A and
+# Q): whichever way the owner saw the two losses (both under one request, or one after the
+# other with the second one's label missing the first one's fault), fio sees no error, the
+# volume serves again from a replica holding every acknowledged write, the other is caught up
+# by a partial rebuild, and the two end byte-identical.
+both_online() { replica_is 0 online && replica_is 1 online; }
+repl_both_remotes_die() {
+  need_ublk
+  cluster_secret
+  replica_server 2 "$T/srv2/replicas"
+  replica_server 3 "$T/srv3/replicas"
+  owner_conf "$T/ublkd.conf" 0 "$T/state" "$SOCK" \
+    '{ remote = "127.0.0.2:7450", id = "bd-a" }, { remote = "127.0.0.3:7450", id = "bd-b" }'
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV 60
+  wait_live $VOL
+  fio_bg both 64M
+  sleep 4
+  say "SIGKILL both replica servers (pids $SRV_2 $SRV_3)"
+  kill -KILL "$SRV_2" "$SRV_3"
+  wait "$SRV_2" "$SRV_3" 2>/dev/null
+  sleep 1
+  say "restart server 2"
+  replica_server 2 "$T/srv2/replicas"
+  sleep 6
+  say "restart server 3"
+  replica_server 3 "$T/srv3/replicas"
+  wait "$FIO_PID" || fail "fio failed: $(tail -n 20 "$T/both.fio.log")"
+  fio_ok "$T/both.fio.log"
+  say "what the owner saw:"
+  grep -E "faulted|connecting|lags|not current|rebooted|resync|rebuild" \
+    "$T/ublkd.log" | cut -c1-200 | tail -n 12 | sed 's/^/    /'
+  wait_for 180 both_online || fail "not both online: $(vol_status $VOL)"
+  stop_daemon_clean
+  cmp -s -n $((256 << 20)) "$T/srv2/replicas/bd-a.img" "$T/srv3/replicas/bd-b.img" \
+    || fail "the two replicas differ after the rebuild"
+  say "replicas identical: bd-a bd-b"
   no_kernel_errors ublkb0
 }
 
