@@ -13,6 +13,11 @@
 //! * control payloads and label slots that decode re-encode to values that decode
 //!   to the same value (JSON has many spellings of one value, so the round trip is
 //!   on values, and the re-encoding is checked to be stable);
+//! * the handshake messages (docs/protocol.md §2): a server accepts a HELLO exactly
+//!   when the spec says (magic, version 3 or 2, reserved bytes zero) and agrees on
+//!   the features both know; a client accepts a CHALLENGE only when its magic,
+//!   status, version and agreed features are right (and its proof, which random
+//!   bytes never are);
 //! * nothing panics.
 //!
 //! A failed check panics, which is what the fuzzer and the test report.
@@ -68,6 +73,57 @@ pub fn check(data: &[u8]) {
     }
     check_slot(data);
     check_extents(data);
+    check_handshake(data);
+}
+
+/// docs/protocol.md §2, restated: the HELLO at the start of `data` (48 bytes) as a
+/// server sees it, and the CHALLENGE (80 bytes) as a client sees it.
+fn check_handshake(data: &[u8]) {
+    use wire::handshake::{ClientHandshake, Secret, ServerHandshake};
+    use wire::version::Features;
+    let secret = Secret::new(CORPUS_KEY.to_vec());
+    if let Some(hello) = data.first_chunk::<48>() {
+        let version = u16::from_le_bytes([hello[8], hello[9]]);
+        let reserved_ok = match version {
+            2 => hello[10..16] == [0; 6],
+            _ => hello[14..16] == [0; 2],
+        };
+        let spec_ok = &hello[..8] == b"UBLKDRP1" && matches!(version, 2 | 3) && reserved_ok;
+        match ServerHandshake::on_hello(&secret, hello, [5; 32]) {
+            Ok((_, ch)) => {
+                assert!(spec_ok, "HELLO accepted against the spec: {hello:?}");
+                assert_eq!(u16::from_le_bytes([ch[8], ch[9]]), 0, "status");
+                assert_eq!(u16::from_le_bytes([ch[10], ch[11]]), version);
+                let offered = u32::from_le_bytes(hello[10..14].try_into().unwrap());
+                let agreed = u32::from_le_bytes(ch[12..16].try_into().unwrap());
+                let want = if version == 2 {
+                    0
+                } else {
+                    offered & Features::ALL.0
+                };
+                assert_eq!(agreed, want, "agreed features");
+            }
+            Err(r) => {
+                assert!(!spec_ok, "HELLO refused against the spec: {hello:?}");
+                // A wrong version is answered (status 1, our version); the rest not.
+                if &hello[..8] == b"UBLKDRP1" && !matches!(version, 2 | 3) {
+                    assert_eq!(r.reply.len(), 80);
+                    assert_eq!(u16::from_le_bytes([r.reply[8], r.reply[9]]), 1);
+                    assert_eq!(u16::from_le_bytes([r.reply[10], r.reply[11]]), 3);
+                }
+            }
+        }
+    }
+    if let Some(ch) = data.first_chunk::<80>() {
+        let (c, _) = ClientHandshake::with_nonce([6; 32], Features::ALL);
+        if c.on_challenge(&secret, ch).is_ok() {
+            let agreed = u32::from_le_bytes(ch[12..16].try_into().unwrap());
+            assert_eq!(&ch[..8], b"UBLKDRP1");
+            assert_eq!(u16::from_le_bytes([ch[8], ch[9]]), 0);
+            assert_eq!(u16::from_le_bytes([ch[10], ch[11]]), 3);
+            assert_eq!(agreed & !Features::ALL.0, 0, "a feature never offered");
+        }
+    }
 }
 
 fn key() -> FrameKey {

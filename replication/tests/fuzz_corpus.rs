@@ -134,6 +134,15 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             h.flags = if fua { FLAG_FUA } else { 0 };
         })
     };
+    let (_, hello_v3) =
+        wire::handshake::ClientHandshake::with_nonce([6; 32], wire::version::Features::ALL);
+    let mut hello_v2 = hello_v3;
+    hello_v2[8..16].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+    let secret = wire::handshake::Secret::new(frame_check::CORPUS_KEY.to_vec());
+    let challenge = match wire::handshake::ServerHandshake::on_hello(&secret, &hello_v3, [5; 32]) {
+        Ok((_, ch)) => ch,
+        Err(_) => panic!("the corpus HELLO is valid"),
+    };
     let open_json = encode_control(&open_request());
     let stat_json = encode_control(&StatRequest {
         replica: "v1-b".into(),
@@ -353,6 +362,11 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("valid-slot-label", encode_slot(&label(), 3)),
         ("bad-slot-torn", torn_slot),
         ("empty", Vec::new()),
+        // Handshake messages (docs/protocol.md §2): a v3 HELLO offering every
+        // feature, a v2 one, and the CHALLENGE a server answers the v3 one with.
+        ("valid-hello-v3", hello_v3.to_vec()),
+        ("valid-hello-v2", hello_v2.to_vec()),
+        ("valid-challenge-v3", challenge.to_vec()),
         ("truncated-req", ping[..50].to_vec()),
         (
             "truncated-rep",

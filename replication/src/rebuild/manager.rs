@@ -323,7 +323,7 @@ pub struct Manager {
     stop: Arc<AtomicBool>,
     state: Arc<ManagerState>,
     health: Arc<Health>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The running job: target slot, its location, what, since when.
@@ -362,7 +362,7 @@ impl Manager {
             stop,
             state,
             health,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -438,13 +438,22 @@ impl Manager {
     }
 }
 
-impl Drop for Manager {
-    fn drop(&mut self) {
+impl Manager {
+    /// Cancel what runs and start nothing more; returns once the copier stopped
+    /// (a volume's clean stop calls it before the sync that makes the stop clean).
+    pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.state.progress.cancel.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

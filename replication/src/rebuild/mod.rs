@@ -605,10 +605,15 @@ impl Copier<'_> {
         pause.unwrap_or(Pause::Pass)
     }
 
-    /// An online replica to copy from, local ones first (no network round trip).
+    /// An online replica to copy from, local ones first (no network round trip) —
+    /// unless reads are pinned to the first online replica (an unclean shutdown
+    /// whose resync has not finished: the replicas may differ where writes were in
+    /// flight, and that one is what reads see): then from it.
     fn pick_source(&self) -> Result<SlotIndex, FaultReason> {
         let online = self.health.read_mask() & !(1 << self.slot.get());
+        let pinned = self.health.read_policy() == crate::health::ReadPolicy::Primary;
         let prefer = match online & self.health.local_mask() {
+            _ if pinned => online & online.wrapping_neg(),
             0 => online,
             local => local,
         };
@@ -1021,6 +1026,33 @@ pub(crate) mod tests {
         assert_eq!(stores[0].bytes(768 * K as usize, 4096), vec![1; 4096]);
         assert_eq!(fresh.bytes(768 * K as usize, 4096), vec![9; 4096]);
         assert_eq!(fresh.bytes(0, 1 << 20), stores[1].bytes(0, 1 << 20));
+    }
+
+    /// (P) Reads are pinned to the first online replica (a resync that stopped):
+    /// a rebuild copies from it too, not from the local replica it would prefer,
+    /// or the target would hold what no read has shown where the two differ.
+    #[test]
+    fn with_reads_pinned_a_rebuild_copies_from_the_pinned_replica() {
+        let (stores, h) = crate::testing::mem_volume_remote(2, &[0]);
+        let ranges = RangeTable::new();
+        let n = test_nexus(&h, ranges.clone());
+        write(&n, 0, 1 << 20, 1);
+        // As a host crash leaves them: a write reached the remote slot 0 only.
+        stores[0].put(64 * K as usize, &[7u8; 4096]);
+        h.set_read_policy(crate::health::ReadPolicy::Primary);
+        let (fresh, spec) = fresh_mem_slot(&stores[1]);
+        let slot = h.add_slot(spec).unwrap();
+        let p = Progress::default();
+        let out = rebuild(
+            &h,
+            &ranges,
+            slot,
+            RebuildKind::Full,
+            CopyConfig::default(),
+            &p,
+        );
+        assert!(matches!(out, Ok(Outcome::Done { .. })), "{out:?}");
+        assert_eq!(fresh.bytes(64 * K as usize, 4096), vec![7u8; 4096]);
     }
 
     #[test]

@@ -1477,6 +1477,9 @@ fn serve(
     });
     // Faulted replicas come back on their own once reachable: partial when what they
     // missed is logged, else full. Dropped (cancelled) before the health stops.
+    // The record says "in use" before the first copy: a host crash from then on
+    // must find the activity log's extents (the copier's too) to resync.
+    now_in_use(&cfg.name, sink);
     let rebuilds = Arc::new(replication::rebuild::Manager::start(
         health.clone(),
         dp.ranges.clone(),
@@ -1540,6 +1543,9 @@ fn serve(
         // Async: DEL_DEV would wait for the last opener (a filesystem still mounted
         // after a forced stop). An ADD_DEV control may already have deleted it.
         remove_device(ctrl.as_ref(), "stopped");
+        // The copier stops before the sync that makes the stop clean: a copy after
+        // it would be in no flush, under a record that says nothing diverges.
+        rebuilds.shutdown();
         // Drained, but not necessarily durable: the application may not have flushed.
         // Only replicas synced to stable storage make a clean stop.
         let failed = health.sync_all();
@@ -1587,6 +1593,7 @@ fn record_fenced(state_dir: &StateDir, name: &str, by: wire::Generation) {
 
 /// The volume serves no more: its rebuilds are cancelled, then its replicas stop.
 fn wind_down(shared: &VolumeShared, rebuilds: Arc<replication::rebuild::Manager>, health: &Health) {
+    rebuilds.shutdown();
     {
         let mut live = shared.live.lock().unwrap();
         live.rebuilds = None;
@@ -1701,11 +1708,16 @@ fn serve_headless(
 /// The volume takes I/O: recorded unclean (a host crash from now on leaves the
 /// replicas possibly divergent), state `Live`.
 fn now_serving(name: &str, shared: &VolumeShared, sink: &RecordSink) {
+    now_in_use(name, sink);
+    shared.set_state(VolumeState::Live, None);
+}
+
+/// The record says the replicas may diverge (until a clean stop).
+fn now_in_use(name: &str, sink: &RecordSink) {
     if let Err(e) = sink.set_clean(false) {
         tracing::error!(volume = %name, error = %e,
             "cannot record that the volume is in use: after a host crash its replicas would not be treated as possibly divergent");
     }
-    shared.set_state(VolumeState::Live, None);
 }
 
 enum Ending {
