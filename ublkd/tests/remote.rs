@@ -905,6 +905,30 @@ fn delete_removes_only_the_named_copy_and_only_for_an_owner_allowed_to_open_it()
 /// blocks written (raw, and through the owner's `Replica::data_extents`), a hole
 /// with nothing; a connection without the replica open, and an owner a newer one
 /// fenced, get no answer; a range past the replica's end closes the connection.
+/// (V) A multi-GiB DISCARD is sent in chunks a server can finish within the
+/// request deadline: one of 5 GiB (more than a frame's u32 length, so as one
+/// request it could not even be sent) punches the whole range.
+#[test]
+fn a_multi_gib_discard_goes_out_in_chunks() {
+    use replication::Replica;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_server(tmp.path(), 33);
+    let rt = rt();
+    let mut s = spec(&server, "big-r1", "big", VolumeUuid::random(), 1, 7);
+    s.open.size = 8 << 30;
+    let client = Arc::new(rt.block_on(RemoteClient::connect(s)).unwrap().0);
+    let replica = client.replica(None);
+    let at = (4 << 30) + 4096;
+    futures::executor::block_on(replica.write(ByteOffset(at), &[0x77; 4096], true)).unwrap();
+    futures::executor::block_on(replica.discard(ByteOffset(0), ByteLen(5 << 30))).unwrap();
+    let mut back = vec![1u8; 4096];
+    futures::executor::block_on(replica.read(ByteOffset(at), &mut back)).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the discard reached past 4 GiB"
+    );
+}
+
 #[test]
 fn data_extents_answers_a_sparse_images_extents_and_only_to_its_owner() {
     use replication::Replica;

@@ -969,11 +969,36 @@ impl Replica for RemoteReplica {
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {
-        self.io(Op::Discard, 0, offset.0, len.0, JobData::None)
+        self.zeroing(Op::Discard, 0, offset.0, len.0)
     }
 
     fn write_zeroes(&self, offset: ByteOffset, len: ByteLen, no_unmap: bool) -> IoFuture<'_> {
         let flags = if no_unmap { FLAG_NO_UNMAP } else { 0 };
-        self.io(Op::WriteZeroes, flags, offset.0, len.0, JobData::None)
+        self.zeroing(Op::WriteZeroes, flags, offset.0, len.0)
+    }
+}
+
+/// Most bytes one DISCARD or WRITE_ZEROES request covers: a server that cannot
+/// punch holes writes the zeroes, and one request must finish within the
+/// request deadline (3 s by default) even then (32 MiB at ~10 MiB/s).
+pub const ZEROING_CHUNK: u64 = 32 << 20;
+
+impl RemoteReplica {
+    /// A DISCARD or WRITE_ZEROES, sent as one request per [`ZEROING_CHUNK`], one
+    /// after the other: a multi-GiB one as a single request missed the deadline on
+    /// a server without cheap zeroing, and the replica was faulted for it.
+    fn zeroing(&self, op: Op, flags: u8, offset: u64, len: u64) -> IoFuture<'_> {
+        if len <= ZEROING_CHUNK {
+            return self.io(op, flags, offset, len, JobData::None);
+        }
+        Box::pin(async move {
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(ZEROING_CHUNK);
+                self.io(op, flags, offset + at, n, JobData::None).await?;
+                at += n;
+            }
+            Ok(())
+        })
     }
 }
