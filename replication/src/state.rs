@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Connecting ──(reached, its label current)──────────────────────▶ Online
-//! Connecting ──(not reached in time, label stale, open failed)────▶ Faulted
+//! Connecting ──(not reached in time, label stale, another one back)▶ Faulted
 //! Online ──────(I/O error, deadline, connection lost; others online)▶ Faulted
 //! Online ──────(connection lost while the last online one)────────▶ Connecting
 //! Faulted ─────(rebuild starts)───────────────────────────────────▶ Rebuilding
@@ -21,7 +21,10 @@
 //! | Removed | no | no | — (its slot is free once no request uses it) |
 //!
 //! The last online replica is never faulted: its errors reach the application, and
-//! if its connection drops it goes back to Connecting, where I/O waits for it.
+//! if its connection drops it goes back to Connecting, where I/O waits for it. A
+//! slot is Connecting only while no slot is Online: the first one back serves, and
+//! the others still waited for are faulted then, before any write is acknowledged
+//! without them.
 
 use serde::{Deserialize, Serialize};
 
