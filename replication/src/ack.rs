@@ -55,8 +55,26 @@ pub struct Verdict {
     pub answer: Answer,
 }
 
-fn lost_connection(s: &SlotView, e: Errno) -> bool {
-    s.remote && matches!(e.0, libc::ENOTCONN | libc::ETIMEDOUT)
+/// A remote replica's lost connection or missed deadline (its client reports them
+/// as ENOTCONN and ETIMEDOUT). A local disk's ETIMEDOUT is a media error: waiting
+/// for it to "reconnect" would wait forever.
+pub(crate) fn lost_connection(remote: bool, e: Errno) -> bool {
+    remote && matches!(e.0, libc::ENOTCONN | libc::ETIMEDOUT)
+}
+
+/// **Connecting only while nothing is online**: the slots (by index) that must be
+/// faulted, given their states — every Connecting one once some slot is Online.
+/// A Connecting member is waited for because it may hold the only current copy;
+/// once another serves, writes are acknowledged without it.
+pub(crate) fn unawaited<'a>(states: impl Iterator<Item = &'a ReplicaState> + Clone) -> Vec<usize> {
+    if !states.clone().any(|s| *s == ReplicaState::Online) {
+        return Vec::new();
+    }
+    states
+        .enumerate()
+        .filter(|(_, s)| **s == ReplicaState::Connecting)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// The rule (module docs). `slots` and `outcomes` are indexed by slot.
@@ -104,7 +122,7 @@ pub fn ack_rule(slots: &[SlotView], outcomes: &[Outcome], op: IoOp) -> Verdict {
         let mut retry = false;
         for (i, o) in outcomes.iter().enumerate() {
             let Outcome::Failed(e) = *o else { continue };
-            if !lost_connection(&slots[i], e) {
+            if !lost_connection(slots[i].remote, e) {
                 continue;
             }
             match slots[i].state {
@@ -121,14 +139,9 @@ pub fn ack_rule(slots: &[SlotView], outcomes: &[Outcome], op: IoOp) -> Verdict {
             false => Answer::Fail(first_error.unwrap_or(Errno::EIO)),
         }
     };
-    // Connecting only while nothing is online.
-    if next.contains(&ReplicaState::Online) {
-        for i in 0..next.len() {
-            if next[i] == ReplicaState::Connecting {
-                let reason = FaultReason::ConnectionLost;
-                go(i, ReplicaState::Faulted { reason }, &mut next);
-            }
-        }
+    for i in unawaited(next.iter()) {
+        let reason = FaultReason::ConnectionLost;
+        go(i, ReplicaState::Faulted { reason }, &mut next);
     }
     let holder = (0..slots.len()).any(|i| {
         outcomes[i] == Outcome::Took
@@ -259,8 +272,7 @@ mod tests {
                 // and some slot that may hold the data is still online or waited for.
                 let holds = |s: &ReplicaState| online(s) || *s == ReplicaState::Connecting;
                 for i in 0..slots.len() {
-                    let media =
-                        matches!(outs[i], Outcome::Failed(e) if !lost_connection(&slots[i], e));
+                    let media = matches!(outs[i], Outcome::Failed(e) if !lost_connection(slots[i].remote, e));
                     if media && online(&slots[i].state) {
                         assert!(online(&after[i]), "faulted for its error: {}", ctx());
                     }

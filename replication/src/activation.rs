@@ -150,7 +150,7 @@ pub enum ActivationError {
     SplitBrain { epoch: u64, a: String, b: String },
     #[error("no replica holds the volume's current data: {0}")]
     NoCurrentReplica(String),
-    #[error("{location}: its {what} {value} is past any real history (limit {limit}): a damaged or hostile label or record; refusing to activate (check that replica, or remove it from the config)", limit = 1u64 << 63)]
+    #[error("{location}: its {what} {value} is past any real history (limit {limit}): a damaged or hostile label or record; refusing to activate (check that replica, or remove it from the config)", limit = Generation::LIMIT.0)]
     Implausible {
         location: String,
         what: &'static str,
@@ -182,11 +182,18 @@ pub fn plan(input: &Input) -> Result<Decision, ActivationError> {
         if l.generation >= Generation::LIMIT {
             return Err(implausible(&p.location, "label generation", l.generation.0));
         }
-        if l.membership.epoch >= Epoch::LIMIT || l.membership.generation >= Generation::LIMIT {
+        if l.membership.epoch >= Epoch::LIMIT {
             return Err(implausible(
                 &p.location,
                 "label membership epoch",
                 l.membership.epoch.0,
+            ));
+        }
+        if l.membership.generation >= Generation::LIMIT {
+            return Err(implausible(
+                &p.location,
+                "label membership generation",
+                l.membership.generation.0,
             ));
         }
     }

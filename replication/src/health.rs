@@ -476,13 +476,6 @@ fn mask_of(slots: &[Slot], f: impl Fn(&Slot) -> bool) -> u64 {
         .fold(0, |m, (i, _)| m | 1 << i)
 }
 
-/// A remote replica's lost connection or missed deadline (the client reports them
-/// as ENOTCONN and ETIMEDOUT). A local disk's ETIMEDOUT is a media error: waiting
-/// for it to "reconnect" would wait forever.
-fn is_connection_error(s: &Slot, e: Errno) -> bool {
-    s.remote && matches!(e.0, libc::ENOTCONN | libc::ETIMEDOUT)
-}
-
 /// Whether a slot outside `except` is Online, by the lock's view.
 fn online_besides(inner: &Inner, except: u64) -> bool {
     inner
@@ -870,20 +863,14 @@ impl Health {
         true
     }
 
-    /// **A slot is Connecting only while no slot is Online.** A Connecting member
-    /// is waited for because it may hold the only current copy, and no write is
-    /// acknowledged meanwhile. Once a replica is online again (the first of several
-    /// back, a rebuild done), writes are acknowledged without the others: they leave
-    /// the membership now, with a map of what they miss, before any such write is
+    /// **A slot is Connecting only while no slot is Online**
+    /// ([`crate::ack::unawaited`]): once a replica is online again (the first of
+    /// several back, a rebuild done), the others waited for leave the membership,
+    /// with a map of what they miss, before any write is acknowledged without them
     /// (the caller persists when this returns `true`). Otherwise the second one back
     /// would come Online without the writes the first took alone.
     fn fault_unawaited(&self, inner: &mut Inner) -> bool {
-        if !online_besides(inner, 0) {
-            return false;
-        }
-        let waiting: Vec<usize> = (0..inner.slots.len())
-            .filter(|&i| inner.slots[i].state == ReplicaState::Connecting)
-            .collect();
+        let waiting = crate::ack::unawaited(inner.slots.iter().map(|s| &s.state));
         for &i in &waiting {
             let reason = FaultReason::ConnectionLost;
             self.transition(inner, i, ReplicaState::Faulted { reason });
@@ -1172,7 +1159,7 @@ impl Health {
             let reason = FaultReason::of_errno(IoOp::Read, errno);
             self.transition(&mut inner, i, ReplicaState::Faulted { reason });
             self.want_persist();
-        } else if is_connection_error(&inner.slots[i], errno) {
+        } else if crate::ack::lost_connection(inner.slots[i].remote, errno) {
             self.transition(&mut inner, i, ReplicaState::Connecting);
         } else {
             return ReadVerdict::Fail(errno);

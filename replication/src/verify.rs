@@ -169,14 +169,7 @@ pub fn verify(
         let len = region.0.min(size - at);
         let (offset, rlen) = (ByteOffset(at), ByteLen(len));
         // A replica that left the read set meanwhile is no longer compared.
-        let live = health.read_mask();
-        let current: Vec<&(SlotIndex, String, Box<dyn Replica>)> = handles
-            .iter()
-            .filter(|(s, _, _)| live & (1 << s.get()) != 0)
-            .collect();
-        if current.len() < 2 {
-            return Err(ReplicationError::NothingToVerify(current.len()));
-        }
+        let current = online_now(health, &handles)?;
         let sums = checksums(&current, offset, rlen)?;
         if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
             report.rechecked += 1;
@@ -192,6 +185,22 @@ pub fn verify(
 }
 
 type Handle = (SlotIndex, String, Box<dyn Replica>);
+
+/// The handles of the replicas online now: at least two, else nothing to compare.
+fn online_now<'a>(
+    health: &Health,
+    handles: &'a [Handle],
+) -> Result<Vec<&'a Handle>, ReplicationError> {
+    let live = health.read_mask();
+    let current: Vec<&Handle> = handles
+        .iter()
+        .filter(|(s, _, _)| live & (1 << s.get()) != 0)
+        .collect();
+    match current.len() {
+        n if n < 2 => Err(ReplicationError::NothingToVerify(n)),
+        _ => Ok(current),
+    }
+}
 
 /// A region whose replicas differed, compared again under its range lock (and
 /// repaired): the mismatch, if it is real. The replicas compared, and the source,
@@ -210,14 +219,7 @@ fn locked_region(
 ) -> Result<Option<Mismatch>, ReplicationError> {
     loop {
         let _lock = futures::executor::block_on(ranges.lock(offset.0, rlen.0, &None));
-        let live = health.read_mask();
-        let current: Vec<&Handle> = handles
-            .iter()
-            .filter(|(s, _, _)| live & (1 << s.get()) != 0)
-            .collect();
-        if current.len() < 2 {
-            return Err(ReplicationError::NothingToVerify(current.len()));
-        }
+        let current = online_now(health, handles)?;
         let mask = current.iter().fold(0u64, |m, (s, _, _)| m | 1 << s.get());
         let still = || health.read_mask() & mask == mask;
         let sums = checksums(&current, offset, rlen)?;

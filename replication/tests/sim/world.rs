@@ -678,14 +678,7 @@ impl World {
             self.pending_lost.extend(lost);
             self.pending_since = self.step;
         } else {
-            for &i in &lost {
-                self.health
-                    .connection_lost(SlotIndex(i as u8), &Lost::Closed { why: "sim".into() });
-            }
-            self.note(format!(
-                "connections of slots {lost:?} lost -> {}",
-                self.states()
-            ));
+            self.lost_events(&lost, "connections of slots");
         }
         Ok(())
     }
@@ -695,14 +688,16 @@ impl World {
             return;
         }
         let lost = std::mem::take(&mut self.pending_lost);
-        for &i in &lost {
+        self.lost_events(&lost, "  lost events of slots");
+    }
+
+    /// The clients of `lost` report their connections lost.
+    fn lost_events(&mut self, lost: &[usize], what: &str) {
+        for &i in lost {
             self.health
                 .connection_lost(SlotIndex(i as u8), &Lost::Closed { why: "sim".into() });
         }
-        self.note(format!(
-            "  lost events of slots {lost:?} -> {}",
-            self.states()
-        ));
+        self.note(format!("{what} {lost:?} lost -> {}", self.states()));
     }
 
     /// Slot `slot`'s connection comes back: its client reports the label OPEN read.

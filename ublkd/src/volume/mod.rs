@@ -1503,7 +1503,7 @@ fn serve(
     let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ctrl = match net.frontend {
         Frontend::Headless => {
-            serve_headless(cfg, shared, sink, &dp.health, cmd, &stop_requested);
+            serve_headless(cfg, shared, &dp.health, cmd, &stop_requested);
             None
         }
         Frontend::Ublk => {
@@ -1530,7 +1530,9 @@ fn serve(
         remove_device(ctrl.as_ref(), "fenced");
         if let Some(by) = health.fence().by() {
             // Through the sink: it holds the record the persister saves.
-            if let Err(e) = sink.edit(|r| mark_fenced(r, by)) {
+            if let Err(e) = sink.edit(|r| {
+                mark_fenced(r, by);
+            }) {
                 tracing::error!(volume = %cfg.name, error = %e,
                     "cannot record that the volume was fenced: a restart may try to take it back");
             }
@@ -1566,23 +1568,26 @@ fn serve(
 }
 
 /// A newer owner (generation `by`) took the volume over: an ordinary start
-/// leaves it alone from then on.
-fn mark_fenced(rec: &mut crate::state::VolumeRecord, by: wire::Generation) {
-    if rec.fenced.as_ref().is_none_or(|f| f.by < by) {
+/// leaves it alone from then on. Whether the record changed.
+fn mark_fenced(rec: &mut crate::state::VolumeRecord, by: wire::Generation) -> bool {
+    let newer = rec.fenced.as_ref().is_none_or(|f| f.by < by);
+    if newer {
         rec.fenced = Some(crate::state::Fenced {
             by,
             since_unix_ms: replication::dirty_file::unix_ms(),
         });
     }
+    newer
 }
 
-/// [`mark_fenced`] in the saved record, before the volume has a sink.
+/// [`mark_fenced`] in the saved record, before the volume has a sink (saved
+/// only if it changed: a start refused for the recorded fence changes nothing).
 fn record_fenced(state_dir: &StateDir, name: &str, by: wire::Generation) {
     let res = state_dir.load(name).and_then(|rec| match rec {
-        Some(mut rec) => {
-            mark_fenced(&mut rec, by);
-            state_dir.save(&rec)
-        }
+        Some(mut rec) => match mark_fenced(&mut rec, by) {
+            true => state_dir.save(&rec),
+            false => Ok(()),
+        },
         None => Ok(()),
     });
     if let Err(e) = res {
@@ -1643,7 +1648,6 @@ fn serve_device(
     let dp_init = dp.clone();
     let dp_q = dp.clone();
     let shared_dev = shared.clone();
-    let sink_dev = sink.clone();
     let cmd = Mutex::new(cmd);
     let stop_flag = stop_requested.clone();
     let dp_dev = dp.clone();
@@ -1667,7 +1671,7 @@ fn serve_device(
                 tracing::warn!(volume = %name, flags = format_args!("{:#x}", info.flags),
                     "kernel did not grant USER_RECOVERY|REISSUE: a daemon crash will fail I/O");
             }
-            now_serving(&name, &shared_dev, &sink_dev);
+            now_serving(&shared_dev);
             tracing::info!(volume = %name, device = %ctrl.get_bdev_path(),
                 granted_flags = format_args!("{:#x}", info.flags), queues = info.nr_hw_queues,
                 depth = info.queue_depth, "volume serving");
@@ -1695,20 +1699,18 @@ fn serve_device(
 fn serve_headless(
     cfg: &VolumeConfig,
     shared: &Arc<VolumeShared>,
-    sink: &Arc<RecordSink>,
     health: &Arc<Health>,
     cmd: Receiver<VolumeCmd>,
     stop_requested: &Arc<std::sync::atomic::AtomicBool>,
 ) {
-    now_serving(&cfg.name, shared, sink);
+    now_serving(shared);
     let cmd = Mutex::new(cmd);
     wait_for_stop(&cfg.name, health, shared, &cmd, stop_requested, || false);
 }
 
-/// The volume takes I/O: recorded unclean (a host crash from now on leaves the
-/// replicas possibly divergent), state `Live`.
-fn now_serving(name: &str, shared: &VolumeShared, sink: &RecordSink) {
-    now_in_use(name, sink);
+/// The device (or the headless frontend) serves: state `Live`. The record already
+/// says "in use" ([`now_in_use`], before the rebuild manager started).
+fn now_serving(shared: &VolumeShared) {
     shared.set_state(VolumeState::Live, None);
 }
 
