@@ -929,6 +929,42 @@ fn a_multi_gib_discard_goes_out_in_chunks() {
     );
 }
 
+/// Requests still queued for a connection's writer when the connection dies (the
+/// socket full: the server stopped reading) fail like the ones on the wire, with
+/// the lost connection's errno: the ack rule retries those (with no other replica
+/// online the write waits for one to come back) but fails a request with EIO. They
+/// were dropped with the writer and answered EIO, so with both remotes of a volume
+/// dying together a write failed on the application (the VM scenario
+/// `repl_both_remotes_die` saw it).
+#[test]
+fn requests_queued_behind_a_full_socket_fail_with_the_connections_errno() {
+    use replication::Replica;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = start_server(tmp.path(), 34);
+    let rt = rt();
+    let mut s = spec(&server, "q-r1", "q", VolumeUuid::random(), 1, 7);
+    s.open.size = 512 << 20;
+    let client = Arc::new(rt.block_on(RemoteClient::connect(s)).unwrap().0);
+    let replica = client.replica(None);
+    server.signal(libc::SIGSTOP);
+    // 64 MiB fill the writer's first batch (more than both socket buffers hold);
+    // the rest wait in its queue.
+    let buf = vec![0x5au8; 1 << 20];
+    let writes: Vec<_> = (0..192u64)
+        .map(|i| replica.write(ByteOffset(i << 20), &buf, false))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill();
+    let results = futures::executor::block_on(futures::future::join_all(writes));
+    let errnos: std::collections::BTreeSet<i32> =
+        results.iter().map(|r| r.unwrap_err().0).collect();
+    assert_eq!(
+        errnos,
+        [libc::ENOTCONN].into(),
+        "every request failed as its connection did"
+    );
+}
+
 #[test]
 fn data_extents_answers_a_sparse_images_extents_and_only_to_its_owner() {
     use replication::Replica;

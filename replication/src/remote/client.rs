@@ -459,6 +459,15 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
     } = sess;
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
+    // The writer holds the queue's lock for its life; once it is stopped the
+    // supervisor takes what it never picked up and fails it like the sent ones,
+    // after the volume heard of the loss (dropping those jobs with the writer
+    // would fail them first, and with EIO instead of the connection's errno).
+    let queue = Arc::new(tokio::sync::Mutex::new(rx));
+    let held = queue
+        .clone()
+        .try_lock_owned()
+        .expect("a new queue is not locked");
     let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
     let (dead_tx, dead_rx) = mpsc::unbounded_channel::<Lost>();
     let stamp = FrameStamp {
@@ -470,7 +479,7 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
     let writer = shared.rt.spawn(writer(
         wr,
         sealer,
-        rx,
+        held,
         pending.clone(),
         sent.clone(),
         stamp,
@@ -485,9 +494,14 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
         dead_tx,
     ));
     *shared.conn.lock().unwrap() = Some(Conn { tx });
-    shared
-        .rt
-        .spawn(supervise(shared.clone(), writer, reader, pending, dead_rx));
+    shared.rt.spawn(supervise(
+        shared.clone(),
+        writer,
+        reader,
+        queue,
+        pending,
+        dead_rx,
+    ));
 }
 
 fn closed(why: String) -> Lost {
@@ -497,7 +511,7 @@ fn closed(why: String) -> Lost {
 async fn writer(
     mut wr: OwnedWriteHalf,
     mut sealer: Sealer,
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<Job>>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     sent: Arc<tokio::sync::Notify>,
     stamp: FrameStamp,
@@ -731,6 +745,7 @@ async fn supervise(
     shared: Arc<Shared>,
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     mut dead: mpsc::UnboundedReceiver<Lost>,
 ) {
@@ -764,6 +779,17 @@ async fn supervise(
     reader.abort();
     let _ = writer.await;
     let _ = reader.await;
+    // No job enters the queue any more (the connection is unset): what is left in
+    // it joins the pending ones, to fail with them.
+    {
+        let mut rx = queue.lock().await;
+        let mut p = pending.lock().unwrap();
+        let mut unsent = u64::MAX;
+        while let Ok(job) = rx.try_recv() {
+            p.insert(unsent, Pending { job, sent: false });
+            unsent -= 1;
+        }
+    }
     if closed_by_owner {
         fail_pending(&pending, &why);
         return;
