@@ -394,6 +394,8 @@ pub struct Health {
     failed: AtomicU64,
     primary_reads: AtomicBool,
     stopping: AtomicBool,
+    /// The persister waits for a reconnecting member's label (status shows it).
+    awaiting_member: AtomicBool,
     inner: Mutex<Inner>,
     persist_wake: Condvar,
     signal: Arc<Signal>,
@@ -539,6 +541,7 @@ impl Health {
             failed: AtomicU64::new(0),
             primary_reads: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            awaiting_member: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 slots,
                 generation: cfg.generation,
@@ -620,6 +623,12 @@ impl Health {
     /// I/O waits for it.
     pub fn waiting(&self) -> bool {
         self.read_mask() == 0 && self.connecting_mask.load(Ordering::Acquire) != 0
+    }
+
+    /// A membership change is not durable yet because the member it must reach
+    /// first is reconnecting: the writes that depend on it wait for that member.
+    pub fn awaits_member(&self) -> bool {
+        self.awaiting_member.load(Ordering::Acquire)
     }
 
     pub fn no_replica_timeout(&self) -> Duration {
@@ -1258,6 +1267,8 @@ impl Health {
                 if self.fault_unawaited(&mut inner) || lagging {
                     self.want_persist();
                 }
+                // A persister waiting for a member's label goes on at once.
+                self.persist_wake.notify_one();
                 self.publish_masks(&inner);
                 true
             }
@@ -1524,6 +1535,8 @@ impl ConnEvents for SlotEvents {
 /// every member's label, then the record — and wakes the requests waiting for it.
 fn persister(weak: Weak<Health>) {
     let mut backoff = Duration::from_millis(50);
+    // Since when a membership change waits for a reconnecting member's label.
+    let mut awaiting: Option<Instant> = None;
     loop {
         let Some(h) = weak.upgrade() else { return };
         let target = h.wanted.load(Ordering::Acquire);
@@ -1546,13 +1559,40 @@ fn persister(weak: Weak<Health>) {
         }
         let attempt = h.attempts.fetch_add(1, Ordering::AcqRel) + 1;
         match persist_once(&h) {
-            Ok(done) => {
+            Ok(Persisted::Done(done)) => {
                 h.durable.fetch_max(done, Ordering::AcqRel);
                 backoff = Duration::from_millis(50);
+                awaiting = None;
+                h.awaiting_member.store(false, Ordering::Release);
                 h.signal.notify();
                 outdate_faulted(&h);
             }
+            Ok(Persisted::AwaitMember) => {
+                // What waits on it waits as I/O waits for a reconnecting last
+                // replica: until it is back, or fails at the same timeout.
+                let since = *awaiting.get_or_insert_with(|| {
+                    tracing::warn!(volume = %h.volume,
+                        "a membership change waits for the label of a reconnecting member: the writes that depend on it wait too");
+                    h.awaiting_member.store(true, Ordering::Release);
+                    h.signal.notify();
+                    Instant::now()
+                });
+                if since.elapsed() >= h.no_replica_timeout {
+                    h.failed.fetch_max(attempt, Ordering::AcqRel);
+                    h.signal.notify();
+                }
+                // Until a member is back (`reconnected` wakes us) or a while.
+                let inner = h.inner.lock().unwrap();
+                if !inner.slots.iter().any(|s| s.state == ReplicaState::Online) {
+                    let _ = h
+                        .persist_wake
+                        .wait_timeout(inner, Duration::from_millis(50))
+                        .unwrap();
+                }
+            }
             Err(e) => {
+                awaiting = None;
+                h.awaiting_member.store(false, Ordering::Release);
                 tracing::error!(volume = %h.volume, error = %e,
                     "cannot persist a replica state change: failing the I/O that depends on it until it is durable");
                 h.failed.fetch_max(attempt, Ordering::AcqRel);
@@ -1565,18 +1605,28 @@ fn persister(weak: Weak<Health>) {
     }
 }
 
-/// One attempt: the logs, then (if the state changed) labels and record. Returns
-/// the version made durable.
-fn persist_once(h: &Health) -> Result<u64, ReplicationError> {
+/// What one persist attempt achieved.
+enum Persisted {
+    /// This version is durable.
+    Done(u64),
+    /// No online member takes the membership now, but a member that may hold the
+    /// only current copy is reconnecting: its label must take it first.
+    AwaitMember,
+}
+
+/// One attempt: the logs, then (if the state changed) labels and record.
+fn persist_once(h: &Health) -> Result<Persisted, ReplicationError> {
     let target = h.wanted.load(Ordering::Acquire);
     let state = h.state_wanted.load(Ordering::Acquire);
     save_logs(h)?;
     if h.state_durable.load(Ordering::Acquire) >= state {
-        return Ok(target);
+        return Ok(Persisted::Done(target));
     }
-    let done = persist_state(h)?;
+    let Persisted::Done(done) = persist_state(h)? else {
+        return Ok(Persisted::AwaitMember);
+    };
     h.state_durable.fetch_max(state, Ordering::AcqRel);
-    Ok(done.max(target))
+    Ok(Persisted::Done(done.max(target)))
 }
 
 /// Open the volume's log dir: the activity log, and only the dirty maps this run
@@ -1674,8 +1724,8 @@ fn save_logs(h: &Health) -> Result<(), ReplicationError> {
     Ok(())
 }
 
-/// Labels of every member, then the record: returns the version made durable.
-fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
+/// Labels of every member, then the record: the version made durable.
+fn persist_state(h: &Health) -> Result<Persisted, ReplicationError> {
     loop {
         let (target, snap, members) = {
             let inner = h.inner.lock().unwrap();
@@ -1687,6 +1737,18 @@ fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
                 .filter(|(_, s)| s.state == ReplicaState::Online)
                 .filter_map(|(i, s)| Some((i, s.backing.clone()?)))
                 .collect();
+            // A waited-for member may hold writes no other has: a membership its
+            // label has not taken must not be durable only in the record (a new
+            // owner elsewhere reads labels).
+            let epoch = inner.membership.epoch;
+            if members.is_empty()
+                && inner
+                    .slots
+                    .iter()
+                    .any(|s| s.state == ReplicaState::Connecting && s.label_epoch < epoch)
+            {
+                return Ok(Persisted::AwaitMember);
+            }
             (target, snapshot_of(&inner), members)
         };
         let update = LabelUpdate {
@@ -1715,10 +1777,11 @@ fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
                 let s = &mut inner.slots[*i];
                 s.label_epoch = s.label_epoch.max(snap.membership.epoch);
             }
-            return Ok(target);
+            return Ok(Persisted::Done(target));
         }
         // A member that cannot take the new membership is faulted too (the next
-        // round writes an epoch without it) — unless it is the last one.
+        // round writes an epoch without it) — unless it is the last one: then a
+        // lost connection makes it a member waited for, a media error fails.
         let mut inner = h.inner.lock().unwrap();
         let mut progressed = false;
         for (i, errno) in failed {
@@ -1728,6 +1791,12 @@ fn persist_state(h: &Health) -> Result<u64, ReplicationError> {
             inner.slots[i].errors += 1;
             // The lock's view: a failure faulted earlier in this loop is not online.
             if !online_besides(&inner, 1 << i) {
+                if crate::ack::lost_connection(inner.slots[i].remote, errno) {
+                    tracing::warn!(volume = %h.volume, replica = %inner.slots[i].location,
+                        "the last online replica lost its connection while taking a membership change: I/O waits for it to come back");
+                    h.transition(&mut inner, i, ReplicaState::Connecting);
+                    continue;
+                }
                 h.publish_masks(&inner);
                 return Err(ReplicationError::Persist(format!(
                     "the label of {}, the last online replica, cannot be written: {errno}",
@@ -1820,6 +1889,14 @@ mod tests {
         h.snapshot().slots[i].state.clone()
     }
 
+    fn wait_until(mut f: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < until, "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn wait_durable(h: &Health) {
         let until = Instant::now() + Duration::from_secs(10);
         while !h.is_durable() {
@@ -1896,22 +1973,52 @@ mod tests {
         assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
         h.connection_lost(SlotIndex(1), &closed);
         assert_eq!(state(&h, 1), ReplicaState::Connecting);
-        wait_durable(&h);
         let epoch = h.snapshot().membership.epoch;
         let label1 = stores[1].label().unwrap();
         assert!(
             label1.membership.epoch < epoch,
             "the fault did not reach it"
         );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!h.is_durable(), "the fault waits for the member's label");
 
         stores[1].fail_labels(false);
         assert!(h.reconnected(SlotIndex(1), &label1, false));
+        wait_durable(&h);
         assert_eq!(h.read_mask(), 0b10);
         assert_eq!(write(&n, 4096, 2), Ok(4096));
         // Acknowledged only once its label shows the current membership.
         let l1 = stores[1].label().unwrap();
         assert_eq!(l1.membership.epoch, epoch);
         assert_eq!(l1.membership.members, vec![l1.replica_uuid]);
+    }
+
+    /// (Q) Both servers die together, the second while the persister writes the
+    /// first one's fault into its label: the write it took (acknowledged once that
+    /// fault is durable) waits for it as the member it still is, and is
+    /// acknowledged once it is back and relabelled. It failed with EIO when the
+    /// label write's lost connection counted as a persist failure.
+    #[test]
+    fn a_fault_the_last_members_label_cannot_take_yet_waits_for_it() {
+        let (stores, h) = mem_volume_remote(2, &[0, 1]);
+        stores[0].set_fault(crate::testing::Fault::Writes);
+        stores[1].fail_labels_with(Some(ENOTCONN));
+        let writer = {
+            let h = h.clone();
+            std::thread::spawn(move || write(&mem_nexus(&h), 0, 9))
+        };
+        wait_until(|| state(&h, 1) == ReplicaState::Connecting);
+        assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!writer.is_finished(), "the write waits for its holder");
+
+        stores[1].fail_labels_with(None);
+        let label1 = stores[1].label().unwrap();
+        assert!(h.reconnected(SlotIndex(1), &label1, false));
+        assert_eq!(writer.join().unwrap(), Ok(4096));
+        let l1 = stores[1].label().unwrap();
+        assert_eq!(l1.membership.members, vec![l1.replica_uuid]);
+        assert_eq!(stores[1].bytes(0, 4096), vec![9; 4096]);
     }
 
     /// (D) The last current replica is reconnecting (a write waits for it): a
@@ -2034,7 +2141,6 @@ mod tests {
         h.connection_lost(SlotIndex(0), &closed);
         h.connection_lost(SlotIndex(1), &closed);
         assert_eq!(state(&h, 1), ReplicaState::Connecting);
-        wait_durable(&h);
         assert!(old.membership.epoch < stores[1].label().unwrap().membership.epoch);
         assert!(!h.reconnected(SlotIndex(1), &old, false));
         assert_eq!(h.read_mask(), 0);

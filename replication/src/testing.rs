@@ -33,8 +33,8 @@ pub struct MemStore {
     /// Each operation blocks its thread this long (µs), so concurrent requests overlap.
     latency_us: AtomicU64,
     label: Mutex<Option<wire::label::Label>>,
-    /// Label writes fail with EIO.
-    fail_labels: std::sync::atomic::AtomicBool,
+    /// Label writes fail with this errno (0: they do not).
+    fail_labels: std::sync::atomic::AtomicI32,
     /// Counts as a remote replica (its unflushed writes are tracked).
     remote: std::sync::atomic::AtomicBool,
     /// Writes that reach this offset fail with EIO, and so does everything after
@@ -130,14 +130,22 @@ impl MemStore {
         *self.label.lock().unwrap() = l;
     }
 
+    /// Label writes fail with EIO (or stop failing).
     pub fn fail_labels(&self, fail: bool) {
-        self.fail_labels.store(fail, Ordering::SeqCst);
+        self.fail_labels_with(fail.then_some(Errno::EIO));
+    }
+
+    /// Label writes fail with `errno` (`None`: they do not).
+    pub fn fail_labels_with(&self, errno: Option<Errno>) {
+        self.fail_labels
+            .store(errno.map_or(0, |e| e.0), Ordering::SeqCst);
     }
 
     /// What `Backing::update_label` does for a memory replica.
     pub fn update_label(&self, u: &wire::control::LabelUpdate) -> Result<(), Errno> {
-        if self.fail_labels.load(Ordering::SeqCst) {
-            return Err(Errno::EIO);
+        match self.fail_labels.load(Ordering::SeqCst) {
+            0 => {}
+            e => return Err(Errno(e)),
         }
         if let Some(e) = self.error(false) {
             return Err(e);

@@ -312,12 +312,37 @@ impl World {
     fn quiesce(&mut self) -> Step {
         let t0 = Instant::now();
         loop {
+            let v = self.health.signal().version();
             if self.health.is_durable() {
                 return Ok(());
             }
+            // The change must reach a reconnecting member's label first: it
+            // comes back (if one can), as for a request waiting for it.
+            if self.health.awaits_member() && self.health.waiting() {
+                self.deliver_lost();
+                if self.reconnect_waited()? {
+                    continue;
+                }
+            }
+            if t0.elapsed() > STUCK {
+                return err(format!(
+                    "stuck: a state change never became durable; {}",
+                    self.states()
+                ));
+            }
             let ticket = self.health.want_log();
-            if futures::executor::block_on(self.health.durable(ticket, None)).is_ok() {
-                return Ok(());
+            let durable = self.health.durable(ticket, None);
+            let changed =
+                self.health
+                    .changed(v, Some(Instant::now() + Duration::from_millis(200)), None);
+            match futures::executor::block_on(futures::future::select(
+                std::pin::pin!(durable),
+                changed,
+            )) {
+                futures::future::Either::Left((Ok(()), _)) => return Ok(()),
+                futures::future::Either::Left((Err(_), _)) => {}
+                // Something changed (the persister may wait for a member now).
+                futures::future::Either::Right(_) => continue,
             }
             let read = self.health.read_mask();
             let mut healed = Vec::new();
@@ -936,7 +961,7 @@ impl World {
             gate: gate.clone(),
             thread: Some(thread),
         });
-        let at = gate.wait(STUCK);
+        let at = self.job_wait(&gate, false)?;
         let ops = self.job_log(&gate);
         self.note(format!(
             "start {} -> {at:?} [{ops}]; {}",
@@ -1002,12 +1027,36 @@ impl World {
         })
     }
 
+    /// Wait until the job parks before its next replica operation (granting it
+    /// one first if `grant`). A job held by a membership change that waits for a
+    /// reconnecting member's label (a fault it reports, its end) gets that member
+    /// back, as a request waiting for it would.
+    fn job_wait(&mut self, gate: &Gate, grant: bool) -> Result<GateAt, String> {
+        const SLICE: Duration = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut at = if grant {
+            gate.step(SLICE)
+        } else {
+            gate.wait(SLICE)
+        };
+        while at == GateAt::Stuck && t0.elapsed() < STUCK {
+            if self.health.awaits_member() && self.health.waiting() {
+                self.deliver_lost();
+                if self.reconnect_waited()? {
+                    self.note("  the job waited for a member's label: it is back".into());
+                }
+            }
+            at = gate.wait(SLICE);
+        }
+        Ok(at)
+    }
+
     /// Let the job do `n` replica operations.
     fn job_steps(&mut self, n: usize) -> Step {
         let Some(job) = &self.job else { return Ok(()) };
         let gate = job.gate.clone();
         for _ in 0..n {
-            match gate.step(STUCK) {
+            match self.job_wait(&gate, true)? {
                 GateAt::Parked => {}
                 GateAt::Done => break,
                 GateAt::Stuck => {
@@ -1036,7 +1085,7 @@ impl World {
             .now_or_never()
             .is_none()
         {
-            match gate.step(STUCK) {
+            match self.job_wait(&gate, true)? {
                 GateAt::Parked => n += 1,
                 GateAt::Done => break,
                 GateAt::Stuck => return err("stuck: the job holds a range and does not go on"),
