@@ -206,6 +206,23 @@ impl LocalBacking {
         self.data_size
     }
 
+    /// What known data (a filesystem, LVM, a partition table) the start of the
+    /// data area holds ([`crate::signature::detect`]); for a backing without a
+    /// label, which a full rebuild would overwrite.
+    pub fn foreign_signature(&self) -> Result<Option<&'static str>, ReplicationError> {
+        use std::os::unix::fs::FileExt;
+        let len = (crate::signature::HEAD_LEN as u64).min(self.data_size) as usize;
+        let mut head = vec![0u8; len];
+        self.buffered
+            .read_exact_at(&mut head, 0)
+            .map_err(|e| ReplicationError::Open {
+                path: self.path.clone(),
+                what: "read the start of the data",
+                source: e,
+            })?;
+        Ok(crate::signature::detect(&head))
+    }
+
     /// The replica's label, from the two slots of its label area.
     pub fn read_label(&self) -> Result<AreaRead, ReplicationError> {
         let mut slots = vec![0u8; 2 * SLOT_LEN];

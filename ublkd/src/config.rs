@@ -246,7 +246,14 @@ pub struct VolumeConfig {
 #[non_exhaustive]
 pub enum ReplicaConfig {
     /// A local file (created sparse by the daemon) or block device.
-    Local { path: PathBuf },
+    Local {
+        path: PathBuf,
+        /// Use it even when it has no replica label but holds recognisable data
+        /// (a filesystem, LVM, a partition table): adopted as the volume's data
+        /// on its first start, overwritten by a full rebuild otherwise. Without
+        /// it such a path is refused (`use_unlabelled = true` in the config).
+        use_unlabelled: bool,
+    },
     /// A replica stored by the ublkd `[server]` of another node.
     Remote {
         /// `host:port` as written; host is a hostname, an IPv4 address or a
@@ -262,7 +269,7 @@ impl ReplicaConfig {
     /// The local backing path, if this replica is local.
     pub fn local_path(&self) -> Option<&Path> {
         match self {
-            ReplicaConfig::Local { path } => Some(path),
+            ReplicaConfig::Local { path, .. } => Some(path),
             ReplicaConfig::Remote { .. } => None,
         }
     }
@@ -279,7 +286,7 @@ impl ReplicaConfig {
     /// the path of a local replica, `id@addr` for a remote one.
     pub fn location(&self) -> String {
         match self {
-            ReplicaConfig::Local { path } => path.display().to_string(),
+            ReplicaConfig::Local { path, .. } => path.display().to_string(),
             ReplicaConfig::Remote { addr, id } => format!("{id}@{addr}"),
         }
     }
@@ -567,6 +574,7 @@ struct RawReplica {
     local: Option<Spanned<String>>,
     remote: Option<Spanned<String>>,
     id: Option<Spanned<String>>,
+    use_unlabelled: Option<Spanned<bool>>,
 }
 
 /// A size as written: a string with unit or a bare integer (bytes).
@@ -1232,7 +1240,12 @@ impl Validator<'_> {
         seen: &mut Seen,
     ) -> Result<ReplicaConfig, ConfigError> {
         let span = raw.span();
-        let RawReplica { local, remote, id } = raw.into_inner();
+        let RawReplica {
+            local,
+            remote,
+            id,
+            use_unlabelled,
+        } = raw.into_inner();
         let owner = |first: &PathUse| {
             if first.volume == volume {
                 "this volume".to_string()
@@ -1275,9 +1288,20 @@ impl Validator<'_> {
                         line,
                     },
                 );
-                Ok(ReplicaConfig::Local { path })
+                Ok(ReplicaConfig::Local {
+                    path,
+                    use_unlabelled: use_unlabelled.is_some_and(|u| *u.get_ref()),
+                })
             }
             (None, Some(remote)) => {
+                if let Some(u) = use_unlabelled {
+                    return Err(self.invalid(
+                        &u.span(),
+                        section,
+                        &format!("replicas[{index}].use_unlabelled"),
+                        "only local replicas take use_unlabelled (a replica server keeps its own images); remove it",
+                    ));
+                }
                 let addr_key = format!("replicas[{index}].remote");
                 let id_key = format!("replicas[{index}].id");
                 let canonical = check_remote_addr(remote.get_ref())
@@ -1795,7 +1819,8 @@ mod tests {
         assert_eq!(
             v.replicas,
             vec![ReplicaConfig::Local {
-                path: PathBuf::from("/data/vol0-a.img")
+                path: PathBuf::from("/data/vol0-a.img"),
+                use_unlabelled: false,
             }]
         );
     }
@@ -1853,10 +1878,12 @@ replicas = [
                 device_id: Some(0),
                 replicas: vec![
                     ReplicaConfig::Local {
-                        path: "/var/lib/ublkd/vol0-a.img".into()
+                        path: "/var/lib/ublkd/vol0-a.img".into(),
+                        use_unlabelled: false,
                     },
                     ReplicaConfig::Local {
-                        path: "/dev/sdb".into()
+                        path: "/dev/sdb".into(),
+                        use_unlabelled: false,
                     },
                 ],
                 partial_window_s: None,
@@ -2633,6 +2660,36 @@ replicas = [
             6,
             "replicas[0].id",
             &["volume \"v\"", "only remote replicas take an id"],
+        );
+    }
+
+    #[test]
+    fn use_unlabelled_is_a_local_replicas_opt_in() {
+        let c = ok(&remote_vol(
+            "{ local = \"/d/a.img\", use_unlabelled = true }, { local = \"/d/b.img\" }",
+        ));
+        let flags: Vec<bool> = c.volumes[0]
+            .replicas
+            .iter()
+            .map(|r| {
+                matches!(
+                    r,
+                    ReplicaConfig::Local {
+                        use_unlabelled: true,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        assert_eq!(flags, [true, false]);
+        let e = err(&remote_vol(
+            "{ remote = \"node-b:7000\", id = \"r\", use_unlabelled = true }",
+        ));
+        assert_err(
+            &e,
+            6,
+            "replicas[0].use_unlabelled",
+            &["only local replicas take use_unlabelled"],
         );
     }
 

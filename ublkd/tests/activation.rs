@@ -599,3 +599,94 @@ fn a_dirty_map_outlives_owner_restarts_and_crashes_and_the_rebuild_stays_partial
         verify_image(&tmp.path().join("l.img"), &expected);
     }
 }
+
+/// (U) A path that holds data but no replica label — a filesystem on a renamed
+/// `/dev/sdX`, a disk image — is never written: neither labelled at start (then
+/// overwritten by a full rebuild) nor taken by a reload's add; only with
+/// `use_unlabelled = true`. A damaged label is not overwritten either.
+#[test]
+fn an_unlabelled_path_holding_a_filesystem_is_used_only_when_the_operator_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let net = net(&rt);
+    let (a, b) = (tmp.path().join("a.img"), tmp.path().join("b.img"));
+    let state = tmp.path().join("state");
+    let cfg = volume("u", &[local(&a), local(&b)]);
+    drop(start(&cfg, &net, &state).unwrap());
+    // b's path now holds somebody's ext4 filesystem (and no label), with room
+    // for one, as a disk larger than the volume has.
+    std::fs::remove_file(&b).unwrap();
+    std::fs::File::create(&b)
+        .unwrap()
+        .set_len(SIZE + wire::label::LABEL_AREA)
+        .unwrap();
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&b)
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(st.success());
+    let theirs = std::fs::read(&b).unwrap();
+
+    let act = start(&cfg, &net, &state).unwrap();
+    assert_eq!(states(&act), ["online", "faulted"]);
+    let why = format!("{:?}", act.slots[1].state);
+    assert!(
+        why.contains("ext2/ext3/ext4 filesystem") && why.contains("use_unlabelled"),
+        "{why}"
+    );
+    assert!(act.slots[1].backing.is_none(), "not opened for the rebuild");
+    assert!(
+        std::fs::read(&b).unwrap() == theirs,
+        "the filesystem was written"
+    );
+    drop(act);
+    // Nor does a reload add it.
+    let rec = StateDir::open(&state).unwrap().load("u").unwrap().unwrap();
+    let Err(err) = ublkd::volume::activate::open_added(&cfg, &net, &cfg.replicas[1], &rec) else {
+        panic!("a reload added it");
+    };
+    assert!(err.contains("ext2/ext3/ext4 filesystem"), "{err}");
+    assert!(
+        std::fs::read(&b).unwrap() == theirs,
+        "the filesystem was written"
+    );
+
+    // The operator says it may go: labelled, to be rebuilt.
+    let allowed = volume(
+        "u",
+        &[
+            local(&a),
+            format!("{{ local = \"{}\", use_unlabelled = true }}", b.display()),
+        ],
+    );
+    let act = start(&allowed, &net, &state).unwrap();
+    assert_eq!(states(&act), ["online", "faulted"]);
+    assert!(act.slots[1].backing.is_some());
+    drop(act);
+    assert!(std::fs::read(&b).unwrap() != theirs, "labelled");
+
+    // A damaged label (magic present, CRC wrong) is not taken as blank by an add.
+    let c = tmp.path().join("c.img");
+    std::fs::File::create(&c)
+        .unwrap()
+        .set_len(SIZE + wire::label::LABEL_AREA)
+        .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&c).unwrap();
+        f.write_all_at(b"UBLKDLBL\x01\x00\x00\x00garbage", SIZE)
+            .unwrap();
+    }
+    let damaged = std::fs::read(&c).unwrap();
+    let with_c = volume("u", &[local(&a), local(&b), local(&c)]);
+    let Err(err) = ublkd::volume::activate::open_added(&with_c, &net, &with_c.replicas[2], &rec)
+    else {
+        panic!("a reload added it");
+    };
+    assert!(err.contains("damaged label"), "{err}");
+    assert!(
+        std::fs::read(&c).unwrap() == damaged,
+        "the damaged label was overwritten"
+    );
+}

@@ -319,9 +319,12 @@ REPL_TIMEOUT_MS=2000
 
 # wipe_label DEV: zero the label area of a raw-disk replica of the 512 MiB bench volume, so
 # the next owner with a fresh state dir starts a new volume on it (otherwise the disk's
-# label makes it the old volume, and new remote replicas join it as not yet rebuilt).
+# label makes it the old volume, and new remote replicas join it as not yet rebuilt), and
+# its first MiB: an unlabelled disk holding a signature (md's superblock from the baseline)
+# is refused as someone's data.
 wipe_label() {
   run dd if=/dev/zero of="$1" bs=64k count=1 seek=$((512 * 16)) oflag=direct conv=notrunc 2>/dev/null
+  run dd if=/dev/zero of="$1" bs=1M count=1 oflag=direct conv=notrunc 2>/dev/null
 }
 
 # repl_owner TAG REPLICAS: an owner (state dir $T/owner-TAG, config $T/TAG.conf) serving

@@ -234,16 +234,33 @@ pub fn open_added(
 ) -> Result<(Backing, ReplicaUuid, Option<Arc<RemoteClient>>), String> {
     let uuid = ReplicaUuid::random();
     match replica {
-        ReplicaConfig::Local { path } => {
+        ReplicaConfig::Local {
+            path,
+            use_unlabelled,
+        } => {
+            let existed = path.exists();
             let b =
                 LocalBacking::open(path, cfg.size, Create::IfMissing).map_err(|e| e.to_string())?;
-            if let Ok(AreaRead::Label { label, .. }) = b.read_label() {
-                if label.volume_uuid != record.volume_uuid {
+            match b.read_label() {
+                Ok(AreaRead::Label { label, .. }) if label.volume_uuid != record.volume_uuid => {
                     return Err(format!(
                         "{} holds a replica of volume {:?}: not overwritten (give another path, or wipe it)",
                         path.display(),
                         label.volume
                     ));
+                }
+                Ok(AreaRead::Label { .. }) => {}
+                Ok(AreaRead::NoLabel) if existed && !use_unlabelled => {
+                    if let Some(what) = b.foreign_signature().map_err(|e| e.to_string())? {
+                        return Err(foreign_data(path, what));
+                    }
+                }
+                Ok(AreaRead::NoLabel) => {}
+                // docs/protocol.md §15: never overwritten as if it were blank.
+                Err(e) => {
+                    return Err(format!(
+                        "{e}: a damaged label is not overwritten (if the path is right and its data may go, wipe it: wipefs -a, or delete the file)"
+                    ))
                 }
             }
             let mut l = Label::new(
@@ -311,10 +328,11 @@ pub fn reclaim(
         },
         None => ReplicaConfig::Local {
             path: retired.location.clone().into(),
+            use_unlabelled: false,
         },
     };
     match &replica {
-        ReplicaConfig::Local { path } => {
+        ReplicaConfig::Local { path, .. } => {
             if !path.exists() {
                 return Ok(Reclaimed::AlreadyGone);
             }
@@ -398,12 +416,15 @@ fn probe_all(
         .enumerate()
         .map(|(i, r)| {
             let seen = match r {
-                ReplicaConfig::Local { path } => {
+                ReplicaConfig::Local {
+                    path,
+                    use_unlabelled,
+                } => {
                     // A missing file is created only when the record does not know
                     // this replica (a new volume, or a replica added to the config):
                     // one that vanished from an existing volume lost its data.
                     let known = record.is_some_and(|rec| rec.replica(&r.location()).is_some());
-                    probe_local(path, cfg.size, !known, &mut locals[i])
+                    probe_local(path, cfg.size, !known, *use_unlabelled, &mut locals[i])
                 }
                 _ => match remote_seen.next() {
                     Some((_, Ok(reply))) => match reply.label {
@@ -425,10 +446,23 @@ fn probe_all(
         .collect()
 }
 
+/// Why a path without a label but with `what` on it is not used.
+fn foreign_data(path: &Path, what: &str) -> String {
+    format!(
+        "{} has no replica label but holds {what}: not used, so that nothing overwrites it. \
+         If the path is right and its data may be overwritten (or it is this volume's data, \
+         from ublkd 0.1), set use_unlabelled = true on this replica; or wipe it (wipefs -a)",
+        path.display()
+    )
+}
+
+/// Open (or create) a local replica and read its label. A path that existed
+/// without a label but holds recognisable data is refused unless `use_unlabelled`.
 fn probe_local(
     path: &Path,
     size: u64,
     may_create: bool,
+    use_unlabelled: bool,
     slot: &mut Option<Arc<LocalBacking>>,
 ) -> Seen {
     let mut created = false;
@@ -462,6 +496,18 @@ fn probe_local(
     let b = slot.as_ref().expect("opened above");
     match b.read_label() {
         Ok(AreaRead::Label { label, .. }) => Seen::Label(label),
+        Ok(AreaRead::NoLabel) if !created && !use_unlabelled => match b.foreign_signature() {
+            Ok(None) => Seen::Unlabelled { created },
+            Ok(Some(what)) => {
+                *slot = None;
+                Seen::Unreachable {
+                    error: foreign_data(path, what),
+                }
+            }
+            Err(e) => Seen::Unreachable {
+                error: e.to_string(),
+            },
+        },
         Ok(AreaRead::NoLabel) => Seen::Unlabelled { created },
         Err(e) => Seen::Unreachable {
             error: e.to_string(),
