@@ -456,9 +456,37 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
             format!("cluster secret file {message}"),
         ))
     };
+    use std::os::unix::fs::MetadataExt;
     let mut file = std::fs::File::open(path).map_err(fail)?;
-    // Check the mode of the file actually opened (no race with a rename).
-    let mode = file.metadata().map_err(fail)?.permissions().mode();
+    // Check the file actually opened (no race with a rename).
+    let meta = file.metadata().map_err(fail)?;
+    let mode = meta.permissions().mode();
+    let ours = nix::unistd::geteuid().as_raw();
+    // Whoever owns the file, or can replace it in its directory, holds the key.
+    if meta.uid() != 0 && meta.uid() != ours {
+        return Err(refuse(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "is owned by uid {}; it must belong to root or to the daemon's user (uid {ours}): chown it",
+                meta.uid()
+            ),
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let d = std::fs::metadata(dir).map_err(fail)?;
+        let sticky = d.mode() & 0o1000 != 0;
+        if (d.uid() != 0 && d.uid() != ours) || (d.mode() & 0o022 != 0 && !sticky) {
+            return Err(refuse(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "is in {}, which others may write to (owner uid {}, mode {:03o}): someone could replace the secret; keep it in a directory only root or the daemon's user can write, e.g. /etc/ublkd",
+                    dir.display(),
+                    d.uid(),
+                    d.mode() & 0o7777
+                ),
+            ));
+        }
+    }
     if mode & 0o077 != 0 {
         return Err(refuse(
             std::io::ErrorKind::PermissionDenied,
@@ -3006,6 +3034,45 @@ replicas = [
             );
             assert!(s.contains(&format!("{mode:03o}")), "{s}");
         }
+    }
+
+    /// (X) Whoever owns the secret file, or may replace it in its directory,
+    /// holds the cluster's key: another user's file, or one in a directory others
+    /// may write (not sticky), is refused.
+    #[test]
+    fn read_secret_refuses_a_file_others_own_or_can_replace() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cluster.secret");
+        std::fs::write(&p, b"0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_secret(&p).is_ok());
+        for mode in [0o777, 0o775, 0o757] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let s = secret_err(&p);
+            assert!(
+                s.contains("others may write to") && s.contains(&format!("{mode:03o}")),
+                "{s}"
+            );
+        }
+        // A sticky directory (/tmp) lets nobody replace another's file.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(read_secret(&p).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: the owner check needs a file of another user (CI runs as root)");
+            return;
+        }
+        nix::unistd::chown(&p, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let s = secret_err(&p);
+        assert!(
+            s.contains("owned by uid 65534") && s.contains("chown"),
+            "{s}"
+        );
+        nix::unistd::chown(&p, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let s = secret_err(&p);
+        assert!(s.contains("owner uid 65534"), "{s}");
     }
 
     #[test]

@@ -192,10 +192,34 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
         }
         std::fs::remove_file(path).map_err(|e| err(format!("remove stale socket: {e}")))?;
     }
-    let l = UnixListener::bind(path).map_err(|e| err(format!("bind: {e}")))?;
+    // Created 0600 (no window in which others may connect before the chmod):
+    // the umask is the process's, restored at once.
+    // SAFETY: umask only swaps the process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = bound.map_err(|e| err(format!("bind: {e}")))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(format!("chmod: {e}")))?;
     Ok(l)
+}
+
+/// Whether the peer of `conn` may drive the daemon: root, or the daemon's own
+/// user. The socket's mode says the same; this holds if its mode or directory
+/// is loosened by mistake.
+fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(conn, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
+    let ours = nix::unistd::geteuid().as_raw();
+    match cred.uid() {
+        0 => Ok(()),
+        uid if uid == ours => Ok(()),
+        uid => Err(format!(
+            "uid {uid} (pid {}) may not use the control socket: only root and uid {ours} may",
+            cred.pid()
+        )),
+    }
 }
 
 /// Serve connections forever (on the calling thread).
@@ -215,6 +239,13 @@ pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 fn serve_conn(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut out = conn.try_clone()?;
+    if let Err(why) = peer_allowed(&conn) {
+        tracing::warn!(%why, "control connection refused");
+        let mut body = serde_json::to_vec(&Response::Error(format!("refused: {why}")))
+            .expect("response serializes");
+        body.push(b'\n');
+        return out.write_all(&body);
+    }
     let mut reader = BufReader::new(conn).take(MAX_REQUEST);
     let mut line = String::new();
     loop {
