@@ -239,19 +239,22 @@ pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 fn serve_conn(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut out = conn.try_clone()?;
-    if let Err(why) = peer_allowed(&conn) {
-        tracing::warn!(%why, "control connection refused");
-        let mut body = serde_json::to_vec(&Response::Error(format!("refused: {why}")))
-            .expect("response serializes");
-        body.push(b'\n');
-        return out.write_all(&body);
-    }
+    let refused = peer_allowed(&conn).err();
     let mut reader = BufReader::new(conn).take(MAX_REQUEST);
     let mut line = String::new();
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
+        }
+        // Answered after its request is read: a socket closed on unread data
+        // would fail the client's write (EPIPE) before it saw why.
+        if let Some(why) = &refused {
+            tracing::warn!(%why, "control connection refused");
+            let mut body = serde_json::to_vec(&Response::Error(format!("refused: {why}")))
+                .expect("response serializes");
+            body.push(b'\n');
+            return out.write_all(&body);
         }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
