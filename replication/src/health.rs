@@ -314,7 +314,12 @@ impl LogDir {
         let mut saved = SavedLogs::default();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return saved,
+            // No dir: nothing saved, and where writes were in flight is unknown
+            // (it matters only after an unclean end, or a resync that stopped).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                saved.al_lost = true;
+                return saved;
+            }
             Err(e) => {
                 saved
                     .unreadable

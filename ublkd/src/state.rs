@@ -54,6 +54,12 @@ pub struct VolumeRecord {
     pub clean: bool,
     /// Pinned to `Primary` after an unclean shutdown, until a resync.
     pub read_policy: ReadPolicy,
+    /// The pending resync covers the whole volume (where writes were in flight is
+    /// unknown: the activity log or the record was lost). Kept until that resync
+    /// ends, so a crash during it resyncs everything again, not only what the
+    /// new activity log saw.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_whole: bool,
     /// Replicas the HA monitor put in place of configured ones: ublkd never edits
     /// the config, so these apply over its list at every start
     /// ([`VolumeRecord::effective`]) until the config names the replacement itself.
@@ -214,6 +220,7 @@ impl RecordV1 {
                 .collect(),
             clean: self.clean,
             read_policy: self.read_policy,
+            resync_whole: false,
             substitutions: Vec::new(),
             retired: Vec::new(),
             fenced: None,
@@ -238,6 +245,7 @@ impl VolumeRecord {
             replicas: Vec::new(),
             clean: true,
             read_policy: ReadPolicy::Spread,
+            resync_whole: false,
             substitutions: Vec::new(),
             retired: Vec::new(),
             fenced: None,
@@ -458,6 +466,8 @@ impl StateSink for RecordSink {
         rec.generation = s.generation;
         rec.membership = s.membership.clone();
         rec.read_policy = s.read_policy;
+        // Reads spread again: the resync it stood for is done.
+        rec.resync_whole &= s.read_policy == ReadPolicy::Primary;
         rec.replicas = s
             .slots
             .iter()

@@ -16,7 +16,7 @@ use std::time::Duration;
 use replication::backing::Backing;
 use replication::ranges::RangeTable;
 use replication::state::FaultReason;
-use replication::testing::{test_handle, Failing};
+use replication::testing::{test_handle, test_nexus, Failing};
 use replication::{Nexus, ReplicaState};
 use support::SIZE;
 use support::*;
@@ -688,5 +688,94 @@ fn an_unlabelled_path_holding_a_filesystem_is_used_only_when_the_operator_says_s
     assert!(
         std::fs::read(&c).unwrap() == damaged,
         "the damaged label was overwritten"
+    );
+}
+
+/// (K) A host crash that also lost the owner's state dir: the record is gone, so
+/// whether the last run stopped cleanly is unknown, and where writes were in flight
+/// too (no activity log). The replicas are resynced whole, and a crash during that
+/// resync (its record kept, the new activity log knowing only its own writes) does
+/// it whole again. Without the record there was no resync at all (the fresh record
+/// said clean), and the second crash resynced only the new log's extents.
+#[test]
+fn a_lost_state_dir_after_a_host_crash_resyncs_everything_even_after_a_second_crash() {
+    use replication::rebuild::{resync, CopyConfig, Progress};
+    use ublkd::volume::restore_logs;
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let net = net(&rt);
+    let (a, b) = (tmp.path().join("a.img"), tmp.path().join("b.img"));
+    // 16 MiB: four activity-log extents, so one hot extent is not all of it.
+    const SIZE: u64 = 16 << 20;
+    let text = format!(
+        "[[volume]]\nname = \"k\"\nsize = {SIZE}\nblock_size = 4096\nreplicas = [{}, {}]\n",
+        local(&a),
+        local(&b)
+    );
+    let cfg = Config::parse(&text, "k.toml").unwrap().volumes.remove(0);
+    let dir = tmp.path().join("state");
+    drop(start(&cfg, &net, &dir).unwrap());
+    // The host crashed with a write in flight that reached b only, far from where
+    // the next run writes; the state dir is gone with it.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&[0xB7; 4096], SIZE - 4096).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let sd = StateDir::open(&dir).unwrap();
+
+    let mut act = start(&cfg, &net, &dir).unwrap();
+    assert!(!act.record.clean, "unknown is not clean");
+    let mut record = act.record.clone();
+    let (logs, todo) = restore_logs(&cfg, &net, &sd, &mut record, &mut act, true);
+    assert_eq!(
+        todo,
+        [(replication::ByteOffset(0), replication::ByteLen(SIZE))]
+    );
+    assert!(record.resync_whole);
+    sd.save(&record).unwrap();
+    // The second crash: the resync had not begun; the new run wrote at block 0.
+    let (health, _sink) =
+        health_of(&cfg, &net, &sd, &record, act.slots, &act.remotes, logs).unwrap();
+    let nexus = test_nexus(&health, RangeTable::new());
+    assert_eq!(
+        replication::testing::write_through(&nexus, 0, 4096, 0x11),
+        Ok(4096)
+    );
+    drop(nexus);
+    health.stop();
+    drop(health);
+
+    let mut act = start(&cfg, &net, &dir).unwrap();
+    let mut record = act.record.clone();
+    let (logs, todo) = restore_logs(&cfg, &net, &sd, &mut record, &mut act, true);
+    assert_eq!(
+        todo,
+        [(replication::ByteOffset(0), replication::ByteLen(SIZE))],
+        "the whole volume, not only the new log's extent"
+    );
+    sd.save(&record).unwrap();
+    let (health, _sink) =
+        health_of(&cfg, &net, &sd, &record, act.slots, &act.remotes, logs).unwrap();
+    resync(
+        &health,
+        &RangeTable::new(),
+        &todo,
+        &CopyConfig::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    wait_until(10, "the spread reads are recorded", || health.is_durable());
+    health.stop();
+    drop(health);
+    assert!(
+        data_of(&a) == data_of(&b),
+        "the replicas differ after the resync"
+    );
+    let rec = sd.load("k").unwrap().unwrap();
+    assert!(
+        !rec.resync_whole,
+        "done: the next crash resyncs only its log's extents"
     );
 }

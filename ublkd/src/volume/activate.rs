@@ -126,7 +126,16 @@ pub fn activate(
             return Err(Halt::TakenOver(g));
         }
         // Durable before any replica sees it: a generation is never reused.
-        let mut rec = record.clone().unwrap_or_else(|| VolumeRecord::fresh(cfg));
+        let mut rec = record.clone().unwrap_or_else(|| {
+            // No record, but labelled replicas: the state dir was lost, and with it
+            // whether the last run stopped cleanly. Count it as not (a host crash
+            // may have left writes on some replicas only: resync them all).
+            let mut r = VolumeRecord::fresh(cfg);
+            r.clean = !probes
+                .iter()
+                .any(|p| matches!(&p.seen, Seen::Label(l) if !l.volume_uuid.is_nil()));
+            r
+        });
         rec.volume_uuid = plan.volume_uuid;
         rec.generation = plan.generation;
         rec.owner = owner;

@@ -1270,7 +1270,11 @@ pub fn restore_logs(
     // An unclean end (a crash of the daemon or of the host) may have left
     // mutations in flight in the activity log's hot extents, and marks of
     // acknowledged ones not yet saved in the dirty maps: both are over there.
-    let in_flight = saved.in_flight(replication::ByteLen(cfg.size));
+    let whole = saved.al_lost || record.resync_whole;
+    let in_flight = match record.resync_whole {
+        true => vec![(replication::ByteOffset(0), replication::ByteLen(cfg.size))],
+        false => saved.in_flight(replication::ByteLen(cfg.size)),
+    };
     let unclean = if record.clean {
         &[][..]
     } else {
@@ -1290,6 +1294,7 @@ pub fn restore_logs(
         tracing::warn!(volume = %cfg.name, bytes = in_flight.iter().map(|r| r.1 .0).sum::<u64>(),
             "unclean shutdown: resyncing where writes may have been in flight; reads stay on one replica until then");
         record.read_policy = ReadPolicy::Primary;
+        record.resync_whole = whole;
         resync = in_flight;
         // Kept hot until the resync ends: a crash meanwhile finds them again.
         logs.carry = saved.hot;
