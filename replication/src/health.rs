@@ -848,12 +848,13 @@ impl Health {
             }
             _ => {}
         }
-        // What it acknowledged without flushing may be gone with its server's cache.
-        if let (ReplicaState::Faulted { .. }, true, Some(m), Some(u)) =
-            (&next, leaves_write_set, &s.dirty, &s.unflushed)
-        {
-            for (offset, len) in u.regions() {
-                m.mark(offset, len);
+        // What it acknowledged without flushing may be gone with its server's cache
+        // (also what completed before and is marked only now: sealed).
+        if let Some(u) = &s.unflushed {
+            match (&next, leaves_write_set, &s.dirty) {
+                (ReplicaState::Faulted { .. }, true, Some(m)) => u.seal(m),
+                _ if next.in_write_set() => u.unseal(),
+                _ => {}
             }
         }
         match next {
@@ -2024,6 +2025,28 @@ mod tests {
         let l1 = stores[1].label().unwrap();
         assert_eq!(l1.membership.members, vec![l1.replica_uuid]);
         assert_eq!(stores[1].bytes(0, 4096), vec![9; 4096]);
+    }
+
+    /// (L) A write completed on a remote replica whose completion the queue
+    /// polls only after the replica was faulted: its mark, made then, still
+    /// reaches the replica's map (it was lost: the fault had merged the unflushed
+    /// regions already, and the write counted as taken). A host crash of its
+    /// server would then lose it from a partial rebuild's reach.
+    #[test]
+    fn a_completion_polled_after_the_fault_still_marks_the_replicas_map() {
+        let (_, h) = mem_volume_remote(2, &[0, 1]);
+        let u = h.unflushed(SlotIndex(1)).expect("a remote slot");
+        h.connection_lost(
+            SlotIndex(1),
+            &Lost::Closed {
+                why: "reset".into(),
+            },
+        );
+        assert!(matches!(state(&h, 1), ReplicaState::Faulted { .. }));
+        let (at, len) = (ByteOffset(128 << 10), ByteLen(4096));
+        u.wrote(at, len);
+        let map = h.dirty_map(SlotIndex(1)).expect("a map of what it lacks");
+        assert!(map.any(at, len), "the late mark of an unflushed write");
     }
 
     /// (D) The last current replica is reconnecting (a write waits for it): a

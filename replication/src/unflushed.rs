@@ -11,9 +11,14 @@
 //! map also holds writes that later FLUSH covers, cleared when it completes). A
 //! write's mark is made after its completion, so a mark that lands in a map the
 //! FLUSH then clears belongs to a write that completed before the FLUSH was sent.
+//!
+//! The mark is made when the queue polls the completion, which may be after the
+//! replica was faulted and its regions merged into its dirty map. So the fault
+//! *seals* the regions into that map: from then on a mark goes to the map too
+//! (either the merge sees a mark, or the mark sees the seal: one lock orders them).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::dirty::{DirtyMap, Grain};
 use crate::ids::{ByteLen, ByteOffset};
@@ -24,6 +29,8 @@ pub struct Unflushed {
     generation: AtomicU64,
     /// Orders a FLUSH's bump against another one's clear.
     turn: Mutex<()>,
+    /// The dirty map of the replica while it is out of the write set.
+    sealed: Mutex<Option<Arc<DirtyMap>>>,
 }
 
 /// A FLUSH in flight: the generation it closes.
@@ -43,6 +50,7 @@ impl Unflushed {
             maps: [map(), map()],
             generation: AtomicU64::new(0),
             turn: Mutex::new(()),
+            sealed: Mutex::new(None),
         }
     }
 
@@ -50,6 +58,23 @@ impl Unflushed {
     pub fn wrote(&self, offset: ByteOffset, len: ByteLen) {
         let g = self.generation.load(Ordering::Acquire);
         self.maps[(g % 2) as usize].mark(offset, len);
+        if let Some(into) = &*self.sealed.lock().unwrap() {
+            into.mark(offset, len);
+        }
+    }
+
+    /// The replica left the write set: every region possibly not durable on it
+    /// goes to `into` (its map of what it lacks), now and as late marks come.
+    pub fn seal(&self, into: &Arc<DirtyMap>) {
+        *self.sealed.lock().unwrap() = Some(into.clone());
+        for (offset, len) in self.regions() {
+            into.mark(offset, len);
+        }
+    }
+
+    /// The replica takes writes again (rebuilding, or online).
+    pub fn unseal(&self) {
+        *self.sealed.lock().unwrap() = None;
     }
 
     /// A FLUSH is about to be sent to the replica.
@@ -92,6 +117,25 @@ mod tests {
         u.wrote(ByteOffset(8 * M), ByteLen(4096));
         u.flushed(t);
         assert_eq!(u.regions(), vec![(ByteOffset(8 * M), ByteLen(64 << 10))]);
+    }
+
+    /// (L) A write whose completion the queue polls after its replica was
+    /// faulted still reaches the replica's map of what it lacks.
+    #[test]
+    fn a_mark_after_the_seal_reaches_the_sealed_map() {
+        let u = Unflushed::new(ByteLen(64 * M));
+        u.wrote(ByteOffset(0), ByteLen(4096));
+        let map = Arc::new(DirtyMap::new(ByteLen(64 * M), Grain::DEFAULT).unwrap());
+        u.seal(&map);
+        assert!(map.any(ByteOffset(0), ByteLen(4096)));
+        u.wrote(ByteOffset(8 * M), ByteLen(4096));
+        assert!(map.any(ByteOffset(8 * M), ByteLen(4096)), "the late mark");
+        u.unseal();
+        u.wrote(ByteOffset(16 * M), ByteLen(4096));
+        assert!(
+            !map.any(ByteOffset(16 * M), ByteLen(4096)),
+            "taking writes again"
+        );
     }
 
     #[test]

@@ -311,6 +311,8 @@ impl World {
     /// deterministically instead of racing the persister's retries.
     fn quiesce(&mut self) -> Step {
         let t0 = Instant::now();
+        // One ticket until it fails: a new one would ask for one more commit.
+        let mut ticket = None;
         loop {
             let v = self.health.signal().version();
             if self.health.is_durable() {
@@ -330,8 +332,8 @@ impl World {
                     self.states()
                 ));
             }
-            let ticket = self.health.want_log();
-            let durable = self.health.durable(ticket, None);
+            let t = *ticket.get_or_insert_with(|| self.health.want_log());
+            let durable = self.health.durable(t, None);
             let changed =
                 self.health
                     .changed(v, Some(Instant::now() + Duration::from_millis(200)), None);
@@ -340,7 +342,7 @@ impl World {
                 changed,
             )) {
                 futures::future::Either::Left((Ok(()), _)) => return Ok(()),
-                futures::future::Either::Left((Err(_), _)) => {}
+                futures::future::Either::Left((Err(_), _)) => ticket = None,
                 // Something changed (the persister may wait for a member now).
                 futures::future::Either::Right(_) => continue,
             }
