@@ -71,6 +71,10 @@ pub struct Limits {
     pub max_in_flight_bytes: usize,
     /// Bytes of request and reply buffers of all connections together.
     pub max_total_bytes: usize,
+    /// A reply that cannot be handed to the socket for this long (the peer does
+    /// not read) closes the connection: its buffers and its connection slot would
+    /// otherwise stay taken for good.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -83,6 +87,7 @@ impl Default for Limits {
             max_in_flight: 256,
             max_in_flight_bytes: 64 << 20,
             max_total_bytes: 1 << 30,
+            send_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -388,131 +393,151 @@ impl Server {
         let kib = Arc::new(Semaphore::new(lim.max_in_flight_bytes / 1024));
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let (reply_tx, reply_rx) = mpsc::channel::<Reply>(lim.max_in_flight + 1);
-        let writer = tokio::task::spawn_local(reply_writer(wr, Sealer::new(keys.send), reply_rx));
+        let writer = tokio::task::spawn_local(reply_writer(
+            wr,
+            Sealer::new(keys.send),
+            reply_rx,
+            lim.send_timeout,
+        ));
         let mut opener = Opener::new(keys.recv);
         let keys_features = keys.features;
         let ring = TokioUring::new()?;
         let mut session: Option<Session> = None;
         let mut tasks = tokio::task::JoinSet::new();
         let started = Instant::now();
-        let res = loop {
-            let mut hb = [0u8; REQUEST_HEADER_LEN];
-            let read = rd.read_exact(&mut hb);
-            let read = match &session {
-                Some(_) => read.await,
-                None => {
-                    let left = lim.unopened_timeout.saturating_sub(started.elapsed());
-                    match tokio::time::timeout(left, read).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            self.counters
-                                .unopened_closed
-                                .fetch_add(1, Ordering::Relaxed);
-                            break Err(ReplicationError::Protocol(format!(
-                                "no replica opened within {} s",
-                                lim.unopened_timeout.as_secs()
-                            )));
+        // Ends when the writer does (the peer stopped reading): nothing it sends
+        // gets an answer any more.
+        let replies_gone = reply_tx.clone();
+        let serve = async {
+            loop {
+                let mut hb = [0u8; REQUEST_HEADER_LEN];
+                let read = rd.read_exact(&mut hb);
+                let read = match &session {
+                    Some(_) => read.await,
+                    None => {
+                        let left = lim.unopened_timeout.saturating_sub(started.elapsed());
+                        match tokio::time::timeout(left, read).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                self.counters
+                                    .unopened_closed
+                                    .fetch_add(1, Ordering::Relaxed);
+                                break Err(ReplicationError::Protocol(format!(
+                                    "no replica opened within {} s",
+                                    lim.unopened_timeout.as_secs()
+                                )));
+                            }
                         }
                     }
-                }
-            };
-            match read {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-                Err(e) => break Err(ReplicationError::Net(e)),
-            }
-            let (h, seal) = match opener.open_request(&hb) {
-                Ok(x) => x,
-                Err(e) => break Err(e.into()),
-            };
-            // Reap finished request tasks as we go.
-            while tasks.try_join_next().is_some() {}
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break Ok(());
-            };
-            if !h.op.is_fenced() {
-                // Control ops: handled in order.
-                let mut p = vec![0u8; h.payload_len as usize];
-                if let Err(e) = rd.read_exact(&mut p).await {
-                    break Err(ReplicationError::Net(e));
-                }
-                if let Err(e) = opener.open_payload(&seal, &p) {
-                    break Err(e.into());
-                }
-                let reply = match self
-                    .control(&h, &p, &mut session, &ring, keys_features)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => break Err(e),
                 };
-                if reply_tx.send(reply.holding(vec![slot])).await.is_err() {
-                    break Ok(());
+                match read {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                    Err(e) => break Err(ReplicationError::Net(e)),
                 }
-                continue;
-            }
-            let sess = match &session {
-                Some(sess) if h.session == sess.id && h.volume == sess.hosted.volume_tag => sess,
-                _ => {
-                    // Drain the payload to stay in sync, then refuse.
-                    if let Err(e) = skip(&mut rd, h.payload_len).await {
-                        break Err(e);
+                let (h, seal) = match opener.open_request(&hb) {
+                    Ok(x) => x,
+                    Err(e) => break Err(e.into()),
+                };
+                // Reap finished request tasks as we go.
+                while tasks.try_join_next().is_some() {}
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break Ok(());
+                };
+                if !h.op.is_fenced() {
+                    // Control ops: handled in order.
+                    let mut p = vec![0u8; h.payload_len as usize];
+                    if let Err(e) = rd.read_exact(&mut p).await {
+                        break Err(ReplicationError::Net(e));
                     }
-                    let reply = Reply::message(
-                        Status::NotOpen,
-                        h.id,
-                        "no open replica for this session/volume",
-                    );
+                    if let Err(e) = opener.open_payload(&seal, &p) {
+                        break Err(e.into());
+                    }
+                    let reply = match self
+                        .control(&h, &p, &mut session, &ring, keys_features)
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => break Err(e),
+                    };
                     if reply_tx.send(reply.holding(vec![slot])).await.is_err() {
                         break Ok(());
                     }
                     continue;
                 }
-            };
-            if h.op != Op::SetLabel
-                && (h.offset.0.saturating_add(h.len as u64) > sess.hosted.size
-                    || !h.offset.0.is_multiple_of(512)
-                    || !h.len.is_multiple_of(512))
-            {
-                break Err(ReplicationError::Protocol(format!(
+                let sess = match &session {
+                    Some(sess) if h.session == sess.id && h.volume == sess.hosted.volume_tag => {
+                        sess
+                    }
+                    _ => {
+                        // Drain the payload to stay in sync, then refuse.
+                        if let Err(e) = skip(&mut rd, h.payload_len).await {
+                            break Err(e);
+                        }
+                        let reply = Reply::message(
+                            Status::NotOpen,
+                            h.id,
+                            "no open replica for this session/volume",
+                        );
+                        if reply_tx.send(reply.holding(vec![slot])).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                };
+                if h.op != Op::SetLabel
+                    && (h.offset.0.saturating_add(h.len as u64) > sess.hosted.size
+                        || !h.offset.0.is_multiple_of(512)
+                        || !h.len.is_multiple_of(512))
+                {
+                    break Err(ReplicationError::Protocol(format!(
                     "{:?} of {} bytes at {} is outside the replica ({} bytes) or not 512-aligned",
                     h.op, h.len, h.offset.0, sess.hosted.size
                 )));
-            }
-            // Buffers: a WRITE's payload or a READ's data, bounded per connection.
-            let buf_bytes = match h.op {
-                Op::Write | Op::Read => h.len as usize,
-                Op::Checksum => h.len.min(replication::replica::CHECKSUM_CHUNK as u32) as usize,
-                Op::DataExtents => MAX_EXTENTS * EXTENT_RECORD_LEN,
-                _ => h.payload_len as usize,
-            };
-            let kib_needed = buf_bytes.div_ceil(1024) as u32;
-            let (Ok(budget), Ok(global)) = (
-                kib.clone().acquire_many_owned(kib_needed).await,
-                self.buffers.clone().acquire_many_owned(kib_needed).await,
-            ) else {
-                break Ok(());
-            };
-            let mut payload = Payload::None;
-            if h.payload_len > 0 {
-                let mut buf = PooledBuf::take(h.payload_len as usize);
-                let data = buf.as_mut_slice();
-                if let Err(e) = rd.read_exact(data).await {
-                    break Err(ReplicationError::Net(e));
                 }
-                if let Err(e) = opener.open_payload(&seal, data) {
-                    break Err(e.into());
+                // Buffers: a WRITE's payload or a READ's data, bounded per connection.
+                let buf_bytes = match h.op {
+                    Op::Write | Op::Read => h.len as usize,
+                    Op::Checksum => h.len.min(replication::replica::CHECKSUM_CHUNK as u32) as usize,
+                    Op::DataExtents => MAX_EXTENTS * EXTENT_RECORD_LEN,
+                    _ => h.payload_len as usize,
+                };
+                let kib_needed = buf_bytes.div_ceil(1024) as u32;
+                let (Ok(budget), Ok(global)) = (
+                    kib.clone().acquire_many_owned(kib_needed).await,
+                    self.buffers.clone().acquire_many_owned(kib_needed).await,
+                ) else {
+                    break Ok(());
+                };
+                let mut payload = Payload::None;
+                if h.payload_len > 0 {
+                    let mut buf = PooledBuf::take(h.payload_len as usize);
+                    let data = buf.as_mut_slice();
+                    if let Err(e) = rd.read_exact(data).await {
+                        break Err(ReplicationError::Net(e));
+                    }
+                    if let Err(e) = opener.open_payload(&seal, data) {
+                        break Err(e.into());
+                    }
+                    payload = Payload::Aligned(buf, h.payload_len as usize);
                 }
-                payload = Payload::Aligned(buf, h.payload_len as usize);
+                let (hosted, replica, tx) =
+                    (sess.hosted.clone(), sess.replica.clone(), reply_tx.clone());
+                let (sid, sgen) = (sess.id, sess.generation);
+                tasks.spawn_local(async move {
+                    let reply = serve_fenced(&hosted, &replica, sid, sgen, h, payload).await;
+                    let _ = tx.send(reply.holding(vec![slot, budget, global])).await;
+                });
             }
-            let (hosted, replica, tx) =
-                (sess.hosted.clone(), sess.replica.clone(), reply_tx.clone());
-            let (sid, sgen) = (sess.id, sess.generation);
-            tasks.spawn_local(async move {
-                let reply = serve_fenced(&hosted, &replica, sid, sgen, h, payload).await;
-                let _ = tx.send(reply.holding(vec![slot, budget, global])).await;
-            });
         };
+        let res = tokio::select! {
+            res = serve => res,
+            () = replies_gone.closed() => Err(ReplicationError::Protocol(format!(
+                "the peer read no reply for {} s: connection closed",
+                lim.send_timeout.as_secs()
+            ))),
+        };
+        drop(replies_gone);
         // In-flight I/O references buffers the kernel may still write: let it finish
         // before this thread's ring and buffers go away.
         while tasks.join_next().await.is_some() {}
@@ -792,8 +817,14 @@ async fn reply_writer(
     wr: tokio::net::tcp::OwnedWriteHalf,
     mut sealer: Sealer,
     mut rx: mpsc::Receiver<Reply>,
+    deadline: Duration,
 ) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    macro_rules! within {
+        ($io:expr) => {
+            matches!(tokio::time::timeout(deadline, $io).await, Ok(Ok(_)))
+        };
+    }
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(r) = next.take() {
@@ -805,12 +836,12 @@ async fn reply_writer(
                 payload_len: payload.len() as u32,
             };
             let head = sealer.seal_reply(&h, payload);
-            if wr.write_all(&head).await.is_err() || wr.write_all(payload).await.is_err() {
+            if !within!(wr.write_all(&head)) || !within!(wr.write_all(payload)) {
                 return;
             }
             next = rx.try_recv().ok();
         }
-        if wr.flush().await.is_err() {
+        if !within!(wr.flush()) {
             return;
         }
     }

@@ -99,22 +99,9 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     // One thread: replica connections are a few sockets per volume. A 2-worker
     // pool measured the same in the VM benchmark (BENCHMARKS.md) with more threads
     // to wake. Other threads use the runtime through its Handle.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start the network runtime")?;
-    let (net_stop, net_stopped) = tokio::sync::oneshot::channel::<()>();
-    let net_handle = rt.handle().clone();
-    let net_thread = std::thread::Builder::new()
-        .name("net".into())
-        .spawn(move || {
-            rt.block_on(async {
-                let _ = net_stopped.await;
-            })
-        })
-        .context("start the network thread")?;
+    let (net_handle, net_stop, net_thread) = runtime_thread("net")?;
     let listener = ublkd::control::bind(&cfg.node.control_socket)?;
-    let mut replica_server = None;
+    let (mut replica_server, mut server_accept) = (None, None);
     if let Some(srv) = &cfg.server {
         let secret = secret
             .clone()
@@ -124,8 +111,12 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             ..Limits::default()
         };
         let server = Server::new(srv.storage_dir.clone(), secret, limits)?;
-        server.listen(srv.listen, &net_handle)?;
+        // Accept and handshake on a thread of their own: a flood of unauthenticated
+        // connections must not delay this node's own replica I/O on "net".
+        let (accept, stop, thread) = runtime_thread("server-accept")?;
+        server.listen(srv.listen, &accept)?;
         replica_server = Some(server);
+        server_accept = Some((stop, thread));
     }
     let socket = cfg.node.control_socket.clone();
     let net = Net::new(
@@ -181,12 +172,42 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
                 daemon.stop_all();
                 let _ = net_stop.send(());
                 let _ = net_thread.join();
+                if let Some((stop, thread)) = server_accept.take() {
+                    let _ = stop.send(());
+                    let _ = thread.join();
+                }
                 let _ = std::fs::remove_file(&socket);
                 tracing::info!("stopped");
                 return Ok(());
             }
         }
     }
+}
+
+/// A single-threaded tokio runtime on a thread named `name`, running until the
+/// returned sender fires (or is dropped).
+fn runtime_thread(
+    name: &str,
+) -> anyhow::Result<(
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| format!("start the {name} runtime"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = rt.handle().clone();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            rt.block_on(async {
+                let _ = stopped.await;
+            })
+        })
+        .with_context(|| format!("start the {name} thread"))?;
+    Ok((handle, stop, thread))
 }
 
 /// Move into our own mount namespace and drop every filesystem mounted from a ublk

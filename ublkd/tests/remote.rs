@@ -965,6 +965,50 @@ fn requests_queued_behind_a_full_socket_fail_with_the_connections_errno() {
     );
 }
 
+/// (W) An authenticated peer that sends requests and never reads the replies
+/// cannot keep the server's buffers and a connection slot for good: once a reply
+/// cannot be handed to the socket within the send timeout, the connection is
+/// closed and everything it held is released. Without the timeout the connection
+/// stayed, its replies' buffers taken, as long as the peer wished.
+#[test]
+fn a_peer_that_reads_no_replies_is_closed_after_the_send_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let limits = replica_server::Limits {
+        send_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let server = replica_server::Server::new(
+        tmp.path().join("replicas"),
+        Secret::new(SECRET.to_vec()),
+        limits,
+    )
+    .unwrap();
+    let addr = server
+        .listen("127.0.0.37:0".parse().unwrap(), rt.handle())
+        .unwrap();
+    let mut raw = Raw::connect(&rt, addr);
+    let o = raw.open("w-r1", VolumeUuid::random(), 1, 7);
+    // 1 MiB READs, 256 of them (the connection's in-flight limit): far more than
+    // both socket buffers hold. Their replies are never read.
+    for i in 0..256u64 {
+        let mut h = RequestHeader::new(Op::Read, RequestId(10 + i));
+        h.offset = ByteOffset((i % 2) << 20);
+        h.len = 1 << 20;
+        h.generation = Generation(1);
+        h.session = o.session;
+        h.volume = VolumeTag::of("g");
+        raw.send(&h, &[]);
+    }
+    wait_until(2, "the connection is up", || {
+        server.status().connections == 1
+    });
+    let closed = wait_until(15, "the server closes the connection", || {
+        server.status().connections == 0
+    });
+    println!("closed {closed:?} after the last request");
+}
+
 #[test]
 fn data_extents_answers_a_sparse_images_extents_and_only_to_its_owner() {
     use replication::Replica;
