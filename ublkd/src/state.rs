@@ -65,6 +65,12 @@ pub struct VolumeRecord {
     /// ([`VolumeRecord::effective`]) until the config names the replacement itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub substitutions: Vec<Substitution>,
+    /// Replacements under way: each old replica stays in the running set until
+    /// its replacement is online, also across a restart ([`VolumeRecord::effective`]
+    /// lists it though the config or a substitution names the new one in its
+    /// place): it may hold the only current copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replacing: Vec<Replacing>,
     /// Replicas dropped from the running set whose storage is kept (a returning
     /// one is refused as stale: it is no member) until `ublkctl replica reclaim`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -124,6 +130,16 @@ impl std::fmt::Display for RetiredWhy {
             }
         }
     }
+}
+
+/// A replacement under way ([`VolumeRecord::replacing`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replacing {
+    /// The replaced replica's location (a path, or `id@host:port`).
+    pub old: String,
+    pub old_uuid: ReplicaUuid,
+    pub new_uuid: ReplicaUuid,
 }
 
 /// A configured replica and what runs in its place.
@@ -222,6 +238,7 @@ impl RecordV1 {
             read_policy: self.read_policy,
             resync_whole: false,
             substitutions: Vec::new(),
+            replacing: Vec::new(),
             retired: Vec::new(),
             fenced: None,
         }
@@ -247,6 +264,7 @@ impl VolumeRecord {
             read_policy: ReadPolicy::Spread,
             resync_whole: false,
             substitutions: Vec::new(),
+            replacing: Vec::new(),
             retired: Vec::new(),
             fenced: None,
         }
@@ -297,7 +315,32 @@ impl VolumeRecord {
                 };
             }
         }
+        // A replaced replica runs until its replacement is online.
+        for r in &self.replacing {
+            if !out.replicas.iter().any(|x| x.location() == r.old) {
+                out.replicas.push(match r.old.split_once('@') {
+                    Some((id, addr)) => crate::config::ReplicaConfig::Remote {
+                        addr: addr.to_string(),
+                        id: id.to_string(),
+                    },
+                    None => crate::config::ReplicaConfig::Local {
+                        path: r.old.clone().into(),
+                        use_unlabelled: false,
+                    },
+                });
+            }
+        }
         out
+    }
+
+    /// A replacement of `old` by `new_uuid` began.
+    pub fn begin_replacing(&mut self, old: &str, old_uuid: ReplicaUuid, new_uuid: ReplicaUuid) {
+        self.replacing.retain(|r| r.old_uuid != old_uuid);
+        self.replacing.push(Replacing {
+            old: old.to_string(),
+            old_uuid,
+            new_uuid,
+        });
     }
 
     /// The substitution of a configured replica.

@@ -514,3 +514,64 @@ fn a_flapping_server_is_kept_and_a_spare_added_by_reload_is_used() {
     verify_image(&a.image("hv-a"), &expected);
     verify_image(&spare.image("hv-b"), &expected);
 }
+
+/// (N) A restart while an operator's replacement is being rebuilt: the old
+/// replica is still in the running set after it (it may hold the only current
+/// copy; the substitution alone named only the new one, so activation never
+/// looked at the old), and the replacement finishes after the restart — the old
+/// one dropped once the new one is online, the record's note of it gone.
+#[test]
+fn a_restart_mid_replacement_keeps_the_old_replica_until_the_new_one_is_online() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_server(tmp.path(), 60);
+    let b = start_server(tmp.path(), 61);
+    let spare = start_server(tmp.path(), 62);
+    let dir = tmp.path().join("owner");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 64 MiB copied at 1 MiB/s: the replacement is still rebuilding at the restart.
+    let config = |rate: &str| {
+        node_config(&dir, &a, &b, "")
+            .replace(&format!("size = \"{SIZE}B\""), "size = \"64MiB\"")
+            .replace("[ha]", &format!("[rebuild]\nrate = \"{rate}\"\n[ha]"))
+    };
+    let (local, at_a, at_b, at_spare) = (
+        dir.join("local.img").display().to_string(),
+        format!("hv-a@{}", a.addr),
+        format!("hv-b@{}", b.addr),
+        format!("hv-b@{}", spare.addr),
+    );
+    let node = Node::start(&dir, &config("1MiB"));
+    wait_until(30, "three online", || {
+        node.all_online(&[local.clone(), at_a.clone(), at_b.clone()])
+    });
+    let r = node
+        .daemon
+        .replica_replace("hv", &at_b, Some(&spare.addr.to_string()))
+        .unwrap();
+    assert_eq!(r["new"], at_spare.as_str(), "{r}");
+    drop(node);
+
+    let node = Node::start(&dir, &config("1MiB"));
+    wait_until(30, "serving again", || {
+        node.status().generation > 1 && !node.replicas().is_empty()
+    });
+    wait_until(30, "the new one rebuilding, the old one online", || {
+        let r = node.replicas();
+        r.contains(&(at_b.clone(), "online".into()))
+            && r.contains(&(at_spare.clone(), "rebuilding".into()))
+    });
+    // Uncapped: the replacement finishes, and only then the old one goes.
+    std::fs::write(&node.config, config("0")).unwrap();
+    node.daemon.reload().unwrap();
+    wait_until(60, "the replacement online, the old one dropped", || {
+        node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()])
+    });
+    let rec = ublkd::state::StateDir::open(&dir.join("state"))
+        .unwrap()
+        .load("hv")
+        .unwrap()
+        .unwrap();
+    assert!(rec.replacing.is_empty(), "{:?}", rec.replacing);
+    assert_eq!(rec.retired.len(), 1, "{:?}", rec.retired);
+    assert_eq!(rec.retired[0].location, at_b);
+}

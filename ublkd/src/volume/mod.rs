@@ -324,8 +324,7 @@ impl VolumeShared {
                                         | replication::ReplicaState::Connecting
                                 ) =>
                             {
-                                self.live.lock().unwrap().replacing.push((s.uuid, uuid));
-                                Ok(())
+                                self.track_replacement(old, s.uuid, uuid, sink.as_deref())
                             }
                             Some(_) => remove(old),
                             None => Ok(()),
@@ -516,11 +515,7 @@ impl VolumeShared {
         if let Some(c) = client {
             c.set_events(health.conn_events(slot));
         }
-        self.live
-            .lock()
-            .unwrap()
-            .replacing
-            .push((old_slot.uuid, uuid));
+        self.track_replacement(old, old_slot.uuid, uuid, Some(&sink))?;
         tracing::info!(volume = %cfg.name, old = %old, new = %location,
             "replacement added: a full rebuild fills it, the old replica goes once it is online");
         Ok(location)
@@ -604,6 +599,27 @@ impl VolumeShared {
         }
     }
 
+    /// `old` stays in the running set until `new` is online, also across a
+    /// restart (in the record).
+    fn track_replacement(
+        &self,
+        old: &str,
+        old_uuid: wire::ReplicaUuid,
+        new_uuid: wire::ReplicaUuid,
+        sink: Option<&RecordSink>,
+    ) -> Result<(), String> {
+        if let Some(sink) = sink {
+            sink.edit(|r| r.begin_replacing(old, old_uuid, new_uuid))
+                .map_err(|e| format!("record the replacement: {e}"))?;
+        }
+        self.live
+            .lock()
+            .unwrap()
+            .replacing
+            .push((old_uuid, new_uuid));
+        Ok(())
+    }
+
     /// Drop the half-built replacement `new` of `old` (which came back and is
     /// caught up instead); the substitution goes back to `old`.
     pub fn ha_abandon(&self, old: &str, new: &str) -> Result<(), String> {
@@ -637,6 +653,7 @@ impl VolumeShared {
             .replacing
             .retain(|(_, n)| *n != new_slot.uuid);
         sink.edit(|r| {
+            r.replacing.retain(|x| x.new_uuid != new_slot.uuid);
             r.retire(
                 new,
                 new_slot.uuid,
@@ -682,9 +699,11 @@ impl VolumeShared {
                             let why = crate::state::RetiredWhy::Replaced {
                                 by: n.location.clone(),
                             };
-                            if let Some(Err(e)) =
-                                sink.map(|s| s.edit(|r| r.retire(&o.location, o.uuid, why)))
-                            {
+                            let done = |r: &mut crate::state::VolumeRecord| {
+                                r.replacing.retain(|x| x.old_uuid != old);
+                                r.retire(&o.location, o.uuid, why)
+                            };
+                            if let Some(Err(e)) = sink.map(|s| s.edit(done)) {
                                 tracing::warn!(volume = %self.cfg().name, replica = %o.location, error = %e,
                                     "cannot record the retired replica: reclaim it by hand");
                             }
@@ -697,7 +716,16 @@ impl VolumeShared {
                     }
                 }
                 (Some(_), Some(_)) => keep.push((old, new)),
-                _ => {}
+                // One of them left the set otherwise: nothing to finish.
+                _ => {
+                    let sink = self.live.lock().unwrap().sink.clone();
+                    if let Some(Err(e)) =
+                        sink.map(|s| s.edit(|r| r.replacing.retain(|x| x.old_uuid != old)))
+                    {
+                        tracing::warn!(volume = %self.cfg().name, error = %e,
+                            "cannot record the end of a replacement");
+                    }
+                }
             }
         }
         self.live.lock().unwrap().replacing.extend(keep);
@@ -1464,6 +1492,13 @@ fn serve(
         live.generation = generation;
         live.health = Some(health.clone());
         live.sink = Some(sink.clone());
+        // Replacements a restart interrupted: finished once the new one is online.
+        live.replacing = sink
+            .record()
+            .replacing
+            .iter()
+            .map(|r| (r.old_uuid, r.new_uuid))
+            .collect();
         live.queues = device.queues;
         live.depth = device.depth;
     }
