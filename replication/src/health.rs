@@ -1314,9 +1314,17 @@ impl Health {
 
     /// Events of one remote slot's connection.
     pub fn conn_events(self: &Arc<Self>, slot: SlotIndex) -> Arc<dyn ConnEvents> {
+        let uuid = self
+            .inner
+            .lock()
+            .unwrap()
+            .slots
+            .get(slot.get())
+            .map_or_else(ReplicaUuid::default, |s| s.uuid);
         Arc::new(SlotEvents {
             health: Arc::downgrade(self),
             slot,
+            uuid,
         })
     }
 
@@ -1514,24 +1522,40 @@ fn snapshot_of(inner: &Inner) -> HealthSnapshot {
     }
 }
 
+/// One replica's connection events, for the slot it had: ignored once that slot
+/// was removed or holds another replica (a slot index is reused).
 struct SlotEvents {
     health: Weak<Health>,
     slot: SlotIndex,
+    uuid: ReplicaUuid,
+}
+
+impl SlotEvents {
+    fn health(&self) -> Option<Arc<Health>> {
+        let h = self.health.upgrade()?;
+        let ours = h
+            .inner
+            .lock()
+            .unwrap()
+            .slots
+            .get(self.slot.get())
+            .is_some_and(|s| s.uuid == self.uuid && s.state != ReplicaState::Removed);
+        ours.then_some(h)
+    }
 }
 
 impl ConnEvents for SlotEvents {
     fn lost(&self, why: &Lost) {
-        if let Some(h) = self.health.upgrade() {
+        if let Some(h) = self.health() {
             h.connection_lost(self.slot, why);
         }
     }
     fn reconnected(&self, label: &Label, host_rebooted: bool) -> bool {
-        self.health
-            .upgrade()
+        self.health()
             .is_some_and(|h| h.reconnected(self.slot, label, host_rebooted))
     }
     fn fenced(&self, theirs: Generation) {
-        if let Some(h) = self.health.upgrade() {
+        if let Some(h) = self.health() {
             h.fenced(self.slot, theirs);
         }
     }
@@ -2047,6 +2071,45 @@ mod tests {
         u.wrote(at, len);
         let map = h.dirty_map(SlotIndex(1)).expect("a map of what it lacks");
         assert!(map.any(at, len), "the late mark of an unflushed write");
+    }
+
+    /// A removed replica's connection (still up: a queue may hold its handle)
+    /// reports nothing for its old slot, also once the slot holds another
+    /// replica: a FENCED answer from it no longer stops the volume, a lost
+    /// connection no longer faults the newcomer.
+    #[test]
+    fn a_removed_replicas_events_reach_nobody() {
+        let (_, h) = mem_volume_remote(3, &[0, 1, 2]);
+        let old = h.conn_events(SlotIndex(1));
+        h.remove_slot(SlotIndex(1)).unwrap();
+        old.fenced(Generation(99));
+        assert!(
+            !h.fence().is_tripped(),
+            "a removed replica fenced the volume"
+        );
+        let store = crate::testing::MemStore::new(1 << 20);
+        let slot = h
+            .add_slot(SlotSpec {
+                location: "new".into(),
+                uuid: ReplicaUuid::random(),
+                backing: Some(Backing::Memory(store)),
+                remote: true,
+                state: ReplicaState::Faulted {
+                    reason: FaultReason::NewReplica,
+                },
+                errors: 0,
+                dirty: None,
+            })
+            .unwrap();
+        assert_eq!(slot, SlotIndex(1), "the index is reused");
+        old.fenced(Generation(99));
+        assert!(
+            !h.fence().is_tripped(),
+            "the old replica fenced the newcomer's volume"
+        );
+        let new = h.conn_events(slot);
+        new.fenced(Generation(99));
+        assert!(h.fence().is_tripped(), "the newcomer's own events count");
     }
 
     /// (D) The last current replica is reconnecting (a write waits for it): a

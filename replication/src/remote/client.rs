@@ -179,8 +179,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Where events go; nowhere once retired (its slot may hold another replica).
     fn events(&self) -> Option<&Arc<dyn ConnEvents>> {
-        self.events.get()
+        match self.closed.load(Ordering::SeqCst) {
+            true => None,
+            false => self.events.get(),
+        }
     }
 
     fn submit(
