@@ -184,7 +184,11 @@ impl ActivityLog {
     /// The mutation that entered `[offset, offset + len)` has settled (its marks, if
     /// any, are made).
     pub fn leave(&self, offset: ByteOffset, len: ByteLen) {
-        let pass = self.pass.load(Ordering::Acquire);
+        // A read-modify-write, not a load: when it sees the pass before a commit
+        // began, the commit's own RMW of `pass` (begin_pass) reads after it and so
+        // sees every mark made before this leave. A plain load gives that on x86
+        // (TSO) only, not on ARM.
+        let pass = self.pass.fetch_add(0, Ordering::AcqRel);
         for e in self.span(offset, len) {
             self.last_use[e as usize].store(pass, Ordering::Release);
             self.inflight[e as usize].fetch_sub(1, Ordering::AcqRel);
