@@ -119,7 +119,10 @@ pub fn ack_rule(slots: &[SlotView], outcomes: &[Outcome], op: IoOp) -> Verdict {
     } else {
         let online_unfailed =
             (0..slots.len()).any(|i| !failed(i) && slots[i].state == ReplicaState::Online);
-        let mut retry = false;
+        // A member waited for took it (it answered, then its connection dropped):
+        // it may hold the only copy, so the request waits for it too.
+        let mut retry = (0..slots.len())
+            .any(|i| outcomes[i] == Outcome::Took && slots[i].state == ReplicaState::Connecting);
         for (i, o) in outcomes.iter().enumerate() {
             let Outcome::Failed(e) = *o else { continue };
             if !lost_connection(slots[i].remote, e) {
@@ -245,6 +248,13 @@ mod tests {
         // Connecting only while nothing is online.
         if after.iter().any(online) {
             assert!(!after.contains(&ReplicaState::Connecting), "{}", ctx());
+        }
+        // A member waited for (nothing online) that took it may hold the only
+        // copy: the request is acknowledged or waits, it does not fail.
+        let awaited_holder = (0..slots.len())
+            .any(|i| outs[i] == Outcome::Took && after[i] == ReplicaState::Connecting);
+        if awaited_holder && !after.iter().any(online) {
+            assert!(!matches!(v.answer, Answer::Fail(_)), "{}", ctx());
         }
         match v.answer {
             Answer::Ack => {

@@ -2112,6 +2112,29 @@ mod tests {
         assert!(h.fence().is_tripped(), "the newcomer's own events count");
     }
 
+    /// (Q) Both servers die 27 ms apart under a write sent to both: the first
+    /// loss faults slot 0 (slot 1 still online), the second makes slot 1 the
+    /// member waited for — and slot 1 had taken the write before it died. It
+    /// waits for slot 1 (retried once it is back), not failed because slot 0's
+    /// lost connection can no longer be waited for (the VM scenario
+    /// `repl_both_remotes_die` saw that EIO).
+    #[test]
+    fn a_write_the_awaited_member_took_waits_for_it() {
+        let (_, h) = mem_volume_remote(2, &[0, 1]);
+        let closed = Lost::Closed {
+            why: "killed".into(),
+        };
+        h.connection_lost(SlotIndex(0), &closed);
+        h.connection_lost(SlotIndex(1), &closed);
+        assert!(matches!(state(&h, 0), ReplicaState::Faulted { .. }));
+        assert_eq!(state(&h, 1), ReplicaState::Connecting);
+        let range = Some((ByteOffset(0), ByteLen(4096)));
+        assert_eq!(
+            h.settle(0b11, &[(SlotIndex(0), ENOTCONN)], IoOp::Write, range),
+            Settle::Retry
+        );
+    }
+
     /// (D) The last current replica is reconnecting (a write waits for it): a
     /// reload that replaces or removes it must not empty the membership.
     #[test]
