@@ -575,3 +575,38 @@ fn a_restart_mid_replacement_keeps_the_old_replica_until_the_new_one_is_online()
     assert_eq!(rec.retired.len(), 1, "{:?}", rec.retired);
     assert_eq!(rec.retired[0].location, at_b);
 }
+
+/// (N) A manual replacement needs a replica online to be rebuilt from: with both
+/// remotes of a two-remote volume dead (one faulted, the other the member waited
+/// for), `replica replace` is refused with the reason, and nothing is added.
+#[test]
+fn a_manual_replacement_with_no_replica_online_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = start_server(tmp.path(), 63);
+    let mut b = start_server(tmp.path(), 64);
+    let spare = start_server(tmp.path(), 65);
+    let dir = tmp.path().join("owner");
+    std::fs::create_dir_all(&dir).unwrap();
+    // No local replica: both copies are remote.
+    let text = node_config(&dir, &a, &b, "").replace(
+        &format!("{{ local = \"{}/local.img\" }}, ", dir.display()),
+        "",
+    );
+    let (at_a, at_b) = (format!("hv-a@{}", a.addr), format!("hv-b@{}", b.addr));
+    let node = Node::start(&dir, &text);
+    wait_until(30, "two online", || {
+        node.all_online(&[at_a.clone(), at_b.clone()])
+    });
+    a.kill();
+    b.kill();
+    wait_until(30, "none online", || {
+        node.replicas().iter().all(|(_, s)| s != "online")
+    });
+    let err = node
+        .daemon
+        .replica_replace("hv", &at_b, Some(&spare.addr.to_string()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no replica is online to rebuild"), "{err}");
+    assert_eq!(node.replicas().len(), 2, "nothing added");
+}

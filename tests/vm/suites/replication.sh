@@ -395,6 +395,9 @@ repl_ha() {
   cat "$T/status.out"
   grep -q "differs from the config: rv-b@127.0.0.4:7450 runs in place of rv-b@127.0.0.3:7450" "$T/status.out" \
     || fail "status does not show the substitution: $(cat "$T/status.out")"
+  # The monitor records the drop at its next round (up to a probe interval later).
+  wait_for 10 eval '"$UBLKCTL" --socket "$SOCK" events | grep -q "rv-b@127.0.0.4:7450 is online"' \
+    || fail "no event \"rv-b@127.0.0.4:7450 is online\": $("$UBLKCTL" --socket "$SOCK" events)"
   "$UBLKCTL" --socket "$SOCK" events > "$T/events.out"
   cat "$T/events.out"
   for _e in "peer 127.0.0.3:7450 declared dead" "replaced by rv-b@127.0.0.4:7450 on 127.0.0.4:7450 because its server 127.0.0.3:7450 is dead" "rv-b@127.0.0.4:7450 is online" "rv-b@127.0.0.4:7450: full rebuild started" "rv-b@127.0.0.4:7450: full rebuild done"; do

@@ -472,6 +472,19 @@ impl VolumeShared {
         {
             return Err(format!("{to} already holds a replica of this volume"));
         }
+        // A full rebuild fills the replacement, from an online replica (the old one
+        // too, when it is online: a move). With none online it could never be
+        // filled, and would only wait beside the member the volume waits for.
+        if !snap
+            .slots
+            .iter()
+            .any(|s| s.state == replication::ReplicaState::Online)
+        {
+            return Err(format!(
+                "no replica is online to rebuild a replacement of {old} from: wait until one is back (ublkctl status {})",
+                cfg.name
+            ));
+        }
         // A remote replica keeps its id on the new server; a local one is named
         // after the volume and its slot.
         let id = match old.split_once('@') {
