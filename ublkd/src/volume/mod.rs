@@ -528,7 +528,13 @@ impl VolumeShared {
         if let Some(c) = client {
             c.set_events(health.conn_events(slot));
         }
-        self.track_replacement(old, old_slot.uuid, uuid, Some(&sink))?;
+        // Only a member may hold what the new one still lacks: a faulted old one
+        // (its server dead) need not outlive a restart.
+        let member = matches!(
+            old_slot.state,
+            replication::ReplicaState::Online | replication::ReplicaState::Connecting
+        );
+        self.track_replacement(old, old_slot.uuid, uuid, member.then_some(&*sink))?;
         tracing::info!(volume = %cfg.name, old = %old, new = %location,
             "replacement added: a full rebuild fills it, the old replica goes once it is online");
         Ok(location)
@@ -613,7 +619,7 @@ impl VolumeShared {
     }
 
     /// `old` stays in the running set until `new` is online, also across a
-    /// restart (in the record).
+    /// restart when the record (`sink`) is given.
     fn track_replacement(
         &self,
         old: &str,
