@@ -566,12 +566,18 @@ fn a_restart_mid_replacement_keeps_the_old_replica_until_the_new_one_is_online()
     wait_until(60, "the replacement online, the old one dropped", || {
         node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()])
     });
-    let rec = ublkd::state::StateDir::open(&dir.join("state"))
-        .unwrap()
-        .load("hv")
-        .unwrap()
-        .unwrap();
-    assert!(rec.replacing.is_empty(), "{:?}", rec.replacing);
+    // The record follows the drop (saved just after it).
+    let record = || {
+        ublkd::state::StateDir::open(&dir.join("state"))
+            .unwrap()
+            .load("hv")
+            .unwrap()
+            .unwrap()
+    };
+    wait_until(10, "the record says the replacement is done", || {
+        record().replacing.is_empty()
+    });
+    let rec = record();
     assert_eq!(rec.retired.len(), 1, "{:?}", rec.retired);
     assert_eq!(rec.retired[0].location, at_b);
 }
