@@ -820,11 +820,6 @@ async fn reply_writer(
     deadline: Duration,
 ) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
-    macro_rules! within {
-        ($io:expr) => {
-            matches!(tokio::time::timeout(deadline, $io).await, Ok(Ok(_)))
-        };
-    }
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(r) = next.take() {
@@ -836,15 +831,25 @@ async fn reply_writer(
                 payload_len: payload.len() as u32,
             };
             let head = sealer.seal_reply(&h, payload);
-            if !within!(wr.write_all(&head)) || !within!(wr.write_all(payload)) {
+            if !within(deadline, wr.write_all(&head)).await
+                || !within(deadline, wr.write_all(payload)).await
+            {
                 return;
             }
             next = rx.try_recv().ok();
         }
-        if !within!(wr.flush()) {
+        if !within(deadline, wr.flush()).await {
             return;
         }
     }
+}
+
+/// `io` completed without error within `deadline`.
+async fn within(
+    deadline: Duration,
+    io: impl std::future::Future<Output = std::io::Result<()>>,
+) -> bool {
+    matches!(tokio::time::timeout(deadline, io).await, Ok(Ok(())))
 }
 
 async fn skip(

@@ -1928,11 +1928,7 @@ mod tests {
     }
 
     fn wait_durable(h: &Health) {
-        let until = Instant::now() + Duration::from_secs(10);
-        while !h.is_durable() {
-            assert!(Instant::now() < until, "the persister made nothing durable");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(|| h.is_durable());
     }
 
     /// (A) Both connections reset under one request: both wait as Connecting. The

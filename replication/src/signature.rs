@@ -103,22 +103,12 @@ mod tests {
         assert_eq!(detect(&with(512, b"LABELONE")), None);
     }
 
-    /// The real tool's output: `mkfs.ext4` on a file (e2fsprogs, which `.ci/run`
-    /// installs).
+    /// The real tool's output: `mkfs.ext4` on a file.
     #[test]
     fn a_real_ext4_filesystem_is_recognised() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
-        let st = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&img)
-            .status()
-            .expect("run mkfs.ext4 (e2fsprogs)");
-        assert!(st.success());
+        crate::testing::mkfs_ext4(&img, 8 << 20);
         let head = std::fs::read(&img).unwrap();
         assert_eq!(
             detect(&head[..HEAD_LEN]),

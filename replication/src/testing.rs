@@ -613,6 +613,18 @@ pub fn mem_volume(n: usize) -> (Vec<Arc<MemStore>>, Arc<crate::health::Health>) 
     (s, h)
 }
 
+/// A new file of `len` bytes at `path` holding an ext4 filesystem, made by the
+/// real `mkfs.ext4` (e2fsprogs, which `.ci/run` installs).
+pub fn mkfs_ext4(path: &std::path::Path, len: u64) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(st.success(), "mkfs.ext4 {}", path.display());
+}
+
 /// [`mem_volume`] with its sink.
 pub fn mem_volume_with_sink(
     n: usize,

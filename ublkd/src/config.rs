@@ -282,6 +282,21 @@ impl ReplicaConfig {
         }
     }
 
+    /// The replica a saved [`ReplicaConfig::location`] names (`id@addr`: remote,
+    /// else a local path), with no option set.
+    pub fn from_location(location: &str) -> ReplicaConfig {
+        match location.split_once('@') {
+            Some((id, addr)) => ReplicaConfig::Remote {
+                addr: addr.to_string(),
+                id: id.to_string(),
+            },
+            None => ReplicaConfig::Local {
+                path: location.into(),
+                use_unlabelled: false,
+            },
+        }
+    }
+
     /// Stable identity of the replica in state files, logs and the CLI:
     /// the path of a local replica, `id@addr` for a remote one.
     pub fn location(&self) -> String {
@@ -436,6 +451,11 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{input:?} is too large"))
 }
 
+/// A user trusted with the daemon's secrets and control: root, or the daemon's own.
+pub fn trusted_uid(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
 /// Reads the cluster secret from `path` (`[node] cluster_secret_file`).
 ///
 /// One trailing `"\n"` (or `"\r\n"`) is stripped; everything else is part
@@ -463,7 +483,7 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let mode = meta.permissions().mode();
     let ours = nix::unistd::geteuid().as_raw();
     // Whoever owns the file, or can replace it in its directory, holds the key.
-    if meta.uid() != 0 && meta.uid() != ours {
+    if !trusted_uid(meta.uid()) {
         return Err(refuse(
             std::io::ErrorKind::PermissionDenied,
             format!(
@@ -475,7 +495,7 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let d = std::fs::metadata(dir).map_err(fail)?;
         let sticky = d.mode() & 0o1000 != 0;
-        if (d.uid() != 0 && d.uid() != ours) || (d.mode() & 0o022 != 0 && !sticky) {
+        if !trusted_uid(d.uid()) || (d.mode() & 0o022 != 0 && !sticky) {
             return Err(refuse(
                 std::io::ErrorKind::PermissionDenied,
                 format!(

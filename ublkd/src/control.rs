@@ -211,13 +211,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
 fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let cred = getsockopt(conn, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
-    let ours = nix::unistd::geteuid().as_raw();
     match cred.uid() {
-        0 => Ok(()),
-        uid if uid == ours => Ok(()),
+        uid if crate::config::trusted_uid(uid) => Ok(()),
         uid => Err(format!(
-            "uid {uid} (pid {}) may not use the control socket: only root and uid {ours} may",
-            cred.pid()
+            "uid {uid} (pid {}) may not use the control socket: only root and uid {} may",
+            cred.pid(),
+            nix::unistd::geteuid()
         )),
     }
 }
@@ -247,28 +246,28 @@ fn serve_conn(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        // Answered after its request is read: a socket closed on unread data
-        // would fail the client's write (EPIPE) before it saw why.
-        if let Some(why) = &refused {
-            tracing::warn!(%why, "control connection refused");
-            let mut body = serde_json::to_vec(&Response::Error(format!("refused: {why}")))
-                .expect("response serializes");
-            body.push(b'\n');
-            return out.write_all(&body);
-        }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => {
+        let resp = match (&refused, serde_json::from_str::<Request>(&line)) {
+            // Answered after its request is read: a socket closed on unread data
+            // would fail the client's write (EPIPE) before it saw why.
+            (Some(why), _) => {
+                tracing::warn!(%why, "control connection refused");
+                Response::Error(format!("refused: {why}"))
+            }
+            (None, Ok(req)) => {
                 tracing::debug!(?req, "control request");
                 match handle(daemon, req) {
                     Ok(v) => Response::Ok(v),
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
-            Err(e) => Response::Error(format!("bad request: {e}")),
+            (None, Err(e)) => Response::Error(format!("bad request: {e}")),
         };
         let mut body = serde_json::to_vec(&resp).expect("response serializes");
         body.push(b'\n');
         out.write_all(&body)?;
+        if refused.is_some() {
+            return Ok(());
+        }
         reader.set_limit(MAX_REQUEST);
     }
 }

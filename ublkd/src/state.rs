@@ -318,16 +318,8 @@ impl VolumeRecord {
         // A replaced replica runs until its replacement is online.
         for r in &self.replacing {
             if !out.replicas.iter().any(|x| x.location() == r.old) {
-                out.replicas.push(match r.old.split_once('@') {
-                    Some((id, addr)) => crate::config::ReplicaConfig::Remote {
-                        addr: addr.to_string(),
-                        id: id.to_string(),
-                    },
-                    None => crate::config::ReplicaConfig::Local {
-                        path: r.old.clone().into(),
-                        use_unlabelled: false,
-                    },
-                });
+                out.replicas
+                    .push(crate::config::ReplicaConfig::from_location(&r.old));
             }
         }
         out

@@ -616,16 +616,7 @@ fn an_unlabelled_path_holding_a_filesystem_is_used_only_when_the_operator_says_s
     // b's path now holds somebody's ext4 filesystem (and no label), with room
     // for one, as a disk larger than the volume has.
     std::fs::remove_file(&b).unwrap();
-    std::fs::File::create(&b)
-        .unwrap()
-        .set_len(SIZE + wire::label::LABEL_AREA)
-        .unwrap();
-    let st = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&b)
-        .status()
-        .expect("run mkfs.ext4 (e2fsprogs)");
-    assert!(st.success());
+    replication::testing::mkfs_ext4(&b, SIZE + wire::label::LABEL_AREA);
     let theirs = std::fs::read(&b).unwrap();
 
     let act = start(&cfg, &net, &state).unwrap();

@@ -318,13 +318,8 @@ impl World {
             if self.health.is_durable() {
                 return Ok(());
             }
-            // The change must reach a reconnecting member's label first: it
-            // comes back (if one can), as for a request waiting for it.
-            if self.health.awaits_member() && self.health.waiting() {
-                self.deliver_lost();
-                if self.reconnect_waited()? {
-                    continue;
-                }
+            if self.member_awaited_back()? {
+                continue;
             }
             if t0.elapsed() > STUCK {
                 return err(format!(
@@ -411,6 +406,16 @@ impl World {
     }
 
     /// A request waits for a Connecting replica: bring one back.
+    /// A membership change waits for a reconnecting member's label: it comes back
+    /// (if one can), as for a request waiting for it. Whether one did.
+    fn member_awaited_back(&mut self) -> Result<bool, String> {
+        if !(self.health.awaits_member() && self.health.waiting()) {
+            return Ok(false);
+        }
+        self.deliver_lost();
+        self.reconnect_waited()
+    }
+
     fn reconnect_waited(&mut self) -> Result<bool, String> {
         let mut cands: Vec<usize> = self
             .live_slots()
@@ -1042,11 +1047,8 @@ impl World {
             gate.wait(SLICE)
         };
         while at == GateAt::Stuck && t0.elapsed() < STUCK {
-            if self.health.awaits_member() && self.health.waiting() {
-                self.deliver_lost();
-                if self.reconnect_waited()? {
-                    self.note("  the job waited for a member's label: it is back".into());
-                }
+            if self.member_awaited_back()? {
+                self.note("  the job waited for a member's label: it is back".into());
             }
             at = gate.wait(SLICE);
         }

@@ -330,16 +330,7 @@ pub fn reclaim(
     record: &VolumeRecord,
     retired: &crate::state::Retired,
 ) -> Result<Reclaimed, String> {
-    let replica = match retired.location.split_once('@') {
-        Some((id, addr)) => ReplicaConfig::Remote {
-            addr: addr.to_string(),
-            id: id.to_string(),
-        },
-        None => ReplicaConfig::Local {
-            path: retired.location.clone().into(),
-            use_unlabelled: false,
-        },
-    };
+    let replica = ReplicaConfig::from_location(&retired.location);
     match &replica {
         ReplicaConfig::Local { path, .. } => {
             if !path.exists() {

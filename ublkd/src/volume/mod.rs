@@ -1313,15 +1313,13 @@ pub fn restore_logs(
         .filter(|s| s.state == replication::ReplicaState::Online)
         .count();
     let mut logs = log_dir(state_dir, cfg, record);
-    let saved = logs.saved();
+    let mut saved = logs.saved();
+    // A whole-volume resync that did not end: as unknown as a lost log.
+    saved.al_lost |= record.resync_whole;
     // An unclean end (a crash of the daemon or of the host) may have left
     // mutations in flight in the activity log's hot extents, and marks of
     // acknowledged ones not yet saved in the dirty maps: both are over there.
-    let whole = saved.al_lost || record.resync_whole;
-    let in_flight = match record.resync_whole {
-        true => vec![(replication::ByteOffset(0), replication::ByteLen(cfg.size))],
-        false => saved.in_flight(replication::ByteLen(cfg.size)),
-    };
+    let in_flight = saved.in_flight(replication::ByteLen(cfg.size));
     let unclean = if record.clean {
         &[][..]
     } else {
@@ -1341,7 +1339,7 @@ pub fn restore_logs(
         tracing::warn!(volume = %cfg.name, bytes = in_flight.iter().map(|r| r.1 .0).sum::<u64>(),
             "unclean shutdown: resyncing where writes may have been in flight; reads stay on one replica until then");
         record.read_policy = ReadPolicy::Primary;
-        record.resync_whole = whole;
+        record.resync_whole = saved.al_lost;
         resync = in_flight;
         // Kept hot until the resync ends: a crash meanwhile finds them again.
         logs.carry = saved.hot;
