@@ -28,6 +28,13 @@ export DM_DISABLE_UDEV=1
 export RUST_BACKTRACE=1
 export NO_COLOR=1   # tracing-subscriber: no ANSI escapes in the daemon logs
 
+# Which boot this is, 1-based (a suite with a "# boots: N" header is booted again on the same
+# disks after a power cut).
+# Builtins only: this runs in every scenario shell, and a fork costs milliseconds under TCG.
+BOOT=1
+read -r _cmdline < /proc/cmdline 2>/dev/null
+case " $_cmdline " in *" vmtest.boot="*) BOOT=${_cmdline##*vmtest.boot=}; BOOT=${BOOT%% *} ;; esac
+
 now() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "[$(now)] $*"; }
 
@@ -259,30 +266,46 @@ tcp_listening() {
   grep -q "^ *[0-9]*: $_hex:$(printf %04X "$2") 00000000:0000 0A " /proc/net/tcp
 }
 
-# cluster_secret: the secret every ublkd of a scenario shares, $T/cluster.key (mode 0600).
+# cluster_secret: the secret every ublkd of a scenario shares, $CLUSTER_KEY or $T/cluster.key
+# (mode 0600).
 cluster_secret() {
-  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$T/cluster.key"
-  chmod 600 "$T/cluster.key"
+  (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "${CLUSTER_KEY:-$T/cluster.key}")
 }
 
-# replica_server N DIR: a ublkd that only hosts replicas, on 127.0.0.N:7450, storing in DIR
-# (config $T/srvN.toml, log $T/srvN.log, LOG_LEVEL honoured); sets SRV_N to its pid.
+# replica_server N DIR [HOME]: a ublkd that only hosts replicas, on 127.0.0.N:7450, storing in
+# DIR; its config HOME.toml and state dir HOME-state (HOME: $T/srvN; on a disk when it must
+# outlive a boot). Log $T/srvN.log, LOG_LEVEL and UBLKD_BIN honoured, the secret
+# $CLUSTER_KEY ($T/cluster.key). Sets SRV_N to its pid.
 replica_server() {
-  cat > "$T/srv$1.toml" <<EOF
+  _h=${3:-$T/srv$1}
+  cat > "$_h.toml" <<EOF
 [node]
-state_dir = "$T/srv$1-state"
+state_dir = "$_h-state"
 control_socket = "$T/srv$1.sock"
-cluster_secret_file = "$T/cluster.key"
+cluster_secret_file = "${CLUSTER_KEY:-$T/cluster.key}"
 log_level = "${LOG_LEVEL:-info}"
 
 [server]
 listen = "127.0.0.$1:7450"
 storage_dir = "$2"
 EOF
-  "${UBLKD_BIN:-$UBLKD}" --config "$T/srv$1.toml" >> "$T/srv$1.log" 2>&1 &
+  "${UBLKD_BIN:-$UBLKD}" --config "$_h.toml" >> "$T/srv$1.log" 2>&1 &
   eval "SRV_$1=$!"
   wait_for 20 tcp_listening 127.0.0.$1 7450 || fail "replica server $1 did not start: $(tail -n 5 "$T/srv$1.log")"
   say "replica server 127.0.0.$1:7450 pid $(eval echo \$SRV_$1)"
+}
+
+# power_cut: the power goes out now. sysrq b resets the guest at once: no sync, no unmount,
+# whatever the guest had not yet sent to its disks (page cache, queued requests) is lost, as
+# in a power cut. (What it had sent survives: qemu writes the disk images through, so the
+# emulated disks have no volatile cache to lose.) The host boots the guest again on the same
+# disks; the scenario runs again with $BOOT one higher.
+power_cut() {
+  echo "@@CUT $SCENARIO boot $BOOT" > /dev/console
+  sleep 1   # the marker leaves the serial port before the reset
+  echo b > /proc/sysrq-trigger
+  sleep 30
+  fail "sysrq b did not reset the guest"
 }
 
 # drop_caches: make the next reads go to the device (i.e. through ublkd), not the page cache.

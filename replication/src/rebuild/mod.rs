@@ -461,6 +461,7 @@ impl Copier<'_> {
     /// taking turns; pacing and flushes wait for the chunks in flight first.
     fn copy_all(&mut self) -> Result<(), FaultReason> {
         let mut window = (Instant::now(), self.health.app_requests(), 0u64);
+        let mut last_src = None;
         loop {
             if self.cursor == ByteOffset(0) && self.map.is_clean() {
                 return self.target_ok();
@@ -472,6 +473,21 @@ impl Copier<'_> {
             }
             self.target_ok()?;
             let src = self.pick_source()?;
+            if last_src.is_some_and(|l| l != src) {
+                // The earlier source left the read set (faulted, removed): operators
+                // see why the copy now reads elsewhere.
+                tracing::info!(
+                    volume = self.health.volume(),
+                    replica = self.target.location(),
+                    source = self
+                        .health
+                        .backing(src)
+                        .map(|b| b.location())
+                        .unwrap_or_default(),
+                    "rebuild source changed"
+                );
+            }
+            last_src = Some(src);
             let pause = self.stretch(src, &mut window);
             match pause {
                 Pause::Pass => self.cursor = ByteOffset(0),

@@ -5,7 +5,7 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault lost_state_dir ops_guards unclean_restart two_volumes"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
@@ -13,6 +13,7 @@ timeout_fio_verify=300
 timeout_sigterm_clean=120
 timeout_kill9_recover=360
 timeout_mirror_fault=420
+timeout_source_error_writes=400
 timeout_lost_state_dir=300
 timeout_ops_guards=300
 timeout_unclean_restart=200
@@ -334,6 +335,82 @@ mirror_fault() {
   same_file "$T/pat" "$T/rb" "read back after restart"
   stop_daemon_clean
   cmp -s -n $((256 << 20)) "$T/r0.img" "$dm" || fail "the rebuilt replica differs from replica 0"
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# A rebuild's source starts failing writes while it still reads (dm-flakey error_writes: a disk
+# gone read-only or full). The local dm replica is the source of a new remote's full rebuild;
+# mid-rebuild, under fio --verify, its writes start failing. Its first failed write faults it,
+# and from then on it lacks every write: the copier must not copy from it again (it would put
+# its stale blocks over newer ones on the target, which then goes online with them). The
+# rebuild finishes from the other remote; after a clean stop the two remotes are identical.
+source_error_writes() {
+  need_ublk
+  dm_replica
+  cluster_secret
+  replica_server 2 "$T/srv2"
+  replica_server 3 "$T/srv3"
+  _reps="{ local = \"$dm\" }, { remote = \"127.0.0.2:7450\", id = \"sw-a\" }"
+  # A slow rebuild: the fault must land while it runs.
+  cat > "$T/ublkd.conf" <<EOF
+[node]
+state_dir = "$T/state"
+control_socket = "$SOCK"
+cluster_secret_file = "$T/cluster.key"
+
+[rebuild]
+rate = "4MiB"
+
+[[volume]]
+name = "vol0"
+size = "256MiB"
+block_size = 4096
+device_id = 0
+replicas = [ $_reps ]
+EOF
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  wait_live vol0 30
+  # Data everywhere, so what the source holds before the fault is not what fio writes after.
+  run "$FIO" --name=fill --filename=$DEV --rw=write --bs=1M --iodepth=8 --ioengine=io_uring \
+      --direct=1 --size=256M --output="$T/fill.fio.log"
+  say "add sw-b on server 3: a full rebuild from the local replica"
+  sed -i "s|^replicas = .*|replicas = [ $_reps, { remote = \"127.0.0.3:7450\", id = \"sw-b\" } ]|" "$T/ublkd.conf"
+  cp "$T/ublkd.conf" "$T/last.conf"
+  "$UBLKCTL" --socket "$SOCK" reload > "$T/reload.out" 2>&1 || fail "reload: $(cat "$T/reload.out")"
+  cat "$T/reload.out"
+  wait_for 20 eval '[ "$(replica_state "$(vol_status vol0)" 2)" = rebuilding ]' \
+    || fail "sw-b is not rebuilding: $(vol_status vol0)"
+  "$FIO" --name=sw --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output="$T/sw.fio.log" &
+  FPID=$!
+  sleep 3
+  [ "$(replica_state "$(vol_status vol0)" 2)" = rebuilding ] \
+    || fail "the rebuild ended before the fault: $(vol_status vol0)"
+  say "the rebuild source $dm fails writes from now on (reads still work)"
+  dm_table "flakey $loopdev 0 0 3600 1 error_writes"
+  alive $FPID || fail "fio finished while the fault was being injected (make it bigger)"
+  wait_pid $FPID 300 || fail "fio failed: $(tail -n 20 "$T/sw.fio.log")"
+  fio_ok "$T/sw.fio.log"
+  [ "$(replica_state "$(vol_status vol0)" 0)" = faulted ] \
+    || fail "the local replica is not faulted: $(vol_status vol0)"
+  wait_for 200 eval '[ "$(replica_state "$(vol_status vol0)" 2)" = online ]' \
+    || fail "sw-b not rebuilt: $(vol_status vol0)"
+  grep -q "rebuild source changed.*127.0.0.2:7450" "$T/ublkd.log" \
+    || fail "the rebuild did not move to sw-a: $(grep -i rebuild "$T/ublkd.log" | tail -n 5)"
+  "$UBLKCTL" --socket "$SOCK" verify vol0 > "$T/verify.out" 2>&1 || fail "verify: $(cat "$T/verify.out")"
+  grep -q "replicas identical" "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
+  "$FIO" --name=sw --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=96M --verify=crc32c --verify_only --verify_fatal=1 \
+      --output="$T/reread.fio.log" || fail "verify read failed: $(tail -n 20 "$T/reread.fio.log")"
+  fio_ok "$T/reread.fio.log"
+  stop_daemon_clean
+  cmp -s -n $((256 << 20)) "$T/srv2/sw-a.img" "$T/srv3/sw-b.img" \
+    || fail "the rebuilt replica differs from sw-a: $(cmp -n $((256 << 20)) "$T/srv2/sw-a.img" "$T/srv3/sw-b.img" 2>&1 | head -n 1)"
+  say "sw-a and sw-b identical"
   no_kernel_errors ublkb0
 }
 
