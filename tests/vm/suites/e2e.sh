@@ -341,10 +341,13 @@ mirror_fault() {
 # ---------------------------------------------------------------------------------------------
 # A rebuild's source starts failing writes while it still reads (dm-flakey error_writes: a disk
 # gone read-only or full). The local dm replica is the source of a new remote's full rebuild;
-# mid-rebuild, under fio --verify, its writes start failing. Its first failed write faults it,
-# and from then on it lacks every write: the copier must not copy from it again (it would put
-# its stale blocks over newer ones on the target, which then goes online with them). The
-# rebuild finishes from the other remote; after a clean stop the two remotes are identical.
+# mid-rebuild its writes start failing and fio --verify starts writing. Its first failed write
+# faults it, and from then on it lacks every write: the copier must not copy from it again (it
+# would put its stale blocks over newer ones on the target, which then goes online with them).
+# The rebuild is uncapped: a paced one ends its stretch of copying every few MiB and picks its
+# source anew, which hides a copier that keeps reading a source gone stale (the copy of up to
+# 64 MiB from the old source before its next flush shows it). The rebuild finishes from the
+# other remote; after a clean stop the two remotes are byte-identical.
 source_error_writes() {
   need_ublk
   dm_replica
@@ -352,7 +355,6 @@ source_error_writes() {
   replica_server 2 "$T/srv2"
   replica_server 3 "$T/srv3"
   _reps="{ local = \"$dm\" }, { remote = \"127.0.0.2:7450\", id = \"sw-a\" }"
-  # A slow rebuild: the fault must land while it runs.
   cat > "$T/ublkd.conf" <<EOF
 [node]
 state_dir = "$T/state"
@@ -360,7 +362,8 @@ control_socket = "$SOCK"
 cluster_secret_file = "$T/cluster.key"
 
 [rebuild]
-rate = "4MiB"
+rate = "0"
+busy_percent = 100
 
 [[volume]]
 name = "vol0"
@@ -383,16 +386,15 @@ EOF
   cat "$T/reload.out"
   wait_for 20 eval '[ "$(replica_state "$(vol_status vol0)" 2)" = rebuilding ]' \
     || fail "sw-b is not rebuilding: $(vol_status vol0)"
+  say "the rebuild source $dm fails writes from now on (reads still work)"
+  dm_table "flakey $loopdev 0 0 3600 1 error_writes"
+  [ "$(replica_state "$(vol_status vol0)" 2)" = rebuilding ] \
+    || fail "the rebuild ended before the fault: $(vol_status vol0)"
+  # Its first write faults the local replica, mid-rebuild.
   "$FIO" --name=sw --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
       --direct=1 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 \
       --output="$T/sw.fio.log" &
   FPID=$!
-  sleep 3
-  [ "$(replica_state "$(vol_status vol0)" 2)" = rebuilding ] \
-    || fail "the rebuild ended before the fault: $(vol_status vol0)"
-  say "the rebuild source $dm fails writes from now on (reads still work)"
-  dm_table "flakey $loopdev 0 0 3600 1 error_writes"
-  alive $FPID || fail "fio finished while the fault was being injected (make it bigger)"
   wait_pid $FPID 300 || fail "fio failed: $(tail -n 20 "$T/sw.fio.log")"
   fio_ok "$T/sw.fio.log"
   [ "$(replica_state "$(vol_status vol0)" 0)" = faulted ] \
