@@ -137,6 +137,7 @@ impl Daemon {
         };
         let reason = ha::event::ReplaceReason::Operator;
         let new = shared
+            .decider()
             .ha_replace(&old, &to, reason.clone(), &self.net)
             .map_err(err)?;
         self.ha.events.push(ha::event::Event {
@@ -162,6 +163,7 @@ impl Daemon {
     ) -> Result<serde_json::Value, DaemonError> {
         let shared = self.running(volume)?;
         let done = shared
+            .decider()
             .reclaim(replica, &self.net)
             .map_err(|m| DaemonError::volume(volume, m))?;
         let mut out = Vec::new();
@@ -429,7 +431,8 @@ impl Daemon {
                 .map(|r| r.shared.clone());
             match shared {
                 Some(sh) => {
-                    for (c, r) in sh.apply_replicas(vcfg, &cs, &self.net) {
+                    let applied = sh.decider().apply_replicas(vcfg, &cs, &self.net);
+                    for (c, r) in applied {
                         done(&c, r);
                     }
                 }
@@ -476,7 +479,7 @@ impl Daemon {
         name: &str,
         action: &crate::control::RebuildAction,
     ) -> Result<serde_json::Value, DaemonError> {
-        self.running(name)?.rebuild(action)
+        self.running(name)?.decider().rebuild(action)
     }
 
     pub fn list(&self) -> Vec<VolumeStatus> {

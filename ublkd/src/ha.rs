@@ -476,7 +476,7 @@ impl Ha {
                 reason,
             } => {
                 let Some(sh) = shared(&volume) else { return };
-                let res = sh.ha_replace(&old, &to, reason.clone(), net);
+                let res = sh.decider().ha_replace(&old, &to, reason.clone(), net);
                 let kind = match res {
                     Ok(new) => {
                         self.monitor.lock().unwrap().succeeded(&volume, &old);
@@ -504,7 +504,8 @@ impl Ha {
             }
             Decision::Abandon { volume, old, new } => {
                 let Some(sh) = shared(&volume) else { return };
-                if let Err(e) = sh.ha_abandon(&old, &new) {
+                let res = sh.decider().ha_abandon(&old, &new);
+                if let Err(e) = res {
                     tracing::warn!(volume = %volume, replica = %new, error = %e,
                         "cannot drop the half-built replacement");
                 }

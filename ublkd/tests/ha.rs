@@ -397,7 +397,9 @@ fn a_dead_server_is_replaced_on_a_spare_inside_the_running_volume() {
     // (H) An abandon the monitor decided on an older view (the old replica back,
     // before the replacement came online) is refused: the old one is retired and
     // the replacement online, so dropping it would leave a replica short.
-    let abandon = node.daemon.serving()[0].ha_abandon(&at_b, &at_spare);
+    let abandon = node.daemon.serving()[0]
+        .decider()
+        .ha_abandon(&at_b, &at_spare);
     assert!(abandon.is_err(), "{abandon:?}");
     assert!(node.all_online(&[local.clone(), at_a.clone(), at_spare.clone()]));
 

@@ -476,12 +476,12 @@ cost_round() { # BIN TAG REPLICAS: one 4k randwrite QD32 run; prints "IOPS CPU_U
   stop_ublkd 60 >&2 || fail "owner did not stop"
 }
 
-# alternate WHAT LABEL ROUND BIN_A BIN_B: 5 rounds of `ROUND BIN_A` then `ROUND BIN_B` (each
-# prints IOPS and the owner's CPU µs per request); the lists in ALT_A, ALT_B (IOPS) and
-# CPU_A, CPU_B.
+# alternate WHAT LABEL ROUND BIN_A BIN_B: BENCH_ROUNDS (5) rounds of `ROUND BIN_A` then
+# `ROUND BIN_B` (each prints IOPS and the owner's CPU µs per request); the lists in ALT_A,
+# ALT_B (IOPS) and CPU_A, CPU_B.
 alternate() {
   ALT_A="" ALT_B="" CPU_A="" CPU_B=""
-  for r in 1 2 3 4 5; do
+  for r in $(seq 1 "${BENCH_ROUNDS:-5}"); do
     for side in A B; do
       if [ $side = A ]; then bin=$4; else bin=$5; fi
       set -- "$1" "$2" "$3" "$4" "$5" $($3 "$bin")

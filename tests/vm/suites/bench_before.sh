@@ -6,7 +6,7 @@
 #   git worktree add /tmp/before fc3711d && (cd /tmp/before && cargo build --release -p ublkd)
 #   UBLKD_VM_EXTRA_BINS=/tmp/before/target/release/ublkd:ublkd-before tests/vm/run bench_before
 # A 3-way volume (local raw virtio disk + two replica servers over loopback TCP on ext4), 4k
-# randwrite QD32, 5 rounds of each build alternating (owner and servers both the build of
+# randwrite QD32, BENCH_ROUNDS (5) rounds of each build alternating (owner and servers both the build of
 # the round), each build on its own disks and replicas (an older build may not read the
 # newer one's labels): RESULT ratio_TAG_vs_before_randwrite_qd32 (BENCH_BEFORE_TAG, default
 # safety: the issue that asked for it) is the ratio of the medians. Helpers from
@@ -64,5 +64,5 @@ bench_vs_before() {
   echo "RESULT ratio_${BENCH_BEFORE_TAG:-safety}_vs_before_randwrite_qd32=$(awk -v a="$mn" -v b="$mo" 'BEGIN { printf "%.3f", a / b }')"
   echo "RESULT before_new_owner_cpu_us_per_io=$(median $CPU_A)"
   echo "RESULT before_old_owner_cpu_us_per_io=$(median $CPU_B)"
-  echo "TABLE before: 3-way 4k randwrite QD32, medians of 5 alternating rounds: $mn IOPS against $mo before ($(median $CPU_A) against $(median $CPU_B) owner CPU us per request)"
+  echo "TABLE before: 3-way 4k randwrite QD32, medians of ${BENCH_ROUNDS:-5} alternating rounds: $mn IOPS against $mo before ($(median $CPU_A) against $(median $CPU_B) owner CPU us per request)"
 }

@@ -155,10 +155,7 @@ pub struct VolumeShared {
     cfg: Mutex<VolumeConfig>,
     state_dir: StateDir,
     live: Mutex<Live>,
-    /// Held by every decision that changes the replica set (reload, HA replace
-    /// and abandon, dropping replaced replicas, reclaim): one at a time, each
-    /// taking its view of the set under it, so none acts on a view another one
-    /// changed since (an abandon racing the end of the replacement it abandons).
+    /// Held by the one [`Decider`] at a time.
     decide: Mutex<()>,
 }
 
@@ -196,148 +193,6 @@ impl VolumeShared {
 
     pub fn device_id(&self) -> Option<u32> {
         self.live.lock().unwrap().device_id
-    }
-
-    /// Apply a reload's replica changes to the running volume (`new` is its new
-    /// configuration): each change with its outcome. A volume that does not serve
-    /// only takes the new configuration (its next start opens what it lists).
-    pub fn apply_replicas(
-        &self,
-        new: &VolumeConfig,
-        changes: &[crate::reload::Change],
-        net: &Net,
-    ) -> Vec<(crate::reload::Change, Result<(), String>)> {
-        use crate::reload::Change;
-        let _one = self.decide.lock().unwrap();
-        let (health, sink) = {
-            let live = self.live.lock().unwrap();
-            (live.health.clone(), live.sink.clone())
-        };
-        *self.cfg.lock().unwrap() = new.clone();
-        let Some(health) = health else {
-            return changes.iter().map(|c| (c.clone(), Ok(()))).collect();
-        };
-        let record = match self.state_dir.load(&new.name) {
-            Ok(Some(r)) => r,
-            _ => {
-                return changes
-                    .iter()
-                    .map(|c| (c.clone(), Err("the volume's record is unreadable".into())))
-                    .collect()
-            }
-        };
-        let slot_at = |loc: &str| {
-            health
-                .snapshot()
-                .slots
-                .into_iter()
-                .find(|s| s.location == loc)
-        };
-        let add = |loc: &str| -> Result<wire::ReplicaUuid, String> {
-            let r = new
-                .replicas
-                .iter()
-                .find(|r| r.location() == loc)
-                .ok_or("not in the new config")?;
-            let (backing, uuid, client) = activate::open_added(new, net, r, &record)?;
-            let slot = health
-                .add_slot(replication::health::SlotSpec {
-                    location: loc.to_string(),
-                    uuid,
-                    backing: Some(backing),
-                    remote: r.remote().is_some(),
-                    state: replication::ReplicaState::Faulted {
-                        reason: replication::state::FaultReason::NewReplica,
-                    },
-                    errors: 0,
-                    dirty: None,
-                })
-                .map_err(|e| e.to_string())?;
-            if let Some(c) = client {
-                c.set_events(health.conn_events(slot));
-            }
-            if let Some(sink) = &sink {
-                // Its storage was (re)labelled with a new identity just now.
-                sink.edit(|r| r.unretire(loc)).map_err(|e| e.to_string())?;
-            }
-            tracing::info!(volume = %new.name, replica = %loc, "replica added: a full rebuild fills it");
-            Ok(uuid)
-        };
-        let remove = |loc: &str| -> Result<(), String> {
-            let s = slot_at(loc).ok_or("not in the running set")?;
-            health.remove_slot(s.slot).map_err(|e| e.to_string())?;
-            if let Some(sink) = &sink {
-                sink.edit(|r| r.retire(loc, s.uuid, crate::state::RetiredWhy::Removed))
-                    .map_err(|e| e.to_string())?;
-            }
-            tracing::info!(volume = %new.name, replica = %loc,
-                "replica removed (its storage is kept: `ublkctl replica reclaim` deletes it)");
-            Ok(())
-        };
-        // A change of a configured replica the HA monitor substituted applies to
-        // its substitute, and ends the substitution: the config speaks again.
-        let substitute = |configured: &str| {
-            sink.as_ref()
-                .and_then(|s| s.record().substitution_of(configured).cloned())
-        };
-        let unsubstitute = |configured: &str| -> Result<(), String> {
-            match &sink {
-                Some(s) => s
-                    .edit(|r| r.substitutions.retain(|x| x.configured != configured))
-                    .map_err(|e| e.to_string()),
-                None => Ok(()),
-            }
-        };
-        changes
-            .iter()
-            .map(|c| {
-                let res = match c {
-                    Change::ReplicaAdded { replica, .. } => add(replica).map(|_| ()),
-                    Change::ReplicaRemoved { replica, .. } => match substitute(replica) {
-                        Some(sub) => remove(&sub.location()).and_then(|()| unsubstitute(replica)),
-                        None => remove(replica),
-                    },
-                    // The config now names what the monitor put in place.
-                    Change::ReplicaReplaced { old, new: n, .. }
-                        if substitute(old).is_some_and(|sub| sub.location() == *n) =>
-                    {
-                        tracing::info!(volume = %new.name, replica = %n,
-                            "the config now names the HA replacement: substitution ended");
-                        unsubstitute(old)
-                    }
-                    Change::ReplicaReplaced { old, new: n, .. } => add(n).and_then(|uuid| {
-                        let running = match substitute(old) {
-                            Some(sub) => {
-                                unsubstitute(old)?;
-                                sub.location()
-                            }
-                            None => old.clone(),
-                        };
-                        let old = &running;
-                        match slot_at(old) {
-                            // Kept until the new one holds every write (a Connecting
-                            // one may hold the only current copy).
-                            Some(s)
-                                if matches!(
-                                    s.state,
-                                    replication::ReplicaState::Online
-                                        | replication::ReplicaState::Connecting
-                                ) =>
-                            {
-                                self.track_replacement(old, s.uuid, uuid, sink.as_deref())
-                            }
-                            Some(_) => remove(old),
-                            None => Ok(()),
-                        }
-                    }),
-                    _ => Ok(()),
-                };
-                if let Err(e) = &res {
-                    tracing::error!(volume = %new.name, change = %c, error = %e, "reload: change not applied");
-                }
-                (c.clone(), res)
-            })
-            .collect()
     }
 
     /// Set the partial-rebuild window of the volume's rebuild manager (serving
@@ -444,156 +299,6 @@ impl VolumeShared {
         })
     }
 
-    /// Swap a new replica on `to` in for the running replica `old` (the HA
-    /// monitor's, or an operator's, replacement): create it there, record the
-    /// substitution, add it to the running set (it takes writes at once and a full
-    /// rebuild fills it); `old` stays in the set, faulted or not, until the new
-    /// one is online. Returns the new replica's location.
-    pub fn ha_replace(
-        &self,
-        old: &str,
-        to: &ha::PeerAddr,
-        reason: ha::event::ReplaceReason,
-        net: &Net,
-    ) -> Result<String, String> {
-        let _one = self.decide.lock().unwrap();
-        let (health, sink) = self.serving_parts()?;
-        let cfg = self.cfg();
-        let snap = health.snapshot();
-        let old_slot = snap
-            .slots
-            .iter()
-            .find(|s| s.location == old)
-            .ok_or_else(|| format!("no replica {old} in the running set"))?;
-        if snap
-            .slots
-            .iter()
-            .any(|s| peer_of(&s.location).as_ref() == Some(to))
-        {
-            return Err(format!("{to} already holds a replica of this volume"));
-        }
-        // A full rebuild fills the replacement, from an online replica (the old one
-        // too, when it is online: a move). With none online it could never be
-        // filled, and would only wait beside the member the volume waits for.
-        if !snap
-            .slots
-            .iter()
-            .any(|s| s.state == replication::ReplicaState::Online)
-        {
-            return Err(format!(
-                "no replica is online to rebuild a replacement of {old} from: wait until one is back (ublkctl status {})",
-                cfg.name
-            ));
-        }
-        // A remote replica keeps its id on the new server; a local one is named
-        // after the volume and its slot.
-        let id = match old.split_once('@') {
-            Some((id, _)) => id.to_string(),
-            None => format!("{}-{}", cfg.name, old_slot.slot.0),
-        };
-        let new_cfg = crate::config::ReplicaConfig::Remote {
-            addr: to.to_string(),
-            id: id.clone(),
-        };
-        let location = new_cfg.location();
-        let record = sink.record();
-        let (backing, uuid, client) = activate::open_added(&cfg, net, &new_cfg, &record)?;
-        sink.edit(|r| {
-            r.unretire(&location);
-            r.substitute(
-                old,
-                crate::state::Substitution {
-                    configured: String::new(),
-                    addr: to.to_string(),
-                    id,
-                    since: ha::UnixMs(replication::dirty_file::unix_ms()),
-                    reason,
-                },
-            )
-        })
-        .map_err(|e| format!("record the substitution: {e}"))?;
-        let slot = health
-            .add_slot(replication::health::SlotSpec {
-                location: location.clone(),
-                uuid,
-                backing: Some(backing),
-                remote: true,
-                state: replication::ReplicaState::Faulted {
-                    reason: FaultReason::NewReplica,
-                },
-                errors: 0,
-                dirty: None,
-            })
-            .map_err(|e| e.to_string())?;
-        if let Some(c) = client {
-            c.set_events(health.conn_events(slot));
-        }
-        // Only a member may hold what the new one still lacks: a faulted old one
-        // (its server dead) need not outlive a restart.
-        let member = matches!(
-            old_slot.state,
-            replication::ReplicaState::Online | replication::ReplicaState::Connecting
-        );
-        self.track_replacement(old, old_slot.uuid, uuid, member.then_some(&*sink))?;
-        tracing::info!(volume = %cfg.name, old = %old, new = %location,
-            "replacement added: a full rebuild fills it, the old replica goes once it is online");
-        Ok(location)
-    }
-
-    /// Reclaim the storage of retired replicas (`which`: one location or uuid,
-    /// else all): those reclaimed, already gone or holding something else now
-    /// leave the record; those that fail stay in it.
-    pub fn reclaim(&self, which: Option<&str>, net: &Net) -> Result<Vec<ReclaimResult>, String> {
-        let _one = self.decide.lock().unwrap();
-        let (health, sink) = self.serving_parts()?;
-        let record = sink.record();
-        let chosen: Vec<_> = record
-            .retired
-            .iter()
-            .filter(|r| which.is_none_or(|w| r.location == w || r.uuid.to_string() == w))
-            .cloned()
-            .collect();
-        if chosen.is_empty() {
-            let all: Vec<&str> = record.retired.iter().map(|r| r.location.as_str()).collect();
-            return Err(match (which, all.is_empty()) {
-                (_, true) => "no retired replica: nothing to reclaim".into(),
-                (Some(w), false) => {
-                    format!("no retired replica {w}; retired: {}", all.join(", "))
-                }
-                (None, false) => unreachable!("all chosen"),
-            });
-        }
-        let running: Vec<String> = health
-            .snapshot()
-            .slots
-            .into_iter()
-            .map(|s| s.location)
-            .collect();
-        let cfg = self.cfg();
-        let mut out = Vec::new();
-        for r in chosen {
-            let res = if running.contains(&r.location) {
-                Ok(activate::Reclaimed::NotOurs {
-                    holds: "a replica of the running set (it was added again)".into(),
-                })
-            } else {
-                activate::reclaim(&cfg, net, &record, &r)
-            };
-            match &res {
-                Ok(done) => {
-                    tracing::info!(volume = %cfg.name, replica = %r.location, result = ?done, "retired replica reclaimed");
-                    sink.edit(|rec| rec.unretire(&r.location))
-                        .map_err(|e| format!("record: {e}"))?;
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %cfg.name, replica = %r.location, error = %e, "retired replica not reclaimed")
-                }
-            }
-            out.push((r, res));
-        }
-        Ok(out)
-    }
-
     /// An I/O path into the serving volume for this thread (what a ublk queue
     /// has): for in-process callers of a headless volume.
     pub fn nexus(&self) -> Option<replication::Nexus> {
@@ -610,6 +315,14 @@ impl VolumeShared {
     }
 
     /// The health and the record of a serving volume.
+    /// The volume's decider: waits until the decision before it is applied.
+    pub fn decider(&self) -> Decider<'_> {
+        Decider {
+            v: self,
+            _one: self.decide.lock().unwrap(),
+        }
+    }
+
     fn serving_parts(&self) -> Result<(Arc<Health>, Arc<RecordSink>), String> {
         let live = self.live.lock().unwrap();
         match (&live.health, &live.sink) {
@@ -637,117 +350,6 @@ impl VolumeShared {
             .replacing
             .push((old_uuid, new_uuid));
         Ok(())
-    }
-
-    /// Drop the half-built replacement `new` of `old` (which came back and is
-    /// caught up instead); the substitution goes back to `old`.
-    pub fn ha_abandon(&self, old: &str, new: &str) -> Result<(), String> {
-        let _one = self.decide.lock().unwrap();
-        let (health, sink) = self.serving_parts()?;
-        let snap = health.snapshot();
-        let new_slot = snap
-            .slots
-            .iter()
-            .find(|s| s.location == new)
-            .ok_or_else(|| format!("no replica {new} in the running set"))?;
-        // The monitor decided on an earlier view: the replacement may have come
-        // online since, and the old replica been dropped for it (abandoning it now
-        // would leave the volume a replica short), or the old one be gone.
-        if new_slot.state == replication::ReplicaState::Online {
-            return Err(format!(
-                "{new} is online now: the replacement finished, nothing to abandon"
-            ));
-        }
-        if !snap.slots.iter().any(|s| s.location == old) {
-            return Err(format!(
-                "{old} is no longer in the running set: {new} is its replacement, kept"
-            ));
-        }
-        health
-            .remove_slot(new_slot.slot)
-            .map_err(|e| e.to_string())?;
-        self.live
-            .lock()
-            .unwrap()
-            .replacing
-            .retain(|(_, n)| *n != new_slot.uuid);
-        sink.edit(|r| {
-            r.replacing.retain(|x| x.new_uuid != new_slot.uuid);
-            r.retire(
-                new,
-                new_slot.uuid,
-                crate::state::RetiredWhy::Abandoned {
-                    of: old.to_string(),
-                },
-            );
-            let Some(i) = r.substitutions.iter().position(|s| s.location() == new) else {
-                return;
-            };
-            match old.split_once('@') {
-                // `old` was itself a substitute: it is again.
-                Some((id, addr)) if r.substitutions[i].configured != old => {
-                    r.substitutions[i].id = id.to_string();
-                    r.substitutions[i].addr = addr.to_string();
-                }
-                _ => {
-                    r.substitutions.remove(i);
-                }
-            }
-        })
-        .map_err(|e| format!("record: {e}"))?;
-        tracing::info!(volume = %self.cfg().name, old = %old, new = %new,
-            "the old replica came back lacking less: its replacement is dropped");
-        Ok(())
-    }
-
-    /// Drop the replaced replicas whose replacement is online.
-    fn finish_replacements(&self, health: &Health) {
-        let _one = self.decide.lock().unwrap();
-        let pending = std::mem::take(&mut self.live.lock().unwrap().replacing);
-        let snap = health.snapshot();
-        let state = |u: &wire::ReplicaUuid| snap.slots.iter().find(|s| s.uuid == *u);
-        let mut keep = Vec::new();
-        for (old, new) in pending {
-            match (state(&old), state(&new)) {
-                (Some(o), Some(n)) if n.state == replication::ReplicaState::Online => {
-                    match health.remove_slot(o.slot) {
-                        Ok(()) => {
-                            tracing::info!(volume = %self.cfg().name, old = %o.location,
-                                new = %n.location, "replacement online: the old replica is dropped (its storage is kept: `ublkctl replica reclaim` deletes it)");
-                            let sink = self.live.lock().unwrap().sink.clone();
-                            let why = crate::state::RetiredWhy::Replaced {
-                                by: n.location.clone(),
-                            };
-                            let done = |r: &mut crate::state::VolumeRecord| {
-                                r.replacing.retain(|x| x.old_uuid != old);
-                                r.retire(&o.location, o.uuid, why)
-                            };
-                            if let Some(Err(e)) = sink.map(|s| s.edit(done)) {
-                                tracing::warn!(volume = %self.cfg().name, replica = %o.location, error = %e,
-                                    "cannot record the retired replica: reclaim it by hand");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(volume = %self.cfg().name, replica = %o.location, error = %e,
-                                "cannot drop the replaced replica yet");
-                            keep.push((old, new));
-                        }
-                    }
-                }
-                (Some(_), Some(_)) => keep.push((old, new)),
-                // One of them left the set otherwise: nothing to finish.
-                _ => {
-                    let sink = self.live.lock().unwrap().sink.clone();
-                    if let Some(Err(e)) =
-                        sink.map(|s| s.edit(|r| r.replacing.retain(|x| x.old_uuid != old)))
-                    {
-                        tracing::warn!(volume = %self.cfg().name, error = %e,
-                            "cannot record the end of a replacement");
-                    }
-                }
-            }
-        }
-        self.live.lock().unwrap().replacing.extend(keep);
     }
 
     /// Compare the online replicas by checksum, region by region (1 MiB), while
@@ -823,44 +425,6 @@ impl VolumeShared {
     /// The health of a serving volume, for a replica named by an operator.
     pub fn serving_health(&self) -> Option<Arc<Health>> {
         self.live.lock().unwrap().health.clone()
-    }
-
-    /// Apply an operator's rebuild command.
-    pub fn rebuild(
-        &self,
-        action: &crate::control::RebuildAction,
-    ) -> Result<serde_json::Value, DaemonError> {
-        use crate::control::RebuildAction;
-        let (health, manager) = {
-            let live = self.live.lock().unwrap();
-            match (&live.health, &live.rebuilds) {
-                (Some(h), Some(m)) => (h.clone(), m.clone()),
-                _ => {
-                    return Err(DaemonError::volume(
-                        &self.cfg().name,
-                        "not serving: start it first (ublkctl recover)",
-                    ))
-                }
-            }
-        };
-        let slot_of = |replica: &str| self.replica_named(&health, replica).map(|(slot, _)| slot);
-        fn v<T: Serialize>(x: &T) -> serde_json::Value {
-            serde_json::to_value(x).expect("rebuild types serialize")
-        }
-        Ok(match action {
-            RebuildAction::Start { replica, full } => {
-                let slot = slot_of(replica)?;
-                manager
-                    .request(slot, *full)
-                    .map_err(|e| DaemonError::volume(&self.cfg().name, e.to_string()))?;
-                v(&slot)
-            }
-            RebuildAction::Cancel { replica } => {
-                let slot = replica.as_deref().map(slot_of).transpose()?;
-                v(&manager.cancel(slot))
-            }
-            RebuildAction::History => v(&manager.history()),
-        })
     }
 
     pub fn status(&self) -> VolumeStatus {
@@ -964,6 +528,458 @@ impl VolumeShared {
                 .unwrap_or_default(),
             retired: current.map(|r| r.retired).unwrap_or_default(),
         }
+    }
+}
+
+/// The right to decide about a running volume's replica set and its rebuilds:
+/// reload, the HA monitor's replace and abandon, reclaim, dropping replaced
+/// replicas, operator rebuild commands. One holder at a time
+/// ([`VolumeShared::decider`]), and each decision takes its view of the set while
+/// it holds it, so none acts on a view another one changed since (an abandon
+/// racing the end of the replacement it abandons, a rebuild named by a slot a
+/// reload just gave to another replica). Only a `Decider` has these methods.
+pub struct Decider<'a> {
+    v: &'a VolumeShared,
+    _one: std::sync::MutexGuard<'a, ()>,
+}
+
+impl Decider<'_> {
+    /// Apply a reload's replica changes to the running volume (`new` is its new
+    /// configuration): each change with its outcome. A volume that does not serve
+    /// only takes the new configuration (its next start opens what it lists).
+    pub fn apply_replicas(
+        &self,
+        new: &VolumeConfig,
+        changes: &[crate::reload::Change],
+        net: &Net,
+    ) -> Vec<(crate::reload::Change, Result<(), String>)> {
+        use crate::reload::Change;
+        let (health, sink) = {
+            let live = self.v.live.lock().unwrap();
+            (live.health.clone(), live.sink.clone())
+        };
+        *self.v.cfg.lock().unwrap() = new.clone();
+        let Some(health) = health else {
+            return changes.iter().map(|c| (c.clone(), Ok(()))).collect();
+        };
+        let record = match self.v.state_dir.load(&new.name) {
+            Ok(Some(r)) => r,
+            _ => {
+                return changes
+                    .iter()
+                    .map(|c| (c.clone(), Err("the volume's record is unreadable".into())))
+                    .collect()
+            }
+        };
+        let slot_at = |loc: &str| {
+            health
+                .snapshot()
+                .slots
+                .into_iter()
+                .find(|s| s.location == loc)
+        };
+        let add = |loc: &str| -> Result<wire::ReplicaUuid, String> {
+            let r = new
+                .replicas
+                .iter()
+                .find(|r| r.location() == loc)
+                .ok_or("not in the new config")?;
+            let (backing, uuid, client) = activate::open_added(new, net, r, &record)?;
+            let slot = health
+                .add_slot(replication::health::SlotSpec {
+                    location: loc.to_string(),
+                    uuid,
+                    backing: Some(backing),
+                    remote: r.remote().is_some(),
+                    state: replication::ReplicaState::Faulted {
+                        reason: replication::state::FaultReason::NewReplica,
+                    },
+                    errors: 0,
+                    dirty: None,
+                })
+                .map_err(|e| e.to_string())?;
+            if let Some(c) = client {
+                c.set_events(health.conn_events(slot));
+            }
+            if let Some(sink) = &sink {
+                // Its storage was (re)labelled with a new identity just now.
+                sink.edit(|r| r.unretire(loc)).map_err(|e| e.to_string())?;
+            }
+            tracing::info!(volume = %new.name, replica = %loc, "replica added: a full rebuild fills it");
+            Ok(uuid)
+        };
+        let remove = |loc: &str| -> Result<(), String> {
+            let s = slot_at(loc).ok_or("not in the running set")?;
+            health.remove_slot(s.slot).map_err(|e| e.to_string())?;
+            if let Some(sink) = &sink {
+                sink.edit(|r| r.retire(loc, s.uuid, crate::state::RetiredWhy::Removed))
+                    .map_err(|e| e.to_string())?;
+            }
+            tracing::info!(volume = %new.name, replica = %loc,
+                "replica removed (its storage is kept: `ublkctl replica reclaim` deletes it)");
+            Ok(())
+        };
+        // A change of a configured replica the HA monitor substituted applies to
+        // its substitute, and ends the substitution: the config speaks again.
+        let substitute = |configured: &str| {
+            sink.as_ref()
+                .and_then(|s| s.record().substitution_of(configured).cloned())
+        };
+        let unsubstitute = |configured: &str| -> Result<(), String> {
+            match &sink {
+                Some(s) => s
+                    .edit(|r| r.substitutions.retain(|x| x.configured != configured))
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        };
+        changes
+            .iter()
+            .map(|c| {
+                let res = match c {
+                    Change::ReplicaAdded { replica, .. } => add(replica).map(|_| ()),
+                    Change::ReplicaRemoved { replica, .. } => match substitute(replica) {
+                        Some(sub) => remove(&sub.location()).and_then(|()| unsubstitute(replica)),
+                        None => remove(replica),
+                    },
+                    // The config now names what the monitor put in place.
+                    Change::ReplicaReplaced { old, new: n, .. }
+                        if substitute(old).is_some_and(|sub| sub.location() == *n) =>
+                    {
+                        tracing::info!(volume = %new.name, replica = %n,
+                            "the config now names the HA replacement: substitution ended");
+                        unsubstitute(old)
+                    }
+                    Change::ReplicaReplaced { old, new: n, .. } => add(n).and_then(|uuid| {
+                        let running = match substitute(old) {
+                            Some(sub) => {
+                                unsubstitute(old)?;
+                                sub.location()
+                            }
+                            None => old.clone(),
+                        };
+                        let old = &running;
+                        match slot_at(old) {
+                            // Kept until the new one holds every write (a Connecting
+                            // one may hold the only current copy).
+                            Some(s)
+                                if matches!(
+                                    s.state,
+                                    replication::ReplicaState::Online
+                                        | replication::ReplicaState::Connecting
+                                ) =>
+                            {
+                                self.v.track_replacement(old, s.uuid, uuid, sink.as_deref())
+                            }
+                            Some(_) => remove(old),
+                            None => Ok(()),
+                        }
+                    }),
+                    _ => Ok(()),
+                };
+                if let Err(e) = &res {
+                    tracing::error!(volume = %new.name, change = %c, error = %e, "reload: change not applied");
+                }
+                (c.clone(), res)
+            })
+            .collect()
+    }
+
+    /// Swap a new replica on `to` in for the running replica `old` (the HA
+    /// monitor's, or an operator's, replacement): create it there, record the
+    /// substitution, add it to the running set (it takes writes at once and a full
+    /// rebuild fills it); `old` stays in the set, faulted or not, until the new
+    /// one is online. Returns the new replica's location.
+    pub fn ha_replace(
+        &self,
+        old: &str,
+        to: &ha::PeerAddr,
+        reason: ha::event::ReplaceReason,
+        net: &Net,
+    ) -> Result<String, String> {
+        let (health, sink) = self.v.serving_parts()?;
+        let cfg = self.v.cfg();
+        let snap = health.snapshot();
+        let old_slot = snap
+            .slots
+            .iter()
+            .find(|s| s.location == old)
+            .ok_or_else(|| format!("no replica {old} in the running set"))?;
+        if snap
+            .slots
+            .iter()
+            .any(|s| peer_of(&s.location).as_ref() == Some(to))
+        {
+            return Err(format!("{to} already holds a replica of this volume"));
+        }
+        // A full rebuild fills the replacement, from an online replica (the old one
+        // too, when it is online: a move). With none online it could never be
+        // filled, and would only wait beside the member the volume waits for.
+        if !snap
+            .slots
+            .iter()
+            .any(|s| s.state == replication::ReplicaState::Online)
+        {
+            return Err(format!(
+                "no replica is online to rebuild a replacement of {old} from: wait until one is back (ublkctl status {})",
+                cfg.name
+            ));
+        }
+        // A remote replica keeps its id on the new server; a local one is named
+        // after the volume and its slot.
+        let id = match old.split_once('@') {
+            Some((id, _)) => id.to_string(),
+            None => format!("{}-{}", cfg.name, old_slot.slot.0),
+        };
+        let new_cfg = crate::config::ReplicaConfig::Remote {
+            addr: to.to_string(),
+            id: id.clone(),
+        };
+        let location = new_cfg.location();
+        let record = sink.record();
+        let (backing, uuid, client) = activate::open_added(&cfg, net, &new_cfg, &record)?;
+        sink.edit(|r| {
+            r.unretire(&location);
+            r.substitute(
+                old,
+                crate::state::Substitution {
+                    configured: String::new(),
+                    addr: to.to_string(),
+                    id,
+                    since: ha::UnixMs(replication::dirty_file::unix_ms()),
+                    reason,
+                },
+            )
+        })
+        .map_err(|e| format!("record the substitution: {e}"))?;
+        let slot = health
+            .add_slot(replication::health::SlotSpec {
+                location: location.clone(),
+                uuid,
+                backing: Some(backing),
+                remote: true,
+                state: replication::ReplicaState::Faulted {
+                    reason: FaultReason::NewReplica,
+                },
+                errors: 0,
+                dirty: None,
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(c) = client {
+            c.set_events(health.conn_events(slot));
+        }
+        // Only a member may hold what the new one still lacks: a faulted old one
+        // (its server dead) need not outlive a restart.
+        let member = matches!(
+            old_slot.state,
+            replication::ReplicaState::Online | replication::ReplicaState::Connecting
+        );
+        self.v
+            .track_replacement(old, old_slot.uuid, uuid, member.then_some(&*sink))?;
+        tracing::info!(volume = %cfg.name, old = %old, new = %location,
+            "replacement added: a full rebuild fills it, the old replica goes once it is online");
+        Ok(location)
+    }
+
+    /// Reclaim the storage of retired replicas (`which`: one location or uuid,
+    /// else all): those reclaimed, already gone or holding something else now
+    /// leave the record; those that fail stay in it.
+    pub fn reclaim(&self, which: Option<&str>, net: &Net) -> Result<Vec<ReclaimResult>, String> {
+        let (health, sink) = self.v.serving_parts()?;
+        let record = sink.record();
+        let chosen: Vec<_> = record
+            .retired
+            .iter()
+            .filter(|r| which.is_none_or(|w| r.location == w || r.uuid.to_string() == w))
+            .cloned()
+            .collect();
+        if chosen.is_empty() {
+            let all: Vec<&str> = record.retired.iter().map(|r| r.location.as_str()).collect();
+            return Err(match (which, all.is_empty()) {
+                (_, true) => "no retired replica: nothing to reclaim".into(),
+                (Some(w), false) => {
+                    format!("no retired replica {w}; retired: {}", all.join(", "))
+                }
+                (None, false) => unreachable!("all chosen"),
+            });
+        }
+        let running: Vec<String> = health
+            .snapshot()
+            .slots
+            .into_iter()
+            .map(|s| s.location)
+            .collect();
+        let cfg = self.v.cfg();
+        let mut out = Vec::new();
+        for r in chosen {
+            let res = if running.contains(&r.location) {
+                Ok(activate::Reclaimed::NotOurs {
+                    holds: "a replica of the running set (it was added again)".into(),
+                })
+            } else {
+                activate::reclaim(&cfg, net, &record, &r)
+            };
+            match &res {
+                Ok(done) => {
+                    tracing::info!(volume = %cfg.name, replica = %r.location, result = ?done, "retired replica reclaimed");
+                    sink.edit(|rec| rec.unretire(&r.location))
+                        .map_err(|e| format!("record: {e}"))?;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %cfg.name, replica = %r.location, error = %e, "retired replica not reclaimed")
+                }
+            }
+            out.push((r, res));
+        }
+        Ok(out)
+    }
+
+    /// Drop the half-built replacement `new` of `old` (which came back and is
+    /// caught up instead); the substitution goes back to `old`.
+    pub fn ha_abandon(&self, old: &str, new: &str) -> Result<(), String> {
+        let (health, sink) = self.v.serving_parts()?;
+        let snap = health.snapshot();
+        let new_slot = snap
+            .slots
+            .iter()
+            .find(|s| s.location == new)
+            .ok_or_else(|| format!("no replica {new} in the running set"))?;
+        // The monitor decided on an earlier view: the replacement may have come
+        // online since, and the old replica been dropped for it (abandoning it now
+        // would leave the volume a replica short), or the old one be gone.
+        if new_slot.state == replication::ReplicaState::Online {
+            return Err(format!(
+                "{new} is online now: the replacement finished, nothing to abandon"
+            ));
+        }
+        if !snap.slots.iter().any(|s| s.location == old) {
+            return Err(format!(
+                "{old} is no longer in the running set: {new} is its replacement, kept"
+            ));
+        }
+        health
+            .remove_slot(new_slot.slot)
+            .map_err(|e| e.to_string())?;
+        self.v
+            .live
+            .lock()
+            .unwrap()
+            .replacing
+            .retain(|(_, n)| *n != new_slot.uuid);
+        sink.edit(|r| {
+            r.replacing.retain(|x| x.new_uuid != new_slot.uuid);
+            r.retire(
+                new,
+                new_slot.uuid,
+                crate::state::RetiredWhy::Abandoned {
+                    of: old.to_string(),
+                },
+            );
+            let Some(i) = r.substitutions.iter().position(|s| s.location() == new) else {
+                return;
+            };
+            match old.split_once('@') {
+                // `old` was itself a substitute: it is again.
+                Some((id, addr)) if r.substitutions[i].configured != old => {
+                    r.substitutions[i].id = id.to_string();
+                    r.substitutions[i].addr = addr.to_string();
+                }
+                _ => {
+                    r.substitutions.remove(i);
+                }
+            }
+        })
+        .map_err(|e| format!("record: {e}"))?;
+        tracing::info!(volume = %self.v.cfg().name, old = %old, new = %new,
+            "the old replica came back lacking less: its replacement is dropped");
+        Ok(())
+    }
+
+    /// Drop the replaced replicas whose replacement is online.
+    pub fn finish_replacements(&self, health: &Health) {
+        let pending = std::mem::take(&mut self.v.live.lock().unwrap().replacing);
+        let snap = health.snapshot();
+        let state = |u: &wire::ReplicaUuid| snap.slots.iter().find(|s| s.uuid == *u);
+        let mut keep = Vec::new();
+        for (old, new) in pending {
+            match (state(&old), state(&new)) {
+                (Some(o), Some(n)) if n.state == replication::ReplicaState::Online => {
+                    match health.remove_slot(o.slot) {
+                        Ok(()) => {
+                            tracing::info!(volume = %self.v.cfg().name, old = %o.location,
+                                new = %n.location, "replacement online: the old replica is dropped (its storage is kept: `ublkctl replica reclaim` deletes it)");
+                            let sink = self.v.live.lock().unwrap().sink.clone();
+                            let why = crate::state::RetiredWhy::Replaced {
+                                by: n.location.clone(),
+                            };
+                            let done = |r: &mut crate::state::VolumeRecord| {
+                                r.replacing.retain(|x| x.old_uuid != old);
+                                r.retire(&o.location, o.uuid, why)
+                            };
+                            if let Some(Err(e)) = sink.map(|s| s.edit(done)) {
+                                tracing::warn!(volume = %self.v.cfg().name, replica = %o.location, error = %e,
+                                    "cannot record the retired replica: reclaim it by hand");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %self.v.cfg().name, replica = %o.location, error = %e,
+                                "cannot drop the replaced replica yet");
+                            keep.push((old, new));
+                        }
+                    }
+                }
+                (Some(_), Some(_)) => keep.push((old, new)),
+                // One of them left the set otherwise: nothing to finish.
+                _ => {
+                    let sink = self.v.live.lock().unwrap().sink.clone();
+                    if let Some(Err(e)) =
+                        sink.map(|s| s.edit(|r| r.replacing.retain(|x| x.old_uuid != old)))
+                    {
+                        tracing::warn!(volume = %self.v.cfg().name, error = %e,
+                            "cannot record the end of a replacement");
+                    }
+                }
+            }
+        }
+        self.v.live.lock().unwrap().replacing.extend(keep);
+    }
+
+    /// Apply an operator's rebuild command.
+    pub fn rebuild(
+        &self,
+        action: &crate::control::RebuildAction,
+    ) -> Result<serde_json::Value, DaemonError> {
+        use crate::control::RebuildAction;
+        let (health, manager) = {
+            let live = self.v.live.lock().unwrap();
+            match (&live.health, &live.rebuilds) {
+                (Some(h), Some(m)) => (h.clone(), m.clone()),
+                _ => {
+                    return Err(DaemonError::volume(
+                        &self.v.cfg().name,
+                        "not serving: start it first (ublkctl recover)",
+                    ))
+                }
+            }
+        };
+        let slot_of = |replica: &str| self.v.replica_named(&health, replica).map(|(slot, _)| slot);
+        fn v<T: Serialize>(x: &T) -> serde_json::Value {
+            serde_json::to_value(x).expect("rebuild types serialize")
+        }
+        Ok(match action {
+            RebuildAction::Start { replica, full } => {
+                let slot = slot_of(replica)?;
+                manager
+                    .request(slot, *full)
+                    .map_err(|e| DaemonError::volume(&self.v.cfg().name, e.to_string()))?;
+                v(&slot)
+            }
+            RebuildAction::Cancel { replica } => {
+                let slot = replica.as_deref().map(slot_of).transpose()?;
+                v(&manager.cancel(slot))
+            }
+            RebuildAction::History => v(&manager.history()),
+        })
     }
 }
 
@@ -1247,7 +1263,7 @@ fn housekeeping(
 ) {
     let mut failed_once = std::collections::HashSet::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        shared.finish_replacements(health);
+        shared.decider().finish_replacements(health);
         let snap = health.snapshot();
         for (slot, location) in health.unopened() {
             let Some(r) = cfg
