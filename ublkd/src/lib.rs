@@ -9,6 +9,7 @@
 //! * [`control`] — the local control socket `ublkctl` talks to.
 //! * [`ha`] — the HA monitor's edge: probes of the replica servers.
 
+pub mod clidocs;
 pub mod config;
 pub mod control;
 pub mod daemon;

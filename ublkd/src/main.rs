@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use replica_server::{Limits, Server};
 use replication::remote::Secret;
@@ -33,12 +33,18 @@ struct Cli {
 enum Cmd {
     /// Validate a configuration file and exit (touches nothing).
     CheckConfig { file: PathBuf },
+    /// Write the man pages into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Some(Cmd::CheckConfig { file }) => check_config(&file),
+        Some(Cmd::Man { dir }) => ublkd::clidocs::write_man(Cli::command(), &dir)
+            .map(drop)
+            .with_context(|| format!("write man pages into {}", dir.display())),
         None => run(&cli.config, cli.log_level.as_deref()),
     };
     if let Err(e) = res {

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use replication::rebuild::{Ended, HistoryEntry, Work};
 use ublkd::control::{call, HaAction, RebuildAction, Request};
 use ublkd::daemon::Orphan;
 use ublkd::volume::VolumeStatus;
 
 #[derive(Parser)]
-#[command(version, about = "Control the local ublkd")]
+#[command(name = "ublkctl", version, about = "Control the local ublkd")]
 struct Cli {
     /// Control socket (default: the one in --config, else /run/ublkd/ublkd.sock).
     #[arg(long, env = "UBLKD_SOCKET", global = true)]
@@ -34,6 +34,12 @@ enum Output {
 enum Cmd {
     /// Volumes with their devices and states.
     List,
+    /// Print the completion script for SHELL, e.g.
+    /// `ublkctl completions bash > /etc/bash_completion.d/ublkctl`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// One volume: replicas, their health, I/O counters.
     Status { volume: String },
     /// Stop a volume: drain I/O and remove its device.
@@ -175,6 +181,15 @@ fn run() -> Result<()> {
         (None, None) => PathBuf::from(ublkd::config::DEFAULT_CONTROL_SOCKET),
     };
     let req = match &cli.cmd {
+        Cmd::Completions { shell } => {
+            ublkd::clidocs::completions(Cli::command(), *shell);
+            return Ok(());
+        }
+        Cmd::Man { dir } => {
+            return ublkd::clidocs::write_man(Cli::command(), dir)
+                .map(drop)
+                .with_context(|| format!("write man pages into {}", dir.display()));
+        }
         Cmd::Events { follow } => return events(&socket, *follow, cli.output),
         Cmd::Replica {
             cmd: ReplicaCmd::Accept { volume },
@@ -387,6 +402,8 @@ fn run() -> Result<()> {
         },
         Cmd::Verify { .. } => unreachable!("handled above"),
         Cmd::Events { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. }
         | Cmd::Replica {
             cmd: ReplicaCmd::Accept { .. },
         } => {
