@@ -869,6 +869,9 @@ impl World {
                     self.stores.resize(i + 1, None);
                 }
                 self.stores[i] = Some(fresh);
+                // A reused slot index holds another replica: the removed one's
+                // host crash is not this one's (its client saw no reboot).
+                *self.rebooted_mut(i) = false;
                 self.stats.adds += 1;
                 self.note(format!(
                     "add slot {i} ({}) -> {}",
