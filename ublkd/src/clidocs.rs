@@ -5,6 +5,19 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// `--version`'s long form: the release and the formats it speaks, which decide
+/// what it interoperates with (a server of another release, labels and records
+/// written by one).
+pub fn long_version() -> String {
+    format!(
+        "{}\nreplica protocol v{} (serves v2 owners too), replica label format {}, state record v{}",
+        env!("CARGO_PKG_VERSION"),
+        wire::version::ProtocolVersion::CURRENT.number(),
+        wire::label::LABEL_FORMAT,
+        crate::state::RECORD_VERSION,
+    )
+}
+
 /// Section 8: both binaries are system administration commands.
 const SECTION: &str = "8";
 

@@ -289,7 +289,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, DaemonErr
         .map_err(|e| err(e.to_string()))?;
     match serde_json::from_str::<Response>(&line) {
         Ok(Response::Ok(v)) => Ok(v),
-        Ok(Response::Error(e)) => Err(err(e)),
+        Ok(Response::Error(e)) => Err(DaemonError::Refused(e)),
         Err(e) => Err(err(format!("bad response from daemon: {e}"))),
     }
 }

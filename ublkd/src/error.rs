@@ -27,8 +27,12 @@ pub enum DaemonError {
     Reload(#[from] crate::reload::Refused),
     #[error("reload: {0}")]
     ReloadFailed(String),
+    /// No daemon answered on the control socket (or the answer was garbled).
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
+    /// The daemon answered, refusing the request: its reason.
+    #[error("{0}")]
+    Refused(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use replica_server::{Limits, Server};
 use replication::remote::Secret;
@@ -16,7 +16,16 @@ use ublkd::volume::Net;
 #[command(
     version,
     about = "Serve replicated volumes as /dev/ublkbN",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = "\
+Examples:
+  ublkd check-config /etc/ublkd/ublk.toml   # what the daemon would refuse, by line
+  ublkd --config /etc/ublkd/ublk.toml       # run in the foreground (systemd: ublkd.service)
+  ublkd --config ublk.toml --log-level debug
+
+Signals: SIGHUP re-reads the config (as `ublkctl reload`); SIGTERM and SIGINT drain I/O
+and remove the devices (unmount first). A crashed or killed daemon leaves its devices:
+the next one takes them back with their filesystems mounted."
 )]
 struct Cli {
     /// Configuration file.
@@ -39,7 +48,8 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cmd = Cli::command().long_version(ublkd::clidocs::long_version());
+    let cli = Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
     let res = match cli.cmd {
         Some(Cmd::CheckConfig { file }) => check_config(&file),
         Some(Cmd::Man { dir }) => ublkd::clidocs::write_man(Cli::command(), &dir)

@@ -39,11 +39,72 @@ fn only_root_and_the_daemons_user_may_drive_the_daemon() {
     }
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = ctl(Some(65534));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "uid 65534 was served");
+    // --output json: the refusal is a JSON object on stdout, exit status 3.
+    let err = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "uid 65534 was served: {err}");
     assert!(
         err.contains("uid 65534") && err.contains("may not use the control socket"),
         "{err}"
     );
     assert!(ctl(None).status.success(), "root still is");
+}
+
+/// A script tells the outcomes apart by exit status, and with `--output json`
+/// reads errors as JSON too: 4 when no daemon answers, 3 when it refuses the
+/// request, 2 for a usage error; in text mode the reason goes to stderr.
+#[test]
+fn exit_status_says_who_failed_and_json_errors_are_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = |sock: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ublkctl"))
+            .arg("--socket")
+            .arg(sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let json_error = |out: &std::process::Output| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&out.stdout)));
+        v["error"].clone()
+    };
+
+    let nobody = tmp.path().join("none.sock");
+    let out = ctl(&nobody, &["list"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("is ublkd running?"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    let out = ctl(&nobody, &["--output", "json", "list"]);
+    assert_eq!(out.status.code(), Some(4));
+    let e = json_error(&out);
+    assert_eq!(e["kind"], "unreachable", "{e}");
+    assert_eq!(e["exit_code"], 4, "{e}");
+
+    let server = start_server(tmp.path(), 37);
+    let sock = server.dir.join("ctl.sock");
+    let out = ctl(&sock, &["status", "nope"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    // The daemon's reason, not dressed as a socket fault.
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no volume named \"nope\"") && !err.contains("control socket"),
+        "{err}"
+    );
+    let out = ctl(&sock, &["-o", "json", "status", "nope"]);
+    assert_eq!(out.status.code(), Some(3));
+    let e = json_error(&out);
+    assert_eq!(e["kind"], "refused", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("no volume named"),
+        "{e}"
+    );
+
+    let out = ctl(&sock, &["no-such-command"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(ctl(&sock, &["list"]).status.success());
 }

@@ -3,14 +3,31 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use replication::rebuild::{Ended, HistoryEntry, Work};
 use ublkd::control::{call, HaAction, RebuildAction, Request};
 use ublkd::daemon::Orphan;
 use ublkd::volume::VolumeStatus;
 
 #[derive(Parser)]
-#[command(name = "ublkctl", version, about = "Control the local ublkd")]
+#[command(
+    name = "ublkctl",
+    version,
+    about = "Control the local ublkd",
+    after_help = "\
+Examples:
+  ublkctl list
+  ublkctl status vol0 -o json          # replica states as JSON (errors too, with -o json)
+  ublkctl rebuild watch vol0           # follow a rebuild or resync to its end
+  ublkctl verify vol0 --repair         # compare the replicas, rewrite what differs
+  ublkctl replica replace vol0 '#2' --to 10.0.0.4:7450
+  ublkctl completions bash > /etc/bash_completion.d/ublkctl
+
+Exit status: 0 done; 1 done, but the answer says something is wrong (replicas
+differ, a change not applied, a replica not reclaimed, a rebuild that did not
+finish); 2 usage error; 3 ublkd refused the request; 4 no ublkd answered on the
+control socket; 5 any other error on this side."
+)]
 struct Cli {
     /// Control socket (default: the one in --config, else /run/ublkd/ublkd.sock).
     #[arg(long, env = "UBLKD_SOCKET", global = true)]
@@ -18,6 +35,8 @@ struct Cli {
     /// Take the socket path from this ublkd config file.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// text for people; json for scripts: the daemon's answer, and errors as
+    /// {"error": {"kind", "message", "exit_code"}} on stdout.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
     #[command(subcommand)]
@@ -166,15 +185,40 @@ enum RebuildCmd {
     History { volume: String },
 }
 
+/// Exit status: the command was done, but its answer says something is wrong
+/// (replicas differ, a change not applied, a replica not reclaimed, a rebuild that
+/// did not finish). 0 is success; 2 a usage error (clap's).
+const EXIT_NOT_OK: i32 = 1;
+/// The daemon refused the request (no such volume, not serving, not allowed).
+const EXIT_REFUSED: i32 = 3;
+/// No daemon answered on the control socket.
+const EXIT_UNREACHABLE: i32 = 4;
+/// Anything else on this side (a config file that cannot be read, ...).
+const EXIT_LOCAL: i32 = 5;
+
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("ublkctl: error: {e:#}");
-        std::process::exit(1);
+    let cmd = Cli::command().long_version(ublkd::clidocs::long_version());
+    let cli = Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
+    let output = cli.output;
+    if let Err(e) = run(cli) {
+        let (code, kind) = match e.downcast_ref::<ublkd::error::DaemonError>() {
+            Some(ublkd::error::DaemonError::Refused(_)) => (EXIT_REFUSED, "refused"),
+            Some(ublkd::error::DaemonError::Control { .. }) => (EXIT_UNREACHABLE, "unreachable"),
+            _ => (EXIT_LOCAL, "local"),
+        };
+        if output == Output::Json {
+            let err = serde_json::json!({
+                "error": { "kind": kind, "message": format!("{e:#}"), "exit_code": code }
+            });
+            println!("{err}");
+        } else {
+            eprintln!("ublkctl: error: {e:#}");
+        }
+        std::process::exit(code);
     }
 }
 
-fn run() -> Result<()> {
-    let cli = Cli::parse();
+fn run(cli: Cli) -> Result<()> {
     let socket = match (&cli.socket, &cli.config) {
         (Some(s), _) => s.clone(),
         (None, Some(c)) => ublkd::config::Config::from_file(c)?.node.control_socket,
@@ -286,12 +330,25 @@ fn run() -> Result<()> {
             print_verify(&r);
         }
         if !r.clean() {
-            std::process::exit(1);
+            std::process::exit(EXIT_NOT_OK);
         }
         return Ok(());
     }
     if cli.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&v)?);
+        // The same exit status as the text output's.
+        let not_ok = match &cli.cmd {
+            Cmd::Reload => v["failed"].as_array().is_some_and(|f| !f.is_empty()),
+            Cmd::Replica {
+                cmd: ReplicaCmd::Reclaim { .. },
+            } => v["reclaimed"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e.get("error").is_some())),
+            _ => false,
+        };
+        if not_ok {
+            std::process::exit(EXIT_NOT_OK);
+        }
         return Ok(());
     }
     match cli.cmd {
@@ -484,7 +541,7 @@ fn run() -> Result<()> {
                 println!("{} ({}): {what}", r.location, r.why);
             }
             if failed {
-                std::process::exit(1);
+                std::process::exit(EXIT_NOT_OK);
             }
         }
         Cmd::Reload => {
@@ -499,7 +556,7 @@ fn run() -> Result<()> {
                 println!("NOT APPLIED: {c}: {e}");
             }
             if !r.failed.is_empty() {
-                std::process::exit(1);
+                std::process::exit(EXIT_NOT_OK);
             }
         }
         Cmd::Server => {
@@ -783,7 +840,7 @@ fn watch(socket: &std::path::Path, volume: &str, output: Output) -> Result<()> {
         }
     }
     if !matches!(last.ended, Ended::Done { .. }) {
-        std::process::exit(1);
+        std::process::exit(EXIT_NOT_OK);
     }
     Ok(())
 }
