@@ -63,8 +63,27 @@ fn main() {
     }
 }
 
+/// What the daemon would refuse at start, short of starting: the file, the secret
+/// (read and checked as the daemon reads it), and that `[server] listen` is an
+/// address of this host. No server is contacted; whether the listen port is free
+/// is known only at start (a running ublkd holds it).
 fn check_config(file: &std::path::Path) -> Result<()> {
     let cfg = Config::from_file(file)?;
+    if let Some(p) = &cfg.node.cluster_secret_file {
+        ublkd::config::read_secret(p)
+            .with_context(|| format!("{}: [node] cluster_secret_file", file.display()))?;
+    }
+    if let Some(srv) = &cfg.server {
+        let any_port = std::net::SocketAddr::new(srv.listen.ip(), 0);
+        std::net::TcpListener::bind(any_port).with_context(|| {
+            format!(
+                "{}: [server] listen = \"{}\": {} is not an address of this host",
+                file.display(),
+                srv.listen,
+                srv.listen.ip()
+            )
+        })?;
+    }
     println!(
         "{}: ok ({} volume{})",
         file.display(),
@@ -90,7 +109,9 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         return Err(ublkd::DaemonError::NoUblkDriver.into());
     }
     let secret = match &cfg.node.cluster_secret_file {
-        Some(p) => Some(Secret::new(ublkd::config::read_secret(p)?)),
+        Some(p) => Some(Secret::new(ublkd::config::read_secret(p).with_context(
+            || format!("{}: [node] cluster_secret_file", config.display()),
+        )?)),
         None => None,
     };
     if cfg.volumes.is_empty() && cfg.server.is_none() {
@@ -130,7 +151,9 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         // Accept and handshake on a thread of their own: a flood of unauthenticated
         // connections must not delay this node's own replica I/O on "net".
         let (accept, stop, thread) = runtime_thread("server-accept")?;
-        server.listen(srv.listen, &accept)?;
+        server.listen(srv.listen, &accept).with_context(|| {
+            format!("{}: [server] listen = \"{}\"", config.display(), srv.listen)
+        })?;
         replica_server = Some(server);
         server_accept = Some((stop, thread));
     }
