@@ -96,13 +96,21 @@ fn check_config(file: &std::path::Path) -> Result<()> {
 fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let level = log_level.unwrap_or(&cfg.node.log_level).to_string();
-    tracing_subscriber::fmt()
+    // Colour only on a terminal; under systemd (JOURNAL_STREAM set) no timestamp
+    // either: the journal stamps every line itself.
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
     // A node that only hosts replicas for others needs no ublk driver.
     let replica_server_only = cfg.volumes.is_empty() && cfg.server.is_some();
     if !replica_server_only && !std::path::Path::new("/dev/ublk-control").exists() {

@@ -108,3 +108,47 @@ fn exit_status_says_who_failed_and_json_errors_are_json() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(ctl(&sock, &["list"]).status.success());
 }
+
+/// Logs off a terminal carry no colour codes; under systemd (JOURNAL_STREAM set)
+/// no timestamps either, the journal stamps each line.
+#[test]
+fn logs_are_plain_off_a_terminal_and_unstamped_in_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_server(tmp.path(), 38);
+    let log = server.log();
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
+    let first = log.lines().find(|l| l.contains("ublkd running")).unwrap();
+    assert!(
+        first.starts_with("20"),
+        "a file log line has no timestamp: {first}"
+    );
+    let conf = server.dir.join("ublk.toml");
+    drop(server);
+    let journal = tmp.path().join("journal.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
+        .arg("--config")
+        .arg(&conf)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(std::fs::File::create(&journal).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let log = loop {
+        let log = std::fs::read_to_string(&journal).unwrap_or_default();
+        if log.contains("ublkd running") || t0.elapsed() > std::time::Duration::from_secs(20) {
+            break log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ublkd running"))
+        .expect("it started");
+    assert!(
+        line.trim_start().starts_with("INFO"),
+        "a journal line starts with a timestamp: {line}"
+    );
+    assert!(!log.contains('\x1b'), "{log:?}");
+}
