@@ -132,9 +132,10 @@ start_ublkd() {
   say "started ublkd pid $DPID"
 }
 
-# stop_ublkd [SECS]: SIGTERM the daemon started by start_ublkd, wait for it; returns its status.
+# stop_ublkd [SECS]: SIGINT the daemon started by start_ublkd (drain, remove the devices:
+# SIGTERM would leave them to a next ublkd), wait for it; returns its status.
 stop_ublkd() {
-  kill -TERM "$DPID" 2>/dev/null
+  kill -INT "$DPID" 2>/dev/null
   wait_pid "$DPID" "${1:-30}"
 }
 
@@ -253,11 +254,11 @@ fio_ok() {
   [ -z "$_bad" ] || fail "fio errors: $(echo "$_bad" | tr '\n' ' ')"
 }
 
-# stop_daemon_clean: SIGTERM the daemon, expect exit 0.
+# stop_daemon_clean: SIGINT the daemon (it removes its devices), expect exit 0.
 stop_daemon_clean() {
   stop_ublkd 30
   _rc=$?
-  [ $_rc -eq 0 ] || fail "ublkd exited $_rc on SIGTERM (expected 0)"
+  [ $_rc -eq 0 ] || fail "ublkd exited $_rc on SIGINT (expected 0)"
 }
 
 # tcp_listening ADDR PORT: a listening socket on ADDR:PORT (IPv4, from /proc/net/tcp).
@@ -344,8 +345,8 @@ cleanup_scenario() {
     timeout 30 "$UMOUNT" "$_m" || echo "cleanup: umount $_m failed"
   done
   for _p in $(ublkd_pids); do
-    echo "cleanup: SIGTERM ublkd $_p"
-    kill -TERM "$_p"
+    echo "cleanup: SIGINT ublkd $_p (it removes its devices)"
+    kill -INT "$_p"
   done
   wait_for 20 no_ublkd
   for _p in $(ublkd_pids); do echo "cleanup: SIGKILL ublkd $_p"; kill -KILL "$_p"; done

@@ -25,7 +25,7 @@ pub struct Daemon {
     /// start or an orphan sweep during that window would race the old volume thread
     /// for the device and the replica locks. Status and list never take it.
     ops: Mutex<()>,
-    /// Set once SIGTERM's stop_all began: no volume may start after it.
+    /// Set once a stop (stop_all) or a hand-over began: no volume may start after it.
     shutting_down: std::sync::atomic::AtomicBool,
     /// This node's replica server, if it has a `[server]`.
     server: Option<std::sync::Arc<Server>>,
@@ -321,6 +321,33 @@ impl Daemon {
                 s.spawn(|| r.stop());
             }
         });
+    }
+
+    /// Leave every volume's device to the next ublkd (a restart, an upgrade): each
+    /// stops taking requests, drains and flushes (see `volume::hand_over`). Returns
+    /// the volumes left clean and those the next start resyncs (not serving yet,
+    /// a drain or flush that failed, no answer within `wait`). The caller exits the
+    /// process next: the volumes' threads stay parked until then.
+    pub fn hand_over_all(&self, wait: std::time::Duration) -> (Vec<String>, Vec<String>) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ops = self.ops.lock().unwrap();
+        let vols = self.volumes.lock().unwrap();
+        // Ask all first, so they drain in parallel.
+        let asked: Vec<_> = vols
+            .iter()
+            .map(|(name, r)| (name.clone(), r.request_hand_over()))
+            .collect();
+        let deadline = std::time::Instant::now() + wait;
+        let (mut clean, mut not_clean) = (Vec::new(), Vec::new());
+        for (name, rx) in asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(true) => clean.push(name),
+                _ => not_clean.push(name),
+            }
+        }
+        (clean, not_clean)
     }
 
     pub fn status(&self, name: &str) -> Result<VolumeStatus, DaemonError> {

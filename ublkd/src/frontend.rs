@@ -47,6 +47,9 @@ pub struct DataPath {
     pub discard: bool,
     /// Local replicas at start: each takes one SQE per request on the queue ring.
     pub local_replicas: usize,
+    /// Handing the device over to the next ublkd: a request that arrives is held,
+    /// never started nor completed (the kernel reissues it to the next daemon).
+    pub hand_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Wakes a queue thread from `io_uring_enter` when a remote replica (on a tokio
@@ -182,8 +185,9 @@ pub fn run_queue(qid: u16, dev: &UblkDev, dp: &DataPath) {
         .tags()
         .map(|tag| {
             let (q, nexus, geo, vol) = (q.clone(), nexus.clone(), dp.geometry, dp.volume.clone());
+            let hand_over = dp.hand_over.clone();
             exe.spawn(async move {
-                match serve_tag(&q, tag, &nexus, &geo).await {
+                match serve_tag(&q, tag, &nexus, &geo, &hand_over).await {
                     Err(UblkError::QueueIsDown) | Ok(()) => {}
                     Err(e) => {
                         tracing::error!(volume = %vol, qid, tag, error = ?e, "io task failed")
@@ -210,11 +214,16 @@ async fn serve_tag(
     tag: u16,
     nexus: &Nexus,
     geo: &Geometry,
+    hand_over: &std::sync::atomic::AtomicBool,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
+        // A request arrived. Handing over: held, untouched, for the next daemon.
+        if hand_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return futures::future::pending().await;
+        }
         let res = {
             let iod = q.get_iod(tag);
             match BlockRequest::from_ublk(iod.op_flags, iod.start_sector, iod.nr_sectors, geo) {

@@ -23,9 +23,10 @@ Examples:
   ublkd --config /etc/ublkd/ublk.toml       # run in the foreground (systemd: ublkd.service)
   ublkd --config ublk.toml --log-level debug
 
-Signals: SIGHUP re-reads the config (as `ublkctl reload`); SIGTERM and SIGINT drain I/O
-and remove the devices (unmount first). A crashed or killed daemon leaves its devices:
-the next one takes them back with their filesystems mounted."
+Signals: SIGHUP re-reads the config (as `ublkctl reload`). SIGTERM (systemctl stop,
+restart) leaves the devices to the next ublkd: requests wait in the kernel until it
+takes them back, filesystems stay mounted. SIGINT (Ctrl-C) drains I/O and removes the
+devices (unmount first). A crashed or killed daemon leaves its devices too."
 )]
 struct Cli {
     /// Configuration file.
@@ -92,6 +93,10 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// How long SIGTERM waits for the volumes to drain and flush (each has its own
+/// bound, volume::HAND_OVER_DRAIN; this covers the flushes after it).
+const HAND_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
 
 fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     let cfg = Config::from_file(config)?;
@@ -210,6 +215,21 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
                     }
                     Err(e) => tracing::error!(error = %e, "reload refused"),
                 }
+            }
+            // systemd's stop and restart: the devices stay for the next ublkd.
+            Signal::SIGTERM => {
+                tracing::info!("SIGTERM: handing the devices over to the next ublkd");
+                ha_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = ha_thread.join();
+                let (clean, not_clean) = daemon.hand_over_all(HAND_OVER_WAIT);
+                let _ = std::fs::remove_file(&socket);
+                tracing::info!(
+                    clean = ?clean,
+                    resync_at_next_start = ?not_clean,
+                    "handed over: devices left for the next ublkd, which takes them back with their filesystems mounted"
+                );
+                // Without STOP_DEV: the queues' held requests go to the next daemon.
+                std::process::exit(0);
             }
             sig => {
                 tracing::info!(signal = ?sig, "stopping: draining I/O and removing devices");

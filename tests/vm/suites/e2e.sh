@@ -5,12 +5,13 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigterm_clean kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigint_clean sigterm_hand_over kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
 timeout_fio_verify=300
-timeout_sigterm_clean=120
+timeout_sigint_clean=120
+timeout_sigterm_hand_over=360
 timeout_kill9_recover=360
 timeout_mirror_fault=420
 timeout_source_error_writes=400
@@ -103,8 +104,11 @@ dd_pattern() {
 }
 
 # ext4_on_fresh_volume: a one-replica 256 MiB volume with ext4 mounted on $M.
+# ext4_on_fresh_volume [IMG...]: vol0 (256 MiB) on these replicas ($T/r0.img), ext4 on it
+# mounted on $M.
 ext4_on_fresh_volume() {
-  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
+  [ $# -gt 0 ] || set -- "$T/r0.img"
+  mkconf "$T/ublkd.conf" vol0 256MiB "$@"
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
   M=/mnt/$SCENARIO; mkdir -p $M
@@ -159,9 +163,10 @@ fio_verify() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# SIGTERM: exit 0, no device left behind; data written before persists into the next run.
+# SIGINT (Ctrl-C; stop_ublkd): exit 0, no device left behind; data written before persists
+# into the next run.
 no_ublk_devices() { ! ls /dev/ublkb* /sys/class/ublk-char/ublkc* >/dev/null 2>&1; }
-sigterm_clean() {
+sigint_clean() {
   need_ublk
   mkconf "$T/ublkd.conf" vol0 64MiB "$T/r0.img"
   start_ublkd "$T/ublkd.conf"
@@ -170,20 +175,20 @@ sigterm_clean() {
   run dd if="$T/pat" of=$DEV bs=1M seek=8 oflag=direct conv=fsync
 
   stop_daemon_clean
-  wait_for 10 no_ublk_devices || fail "devices left after SIGTERM: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
+  wait_for 10 no_ublk_devices || fail "devices left after SIGINT: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
   no_ublkd || fail "a ublkd process is still running"
   [ -c /dev/ublk-control ] || fail "/dev/ublk-control vanished"
 
-  # Second life: the data is still there, and the second SIGTERM is as clean.
+  # Second life: the data is still there, and the second SIGINT is as clean.
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
   run dd if=$DEV of="$T/rb" bs=1M skip=8 count=4 iflag=direct
   same_file "$T/pat" "$T/rb" "data after restart"
   stop_daemon_clean
-  wait_for 10 no_ublk_devices || fail "devices left after second SIGTERM: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
+  wait_for 10 no_ublk_devices || fail "devices left after second SIGINT: $(ls /dev/ublkb* /sys/class/ublk-char/ 2>&1 | tr '\n' ' ')"
   no_kernel_errors ublkb0
 
-  # Third life: SIGTERM with writes in flight. The daemon drains what the kernel already
+  # Third life: SIGINT with writes in flight. The daemon drains what the kernel already
   # handed it, removes the device and exits 0; the writer then gets errors (its device is
   # gone) instead of hanging; the kernel logs no bug.
   start_ublkd "$T/ublkd.conf"
@@ -192,10 +197,10 @@ sigterm_clean() {
       --direct=1 --size=64M --time_based --runtime=60 --output="$T/busy.fio.log" &
   FPID=$!
   sleep 2
-  alive $FPID || fail "fio ended before SIGTERM: $(tail -n 5 "$T/busy.fio.log")"
+  alive $FPID || fail "fio ended before SIGINT: $(tail -n 5 "$T/busy.fio.log")"
   stop_daemon_clean
   wait_pid $FPID 30 || say "fio exited non-zero after its device was removed (expected)"
-  wait_for 10 no_ublk_devices || fail "devices left after SIGTERM under load"
+  wait_for 10 no_ublk_devices || fail "devices left after SIGINT under load"
   bug=$(dmesg_since_start | grep -E 'BUG:|Oops|WARNING:|hung_task' | head -n 3)
   [ -z "$bug" ] || fail "kernel complained: $bug"
 }
@@ -245,6 +250,26 @@ kill9_recover() {
     [ -b $DEV ] || fail "$DEV missing after recovery"
   done
 
+  writer_verified
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# reboot_away_device: vol0's QUIESCED device goes, as in a reboot (removed as an orphan by a
+# daemon that does not know vol0); $T/ublkd.conf is the cleanup's config again.
+reboot_away_device() {
+  STATE_DIR=/var/lib/ublkd/$SCENARIO-other DEVICE_ID=1 mkconf "$T/other.conf" other 16MiB "$T/o.img"
+  start_ublkd "$T/other.conf"
+  wait_dev /dev/ublkb1
+  run "$UBLKCTL" --socket "$SOCK" orphans --remove
+  wait_for 10 eval '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "could not remove vol0's device"
+  stop_daemon_clean
+  cp "$T/ublkd.conf" "$T/last.conf"
+}
+
+# writer_verified: the writer ($WPID) ends without an error having written every file; the
+# filesystem unmounts, fscks clean, and every file reads back (page cache dropped).
+writer_verified() {
   wait_pid $WPID 240
   rc=$?
   [ $rc -eq 0 ] || fail "writer exited $rc: $(tail -n 3 "$T/writer.err" | tr '\n' ' ')"
@@ -256,7 +281,54 @@ kill9_recover() {
   run "$MOUNT" -t ext4 $DEV $M
   sha256sum -c "$T/writer.sums" > "$T/verify.out" 2>&1 || fail "files differ after recovery: $(grep -v ': OK$' "$T/verify.out" | head -n 3 | tr '\n' ' ')"
   umount_checked $M $DEV
+}
+
+# ---------------------------------------------------------------------------------------------
+# systemctl restart as systemd does it: SIGTERM, then a new ublkd. The first hands the device
+# over (stops taking requests, drains, flushes, records the volume clean, exits 0 without
+# removing the device); the second takes it back. ext4 stays mounted, the writer never sees
+# an error, every file verifies, fsck is clean. Two rounds. Then a hand-over whose device
+# goes before the next start (a reboot): the record says clean, so that start resyncs
+# nothing (after a crash it would: unclean_restart); the two replicas are identical.
+sigterm_hand_over() {
+  need_ublk
+  ext4_on_fresh_volume "$T/r0.img" "$T/r1.img"
+  kill9_writer &
+  WPID=$!
+  for round in 1 2; do
+    wait_for 120 writer_past $((round * 12)) || fail "writer made no progress before SIGTERM $round (at $(writer_progress))"
+    _from=$(($(wc -l < "$T/ublkd.log") + 1))
+    say "round $round: SIGTERM ublkd $DPID (writer at file $(writer_progress))"
+    _t0=$(now)
+    kill -TERM $DPID
+    wait_pid $DPID 60
+    rc=$?
+    [ $rc -eq 0 ] || fail "ublkd exited $rc on SIGTERM (expected 0 after a hand-over)"
+    tail -n +$_from "$T/ublkd.log" | grep -q "handed over: the device stays.*clean=true" \
+      || fail "no clean hand-over: $(tail -n +$_from "$T/ublkd.log" | grep -i 'hand' | tail -n 3)"
+    [ -b $DEV ] || fail "$DEV removed by SIGTERM"
+    grep -q " $M " /proc/mounts || fail "$M unmounted by SIGTERM"
+    alive $WPID || fail "writer ended while no daemon ran: $(cat "$T/writer.err")"
+    _from=$(($(wc -l < "$T/ublkd.log") + 1))
+    start_ublkd "$T/ublkd.conf"
+    wait_live vol0 30
+    say "round $round: the next ublkd serves again $(awk -v a="$_t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after SIGTERM"
+    tail -n +$_from "$T/ublkd.log" | grep -q "found QUIESCED device: recovering it" \
+      || fail "the device was not taken back: $(tail -n +$_from "$T/ublkd.log" | tail -n 5)"
+  done
+  writer_verified
+
+  say "hand-over, then the device goes as in a reboot"
+  kill -TERM $DPID
+  wait_pid $DPID 60 || fail "ublkd did not exit 0 on SIGTERM"
+  reboot_away_device
+  _from=$(($(wc -l < "$T/ublkd.log") + 1))
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  wait_live vol0 30
+  ! tail -n +$_from "$T/ublkd.log" | grep -q "unclean shutdown" || fail "a resync after a clean hand-over"
   stop_daemon_clean
+  cmp -s -n $((256 << 20)) "$T/r0.img" "$T/r1.img" || fail "the replicas differ"
   no_kernel_errors ublkb0
 }
 
@@ -483,7 +555,7 @@ ops_guards() {
   second_failed() { "$UBLKCTL" --socket /run/ublkd/second.sock status vol0 --output json 2>/dev/null | tr -d ' \n' | grep -q '"state":"failed"'; }
   wait_for 8 second_failed || fail "second daemon's vol0 did not fail fast: $(cat "$T/second.log")"
   grep -q "is LIVE, served by pid $DPID" "$T/second.log" || fail "second daemon does not say why: $(tail -n 3 "$T/second.log")"
-  kill -TERM $SPID; wait $SPID
+  kill -INT $SPID; wait $SPID
   st=$(vol_status vol0)
   [ "$(replica_state "$st" 0)" = online ] && [ "$(replica_state "$st" 1)" = online ] \
     || fail "a second daemon disturbed the replicas: $st"
@@ -552,15 +624,7 @@ unclean_restart() {
   # A write that reached the second replica only, inside the extent just written.
   run dd if=/dev/urandom of="$T/r1.img" bs=4096 count=1 seek=$((4 * 256 + 3)) conv=notrunc,fsync
   cmp -s -n $((64 << 20)) "$T/r0.img" "$T/r1.img" && fail "the replicas should differ before the resync"
-  # "Reboot": the QUIESCED device disappears (removed here as an orphan by a daemon that
-  # does not know vol0).
-  STATE_DIR=/var/lib/ublkd/$SCENARIO-other DEVICE_ID=1 mkconf "$T/other.conf" other 16MiB "$T/o.img"
-  start_ublkd "$T/other.conf"
-  wait_dev /dev/ublkb1
-  run "$UBLKCTL" --socket "$SOCK" orphans --remove
-  wait_for 10 eval '! [ -e /sys/class/ublk-char/ublkc0 ]' || fail "could not remove vol0's device"
-  stop_daemon_clean
-  cp "$T/ublkd.conf" "$T/last.conf"
+  reboot_away_device
   start_ublkd "$T/ublkd.conf"
   wait_dev $DEV
   grep -q "unclean shutdown: resyncing" "$T/ublkd.log" || fail "daemon did not log the unclean shutdown"

@@ -628,8 +628,8 @@ repl_fence() {
   same_file "$T/pat" "$T/rb" "data seen by the new owner"
   run dd if=/dev/ublkb1 of="$T/blk" bs=4k skip=100 count=1 iflag=direct
   [ "$(od -An -tx1 "$T/blk" | tr -d ' \n' | tr -d 0)" != "" ] || fail "the fenced write of zeroes landed"
-  kill -TERM "$BPID"; wait_pid "$BPID" 30 || fail "second owner did not stop cleanly"
-  kill -TERM "$_apid"; wait_pid "$_apid" 30
+  kill -INT "$BPID"; wait_pid "$BPID" 30 || fail "second owner did not stop cleanly"
+  kill -INT "$_apid"; wait_pid "$_apid" 30
 }
 
 # A killed owner whose volume another owner took over must not recover its old device: the
@@ -663,7 +663,7 @@ repl_stale_recover() {
   # Owner B still serves, and its data is what is on the replicas.
   run dd if=/dev/ublkb1 of="$T/rb" bs=1M count=2 iflag=direct
   same_file "$T/p2" "$T/rb" "newer owner's data"
-  kill -TERM "$BPID"; wait_pid "$BPID" 30 || fail "owner B did not stop cleanly"
+  kill -INT "$BPID"; wait_pid "$BPID" 30 || fail "owner B did not stop cleanly"
   stop_daemon_clean
 }
 

@@ -44,7 +44,13 @@ pub const CTRL_FLAGS: u64 =
     (libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 
 pub enum VolumeCmd {
+    /// Drain I/O and remove the device.
     Stop,
+    /// Leave the device to the next ublkd (a restart, an upgrade): stop taking
+    /// requests, let those in flight finish, flush, and answer whether the volume
+    /// was left clean (no resync needed). The device stays, and so does this
+    /// volume's thread: the process exits next (see [`hand_over`]).
+    HandOver(Sender<bool>),
 }
 
 /// What the control socket reports about a volume.
@@ -1120,6 +1126,14 @@ impl VolumeRunner {
         let _ = self.cmd.send(VolumeCmd::Stop);
         self.thread.take()
     }
+
+    /// Ask the volume to leave its device to the next ublkd; the receiver says
+    /// whether it was left clean (nothing comes when it cannot answer in time).
+    pub fn request_hand_over(&self) -> std::sync::mpsc::Receiver<bool> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = self.cmd.send(VolumeCmd::HandOver(tx));
+        rx
+    }
 }
 
 fn run(
@@ -1159,6 +1173,11 @@ fn run(
 
     // 2. Activation: who is trusted, at which generation.
     let mut stop_asked = |wait: Duration| match cmd.recv_timeout(wait) {
+        // Nothing to hand over yet: its answer (not clean) ends the wait for it.
+        Ok(VolumeCmd::HandOver(done)) => {
+            let _ = done.send(false);
+            true
+        }
         Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => true,
         Err(RecvTimeoutError::Timeout) => false,
     };
@@ -1547,6 +1566,7 @@ fn serve(
         ranges: RangeTable::new(),
         discard: cheap_zeroing,
         local_replicas,
+        hand_over: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     });
     // Faulted replicas come back on their own once reachable: partial when what they
     // missed is logged, else full. Dropped (cancelled) before the health stops.
@@ -1724,6 +1744,7 @@ fn serve_device(
     let cmd = Mutex::new(cmd);
     let stop_flag = stop_requested.clone();
     let dp_dev = dp.clone();
+    let sink_dev = sink.clone();
     let name = cfg.name.clone();
     ctrl.run_target(
         move |dev: &mut UblkDev| {
@@ -1759,6 +1780,16 @@ fn serve_device(
                         tracing::error!(volume = %name, error = ?e, "stop device");
                     }
                 }
+                // No STOP_DEV: the queues keep the requests they hold (never
+                // completed, so the kernel gives them to the next ublkd), and this
+                // thread waits for the process to exit.
+                Ending::HandOver(done) => {
+                    let clean = hand_over(&name, &dp_dev, &shared_dev, &sink_dev);
+                    let _ = done.send(clean);
+                    loop {
+                        std::thread::park();
+                    }
+                }
                 Ending::Gone => {}
             }
         },
@@ -1778,7 +1809,53 @@ fn serve_headless(
 ) {
     now_serving(shared);
     let cmd = Mutex::new(cmd);
-    wait_for_stop(&cfg.name, health, shared, &cmd, stop_requested, || false);
+    // No device to leave behind: a hand-over is a stop.
+    if let Ending::HandOver(done) =
+        wait_for_stop(&cfg.name, health, shared, &cmd, stop_requested, || false)
+    {
+        stop_requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = done.send(false);
+    }
+}
+
+/// How long a hand-over waits for the requests in flight (a write waiting for a
+/// replica that is coming back may take up to `no_replica_timeout_ms`): past it, the
+/// volume is left as a crash leaves it, and the next ublkd resyncs.
+const HAND_OVER_DRAIN: Duration = Duration::from_secs(20);
+
+/// Leave a serving volume to the next ublkd, its device in place: the queues stop
+/// taking requests (those they hold are reissued to the next daemon by the kernel:
+/// UBLK_F_USER_RECOVERY_REISSUE), the copier stops, the mutations in flight finish
+/// (the whole-volume range lock), every replica is flushed, and the record says
+/// clean, so the next start recovers the device without a resync. Returns whether
+/// it got that far; if not, the next start treats it as a crash (a resync).
+fn hand_over(name: &str, dp: &DataPath, shared: &VolumeShared, sink: &RecordSink) -> bool {
+    dp.hand_over
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(rebuilds) = shared.live.lock().unwrap().rebuilds.clone() {
+        rebuilds.shutdown();
+    }
+    let whole = dp.ranges.lock(0, dp.geometry.size, &None);
+    let drained = futures::executor::block_on(async {
+        futures::pin_mut!(whole);
+        let timer = smol::Timer::after(HAND_OVER_DRAIN);
+        match futures::future::select(whole, timer).await {
+            futures::future::Either::Left((guard, _)) => Some(guard),
+            futures::future::Either::Right(_) => None,
+        }
+    });
+    let Some(_quiet) = drained else {
+        tracing::warn!(volume = %name, waited_s = HAND_OVER_DRAIN.as_secs(),
+            "hand-over: requests still in flight; the next ublkd resyncs the volume");
+        return false;
+    };
+    let failed = dp.health.sync_all();
+    for (loc, e) in &failed {
+        tracing::error!(volume = %name, replica = %loc, error = %e, "hand-over: sync failed");
+    }
+    let clean = failed.is_empty() && dp.health.is_durable() && sink.set_clean(true).is_ok();
+    tracing::info!(volume = %name, clean, "handed over: the device stays for the next ublkd");
+    clean
 }
 
 /// The device (or the headless frontend) serves: state `Live`. The record already
@@ -1799,6 +1876,7 @@ enum Ending {
     /// A newer owner took over: stop writing at once.
     Fenced,
     Stop,
+    HandOver(Sender<bool>),
     /// The device was removed behind our back.
     Gone,
 }
@@ -1825,6 +1903,10 @@ fn wait_for_stop(
                 stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 shared.set_state(VolumeState::Stopping, None);
                 return Ending::Stop;
+            }
+            Ok(VolumeCmd::HandOver(done)) => {
+                shared.set_state(VolumeState::Stopping, None);
+                return Ending::HandOver(done);
             }
             Err(RecvTimeoutError::Timeout) if gone() => {
                 tracing::error!(volume = %name, "ublk device removed behind our back");
