@@ -1844,11 +1844,14 @@ fn hand_over(name: &str, dp: &DataPath, shared: &VolumeShared, sink: &RecordSink
             futures::future::Either::Right(_) => None,
         }
     });
-    let Some(_quiet) = drained else {
+    let Some(quiet) = drained else {
         tracing::warn!(volume = %name, waited_s = HAND_OVER_DRAIN.as_secs(),
             "hand-over: requests still in flight; the next ublkd resyncs the volume");
         return false;
     };
+    // Held until the process exits: nothing (a verify's repair, another range user)
+    // may write after the clean mark below.
+    std::mem::forget(quiet);
     let failed = dp.health.sync_all();
     for (loc, e) in &failed {
         tracing::error!(volume = %name, replica = %loc, error = %e, "hand-over: sync failed");
