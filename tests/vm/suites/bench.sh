@@ -379,17 +379,20 @@ repl_matrix() {
   done
 }
 
-# stall_run NAME SIGNAL PID: 4k randwrite QD32 for 12 s; SIGNAL goes to PID after 4 s. Prints the
-# worst completion latency in ms (terse field 80: write total latency max, µs); fails on errors.
+# stall_run NAME CMD...: 4k randwrite QD32 for 12 s; CMD runs after 4 s (in this shell: it may
+# restart the owner). STALL_MS: the worst completion latency in ms (terse field 80: write
+# total latency max, µs); fails on errors.
 stall_run() {
-  "$FIO" --name="$1" --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+  _name=$1; shift
+  "$FIO" --name="$_name" --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
     --iodepth=32 --size=$REGION --time_based --runtime=12 --norandommap --randrepeat=0 \
-    --minimal > "$T/$1.terse" 2> "$T/$1.err" &
+    --minimal > "$T/$_name.terse" 2> "$T/$_name.err" &
   _f=$!
   sleep 4
-  [ "$2" = none ] || kill -"$2" "$3"
-  wait $_f || fail "fio $1 failed: $(head -c 300 "$T/$1.err")"
-  awk -F';' '{ if ($5 != 0) exit 1; printf "%d\n", $80 / 1000 }' "$T/$1.terse" || fail "fio $1 reported errors"
+  "$@"
+  wait $_f || fail "fio $_name failed: $(head -c 300 "$T/$_name.err")"
+  STALL_MS=$(awk -F';' '{ if ($5 != 0) exit 1; printf "%d\n", $80 / 1000 }' "$T/$_name.terse") \
+    || fail "fio $_name reported errors"
 }
 
 bench_replicated() {
@@ -415,18 +418,18 @@ bench_replicated() {
   TAG=3way; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 b3), $(R3 b3)"; repl_matrix
 
   # Worst write latency: without a fault, then across a SIGKILL and a SIGSTOP of a server.
-  ms=$(stall_run nofault none 0)
+  stall_run nofault true; ms=$STALL_MS
   echo "RESULT maxlat_nofault_ms=$ms"
   stop_ublkd 60 || fail "owner did not stop"
   TAG=kill; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 k), $(R3 k)"
-  ms=$(stall_run kill KILL "$SRV_3")
+  stall_run kill kill -KILL "$SRV_3"; ms=$STALL_MS
   echo "RESULT stall_kill_ms=$ms"
   vol_status bench | grep -q '"state":"faulted"' || fail "killed replica not faulted: $(vol_status bench)"
   stop_ublkd 60 || fail "owner did not stop"
   wait "$SRV_3" 2>/dev/null
   LOG_LEVEL=warn replica_server 3 /mnt/srv3
   TAG=stop; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 s), $(R3 s)"
-  ms=$(stall_run stop STOP "$SRV_2")
+  stall_run stop kill -STOP "$SRV_2"; ms=$STALL_MS
   kill -CONT "$SRV_2"
   echo "RESULT stall_stop_ms=$ms"
   echo "RESULT stall_stop_deadline_ms=$REPL_TIMEOUT_MS"
