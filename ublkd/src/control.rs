@@ -74,6 +74,11 @@ pub enum Request {
         volume: String,
         replica: Option<String>,
     },
+    /// Change what the daemon logs until it restarts: a level, or filter
+    /// directives as in RUST_LOG (`info,replication=debug`).
+    LogLevel {
+        filter: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -145,6 +150,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Orphans { remove: false } => json(&daemon.orphans()),
         Request::Orphans { remove: true } => json(&daemon.remove_orphans()?),
         Request::Server => json(&daemon.server_status()?),
+        Request::LogLevel { filter } => json(&daemon.set_log_filter(&filter)?),
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
         Request::Verify {
             volume,

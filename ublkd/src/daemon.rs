@@ -31,7 +31,13 @@ pub struct Daemon {
     server: Option<std::sync::Arc<Server>>,
     /// The HA monitor (its loop runs on a thread of its own: [`crate::ha::run`]).
     ha: crate::ha::Ha,
+    /// Replaces the log filter of the running daemon (set by the binary that
+    /// installed the subscriber; `None`: not changeable, e.g. in tests).
+    log_filter: Option<LogFilterFn>,
 }
+
+/// Sets the running daemon's log filter, or says why the filter is bad.
+pub type LogFilterFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// What a reload did: the changes applied, and those that failed (with why).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,6 +76,7 @@ impl Daemon {
             ops: Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             server,
+            log_filter: None,
         })
     }
 
@@ -194,6 +201,22 @@ impl Daemon {
     /// Reloads read `path`.
     pub fn set_config_path(&mut self, path: std::path::PathBuf) {
         self.config_path = Some(path);
+    }
+
+    /// How `ublkctl log-level` changes what is logged.
+    pub fn set_log_filter_fn(&mut self, f: LogFilterFn) {
+        self.log_filter = Some(f);
+    }
+
+    /// `ublkctl log-level FILTER`: until the daemon restarts (the config's
+    /// `log_level` applies at the next start).
+    pub fn set_log_filter(&self, filter: &str) -> Result<String, DaemonError> {
+        let set = self.log_filter.as_ref().ok_or_else(|| {
+            DaemonError::BadRequest("this daemon's log filter cannot change".into())
+        })?;
+        set(filter).map_err(|e| DaemonError::BadRequest(format!("log filter {filter:?}: {e}")))?;
+        tracing::info!(filter, "log filter changed (until the next start)");
+        Ok(filter.to_string())
     }
 
     /// Start every configured volume (each on its own thread; failures are

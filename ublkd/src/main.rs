@@ -102,20 +102,24 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let level = log_level.unwrap_or(&cfg.node.log_level).to_string();
     // Colour only on a terminal; under systemd (JOURNAL_STREAM set) no timestamp
-    // either: the journal stamps every line itself.
+    // either: the journal stamps every line itself. The filter can change while the
+    // daemon runs (`ublkctl log-level`).
     use std::io::IsTerminal;
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        fmt.without_time().init();
+    let fmt = if journal {
+        fmt.without_time().boxed()
     } else {
-        fmt.init();
-    }
+        fmt.boxed()
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
     // A node that only hosts replicas for others needs no ublk driver.
     let replica_server_only = cfg.volumes.is_empty() && cfg.server.is_some();
     if !replica_server_only && !std::path::Path::new("/dev/ublk-control").exists() {
@@ -179,6 +183,10 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     );
     let mut daemon = Daemon::new(cfg, net, replica_server)?;
     daemon.set_config_path(config.to_path_buf());
+    daemon.set_log_filter_fn(Box::new(move |f: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    }));
     let daemon = Arc::new(daemon);
     let d = daemon.clone();
     std::thread::Builder::new()

@@ -152,3 +152,79 @@ fn logs_are_plain_off_a_terminal_and_unstamped_in_the_journal() {
     );
     assert!(!log.contains('\x1b'), "{log:?}");
 }
+
+/// `ublkctl log-level` changes what the running daemon logs, until it restarts; a
+/// filter it cannot parse is refused (exit 3) and changes nothing.
+#[test]
+fn the_log_filter_changes_at_run_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let conf = dir.join("ublk.toml");
+    let sock = dir.join("ctl.sock");
+    std::fs::write(
+        &conf,
+        format!(
+            "[node]\nstate_dir = \"{d}/state\"\ncontrol_socket = \"{s}\"\ncluster_secret_file = \"{k}\"\nlog_level = \"warn\"\n[server]\nlisten = \"{listen}\"\nstorage_dir = \"{d}/replicas\"\n",
+            d = dir.display(),
+            s = sock.display(),
+            k = secret_file(dir, SECRET).display(),
+            listen = std::net::TcpListener::bind("127.0.0.39:0")
+                .unwrap()
+                .local_addr()
+                .unwrap(),
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("ublkd.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
+        .arg("--config")
+        .arg(&conf)
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ublkctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    while !ctl(&["list"]).status.success() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "no daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let requests = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .matches("control request")
+            .count()
+    };
+    assert_eq!(requests(), 0, "debug lines at log_level warn");
+    let out = ctl(&["log-level", "debug"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ctl(&["list"]).status.success());
+    let seen = requests();
+    assert!(seen >= 1, "no debug line after log-level debug");
+    let out = ctl(&["log-level", "no such=level=="]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ctl(&["log-level", "warn"]).status.success());
+    let quiet = requests();
+    assert!(ctl(&["list"]).status.success());
+    assert_eq!(requests(), quiet, "debug lines after log-level warn");
+    let _ = child.kill();
+    let _ = child.wait();
+}

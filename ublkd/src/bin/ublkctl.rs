@@ -86,6 +86,9 @@ enum Cmd {
     },
     /// The replica server of this node: connections, limits.
     Server,
+    /// Change what the daemon logs until it restarts: error, warn, info, debug,
+    /// trace, or RUST_LOG-style directives, e.g. `info,replication=debug`.
+    LogLevel { filter: String },
     /// Re-read the daemon's config file and apply what changed (as SIGHUP does):
     /// volumes and replicas added, removed or replaced, [rebuild] limits. A size or
     /// block size change, or [node]/[server] changes, are refused: nothing changes.
@@ -280,6 +283,9 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Orphans { remove } => Request::Orphans { remove: *remove },
         Cmd::Server => Request::Server,
+        Cmd::LogLevel { filter } => Request::LogLevel {
+            filter: filter.clone(),
+        },
         Cmd::Reload => Request::Reload,
         Cmd::Verify {
             volume,
@@ -558,6 +564,12 @@ fn run(cli: Cli) -> Result<()> {
             if !r.failed.is_empty() {
                 std::process::exit(EXIT_NOT_OK);
             }
+        }
+        Cmd::LogLevel { .. } => {
+            println!(
+                "log filter now {} (until ublkd restarts; then the config's log_level)",
+                v.as_str().unwrap_or("?")
+            );
         }
         Cmd::Server => {
             let st: replica_server::ServerStatus = serde_json::from_value(v)?;
