@@ -105,6 +105,10 @@ pub enum EventKind {
     Reclaimed {
         freed_bytes: u64,
     },
+    /// The event's replica left the mirror (its writes skip it until a rebuild).
+    ReplicaFaulted {
+        reason: FaultReason,
+    },
     Paused,
     Resumed,
 }
@@ -171,6 +175,7 @@ impl std::fmt::Display for Event {
             Reclaimed { freed_bytes } => {
                 write!(f, "retired replica's storage reclaimed ({freed_bytes} bytes freed)")
             }
+            ReplicaFaulted { reason } => write!(f, "faulted: {reason}"),
             Paused => write!(f, "automatic HA decisions paused"),
             Resumed => write!(f, "automatic HA decisions resumed"),
         }

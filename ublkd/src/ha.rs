@@ -295,6 +295,10 @@ pub struct Ha {
     /// Per volume: the rebuild last seen running (target, start) and the end of
     /// the newest finished one reported.
     rebuilds: Mutex<BTreeMap<String, RebuildsSeen>>,
+    /// Replicas seen faulted, (volume, location): each fault is reported once.
+    /// `None` until the first round, which only takes note (a fault from before
+    /// this daemon started is in the status, not news).
+    faulted: Mutex<Option<BTreeSet<(String, String)>>>,
 }
 
 type RebuildsSeen = (Option<(String, u64)>, u64);
@@ -332,6 +336,7 @@ impl Ha {
             paused_file,
             announced: Mutex::new(BTreeSet::new()),
             rebuilds: Mutex::new(BTreeMap::new()),
+            faulted: Mutex::new(None),
         }
     }
 
@@ -562,10 +567,39 @@ impl Ha {
         }
     }
 
+    /// Replicas faulted since the last round, with why.
+    fn report_faults(&self, views: &[(Arc<VolumeShared>, VolumeView)]) {
+        let mut guard = self.faulted.lock().unwrap();
+        let first = guard.is_none();
+        let seen = guard.get_or_insert_with(BTreeSet::new);
+        let mut now_faulted = BTreeSet::new();
+        for (_, v) in views {
+            for s in &v.slots {
+                let ha::monitor::SlotCond::Faulted { reason, .. } = &s.cond else {
+                    continue;
+                };
+                let key = (v.name.clone(), s.location.clone());
+                if !first && !seen.contains(&key) {
+                    self.events.push(Event {
+                        at: now(),
+                        volume: Some(v.name.clone()),
+                        replica: Some(s.location.clone()),
+                        kind: EventKind::ReplicaFaulted {
+                            reason: reason.clone(),
+                        },
+                    });
+                }
+                now_faulted.insert(key);
+            }
+        }
+        *seen = now_faulted;
+    }
+
     /// Replacements that came online, and replaced replicas whose server answers
     /// again (stale: not used).
     fn report_changes(&self, views: &[(Arc<VolumeShared>, VolumeView)], returned: &[PeerAddr]) {
         self.report_rebuilds(views);
+        self.report_faults(views);
         let mut announced = self.announced.lock().unwrap();
         for (sh, v) in views {
             for sub in sh.substitutions() {

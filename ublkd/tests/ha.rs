@@ -389,6 +389,15 @@ fn a_dead_server_is_replaced_on_a_spare_inside_the_running_volume() {
     use ha::event::EventKind as K;
     assert_eq!(node.count(|k| matches!(k, K::ReplacementPlaced { .. })), 1);
     assert_eq!(node.count(|k| matches!(k, K::PeerDead { .. })), 1);
+    // The fault itself is an event too, once, with why.
+    let faults: Vec<_> = node
+        .events()
+        .into_iter()
+        .filter(|e| {
+            matches!(e.kind, K::ReplicaFaulted { .. }) && e.replica.as_deref() == Some(&at_b)
+        })
+        .collect();
+    assert_eq!(faults.len(), 1, "{faults:?}");
     let st = node.status();
     assert_eq!(st.substitutions.len(), 1, "{:?}", st.substitutions);
     assert_eq!(st.substitutions[0].configured, at_b);
