@@ -74,6 +74,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         ublkd::config::read_secret(p)
             .with_context(|| format!("{}: [node] cluster_secret_file", file.display()))?;
     }
+    own_server_named(&cfg).with_context(|| file.display().to_string())?;
     if let Some(srv) = &cfg.server {
         let any_port = std::net::SocketAddr::new(srv.listen.ip(), 0);
         std::net::TcpListener::bind(any_port).with_context(|| {
@@ -91,6 +92,46 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         cfg.volumes.len(),
         if cfg.volumes.len() == 1 { "" } else { "s" }
     );
+    Ok(())
+}
+
+/// A remote replica or a spare that is this node's own replica server would put a
+/// second replica of the volume on this host (a spares list copied to every node's
+/// config is the usual way): refused, naming it. An address that does not resolve
+/// now is left to the connection.
+fn own_server_named(cfg: &Config) -> Result<()> {
+    let Some(srv) = &cfg.server else {
+        return Ok(());
+    };
+    let own = |addr: &str| {
+        use std::net::ToSocketAddrs;
+        let ip = srv.listen.ip();
+        addr.to_socket_addrs().is_ok_and(|mut all| {
+            all.any(|a| {
+                a.port() == srv.listen.port()
+                    && (a.ip() == ip
+                        // Listening everywhere: any address of this host.
+                        || ip.is_unspecified() && std::net::TcpListener::bind((a.ip(), 0)).is_ok())
+            })
+        })
+    };
+    for v in &cfg.volumes {
+        let mut remotes = v.replicas.iter().filter_map(|r| r.remote()).map(|(a, _)| a);
+        if let Some(a) = remotes.find(|a| own(a)) {
+            anyhow::bail!(
+                "volume {:?}: remote replica at {a} is this node's own replica server ([server] listen = \"{}\"): use a local replica here, or a server on another node",
+                v.name,
+                srv.listen
+            );
+        }
+        if let Some(a) = v.spares.iter().find(|a| own(a)) {
+            anyhow::bail!(
+                "volume {:?}: spare {a} is this node's own replica server ([server] listen = \"{}\"): a replacement there would share this host with the volume's local replicas; drop it from this node's spares",
+                v.name,
+                srv.listen
+            );
+        }
+    }
     Ok(())
 }
 
@@ -125,6 +166,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     if !replica_server_only && !std::path::Path::new("/dev/ublk-control").exists() {
         return Err(ublkd::DaemonError::NoUblkDriver.into());
     }
+    own_server_named(&cfg).with_context(|| config.display().to_string())?;
     let secret = match &cfg.node.cluster_secret_file {
         Some(p) => Some(Secret::new(ublkd::config::read_secret(p).with_context(
             || format!("{}: [node] cluster_secret_file", config.display()),

@@ -70,3 +70,60 @@ fn check_config_refuses_what_the_daemon_would_refuse_and_names_the_key() {
         "{text}"
     );
 }
+
+/// A remote replica or a spare naming this node's own replica server would put two
+/// replicas of a volume on one host: refused, naming the entry; any address of the
+/// host counts when the server listens on all of them.
+#[test]
+fn check_config_refuses_the_nodes_own_server_as_a_remote_or_a_spare() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let secret = tmp.path().join("cluster.key");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with_volume = |listen: &str, volume: &str| {
+        let p = config(tmp.path(), &secret, listen);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str(volume);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let vol = |remote: &str, spare: &str| {
+        format!(
+            "\n[[volume]]\nname = \"v\"\nsize = \"64MiB\"\nspares = [ \"{spare}\" ]\nreplicas = [ {{ local = \"{}/v.img\" }}, {{ remote = \"{remote}\", id = \"v-b\" }} ]\n",
+            tmp.path().display()
+        )
+    };
+    let (ok, text) = check(&with_volume(
+        "127.0.0.1:7450",
+        &vol("127.0.0.2:7450", "127.0.0.3:7450"),
+    ));
+    assert!(ok, "a remote and a spare elsewhere were refused: {text}");
+    let (ok, text) = check(&with_volume(
+        "127.0.0.1:7450",
+        &vol("127.0.0.1:7450", "127.0.0.3:7450"),
+    ));
+    assert!(!ok, "the own server as a remote passed: {text}");
+    assert!(
+        text.contains("remote replica at 127.0.0.1:7450 is this node's own replica server"),
+        "{text}"
+    );
+    let (ok, text) = check(&with_volume(
+        "0.0.0.0:7450",
+        &vol("192.0.2.10:7450", "localhost:7450"),
+    ));
+    assert!(
+        !ok,
+        "the own server (by name, listening everywhere) as a spare passed: {text}"
+    );
+    assert!(
+        text.contains("spare localhost:7450 is this node's own replica server"),
+        "{text}"
+    );
+    // Listening everywhere, all of 127/8 is this server; another port is another server.
+    let (ok, text) = check(&with_volume(
+        "0.0.0.0:7450",
+        &vol("127.0.0.2:7451", "127.0.0.1:7451"),
+    ));
+    assert!(ok, "{text}");
+}
