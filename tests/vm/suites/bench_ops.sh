@@ -7,11 +7,53 @@
 #                        back) under 4k randwrite QD32, on a 3-way volume (local raw virtio
 #                        disk, replica servers 127.0.0.2/.3 on ext4), against the same run
 #                        without a restart. RESULT restart_stall_ms, restart_nofault_maxlat_ms.
+#   bench_idle_cpu       what an idle node costs: 4 idle volumes (2 of them with a remote replica
+#                        on a replica server in the same guest), 20 s with nothing else running:
+#                        the owner's and the server's CPU in percent of the (emulated) CPU.
+#                        RESULT idle_cpu_pct, idle_server_cpu_pct.
 # Helpers from the bench suite.
 
 . /tests/suites/bench.sh
-SCENARIOS="bench_restart_stall"
+SCENARIOS="bench_restart_stall bench_idle_cpu"
 timeout_bench_restart_stall=600
+timeout_bench_idle_cpu=300
+
+# proc_ticks PID: user + system clock ticks of the whole process (exited threads included).
+proc_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+bench_idle_cpu() {
+  need_ublk
+  cluster_secret
+  mkdir -p /tmp/idle
+  LOG_LEVEL=warn replica_server 2 /tmp/idle/srv
+  {
+    printf '[node]\nstate_dir = "%s"\ncontrol_socket = "%s"\ncluster_secret_file = "%s"\nlog_level = "warn"\n' \
+      "$T/state" "$SOCK" "$T/cluster.key"
+    for i in 0 1 2 3; do
+      printf '\n[[volume]]\nname = "idle%s"\nsize = "64MiB"\nblock_size = 4096\ndevice_id = %s\n' $i $i
+      if [ $i -lt 2 ]; then
+        printf 'replicas = [ { local = "/tmp/idle/l%s.img" }, { remote = "127.0.0.2:7450", id = "idle%s" } ]\n' $i $i
+      else
+        printf 'replicas = [ { local = "/tmp/idle/l%s.img" } ]\n' $i
+      fi
+    done
+  } > "$T/idle.conf"
+  cp "$T/idle.conf" "$T/last.conf"
+  start_ublkd "$T/idle.conf"
+  for i in 0 1 2 3; do wait_live idle$i 60; done
+  sleep 10   # start-up work done
+  o0=$(proc_ticks "$DPID") s0=$(proc_ticks "$SRV_2")
+  sleep 20
+  o1=$(proc_ticks "$DPID") s1=$(proc_ticks "$SRV_2")
+  # USER_HZ 100: ticks over 20 s / 20 = percent of one CPU.
+  owner=$(awk -v d=$((o1 - o0)) 'BEGIN { printf "%.2f", d / 20 }')
+  server=$(awk -v d=$((s1 - s0)) 'BEGIN { printf "%.2f", d / 20 }')
+  echo "RESULT idle_cpu_pct=$owner"
+  echo "RESULT idle_server_cpu_pct=$server"
+  echo "TABLE idle: 4 idle volumes (2 with a remote replica), 20 s: owner $owner % of a CPU, replica server $server %"
+  stop_ublkd 60 || fail "owner did not stop"
+  rm -rf /tmp/idle
+}
 
 # restart_owner: SIGTERM the owner (hand-over), start the next one at once and wait until it
 # serves: what `systemctl restart ublkd` does.
