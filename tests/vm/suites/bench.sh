@@ -327,6 +327,13 @@ wipe_label() {
   run dd if=/dev/zero of="$1" bs=1M count=1 oflag=direct conv=notrunc 2>/dev/null
 }
 
+# prefill [SIZE]: write SIZE ($REGION) of /dev/ublkb0 sequentially, 1 MiB at a time: the
+# workloads then read and overwrite data, not holes.
+prefill() {
+  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+    --iodepth=4 --size="${1:-$REGION}" --output=/dev/null
+}
+
 # repl_owner TAG REPLICAS: an owner (state dir $T/owner-TAG, config $T/TAG.conf) serving
 # /dev/ublkb0 with every replica online (a measurement of fewer replicas than configured would
 # be meaningless). VOL_SIZE (512MiB) sizes the volume; VOL_EXTRA is one more volume key.
@@ -360,8 +367,7 @@ EOF
 
 # repl_matrix TAG: prefill, then the 4k matrix on /dev/ublkb0: RESULT repl_TAG_<workload>_*.
 repl_matrix() {
-  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=$REGION --output=/dev/null
+  prefill
   for w in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32"; do
     set -- $w
     name="${1}_qd$3"
@@ -395,8 +401,10 @@ stall_run() {
     || fail "fio $_name reported errors"
 }
 
-bench_replicated() {
-  need_ublk
+# repl_disks: the disks of a replicated volume: local_disk (the third, raw), ext4 on the
+# fourth and the second mounted on /mnt/srv2 and /mnt/srv3 for the replica servers, the
+# cluster secret.
+repl_disks() {
   set -- $VM_DISKS
   [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
   local_disk=$3
@@ -405,6 +413,11 @@ bench_replicated() {
   run "$MOUNT" "$4" /mnt/srv2
   run "$MOUNT" "$2" /mnt/srv3
   cluster_secret
+}
+
+bench_replicated() {
+  need_ublk
+  repl_disks
   LOG_LEVEL=warn replica_server 2 /mnt/srv2
   LOG_LEVEL=warn replica_server 3 /mnt/srv3
   : > "$T/repl.env"
@@ -515,8 +528,7 @@ bench_costs() {
   LOG_LEVEL=warn replica_server 2 /mnt/srv2
   wipe_label "$local_disk"
   repl_owner fill "$L, $R2"
-  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=$REGION --output=/dev/null
+  prefill
   stop_ublkd 60 || fail "owner did not stop"
   kill -TERM "$SRV_2"; wait_pid "$SRV_2" 20
   # Each server restart runs the build under test on both ends.
@@ -538,8 +550,7 @@ bench_costs() {
   mkdir -p /tmp/cost
   LT="{ local = \"/tmp/cost/r.img\" }"
   repl_owner tfill "$LT"
-  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=$REGION --output=/dev/null
+  prefill
   stop_ublkd 60 || fail "owner did not stop"
   ranges_round() { cost_round "$1" tfill "$LT"; }
   alternate ranges "tmpfs randwrite QD32" ranges_round "$UBLKD" "$unordered"
@@ -589,14 +600,7 @@ add_replica() {
 
 bench_rebuild() {
   need_ublk
-  set -- $VM_DISKS
-  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
-  local_disk=$3
-  for d in "$4" "$2"; do run "$MKFS_EXT4" -q -F "$d"; done
-  mkdir -p /mnt/srv2 /mnt/srv3
-  run "$MOUNT" "$4" /mnt/srv2
-  run "$MOUNT" "$2" /mnt/srv3
-  cluster_secret
+  repl_disks
   # Each part starts with empty servers: a 1 GiB disk holds one filled 512 MiB image, not two.
   stop_server() { # I: server I stopped, if it runs
     pid=$(eval echo "\${SRV_$1:-}")
@@ -634,8 +638,7 @@ bench_rebuild() {
   full_rebuild() {
     fresh_servers
     TAG=$1; wipe_label "$local_disk"; REBUILD_RATE=0 repl_owner $TAG "$L, $(R2 ${TAG}2)"
-    run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-      --iodepth=4 --size=512M --output=/dev/null
+    prefill 512M
     add_replica $TAG "$(R3 ${TAG}3)"
     wait_for 900 rebuilt 1 || fail "full rebuild ($TAG) did not finish: $(vol_status bench)"
     bytes=$(last_rebuild bytes); t0=$(last_rebuild started_unix_ms); t1=$(last_rebuild ended_unix_ms)
@@ -702,8 +705,7 @@ bench_rebuild() {
   if part qos; then
   fresh_servers
   TAG=qos; wipe_label "$local_disk"; repl_owner $TAG "$L, $(R2 q2)"
-  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=512M --output=/dev/null
+  prefill 512M
   # Both replicas must take the writes, or "idle" measures a degraded volume.
   all_online 2 || fail "a replica is not online after the fill: $(vol_status bench)"
   set -- $(fio_run /dev/ublkb0 randwrite 4k 32 qos_idle)
@@ -793,8 +795,7 @@ bench_ha() {
   for i in 2 3 4; do LOG_LEVEL=warn replica_server $i /mnt/ha$i; done
   VOL_SIZE=1GiB VOL_EXTRA='spares = [ "127.0.0.4:7450" ]' repl_owner ha \
     '{ local = "/mnt/ha1/bench.img" }, { remote = "127.0.0.2:7450", id = "ha-b" }, { remote = "127.0.0.3:7450", id = "ha-c" }'
-  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=512M --output=/dev/null
+  prefill 512M
   "$FIO" --name=ha --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
     --iodepth=8 --size=512M --time_based --runtime=30 --norandommap --randrepeat=0 \
     --minimal > "$T/ha.terse" 2> "$T/ha.err" &

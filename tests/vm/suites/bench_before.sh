@@ -45,8 +45,7 @@ bench_vs_before() {
     eval "disk=\$local_$s"
     servers "$bin" "$s"
     UBLKD_BIN=$bin repl_owner "$s" "$(reps "$disk")"
-    run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-      --iodepth=4 --size=$REGION --output=/dev/null
+    prefill
     stop_ublkd 60 || fail "owner ($s) did not stop"
     servers_stop
   done

@@ -66,20 +66,12 @@ restart_owner() {
 
 bench_restart_stall() {
   need_ublk
-  set -- $VM_DISKS
-  [ $# -ge 4 ] || fail "need 4 virtio disks, have: $VM_DISKS"
-  local_disk=$3
-  for d in "$4" "$2"; do run "$MKFS_EXT4" -q -F "$d"; done
-  mkdir -p /mnt/srv2 /mnt/srv3
-  run "$MOUNT" "$4" /mnt/srv2
-  run "$MOUNT" "$2" /mnt/srv3
-  cluster_secret
+  repl_disks
   LOG_LEVEL=warn replica_server 2 /mnt/srv2
   LOG_LEVEL=warn replica_server 3 /mnt/srv3
   TAG=restart; wipe_label "$local_disk"
   repl_owner $TAG "{ local = \"$local_disk\" }, { remote = \"127.0.0.2:7450\", id = \"rs\" }, { remote = \"127.0.0.3:7450\", id = \"rs\" }"
-  run "$FIO" --name=fill --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-    --iodepth=4 --size=$REGION --output=/dev/null
+  prefill
   stall_run nofault true
   nofault=$STALL_MS
   _from=$(($(wc -l < "$T/ublkd.log") + 1))
