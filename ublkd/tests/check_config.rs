@@ -2,6 +2,8 @@
 //! file and the key: the secret file (missing, readable by others, short) and a
 //! listen address that is not this host's.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -78,9 +80,7 @@ fn check_config_refuses_what_the_daemon_would_refuse_and_names_the_key() {
 fn check_config_refuses_the_nodes_own_server_as_a_remote_or_a_spare() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let secret = tmp.path().join("cluster.key");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret = support::secret_file(tmp.path(), support::SECRET);
     let with_volume = |listen: &str, volume: &str| {
         let p = config(tmp.path(), &secret, listen);
         let mut text = std::fs::read_to_string(&p).unwrap();
