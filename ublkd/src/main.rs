@@ -70,11 +70,7 @@ fn main() {
 /// is known only at start (a running ublkd holds it).
 fn check_config(file: &std::path::Path) -> Result<()> {
     let cfg = Config::from_file(file)?;
-    if let Some(p) = &cfg.node.cluster_secret_file {
-        ublkd::config::read_secret(p)
-            .with_context(|| format!("{}: [node] cluster_secret_file", file.display()))?;
-    }
-    own_server_named(&cfg).with_context(|| file.display().to_string())?;
+    start_checks(&cfg, file)?;
     if let Some(srv) = &cfg.server {
         let any_port = std::net::SocketAddr::new(srv.listen.ip(), 0);
         std::net::TcpListener::bind(any_port).with_context(|| {
@@ -93,6 +89,21 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         if cfg.volumes.len() == 1 { "" } else { "s" }
     );
     Ok(())
+}
+
+/// What both a start and `check-config` refuse beyond the file itself, naming the
+/// file: the cluster secret (read and checked; its bytes, if configured) and a remote
+/// or spare that is this node's own server.
+fn start_checks(cfg: &Config, file: &std::path::Path) -> Result<Option<Vec<u8>>> {
+    let secret = match &cfg.node.cluster_secret_file {
+        Some(p) => Some(
+            ublkd::config::read_secret(p)
+                .with_context(|| format!("{}: [node] cluster_secret_file", file.display()))?,
+        ),
+        None => None,
+    };
+    own_server_named(cfg).with_context(|| file.display().to_string())?;
+    Ok(secret)
 }
 
 /// A remote replica or a spare that is this node's own replica server would put a
@@ -166,13 +177,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     if !replica_server_only && !std::path::Path::new("/dev/ublk-control").exists() {
         return Err(ublkd::DaemonError::NoUblkDriver.into());
     }
-    own_server_named(&cfg).with_context(|| config.display().to_string())?;
-    let secret = match &cfg.node.cluster_secret_file {
-        Some(p) => Some(Secret::new(ublkd::config::read_secret(p).with_context(
-            || format!("{}: [node] cluster_secret_file", config.display()),
-        )?)),
-        None => None,
-    };
+    let secret = start_checks(&cfg, config)?.map(Secret::new);
     if cfg.volumes.is_empty() && cfg.server.is_none() {
         tracing::warn!(
             "no [[volume]] and no [server] in {}: idling",
