@@ -320,7 +320,6 @@ impl VolumeShared {
         ))
     }
 
-    /// The health and the record of a serving volume.
     /// The volume's decider: waits until the decision before it is applied.
     pub fn decider(&self) -> Decider<'_> {
         Decider {
@@ -329,6 +328,7 @@ impl VolumeShared {
         }
     }
 
+    /// The health and the record of a serving volume.
     fn serving_parts(&self) -> Result<(Arc<Health>, Arc<RecordSink>), String> {
         let live = self.live.lock().unwrap();
         match (&live.health, &live.sink) {
@@ -1641,15 +1641,7 @@ fn serve(
         // The copier stops before the sync that makes the stop clean: a copy after
         // it would be in no flush, under a record that says nothing diverges.
         rebuilds.shutdown();
-        // Drained, but not necessarily durable: the application may not have flushed.
-        // Only replicas synced to stable storage make a clean stop.
-        let failed = health.sync_all();
-        for (loc, e) in &failed {
-            tracing::error!(volume = %cfg.name, replica = %loc, error = %e, "sync at stop failed");
-        }
-        if failed.is_empty() && health.is_durable() {
-            sink.set_clean(true)?;
-        }
+        sync_and_mark_clean(&cfg.name, health, sink, "stop")?;
         shared.set_state(VolumeState::Stopped, None);
         tracing::info!(volume = %cfg.name, "volume stopped, device removed");
         Ok(())
@@ -1852,13 +1844,33 @@ fn hand_over(name: &str, dp: &DataPath, shared: &VolumeShared, sink: &RecordSink
     // Held until the process exits: nothing (a verify's repair, another range user)
     // may write after the clean mark below.
     std::mem::forget(quiet);
-    let failed = dp.health.sync_all();
-    for (loc, e) in &failed {
-        tracing::error!(volume = %name, replica = %loc, error = %e, "hand-over: sync failed");
-    }
-    let clean = failed.is_empty() && dp.health.is_durable() && sink.set_clean(true).is_ok();
+    let clean = sync_and_mark_clean(name, &dp.health, sink, "hand-over").unwrap_or_else(|e| {
+        tracing::error!(volume = %name, error = %e, "hand-over: cannot record the volume clean");
+        false
+    });
     tracing::info!(volume = %name, clean, "handed over: the device stays for the next ublkd");
     clean
+}
+
+/// With no mutation in flight (drained): sync every replica to stable storage and,
+/// if all did and every state change is durable, record the volume clean (its next
+/// start resyncs nothing). Drained is not durable: the application may not have
+/// flushed. Returns whether it is recorded clean.
+fn sync_and_mark_clean(
+    name: &str,
+    health: &Health,
+    sink: &RecordSink,
+    when: &str,
+) -> Result<bool, DaemonError> {
+    let failed = health.sync_all();
+    for (loc, e) in &failed {
+        tracing::error!(volume = %name, replica = %loc, error = %e, when, "sync failed");
+    }
+    let clean = failed.is_empty() && health.is_durable();
+    if clean {
+        sink.set_clean(true)?;
+    }
+    Ok(clean)
 }
 
 /// The device (or the headless frontend) serves: state `Live`. The record already
