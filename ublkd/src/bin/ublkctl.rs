@@ -340,24 +340,30 @@ fn run(cli: Cli) -> Result<()> {
         }
         return Ok(());
     }
+    // Done, but not everything was: the same exit status in text and JSON.
+    let not_ok = match &cli.cmd {
+        Cmd::Reload => v["failed"].as_array().is_some_and(|f| !f.is_empty()),
+        Cmd::Replica {
+            cmd: ReplicaCmd::Reclaim { .. },
+        } => v["reclaimed"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e.get("error").is_some())),
+        _ => false,
+    };
     if cli.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&v)?);
-        // The same exit status as the text output's.
-        let not_ok = match &cli.cmd {
-            Cmd::Reload => v["failed"].as_array().is_some_and(|f| !f.is_empty()),
-            Cmd::Replica {
-                cmd: ReplicaCmd::Reclaim { .. },
-            } => v["reclaimed"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|e| e.get("error").is_some())),
-            _ => false,
-        };
-        if not_ok {
-            std::process::exit(EXIT_NOT_OK);
-        }
-        return Ok(());
+    } else {
+        print_answer(cli.cmd, v)?;
     }
-    match cli.cmd {
+    if not_ok {
+        std::process::exit(EXIT_NOT_OK);
+    }
+    Ok(())
+}
+
+/// An answer of the daemon, for people.
+fn print_answer(cmd: Cmd, v: serde_json::Value) -> Result<()> {
+    match cmd {
         Cmd::List => {
             let vols: Vec<VolumeStatus> = serde_json::from_value(v).context("decode list")?;
             println!(
@@ -520,7 +526,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Replica {
             cmd: ReplicaCmd::Reclaim { .. },
         } => {
-            let mut failed = false;
             for e in v["reclaimed"].as_array().into_iter().flatten() {
                 let r: ublkd::state::Retired = serde_json::from_value(e["retired"].clone())?;
                 let what = match (e.get("result"), e.get("error")) {
@@ -536,7 +541,6 @@ fn run(cli: Cli) -> Result<()> {
                         }
                     }
                     (None, Some(err)) => {
-                        failed = true;
                         format!(
                             "NOT RECLAIMED: {}; it stays retired, run this again once it is reachable",
                             err.as_str().unwrap_or("?")
@@ -545,9 +549,6 @@ fn run(cli: Cli) -> Result<()> {
                     (None, None) => "?".into(),
                 };
                 println!("{} ({}): {what}", r.location, r.why);
-            }
-            if failed {
-                std::process::exit(EXIT_NOT_OK);
             }
         }
         Cmd::Reload => {
@@ -560,9 +561,6 @@ fn run(cli: Cli) -> Result<()> {
             }
             for (c, e) in &r.failed {
                 println!("NOT APPLIED: {c}: {e}");
-            }
-            if !r.failed.is_empty() {
-                std::process::exit(EXIT_NOT_OK);
             }
         }
         Cmd::LogLevel { .. } => {
