@@ -21,6 +21,26 @@ timeout_bench_idle_cpu=300
 # proc_ticks PID: user + system clock ticks of the whole process (exited threads included).
 proc_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
+# thread_sample PID: one line per thread, "name ticks wakeups" (wakeups: voluntary context
+# switches, i.e. how often the thread slept and was woken).
+thread_sample() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s %s\n' "$(tr ' ' _ < "$t/comm")" \
+      "$(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}')" \
+      "$(awk '/^voluntary_ctxt_switches/ {print $2}' "$t/status")"
+  done | sort
+}
+
+# thread_table WHO BEFORE AFTER: per thread name, the ticks and wakeups per second over 20 s
+# (threads summed by name; a thread absent before counts from 0).
+thread_table() {
+  awk -v who="$1" 'FNR == NR { b[$1] += $2; w[$1] += $3; next }
+    { a[$1] += $2; x[$1] += $3 }
+    END { for (n in a) printf "TABLE idle-threads %s %-18s cpu %5.2f %%  wakeups %6.1f /s\n", who, n, (a[n] - b[n]) / 20, (x[n] - w[n]) / 20 }' \
+    "$2" "$3" | sort -k6 -nr
+}
+
 bench_idle_cpu() {
   need_ublk
   cluster_secret
@@ -43,8 +63,12 @@ bench_idle_cpu() {
   for i in 0 1 2 3; do wait_live idle$i 60; done
   sleep 10   # start-up work done
   o0=$(proc_ticks "$DPID") s0=$(proc_ticks "$SRV_2")
+  thread_sample "$DPID" > "$T/own.0"; thread_sample "$SRV_2" > "$T/srv.0"
   sleep 20
   o1=$(proc_ticks "$DPID") s1=$(proc_ticks "$SRV_2")
+  thread_sample "$DPID" > "$T/own.1"; thread_sample "$SRV_2" > "$T/srv.1"
+  thread_table owner "$T/own.0" "$T/own.1"
+  thread_table server "$T/srv.0" "$T/srv.1"
   # USER_HZ 100: ticks over 20 s / 20 = percent of one CPU.
   owner=$(awk -v d=$((o1 - o0)) 'BEGIN { printf "%.2f", d / 20 }')
   server=$(awk -v d=$((s1 - s0)) 'BEGIN { printf "%.2f", d / 20 }')
