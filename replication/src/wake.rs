@@ -37,12 +37,27 @@ struct Waiter {
     deadline: Option<Instant>,
 }
 
+/// The waiters and the timer's wake-up, shared with the timer thread (which must
+/// not keep the [`Signal`] alive: its drop is what ends the thread).
+#[derive(Default)]
+struct Waiters {
+    list: Mutex<WaitList>,
+    timer: Condvar,
+}
+
+#[derive(Default)]
+struct WaitList {
+    waiters: Vec<Waiter>,
+    /// The signal is gone: the timer thread ends.
+    closed: bool,
+}
+
 /// A version number futures wait on to change, optionally with a deadline. A timer
-/// thread (started with the first deadline) wakes the waiters whose time is up.
+/// thread (started with the first deadline) wakes the waiters whose time is up; with
+/// no deadline pending it sleeps until one comes (an idle volume wakes nobody).
 pub struct Signal {
     version: AtomicU64,
-    waiters: Mutex<Vec<Waiter>>,
-    timer: Condvar,
+    waiters: Arc<Waiters>,
     timer_started: std::sync::Once,
 }
 
@@ -50,8 +65,7 @@ impl Signal {
     pub fn new() -> Arc<Signal> {
         Arc::new(Signal {
             version: AtomicU64::new(0),
-            waiters: Mutex::new(Vec::new()),
-            timer: Condvar::new(),
+            waiters: Arc::default(),
             timer_started: std::sync::Once::new(),
         })
     }
@@ -63,7 +77,7 @@ impl Signal {
     /// Something changed: wake every waiter.
     pub fn notify(&self) {
         self.version.fetch_add(1, Ordering::AcqRel);
-        let waiters: Vec<Waiter> = std::mem::take(&mut *self.waiters.lock().unwrap());
+        let waiters: Vec<Waiter> = std::mem::take(&mut self.waiters.list.lock().unwrap().waiters);
         wake_all(waiters.into_iter().map(|w| (w.waker, w.kick)).collect());
     }
 
@@ -83,36 +97,48 @@ impl Signal {
         }
     }
 
-    fn start_timer(self: &Arc<Self>) {
-        let me = Arc::downgrade(self);
+    fn start_timer(&self) {
+        let w = self.waiters.clone();
         self.timer_started.call_once(|| {
             std::thread::Builder::new()
                 .name("signal-timer".into())
-                .spawn(move || timer(me))
+                .spawn(move || timer(&w))
                 .expect("spawn timer thread");
         });
     }
 }
 
-fn timer(me: std::sync::Weak<Signal>) {
-    while let Some(s) = me.upgrade() {
-        let mut w = s.waiters.lock().unwrap();
+impl Drop for Signal {
+    fn drop(&mut self) {
+        self.waiters.list.lock().unwrap().closed = true;
+        self.waiters.timer.notify_one();
+    }
+}
+
+fn timer(w: &Waiters) {
+    let mut list = w.list.lock().unwrap();
+    while !list.closed {
         let now = Instant::now();
-        let (due, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut *w)
+        let (due, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut list.waiters)
             .into_iter()
             .partition(|x| x.deadline.is_some_and(|d| d <= now));
-        *w = rest;
-        let next = w.iter().filter_map(|x| x.deadline).min();
+        list.waiters = rest;
         if !due.is_empty() {
-            drop(w);
+            drop(list);
             wake_all(due.into_iter().map(|x| (x.waker, x.kick)).collect());
+            list = w.list.lock().unwrap();
             continue;
         }
-        // Wake up for the next deadline, or now and then to notice the signal went.
-        let wait = next
-            .map(|d| d.saturating_duration_since(now))
-            .unwrap_or(std::time::Duration::from_millis(500));
-        let _ = s.timer.wait_timeout(w, wait).unwrap();
+        // Until the next deadline; with none, until a waiter with one (or the drop).
+        list = match list.waiters.iter().filter_map(|x| x.deadline).min() {
+            Some(d) => {
+                w.timer
+                    .wait_timeout(list, d.saturating_duration_since(now))
+                    .unwrap()
+                    .0
+            }
+            None => w.timer.wait(list).unwrap(),
+        };
     }
 }
 
@@ -135,12 +161,12 @@ impl Future for Changed {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Poll::Ready(false);
         }
-        let mut w = s.waiters.lock().unwrap();
+        let mut w = s.waiters.list.lock().unwrap();
         // Re-check under the lock: `notify` bumps before it takes the list.
         if s.version() != self.since {
             return Poll::Ready(true);
         }
-        w.push(Waiter {
+        w.waiters.push(Waiter {
             waker: cx.waker().clone(),
             kick: self.kick.clone(),
             deadline: self.deadline,
@@ -148,7 +174,7 @@ impl Future for Changed {
         drop(w);
         if self.deadline.is_some() {
             s.start_timer();
-            s.timer.notify_one();
+            s.waiters.timer.notify_one();
         }
         Poll::Pending
     }
@@ -170,6 +196,27 @@ mod tests {
         });
         assert!(futures::executor::block_on(s.changed(v, None, None)));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn dropping_the_signal_ends_its_timer_thread() {
+        let s = Signal::new();
+        let _ = futures::executor::block_on(s.changed(
+            s.version(),
+            Some(Instant::now() + Duration::from_millis(1)),
+            None,
+        ));
+        let inner = Arc::downgrade(&s.waiters);
+        drop(s);
+        // The timer thread holds the waiters until it ends.
+        let t0 = Instant::now();
+        while inner.strong_count() > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the timer thread outlived its signal"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl Health {
                     self.want_persist();
                 }
                 // A persister waiting for a member's label goes on at once.
-                self.persist_wake.notify_one();
+                self.wake_persister();
                 self.publish_masks(&inner);
                 true
             }

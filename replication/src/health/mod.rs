@@ -185,9 +185,19 @@ pub enum ReadPolicy {
 
 /// Trips once, when the volume learns that a newer owner (higher generation) took
 /// its replicas. From then on every request fails: two writers must never coexist.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Fence {
     reason: std::sync::OnceLock<(Generation, String)>,
+    /// Told once when it trips (the volume's thread waits on events, not a timer).
+    on_trip: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence")
+            .field("reason", &self.reason.get())
+            .finish()
+    }
 }
 
 impl Fence {
@@ -195,6 +205,17 @@ impl Fence {
     pub fn trip(&self, by: Generation, reason: String) {
         if self.reason.set((by, reason.clone())).is_ok() {
             tracing::error!(%reason, by = by.0, "volume fenced: failing all I/O");
+            if let Some(f) = self.on_trip.get() {
+                f();
+            }
+        }
+    }
+
+    /// Call `f` when the fence trips (at once if it has); one hook per fence.
+    pub fn on_trip(&self, f: Box<dyn Fn() + Send + Sync>) {
+        if self.on_trip.set(f).is_ok() && self.is_tripped() {
+            // Tripped before the hook was set: `trip` may not have seen it.
+            (self.on_trip.get().expect("just set"))();
         }
     }
 
@@ -316,6 +337,9 @@ pub struct Health {
     /// The persister waits for a reconnecting member's label (status shows it).
     awaiting_member: AtomicBool,
     inner: Mutex<Inner>,
+    /// The persister sleeps on `persist_wake` under this lock (never while holding
+    /// `inner`), so a wake-up given under `inner` or not is never lost.
+    persist_mx: Mutex<()>,
     persist_wake: Condvar,
     signal: Arc<Signal>,
     sink: Box<dyn StateSink>,
@@ -469,6 +493,7 @@ impl Health {
                 retired: Vec::new(),
                 read_policy: ReadPolicy::Spread,
             }),
+            persist_mx: Mutex::new(()),
             persist_wake: Condvar::new(),
             signal: Signal::new(),
             sink,
@@ -675,13 +700,19 @@ impl Health {
     fn want_persist(&self) {
         let v = self.wanted.fetch_add(1, Ordering::AcqRel) + 1;
         self.state_wanted.fetch_max(v, Ordering::AcqRel);
-        self.persist_wake.notify_one();
+        self.wake_persister();
+    }
+
+    /// Wake the persister: after the change it must see (the lock orders the two).
+    pub(super) fn wake_persister(&self) {
+        drop(self.persist_mx.lock().unwrap());
+        self.persist_wake.notify_all();
     }
 
     /// Ask for an activity-log commit; the ticket is durable once it is done.
     pub fn want_log(&self) -> Ticket {
         self.wanted.fetch_add(1, Ordering::AcqRel);
-        self.persist_wake.notify_one();
+        self.wake_persister();
         self.ticket_now()
     }
 
@@ -1242,7 +1273,7 @@ impl Health {
     /// connection events change nothing.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.persist_wake.notify_all();
+        self.wake_persister();
         // The last marks reach the saved maps: a clean stop loses none (a crash is
         // covered by the activity log instead).
         if let Err(e) = save_logs(self) {

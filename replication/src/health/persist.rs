@@ -96,6 +96,12 @@ impl SavedLogs {
     }
 }
 
+/// How often an idle persister saves the dirty maps and evicts activity-log extents
+/// while there are any (degraded writes mark the maps without waking it).
+const IDLE_ROUND: Duration = Duration::from_millis(500);
+/// An idle persister with nothing to save sleeps this long at most.
+const IDLE_WAIT: Duration = Duration::from_secs(60);
+
 /// The persister thread: makes each new version durable — the membership into
 /// every member's label, then the record — and wakes the requests waiting for it.
 pub(super) fn persister(weak: Weak<Health>) {
@@ -113,12 +119,25 @@ pub(super) fn persister(weak: Weak<Health>) {
             if let Err(e) = save_logs(&h) {
                 tracing::warn!(volume = %h.volume, error = %e, "cannot save the dirty logs (will retry)");
             }
-            let inner = h.inner.lock().unwrap();
-            if h.wanted.load(Ordering::Acquire) == target {
-                let _ = h
-                    .persist_wake
-                    .wait_timeout(inner, Duration::from_millis(500))
-                    .unwrap();
+            // Rounds are needed only while a dirty map may take marks or the
+            // activity log has extents to evict; a healthy idle volume sleeps until
+            // a change wakes it (`wake_persister`: want_persist, want_log, stop).
+            let rounds = h
+                .inner
+                .lock()
+                .unwrap()
+                .slots
+                .iter()
+                .any(|s| s.dirty.is_some())
+                || h.al
+                    .as_ref()
+                    .is_some_and(|al| al.over_capacity() || al.wants_commit());
+            let gate = h.persist_mx.lock().unwrap();
+            if h.wanted.load(Ordering::Acquire) == target && !h.stopping.load(Ordering::SeqCst) {
+                // Even idle, a round a minute: the thread holds the volume's health
+                // while it waits, and one dropped without `stop` is freed that way.
+                let wait = if rounds { IDLE_ROUND } else { IDLE_WAIT };
+                drop(h.persist_wake.wait_timeout(gate, wait).unwrap());
             }
             continue;
         }
@@ -147,12 +166,15 @@ pub(super) fn persister(weak: Weak<Health>) {
                     h.signal.notify();
                 }
                 // Until a member is back (`reconnected` wakes us) or a while.
-                let inner = h.inner.lock().unwrap();
-                if !inner.slots.iter().any(|s| s.state == ReplicaState::Online) {
-                    let _ = h
-                        .persist_wake
-                        .wait_timeout(inner, Duration::from_millis(50))
-                        .unwrap();
+                let online =
+                    (h.inner.lock().unwrap().slots.iter()).any(|s| s.state == ReplicaState::Online);
+                if !online {
+                    let gate = h.persist_mx.lock().unwrap();
+                    drop(
+                        h.persist_wake
+                            .wait_timeout(gate, Duration::from_millis(50))
+                            .unwrap(),
+                    );
                 }
             }
             Err(e) => {

@@ -444,6 +444,8 @@ impl Manager {
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.state.progress.cancel.store(true, Ordering::SeqCst);
+        // An idle manager sleeps until the volume's state changes: wake it.
+        self.health.signal().notify();
         let thread = self.thread.lock().unwrap().take();
         if let Some(t) = thread {
             let _ = t.join();
@@ -600,10 +602,15 @@ fn manage(
             })
             .collect();
         let Some((slot, kind)) = next_rebuild(&candidates, Instant::now()) else {
-            // Reconnects are state changes too; a backoff ends on its own.
+            // Reconnects, requests and the shutdown are state changes too. Only a
+            // replica waiting for a rebuild needs a look at the clock (a backoff
+            // ends, a dirty map expires); with none, this sleeps until a change.
+            let waiting = candidates
+                .iter()
+                .any(|c| c.faulted || c.requested.is_some());
             let _ = futures::executor::block_on(health.changed(
                 version,
-                Some(Instant::now() + Duration::from_secs(1)),
+                waiting.then(|| Instant::now() + Duration::from_secs(1)),
                 None,
             ));
             continue;

@@ -480,11 +480,12 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
         volume: VolumeTag::of(&shared.spec.open.volume),
     };
     let sent = Arc::new(tokio::sync::Notify::new());
+    let busy = Arc::new(tokio::sync::Notify::new());
     let writer = shared.rt.spawn(writer(
         wr,
         sealer,
         held,
-        pending.clone(),
+        (pending.clone(), busy.clone()),
         sent.clone(),
         stamp,
         dead_tx.clone(),
@@ -503,7 +504,7 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
         writer,
         reader,
         queue,
-        pending,
+        (pending, busy),
         dead_rx,
     ));
 }
@@ -516,7 +517,7 @@ async fn writer(
     mut wr: OwnedWriteHalf,
     mut sealer: Sealer,
     mut rx: tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<Job>>,
-    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    (pending, busy): (Arc<Mutex<HashMap<u64, Pending>>>, Arc<tokio::sync::Notify>),
     sent: Arc<tokio::sync::Notify>,
     stamp: FrameStamp,
     dead: mpsc::UnboundedSender<Lost>,
@@ -550,6 +551,11 @@ async fn writer(
         let mut payloads: Vec<RawBuf> = Vec::with_capacity(batch.len());
         {
             let mut p = pending.lock().unwrap();
+            if p.is_empty() && batch.iter().any(|j| j.op != Op::Ping) {
+                // The supervisor of an idle connection sleeps until its next ping
+                // (which it sent itself): these requests' deadlines start now.
+                busy.notify_one();
+            }
             for job in batch.drain(..) {
                 let id = next_id;
                 next_id += 1;
@@ -750,30 +756,44 @@ async fn supervise(
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>>,
-    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    (pending, busy): (Arc<Mutex<HashMap<u64, Pending>>>, Arc<tokio::sync::Notify>),
     mut dead: mpsc::UnboundedReceiver<Lost>,
 ) {
     let deadline = shared.spec.deadline;
     let mut last_ping = Instant::now();
-    let mut tick = tokio::time::interval((deadline / 4).max(Duration::from_millis(20)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Woken by the oldest request's deadline, the next ping of an idle connection,
+    // or the first request after idleness (`busy`): no timer runs for its own sake.
     let why = loop {
-        tokio::select! {
-            why = dead.recv() => break why.unwrap_or_else(|| closed("tasks ended".into())),
-            _ = tick.tick() => {
-                if pending.lock().unwrap().is_empty() && last_ping.elapsed() >= PING_EVERY {
-                    // Idle: probe liveness and the fence (the ping has the deadline too).
-                    last_ping = Instant::now();
-                    ping(&shared);
-                }
-                let oldest = pending.lock().unwrap().values().map(|p| p.job.submitted).min();
-                if let Some(t) = oldest {
-                    let waited = t.elapsed();
-                    if waited > deadline {
-                        break Lost::Deadline { waited };
-                    }
+        let oldest = pending
+            .lock()
+            .unwrap()
+            .values()
+            .map(|p| p.job.submitted)
+            .min();
+        let wake = match oldest {
+            Some(t) if t.elapsed() > deadline => {
+                break Lost::Deadline {
+                    waited: t.elapsed(),
                 }
             }
+            // Busy: requests in flight stand for the ping; a look each PING_EVERY
+            // keeps the pings' cadence once the connection goes idle.
+            Some(t) => {
+                last_ping = Instant::now();
+                (t + deadline + Duration::from_millis(1)).min(last_ping + PING_EVERY)
+            }
+            None if last_ping.elapsed() >= PING_EVERY => {
+                // Idle: probe liveness and the fence (the ping has the deadline too).
+                last_ping = Instant::now();
+                ping(&shared);
+                continue;
+            }
+            None => last_ping + PING_EVERY,
+        };
+        tokio::select! {
+            why = dead.recv() => break why.unwrap_or_else(|| closed("tasks ended".into())),
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = busy.notified() => {}
         }
     };
     let closed_by_owner = shared.conn.lock().unwrap().take().is_none();
