@@ -44,6 +44,9 @@ pub struct Rules {
     pub backoff_max_ms: u64,
     /// A flapping peer's suspicions are reported at most this often.
     pub report_every_ms: u64,
+    /// A server the volumes only may use (a spare, a replaced replica's) is probed
+    /// this often while nothing needs a replacement (see [`Monitor::to_probe`]).
+    pub idle_probe_every_ms: u64,
 }
 
 /// A volume as the daemon sees it now.
@@ -160,6 +163,20 @@ pub struct PeerView {
     /// When a suspicion of it was last reported, and how many were not since.
     #[serde(skip)]
     reported: Option<(UnixMs, u32)>,
+    /// When it was last probed.
+    #[serde(skip)]
+    probed: Option<UnixMs>,
+}
+
+/// How this node's volumes use a server, for the probe plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerUse {
+    pub peer: PeerAddr,
+    /// A replica connection to it is up: that connection's pings (each answered
+    /// within the I/O deadline, or the connection is dropped) say it lives.
+    pub connected: bool,
+    /// A replica of a volume lives there (not only a spare or a replaced one).
+    pub holds_replica: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -228,7 +245,9 @@ impl Monitor {
             liveness: Liveness::Alive,
             capacity: None,
             reported: None,
+            probed: None,
         });
+        view.probed = Some(now);
         if let Probe::Answered { capacity } = probe {
             view.capacity = Some(*capacity);
         }
@@ -267,6 +286,39 @@ impl Monitor {
             }),
         };
         kind.map(event).into_iter().collect()
+    }
+
+    /// The servers to probe now. A probe is a new connection and a handshake on
+    /// both sides, so an idle node makes none it can do without:
+    /// - a server never probed, or suspected or dead, is probed every round;
+    /// - one with a replica connection up is not: the connection's pings prove it
+    ///   (its death is seen when a ping misses the I/O deadline, then probed);
+    /// - one holding a replica without a connection is probed every round;
+    /// - one the volumes only may use (a spare, a replaced replica's server) is
+    ///   probed every round while a replica is faulted, connecting or waiting for a
+    ///   replacement, or a server is not alive (placement needs fresh news), and
+    ///   otherwise every `idle_probe_every_ms`.
+    pub fn to_probe(&self, now: UnixMs, uses: &[PeerUse], volumes: &[VolumeView]) -> Vec<PeerAddr> {
+        let attention = !self.waiting.is_empty()
+            || self.peers.values().any(|v| v.liveness != Liveness::Alive)
+            || volumes.iter().any(|v| {
+                !v.replacing.is_empty()
+                    || v.slots
+                        .iter()
+                        .any(|s| matches!(s.cond, SlotCond::Faulted { .. } | SlotCond::Connecting))
+            });
+        uses.iter()
+            .filter(|u| match self.peers.get(&u.peer) {
+                None | Some(PeerView { probed: None, .. }) => true,
+                Some(v) if v.liveness != Liveness::Alive => true,
+                Some(_) if u.connected => false,
+                Some(_) if u.holds_replica || attention => true,
+                Some(PeerView {
+                    probed: Some(at), ..
+                }) => now.since(*at) >= self.rules.idle_probe_every_ms,
+            })
+            .map(|u| u.peer.clone())
+            .collect()
     }
 
     /// A replacement of `old` in `volume` on spare `on` failed: wait before the
@@ -508,6 +560,7 @@ mod tests {
             backoff_first_ms: 5000,
             backoff_max_ms: 300_000,
             report_every_ms: 60_000,
+            idle_probe_every_ms: 30_000,
         }
     }
 
@@ -1002,5 +1055,71 @@ mod tests {
             "{per:?}: a 10 GiB volume each on two 15 GiB spares"
         );
         assert!(per.values().all(|n| *n == 1), "{per:?}");
+    }
+
+    #[test]
+    fn the_probe_plan_skips_connected_servers_and_probes_idle_spares_seldom() {
+        let use_ = |n: u8, connected: bool, holds_replica: bool| PeerUse {
+            peer: addr(n),
+            connected,
+            holds_replica,
+        };
+        // .2 and .3 hold replicas (.2 connected), .4 and .5 are spares.
+        let uses = [
+            use_(2, true, true),
+            use_(3, false, true),
+            use_(4, false, false),
+            use_(5, false, false),
+        ];
+        let healthy = [vol0(SlotCond::Online, SlotCond::Online)];
+        let faulty = [vol0(SlotCond::Online, faulted(FaultReason::ConnectionLost))];
+        let plan = |m: &Monitor, t: u64, v: &[VolumeView]| -> Vec<u8> {
+            m.to_probe(UnixMs(t), &uses, v)
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .split(['.', ':'])
+                        .nth(3)
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let mut m = Monitor::new(rules(), false);
+        assert_eq!(plan(&m, 0, &healthy), [2, 3, 4, 5], "never probed: all");
+        all_alive(&mut m, 0);
+        for (t, vols, want, why) in [
+            (
+                1_000,
+                &healthy,
+                vec![3],
+                "connected .2 skipped, spares probed lately",
+            ),
+            (
+                29_999,
+                &healthy,
+                vec![3],
+                "spares: not before idle_probe_every_ms",
+            ),
+            (
+                30_000,
+                &healthy,
+                vec![3, 4, 5],
+                "spares: every idle_probe_every_ms",
+            ),
+            (
+                1_000,
+                &faulty,
+                vec![3, 4, 5],
+                "a faulted replica: spares every round",
+            ),
+        ] {
+            assert_eq!(plan(&m, t, vols), want, "{why}");
+        }
+        // A connected server under suspicion is probed all the same, and so are the
+        // spares while any server is not alive.
+        probed(&mut m, &[(2_000, 2, refused())]);
+        assert_eq!(plan(&m, 3_000, &healthy), [2, 3, 4, 5]);
     }
 }

@@ -149,11 +149,10 @@ mod tests {
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ha::event::{Event, EventKind, ReplaceReason};
-use ha::monitor::{Decision, Monitor, Rules, VolumeView, Waiting};
+use ha::monitor::{Decision, Monitor, PeerUse, Rules, VolumeView, Waiting};
 use ha::{PeerAddr, UnixMs};
 use serde::{Deserialize, Serialize};
 
@@ -313,6 +312,7 @@ pub fn rules(c: &HaConfig) -> Rules {
         backoff_first_ms: 5_000,
         backoff_max_ms: 300_000,
         report_every_ms: 60_000,
+        idle_probe_every_ms: 30_000,
     }
 }
 
@@ -412,24 +412,39 @@ impl Ha {
             .collect();
         // The replicas' servers, the spares, and the servers of replaced replicas
         // (their return is reported: what they hold is stale).
-        let peers: BTreeSet<PeerAddr> = views
-            .iter()
-            .flat_map(|(sh, v)| {
-                v.slots
+        let mut uses: BTreeMap<PeerAddr, PeerUse> = BTreeMap::new();
+        let mut add = |peer: PeerAddr, holds: bool, connected: bool| {
+            let u = uses.entry(peer.clone()).or_insert(PeerUse {
+                peer,
+                connected: false,
+                holds_replica: false,
+            });
+            u.holds_replica |= holds;
+            u.connected |= connected;
+        };
+        for (sh, v) in &views {
+            let connected = sh.connected_peers();
+            for p in v.slots.iter().filter_map(|s| s.peer.clone()) {
+                let up = connected.contains(&p);
+                add(p, true, up);
+            }
+            for p in v.spares.iter().cloned().chain(
+                sh.substitutions()
                     .iter()
-                    .filter_map(|s| s.peer.clone())
-                    .chain(v.spares.iter().cloned())
-                    .chain(
-                        sh.substitutions()
-                            .iter()
-                            .filter_map(|x| crate::volume::peer_of(&x.configured)),
-                    )
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+                    .filter_map(|x| crate::volume::peer_of(&x.configured)),
+            ) {
+                add(p, false, false);
+            }
+        }
+        let peers: BTreeSet<PeerAddr> = uses.keys().cloned().collect();
+        let just: Vec<VolumeView> = views.iter().map(|(_, v)| v.clone()).collect();
+        let planned = {
+            let uses: Vec<PeerUse> = uses.into_values().collect();
+            self.monitor.lock().unwrap().to_probe(now(), &uses, &just)
+        };
         let timeout = Duration::from_millis(u64::from(cfg.ha.probe_interval_ms).clamp(200, 2000));
         let probes = net.rt.block_on(futures::future::join_all(
-            peers.iter().map(|p| probe(p.as_str(), secret, timeout)),
+            planned.iter().map(|p| probe(p.as_str(), secret, timeout)),
         ));
         let at = now();
         let mut events = Vec::new();
@@ -437,7 +452,7 @@ impl Ha {
             let mut m = self.monitor.lock().unwrap();
             m.set_rules(rules(&cfg.ha));
             m.retain_peers(&peers);
-            for (p, r) in peers.iter().zip(&probes) {
+            for (p, r) in planned.iter().zip(&probes) {
                 events.extend(m.probed(p, r, at));
             }
             let returned: Vec<PeerAddr> = events
@@ -447,7 +462,6 @@ impl Ha {
                     _ => None,
                 })
                 .collect();
-            let just: Vec<VolumeView> = views.iter().map(|(_, v)| v.clone()).collect();
             let (d, e) = m.select(at, &just);
             events.extend(e);
             (d, returned)
@@ -632,15 +646,39 @@ impl Ha {
     }
 }
 
+/// The monitor's stop: set once; it ends the wait between two rounds at once.
+#[derive(Default)]
+pub struct StopFlag {
+    stopped: Mutex<bool>,
+    wake: std::sync::Condvar,
+}
+
+impl StopFlag {
+    pub fn stop(&self) {
+        *self.stopped.lock().unwrap() = true;
+        self.wake.notify_all();
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap()
+    }
+
+    /// Wait up to `d`; whether it stopped.
+    fn wait(&self, d: Duration) -> bool {
+        let g = self.stopped.lock().unwrap();
+        *self.wake.wait_timeout_while(g, d, |s| !*s).unwrap().0
+    }
+}
+
 /// The monitor's loop: a round every `[ha] probe_interval_ms` until `stop`.
-pub fn run(daemon: &crate::daemon::Daemon, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
+pub fn run(daemon: &crate::daemon::Daemon, stop: &StopFlag) {
+    while !stop.is_stopped() {
         let cfg = daemon.config();
         let t0 = std::time::Instant::now();
         daemon.ha().round(&cfg, daemon.net(), &daemon.serving());
         let interval = Duration::from_millis(cfg.ha.probe_interval_ms.into());
-        while t0.elapsed() < interval && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
+        if stop.wait(interval.saturating_sub(t0.elapsed())) {
+            return;
         }
     }
 }

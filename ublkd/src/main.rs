@@ -244,7 +244,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     daemon.start_all();
     // The HA monitor: probes the replica servers, replaces the replicas of dead
     // ones on the volumes' spares.
-    let ha_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ha_stop = Arc::new(ublkd::ha::StopFlag::default());
     let ha_thread = {
         let (d, stop) = (daemon.clone(), ha_stop.clone());
         std::thread::Builder::new()
@@ -274,7 +274,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             // systemd's stop and restart: the devices stay for the next ublkd.
             Signal::SIGTERM => {
                 tracing::info!("SIGTERM: handing the devices over to the next ublkd");
-                ha_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                ha_stop.stop();
                 let _ = ha_thread.join();
                 let (clean, not_clean) = daemon.hand_over_all(HAND_OVER_WAIT);
                 let _ = std::fs::remove_file(&socket);
@@ -289,7 +289,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             sig => {
                 tracing::info!(signal = ?sig, "stopping: draining I/O and removing devices");
                 // No replacement may start while the volumes stop.
-                ha_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                ha_stop.stop();
                 let _ = ha_thread.join();
                 daemon.stop_all();
                 let _ = net_stop.send(());

@@ -101,6 +101,7 @@ fn a_flapping_server_is_never_declared_dead_and_a_killed_one_is() {
         backoff_first_ms: 5000,
         backoff_max_ms: 300_000,
         report_every_ms: 60_000,
+        idle_probe_every_ms: 30_000,
     };
     let mut m = Monitor::new(rules, false);
     let peer = PeerAddr::new(&s.addr.to_string()).unwrap();
@@ -170,7 +171,7 @@ fn a_flapping_server_is_never_declared_dead_and_a_killed_one_is() {
 /// thread and reload run as in `ublkd`; the test does the volume's I/O.
 struct Node {
     daemon: std::sync::Arc<ublkd::daemon::Daemon>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<ublkd::ha::StopFlag>,
     monitor: Option<std::thread::JoinHandle<()>>,
     config: std::path::PathBuf,
     _rt: tokio::runtime::Runtime,
@@ -193,7 +194,7 @@ impl Node {
         daemon.set_config_path(config.clone());
         let daemon = std::sync::Arc::new(daemon);
         daemon.start_all();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(ublkd::ha::StopFlag::default());
         let monitor = {
             let (d, s) = (daemon.clone(), stop.clone());
             std::thread::spawn(move || ublkd::ha::run(&d, &s))
@@ -255,7 +256,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.stop();
         if let Some(m) = self.monitor.take() {
             let _ = m.join();
         }

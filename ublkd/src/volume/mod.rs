@@ -14,6 +14,7 @@ mod device;
 
 pub use device::pid_alive;
 
+use std::collections::BTreeSet;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +52,8 @@ pub enum VolumeCmd {
     /// was left clean (no resync needed). The device stays, and so does this
     /// volume's thread: the process exits next (see [`hand_over`]).
     HandOver(Sender<bool>),
+    /// The fence tripped: look at it now (sent by the volume's own fence hook).
+    Look,
 }
 
 /// What the control socket reports about a volume.
@@ -229,6 +232,29 @@ impl VolumeShared {
             .as_ref()
             .map(|s| s.record().substitutions)
             .unwrap_or_default()
+    }
+
+    /// The servers this volume has a replica connection up to (its pings keep
+    /// proving them alive: the HA monitor need not probe them).
+    pub fn connected_peers(&self) -> BTreeSet<ha::PeerAddr> {
+        let Some(health) = self.live.lock().unwrap().health.clone() else {
+            return BTreeSet::new();
+        };
+        let snap = health.snapshot();
+        snap.slots
+            .iter()
+            .filter(|s| {
+                health
+                    .backing(s.slot)
+                    .is_some_and(|b| b.is_remote() && b.is_reachable())
+            })
+            .filter_map(|s| peer_of(&s.location))
+            .collect()
+    }
+
+    /// Replacements whose old replica is not dropped yet.
+    pub fn replacing(&self) -> bool {
+        !self.live.lock().unwrap().replacing.is_empty()
     }
 
     /// The volume as the HA monitor sees it (`None`: it does not serve).
@@ -1082,11 +1108,13 @@ impl VolumeRunner {
             decide: Mutex::new(()),
         });
         let (tx, rx) = std::sync::mpsc::channel();
+        let look = tx.clone();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vol-{}", cfg.name))
             .spawn(move || {
-                if let Err(e) = run(&cfg, &state_dir, device_id, &net, &sh, rx, force_takeover) {
+                let cmd = (look, rx);
+                if let Err(e) = run(&cfg, &state_dir, device_id, &net, &sh, cmd, force_takeover) {
                     tracing::error!(volume = %cfg.name, error = %e, "volume failed");
                     sh.set_state(VolumeState::Failed, Some(e.to_string()));
                 }
@@ -1142,7 +1170,7 @@ fn run(
     claimed_id: Option<u32>,
     net: &Net,
     shared: &Arc<VolumeShared>,
-    cmd: Receiver<VolumeCmd>,
+    (look, cmd): (Sender<VolumeCmd>, Receiver<VolumeCmd>),
     force_takeover: bool,
 ) -> Result<(), DaemonError> {
     shared.set_state(VolumeState::Starting, None);
@@ -1179,7 +1207,7 @@ fn run(
             true
         }
         Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => true,
-        Err(RecvTimeoutError::Timeout) => false,
+        Ok(VolumeCmd::Look) | Err(RecvTimeoutError::Timeout) => false,
     };
     // Recovering a QUIESCED device after another owner took the volume over would
     // let the kernel re-issue the dead daemon's writes onto the newer owner's data
@@ -1241,6 +1269,9 @@ fn run(
     let (cheap_zeroing, local_replicas) = (act.cheap_zeroing, act.local_replicas);
     let remotes = std::mem::take(&mut act.remotes);
     let (health, sink) = health_of(cfg, net, state_dir, &record, act.slots, &remotes, logs)?;
+    health.fence().on_trip(Box::new(move || {
+        let _ = look.send(VolumeCmd::Look);
+    }));
     let generation = record.generation;
     let stop_reopen = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
@@ -1265,13 +1296,15 @@ fn run(
             cmd,
         );
         stop_reopen.store(true, std::sync::atomic::Ordering::SeqCst);
+        health.signal().notify();
         out
     })
 }
 
-/// Every 2 s: keep OPENing the remote replicas activation could not reach (their
-/// node was down), so that the rebuild manager can catch them up once they are
-/// back; drop replaced replicas whose replacement is online.
+/// On each change of the volume's state, and every 2 s while there are any: keep
+/// OPENing the remote replicas activation could not reach (their node was down), so
+/// that the rebuild manager can catch them up once they are back; drop replaced
+/// replicas whose replacement is online.
 fn housekeeping(
     cfg: &VolumeConfig,
     net: &Net,
@@ -1282,9 +1315,12 @@ fn housekeeping(
 ) {
     let mut failed_once = std::collections::HashSet::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let version = health.signal().version();
         shared.decider().finish_replacements(health);
         let snap = health.snapshot();
-        for (slot, location) in health.unopened() {
+        let unopened = health.unopened();
+        for (slot, location) in &unopened {
+            let (slot, location) = (*slot, location.clone());
             let Some(r) = cfg
                 .replicas
                 .iter()
@@ -1316,12 +1352,14 @@ fn housekeeping(
                 }
             }
         }
-        for _ in 0..20 {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // A replacement comes online and the stop are state changes: only an
+        // unreachable replica (or a replaced one not dropped yet) needs the clock.
+        let retry = !unopened.is_empty() || shared.replacing();
+        let _ = futures::executor::block_on(health.signal().changed(
+            version,
+            retry.then(|| std::time::Instant::now() + Duration::from_secs(2)),
+            None,
+        ));
     }
 }
 
@@ -1913,7 +1951,9 @@ fn wait_for_stop(
             shared.set_state(VolumeState::Fenced, Some(why.to_string()));
             return Ending::Fenced;
         }
-        match cmd.lock().unwrap().recv_timeout(Duration::from_millis(500)) {
+        // The fence wakes this (`Look`); a device removed behind our back is
+        // noticed within 5 s (nothing tells us).
+        match cmd.lock().unwrap().recv_timeout(Duration::from_secs(5)) {
             Ok(VolumeCmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
                 stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 shared.set_state(VolumeState::Stopping, None);
@@ -1923,6 +1963,7 @@ fn wait_for_stop(
                 shared.set_state(VolumeState::Stopping, None);
                 return Ending::HandOver(done);
             }
+            Ok(VolumeCmd::Look) => {}
             Err(RecvTimeoutError::Timeout) if gone() => {
                 tracing::error!(volume = %name, "ublk device removed behind our back");
                 return Ending::Gone;
