@@ -30,6 +30,7 @@ pub mod durable;
 pub mod error;
 pub mod health;
 pub mod ids;
+pub mod latency;
 pub mod local;
 pub mod nexus;
 pub mod ranges;

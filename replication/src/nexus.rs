@@ -168,6 +168,16 @@ impl Nexus {
     /// write, or room for the data read. Returns the bytes transferred.
     pub async fn submit(&self, req: BlockRequest, buf: &mut [u8]) -> Result<u32, Errno> {
         let stats = &self.health.stats;
+        let lat = &stats.latency;
+        let _timed = Timed::start(
+            &stats.in_flight,
+            match req {
+                BlockRequest::Read { .. } => &lat.read,
+                BlockRequest::Write { .. } => &lat.write,
+                BlockRequest::Discard { .. } | BlockRequest::WriteZeroes { .. } => &lat.trim,
+                _ => &lat.flush,
+            },
+        );
         if self.health.fence().is_tripped() {
             bump(&stats.errors, 1);
             return Err(Errno::EIO);
@@ -346,6 +356,36 @@ impl Nexus {
             .zip(results)
             .filter_map(|(i, r)| r.err().map(|e| (i, e)))
             .collect()
+    }
+}
+
+/// A request in flight: counted while it runs, its latency recorded when it ends
+/// (on every path out of `submit`, errors included).
+struct Timed<'a> {
+    in_flight: &'a std::sync::atomic::AtomicU64,
+    histogram: &'a crate::latency::Histogram,
+    t0: Instant,
+}
+
+impl<'a> Timed<'a> {
+    fn start(
+        in_flight: &'a std::sync::atomic::AtomicU64,
+        histogram: &'a crate::latency::Histogram,
+    ) -> Timed<'a> {
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Timed {
+            in_flight,
+            histogram,
+            t0: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.t0.elapsed());
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

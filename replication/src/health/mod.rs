@@ -137,6 +137,20 @@ pub struct IoStats {
     pub write_bytes: AtomicU64,
     /// Requests completed with an error to the application.
     pub errors: AtomicU64,
+    /// Requests taken and not completed yet (the queue depth the volume sees).
+    pub in_flight: AtomicU64,
+    /// Time from taking a request to its completion, per kind.
+    pub latency: Latencies,
+}
+
+/// Request latency histograms, one per kind of request.
+#[derive(Debug, Default)]
+pub struct Latencies {
+    pub read: crate::latency::Histogram,
+    pub write: crate::latency::Histogram,
+    pub flush: crate::latency::Histogram,
+    /// DISCARD and WRITE_ZEROES.
+    pub trim: crate::latency::Histogram,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +163,8 @@ pub struct IoStatsSnapshot {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub errors: u64,
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 impl IoStats {
@@ -163,6 +179,7 @@ impl IoStats {
             read_bytes: l(&self.read_bytes),
             write_bytes: l(&self.write_bytes),
             errors: l(&self.errors),
+            in_flight: l(&self.in_flight),
         }
     }
 }
