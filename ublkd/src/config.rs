@@ -94,6 +94,8 @@ pub struct Config {
     pub rebuild: RebuildConfig,
     /// The `[ha]` section (defaults when absent).
     pub ha: HaConfig,
+    /// `[metrics] listen`: where `/metrics` is served (`None`: not at all).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The `[ha]` section: how this node's HA monitor watches the replica servers
@@ -551,6 +553,13 @@ struct RawConfig {
     server: Option<RawServer>,
     rebuild: Option<RawRebuild>,
     ha: Option<RawHa>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -789,12 +798,17 @@ impl Validator<'_> {
             Some(h) => self.ha(h)?,
             None => HaConfig::default(),
         };
+        let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+            Some(v) => Some(self.metrics_listen(&v)?),
+            None => None,
+        };
         Ok(Config {
             node,
             volumes,
             server,
             rebuild,
             ha,
+            metrics_listen,
         })
     }
 
@@ -958,6 +972,24 @@ impl Validator<'_> {
             .chain(raw.max_connections.iter().map(|v| v.span()))
             .min_by_key(|s| s.start);
         first.unwrap_or(0..0)
+    }
+
+    fn metrics_listen(&self, v: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        let bad = |what: &str| {
+            self.invalid(
+                &v.span(),
+                &Some("[metrics]".to_string()),
+                "listen",
+                format!("{what}, got {:?}", v.get_ref()),
+            )
+        };
+        let addr: SocketAddr = v.get_ref().parse().map_err(|_| {
+            bad("must be \"IP:port\" with an IP address, e.g. \"127.0.0.1:9850\" (this node only) or \"0.0.0.0:9850\"")
+        })?;
+        if addr.port() == 0 {
+            return Err(bad("port must be between 1 and 65535"));
+        }
+        Ok(addr)
     }
 
     fn server(&self, raw: RawServer, span: Range<usize>) -> Result<ServerConfig, ConfigError> {

@@ -179,6 +179,8 @@ pub struct Logged {
 pub struct EventLog {
     path: PathBuf,
     inner: Mutex<(VecDeque<Logged>, u64, usize)>,
+    /// Events pushed by this process, by kind (the metrics' counters).
+    counts: Mutex<BTreeMap<String, u64>>,
 }
 
 impl EventLog {
@@ -209,11 +211,22 @@ impl EventLog {
         EventLog {
             path,
             inner: Mutex::new((recent, seq, lines)),
+            counts: Mutex::default(),
         }
+    }
+
+    /// Events pushed by this process, by kind (`peer_dead`, ...).
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.counts.lock().unwrap().clone()
     }
 
     pub fn push(&self, event: Event) {
         tracing::info!(event = %event, "ha");
+        let kind = serde_json::to_value(&event.kind)
+            .ok()
+            .and_then(|v| Some(v.get("event")?.as_str()?.to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        *self.counts.lock().unwrap().entry(kind).or_default() += 1;
         let mut g = self.inner.lock().unwrap();
         let (recent, seq, lines) = &mut *g;
         *seq += 1;

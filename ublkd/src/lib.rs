@@ -17,6 +17,7 @@ pub mod error;
 pub mod frontend;
 pub mod ha;
 pub mod lifecycle;
+pub mod metrics;
 pub mod reload;
 pub mod state;
 pub mod volume;

@@ -71,6 +71,16 @@ fn main() {
 fn check_config(file: &std::path::Path) -> Result<()> {
     let cfg = Config::from_file(file)?;
     start_checks(&cfg, file)?;
+    if let Some(addr) = cfg.metrics_listen {
+        let any_port = std::net::SocketAddr::new(addr.ip(), 0);
+        std::net::TcpListener::bind(any_port).with_context(|| {
+            format!(
+                "{}: [metrics] listen = \"{addr}\": {} is not an address of this host",
+                file.display(),
+                addr.ip()
+            )
+        })?;
+    }
     if let Some(srv) = &cfg.server {
         let any_port = std::net::SocketAddr::new(srv.listen.ip(), 0);
         std::net::TcpListener::bind(any_port).with_context(|| {
@@ -235,6 +245,15 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
         filter_handle.reload(filter).map_err(|e| e.to_string())
     }));
     let daemon = Arc::new(daemon);
+    if let Some(addr) = daemon.config().metrics_listen {
+        let listener = ublkd::metrics::bind(addr)
+            .with_context(|| format!("{}: [metrics] listen = \"{addr}\"", config.display()))?;
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || ublkd::metrics::serve(listener, d))?;
+        tracing::info!(listen = %addr, "metrics at http://{addr}/metrics");
+    }
     let d = daemon.clone();
     std::thread::Builder::new()
         .name("control".into())

@@ -223,6 +223,11 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
             key: "grain".into(),
         });
     }
+    if old.metrics_listen != new.metrics_listen {
+        changes.push(Change::AtDaemonRestart {
+            key: "[metrics] listen".into(),
+        });
+    }
     for o in &old.volumes {
         if new.volume(&o.name).is_none() {
             changes.push(Change::VolumeRemoved {

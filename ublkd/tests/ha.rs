@@ -628,3 +628,210 @@ fn a_manual_replacement_with_no_replica_online_is_refused() {
     assert!(err.contains("no replica is online to rebuild"), "{err}");
     assert_eq!(node.replicas().len(), 2, "nothing added");
 }
+
+/// One scrape of `/metrics` over real TCP: (status line, body).
+fn http(addr: std::net::SocketAddr, request: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the sample `name{labels}` (labels as the exposition writes them).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `/metrics` of a node serving a volume under I/O: the request counters, bytes and
+/// latency histograms move by what was done; a killed server shows as a faulted
+/// replica behind by what it missed, with an HA event; every family has HELP and
+/// TYPE, counters end in `_total`, and `promtool check metrics` accepts it when the
+/// machine has promtool.
+#[test]
+fn metrics_move_under_io_and_follow_the_prometheus_conventions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(tmp.path(), 70, false);
+    let listener = ublkd::metrics::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let d = c.node.daemon.clone();
+    std::thread::spawn(move || ublkd::metrics::serve(listener, d));
+    let scrape = || {
+        let (status, body) = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        body
+    };
+    let nexus = c.node.nexus();
+    let (_, at_a, at_b, _) = c.locations();
+    let writes = r#"ublkd_volume_requests_total{volume="hv",op="write"}"#;
+    let written = r#"ublkd_volume_written_bytes_total{volume="hv"}"#;
+    let write_lat = r#"ublkd_volume_request_duration_seconds_count{volume="hv",op="write"}"#;
+    let before = scrape();
+    let out = workload(&nexus, 200, 4, u64::MAX, || {});
+    assert_eq!(out.errors, 0);
+    let after = scrape();
+    let moved = |series: &str| sample(&after, series).unwrap() - sample(&before, series).unwrap();
+    let reads = r#"ublkd_volume_requests_total{volume="hv",op="read"}"#;
+    let read_lat = r#"ublkd_volume_request_duration_seconds_count{volume="hv",op="read"}"#;
+    // The workload's 200 requests, writes and reads of a block each.
+    assert_eq!(moved(writes) + moved(reads), 200.0, "{after}");
+    assert!(moved(writes) > 0.0 && moved(reads) > 0.0);
+    assert_eq!(moved(written), moved(writes) * BLOCK as f64);
+    assert_eq!(
+        moved(write_lat),
+        moved(writes),
+        "one latency observation per write"
+    );
+    assert_eq!(
+        moved(read_lat),
+        moved(reads),
+        "one latency observation per read"
+    );
+    let inf = r#"ublkd_volume_request_duration_seconds_bucket{le="+Inf",volume="hv",op="write"}"#;
+    let inf = sample(&after, inf).or_else(|| {
+        // The label order is the encoder's: find the +Inf bucket of writes either way.
+        after
+            .lines()
+            .find(|l| {
+                l.starts_with("ublkd_volume_request_duration_seconds_bucket")
+                    && l.contains(r#"le="+Inf""#)
+                    && l.contains(r#"op="write""#)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    });
+    assert_eq!(
+        inf,
+        sample(&after, write_lat),
+        "+Inf bucket = count: {after}"
+    );
+    for r in [&at_a, &at_b] {
+        let online = format!(r#"ublkd_replica_online{{volume="hv",replica="{r}"}}"#);
+        assert_eq!(sample(&after, &online), Some(1.0), "{after}");
+    }
+    assert_eq!(
+        sample(&after, r#"ublkd_volume_in_flight_requests{volume="hv"}"#),
+        Some(0.0)
+    );
+    assert!(sample(&after, "process_cpu_seconds_total").unwrap() > 0.0);
+    assert!(sample(&after, "process_resident_memory_bytes").unwrap() > 1e6);
+
+    // A server dies: its replica is faulted and falls behind by the writes it misses.
+    c.b.kill();
+    let out = workload(&nexus, 100, 4, u64::MAX, || {});
+    assert_eq!(out.errors, 0);
+    wait_until(30, "the monitor reports the fault", || {
+        c.node
+            .count(|k| matches!(k, ha::event::EventKind::ReplicaFaulted { .. }))
+            > 0
+    });
+    let faulted = scrape();
+    let online_b = format!(r#"ublkd_replica_online{{volume="hv",replica="{at_b}"}}"#);
+    assert_eq!(sample(&faulted, &online_b), Some(0.0));
+    let behind = format!(r#"ublkd_replica_behind_bytes{{volume="hv",replica="{at_b}"}}"#);
+    assert!(
+        sample(&faulted, &behind).unwrap() >= BLOCK as f64,
+        "{faulted}"
+    );
+    assert!(
+        faulted
+            .lines()
+            .any(|l| l.starts_with("ublkd_replica_state{")
+                && l.contains(&at_b)
+                && l.contains(r#"state="faulted""#)
+                && l.contains(r#"reason="connection_lost""#)),
+        "{faulted}"
+    );
+    assert_eq!(
+        sample(
+            &faulted,
+            r#"ublkd_ha_events_total{event="replica_faulted"}"#
+        ),
+        Some(1.0),
+        "{faulted}"
+    );
+
+    // The conventions, checked here and by promtool where the machine has it.
+    let mut typed = std::collections::BTreeMap::new();
+    for l in faulted.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut w = l[7..].split(' ');
+        typed.insert(w.next().unwrap().to_string(), w.next().unwrap().to_string());
+    }
+    for l in faulted.lines().filter(|l| !l.starts_with('#')) {
+        let name = l.split(['{', ' ']).next().unwrap();
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "{name}: not snake_case"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| typed.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        let ty = typed
+            .get(family)
+            .unwrap_or_else(|| panic!("{name}: no TYPE"));
+        assert_eq!(ty == "counter", name.ends_with("_total"), "{name}: a {ty}");
+        assert!(
+            faulted.contains(&format!("# HELP {family} ")),
+            "{family}: no HELP"
+        );
+    }
+    // The packaged Grafana dashboard asks only for what is there.
+    let dashboard = include_str!("../../packaging/grafana-dashboard.json");
+    let mut asked = std::collections::BTreeSet::new();
+    for (i, _) in dashboard
+        .match_indices("ublkd_")
+        .chain(dashboard.match_indices("process_"))
+    {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        asked.insert(name);
+    }
+    for name in &asked {
+        let family = name.strip_suffix("_bucket").unwrap_or(name);
+        assert!(
+            typed.contains_key(family),
+            "the dashboard asks for {name}, not exported"
+        );
+    }
+    assert!(asked.len() >= 15, "{asked:?}");
+    if let Ok(mut p) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        p.stdin
+            .take()
+            .unwrap()
+            .write_all(faulted.as_bytes())
+            .unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Only GET /metrics answers metrics.
+    assert_eq!(
+        http(addr, "GET /nope HTTP/1.1\r\n\r\n").0,
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        http(addr, "POST /metrics HTTP/1.1\r\n\r\n").0,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+}

@@ -252,6 +252,24 @@ impl VolumeShared {
             .collect()
     }
 
+    pub fn name(&self) -> String {
+        self.cfg().name.clone()
+    }
+
+    /// Its request latency histograms, by kind (none while it does not serve).
+    pub fn latencies(&self) -> Vec<(&'static str, replication::latency::HistogramSnapshot)> {
+        let Some(health) = self.live.lock().unwrap().health.clone() else {
+            return Vec::new();
+        };
+        let l = &health.stats.latency;
+        vec![
+            ("read", l.read.snapshot()),
+            ("write", l.write.snapshot()),
+            ("flush", l.flush.snapshot()),
+            ("trim", l.trim.snapshot()),
+        ]
+    }
+
     /// Replacements whose old replica is not dropped yet.
     pub fn replacing(&self) -> bool {
         !self.live.lock().unwrap().replacing.is_empty()
