@@ -111,6 +111,15 @@ pub enum EventKind {
     },
     Paused,
     Resumed,
+    /// An operator put a server in maintenance (a planned reboot): its replicas are
+    /// not replaced meanwhile (`until`: when it ends by itself).
+    MaintenanceStarted {
+        peer: PeerAddr,
+        until: Option<UnixMs>,
+    },
+    MaintenanceEnded {
+        peer: PeerAddr,
+    },
 }
 
 impl std::fmt::Display for Event {
@@ -178,6 +187,14 @@ impl std::fmt::Display for Event {
             ReplicaFaulted { reason } => write!(f, "faulted: {reason}"),
             Paused => write!(f, "automatic HA decisions paused"),
             Resumed => write!(f, "automatic HA decisions resumed"),
+            MaintenanceStarted { peer, until } => {
+                write!(f, "server {peer} in maintenance: its replicas are caught up when it is back, not replaced")?;
+                match until {
+                    Some(t) => write!(f, " (until {} ms)", t.0),
+                    None => write!(f, " (until ublkctl ha maintenance end {peer})"),
+                }
+            }
+            MaintenanceEnded { peer } => write!(f, "server {peer} out of maintenance"),
         }
     }
 }

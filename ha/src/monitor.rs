@@ -117,6 +117,11 @@ pub enum Decision {
 #[serde(tag = "waiting", rename_all = "snake_case")]
 pub enum Waiting {
     Paused,
+    /// Its server is in maintenance (a planned reboot): its replicas are caught up
+    /// when it is back, not replaced; until `until` (`None`: until it is ended).
+    Maintenance {
+        until: Option<UnixMs>,
+    },
     /// No other replica is online to copy from.
     NoSource,
     /// Another replacement of this volume is in progress.
@@ -138,6 +143,13 @@ impl std::fmt::Display for Waiting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Waiting::Paused => write!(f, "HA is paused (ublkctl ha resume)"),
+            Waiting::Maintenance { until } => {
+                write!(f, "its server is in maintenance")?;
+                if let Some(t) = until {
+                    write!(f, " until {} ms", t.0)?;
+                }
+                write!(f, " (ublkctl ha maintenance end SERVER)")
+            }
             Waiting::NoSource => write!(f, "no other replica is online to rebuild from"),
             Waiting::VolumeBusy => write!(f, "another replacement of this volume is in progress"),
             Waiting::NodeBusy { max_concurrent } => {
@@ -198,6 +210,8 @@ pub struct Monitor {
     /// When a replica was first seen with a media error (its grace).
     media_since: BTreeMap<Key, UnixMs>,
     waiting: BTreeMap<Key, (ReplaceReason, Waiting)>,
+    /// Servers in maintenance, each until when (`None`: until it is ended).
+    maintenance: BTreeMap<PeerAddr, Option<UnixMs>>,
 }
 
 impl Monitor {
@@ -209,7 +223,32 @@ impl Monitor {
             backoff: BTreeMap::new(),
             media_since: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            maintenance: BTreeMap::new(),
         }
+    }
+
+    /// Put `peer` in maintenance (a planned reboot) until `until` (`None`: until
+    /// [`Monitor::end_maintenance`]): its replicas are not replaced meanwhile, and no
+    /// replacement is placed on it.
+    pub fn start_maintenance(&mut self, peer: PeerAddr, until: Option<UnixMs>) {
+        self.maintenance.insert(peer, until);
+    }
+
+    /// Whether `peer` was in maintenance.
+    pub fn end_maintenance(&mut self, peer: &PeerAddr) -> bool {
+        self.maintenance.remove(peer).is_some()
+    }
+
+    /// The servers in maintenance at `now` (those whose time ran out are dropped).
+    pub fn maintenance(&mut self, now: UnixMs) -> &BTreeMap<PeerAddr, Option<UnixMs>> {
+        self.maintenance
+            .retain(|_, until| until.is_none_or(|t| now < t));
+        &self.maintenance
+    }
+
+    fn in_maintenance(&self, peer: Option<&PeerAddr>, now: UnixMs) -> Option<Option<UnixMs>> {
+        let until = *self.maintenance.get(peer?)?;
+        until.is_none_or(|t| now < t).then_some(until)
     }
 
     pub fn set_rules(&mut self, rules: Rules) {
@@ -474,6 +513,8 @@ impl Monitor {
                 let backoff = self.backoff.get(&key).filter(|b| b.until > now);
                 let wait = if self.paused {
                     Some(Waiting::Paused)
+                } else if let Some(until) = self.in_maintenance(s.peer.as_ref(), now) {
+                    Some(Waiting::Maintenance { until })
                 } else if !has_source {
                     Some(Waiting::NoSource)
                 } else if volume_busy {
@@ -486,6 +527,10 @@ impl Monitor {
                     Some(Waiting::Backoff { until: b.until })
                 } else {
                     let (candidates, in_use) = self.candidates(v);
+                    let candidates: Vec<Candidate> = candidates
+                        .into_iter()
+                        .filter(|c| self.in_maintenance(Some(c.addr), now).is_none())
+                        .collect();
                     let avoid: Vec<Candidate> = candidates
                         .iter()
                         .filter(|c| {
@@ -1121,5 +1166,39 @@ mod tests {
         // spares while any server is not alive.
         probed(&mut m, &[(2_000, 2, refused())]);
         assert_eq!(plan(&m, 3_000, &healthy), [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_server_in_maintenance_is_not_replaced_nor_used_as_a_spare_until_it_ends() {
+        let mut m = Monitor::new(rules(), false);
+        all_alive(&mut m, 0);
+        let lost = || faulted(FaultReason::ConnectionLost);
+        let v = [vol0(lost(), SlotCond::Online)];
+        // .2 rebooted for maintenance until t = 60 s; .4 (a spare) too, for good.
+        m.start_maintenance(addr(2), Some(UnixMs(60_000)));
+        m.start_maintenance(addr(4), None);
+        probed(&mut m, &[(1000, 2, refused()), (6000, 2, refused())]);
+        let (d, _) = m.select(UnixMs(6000), &v);
+        assert!(d.is_empty(), "dead but in maintenance: {d:?}");
+        let key = ("vol0".to_string(), "vol0-b@10.0.0.2:7450".to_string());
+        assert_eq!(
+            m.waiting().get(&key).map(|(_, w)| w.clone()),
+            Some(Waiting::Maintenance {
+                until: Some(UnixMs(60_000))
+            })
+        );
+        // Its time is up: replaced, and not on the spare in maintenance.
+        probed(&mut m, &[(60_000, 2, refused())]);
+        let (d, _) = m.select(UnixMs(60_000), &v);
+        assert_eq!(
+            replaced(&d),
+            [("vol0-b@10.0.0.2:7450".into(), addr(5).to_string())]
+        );
+        assert_eq!(
+            m.maintenance(UnixMs(60_000)).keys().collect::<Vec<_>>(),
+            [&addr(4)]
+        );
+        assert!(m.end_maintenance(&addr(4)));
+        assert!(!m.end_maintenance(&addr(4)), "ended once");
     }
 }

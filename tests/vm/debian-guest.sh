@@ -17,11 +17,11 @@
 #           io_upgrade        the same across `apt-get install $DEB_NEW` (an upgrade: the
 #                             postinst restarts the unit). RESULT upgrade_stall_ms
 #           final_verify      a file written before both survives them, umount, e2fsck -fn
-#           remove_live       `apt-get remove` with the volume's device still up: what the
-#                             prerm does to it (RESULT remove_left_device, remove_io_waits),
-#                             the data kept; installing again takes the device back
-#           pkg_remove        the volume stopped (`ublkctl stop`), `apt-get remove`: unit and
-#                             binaries gone, config and replicas kept
+#           remove_live       `apt-get remove` with the volume mounted: refused by the prerm
+#                             (`ublkctl stop --all`: the device is in use), nothing changed
+#           pkg_remove        `apt-get remove` with the device up, unmounted: the prerm stops
+#                             the volume (no device left waiting), unit and binaries gone,
+#                             config and replicas kept
 #           pkg_purge         `apt-get purge`: /etc/ublkd gone, the replicas in /var/lib/ublkd kept
 
 SCENARIOS="pkg_install boot_started config_volume io_restart io_upgrade final_verify remove_live pkg_remove pkg_purge"
@@ -279,7 +279,8 @@ io_upgrade() {
   mounted || fail "$MNT not mounted (io_restart failed?)"
   wait_live $VOL 30
   [ "$(installed_version)" = "$VER_OLD" ] || fail "installed: '$(installed_version)', expected $VER_OLD before the upgrade"
-  stall_run upgrade 70 upgrade_and_wait
+  # apt-get under load in a TCG guest: 34 s alone, over 70 s with the host busy.
+  stall_run upgrade 150 upgrade_and_wait
   mounted || fail "$MNT no longer mounted after the upgrade"
   [ "$(installed_version)" = "$VER_NEW" ] || fail "dpkg: '$(installed_version)' after the upgrade, expected $VER_NEW"
   unit_active || fail "ublkd.service $(systemctl is-active ublkd.service) after the upgrade"
@@ -313,39 +314,22 @@ replicas_intact() {
 
 remove_live() {
   [ -b /dev/ublkb0 ] || fail "no /dev/ublkb0"
-  ! mounted || fail "$MNT still mounted"
-  say "+ apt-get remove ublkd, with $VOL's device up"
-  apt_get remove ublkd > "$T/remove.apt" 2>&1 || fail "apt-get remove exited $?: $(tail -n 3 "$T/remove.apt" | tr '\n' ' ')"
-  cat "$T/remove.apt"
-  [ ! -e /usr/bin/ublkd ] || fail "/usr/bin/ublkd still there after remove"
-  ! unit_active || fail "ublkd.service still active after remove"
-  [ -f $CONF ] || fail "remove deleted $CONF"
-  replicas_intact
-  # What the prerm's `stop` (SIGTERM: the hand-over) leaves behind: the device waiting for a
-  # next ublkd that the removal will never start. Reported, not judged.
-  _left=$(ublk_devices)
-  say "after remove: ublk devices: '${_left:-none}'; /dev/ublkb0 $([ -b /dev/ublkb0 ] && echo present || echo absent)"
-  echo "RESULT remove_left_device=$([ -n "$_left" ] && echo 1 || echo 0)"
-  # I/O to it meanwhile waits in the kernel (the device is quiesced, no daemon serves it).
-  rm -f "$T/dd.done"
-  if [ -b /dev/ublkb0 ]; then
-    ( dd if=/dev/ublkb0 of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null && touch "$T/dd.done" ) &
-    sleep 5
-    _blocked=1; [ ! -f "$T/dd.done" ] || _blocked=0
-    say "a read of /dev/ublkb0 after remove: $([ $_blocked = 1 ] && echo "still waiting after 5 s" || echo "done")"
-    echo "RESULT remove_io_waits=$_blocked"
-  fi
-  # Installing again takes the device back (ublk user recovery) with the data on it.
-  say "+ apt-get install $DEB_NEW (again)"
-  apt_get install "$DEB_NEW" > "$T/reinstall.apt" 2>&1 || fail "apt-get install again exited $?: $(tail -n 3 "$T/reinstall.apt" | tr '\n' ' ')"
-  wait_for 60 unit_active || fail "ublkd.service $(systemctl is-active ublkd.service) after installing again"
-  wait_live $VOL 60
-  if [ -n "$_left" ]; then
-    wait_for 30 test -f "$T/dd.done" || fail "the read issued while no ublkd ran did not complete after installing again"
-    say "the read issued while no ublkd ran completed"
-  fi
   run "$MOUNT" /dev/ublkb0 $MNT
-  [ "$(sha256sum < $REF)" = "$(cat $REF_SUM)" ] || fail "$REF changed across remove + install"
+  # The prerm stops every volume on removal (the service's stop only hands the devices over,
+  # and no ublkd would come back for them); a mounted one refuses, and so does the removal.
+  say "+ apt-get remove ublkd, with $VOL mounted: must be refused"
+  if apt_get remove ublkd > "$T/remove.apt" 2>&1; then
+    cat "$T/remove.apt"
+    fail "apt-get remove succeeded with $VOL mounted"
+  fi
+  cat "$T/remove.apt"
+  grep -q "in use" "$T/remove.apt" || fail "the refusal does not say the device is in use"
+  [ -x /usr/bin/ublkd ] || fail "/usr/bin/ublkd gone after a refused remove"
+  [ "$(dpkg-query -W -f='${db:Status-Abbrev}' ublkd 2>/dev/null | tr -d ' ')" = ii ] \
+    || fail "dpkg status '$(dpkg-query -W -f='${db:Status-Abbrev}' ublkd)' after a refused remove, expected ii"
+  wait_for 30 unit_active || fail "ublkd.service $(systemctl is-active ublkd.service) after a refused remove"
+  mounted || fail "$MNT unmounted by a refused remove"
+  [ "$(sha256sum < $REF)" = "$(cat $REF_SUM)" ] || fail "$REF changed across the refused remove"
   umount_checked $MNT /dev/ublkb0
   fsck_clean /dev/ublkb0
 }
@@ -353,11 +337,8 @@ remove_live() {
 pkg_remove() {
   [ -n "$(installed_version)" ] || fail "ublkd not installed (remove_live failed?)"
   ! mounted || fail "$MNT still mounted"
-  # The proper way down: stop the volume (drain, remove the device), then remove the package.
-  if [ -b /dev/ublkb0 ]; then
-    run $UBLKCTL stop $VOL
-    wait_for 20 test ! -e /dev/ublkb0 || fail "/dev/ublkb0 still there after ublkctl stop"
-  fi
+  # With the device up and unused: the prerm stops the volume (drain, remove the device).
+  [ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 before the remove"
   say "+ apt-get remove ublkd"
   apt_get remove ublkd > "$T/remove.apt" 2>&1 || fail "apt-get remove exited $?: $(tail -n 3 "$T/remove.apt" | tr '\n' ' ')"
   cat "$T/remove.apt"

@@ -82,7 +82,7 @@ pub const MAX_REPLICAS: usize = replication::MAX_REPLICAS;
 pub const MAX_NAME_LEN: usize = wire::names::MAX_NAME_LEN;
 
 /// The whole daemon configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Config {
     pub node: NodeConfig,
     /// Volumes in file order. May be empty (the daemon then idles).
@@ -100,7 +100,7 @@ pub struct Config {
 
 /// The `[ha]` section: how this node's HA monitor watches the replica servers
 /// its volumes use and replaces the replicas of a dead one on a spare.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HaConfig {
     /// A server failing its probes this long is dead (its replicas are replaced).
     pub grace_ms: u32,
@@ -128,7 +128,7 @@ impl Default for HaConfig {
 }
 
 /// The `[rebuild]` section: how this node rebuilds its volumes' replicas.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RebuildConfig {
     /// Bytes per second one rebuild copies at most; 0 = uncapped.
     pub rate: u64,
@@ -169,7 +169,7 @@ impl Default for RebuildConfig {
 }
 
 /// The `[node]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NodeConfig {
     /// Absolute directory for daemon state.
     pub state_dir: PathBuf,
@@ -203,7 +203,7 @@ impl Default for NodeConfig {
 }
 
 /// The `[server]` section: this node stores replicas for other nodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServerConfig {
     /// Address to listen on (an IP address, not a hostname; port != 0).
     pub listen: SocketAddr,
@@ -214,7 +214,7 @@ pub struct ServerConfig {
 }
 
 /// One `[[volume]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VolumeConfig {
     /// `[A-Za-z0-9_.-]{1,64}` (not `.` or `..`), unique.
     pub name: String,
@@ -244,7 +244,8 @@ pub struct VolumeConfig {
 /// TOML: each element of `replicas` is an inline table whose keys select the
 /// kind, e.g. `{ local = "/abs/path" }` or
 /// `{ remote = "node-b:7000", id = "vol0-r2" }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ReplicaConfig {
     /// A local file (created sparse by the daemon) or block device.

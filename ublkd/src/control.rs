@@ -41,6 +41,8 @@ pub enum Request {
     Server,
     /// Re-read the config file and apply what changed.
     Reload,
+    /// The configuration the daemon runs with, every default filled in.
+    Config,
     /// Compare the online replicas by checksum (and rewrite what differs).
     Verify {
         volume: String,
@@ -81,12 +83,21 @@ pub enum Request {
     },
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum HaAction {
     Status,
     Pause,
     Resume,
+    /// A server's planned downtime: its replicas are not replaced meanwhile.
+    MaintenanceStart {
+        server: String,
+        /// Milliseconds (`None`: until `MaintenanceEnd`).
+        for_ms: Option<u64>,
+    },
+    MaintenanceEnd {
+        server: String,
+    },
 }
 
 /// What `Request::Rebuild` does.
@@ -158,12 +169,22 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
             from,
         } => daemon.verify(&volume, repair, from.as_deref())?,
         Request::Reload => json(&daemon.reload()?),
+        Request::Config => json(&serde_json::json!({
+            "file": daemon.config_path(),
+            "config": daemon.config(),
+        })),
         Request::Events { since } => json(&daemon.ha().events.since(since)),
         Request::Ha { action } => {
             match action {
                 HaAction::Status => {}
                 HaAction::Pause => daemon.ha().set_paused(true)?,
                 HaAction::Resume => daemon.ha().set_paused(false)?,
+                HaAction::MaintenanceStart { server, for_ms } => {
+                    daemon.ha().set_maintenance(&server, Some(for_ms))?
+                }
+                HaAction::MaintenanceEnd { server } => {
+                    daemon.ha().set_maintenance(&server, None)?
+                }
             }
             json(&daemon.ha().status())
         }

@@ -199,6 +199,11 @@ impl Daemon {
     }
 
     /// Reloads read `path`.
+    /// The file the config was read from (`None`: given in-process).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
     pub fn set_config_path(&mut self, path: std::path::PathBuf) {
         self.config_path = Some(path);
     }

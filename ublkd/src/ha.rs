@@ -271,6 +271,9 @@ impl EventLog {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HaStatus {
     pub paused: bool,
+    /// Servers in maintenance (their replicas are not replaced).
+    #[serde(default)]
+    pub maintenance: Vec<MaintenanceStatus>,
     /// Every server probed: its liveness and space.
     pub peers: Vec<PeerStatus>,
     /// Replicas that need a replacement and wait, with why.
@@ -292,9 +295,21 @@ pub struct WaitingReplica {
     pub waiting: Waiting,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Paused {
+/// What `ha.json` keeps across restarts: the operator's pause and maintenance.
+#[derive(Serialize, Deserialize, Default)]
+struct Persisted {
     paused: bool,
+    /// Servers in maintenance: address → until (unix ms; `None`: until ended).
+    #[serde(default)]
+    maintenance: BTreeMap<String, Option<u64>>,
+}
+
+/// A server in maintenance, as `ublkctl ha status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MaintenanceStatus {
+    pub peer: String,
+    /// Unix ms (`None`: until `ublkctl ha maintenance end`).
+    pub until: Option<u64>,
 }
 
 /// The HA monitor of this node.
@@ -336,15 +351,23 @@ fn now() -> UnixMs {
 impl Ha {
     pub fn new(state_dir: &StateDir, c: &HaConfig) -> Ha {
         let paused_file = state_dir.node_file("ha.json");
-        let paused = std::fs::read(&paused_file)
+        let kept: Persisted = std::fs::read(&paused_file)
             .ok()
-            .and_then(|b| serde_json::from_slice::<Paused>(&b).ok())
-            .is_some_and(|p| p.paused);
-        if paused {
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if kept.paused {
             tracing::warn!("HA decisions are paused (ublkctl ha resume)");
         }
+        let mut monitor = Monitor::new(rules(c), kept.paused);
+        for (peer, until) in kept.maintenance {
+            if let Ok(p) = PeerAddr::new(&peer) {
+                tracing::warn!(server = %p, until_unix_ms = ?until,
+                    "server in maintenance: its replicas are not replaced (ublkctl ha maintenance end)");
+                monitor.start_maintenance(p, until.map(UnixMs));
+            }
+        }
         Ha {
-            monitor: Mutex::new(Monitor::new(rules(c), paused)),
+            monitor: Mutex::new(monitor),
             events: EventLog::open(state_dir.node_file("events.jsonl")),
             paused_file,
             announced: Mutex::new(BTreeSet::new()),
@@ -353,18 +376,67 @@ impl Ha {
         }
     }
 
-    /// Pause or resume automatic decisions (persisted: a restart keeps it).
-    pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
-        let body = serde_json::to_vec(&Paused { paused }).expect("serializes");
-        replication::durable::replace(&self.paused_file, &body).map_err(|e| {
-            DaemonError::State {
-                path: self.paused_file.clone(),
-                message: e.to_string(),
-            }
+    /// Write what the operator set (pause, maintenance) for the next start.
+    fn persist(&self, m: &mut Monitor) -> Result<(), DaemonError> {
+        let kept = Persisted {
+            paused: m.paused(),
+            maintenance: m
+                .maintenance(now())
+                .iter()
+                .map(|(p, u)| (p.to_string(), u.map(|t| t.0)))
+                .collect(),
+        };
+        let body = serde_json::to_vec(&kept).expect("serializes");
+        replication::durable::replace(&self.paused_file, &body).map_err(|e| DaemonError::State {
+            path: self.paused_file.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Put a server in maintenance for `for_ms` (`None`: until ended), or end it:
+    /// persisted, so a restart keeps it.
+    pub fn set_maintenance(
+        &self,
+        peer: &str,
+        for_ms: Option<Option<u64>>,
+    ) -> Result<(), DaemonError> {
+        let p = PeerAddr::new(peer).map_err(|e| {
+            DaemonError::Refused(format!("{peer:?} is no server address (HOST:PORT): {e}"))
         })?;
         let mut m = self.monitor.lock().unwrap();
-        if m.paused() != paused {
-            m.set_paused(paused);
+        let kind = match for_ms {
+            Some(for_ms) => {
+                let until = for_ms.map(|ms| UnixMs(now().0.saturating_add(ms)));
+                m.start_maintenance(p.clone(), until);
+                EventKind::MaintenanceStarted { peer: p, until }
+            }
+            None if m.end_maintenance(&p) => EventKind::MaintenanceEnded { peer: p },
+            None => {
+                return Err(DaemonError::Refused(format!(
+                    "server {p} is not in maintenance (ublkctl ha status lists those that are)"
+                )))
+            }
+        };
+        self.persist(&mut m)?;
+        self.events.push(Event {
+            at: now(),
+            volume: None,
+            replica: None,
+            kind,
+        });
+        Ok(())
+    }
+
+    /// Pause or resume automatic decisions (persisted: a restart keeps it).
+    pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
+        let mut m = self.monitor.lock().unwrap();
+        let was = m.paused();
+        m.set_paused(paused);
+        if let Err(e) = self.persist(&mut m) {
+            m.set_paused(was);
+            return Err(e);
+        }
+        if was != paused {
             self.events.push(Event {
                 at: now(),
                 volume: None,
@@ -380,9 +452,18 @@ impl Ha {
     }
 
     pub fn status(&self) -> HaStatus {
-        let m = self.monitor.lock().unwrap();
+        let mut m = self.monitor.lock().unwrap();
+        let maintenance = m
+            .maintenance(now())
+            .iter()
+            .map(|(p, u)| MaintenanceStatus {
+                peer: p.to_string(),
+                until: u.map(|t| t.0),
+            })
+            .collect();
         HaStatus {
             paused: m.paused(),
+            maintenance,
             peers: m
                 .peers()
                 .iter()

@@ -228,3 +228,147 @@ fn the_log_filter_changes_at_run_time() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The operator's commands on a running node (a replica server, which needs no ublk
+/// driver): `ublkctl config` shows what the daemon runs with, defaults filled in;
+/// `[metrics] listen` answers `/metrics`; a server's maintenance is started, shown
+/// and ended (twice is refused, exit 3); `stop --all` with no device up does nothing.
+#[test]
+fn config_dump_metrics_maintenance_and_stop_all_on_a_running_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let conf = dir.join("ublk.toml");
+    let sock = dir.join("ctl.sock");
+    let free = |ip: &str| {
+        std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, metrics) = (free("127.0.0.38"), free("127.0.0.38"));
+    std::fs::write(
+        &conf,
+        format!(
+            "[node]\nstate_dir = \"{d}/state\"\ncontrol_socket = \"{s}\"\ncluster_secret_file = \"{k}\"\n\
+             [server]\nlisten = \"{listen}\"\nstorage_dir = \"{d}/replicas\"\n\
+             [metrics]\nlisten = \"{metrics}\"\n",
+            d = dir.display(),
+            s = sock.display(),
+            k = secret_file(dir, SECRET).display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
+        .arg("--config")
+        .arg(&conf)
+        .stderr(std::fs::File::create(dir.join("ublkd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ublkctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    while !ctl(&["list"]).status.success() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "no daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = ctl(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    // The effective config: what the file says, and the defaults it left out.
+    let c = json(&["config", "-o", "json"]);
+    assert_eq!(c["file"], conf.display().to_string());
+    assert_eq!(c["config"]["server"]["listen"], listen.to_string());
+    assert_eq!(c["config"]["metrics_listen"], metrics.to_string());
+    assert_eq!(c["config"]["rebuild"]["rate"], 64 << 20, "the default rate");
+    assert_eq!(c["config"]["ha"]["grace_ms"], 5000, "the default grace");
+    let text = String::from_utf8(ctl(&["config"]).stdout).unwrap();
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let parsed: toml::Value = toml::from_str(&body).expect("the text dump is TOML");
+    assert_eq!(
+        parsed["rebuild"]["busy_percent"].as_integer(),
+        Some(25),
+        "{text}"
+    );
+
+    // The metrics endpoint of the real daemon.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(page.contains("ublkd_build_info{version=\""), "{page}");
+    assert!(page.contains("\nprocess_cpu_seconds_total "), "{page}");
+
+    // Maintenance of a server: started for a while, shown, ended once.
+    let peer = "10.9.9.9:7450";
+    json(&[
+        "ha",
+        "maintenance",
+        "start",
+        peer,
+        "--for",
+        "30m",
+        "-o",
+        "json",
+    ]);
+    let st = json(&["ha", "status", "-o", "json"]);
+    assert_eq!(st["maintenance"][0]["peer"], peer);
+    let until = st["maintenance"][0]["until"].as_u64().unwrap();
+    let left = until.saturating_sub(replication::dirty_file::unix_ms());
+    assert!(
+        (29 * 60_000..=30 * 60_000).contains(&left),
+        "{left} ms left"
+    );
+    let text = String::from_utf8(ctl(&["ha", "status"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("server {peer}")) && text.contains("in maintenance"),
+        "{text}"
+    );
+    json(&["ha", "maintenance", "end", peer, "-o", "json"]);
+    assert_eq!(
+        ctl(&["ha", "maintenance", "end", peer]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        ctl(&["ha", "maintenance", "start", peer, "--for", "0s"])
+            .status
+            .code(),
+        Some(2),
+        "a zero duration is a usage error"
+    );
+
+    // stop --all: nothing to stop on a replica server.
+    let out = ctl(&["stop", "--all"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "no volume has a device up"
+    );
+    assert_eq!(
+        json(&["stop", "--all", "-o", "json"])["stopped"],
+        serde_json::json!([])
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -835,3 +835,49 @@ fn metrics_move_under_io_and_follow_the_prometheus_conventions() {
         "HTTP/1.1 405 Method Not Allowed"
     );
 }
+
+/// A server in maintenance (a planned reboot) that stays down past the grace is not
+/// replaced, though a spare is there; the status says why, and a restart keeps it.
+/// Once the maintenance ends, the dead server's replica is replaced as usual.
+#[test]
+fn a_server_in_maintenance_is_not_replaced_until_the_maintenance_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(tmp.path(), 75, true);
+    let b = c.b.addr.to_string();
+    c.node.daemon.ha().set_maintenance(&b, Some(None)).unwrap();
+    let nexus = c.node.nexus();
+    let out = workload(&nexus, 100, 4, 50, || c.b.kill());
+    assert_eq!(out.errors, 0);
+    let placed =
+        |n: &Node| n.count(|k| matches!(k, ha::event::EventKind::ReplacementPlaced { .. }));
+    // Dead for twice the grace (5 s): still waiting, for the maintenance.
+    wait_until(30, "b declared dead", || {
+        c.node
+            .count(|k| matches!(k, ha::event::EventKind::PeerDead { .. }))
+            > 0
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(placed(&c.node), 0, "replaced while in maintenance");
+    let st = c.node.daemon.ha().status();
+    assert_eq!(st.maintenance.len(), 1);
+    assert!(
+        st.waiting
+            .iter()
+            .any(|w| matches!(w.waiting, ha::monitor::Waiting::Maintenance { until: None })),
+        "{:?}",
+        st.waiting
+    );
+    // What a restart reads: the maintenance is kept.
+    let kept = ublkd::ha::Ha::new(
+        &ublkd::state::StateDir::open(&c.dir.join("state")).unwrap(),
+        &ublkd::config::HaConfig::default(),
+    );
+    assert_eq!(kept.status().maintenance[0].peer, b);
+    // Ended: replaced on the spare.
+    c.node.daemon.ha().set_maintenance(&b, None).unwrap();
+    wait_until(30, "the replacement placed", || placed(&c.node) == 1);
+    assert!(
+        c.node.daemon.ha().set_maintenance(&b, None).is_err(),
+        "ending it twice is refused"
+    );
+}

@@ -63,7 +63,14 @@ enum Cmd {
     Status { volume: String },
     /// Stop a volume: drain I/O and remove its device.
     Stop {
-        volume: String,
+        /// The volume to stop (see `ublkctl list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        volume: Option<String>,
+        /// Every volume whose device is up (the package's removal does this: a device
+        /// whose daemon is gone for good would hold its I/O forever). A device in use
+        /// is refused (exit 3) unless --force; the others are stopped all the same.
+        #[arg(long)]
+        all: bool,
         /// Stop even if the device is in use (a mounted filesystem will see I/O errors).
         #[arg(long)]
         force: bool,
@@ -93,6 +100,10 @@ enum Cmd {
     /// volumes and replicas added, removed or replaced, [rebuild] limits. A size or
     /// block size change, or [node]/[server] changes, are refused: nothing changes.
     Reload,
+    /// The configuration the daemon runs with (what it read at its start and its
+    /// reloads), every default filled in; sizes and rates in bytes, times in ms or s
+    /// as the key names say. `-o json` for scripts.
+    Config,
     /// Compare the online replicas region by region by checksum (computed where the
     /// data is) while the volume is in use; exit status 1 if any region differs.
     Verify {
@@ -138,6 +149,55 @@ enum HaCmd {
     Pause,
     /// Resume automatic replacements.
     Resume,
+    /// A server's planned downtime (a reboot, a disk swap): its replicas are not
+    /// replaced while it is away, only caught up (a partial rebuild) when it is back.
+    Maintenance {
+        #[command(subcommand)]
+        cmd: MaintenanceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCmd {
+    /// Start it, e.g. `ublkctl ha maintenance start 10.0.0.2:7450 --for 30m`.
+    Start {
+        /// The replica server, as the volumes name it (HOST:PORT).
+        server: String,
+        /// How long at most (90s, 30m, 2h, 1d); without it, until `maintenance end`.
+        /// Past the partial-rebuild window (`partial_window_s`), its replicas get full
+        /// rebuilds instead.
+        #[arg(long = "for", value_parser = parse_duration_ms)]
+        for_ms: Option<u64>,
+    },
+    /// End it: from now on the server's replicas are replaced if it stays dead.
+    End {
+        /// The replica server (HOST:PORT).
+        server: String,
+    },
+}
+
+/// "90s", "30m", "2h", "1d" (or plain seconds) in milliseconds.
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number with s, m, h or d, e.g. 30m"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86400),
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d, e.g. 30m")),
+    };
+    if secs == 0 {
+        return Err(
+            "a maintenance of 0 s ends at once: leave --for out to keep it until ended".into(),
+        );
+    }
+    Ok(secs.saturating_mul(1000))
 }
 
 #[derive(Subcommand)]
@@ -246,6 +306,17 @@ fn run(cli: Cli) -> Result<()> {
                 HaCmd::Status => HaAction::Status,
                 HaCmd::Pause => HaAction::Pause,
                 HaCmd::Resume => HaAction::Resume,
+                HaCmd::Maintenance {
+                    cmd: MaintenanceCmd::Start { server, for_ms },
+                } => HaAction::MaintenanceStart {
+                    server: server.clone(),
+                    for_ms: *for_ms,
+                },
+                HaCmd::Maintenance {
+                    cmd: MaintenanceCmd::End { server },
+                } => HaAction::MaintenanceEnd {
+                    server: server.clone(),
+                },
             },
         },
         Cmd::Replica {
@@ -270,7 +341,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Status { volume } => Request::Status {
             volume: volume.clone(),
         },
-        Cmd::Stop { volume, force } => Request::Stop {
+        Cmd::Stop {
+            volume: None,
+            force,
+            ..
+        } => return stop_all(&socket, *force, cli.output),
+        Cmd::Stop {
+            volume: Some(volume),
+            force,
+            ..
+        } => Request::Stop {
             volume: volume.clone(),
             force: *force,
         },
@@ -287,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
             filter: filter.clone(),
         },
         Cmd::Reload => Request::Reload,
+        Cmd::Config => Request::Config,
         Cmd::Verify {
             volume,
             repair,
@@ -506,6 +587,16 @@ fn print_answer(cmd: Cmd, v: serde_json::Value) -> Result<()> {
                     p.liveness.name()
                 );
             }
+            for m in &st.maintenance {
+                let until = match m.until {
+                    Some(t) => {
+                        let left = t.saturating_sub(replication::dirty_file::unix_ms()) / 1000;
+                        format!("for {left} s more")
+                    }
+                    None => "until `ublkctl ha maintenance end`".to_string(),
+                };
+                println!("  server {:<24} in maintenance {until}", m.peer);
+            }
             for w in &st.waiting {
                 println!(
                     "  {} {}: needs a replacement ({}) but waits: {}",
@@ -550,6 +641,13 @@ fn print_answer(cmd: Cmd, v: serde_json::Value) -> Result<()> {
                 };
                 println!("{} ({}): {what}", r.location, r.why);
             }
+        }
+        Cmd::Config => {
+            let file = v["file"].as_str().unwrap_or("(given in-process)");
+            println!("# The configuration ublkd runs with (from {file}), every default filled in.");
+            println!("# Sizes and rates in bytes; `ublkctl config -o json` for scripts.");
+            let text = toml::to_string(&v["config"]).context("render the config as TOML")?;
+            print!("{text}");
         }
         Cmd::Reload => {
             let r: ublkd::daemon::ReloadReport = serde_json::from_value(v)?;
@@ -618,6 +716,49 @@ fn events(socket: &std::path::Path, follow: bool, output: Output) -> Result<()> 
 }
 
 /// `ublkctl replica accept VOL`: the config line naming what runs.
+/// `stop --all`: every volume whose device is up, one after the other; if any was
+/// refused (in use), exit status 3 once all were tried.
+fn stop_all(socket: &std::path::Path, force: bool, output: Output) -> Result<()> {
+    let list: Vec<VolumeStatus> = serde_json::from_value(call(socket, &Request::List)?)?;
+    let mut stopped = Vec::new();
+    let mut refused = Vec::new();
+    for v in list.iter().filter(|v| v.device.is_some()) {
+        let req = Request::Stop {
+            volume: v.name.clone(),
+            force,
+        };
+        match call(socket, &req) {
+            Ok(_) => stopped.push(v.name.clone()),
+            Err(e) => {
+                if let ublkd::error::DaemonError::Control { .. } = e {
+                    return Err(e.into());
+                }
+                refused.push(serde_json::json!({ "volume": v.name, "error": format!("{e:#}") }));
+            }
+        }
+    }
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({ "stopped": stopped, "refused": refused })
+        );
+    } else {
+        for n in &stopped {
+            println!("{n}: stopped");
+        }
+        for r in &refused {
+            eprintln!("{}: not stopped: {}", r["volume"], r["error"]);
+        }
+        if stopped.is_empty() && refused.is_empty() {
+            println!("no volume has a device up");
+        }
+    }
+    if !refused.is_empty() {
+        std::process::exit(EXIT_REFUSED);
+    }
+    Ok(())
+}
+
 fn accept(socket: &std::path::Path, volume: &str, output: Output) -> Result<()> {
     let v = call(
         socket,
