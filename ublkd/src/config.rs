@@ -2107,7 +2107,8 @@ replicas = [
                 "# storage_dir = ",
                 "# { remote = ",
             ];
-            if t == "# [server]" || enable.iter().any(|p| t.starts_with(p)) {
+            if ["# [server]", "# [metrics]"].contains(&t) || enable.iter().any(|p| t.starts_with(p))
+            {
                 text.push_str(&t[2..]);
             } else {
                 text.push_str(line);
@@ -2122,6 +2123,7 @@ replicas = [
         let s = c.server.as_ref().unwrap();
         assert_eq!(s.listen, "0.0.0.0:7450".parse::<SocketAddr>().unwrap());
         assert_eq!(s.storage_dir, Path::new(DEFAULT_STORAGE_DIR));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9850".parse().unwrap()));
         let v = c.volume("vol0").unwrap();
         assert_eq!(v.replicas.len(), 3);
         assert_eq!(v.replicas[2].remote(), Some(("node-b:7450", "vol0-r3")));
