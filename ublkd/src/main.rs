@@ -189,7 +189,8 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     }
     let secret = start_checks(&cfg, config)?.map(Secret::new);
     if cfg.volumes.is_empty() && cfg.server.is_none() {
-        tracing::warn!(
+        // The packaged config's state after an install: worth a line, not a warning.
+        tracing::info!(
             "no [[volume]] and no [server] in {}: idling",
             config.display()
         );

@@ -5,7 +5,7 @@
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify sigint_clean sigterm_hand_over kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify metrics_under_fio sigint_clean sigterm_hand_over kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
@@ -158,6 +158,64 @@ fio_verify() {
       --ioengine=io_uring --direct=1 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
       --output="$T/seqwrite.fio.log"
   fio_ok "$T/seqwrite.fio.log"
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# /metrics of a volume served through the real driver, scraped while fio runs QD32 on it: the
+# queue depth is seen above 1, the counters and the latency histogram move by what fio did.
+# scrape: GET /metrics with busybox's wget (the guest has no curl).
+scrape() { busybox wget -q -O - "http://127.0.0.1:9850/metrics"; }
+# metric TEXT SERIES: the value of SERIES (name{labels}) in TEXT.
+metric() { printf '%s\n' "$1" | awk -v s="$2" 'index($0, s " ") == 1 { print $2 }'; }
+metrics_under_fio() {
+  need_ublk
+  # A remote replica too: a local file on tmpfs completes inside the submission, so with
+  # it alone nothing is ever in flight while the (single) vCPU runs the scrape.
+  cluster_secret
+  replica_server 2 "$T/srv2-replicas"
+  mkconf "$T/ublkd.conf" vol0 256MiB "$T/r0.img"
+  sed -i 's|^replicas = \[ \(.*\) \]$|replicas = [ \1, { remote = "127.0.0.2:7450", id = "vol0-r" } ]|' "$T/ublkd.conf"
+  sed -i "s|^\[node\]$|[node]\ncluster_secret_file = \"$T/cluster.key\"|" "$T/ublkd.conf"
+  printf '\n[metrics]\nlisten = "127.0.0.1:9850"\n' >> "$T/ublkd.conf"
+  cp "$T/ublkd.conf" "$T/last.conf"
+  cat "$T/ublkd.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev $DEV
+  _w='ublkd_volume_requests_total{volume="vol0",op="write"}'
+  _c='ublkd_volume_request_duration_seconds_count{volume="vol0",op="write"}'
+  _q='ublkd_volume_in_flight_requests{volume="vol0"}'
+  _before=$(scrape) || fail "no answer on 127.0.0.1:9850/metrics"
+  w0=$(metric "$_before" "$_w"); [ -n "$w0" ] || fail "no $_w in: $_before"
+  "$FIO" --name=load --filename=$DEV --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --size=64M --time_based --runtime=12 --output="$T/load.fio" &
+  _fio=$!
+  sleep 4
+  # The queue depth under QD32, sampled a few times (a sample may fall between bursts).
+  qmax=0
+  for _i in 1 2 3 4 5 6; do
+    q=$(metric "$(scrape)" "$_q"); q=${q%.*}
+    [ "${q:-0}" -gt "$qmax" ] && qmax=$q
+    sleep 0.5
+  done
+  wait $_fio || fail "fio failed: $(tail -n 5 "$T/load.fio")"
+  fio_ok "$T/load.fio"
+  _after=$(scrape)
+  w1=$(metric "$_after" "$_w"); c1=$(metric "$_after" "$_c")
+  ios=$(awk -F'[=,]' '/write: IOPS/ { next } /issued rwts:/ { for (i = 1; i <= NF; i++) if ($i ~ /total/) { print $(i+2); exit } }' "$T/load.fio")
+  say "writes counted $w0 -> $w1 (fio issued ${ios:-?}), latency observations $c1, max in flight seen $qmax"
+  [ "$((w1 - w0))" -gt 500 ] || fail "the write counter barely moved: $w0 -> $w1"
+  # Bytes, not requests: the block layer may merge neighbouring writes into one request.
+  _b='ublkd_volume_written_bytes_total{volume="vol0"}'
+  b0=$(metric "$_before" "$_b"); b1=$(metric "$_after" "$_b")
+  [ -n "$ios" ] || fail "no issued count in fio's output"
+  [ "$((b1 - b0))" = "$((ios * 4096))" ] || fail "fio wrote $((ios * 4096)) bytes, the counter moved by $((b1 - b0))"
+  [ "$c1" = "$w1" ] || fail "latency observations ($c1) != writes ($w1)"
+  [ "$qmax" -gt 1 ] || fail "the queue depth under QD32 was never seen above 1 (max $qmax)"
+  [ "$(metric "$_after" "$_q")" = 0 ] || [ "$(metric "$_after" "$_q")" = 0.0 ] || fail "requests in flight after fio ended: $(metric "$_after" "$_q")"
+  [ "$(printf '%s\n' "$_after" | grep -c '^ublkd_replica_online{volume="vol0",.*} 1')" = 2 ] \
+    || fail "the replicas are not shown online: $(printf '%s\n' "$_after" | grep replica_online)"
   stop_daemon_clean
   no_kernel_errors ublkb0
 }

@@ -60,7 +60,10 @@ enum Cmd {
     #[command(hide = true)]
     Man { dir: PathBuf },
     /// One volume: replicas, their health, I/O counters.
-    Status { volume: String },
+    Status {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+    },
     /// Stop a volume: drain I/O and remove its device.
     Stop {
         /// The volume to stop (see `ublkctl list`).
@@ -77,6 +80,7 @@ enum Cmd {
     },
     /// (Re)start configured volumes that are not serving: all, or the one named.
     Recover {
+        /// The volume to start (all that are not serving without it).
         volume: Option<String>,
         /// Start VOLUME even though another owner took it over since this node ran
         /// it (it is fenced until then): that owner is fenced in turn. Only when it
@@ -95,7 +99,10 @@ enum Cmd {
     Server,
     /// Change what the daemon logs until it restarts: error, warn, info, debug,
     /// trace, or RUST_LOG-style directives, e.g. `info,replication=debug`.
-    LogLevel { filter: String },
+    LogLevel {
+        /// A level (error, warn, info, debug, trace) or directives, `info,replication=debug`.
+        filter: String,
+    },
     /// Re-read the daemon's config file and apply what changed (as SIGHUP does):
     /// volumes and replicas added, removed or replaced, [rebuild] limits. A size or
     /// block size change, or [node]/[server] changes, are refused: nothing changes.
@@ -107,6 +114,7 @@ enum Cmd {
     /// Compare the online replicas region by region by checksum (computed where the
     /// data is) while the volume is in use; exit status 1 if any region differs.
     Verify {
+        /// The volume (its name in the config; `ublkctl list` shows them).
         volume: String,
         /// Rewrite differing regions from the replica a majority agrees with (with no
         /// majority, e.g. two replicas, the read-preferred one).
@@ -206,8 +214,12 @@ enum ReplicaCmd {
     /// spare the placement rule picks, filled by a full rebuild while I/O goes on;
     /// the old one is dropped once the new one is online.
     Replace {
+        /// The volume (its name in the config; `ublkctl list` shows them).
         volume: String,
+        /// The replica: its path, id@host:port, or #index as `ublkctl status` shows it.
         replica: String,
+        /// The replica server to put the new replica on (else a spare the placement
+        /// rule picks).
         #[arg(long, value_name = "HOST:PORT")]
         to: Option<String>,
     },
@@ -215,13 +227,19 @@ enum ReplicaCmd {
     /// reload, or half-built replacements), or only REPLICA's. Each is checked to
     /// be the very copy that was retired; one out of reach stays retired (retry).
     Reclaim {
+        /// The volume (its name in the config; `ublkctl list` shows them).
         volume: String,
+        /// Only this retired replica (its location as `ublkctl status` lists it under
+        /// retired); all of them without it.
         replica: Option<String>,
     },
     /// Print the `replicas = [...]` line that makes the config name what runs
     /// (the HA monitor's replacements): put it in the config, then `ublkctl reload`.
     /// ublkd never edits the config itself.
-    Accept { volume: String },
+    Accept {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -229,7 +247,9 @@ enum RebuildCmd {
     /// Rebuild a faulted replica now (partial when its dirty map allows, else full),
     /// whatever its fault or backoff. REPLICA: its path, id@host:port, or #index.
     Start {
+        /// The volume (its name in the config; `ublkctl list` shows them).
         volume: String,
+        /// The replica: its path, id@host:port, or #index as `ublkctl status` shows it.
         replica: String,
         /// Copy every region, not only those its dirty map marks.
         #[arg(long)]
@@ -238,14 +258,22 @@ enum RebuildCmd {
     /// Cancel the rebuild running (it keeps what it lacks and is not restarted
     /// until `rebuild start`).
     Cancel {
+        /// The volume (its name in the config; `ublkctl list` shows them).
         volume: String,
+        /// Only if the running rebuild is this replica's.
         replica: Option<String>,
     },
     /// Follow the rebuild in progress until it ends: a progress bar on a terminal,
     /// a line every 2 s otherwise (one JSON object per line with --output json).
-    Watch { volume: String },
+    Watch {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+    },
     /// Finished rebuilds and resyncs: when, what, how many bytes, how it ended.
-    History { volume: String },
+    History {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+    },
 }
 
 /// Exit status: the command was done, but its answer says something is wrong
