@@ -189,6 +189,8 @@ pub struct PeerUse {
     pub connected: bool,
     /// A replica of a volume lives there (not only a spare or a replaced one).
     pub holds_replica: bool,
+    /// A volume may place a replacement there: its space must be fresh news.
+    pub spare: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -330,31 +332,44 @@ impl Monitor {
     /// The servers to probe now. A probe is a new connection and a handshake on
     /// both sides, so an idle node makes none it can do without:
     /// - a server never probed, or suspected or dead, is probed every round;
-    /// - one with a replica connection up is not: the connection's pings prove it
-    ///   (its death is seen when a ping misses the I/O deadline, then probed);
+    /// - a spare (its free space decides a placement) every round while a replica
+    ///   of this node is in trouble (faulted, connecting, waiting for a
+    ///   replacement, or on a server not alive), else every `idle_probe_every_ms`;
+    /// - otherwise one with a replica connection up is not: the connection's pings
+    ///   prove it (its death is seen when a ping misses the I/O deadline, then it is
+    ///   probed);
     /// - one holding a replica without a connection is probed every round;
-    /// - one the volumes only may use (a spare, a replaced replica's server) is
-    ///   probed every round while a replica is faulted, connecting or waiting for a
-    ///   replacement, or a server is not alive (placement needs fresh news), and
-    ///   otherwise every `idle_probe_every_ms`.
+    /// - any other (a replaced replica's server) every round while a replica is in
+    ///   trouble, else every `idle_probe_every_ms`.
     pub fn to_probe(&self, now: UnixMs, uses: &[PeerUse], volumes: &[VolumeView]) -> Vec<PeerAddr> {
+        // Only the servers holding replicas count: a replaced replica's server that
+        // stays dead for good must not keep every spare probed every round.
         let attention = !self.waiting.is_empty()
-            || self.peers.values().any(|v| v.liveness != Liveness::Alive)
+            || uses.iter().any(|u| {
+                u.holds_replica
+                    && self
+                        .peers
+                        .get(&u.peer)
+                        .is_some_and(|v| v.liveness != Liveness::Alive)
+            })
             || volumes.iter().any(|v| {
                 !v.replacing.is_empty()
                     || v.slots
                         .iter()
                         .any(|s| matches!(s.cond, SlotCond::Faulted { .. } | SlotCond::Connecting))
             });
+        let stale = |v: &PeerView| {
+            v.probed
+                .is_none_or(|at| now.since(at) >= self.rules.idle_probe_every_ms)
+        };
         uses.iter()
             .filter(|u| match self.peers.get(&u.peer) {
-                None | Some(PeerView { probed: None, .. }) => true,
-                Some(v) if v.liveness != Liveness::Alive => true,
+                None => true,
+                Some(v) if v.probed.is_none() || v.liveness != Liveness::Alive => true,
+                Some(v) if u.spare => attention || stale(v),
                 Some(_) if u.connected => false,
-                Some(_) if u.holds_replica || attention => true,
-                Some(PeerView {
-                    probed: Some(at), ..
-                }) => now.since(*at) >= self.rules.idle_probe_every_ms,
+                Some(_) if u.holds_replica => true,
+                Some(v) => attention || stale(v),
             })
             .map(|u| u.peer.clone())
             .collect()
@@ -1104,17 +1119,21 @@ mod tests {
 
     #[test]
     fn the_probe_plan_skips_connected_servers_and_probes_idle_spares_seldom() {
-        let use_ = |n: u8, connected: bool, holds_replica: bool| PeerUse {
+        let use_ = |n: u8, connected: bool, holds_replica: bool, spare: bool| PeerUse {
             peer: addr(n),
             connected,
             holds_replica,
+            spare,
         };
-        // .2 and .3 hold replicas (.2 connected), .4 and .5 are spares.
+        // .2 and .3 hold replicas (.2 connected), .4 and .5 are spares, .6 a replaced
+        // replica's server, .7 a spare that holds a connected replica of another volume.
         let uses = [
-            use_(2, true, true),
-            use_(3, false, true),
-            use_(4, false, false),
-            use_(5, false, false),
+            use_(2, true, true, false),
+            use_(3, false, true, false),
+            use_(4, false, false, true),
+            use_(5, false, false, true),
+            use_(6, false, false, false),
+            use_(7, true, true, true),
         ];
         let healthy = [vol0(SlotCond::Online, SlotCond::Online)];
         let faulty = [vol0(SlotCond::Online, faulted(FaultReason::ConnectionLost))];
@@ -1132,40 +1151,54 @@ mod tests {
                 .collect()
         };
         let mut m = Monitor::new(rules(), false);
-        assert_eq!(plan(&m, 0, &healthy), [2, 3, 4, 5], "never probed: all");
-        all_alive(&mut m, 0);
+        assert_eq!(
+            plan(&m, 0, &healthy),
+            [2, 3, 4, 5, 6, 7],
+            "never probed: all"
+        );
+        for n in 2..=7 {
+            m.probed(&addr(n), &ok(), UnixMs(0));
+        }
         for (t, vols, want, why) in [
             (
                 1_000,
                 &healthy,
                 vec![3],
-                "connected .2 skipped, spares probed lately",
+                "connected .2 skipped, the others probed lately",
             ),
             (
                 29_999,
                 &healthy,
                 vec![3],
-                "spares: not before idle_probe_every_ms",
+                "idle: not before idle_probe_every_ms",
             ),
             (
                 30_000,
                 &healthy,
-                vec![3, 4, 5],
-                "spares: every idle_probe_every_ms",
+                vec![3, 4, 5, 6, 7],
+                "idle: every idle_probe_every_ms",
             ),
             (
                 1_000,
                 &faulty,
-                vec![3, 4, 5],
-                "a faulted replica: spares every round",
+                vec![3, 4, 5, 6, 7],
+                "in trouble: every round, .7 too (its space)",
             ),
         ] {
             assert_eq!(plan(&m, t, vols), want, "{why}");
         }
-        // A connected server under suspicion is probed all the same, and so are the
-        // spares while any server is not alive.
+        // A connected server under suspicion is probed all the same, and so is
+        // everything else while a replica's server is not alive.
         probed(&mut m, &[(2_000, 2, refused())]);
-        assert_eq!(plan(&m, 3_000, &healthy), [2, 3, 4, 5]);
+        assert_eq!(plan(&m, 3_000, &healthy), [2, 3, 4, 5, 6, 7]);
+        // A replaced replica's server dead for good is probed, but keeps nobody else
+        // probed every round.
+        let mut m = Monitor::new(rules(), false);
+        for n in 2..=7 {
+            m.probed(&addr(n), &ok(), UnixMs(0));
+        }
+        probed(&mut m, &[(1_000, 6, refused()), (7_000, 6, refused())]);
+        assert_eq!(plan(&m, 8_000, &healthy), [3, 6]);
     }
 
     #[test]

@@ -180,6 +180,25 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
                 HaAction::Pause => daemon.ha().set_paused(true)?,
                 HaAction::Resume => daemon.ha().set_paused(false)?,
                 HaAction::MaintenanceStart { server, for_ms } => {
+                    // A typo would leave the real server's replicas to be replaced
+                    // during its reboot: only a server this node's volumes use.
+                    let cfg = daemon.config();
+                    let known = cfg.volumes.iter().any(|v| {
+                        v.spares.contains(&server)
+                            || v.replicas
+                                .iter()
+                                .any(|r| r.remote().is_some_and(|(a, _)| a == server))
+                    }) || daemon.serving().iter().any(|v| {
+                        v.substitutions().iter().any(|x| {
+                            crate::volume::peer_of(&x.location())
+                                .is_some_and(|p| p.as_str() == server)
+                        })
+                    });
+                    if !known {
+                        return Err(DaemonError::Refused(format!(
+                            "no volume of this node has a replica or a spare on {server:?}: name the server as the config does (ublkctl config lists them)"
+                        )));
+                    }
                     daemon.ha().set_maintenance(&server, Some(for_ms))?
                 }
                 HaAction::MaintenanceEnd { server } => {

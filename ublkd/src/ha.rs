@@ -404,20 +404,33 @@ impl Ha {
             DaemonError::Refused(format!("{peer:?} is no server address (HOST:PORT): {e}"))
         })?;
         let mut m = self.monitor.lock().unwrap();
+        let was = m.maintenance(now()).get(&p).copied();
         let kind = match for_ms {
             Some(for_ms) => {
                 let until = for_ms.map(|ms| UnixMs(now().0.saturating_add(ms)));
                 m.start_maintenance(p.clone(), until);
-                EventKind::MaintenanceStarted { peer: p, until }
+                EventKind::MaintenanceStarted {
+                    peer: p.clone(),
+                    until,
+                }
             }
-            None if m.end_maintenance(&p) => EventKind::MaintenanceEnded { peer: p },
+            None if m.end_maintenance(&p) => EventKind::MaintenanceEnded { peer: p.clone() },
             None => {
                 return Err(DaemonError::Refused(format!(
                     "server {p} is not in maintenance (ublkctl ha status lists those that are)"
                 )))
             }
         };
-        self.persist(&mut m)?;
+        if let Err(e) = self.persist(&mut m) {
+            // Not kept across a restart: not in force either (the operator retries).
+            match was {
+                Some(until) => m.start_maintenance(p, until),
+                None => {
+                    m.end_maintenance(&p);
+                }
+            }
+            return Err(e);
+        }
         self.events.push(Event {
             at: now(),
             volume: None,
@@ -507,27 +520,30 @@ impl Ha {
         // The replicas' servers, the spares, and the servers of replaced replicas
         // (their return is reported: what they hold is stale).
         let mut uses: BTreeMap<PeerAddr, PeerUse> = BTreeMap::new();
-        let mut add = |peer: PeerAddr, holds: bool, connected: bool| {
+        let mut add = |peer: PeerAddr, holds: bool, connected: bool, spare: bool| {
             let u = uses.entry(peer.clone()).or_insert(PeerUse {
                 peer,
                 connected: false,
                 holds_replica: false,
+                spare: false,
             });
             u.holds_replica |= holds;
             u.connected |= connected;
+            u.spare |= spare;
         };
         for (sh, v) in &views {
             let connected = sh.connected_peers();
             for p in v.slots.iter().filter_map(|s| s.peer.clone()) {
                 let up = connected.contains(&p);
-                add(p, true, up);
+                add(p, true, up, false);
             }
-            for p in v.spares.iter().cloned().chain(
-                sh.substitutions()
-                    .iter()
-                    .filter_map(|x| crate::volume::peer_of(&x.configured)),
-            ) {
-                add(p, false, false);
+            for p in &v.spares {
+                add(p.clone(), false, false, true);
+            }
+            for x in sh.substitutions() {
+                if let Some(p) = crate::volume::peer_of(&x.configured) {
+                    add(p, false, false, false);
+                }
             }
         }
         let peers: BTreeSet<PeerAddr> = uses.keys().cloned().collect();

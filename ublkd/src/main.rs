@@ -247,13 +247,13 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
     }));
     let daemon = Arc::new(daemon);
     if let Some(addr) = daemon.config().metrics_listen {
-        let listener = ublkd::metrics::bind(addr)
-            .with_context(|| format!("{}: [metrics] listen = \"{addr}\"", config.display()))?;
+        // An address it cannot take (a port in use, an interface not up yet) must not
+        // keep this daemon from taking its devices back: it serves without metrics
+        // and retries (check-config catches an address that is not this host's).
         let d = daemon.clone();
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || ublkd::metrics::serve(listener, d))?;
-        tracing::info!(listen = %addr, "metrics at http://{addr}/metrics");
+            .spawn(move || ublkd::metrics::bind_and_serve(addr, d))?;
     }
     let d = daemon.clone();
     std::thread::Builder::new()

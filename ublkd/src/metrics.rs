@@ -51,26 +51,58 @@ pub fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     }
 }
 
-/// Bind the metrics address (a start refuses an address it cannot take).
+/// Bind the metrics address.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
 }
 
+/// Bind `addr`, retrying every 10 s while it cannot be taken (said once), then serve.
+pub fn bind_and_serve(addr: SocketAddr, daemon: Arc<Daemon>) {
+    let mut said = false;
+    let listener = loop {
+        match bind(addr) {
+            Ok(l) => break l,
+            Err(e) => {
+                if !said {
+                    tracing::error!(listen = %addr, error = %e,
+                        "[metrics] listen: cannot take the address: serving without metrics, retrying every 10 s");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_secs(10));
+            }
+        }
+    };
+    tracing::info!(listen = %addr, "metrics at http://{addr}/metrics");
+    serve(listener, daemon);
+}
+
+/// How long one client may take to send its request: the connections are served
+/// one at a time, and a slow one must not hold the next scrape.
+const REQUEST_TIME: Duration = Duration::from_secs(5);
+
 fn answer(s: TcpStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let t0 = std::time::Instant::now();
+    let left = || {
+        REQUEST_TIME
+            .checked_sub(t0.elapsed())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))
+    };
+    s.set_read_timeout(Some(left()?))?;
+    s.set_write_timeout(Some(REQUEST_TIME))?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
     r.by_ref().take(8192).read_line(&mut line)?;
     // The headers: read and ignored (bounded), so the client sees its request taken.
     let mut header = String::new();
-    let mut left = 64;
-    while left > 0 {
+    let mut count = 64;
+    while count > 0 {
         header.clear();
+        s.set_read_timeout(Some(left()?))?;
         if r.by_ref().take(8192).read_line(&mut header)? == 0 || header.trim().is_empty() {
             break;
         }
-        left -= 1;
+        count -= 1;
     }
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));

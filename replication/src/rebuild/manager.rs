@@ -565,8 +565,13 @@ fn manage(
         );
     }
     let mut requested: HashMap<ReplicaUuid, bool> = HashMap::new();
-    while !stop.load(Ordering::SeqCst) {
+    loop {
+        // The version before the stop flag: a shutdown between the two is then a
+        // change seen by the wait below (it sets the flag, then notifies).
         let version = health.signal().version();
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         for (u, full) in state.requests.lock().unwrap().drain(..) {
             failures.remove(&u);
             requested.insert(u, full);

@@ -480,7 +480,7 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
         volume: VolumeTag::of(&shared.spec.open.volume),
     };
     let sent = Arc::new(tokio::sync::Notify::new());
-    let busy = Arc::new(tokio::sync::Notify::new());
+    let busy = Arc::new(IdleWake::default());
     let writer = shared.rt.spawn(writer(
         wr,
         sealer,
@@ -517,7 +517,7 @@ async fn writer(
     mut wr: OwnedWriteHalf,
     mut sealer: Sealer,
     mut rx: tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<Job>>,
-    (pending, busy): (Arc<Mutex<HashMap<u64, Pending>>>, Arc<tokio::sync::Notify>),
+    (pending, busy): (Arc<Mutex<HashMap<u64, Pending>>>, Arc<IdleWake>),
     sent: Arc<tokio::sync::Notify>,
     stamp: FrameStamp,
     dead: mpsc::UnboundedSender<Lost>,
@@ -551,11 +551,9 @@ async fn writer(
         let mut payloads: Vec<RawBuf> = Vec::with_capacity(batch.len());
         {
             let mut p = pending.lock().unwrap();
-            if p.is_empty() && batch.iter().any(|j| j.op != Op::Ping) {
-                // The supervisor of an idle connection sleeps until its next ping
-                // (which it sent itself): these requests' deadlines start now.
-                busy.notify_one();
-            }
+            // After the insertions below (under this lock): the supervisor reads the
+            // map after it says it is idle.
+            let _wake = WakeIfIdle(&busy);
             for job in batch.drain(..) {
                 let id = next_id;
                 next_id += 1;
@@ -756,7 +754,7 @@ async fn supervise(
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>>,
-    (pending, busy): (Arc<Mutex<HashMap<u64, Pending>>>, Arc<tokio::sync::Notify>),
+    (pending, busy): (Arc<Mutex<HashMap<u64, Pending>>>, Arc<IdleWake>),
     mut dead: mpsc::UnboundedReceiver<Lost>,
 ) {
     let deadline = shared.spec.deadline;
@@ -764,36 +762,43 @@ async fn supervise(
     // Woken by the oldest request's deadline, the next ping of an idle connection,
     // or the first request after idleness (`busy`): no timer runs for its own sake.
     let why = loop {
+        // Idle until the map says otherwise: a request entering it from now on
+        // wakes us (the writer inserts, then looks at the flag).
+        busy.idle.store(true, Ordering::SeqCst);
         let oldest = pending
             .lock()
             .unwrap()
             .values()
             .map(|p| p.job.submitted)
             .min();
+        let now = Instant::now();
         let wake = match oldest {
-            Some(t) if t.elapsed() > deadline => {
+            Some(t) if now.saturating_duration_since(t) > deadline => {
                 break Lost::Deadline {
-                    waited: t.elapsed(),
+                    waited: now.saturating_duration_since(t),
                 }
             }
             // Busy: requests in flight stand for the ping; a look each PING_EVERY
             // keeps the pings' cadence once the connection goes idle.
             Some(t) => {
-                last_ping = Instant::now();
-                (t + deadline + Duration::from_millis(1)).min(last_ping + PING_EVERY)
+                busy.idle.store(false, Ordering::SeqCst);
+                last_ping = now;
+                (t + deadline + Duration::from_millis(1)).min(now + PING_EVERY)
             }
-            None if last_ping.elapsed() >= PING_EVERY => {
-                // Idle: probe liveness and the fence (the ping has the deadline too).
-                last_ping = Instant::now();
+            None if now.saturating_duration_since(last_ping) >= PING_EVERY => {
+                // Idle: probe liveness and the fence. The ping has the deadline too:
+                // look again by then (the writer does not wake us for our own ping).
+                busy.idle.store(false, Ordering::SeqCst);
+                last_ping = now;
                 ping(&shared);
-                continue;
+                (now + deadline + Duration::from_millis(1)).min(now + PING_EVERY)
             }
             None => last_ping + PING_EVERY,
         };
         tokio::select! {
             why = dead.recv() => break why.unwrap_or_else(|| closed("tasks ended".into())),
             _ = tokio::time::sleep_until(wake.into()) => {}
-            _ = busy.notified() => {}
+            _ = busy.wake.notified() => {}
         }
     };
     let closed_by_owner = shared.conn.lock().unwrap().take().is_none();
@@ -839,6 +844,27 @@ fn fail_pending(pending: &Mutex<HashMap<u64, Pending>>, why: &Lost) {
         kicks.extend(complete(p.job, Err(Errno(errno))));
     }
     fire(&mut kicks);
+}
+
+/// How the writer wakes the supervisor of an idle connection, which sleeps until its
+/// next ping: only when it says it is idle, so a busy connection costs no wake-up
+/// per request.
+#[derive(Default)]
+struct IdleWake {
+    idle: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// Dropped after a batch entered the pending map: wakes an idle supervisor (the
+/// requests' deadlines start now).
+struct WakeIfIdle<'a>(&'a IdleWake);
+
+impl Drop for WakeIfIdle<'_> {
+    fn drop(&mut self) {
+        if self.0.idle.swap(false, Ordering::SeqCst) {
+            self.0.wake.notify_one();
+        }
+    }
 }
 
 /// How often an idle connection is probed.

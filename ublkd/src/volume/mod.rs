@@ -1332,8 +1332,13 @@ fn housekeeping(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let mut failed_once = std::collections::HashSet::new();
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+    loop {
+        // The version before the stop flag: a stop between the two is then a change
+        // seen by the wait below (the stop sets the flag, then notifies).
         let version = health.signal().version();
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         shared.decider().finish_replacements(health);
         let snap = health.snapshot();
         let unopened = health.unopened();
