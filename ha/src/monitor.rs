@@ -417,9 +417,13 @@ impl Monitor {
     }
 
     /// Where a replacement of one of `v`'s replicas would go now (an operator's
-    /// replacement: no backoff, no caps).
-    pub fn place(&self, v: &VolumeView) -> Result<PeerAddr, NoPlacement> {
+    /// replacement: no backoff, no caps; a spare in maintenance is no candidate).
+    pub fn place(&self, v: &VolumeView, now: UnixMs) -> Result<PeerAddr, NoPlacement> {
         let (candidates, in_use) = self.candidates(v);
+        let candidates: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| self.in_maintenance(Some(c.addr), now).is_none())
+            .collect();
         place(&v.name, v.size, &candidates, &in_use, &BTreeMap::new())
     }
 
@@ -1231,6 +1235,14 @@ mod tests {
             m.maintenance(UnixMs(60_000)).keys().collect::<Vec<_>>(),
             [&addr(4)]
         );
+        // An operator's placement skips spares in maintenance too.
+        m.start_maintenance(addr(5), None);
+        assert!(
+            m.place(&v[0], UnixMs(60_000)).is_err(),
+            "both spares in maintenance"
+        );
+        assert!(m.end_maintenance(&addr(5)));
+        assert_eq!(m.place(&v[0], UnixMs(60_000)), Ok(addr(5)));
         assert!(m.end_maintenance(&addr(4)));
         assert!(!m.end_maintenance(&addr(4)), "ended once");
     }

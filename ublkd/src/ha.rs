@@ -501,7 +501,7 @@ impl Ha {
 
     /// The spare a manual replacement of a replica of `view` would take now.
     pub fn place(&self, view: &VolumeView) -> Result<PeerAddr, ha::placement::NoPlacement> {
-        self.monitor.lock().unwrap().place(view)
+        self.monitor.lock().unwrap().place(view, now())
     }
 
     /// One round: probe every server the volumes use or may use, decide, carry

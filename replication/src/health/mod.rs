@@ -204,6 +204,8 @@ pub enum ReadPolicy {
 /// its replicas. From then on every request fails: two writers must never coexist.
 #[derive(Default)]
 pub struct Fence {
+    /// The volume's name, for the log.
+    volume: String,
     reason: std::sync::OnceLock<(Generation, String)>,
     /// Told once when it trips (the volume's thread waits on events, not a timer).
     on_trip: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
@@ -218,10 +220,18 @@ impl std::fmt::Debug for Fence {
 }
 
 impl Fence {
+    pub fn for_volume(volume: &str) -> Fence {
+        Fence {
+            volume: volume.to_string(),
+            ..Fence::default()
+        }
+    }
+
     /// A newer owner, at generation `by`, took the replicas.
     pub fn trip(&self, by: Generation, reason: String) {
         if self.reason.set((by, reason.clone())).is_ok() {
-            tracing::error!(%reason, by = by.0, "volume fenced: failing all I/O");
+            tracing::error!(volume = %self.volume, %reason, generation = by.0,
+                "volume fenced: failing all I/O");
             if let Some(f) = self.on_trip.get() {
                 f();
             }
@@ -514,7 +524,7 @@ impl Health {
             persist_wake: Condvar::new(),
             signal: Signal::new(),
             sink,
-            fence: Arc::new(Fence::default()),
+            fence: Arc::new(Fence::for_volume(&cfg.volume)),
             no_replica_timeout: cfg.no_replica_timeout,
             volume: cfg.volume,
             size: cfg.size,

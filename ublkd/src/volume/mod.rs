@@ -1291,6 +1291,9 @@ fn run(
         let _ = look.send(VolumeCmd::Look);
     }));
     let generation = record.generation;
+    tracing::info!(volume = %cfg.name, generation = generation.0,
+        membership_epoch = health.snapshot().membership.epoch.0,
+        "activated: this node owns the replicas at this generation");
     let stop_reopen = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
         std::thread::Builder::new()
