@@ -9,6 +9,35 @@ use std::process::Command;
 
 use support::*;
 
+/// Start ublkd on `conf` (its stderr into `log`) and wait until it answers on
+/// `sock`; returns it and a runner of `ublkctl --socket sock ARGS`.
+fn daemon_and_ctl(
+    conf: &std::path::Path,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+) -> (
+    std::process::Child,
+    impl Fn(&[&str]) -> std::process::Output,
+) {
+    let child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
+        .arg("--config")
+        .arg(conf)
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let sock = sock.to_path_buf();
+    let ctl = move |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ublkctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    wait_until(20, "the daemon answers", || ctl(&["list"]).status.success());
+    (child, ctl)
+}
+
 /// (X) The socket is created 0600, and a peer that is neither root nor the
 /// daemon's user is refused even when the socket's mode lets it connect (an
 /// operator's chmod, a bind-then-chmod window).
@@ -176,28 +205,7 @@ fn the_log_filter_changes_at_run_time() {
     )
     .unwrap();
     let log_path = dir.join("ublkd.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
-        .arg("--config")
-        .arg(&conf)
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let ctl = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ublkctl"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let t0 = std::time::Instant::now();
-    while !ctl(&["list"]).status.success() {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(20),
-            "no daemon"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let (mut child, ctl) = daemon_and_ctl(&conf, &sock, &log_path);
     let requests = || {
         std::fs::read_to_string(&log_path)
             .unwrap()
@@ -258,28 +266,7 @@ fn config_dump_metrics_maintenance_and_stop_all_on_a_running_node() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ublkd"))
-        .arg("--config")
-        .arg(&conf)
-        .stderr(std::fs::File::create(dir.join("ublkd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let ctl = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ublkctl"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let t0 = std::time::Instant::now();
-    while !ctl(&["list"]).status.success() {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(20),
-            "no daemon"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let (mut child, ctl) = daemon_and_ctl(&conf, &sock, &dir.join("ublkd.log"));
     let json = |args: &[&str]| -> serde_json::Value {
         let out = ctl(args);
         assert!(
