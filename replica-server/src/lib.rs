@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use bufpool::PooledBuf;
 use replication::local::LocalReplica;
 use replication::remote::conn::server_handshake;
-use replication::{Replica, ReplicationError};
+use replication::ReplicationError;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
@@ -42,8 +42,8 @@ use wire::control::{
     decode_control, encode_control, DeleteRequest, LabelUpdate, OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    encode_extents, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, CHECKSUM_LEN,
-    EXTENT_RECORD_LEN, FLAG_FUA, FLAG_NO_UNMAP, MAX_EXTENTS, REQUEST_HEADER_LEN,
+    encode_extents, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, EXTENT_RECORD_LEN,
+    FLAG_FUA, FLAG_NO_UNMAP, MAX_EXTENTS, REQUEST_HEADER_LEN,
 };
 use wire::handshake::{Secret, HANDSHAKE_TIMEOUT};
 use wire::{ByteLen, RequestId, SessionId};
@@ -756,31 +756,25 @@ async fn serve_fenced(
                 .await
         }
         Op::Flush => replica.flush().await,
-        Op::Checksum => {
-            let mut crc = [0u8; CHECKSUM_LEN];
-            match replica.checksum(off, ByteLen(len as u64), &mut crc).await {
-                Ok(()) => {
-                    return Reply {
-                        payload: Payload::Vec(crc.to_vec()),
-                        ..Reply::new(Status::Ok, h.id)
-                    }
+        Op::Checksum => match replica.checksum(off, ByteLen(len as u64)).await {
+            Ok(crc) => {
+                return Reply {
+                    payload: Payload::Vec(crc.to_vec()),
+                    ..Reply::new(Status::Ok, h.id)
                 }
-                Err(e) => Err(e),
             }
-        }
+            Err(e) => Err(e),
+        },
         Op::DataExtents => {
             let range = ByteLen(len as u64);
-            match replica.data_extents(off, range).await {
-                // Storage that cannot tell (a block device) answers all of it as data.
-                Ok(extents) => {
-                    let extents = extents.unwrap_or_else(|| vec![(off, range)]);
-                    return Reply {
-                        payload: Payload::Vec(encode_extents(&extents)),
-                        ..Reply::new(Status::Ok, h.id)
-                    };
-                }
-                Err(e) => Err(e),
-            }
+            // Storage that cannot tell (a block device) answers all of it as data.
+            let extents = replica
+                .data_extents(off, range)
+                .unwrap_or_else(|| vec![(off, range)]);
+            return Reply {
+                payload: Payload::Vec(encode_extents(&extents)),
+                ..Reply::new(Status::Ok, h.id)
+            };
         }
         Op::Discard => replica.discard(off, ByteLen(len as u64)).await,
         Op::WriteZeroes => {

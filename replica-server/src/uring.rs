@@ -46,7 +46,7 @@ impl TokioUring {
     /// Must be called inside a `LocalSet`: it spawns the reaper task there (which
     /// lives as long as the `LocalSet`).
     pub fn new() -> Result<TokioUring, ReplicationError> {
-        let ring = IoUring::new(1024).map_err(ReplicationError::Uring)?;
+        let ring = IoUring::new(1024).map_err(snapshot::StoreError::Uring)?;
         // SAFETY: `RingCell` owns the ring, so the fd is valid until the
         // registration is dropped with it.
         let ring = unsafe {
@@ -55,7 +55,7 @@ impl TokioUring {
                 tokio::io::Interest::READABLE,
             )
         }
-        .map_err(|e| ReplicationError::Uring(e.into()))?;
+        .map_err(|e| snapshot::StoreError::Uring(e.into()))?;
         let inner = Rc::new(UringInner {
             ring,
             slots: RefCell::new(HashMap::new()),

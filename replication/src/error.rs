@@ -6,35 +6,7 @@ use std::path::PathBuf;
 use crate::ids::SlotIndex;
 use wire::Generation;
 
-/// A positive Linux errno (EIO, EINVAL, ...). The ublk completion wants its negation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Errno(pub i32);
-
-impl Errno {
-    pub const EIO: Errno = Errno(libc::EIO);
-    pub const EINVAL: Errno = Errno(libc::EINVAL);
-    pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
-
-    /// From an io_uring CQE result (negative errno).
-    pub fn from_cqe(res: i32) -> Errno {
-        debug_assert!(res < 0, "not an error result: {res}");
-        Errno(-res)
-    }
-
-    pub fn last_os_error() -> Errno {
-        Errno(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        )
-    }
-}
-
-impl std::fmt::Display for Errno {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
-    }
-}
+pub use snapshot::Errno;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -45,22 +17,6 @@ pub enum ReplicationError {
         #[source]
         source: std::io::Error,
     },
-    #[error("replica {path}: {size} bytes is smaller than the volume ({volume_size} bytes)")]
-    TooSmall {
-        path: PathBuf,
-        size: u64,
-        volume_size: u64,
-    },
-    #[error("replica {path}: {size} bytes leave no room for its label: a replica of this volume needs {needed} bytes (the volume, then 64 KiB of label)")]
-    NoRoomForLabel {
-        path: PathBuf,
-        size: u64,
-        needed: u64,
-    },
-    #[error("replica {path}: label: {message}")]
-    Label { path: PathBuf, message: String },
-    #[error("replica {path}: not a regular file or block device")]
-    UnsupportedKind { path: PathBuf },
     #[error("request out of range: offset {offset} + length {len} > volume size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("request not aligned to {align} bytes: offset {offset}, length {len}")]
@@ -112,8 +68,8 @@ pub enum ReplicationError {
     DirtyLog { path: PathBuf, message: String },
     #[error("dirty map of another geometry (volume size or grain differ)")]
     DirtyGeometry,
-    #[error("io_uring setup failed: {0}")]
-    Uring(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] snapshot::StoreError),
 
     // Remote replicas.
     #[error("cannot connect to replica server {addr}: {source}")]

@@ -38,7 +38,7 @@ pub mod rebuild;
 pub mod remote;
 pub mod replica;
 pub mod request;
-pub mod signature;
+pub use snapshot::signature;
 pub mod state;
 pub mod testing;
 pub mod unflushed;

@@ -191,6 +191,11 @@ uuid_type!(
     /// membership record lists replicas by it.
     ReplicaUuid
 );
+uuid_type!(
+    /// A snapshot's identity, chosen by the owner that takes it and the same on
+    /// every replica: a retried snapshot operation is recognised by it.
+    SnapshotUuid
+);
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,6 @@ pub mod version;
 pub use error::WireError;
 pub use ids::{
     ByteLen, ByteOffset, Epoch, FrameSeq, Generation, OwnerId, ReplicaUuid, RequestId, SessionId,
-    VolumeTag, VolumeUuid,
+    SnapshotUuid, VolumeTag, VolumeUuid,
 };
 pub use version::ProtocolVersion;

@@ -478,7 +478,7 @@ fn probe_local(
                 created = !existed;
                 *slot = Some(Arc::new(b));
             }
-            Err(ReplicationError::Open { ref source, .. })
+            Err(snapshot::StoreError::Open { ref source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound
                     && !may_create
                     && !path.starts_with("/dev/") =>

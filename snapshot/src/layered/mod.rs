@@ -1,0 +1,794 @@
+//! The layered copy-on-write store: a replica's container (file or raw block
+//! device) holding the volume's base plus a writable head layer and sealed
+//! snapshot layers, with O(1) reads whatever the number of snapshots.
+//!
+//! ```text
+//! [ base: volume size ]  the volume's bytes at their own offsets (layer 0): a
+//!                        flat image is a layered store without snapshots
+//! [ label: 64 KiB ]      wire::label, unchanged
+//! [ superblock: 2 x 32 KiB ]  layer table; slots written alternately (seq, CRC)
+//! [ descriptor table ]   32 B per (layer, 64 KiB grain): pool grain, 4 KiB
+//!                        presence and zero masks; written a 4 KiB page at a time
+//! [ pool ]               64 KiB grains, allocated on first touch (a file grows
+//!                        sparse; a device's reserve is its limit)
+//! ```
+//!
+//! **Layers.** Sealed snapshots are immutable; only the head is written. A block
+//! a layer lacks (in neither mask) falls through to its parent; a zero bit reads
+//! zeroes (WRITE_ZEROES/DISCARD), never the parent. Each pool grain belongs to one
+//! descriptor. Layer ids are never reused, so a descriptor of a layer the
+//! superblock no longer lists is free space. The head view is an in-memory index,
+//! one byte per block naming the newest layer that has it, rebuilt at open: a read
+//! is two lookups at any depth. A snapshot leaves the index as it is (O(1)).
+//!
+//! **Writes.** A write to blocks the head has goes in place, with no metadata
+//! (the flat store's path). A first touch takes the grain's lock, gets a pool
+//! grain, writes the data (a sub-4 KiB write fills the rest of its block from the
+//! layer below: read-modify-write under that lock), then sets presence bits in
+//! memory. Descriptors reach the disk at the next FLUSH or FUA.
+//!
+//! **Write order and fsync points** (what a crash can leave):
+//! 1. Commit (FLUSH, FUA on a first touch, every metadata operation): under the
+//!    commit lock, encode the dirty descriptor pages *first* (they describe only
+//!    writes already complete), `fdatasync` (their data is durable), write the
+//!    pages, and when the table grew or layers changed, `fdatasync` and the
+//!    superblock (it never counts a page not yet on disk), then `fdatasync`. A crash before the second sync loses presence bits of writes
+//!    not yet flushed: those blocks read as before the write, which an unflushed
+//!    write may. A presence bit is never durable before its data.
+//! 2. Layer changes (snapshot, undo, revert, delete, the end of a merge) write the
+//!    next superblock slot and sync before they are acknowledged; the older slot
+//!    stays intact until then, so a torn superblock leaves the previous state.
+//! 3. A freed descriptor slot or pool grain is reused only after its freeing is
+//!    durable and every read that resolved to it before has finished (an epoch
+//!    pair counts reads in flight), so no crash and no race shows one layer's old
+//!    data in another.
+//! 4. A format writes the first superblock into both slots (an older store's
+//!    superblock left on a device never wins) and a random store id every
+//!    descriptor carries (an older store's descriptors are free space).
+//!
+//! **Deletes** mark the layer hidden (durable), then merge it into its only child
+//! grain by grain in the background ([`Layered::merge_step`]): a grain the child
+//! lacks changes owner (one descriptor, no copy); otherwise the blocks the child
+//! lacks are copied. A crash mid-merge resumes at open. The base cannot be merged
+//! (its space is the volume's own): deleting it hides it.
+
+pub mod format;
+mod locks;
+pub mod meta;
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use wire::SnapshotUuid;
+
+use crate::error::{Errno, StoreError};
+use crate::IoResult;
+use format::{
+    decode_desc, encode_super, pick_super, DescSlot, FormatError, Geometry, VolGrain, BLOCK,
+    BLOCKS_PER_GRAIN, DESCS_PER_PAGE, DESC_LEN, DESC_PAGE, GRAIN, MAX_NAME, SB_SLOT,
+};
+use locks::KeyLocks;
+pub use meta::{MergePlan, Meta, MetaError, Src};
+
+/// The container I/O a layered store needs, at container offsets: the flat
+/// store's handle on the data path, a crash-simulating disk in tests.
+pub trait RawIo {
+    fn read_at<'a>(&'a self, off: u64, buf: &'a mut [u8]) -> impl Future<Output = IoResult> + 'a;
+    fn write_at<'a>(
+        &'a self,
+        off: u64,
+        buf: &'a [u8],
+        fua: bool,
+    ) -> impl Future<Output = IoResult> + 'a;
+    /// Every completed write durable.
+    fn sync(&self) -> impl Future<Output = IoResult> + '_;
+    /// The range reads zeroes (the base of a store without snapshots).
+    fn zero_at(&self, off: u64, len: u64) -> impl Future<Output = IoResult> + '_;
+}
+
+/// What the replica's label says the container is: the label is the authority,
+/// so that what an earlier store left past the label of a reused device is
+/// never taken for this replica's snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A flat image: the store area is ignored (formatted afresh, both superblock
+    /// slots, at the first snapshot).
+    Plain,
+    /// Layered: the store must be there.
+    Layered,
+    /// Whatever the superblock area holds (tests, `store check`).
+    Detect,
+}
+
+/// Snapshots a store keeps unless told otherwise.
+pub const DEFAULT_MAX_SNAPSHOTS: usize = 32;
+/// Hard limit (the layer table, the index's byte per block).
+pub const MAX_SNAPSHOTS: usize = format::MAX_LAYERS - 2;
+
+impl Geometry {
+    /// A store in a file: room for every grain in 65 layers' maps, and a pool of
+    /// four volumes (the file grows only as grains are used).
+    pub fn for_file(volume_size: u64) -> Geometry {
+        let grains = volume_size.div_ceil(GRAIN);
+        let desc = (grains * 65).min(u32::MAX as u64 - 1) as u32;
+        let pool = (grains * 4).min(u32::MAX as u64 - 1) as u32;
+        Geometry::new(volume_size, wire::label::LABEL_AREA, desc, pool)
+    }
+
+    /// A store on a block device of `device_size` bytes: what lies beyond the
+    /// volume and its label is the reserve, a sixteenth of it for descriptors.
+    pub fn for_device(volume_size: u64, device_size: u64) -> Result<Geometry, String> {
+        let first = Geometry::new(volume_size, wire::label::LABEL_AREA, 0, 0);
+        let reserve = device_size.saturating_sub(first.table_offset);
+        let grains = volume_size.div_ceil(GRAIN);
+        let desc = (reserve / 16 / DESC_LEN as u64)
+            .min(grains * 65)
+            .min(u32::MAX as u64 - 1);
+        let mut g = Geometry::new(volume_size, wire::label::LABEL_AREA, desc as u32, 0);
+        let pool = device_size.saturating_sub(g.pool_offset) / GRAIN;
+        g.pool_grains = pool.min(u32::MAX as u64 - 1) as u32;
+        if desc < 2 * grains || pool < 16 {
+            return Err(format!(
+                "a {device_size}-byte device leaves no room for snapshots of a {volume_size}-byte volume: give it at least {} bytes (the volume, 64 KiB of label, and a reserve)",
+                first.table_offset + 2 * grains * DESC_LEN as u64 * 16 + 16 * GRAIN + GRAIN
+            ));
+        }
+        Ok(g)
+    }
+}
+
+/// A snapshot as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub uuid: SnapshotUuid,
+    pub name: String,
+    pub created_ms: u64,
+    /// Pool bytes the snapshot's own grains take (0 for the base: its space is
+    /// the volume's).
+    pub owned_bytes: u64,
+    /// Bytes a delete would give back (blocks its child has overwritten).
+    pub reclaimable_bytes: u64,
+    pub deleting: bool,
+}
+
+/// What a store's metadata operation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    Done,
+    /// Already so (a retried operation: snapshot ops are idempotent by uuid).
+    AlreadyDone,
+}
+
+/// The state every queue's handle of one layered store shares.
+pub struct Shared {
+    meta: RwLock<Meta>,
+    grains: KeyLocks,
+    /// Key 0: commits. Key 1: layer operations and merge steps.
+    serial: KeyLocks,
+    epoch: AtomicU64,
+    active: [AtomicUsize; 2],
+    max_snapshots: usize,
+}
+
+const COMMIT: u64 = 0;
+const OPS: u64 = 1;
+
+fn meta_err(e: MetaError) -> StoreError {
+    match e {
+        MetaError::PoolFull => StoreError::SnapshotSpace("the pool has no free grain".into()),
+        MetaError::TableFull => StoreError::SnapshotSpace(
+            "the descriptor table could not map a new head: delete snapshots first".into(),
+        ),
+        MetaError::TooManyLayers => StoreError::TooManySnapshots {
+            limit: MAX_SNAPSHOTS,
+        },
+        MetaError::NoSuchSnapshot(u) => StoreError::NoSuchSnapshot(u),
+        MetaError::Damaged(m) => StoreError::Damaged(m),
+    }
+}
+
+fn io_errno(e: MetaError) -> Errno {
+    match e {
+        MetaError::PoolFull | MetaError::TableFull => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
+}
+
+impl Shared {
+    /// Open the store in a container: its superblock and descriptors when it has
+    /// them and `layout` allows (then `geo` must agree on the volume size), else a
+    /// store with only its base on `geo`, formatted at its first snapshot.
+    pub async fn open<R: RawIo>(
+        io: &R,
+        geo: Geometry,
+        layout: Layout,
+        max_snapshots: usize,
+    ) -> Result<Shared, StoreError> {
+        let mut slots = vec![0u8; 2 * SB_SLOT as usize];
+        if layout != Layout::Plain {
+            io.read_at(geo.sb_offset, &mut slots)
+                .await
+                .map_err(StoreError::Io)?;
+        }
+        let meta = match pick_super(&slots[..SB_SLOT as usize], &slots[SB_SLOT as usize..]) {
+            Err(FormatError::Absent) if layout == Layout::Layered => {
+                return Err(StoreError::Damaged(
+                    "the label says the replica has snapshots, but its store has no superblock"
+                        .into(),
+                ))
+            }
+            Err(FormatError::Absent) => Meta::fresh(geo, u64::from_le_bytes(wire::random::bytes())),
+            Err(FormatError::Corrupt(m)) => return Err(StoreError::Damaged(m)),
+            Ok(sup) => {
+                if sup.geometry.volume_size != geo.volume_size {
+                    return Err(StoreError::Damaged(format!(
+                        "the store is of a {}-byte volume, not {}",
+                        sup.geometry.volume_size, geo.volume_size
+                    )));
+                }
+                let pages = sup.desc_hwm.div_ceil(DESCS_PER_PAGE);
+                let mut descs = Vec::with_capacity(sup.desc_hwm as usize);
+                let mut page = vec![0u8; DESC_PAGE as usize];
+                for p in 0..pages {
+                    io.read_at(sup.geometry.page_offset(p), &mut page)
+                        .await
+                        .map_err(StoreError::Io)?;
+                    for i in 0..DESCS_PER_PAGE {
+                        let at = i as usize * DESC_LEN;
+                        descs.push((
+                            DescSlot(p * DESCS_PER_PAGE + i),
+                            decode_desc(sup.store_id, &page[at..at + DESC_LEN]),
+                        ));
+                    }
+                }
+                Meta::load(&sup, descs).map_err(meta_err)?
+            }
+        };
+        Ok(Shared {
+            meta: RwLock::new(meta),
+            grains: KeyLocks::default(),
+            serial: KeyLocks::default(),
+            epoch: AtomicU64::new(0),
+            active: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            max_snapshots: max_snapshots.min(MAX_SNAPSHOTS),
+        })
+    }
+
+    pub fn is_layered(&self) -> bool {
+        self.meta.read().unwrap().is_layered()
+    }
+
+    pub fn list(&self) -> Vec<SnapshotInfo> {
+        let m = self.meta.read().unwrap();
+        let mut v: Vec<SnapshotInfo> = m
+            .snapshots()
+            .map(|l| {
+                let (owned, reclaim) = m.usage(l.rec.id);
+                SnapshotInfo {
+                    uuid: l.rec.uuid,
+                    name: l.rec.name.clone(),
+                    created_ms: l.rec.created_ms,
+                    owned_bytes: owned,
+                    reclaimable_bytes: reclaim,
+                    deleting: l.rec.deleting,
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| (s.created_ms, s.name.clone()));
+        v
+    }
+
+    /// The structural check of the metadata (`store check`, the tests).
+    pub fn check(&self) -> Result<(), String> {
+        self.meta.read().unwrap().check()
+    }
+
+    /// Pool grains used and free.
+    pub fn pool_usage(&self) -> (u32, u32) {
+        self.meta.read().unwrap().pool_usage()
+    }
+
+    /// Whether a deleted snapshot still has merge work.
+    pub fn merge_pending(&self) -> bool {
+        self.meta.read().unwrap().next_merge().is_some()
+    }
+
+    /// Register a read that resolved under the meta lock (held by the caller).
+    fn enter(&self) -> usize {
+        let e = (self.epoch.load(Ordering::SeqCst) & 1) as usize;
+        self.active[e].fetch_add(1, Ordering::SeqCst);
+        e
+    }
+
+    fn leave(&self, e: usize) {
+        self.active[e].fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Wait until no read that resolved before now is in flight.
+    fn grace(&self) {
+        let old = {
+            let _w = self.meta.write().unwrap();
+            (self.epoch.fetch_add(1, Ordering::SeqCst) & 1) as usize
+        };
+        while self.active[old].load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+}
+
+/// A per-queue handle: the shared store plus this queue's container I/O.
+pub struct Layered<R: RawIo> {
+    shared: Arc<Shared>,
+    io: R,
+}
+
+/// A piece of a request: `len` bytes at `buf_off` of the caller's buffer, from or
+/// to `src`.
+struct Piece {
+    buf_off: usize,
+    len: usize,
+    src: Src,
+}
+
+fn push_piece(v: &mut Vec<Piece>, buf_off: usize, len: usize, src: Src) {
+    if let Some(last) = v.last_mut() {
+        let contiguous = match (last.src, src) {
+            (Src::At(a), Src::At(b)) => a + last.len as u64 == b,
+            (Src::Zero, Src::Zero) => true,
+            _ => false,
+        };
+        if contiguous && last.buf_off + last.len == buf_off {
+            last.len += len;
+            return;
+        }
+    }
+    v.push(Piece { buf_off, len, src });
+}
+
+/// The pieces of `[off, off + len)` per 4 KiB block, through `resolve`.
+fn pieces(off: u64, len: usize, mut resolve: impl FnMut(u64) -> Option<Src>) -> Option<Vec<Piece>> {
+    let mut v = Vec::new();
+    let mut at = off;
+    let end = off + len as u64;
+    while at < end {
+        let b = at / BLOCK;
+        let in_block = at % BLOCK;
+        let n = (BLOCK - in_block).min(end - at);
+        let src = match resolve(b)? {
+            Src::At(o) => Src::At(o + in_block),
+            Src::Zero => Src::Zero,
+        };
+        push_piece(&mut v, (at - off) as usize, n as usize, src);
+        at += n;
+    }
+    Some(v)
+}
+
+impl<R: RawIo> Layered<R> {
+    pub fn new(shared: Arc<Shared>, io: R) -> Layered<R> {
+        Layered { shared, io }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn io(&self) -> &R {
+        &self.io
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> IoResult {
+        let size = self.shared.meta.read().unwrap().geo.volume_size;
+        if off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
+    }
+
+    /// Read the head view (the volume).
+    pub async fn read(&self, off: u64, buf: &mut [u8]) -> IoResult {
+        self.check_range(off, buf.len() as u64)?;
+        let plan = {
+            let m = self.shared.meta.read().unwrap();
+            m.is_layered().then(|| {
+                let ps = pieces(off, buf.len(), |b| Some(m.resolve(b))).expect("total");
+                (ps, self.shared.enter())
+            })
+        };
+        let Some((ps, e)) = plan else {
+            return self.io.read_at(off, buf).await;
+        };
+        let r = self.read_pieces(&ps, buf).await;
+        self.shared.leave(e);
+        r
+    }
+
+    /// Read snapshot `uuid` as it was taken (walks its ancestry: rebuild, verify
+    /// and export use it, not the data path).
+    pub async fn read_snapshot(&self, uuid: SnapshotUuid, off: u64, buf: &mut [u8]) -> IoResult {
+        self.check_range(off, buf.len() as u64)?;
+        let (ps, e) = {
+            let m = self.shared.meta.read().unwrap();
+            let Some(s) = m.find(uuid).filter(|s| !m.layers[s].rec.deleting) else {
+                return Err(Errno(libc::ENOENT));
+            };
+            let ps = pieces(off, buf.len(), |b| Some(m.resolve_in(s, b))).expect("total");
+            (ps, self.shared.enter())
+        };
+        let r = self.read_pieces(&ps, buf).await;
+        self.shared.leave(e);
+        r
+    }
+
+    async fn read_pieces(&self, ps: &[Piece], buf: &mut [u8]) -> IoResult {
+        for p in ps {
+            let dst = &mut buf[p.buf_off..p.buf_off + p.len];
+            match p.src {
+                Src::At(o) => self.io.read_at(o, dst).await?,
+                Src::Zero => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write to the head.
+    pub async fn write(&self, off: u64, buf: &[u8], fua: bool) -> IoResult {
+        self.check_range(off, buf.len() as u64)?;
+        let fast = {
+            let m = self.shared.meta.read().unwrap();
+            if m.is_layered() {
+                pieces(off, buf.len(), |b| m.head_has(b).map(Src::At))
+            } else {
+                // The flat image: the volume's own offsets.
+                Some(vec![Piece {
+                    buf_off: 0,
+                    len: buf.len(),
+                    src: Src::At(off),
+                }])
+            }
+        };
+        if let Some(ps) = fast {
+            for p in &ps {
+                if let Src::At(o) = p.src {
+                    self.io
+                        .write_at(o, &buf[p.buf_off..p.buf_off + p.len], fua)
+                        .await?;
+                }
+            }
+            return Ok(());
+        }
+        self.first_touch(off, buf).await?;
+        if fua {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// A write touching blocks the head lacks: under the grains' locks, get pool
+    /// grains, write (read-modify-write for partial blocks), then mark.
+    async fn first_touch(&self, off: u64, buf: &[u8]) -> IoResult {
+        let end = off + buf.len() as u64;
+        let (g0, g1) = (off / GRAIN, (end - 1) / GRAIN);
+        let mut guards = Vec::with_capacity((g1 - g0 + 1) as usize);
+        for g in g0..=g1 {
+            guards.push(self.shared.grains.lock(g).await);
+        }
+        {
+            let mut m = self.shared.meta.write().unwrap();
+            for g in g0..=g1 {
+                m.head_entry(VolGrain(g as u32), true).map_err(io_errno)?;
+            }
+        }
+        let (b0, b1) = (off / BLOCK, (end - 1) / BLOCK);
+        let mut block = vec![0u8; BLOCK as usize];
+        let mut direct: Vec<Piece> = Vec::new();
+        for b in b0..=b1 {
+            let bs = b * BLOCK;
+            let (from, to) = (off.max(bs), end.min(bs + BLOCK));
+            let (target, present, old) = {
+                let m = self.shared.meta.read().unwrap();
+                let head = &m.layers[&m.head];
+                let entry = head.map[&VolGrain((b / BLOCKS_PER_GRAIN) as u32)];
+                let target = m.geo.grain_offset(entry.pool.expect("allocated above"))
+                    + (b % BLOCKS_PER_GRAIN) * BLOCK;
+                let present = entry.present & (1 << (b % BLOCKS_PER_GRAIN)) != 0;
+                (target, present, m.resolve(b))
+            };
+            if present || (from == bs && to == bs + BLOCK) {
+                push_piece(
+                    &mut direct,
+                    (from - off) as usize,
+                    (to - from) as usize,
+                    Src::At(target + (from - bs)),
+                );
+                continue;
+            }
+            // Read-modify-write: the rest of the block from the layer below.
+            match old {
+                Src::At(o) => self.io.read_at(o, &mut block).await?,
+                Src::Zero => block.fill(0),
+            }
+            block[(from - bs) as usize..(to - bs) as usize]
+                .copy_from_slice(&buf[(from - off) as usize..(to - off) as usize]);
+            self.io.write_at(target, &block, false).await?;
+        }
+        for p in &direct {
+            if let Src::At(o) = p.src {
+                self.io
+                    .write_at(o, &buf[p.buf_off..p.buf_off + p.len], false)
+                    .await?;
+            }
+        }
+        self.shared
+            .meta
+            .write()
+            .unwrap()
+            .mark(b0, b1 - b0 + 1, false);
+        drop(guards);
+        Ok(())
+    }
+
+    /// The range reads zeroes; a snapshot below keeps its data.
+    pub async fn write_zeroes(&self, off: u64, len: u64) -> IoResult {
+        self.check_range(off, len)?;
+        if !self.shared.is_layered() {
+            return self.io.zero_at(off, len).await;
+        }
+        let end = off + len;
+        let (full0, full1) = (off.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+        if full0 >= full1 {
+            return self.write(off, &vec![0u8; len as usize], false).await;
+        }
+        if off < full0 {
+            self.write(off, &vec![0u8; (full0 - off) as usize], false)
+                .await?;
+        }
+        if full1 < end {
+            self.write(full1, &vec![0u8; (end - full1) as usize], false)
+                .await?;
+        }
+        let (g0, g1) = (full0 / GRAIN, (full1 - 1) / GRAIN);
+        let mut guards = Vec::new();
+        for g in g0..=g1 {
+            guards.push(self.shared.grains.lock(g).await);
+        }
+        let mut m = self.shared.meta.write().unwrap();
+        for g in g0..=g1 {
+            m.head_entry(VolGrain(g as u32), false).map_err(io_errno)?;
+        }
+        m.mark(full0 / BLOCK, (full1 - full0) / BLOCK, true);
+        drop(m);
+        drop(guards);
+        Ok(())
+    }
+
+    /// FLUSH: every completed write durable, with the metadata that finds it.
+    pub async fn flush(&self) -> IoResult {
+        self.commit().await
+    }
+
+    async fn commit(&self) -> IoResult {
+        let _c = self.shared.serial.lock(COMMIT).await;
+        self.commit_locked(false).await
+    }
+
+    /// Write the dirty descriptors (and the superblock when `layers_changed` or
+    /// the table grew) after a sync of the data; the caller holds the commit lock.
+    async fn commit_locked(&self, layers_changed: bool) -> IoResult {
+        let (pages, sup, geo) = {
+            let mut m = self.shared.meta.write().unwrap();
+            let sup = (layers_changed || m.hwm_grew()).then(|| m.superblock(m.seq + 1));
+            (m.capture(), sup, m.geo)
+        };
+        let result = self.write_meta(&pages, sup.as_ref(), &geo).await;
+        let mut m = self.shared.meta.write().unwrap();
+        match result {
+            Ok(()) => {
+                if let Some(s) = sup {
+                    // A format wrote seq 2 as well (into the other slot).
+                    m.seq = s.seq.max(2);
+                    m.durable_hwm = s.desc_hwm;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                m.redirty(pages.iter().map(|(p, _)| *p));
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_meta(
+        &self,
+        pages: &[(u32, Vec<u8>)],
+        sup: Option<&format::Super>,
+        geo: &Geometry,
+    ) -> IoResult {
+        self.io.sync().await?;
+        if pages.is_empty() && sup.is_none() {
+            return Ok(());
+        }
+        for (p, bytes) in pages {
+            self.io.write_at(geo.page_offset(*p), bytes, false).await?;
+        }
+        if sup.is_some() && !pages.is_empty() {
+            // The superblock may count a page for the first time: that page must
+            // be on disk first (a reused device's old bytes are no descriptors).
+            self.io.sync().await?;
+        }
+        if let Some(s) = sup {
+            self.io
+                .write_at(geo.sb_slot_offset(s.seq), &encode_super(s), false)
+                .await?;
+            if s.seq == 1 {
+                // A fresh format: both slots ours (see the module docs, rule 4).
+                let twin = format::Super {
+                    seq: 2,
+                    ..s.clone()
+                };
+                self.io
+                    .write_at(geo.sb_slot_offset(2), &encode_super(&twin), false)
+                    .await?;
+            }
+        }
+        self.io.sync().await
+    }
+
+    /// Take snapshot `uuid` of the head (the caller holds writes off: the owner's
+    /// barrier). Idempotent: a snapshot with this uuid is `AlreadyDone`.
+    pub async fn snapshot(
+        &self,
+        uuid: SnapshotUuid,
+        name: &str,
+        created_ms: u64,
+    ) -> Result<Done, StoreError> {
+        if uuid.is_nil() {
+            return Err(StoreError::BadSnapshot("a nil uuid".into()));
+        }
+        if name.len() > MAX_NAME {
+            return Err(StoreError::BadSnapshot(format!(
+                "name longer than {MAX_NAME} bytes"
+            )));
+        }
+        let _ops = self.shared.serial.lock(OPS).await;
+        let _c = self.shared.serial.lock(COMMIT).await;
+        {
+            let mut m = self.shared.meta.write().unwrap();
+            if m.find(uuid).is_some() {
+                return Ok(Done::AlreadyDone);
+            }
+            if m.snapshots().count() >= self.shared.max_snapshots {
+                return Err(StoreError::TooManySnapshots {
+                    limit: self.shared.max_snapshots,
+                });
+            }
+            m.seal(uuid, name, created_ms).map_err(meta_err)?;
+        }
+        if let Err(e) = self.commit_locked(true).await {
+            let _ = self.shared.meta.write().unwrap().unseal(uuid);
+            return Err(StoreError::Io(e));
+        }
+        Ok(Done::Done)
+    }
+
+    /// Undo snapshot `uuid` taken by a barrier that failed elsewhere: only while
+    /// nothing was written after it. `AlreadyDone` when there is no such snapshot.
+    pub async fn unsnapshot(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
+        let _ops = self.shared.serial.lock(OPS).await;
+        let _c = self.shared.serial.lock(COMMIT).await;
+        let undone = self
+            .shared
+            .meta
+            .write()
+            .unwrap()
+            .unseal(uuid)
+            .map_err(meta_err)?;
+        if !undone {
+            return Ok(Done::AlreadyDone);
+        }
+        self.commit_locked(true).await.map_err(StoreError::Io)?;
+        Ok(Done::Done)
+    }
+
+    /// Roll the head back to snapshot `uuid` (the volume must be quiet: no I/O in
+    /// flight). Later snapshots stay.
+    pub async fn revert(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
+        let _ops = self.shared.serial.lock(OPS).await;
+        let _c = self.shared.serial.lock(COMMIT).await;
+        self.shared
+            .meta
+            .write()
+            .unwrap()
+            .revert(uuid)
+            .map_err(meta_err)?;
+        self.commit_locked(true).await.map_err(StoreError::Io)?;
+        drop(_c);
+        self.shared.grace();
+        self.shared.meta.write().unwrap().release_pending();
+        Ok(Done::Done)
+    }
+
+    /// Hide snapshot `uuid` and queue its merge ([`Layered::merge_step`]).
+    pub async fn delete(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
+        let _ops = self.shared.serial.lock(OPS).await;
+        let _c = self.shared.serial.lock(COMMIT).await;
+        let marked = match self.shared.meta.write().unwrap().mark_deleting(uuid) {
+            Ok(m) => m,
+            Err(MetaError::NoSuchSnapshot(_)) => return Ok(Done::AlreadyDone),
+            Err(e) => return Err(meta_err(e)),
+        };
+        if !marked {
+            return Ok(Done::AlreadyDone);
+        }
+        self.commit_locked(true).await.map_err(StoreError::Io)?;
+        Ok(Done::Done)
+    }
+
+    /// One grain of merge work; `false` when there is none. Blocks in a grace
+    /// period: run it on a thread of its own, not a queue's.
+    pub async fn merge_step(&self) -> Result<bool, StoreError> {
+        let _ops = self.shared.serial.lock(OPS).await;
+        let Some((s, g)) = self.shared.meta.read().unwrap().next_merge() else {
+            return Ok(false);
+        };
+        let Some(g) = g else {
+            let _c = self.shared.serial.lock(COMMIT).await;
+            self.shared.meta.write().unwrap().merge_done(s);
+            self.commit_locked(true).await.map_err(StoreError::Io)?;
+            return Ok(true);
+        };
+        let _grain = self.shared.grains.lock(g.0 as u64).await;
+        let (plan, geo) = {
+            let mut m = self.shared.meta.write().unwrap();
+            (m.merge_plan(s, g).map_err(meta_err)?, m.geo)
+        };
+        if let MergePlan::Copy {
+            from: Some(from),
+            to: Some(to),
+            blocks,
+            ..
+        } = plan
+        {
+            let mut block = vec![0u8; BLOCK as usize];
+            for i in 0..BLOCKS_PER_GRAIN {
+                if blocks & (1 << i) != 0 {
+                    let (src, dst) = (
+                        geo.grain_offset(from) + i * BLOCK,
+                        geo.grain_offset(to) + i * BLOCK,
+                    );
+                    self.io
+                        .read_at(src, &mut block)
+                        .await
+                        .map_err(StoreError::Io)?;
+                    self.io
+                        .write_at(dst, &block, false)
+                        .await
+                        .map_err(StoreError::Io)?;
+                }
+            }
+        }
+        self.shared.meta.write().unwrap().merge_finish(s, g, &plan);
+        drop(_grain);
+        self.commit().await.map_err(StoreError::Io)?;
+        if self.shared.meta.read().unwrap().has_pending() {
+            self.shared.grace();
+            self.shared.meta.write().unwrap().release_pending();
+        }
+        Ok(true)
+    }
+}
+
+impl Meta {
+    /// Descriptors of these pages must be written again (a commit failed).
+    pub fn redirty(&mut self, pages: impl Iterator<Item = u32>) {
+        for p in pages {
+            for i in 0..DESCS_PER_PAGE {
+                self.touch(DescSlot(p * DESCS_PER_PAGE + i));
+            }
+        }
+    }
+}
