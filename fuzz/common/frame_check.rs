@@ -23,7 +23,8 @@
 //! A failed check panics, which is what the fuzzer and the test report.
 
 use wire::control::{
-    self, DeleteReply, DeleteRequest, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
+    self, DeleteReply, DeleteRequest, LabelUpdate, OpenReply, OpenRequest, SnapshotAction,
+    SnapshotReply, StatReply, StatRequest,
 };
 use wire::frame::{
     decode_extents, encode_extents, FrameKey, Opener, ReplyHeader, RequestHeader, Sealer,
@@ -244,6 +245,8 @@ fn check_control(p: &[u8]) {
     }
     control_round_trip!(DeleteReply, p);
     control_round_trip!(LabelUpdate, p);
+    control_round_trip!(SnapshotAction, p);
+    control_round_trip!(SnapshotReply, p);
 }
 
 /// docs/protocol.md §7.
@@ -353,7 +356,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         1 | 3 | 4 => (true, 0),
         2 => (true, 1),
         5 => (true, 2),
-        6..=8 | 16..=19 => (false, 0),
+        6..=9 | 16..=19 => (false, 0),
         _ => return Some(Reject::Unknown),
     };
     if flags & !allowed != 0 || offset.checked_add(u64::from(len)).is_none() {
@@ -367,7 +370,7 @@ fn spec_request(b: &[u8; REQUEST_LEN]) -> Option<Reject> {
         2 => len >= 1 && payload_len == len,
         3 => offset == 0 && len == 0 && payload_len == 0,
         4 | 5 => len >= 1 && payload_len == 0,
-        6 => offset == 0 && len == 0 && payload_len >= 1,
+        6 | 9 => offset == 0 && len == 0 && payload_len >= 1,
         7 => (1..=MAX_CHECKSUM).contains(&len) && payload_len == 0,
         8 => (1..=MAX_EXTENTS_RANGE).contains(&len) && payload_len == 0,
         18 => offset == 0 && len == 0 && payload_len == 0 && ids_zero,

@@ -39,7 +39,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use wire::control::{
-    decode_control, encode_control, DeleteRequest, LabelUpdate, OpenRequest, StatReply, StatRequest,
+    decode_control, encode_control, DeleteRequest, LabelUpdate, OpenRequest, SnapshotAction,
+    StatReply, StatRequest,
 };
 use wire::frame::{
     encode_extents, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, EXTENT_RECORD_LEN,
@@ -485,7 +486,12 @@ impl Server {
                         continue;
                     }
                 };
-                if h.op != Op::SetLabel
+                if h.op == Op::Snapshot && !keys_features.has(wire::version::Features::SNAPSHOTS) {
+                    break Err(ReplicationError::Protocol(
+                        "SNAPSHOT on a session that did not agree on snapshots".into(),
+                    ));
+                }
+                if !matches!(h.op, Op::SetLabel | Op::Snapshot)
                     && (h.offset.0.saturating_add(h.len as u64) > sess.hosted.size
                         || !h.offset.0.is_multiple_of(512)
                         || !h.len.is_multiple_of(512))
@@ -790,6 +796,30 @@ async fn serve_fenced(
                 },
                 Err(e) => Reply::message(Status::Invalid, h.id, &e.to_string()),
             }
+        }
+        Op::Snapshot => {
+            let action: SnapshotAction = match decode_control(payload.bytes()) {
+                Ok(a) => a,
+                Err(e) => return Reply::message(Status::Invalid, h.id, &e.to_string()),
+            };
+            // The store's operations block (fsyncs, waiting for this connection's
+            // own flushes to commit): on a thread of their own, not this one.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let backing = hosted.backing.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(backing.snapshot_action(&action));
+            });
+            return match rx.await {
+                Ok(Ok(reply)) => Reply::json(h.id, &reply),
+                Ok(Err(e)) => {
+                    tracing::warn!(replica = %hosted.backing.path().display(), error = %e, "snapshot operation failed");
+                    Reply {
+                        aux: libc::EIO as u64,
+                        ..Reply::message(Status::IoError, h.id, &e.to_string())
+                    }
+                }
+                Err(_) => Reply::message(Status::IoError, h.id, "the snapshot operation died"),
+            };
         }
         op => unreachable!("control op {op:?} in serve_fenced"),
     };

@@ -230,19 +230,22 @@ impl Store {
                     img.display()
                 )));
             }
-            let backing = LocalBacking::open(&img, len - LABEL_AREA, Create::Never)
+            // A layered image is longer than its data and label: its trailer says.
+            let size = snapshot::flat::volume_size_of(&img)
+                .map_err(|e| io_refused(format!("{}: {e}", img.display())))?;
+            let backing = LocalBacking::open(&img, size, Create::Never)
                 .map_err(|e| io_refused(e.to_string()))?;
             match backing
                 .read_label()
                 .map_err(|e| io_refused(e.to_string()))?
             {
-                AreaRead::Label { label, .. } if label.size == len - LABEL_AREA => (backing, label),
+                AreaRead::Label { label, .. } if label.size == size => (backing, label),
                 AreaRead::Label { label, .. } => {
                     return Err(io_refused(format!(
                         "{}: label says {} bytes, the image holds {}",
                         img.display(),
                         label.size,
-                        len - LABEL_AREA
+                        size
                     )))
                 }
                 AreaRead::NoLabel => {

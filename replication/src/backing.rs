@@ -79,6 +79,19 @@ impl Backing {
         }
     }
 
+    /// One snapshot operation (the owner's barrier, the operator's commands).
+    /// Blocks; run it off the data path.
+    pub fn snapshot_action(
+        &self,
+        action: &wire::control::SnapshotAction,
+    ) -> Result<wire::control::SnapshotReply, ReplicationError> {
+        match self {
+            Backing::Local(b) => Ok(b.snapshot_action(action)?),
+            Backing::Remote(c) => c.runtime().block_on(c.snapshot_action(action)),
+            Backing::Memory(m) => m.snapshot_action(action),
+        }
+    }
+
     /// Every completed write durable (at a clean stop). Blocks.
     pub fn sync(&self) -> Result<(), Errno> {
         match self {

@@ -70,6 +70,10 @@ pub enum ReplicationError {
     DirtyGeometry,
     #[error(transparent)]
     Store(#[from] snapshot::StoreError),
+    #[error("snapshot refused: {0}")]
+    SnapshotRefused(String),
+    #[error("snapshot failed on replica {replica}: {error} (nothing was kept: the replicas that took it undid it)")]
+    SnapshotFailed { replica: String, error: String },
 
     // Remote replicas.
     #[error("cannot connect to replica server {addr}: {source}")]

@@ -39,6 +39,7 @@ pub mod remote;
 pub mod replica;
 pub mod request;
 pub use snapshot::signature;
+pub mod snapshots;
 pub mod state;
 pub mod testing;
 pub mod unflushed;

@@ -1,7 +1,8 @@
 //! A local replica: a store of the `snapshot` crate on this node, driven through
 //! the queue's io_uring. This module makes it a [`Replica`].
 
-pub use snapshot::flat::{AlignedBuf, BackingKind, Create, LocalBacking, LocalReplica};
+pub use snapshot::flat::{AlignedBuf, BackingKind, Create, LocalBacking};
+pub use snapshot::replica::LocalReplica;
 
 use crate::ids::{ByteLen, ByteOffset};
 use crate::replica::{ExtentsFuture, IoFuture, Replica};

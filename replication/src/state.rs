@@ -66,6 +66,8 @@ pub enum IoOp {
     WriteZeroes,
     /// Writing the replica's label (membership).
     Label,
+    /// A snapshot operation (a revert that failed on it).
+    Snapshot,
 }
 
 /// Why a replica is faulted: data, persisted as such; [`std::fmt::Display`] renders

@@ -46,6 +46,10 @@ pub struct MemStore {
     /// With [`MemStore::track_durable`]: the contents as of the last flush, and the
     /// byte ranges written since.
     durable: Mutex<Option<Durable>>,
+    /// Snapshots by name only (no data): for tests of the barrier's logic.
+    snapshots: Mutex<Vec<wire::control::SnapshotEntry>>,
+    /// Snapshot operations fail with EIO.
+    pub fail_snapshots: std::sync::atomic::AtomicBool,
 }
 
 type ReadHook = (u64, Box<dyn FnOnce() + Send>);
@@ -55,6 +59,50 @@ type ReadHook = (u64, Box<dyn FnOnce() + Send>);
 type Durable = (Vec<u8>, Vec<(usize, usize)>);
 
 impl MemStore {
+    /// A snapshot operation on the names it keeps (see the field).
+    pub fn snapshot_action(
+        &self,
+        action: &wire::control::SnapshotAction,
+    ) -> Result<wire::control::SnapshotReply, crate::ReplicationError> {
+        use wire::control::{SnapshotAction as A, SnapshotEntry, SnapshotReply};
+        if self.fail_snapshots.load(Ordering::SeqCst) {
+            return Err(crate::ReplicationError::Store(snapshot::StoreError::Io(
+                Errno::EIO,
+            )));
+        }
+        let mut snaps = self.snapshots.lock().unwrap();
+        let done = match action {
+            A::Create {
+                uuid,
+                name,
+                created_ms,
+            } => {
+                let new = !snaps.iter().any(|s| s.uuid == *uuid);
+                if new {
+                    snaps.push(SnapshotEntry {
+                        uuid: *uuid,
+                        name: name.clone(),
+                        created_ms: *created_ms,
+                        owned_bytes: 0,
+                        reclaimable_bytes: 0,
+                        deleting: false,
+                    });
+                }
+                new
+            }
+            A::Undo { uuid } | A::Delete { uuid } => {
+                let before = snaps.len();
+                snaps.retain(|s| s.uuid != *uuid);
+                snaps.len() != before
+            }
+            A::Revert { .. } | A::List => false,
+        };
+        Ok(SnapshotReply {
+            done,
+            snapshots: snaps.clone(),
+        })
+    }
+
     pub fn new(size: usize) -> Arc<MemStore> {
         Arc::new(MemStore {
             data: Mutex::new(vec![0; size]),
@@ -69,6 +117,8 @@ impl MemStore {
             fail_from: AtomicU64::new(u64::MAX),
             on_read: Mutex::new(None),
             durable: Mutex::new(None),
+            snapshots: Mutex::new(Vec::new()),
+            fail_snapshots: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use replication::testing::Rng;
 use wire::control::{
-    encode_control, Capacity, LabelUpdate, OpenReply, OpenRequest, StatReply, StatRequest,
+    encode_control, Capacity, LabelUpdate, OpenReply, OpenRequest, SnapshotAction, SnapshotEntry,
+    SnapshotReply, StatReply, StatRequest,
 };
 use wire::frame::{
     decode_extents, encode_extents, FrameKey, Op, Opener, ReplyHeader, RequestHeader, Sealer,
@@ -147,6 +148,22 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let stat_json = encode_control(&StatRequest {
         replica: "v1-b".into(),
     });
+    let snapshot_json = encode_control(&SnapshotAction::Create {
+        uuid: wire::SnapshotUuid([0x5a; 16]),
+        name: "nightly-1".into(),
+        created_ms: 1_765_000_000_000,
+    });
+    let snapshot_reply = encode_control(&SnapshotReply {
+        done: true,
+        snapshots: vec![SnapshotEntry {
+            uuid: wire::SnapshotUuid([0x5a; 16]),
+            name: "nightly-1".into(),
+            created_ms: 1_765_000_000_000,
+            owned_bytes: 1 << 20,
+            reclaimable_bytes: 65536,
+            deleting: false,
+        }],
+    });
     let update_json = encode_control(&LabelUpdate {
         membership: label().membership,
         outdated: false,
@@ -208,6 +225,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("valid-req-set-label", control(Op::SetLabel, &update_json)),
+        ("valid-req-snapshot", control(Op::Snapshot, &snapshot_json)),
         ("valid-req-open", control(Op::Open, &open_json)),
         ("valid-req-stat", control(Op::Stat, &stat_json)),
         ("valid-req-ping", ping.clone()),
@@ -340,6 +358,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         ("valid-json-label-update", update_json.clone()),
+        ("valid-json-snapshot-action", snapshot_json.clone()),
+        ("valid-json-snapshot-reply", snapshot_reply.clone()),
         ("bad-json-open-unknown-field", {
             let mut s = String::from_utf8(open_json.clone()).unwrap();
             s.insert_str(1, "\"stale\":true,");

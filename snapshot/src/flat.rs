@@ -16,8 +16,11 @@ use io_uring::{opcode, types};
 use wire::label::{self, AreaRead, Label, LABEL_AREA, SLOT_LEN};
 
 use crate::error::{Errno, StoreError};
+use crate::layered::{now, Done, Geometry, Layered, Layout, RawIo, Shared, DEFAULT_MAX_SNAPSHOTS};
 use crate::uring::Uring;
 use crate::{ByteLen, ByteOffset, Extent, IoResult, MAX_EXTENTS};
+use wire::control::{SnapshotAction, SnapshotReply};
+use wire::SnapshotUuid;
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
@@ -56,6 +59,11 @@ pub struct LocalBacking {
     /// device, while io_uring would hand it to an io-wq worker thread (tmpfs has no
     /// non-blocking read/write path). Serve it inline on the queue thread instead.
     inline: bool,
+    /// The replica's store: the flat image until its first snapshot, layered
+    /// after (see [`crate::layered`]).
+    store: Arc<Shared>,
+    /// A merge thread runs.
+    merging: std::sync::atomic::AtomicBool,
 }
 
 impl LocalBacking {
@@ -175,7 +183,7 @@ impl LocalBacking {
             tracing::warn!(path = %path.display(), "O_DIRECT not supported: using buffered I/O");
         }
         let inline = kind == BackingKind::File && memory_backed(&buffered);
-        Ok(LocalBacking {
+        let mut backing = LocalBacking {
             location: path.display().to_string(),
             path: path.to_path_buf(),
             kind,
@@ -185,11 +193,181 @@ impl LocalBacking {
             data_size: volume_size,
             label: std::sync::Mutex::new(None),
             inline,
+            store: Arc::new(Shared::placeholder()),
+            merging: std::sync::atomic::AtomicBool::new(false),
+        };
+        backing.store = Arc::new(backing.open_store(size)?);
+        Ok(backing)
+    }
+
+    /// The store, as the label says it is: layered (label format 2) or flat.
+    fn open_store(&self, size: u64) -> Result<Shared, StoreError> {
+        let layout = match self.read_label() {
+            Ok(AreaRead::Label { label, .. }) if label.format == label::LABEL_FORMAT_LAYERED => {
+                Layout::Layered
+            }
+            _ => Layout::Plain,
+        };
+        let room = match self.kind {
+            BackingKind::File => Geometry::for_file(self.data_size),
+            BackingKind::BlockDevice => Geometry::for_device(self.data_size, size),
+        };
+        let io = SyncIo(self);
+        now(Shared::open(&io, room, layout, DEFAULT_MAX_SNAPSHOTS)).map_err(|e| match e {
+            StoreError::Damaged(m) => StoreError::Damaged(format!("{}: {m}", self.path.display())),
+            e => e,
         })
+    }
+
+    /// The replica's store (shared by every queue's handle).
+    pub fn store(&self) -> &Arc<Shared> {
+        &self.store
+    }
+
+    /// The store's operations run here, blocking (not on a queue).
+    fn ops(&self) -> Layered<SyncIo<'_>> {
+        Layered::new(self.store.clone(), SyncIo(self))
+    }
+
+    /// Take snapshot `uuid` (the caller holds writes off). The first one makes
+    /// the replica layered: its label says so in both slots before this returns,
+    /// so no ublkd without snapshots serves its base as the volume.
+    pub fn snapshot(
+        &self,
+        uuid: SnapshotUuid,
+        name: &str,
+        created_ms: u64,
+    ) -> Result<Done, StoreError> {
+        if self.kind == BackingKind::File && !self.store.is_formatted() {
+            self.write_trailer()?;
+        }
+        let done = now(self.ops().snapshot(uuid, name, created_ms))?;
+        self.label_layered()?;
+        Ok(done)
+    }
+
+    /// A file about to become layered grows past its label (superblocks, table,
+    /// pool), so its length no longer tells where the label is: it is sized to the
+    /// whole container (sparse) and ends with a trailer naming the volume size,
+    /// written before anything else moves past the label. See [`volume_size_of`].
+    fn write_trailer(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let err = |what| {
+            let path = self.path.clone();
+            move |source| StoreError::Open { path, what, source }
+        };
+        let end = self.store.geometry().container_len();
+        let trailer = encode_trailer(self.data_size);
+        self.buffered
+            .set_len(end + TRAILER_LEN)
+            .map_err(err("size the snapshot store"))?;
+        self.buffered
+            .write_all_at(&trailer, end)
+            .and_then(|()| self.buffered.sync_all())
+            .map_err(err("write the size trailer"))
+    }
+
+    fn label_layered(&self) -> Result<(), StoreError> {
+        let current = match self.label.lock().unwrap().as_ref() {
+            Some((_, Some(l))) => Some(l.clone()),
+            _ => None,
+        };
+        if let Some(l) = current {
+            if l.format != label::LABEL_FORMAT_LAYERED {
+                self.write_label(&l)?;
+                self.write_label(&l)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo snapshot `uuid` of a barrier that failed elsewhere (nothing was
+    /// written after it).
+    pub fn unsnapshot(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
+        now(self.ops().unsnapshot(uuid))
+    }
+
+    /// Hide snapshot `uuid`; [`LocalBacking::merge_step`] gives its space back.
+    pub fn delete_snapshot(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
+        now(self.ops().delete(uuid))
+    }
+
+    /// Roll the volume back to snapshot `uuid` (no I/O may be in flight).
+    pub fn revert(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
+        now(self.ops().revert(uuid))
+    }
+
+    /// One grain of a deleted snapshot's merge; `false` when none is left.
+    pub fn merge_step(&self) -> Result<bool, StoreError> {
+        now(self.ops().merge_step())
+    }
+
+    /// One snapshot operation, as an owner or the replica server asks it
+    /// (blocking). A delete's merge goes on in the background.
+    pub fn snapshot_action(
+        self: &Arc<Self>,
+        action: &SnapshotAction,
+    ) -> Result<SnapshotReply, StoreError> {
+        let done = match action {
+            SnapshotAction::Create {
+                uuid,
+                name,
+                created_ms,
+            } => self.snapshot(*uuid, name, *created_ms)?,
+            SnapshotAction::Undo { uuid } => self.unsnapshot(*uuid)?,
+            SnapshotAction::Delete { uuid } => self.delete_snapshot(*uuid)?,
+            SnapshotAction::Revert { uuid } => self.revert(*uuid)?,
+            SnapshotAction::List => Done::AlreadyDone,
+        };
+        self.resume_merge();
+        Ok(SnapshotReply {
+            done: done == Done::Done,
+            snapshots: self.store.list(),
+        })
+    }
+
+    /// Merge deleted snapshots on a thread of their own, if any wait and no
+    /// merger runs (after a delete, and after an open that found one half done).
+    pub fn resume_merge(self: &Arc<Self>) {
+        if !self.store.merge_pending()
+            || self.merging.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let b = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("merge".into())
+            .spawn(move || {
+                loop {
+                    match b.merge_step() {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::error!(replica = %b.path.display(), error = %e, "snapshot merge stopped");
+                            break;
+                        }
+                    }
+                }
+                b.merging.store(false, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(replica = %b.path.display(), "snapshot merge done");
+            });
+        if spawned.is_err() {
+            self.merging
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Read snapshot `uuid` (blocking: export, tests).
+    pub fn read_snapshot(&self, uuid: SnapshotUuid, off: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        now(self.ops().read_snapshot(uuid, off, buf))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     pub fn kind(&self) -> BackingKind {
@@ -250,6 +428,15 @@ impl LocalBacking {
     /// Write `label` durably into the slot after the current one (the current one
     /// stays intact until this one is complete).
     pub fn write_label(&self, label: &Label) -> Result<(), StoreError> {
+        // The format says whether the replica has snapshots: the store decides it,
+        // not the caller (an owner relabelling a replica writes a fresh label).
+        let mut label = label.clone();
+        label.format = if self.store.is_formatted() {
+            label::LABEL_FORMAT_LAYERED
+        } else {
+            label::LABEL_FORMAT
+        };
+        let label = &label;
         let current = self.label.lock().unwrap().as_ref().map(|(s, _)| *s);
         let seq = match current {
             Some(s) => s,
@@ -430,16 +617,17 @@ enum Dir {
     Write { fua: bool },
 }
 
-/// Per-queue handle of a local replica: the shared backing plus the queue's ring.
-pub struct LocalReplica<U: Uring> {
+/// Raw container I/O of a local replica on one queue's ring: the volume's own
+/// offsets for a flat image, and whatever the layered store asks for.
+pub struct FlatIo<U: Uring> {
     backing: Arc<LocalBacking>,
     ring: U,
     zeroes: std::cell::OnceCell<AlignedBuf>,
 }
 
-impl<U: Uring> LocalReplica<U> {
-    pub fn new(backing: Arc<LocalBacking>, ring: U) -> LocalReplica<U> {
-        LocalReplica {
+impl<U: Uring> FlatIo<U> {
+    pub fn new(backing: Arc<LocalBacking>, ring: U) -> FlatIo<U> {
+        FlatIo {
             backing,
             ring,
             zeroes: std::cell::OnceCell::new(),
@@ -611,8 +799,8 @@ fn seek_data_extents(fd: RawFd, start: u64, end: u64) -> Option<Vec<Extent>> {
     Some(out)
 }
 
-/// The block operations of a replica (`replication`'s `Replica` trait delegates here).
-impl<U: Uring> LocalReplica<U> {
+/// The flat image's block operations (the volume's own offsets).
+impl<U: Uring> FlatIo<U> {
     pub fn location(&self) -> &str {
         &self.backing.location
     }
@@ -688,21 +876,95 @@ impl<U: Uring> LocalReplica<U> {
             BackingKind::BlockDevice => None,
         }
     }
+}
 
-    /// CRC32C (little-endian bytes) of the range, read through an aligned buffer
-    /// so it goes `O_DIRECT` like the data path (no page cache filled by a verify).
-    pub async fn checksum(&self, offset: ByteOffset, len: ByteLen) -> Result<[u8; 4], Errno> {
-        let mut buf = AlignedBuf::zeroed(len.0.min(crate::CHECKSUM_CHUNK) as usize);
-        let mut crc = 0u32;
-        let mut at = 0;
-        while at < len.0 {
-            let n = (len.0 - at).min(buf.as_slice().len() as u64) as usize;
-            let chunk = &mut buf.as_mut_slice()[..n];
-            self.read_impl(offset.0 + at, chunk).await?;
-            crc = crc32c::crc32c_append(crc, chunk);
-            at += n as u64;
+impl<U: Uring> RawIo for FlatIo<U> {
+    async fn read_at(&self, off: u64, buf: &mut [u8]) -> IoResult {
+        self.read_impl(off, buf).await
+    }
+
+    async fn write_at(&self, off: u64, buf: &[u8], fua: bool) -> IoResult {
+        self.write_impl(off, buf, fua).await
+    }
+
+    async fn sync(&self) -> IoResult {
+        self.flush().await
+    }
+
+    async fn zero_at(&self, off: u64, len: u64, no_unmap: bool) -> IoResult {
+        self.write_zeroes(ByteOffset(off), ByteLen(len), no_unmap)
+            .await
+    }
+
+    fn extents(&self, off: u64, len: u64) -> Option<Vec<Extent>> {
+        self.data_extents(ByteOffset(off), ByteLen(len))
+    }
+}
+
+/// Bytes of the trailer that ends a layered file replica.
+pub const TRAILER_LEN: u64 = 4096;
+const TRAILER_MAGIC: &[u8; 8] = b"UBLKSIZE";
+
+fn encode_trailer(volume_size: u64) -> Vec<u8> {
+    let mut t = vec![0u8; TRAILER_LEN as usize];
+    t[..8].copy_from_slice(TRAILER_MAGIC);
+    t[8..16].copy_from_slice(&volume_size.to_le_bytes());
+    let crc = crc32c::crc32c(&t[..16]);
+    t[16..20].copy_from_slice(&crc.to_le_bytes());
+    t
+}
+
+/// The volume size of a replica file found without knowing it (the replica
+/// server at start): the trailer of a layered file, else the length less the
+/// label area (a flat image's last 4 KiB are the label area's unused tail).
+pub fn volume_size_of(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len >= TRAILER_LEN {
+        let mut t = vec![0u8; TRAILER_LEN as usize];
+        f.read_exact_at(&mut t, len - TRAILER_LEN)?;
+        let crc = u32::from_le_bytes(t[16..20].try_into().expect("4"));
+        if &t[..8] == TRAILER_MAGIC && crc32c::crc32c(&t[..16]) == crc {
+            return Ok(u64::from_le_bytes(t[8..16].try_into().expect("8")));
         }
-        Ok(crc.to_le_bytes())
+    }
+    Ok(len.saturating_sub(LABEL_AREA))
+}
+
+/// Blocking container I/O on the buffered descriptor, for opening a store (not
+/// the data path). Reads past the end of a file read zeroes.
+struct SyncIo<'a>(&'a LocalBacking);
+
+impl RawIo for SyncIo<'_> {
+    async fn read_at(&self, off: u64, buf: &mut [u8]) -> IoResult {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.buffered.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_at(&self, off: u64, buf: &[u8], _fua: bool) -> IoResult {
+        use std::os::unix::fs::FileExt;
+        self.0.buffered.write_all_at(buf, off).map_err(Errno::from)
+    }
+
+    async fn sync(&self) -> IoResult {
+        self.0.buffered.sync_data().map_err(Errno::from)
+    }
+
+    async fn zero_at(&self, off: u64, len: u64, _no_unmap: bool) -> IoResult {
+        self.write_at(off, &vec![0u8; len as usize], false).await
     }
 }
 
@@ -712,10 +974,10 @@ mod tests {
     use crate::uring::BlockingUring;
     use futures::executor::block_on;
 
-    fn replica(dir: &tempfile::TempDir, size: u64) -> LocalReplica<BlockingUring> {
+    fn replica(dir: &tempfile::TempDir, size: u64) -> FlatIo<BlockingUring> {
         let backing =
             LocalBacking::open(&dir.path().join("r.img"), size, Create::IfMissing).unwrap();
-        LocalReplica::new(Arc::new(backing), BlockingUring::new().unwrap())
+        FlatIo::new(Arc::new(backing), BlockingUring::new().unwrap())
     }
 
     #[test]
@@ -801,7 +1063,7 @@ mod tests {
         );
     }
 
-    fn roundtrip(r: &LocalReplica<BlockingUring>) {
+    fn roundtrip(r: &FlatIo<BlockingUring>) {
         let mut aligned = AlignedBuf::zeroed(8192);
         // SAFETY: test-only mutable view of our own buffer.
         let data = unsafe { std::slice::from_raw_parts_mut(aligned.ptr, 8192) };

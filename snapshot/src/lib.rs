@@ -5,6 +5,7 @@
 //!   volume's bytes at their own offsets, then the label area (`wire::label`).
 //! - [`layered`]: the copy-on-write store: the same container with snapshot
 //!   layers after the label (format, write order and crash rules in its docs).
+//! - [`replica`]: a local replica's per-queue handle over its store.
 //! - [`uring`]: who executes the io_uring entries of a store (a ublk queue's ring,
 //!   the server's per-connection ring, or a private blocking one).
 //! - [`signature`]: what known data (a filesystem, LVM) a store holds, before it is
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod flat;
 pub mod layered;
+pub mod replica;
 pub mod signature;
 pub mod uring;
 

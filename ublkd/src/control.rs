@@ -81,6 +81,32 @@ pub enum Request {
     LogLevel {
         filter: String,
     },
+    /// Snapshots of a running volume.
+    Snapshot {
+        volume: String,
+        action: SnapshotCmd,
+    },
+}
+
+/// What `Request::Snapshot` does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SnapshotCmd {
+    /// Take one; with `freeze`, the filesystem mounted from the device is frozen
+    /// (FIFREEZE) around the barrier and always thawed.
+    Create {
+        name: String,
+        freeze: bool,
+    },
+    List,
+    /// Delete one (by name or uuid): hidden at once, space back in the background.
+    Delete {
+        snapshot: String,
+    },
+    /// Roll the volume back to one; the device must not be in use.
+    Revert {
+        snapshot: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -163,6 +189,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Server => json(&daemon.server_status()?),
         Request::LogLevel { filter } => json(&daemon.set_log_filter(&filter)?),
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
+        Request::Snapshot { volume, action } => daemon.snapshot(&volume, &action)?,
         Request::Verify {
             volume,
             repair,

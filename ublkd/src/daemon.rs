@@ -512,6 +512,15 @@ impl Daemon {
         Ok(serde_json::to_value(shared.verify(repair, from)?).expect("report serializes"))
     }
 
+    /// A snapshot command on a running volume.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        action: &crate::control::SnapshotCmd,
+    ) -> Result<serde_json::Value, DaemonError> {
+        self.running(name)?.snapshot(action)
+    }
+
     fn running(
         &self,
         name: &str,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod freeze;
 pub mod frontend;
 pub mod ha;
 pub mod lifecycle;

@@ -1089,3 +1089,118 @@ fn data_extents_answers_a_sparse_images_extents_and_only_to_its_owner() {
     );
     assert!(client.is_connected());
 }
+
+/// A replica image (flat or layered) read through its store: the head, or one
+/// snapshot, block by block as stamps.
+fn stamps_of(path: &std::path::Path, snapshot: Option<wire::SnapshotUuid>) -> Vec<u64> {
+    use replication::local::{Create, LocalBacking, LocalReplica};
+    let b = Arc::new(LocalBacking::open(path, SIZE, Create::Never).unwrap());
+    let head = LocalReplica::new(b.clone(), replication::uring::BlockingUring::new().unwrap());
+    let mut buf = vec![0u8; BLOCK];
+    (0..BLOCKS)
+        .map(|blk| {
+            let off = (blk * BLOCK) as u64;
+            match snapshot {
+                Some(u) => b.read_snapshot(u, off, &mut buf).unwrap(),
+                None => futures::executor::block_on(head.read(ByteOffset(off), &mut buf)).unwrap(),
+            }
+            replication::testing::stamp_of(blk, &buf)
+        })
+        .collect()
+}
+
+/// Snapshots of remote replicas through the barrier: every replica (two servers
+/// and the local file) takes it over the SNAPSHOT op, it holds exactly what was
+/// acknowledged before it while writes go on after, it survives a server's
+/// SIGKILL and restart, and a delete goes to every replica.
+#[test]
+fn a_snapshot_is_taken_on_remote_replicas_too_and_survives_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut servers: Vec<ServerProc> = (60..62).map(|n| start_server(tmp.path(), n)).collect();
+    let rt = rt();
+    let vu = VolumeUuid::random();
+    let owner = Owner::open(
+        &rt,
+        vec![
+            spec(&servers[0], "snap-r1", "snap", vu, 1, 11),
+            spec(&servers[1], "snap-r2", "snap", vu, 1, 11),
+        ],
+        Some(&tmp.path().join("local.img")),
+    );
+    let nexus = owner.nexus();
+    let before = workload(&nexus, 600, 8, u64::MAX, || {});
+    assert_eq!(before.errors, 0);
+    let uuid = wire::SnapshotUuid::random();
+    let created =
+        replication::snapshots::create(&owner.health, &owner.ranges, uuid, "s1", 1).unwrap();
+    assert_eq!(created.replicas, 3);
+    let after = workload_from(
+        &nexus,
+        before.expected.clone(),
+        1 << 32,
+        600,
+        8,
+        u64::MAX,
+        || {},
+    );
+    assert_eq!(after.errors, 0);
+    flush(&nexus);
+    let list = replication::snapshots::list(&owner.health).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].on.len(), 3, "{list:?}");
+    // Idempotent: the same uuid again changes nothing.
+    let again =
+        replication::snapshots::create(&owner.health, &owner.ranges, uuid, "s1", 1).unwrap();
+    assert!(again.already);
+    // A server killed and restarted: its replica (faulted until a rebuild, as any
+    // that lost its connection) still holds the snapshot.
+    servers[1].restart();
+    let c = &owner.clients[1];
+    wait_until(20, "the owner reconnects", || c.is_connected());
+    let listed = c
+        .runtime()
+        .block_on(c.snapshot_action(&wire::control::SnapshotAction::List))
+        .unwrap();
+    assert_eq!(listed.snapshots.len(), 1);
+    assert_eq!(listed.snapshots[0].uuid, uuid);
+    // A snapshot needs every replica online: refused, and said why.
+    let err = replication::snapshots::create(
+        &owner.health,
+        &owner.ranges,
+        wire::SnapshotUuid::random(),
+        "s2",
+        2,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("online"), "{err}");
+    // What each image holds, read with the servers and the owner stopped.
+    drop(nexus);
+    drop(owner);
+    for s in &mut servers {
+        s.kill();
+    }
+    let mut images: Vec<_> = servers
+        .iter()
+        .zip(["snap-r1", "snap-r2"])
+        .map(|(s, id)| s.image(id))
+        .collect();
+    images.push(tmp.path().join("local.img"));
+    assert_ne!(
+        before.expected, after.expected,
+        "the head moved on after the snapshot"
+    );
+    for img in &images {
+        assert_eq!(
+            stamps_of(img, Some(uuid)),
+            before.expected,
+            "{}: the snapshot",
+            img.display()
+        );
+        assert_eq!(
+            stamps_of(img, None),
+            after.expected,
+            "{}: the head",
+            img.display()
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
-use crate::ids::{Generation, OwnerId, ReplicaUuid, SessionId, VolumeUuid};
+use crate::ids::{Generation, OwnerId, ReplicaUuid, SessionId, SnapshotUuid, VolumeUuid};
 use crate::label::{Label, Membership};
 
 /// OPEN: claim (and with `create`, make) replica `replica` for `volume` at
@@ -128,4 +128,55 @@ pub fn decode_control<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T,
 
 pub fn encode_control<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("control types serialize")
+}
+
+/// A snapshot operation on one replica (the owner's barrier sends CREATE to every
+/// online replica; the rest follow the operator). Idempotent by uuid: a retry
+/// after a lost reply answers `done: false`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SnapshotAction {
+    /// Seal the replica's head as this snapshot (no write may be in flight).
+    Create {
+        uuid: SnapshotUuid,
+        name: String,
+        created_ms: u64,
+    },
+    /// Undo a `Create` of a barrier that failed elsewhere (nothing written after).
+    Undo {
+        uuid: SnapshotUuid,
+    },
+    /// Hide it and give its space back in the background.
+    Delete {
+        uuid: SnapshotUuid,
+    },
+    /// Roll the replica back to it (no I/O in flight).
+    Revert {
+        uuid: SnapshotUuid,
+    },
+    List,
+}
+
+/// One snapshot as a replica holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotEntry {
+    pub uuid: SnapshotUuid,
+    pub name: String,
+    pub created_ms: u64,
+    /// Bytes the snapshot's own grains take on this replica.
+    pub owned_bytes: u64,
+    /// Bytes a delete would give back here.
+    pub reclaimable_bytes: u64,
+    /// Deleted, its space being merged back.
+    pub deleting: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotReply {
+    /// The operation changed something (`false`: it was already so).
+    pub done: bool,
+    /// The replica's snapshots after the operation, oldest first.
+    pub snapshots: Vec<SnapshotEntry>,
 }

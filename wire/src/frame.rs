@@ -60,6 +60,9 @@ pub enum Op {
     /// Which parts of a range may hold data (`SEEK_DATA` on the server): the reply
     /// lists them, so a rebuild zeroes the rest instead of copying it.
     DataExtents = 8,
+    /// A snapshot operation on the replica (JSON `SnapshotAction` in, JSON
+    /// `SnapshotReply` out); sessions with feature `SNAPSHOTS` only.
+    Snapshot = 9,
     /// Open (optionally create) a replica for a volume owner at a generation.
     Open = 16,
     /// Report a replica's label without claiming it.
@@ -82,6 +85,7 @@ impl Op {
             6 => Op::SetLabel,
             7 => Op::Checksum,
             8 => Op::DataExtents,
+            9 => Op::Snapshot,
             16 => Op::Open,
             17 => Op::Stat,
             18 => Op::Ping,
@@ -248,10 +252,12 @@ impl RequestHeader {
             }
             Op::Discard | Op::WriteZeroes if self.len == 0 => bad("zero length"),
             Op::Discard | Op::WriteZeroes if self.payload_len != 0 => bad("carries a payload"),
-            Op::SetLabel | Op::Open | Op::Stat | Op::Delete if self.payload_len == 0 => {
+            Op::SetLabel | Op::Snapshot | Op::Open | Op::Stat | Op::Delete
+                if self.payload_len == 0 =>
+            {
                 bad("needs a payload")
             }
-            Op::SetLabel | Op::Open | Op::Stat | Op::Ping | Op::Delete
+            Op::SetLabel | Op::Snapshot | Op::Open | Op::Stat | Op::Ping | Op::Delete
                 if self.offset.0 != 0 || self.len != 0 =>
             {
                 bad("must have zero offset and length")
@@ -271,7 +277,6 @@ pub type Extent = (ByteOffset, ByteLen);
 /// The payload of a DATA_EXTENTS reply. The caller keeps the rules
 /// [`decode_extents`] checks (at most [`MAX_EXTENTS`], sorted, inside the range).
 pub fn encode_extents(extents: &[Extent]) -> Vec<u8> {
-    debug_assert!(extents.len() <= MAX_EXTENTS);
     let mut b = Vec::with_capacity(extents.len() * EXTENT_RECORD_LEN);
     for (off, len) in extents {
         b.extend_from_slice(&off.0.to_le_bytes());
@@ -623,6 +628,7 @@ mod tests {
             Op::SetLabel,
             Op::Checksum,
             Op::DataExtents,
+            Op::Snapshot,
             Op::Open,
             Op::Stat,
             Op::Ping,
@@ -661,7 +667,7 @@ mod tests {
                         (h.offset, h.len) = (off, len);
                         h.flags = if f { FLAG_NO_UNMAP } else { 0 };
                     }
-                    Op::SetLabel | Op::Open | Op::Stat | Op::Delete => {
+                    Op::SetLabel | Op::Snapshot | Op::Open | Op::Stat | Op::Delete => {
                         h.payload_len = 1 + len % MAX_CONTROL
                     }
                     Op::Flush | Op::Ping => {}

@@ -26,6 +26,10 @@ pub const SLOT_LEN: usize = 32 << 10;
 const SLOT_HEADER: usize = 32;
 pub const SLOT_MAGIC: [u8; 8] = *b"UBLKDLBL";
 pub const LABEL_FORMAT: u32 = 1;
+/// The label of a replica whose container holds snapshot layers (the `snapshot`
+/// crate's layered store): ublkd before snapshots refuses it instead of serving
+/// its base, which is an old snapshot.
+pub const LABEL_FORMAT_LAYERED: u32 = 2;
 /// More members than any volume can have replicas (config: 8, plus replacements).
 pub const MAX_MEMBERS: usize = 64;
 
@@ -98,7 +102,7 @@ impl Label {
 
     fn validate(&self) -> Result<(), WireError> {
         let bad = |m: String| Err(WireError::Label(m));
-        if self.format != LABEL_FORMAT {
+        if !matches!(self.format, LABEL_FORMAT | LABEL_FORMAT_LAYERED) {
             return bad(format!("unknown label format {}", self.format));
         }
         if !valid_name(&self.volume) {
@@ -143,7 +147,7 @@ pub fn encode_slot(label: &Label, seq: u64) -> Vec<u8> {
     );
     let mut b = Vec::with_capacity(SLOT_HEADER + body.len());
     b.extend_from_slice(&SLOT_MAGIC);
-    b.extend_from_slice(&LABEL_FORMAT.to_le_bytes());
+    b.extend_from_slice(&label.format.to_le_bytes());
     b.extend_from_slice(&(body.len() as u32).to_le_bytes());
     b.extend_from_slice(&seq.to_le_bytes());
     b.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -173,7 +177,7 @@ pub fn decode_slot(b: &[u8]) -> Slot {
     let le32 = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
     let (format, len) = (le32(8), le32(12) as usize);
     let seq = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
-    if format != LABEL_FORMAT {
+    if !matches!(format, LABEL_FORMAT | LABEL_FORMAT_LAYERED) {
         return Slot::Corrupt(format!("unknown label format {format}"));
     }
     let Some(body) = b.get(SLOT_HEADER..SLOT_HEADER + len) else {

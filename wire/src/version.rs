@@ -39,9 +39,12 @@ pub struct Features(pub u32);
 impl Features {
     /// The OPEN reply carries the server's [`crate::control::ServerInstance`].
     pub const INSTANCE: Features = Features(1 << 0);
+    /// The fenced SNAPSHOT op (op 9): the replica's store takes, undoes, deletes,
+    /// reverts and lists snapshots (ublkd 0.3, 2026-12-07).
+    pub const SNAPSHOTS: Features = Features(1 << 1);
     pub const NONE: Features = Features(0);
     /// Every feature this build knows.
-    pub const ALL: Features = Features::INSTANCE;
+    pub const ALL: Features = Features(Features::INSTANCE.0 | Features::SNAPSHOTS.0);
 
     pub fn has(self, f: Features) -> bool {
         self.0 & f.0 == f.0

@@ -112,7 +112,12 @@ enum JobData {
     Owned(Vec<u8>),
     /// Where the reader puts a DATA_EXTENTS answer, checked, before it completes.
     Extents(Arc<Mutex<Option<Vec<Extent>>>>),
+    /// A control request (SNAPSHOT) and where its answer goes: the reply's JSON,
+    /// or the server's message when it refused.
+    Control(Vec<u8>, ControlSlot),
 }
+
+type ControlSlot = Arc<Mutex<Option<Result<Vec<u8>, String>>>>;
 
 struct Job {
     op: Op,
@@ -133,7 +138,7 @@ impl Job {
             (JobData::Borrowed(b), Op::Write) => unsafe {
                 std::slice::from_raw_parts(b.ptr, b.len)
             },
-            (JobData::Owned(v), _) => v,
+            (JobData::Owned(v), _) | (JobData::Control(v, _), _) => v,
             _ => &[],
         }
     }
@@ -176,6 +181,8 @@ struct Shared {
     rt: tokio::runtime::Handle,
     /// The server instance the last OPEN reached.
     instance: Mutex<Option<wire::control::ServerInstance>>,
+    /// The features of the current (last) connection.
+    features: std::sync::atomic::AtomicU32,
 }
 
 impl Shared {
@@ -245,6 +252,8 @@ struct Session {
     stream: TcpStream,
     sealer: Sealer,
     opener: Opener,
+    /// What the handshake agreed the connection may use.
+    features: wire::version::Features,
 }
 
 async fn dial(spec: &RemoteSpec) -> Result<Session, ReplicationError> {
@@ -265,6 +274,7 @@ async fn dial(spec: &RemoteSpec) -> Result<Session, ReplicationError> {
         stream: s,
         sealer: Sealer::new(keys.send),
         opener: Opener::new(keys.recv),
+        features: keys.features,
     })
 }
 
@@ -372,6 +382,7 @@ impl RemoteClient {
             closed: AtomicBool::new(false),
             rt: tokio::runtime::Handle::current(),
             instance: Mutex::new(reply.instance.clone()),
+            features: std::sync::atomic::AtomicU32::new(sess.features.0),
         });
         start(&shared, sess, reply.session, reply.label.generation);
         Ok((RemoteClient { shared }, reply))
@@ -419,6 +430,43 @@ impl RemoteClient {
         self.shared.set_label(update).await
     }
 
+    /// SNAPSHOT: one snapshot operation on the replica, on the data connection
+    /// (fenced like a write). A server without the feature is told to upgrade.
+    pub async fn snapshot_action(
+        &self,
+        action: &wire::control::SnapshotAction,
+    ) -> Result<wire::control::SnapshotReply, ReplicationError> {
+        let features = wire::version::Features(self.shared.features.load(Ordering::SeqCst));
+        if !features.has(wire::version::Features::SNAPSHOTS) {
+            return Err(ReplicationError::SnapshotRefused(format!(
+                "the replica server of {} does not take snapshots (a ublkd before them): upgrade it first",
+                self.shared.location
+            )));
+        }
+        let slot: ControlSlot = Arc::new(Mutex::new(None));
+        let data = JobData::Control(encode_control(action), slot.clone());
+        let res = self
+            .shared
+            .submit(Op::Snapshot, 0, 0, 0, data, &None)
+            .await
+            .unwrap_or(Err(Errno::EIO));
+        let answer = slot.lock().unwrap().take();
+        match (res, answer) {
+            (_, Some(Ok(p))) => Ok(decode_control(&p)?),
+            (_, Some(Err(message))) => Err(ReplicationError::SnapshotFailed {
+                replica: self.shared.location.clone(),
+                error: message,
+            }),
+            (Err(e), None) => Err(ReplicationError::SnapshotFailed {
+                replica: self.shared.location.clone(),
+                error: e.to_string(),
+            }),
+            (Ok(()), None) => Err(ReplicationError::Protocol(
+                "SNAPSHOT answered without a reply".into(),
+            )),
+        }
+    }
+
     /// Per-queue handle; `kick` wakes that queue's thread after a completion.
     pub fn replica(self: &Arc<Self>, kick: Option<Arc<dyn Kick>>) -> RemoteReplica {
         RemoteReplica {
@@ -460,6 +508,7 @@ fn start(shared: &Arc<Shared>, sess: Session, session: SessionId, generation: Ge
         stream,
         sealer,
         opener,
+        ..
     } = sess;
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -682,6 +731,12 @@ async fn reader(
                 format!("protocol violation: reply to unknown request {}", r.id.0),
             );
         };
+        if let JobData::Control(_, slot) = &job.data {
+            *slot.lock().unwrap() = Some(match r.status {
+                Status::Ok => Ok(payload.clone()),
+                st => Err(format!("{st:?}: {}", String::from_utf8_lossy(&payload))),
+            });
+        }
         let res = match r.status {
             Status::Ok if job.op == Op::DataExtents => {
                 match decode_extents(ByteOffset(job.offset), ByteLen(job.len.into()), &payload) {
@@ -902,6 +957,7 @@ async fn reconnect(shared: Arc<Shared>) {
         }
         match open(&spec).await {
             Ok((sess, reply)) => {
+                shared.features.store(sess.features.0, Ordering::SeqCst);
                 start(&shared, sess, reply.session, reply.label.generation);
                 if shared.closed.load(Ordering::SeqCst) {
                     shared.conn.lock().unwrap().take(); // dropped meanwhile

@@ -60,15 +60,16 @@ pub mod sim;
 mod tests;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use wire::SnapshotUuid;
 
 use crate::error::{Errno, StoreError};
 use crate::IoResult;
+pub use format::Geometry;
 use format::{
-    decode_desc, encode_super, pick_super, DescSlot, FormatError, Geometry, VolGrain, BLOCK,
+    decode_desc, encode_super, pick_super, DescSlot, FormatError, VolGrain, BLOCK,
     BLOCKS_PER_GRAIN, DESCS_PER_PAGE, DESC_LEN, DESC_PAGE, GRAIN, MAX_NAME, SB_SLOT,
 };
 use locks::KeyLocks;
@@ -86,8 +87,34 @@ pub trait RawIo {
     ) -> impl Future<Output = IoResult> + 'a;
     /// Every completed write durable.
     fn sync(&self) -> impl Future<Output = IoResult> + '_;
-    /// The range reads zeroes (the base of a store without snapshots).
-    fn zero_at(&self, off: u64, len: u64) -> impl Future<Output = IoResult> + '_;
+    /// The range reads zeroes (the base of a store without snapshots); with
+    /// `no_unmap`, its space stays allocated.
+    fn zero_at(&self, off: u64, len: u64, no_unmap: bool) -> impl Future<Output = IoResult> + '_;
+    /// Which parts of the range may hold data (`None`: cannot tell), as
+    /// `Replica::data_extents` says.
+    fn extents(&self, _off: u64, _len: u64) -> Option<Vec<crate::Extent>> {
+        None
+    }
+}
+
+/// Run a future to completion on this thread (opening a store, the operations
+/// run outside a queue): it parks while a lock another thread holds is busy.
+pub fn now<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }
 
 /// What the replica's label says the container is: the label is the authority,
@@ -112,16 +139,23 @@ pub const MAX_SNAPSHOTS: usize = format::MAX_LAYERS - 2;
 impl Geometry {
     /// A store in a file: room for every grain in 65 layers' maps, and a pool of
     /// four volumes (the file grows only as grains are used).
-    pub fn for_file(volume_size: u64) -> Geometry {
+    pub fn for_file(volume_size: u64) -> Result<Geometry, String> {
+        whole_blocks(volume_size)?;
         let grains = volume_size.div_ceil(GRAIN);
         let desc = (grains * 65).min(u32::MAX as u64 - 1) as u32;
         let pool = (grains * 4).min(u32::MAX as u64 - 1) as u32;
-        Geometry::new(volume_size, wire::label::LABEL_AREA, desc, pool)
+        Ok(Geometry::new(
+            volume_size,
+            wire::label::LABEL_AREA,
+            desc,
+            pool,
+        ))
     }
 
     /// A store on a block device of `device_size` bytes: what lies beyond the
     /// volume and its label is the reserve, a sixteenth of it for descriptors.
     pub fn for_device(volume_size: u64, device_size: u64) -> Result<Geometry, String> {
+        whole_blocks(volume_size)?;
         let first = Geometry::new(volume_size, wire::label::LABEL_AREA, 0, 0);
         let reserve = device_size.saturating_sub(first.table_offset);
         let grains = volume_size.div_ceil(GRAIN);
@@ -141,18 +175,15 @@ impl Geometry {
     }
 }
 
-/// A snapshot as `list` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub uuid: SnapshotUuid,
-    pub name: String,
-    pub created_ms: u64,
-    /// Pool bytes the snapshot's own grains take (0 for the base: its space is
-    /// the volume's).
-    pub owned_bytes: u64,
-    /// Bytes a delete would give back (blocks its child has overwritten).
-    pub reclaimable_bytes: u64,
-    pub deleting: bool,
+/// Snapshots track 4 KiB blocks: a volume of 512-byte blocks whose size is not a
+/// 4 KiB multiple cannot have them.
+fn whole_blocks(volume_size: u64) -> Result<(), String> {
+    if volume_size == 0 || !volume_size.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "snapshots need a volume size that is a multiple of 4 KiB, not {volume_size} bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// What a store's metadata operation did.
@@ -166,6 +197,11 @@ pub enum Done {
 /// The state every queue's handle of one layered store shares.
 pub struct Shared {
     meta: RwLock<Meta>,
+    /// Mirrors `meta.is_layered()`: a flat image's I/O takes no lock. It changes
+    /// only under the owner's barrier (no I/O in flight).
+    layered: AtomicBool,
+    /// Why this container cannot take snapshots (a device without a reserve).
+    no_room: Option<String>,
     grains: KeyLocks,
     /// Key 0: commits. Key 1: layer operations and merge steps.
     serial: KeyLocks,
@@ -204,10 +240,17 @@ impl Shared {
     /// store with only its base on `geo`, formatted at its first snapshot.
     pub async fn open<R: RawIo>(
         io: &R,
-        geo: Geometry,
+        room: Result<Geometry, String>,
         layout: Layout,
         max_snapshots: usize,
     ) -> Result<Shared, StoreError> {
+        let (geo, no_room) = match room {
+            Ok(g) => (g, None),
+            Err(why) => (Geometry::new(0, 0, 0, 0), Some(why)),
+        };
+        if no_room.is_some() && layout == Layout::Plain {
+            return Ok(Shared::with(Meta::fresh(geo, 0), no_room, max_snapshots));
+        }
         let mut slots = vec![0u8; 2 * SB_SLOT as usize];
         if layout != Layout::Plain {
             io.read_at(geo.sb_offset, &mut slots)
@@ -248,27 +291,58 @@ impl Shared {
                 Meta::load(&sup, descs).map_err(meta_err)?
             }
         };
-        Ok(Shared {
+        if no_room.is_none() && meta.geo.volume_size != geo.volume_size {
+            unreachable!("checked above");
+        }
+        Ok(Shared::with(meta, no_room, max_snapshots))
+    }
+
+    fn with(meta: Meta, no_room: Option<String>, max_snapshots: usize) -> Shared {
+        Shared {
+            layered: AtomicBool::new(meta.is_layered()),
             meta: RwLock::new(meta),
+            no_room,
             grains: KeyLocks::default(),
             serial: KeyLocks::default(),
             epoch: AtomicU64::new(0),
             active: [AtomicUsize::new(0), AtomicUsize::new(0)],
             max_snapshots: max_snapshots.min(MAX_SNAPSHOTS),
-        })
+        }
+    }
+
+    /// A stand-in while a backing is being opened.
+    pub fn placeholder() -> Shared {
+        Shared::with(Meta::fresh(Geometry::new(0, 0, 0, 0), 0), None, 0)
+    }
+
+    /// Where the store's parts are.
+    pub fn geometry(&self) -> Geometry {
+        self.meta.read().unwrap().geo
+    }
+
+    /// Whether the store was ever formatted (it has a superblock): its label
+    /// must say so, for an older ublkd to refuse it.
+    pub fn is_formatted(&self) -> bool {
+        self.meta.read().unwrap().seq > 0
+    }
+
+    fn sync_flag(&self) {
+        let layered = self.meta.read().unwrap().is_layered();
+        self.layered.store(layered, Ordering::Release);
     }
 
     pub fn is_layered(&self) -> bool {
-        self.meta.read().unwrap().is_layered()
+        self.layered.load(Ordering::Acquire)
     }
 
-    pub fn list(&self) -> Vec<SnapshotInfo> {
+    /// The snapshots, oldest first, with what each owns and a delete would free.
+    pub fn list(&self) -> Vec<wire::control::SnapshotEntry> {
         let m = self.meta.read().unwrap();
-        let mut v: Vec<SnapshotInfo> = m
+        let mut v: Vec<wire::control::SnapshotEntry> = m
             .snapshots()
             .map(|l| {
                 let (owned, reclaim) = m.usage(l.rec.id);
-                SnapshotInfo {
+                wire::control::SnapshotEntry {
                     uuid: l.rec.uuid,
                     name: l.rec.name.clone(),
                     created_ms: l.rec.created_ms,
@@ -317,6 +391,13 @@ impl Shared {
         while self.active[old].load(Ordering::SeqCst) != 0 {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.meta.read().unwrap();
+        write!(f, "store(layers {}, head {})", m.layers.len(), m.head.0)
     }
 }
 
@@ -391,6 +472,9 @@ impl<R: RawIo> Layered<R> {
 
     /// Read the head view (the volume).
     pub async fn read(&self, off: u64, buf: &mut [u8]) -> IoResult {
+        if !self.shared.is_layered() {
+            return self.io.read_at(off, buf).await;
+        }
         self.check_range(off, buf.len() as u64)?;
         let plan = {
             let m = self.shared.meta.read().unwrap();
@@ -437,6 +521,9 @@ impl<R: RawIo> Layered<R> {
 
     /// Write to the head.
     pub async fn write(&self, off: u64, buf: &[u8], fua: bool) -> IoResult {
+        if !self.shared.is_layered() {
+            return self.io.write_at(off, buf, fua).await;
+        }
         self.check_range(off, buf.len() as u64)?;
         let fast = {
             let m = self.shared.meta.read().unwrap();
@@ -533,11 +620,11 @@ impl<R: RawIo> Layered<R> {
     }
 
     /// The range reads zeroes; a snapshot below keeps its data.
-    pub async fn write_zeroes(&self, off: u64, len: u64) -> IoResult {
-        self.check_range(off, len)?;
+    pub async fn write_zeroes(&self, off: u64, len: u64, no_unmap: bool) -> IoResult {
         if !self.shared.is_layered() {
-            return self.io.zero_at(off, len).await;
+            return self.io.zero_at(off, len, no_unmap).await;
         }
+        self.check_range(off, len)?;
         let end = off + len;
         let (full0, full1) = (off.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
         if full0 >= full1 {
@@ -564,6 +651,37 @@ impl<R: RawIo> Layered<R> {
         drop(m);
         drop(guards);
         Ok(())
+    }
+
+    /// The parts of `[off, off + len)` of the head that may hold data: the
+    /// flat image's holes, or per block from the maps (a zeroed block is a hole;
+    /// a block in the base or the pool is data). Sorted, merged, at most
+    /// `MAX_EXTENTS` (past that the last runs to the end).
+    pub fn data_extents(&self, off: u64, len: u64) -> Option<Vec<crate::Extent>> {
+        if !self.shared.is_layered() {
+            return self.io.extents(off, len);
+        }
+        let m = self.shared.meta.read().unwrap();
+        let end = off + len;
+        let mut out: Vec<crate::Extent> = Vec::new();
+        let mut at = off;
+        while at < end {
+            let b = at / BLOCK;
+            let next = ((b + 1) * BLOCK).min(end);
+            if b < m.geo.volume_blocks() && m.resolve(b) != Src::Zero {
+                let full = out.len() == crate::MAX_EXTENTS;
+                match out.last_mut() {
+                    Some((o, l)) if o.0 + l.0 == at => l.0 = next - o.0,
+                    Some((o, l)) if full => {
+                        l.0 = end - o.0;
+                        break;
+                    }
+                    _ => out.push((crate::ByteOffset(at), crate::ByteLen(next - at))),
+                }
+            }
+            at = next;
+        }
+        Some(out)
     }
 
     /// FLUSH: every completed write durable, with the metadata that finds it.
@@ -649,6 +767,9 @@ impl<R: RawIo> Layered<R> {
         if uuid.is_nil() {
             return Err(StoreError::BadSnapshot("a nil uuid".into()));
         }
+        if let Some(why) = &self.shared.no_room {
+            return Err(StoreError::SnapshotSpace(why.clone()));
+        }
         if name.len() > MAX_NAME {
             return Err(StoreError::BadSnapshot(format!(
                 "name longer than {MAX_NAME} bytes"
@@ -668,8 +789,10 @@ impl<R: RawIo> Layered<R> {
             }
             m.seal(uuid, name, created_ms).map_err(meta_err)?;
         }
+        self.shared.sync_flag();
         if let Err(e) = self.commit_locked(true).await {
             let _ = self.shared.meta.write().unwrap().unseal(uuid);
+            self.shared.sync_flag();
             return Err(StoreError::Io(e));
         }
         Ok(Done::Done)
@@ -690,6 +813,7 @@ impl<R: RawIo> Layered<R> {
         if !undone {
             return Ok(Done::AlreadyDone);
         }
+        self.shared.sync_flag();
         self.commit_locked(true).await.map_err(StoreError::Io)?;
         Ok(Done::Done)
     }

@@ -198,7 +198,7 @@ impl RawIo for Arc<SimDisk> {
         Ok(())
     }
 
-    async fn zero_at(&self, off: u64, len: u64) -> IoResult {
+    async fn zero_at(&self, off: u64, len: u64, _no_unmap: bool) -> IoResult {
         self.write_at(off, &vec![0u8; len as usize], false).await
     }
 }

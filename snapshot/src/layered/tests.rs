@@ -20,7 +20,7 @@ fn geo() -> Geometry {
 }
 
 fn open_with(disk: &Arc<SimDisk>, max: usize) -> Result<Layered<Arc<SimDisk>>, StoreError> {
-    let shared = block_on(Shared::open(disk, geo(), Layout::Detect, max))?;
+    let shared = block_on(Shared::open(disk, Ok(geo()), Layout::Detect, max))?;
     Ok(Layered::new(Arc::new(shared), disk.clone()))
 }
 
@@ -157,8 +157,8 @@ fn zeroes_after_a_snapshot_read_zero_and_the_snapshot_keeps_its_data() {
     let s = open(&disk);
     write(&s, 0, &[5u8; 131072]);
     snap(&s, 1);
-    block_on(s.write_zeroes(4096, 65536)).unwrap();
-    block_on(s.write_zeroes(100_000, 1000)).unwrap();
+    block_on(s.write_zeroes(4096, 65536, false)).unwrap();
+    block_on(s.write_zeroes(100_000, 1000, false)).unwrap();
     let head = read(&s, 0, 131072);
     for (i, b) in head.iter().enumerate() {
         let zero = (4096..4096 + 65536).contains(&i) || (100_000..101_000).contains(&i);
@@ -340,14 +340,14 @@ fn an_old_store_on_a_reused_device_is_ignored() {
         write(&old, 0, &[n; 4096]);
     }
     block_on(old.flush()).unwrap();
-    let plain = block_on(Shared::open(&disk, geo(), Layout::Plain, 8)).unwrap();
+    let plain = block_on(Shared::open(&disk, Ok(geo()), Layout::Plain, 8)).unwrap();
     assert!(plain.list().is_empty() && !plain.is_layered());
     let s = Layered::new(Arc::new(plain), disk.clone());
     snap(&s, 9);
     write(&s, 0, &[9u8; 4096]);
     block_on(s.flush()).unwrap();
     let s = Layered::new(
-        Arc::new(block_on(Shared::open(&disk, geo(), Layout::Layered, 8)).unwrap()),
+        Arc::new(block_on(Shared::open(&disk, Ok(geo()), Layout::Layered, 8)).unwrap()),
         disk.clone(),
     );
     let names: Vec<_> = s.shared().list().into_iter().map(|i| i.name).collect();
@@ -355,7 +355,7 @@ fn an_old_store_on_a_reused_device_is_ignored() {
     s.shared().check().unwrap();
     assert_eq!(read(&s, 0, 4096), vec![9u8; 4096]);
     let fresh = SimDisk::new();
-    let err = block_on(Shared::open(&fresh, geo(), Layout::Layered, 8))
+    let err = block_on(Shared::open(&fresh, Ok(geo()), Layout::Layered, 8))
         .err()
         .unwrap();
     assert!(err.to_string().contains("no superblock"), "{err}");
@@ -517,7 +517,7 @@ fn apply(s: &Layered<Arc<SimDisk>>, m: &mut Model, op: Op) -> Result<(), String>
             for i in sector..sector + n {
                 m.possible[i as usize].push(0);
             }
-            block_on(s.write_zeroes(sec(sector), n * SECTOR)).map_err(|e| e.to_string())?;
+            block_on(s.write_zeroes(sec(sector), n * SECTOR, false)).map_err(|e| e.to_string())?;
             for i in sector..sector + n {
                 m.cur[i as usize] = 0;
             }

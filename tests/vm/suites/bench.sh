@@ -35,11 +35,22 @@
 #   bench_costs   what protocol v2's frame tags and the range table cost: the same volume run
 #                 alternately by ublkd and by a cost-model build (feature bench-crc-frames:
 #                 v1's CRC32C instead of SipHash tags; bench-unordered: no range table).
+#   bench_snapshot  snapshots (issue 18), three volumes whose replica files share ext4 on disk 1:
+#                 `flat` (never snapshotted: the flat store), `snap` (1 GiB) and `big` (16 GiB),
+#                 both fragmented by 4k random writes first. snapshot_create_ms_{1g,16g}: the
+#                 wall time of `ublkctl snapshot create` (process start, socket, barrier, the
+#                 replica's commit), median of 5, and the writes-held time the daemon reports;
+#                 snapshot_maxlat_{create,base}_ms: the worst 4k write latency of fio QD8 across
+#                 three creates, and in the same run length without; with 10 snapshots on
+#                 `snap`, 4k QD32 randread (blocks spread over the layers) and steady randwrite
+#                 (the head holds the blocks) against `flat`, and the first pass of random
+#                 writes right after a snapshot (every write a first touch) against the same
+#                 pass on `flat`, each pair run back to back.
 # Workloads (fio, io_uring, direct=1, one job: the guest has one vCPU, so one ublk queue):
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
 
-SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs bench_rebuild bench_ha"
+SCENARIOS="bench_virtio bench_tmpfs bench_mdraid1 bench_mdraid1_nvmetcp bench_replicated bench_costs bench_rebuild bench_ha bench_snapshot"
 timeout_bench_virtio=900
 timeout_bench_tmpfs=900
 timeout_bench_mdraid1=900
@@ -48,6 +59,7 @@ timeout_bench_replicated=1200
 timeout_bench_costs=900
 timeout_bench_rebuild=1500
 timeout_bench_ha=900
+timeout_bench_snapshot=1200
 
 REGION=256M          # fio working set (prefilled by the sequential write)
 RUNTIME=${BENCH_RUNTIME:-10}
@@ -828,4 +840,104 @@ bench_ha() {
   stop_ublkd 60 || fail "owner did not stop"
   for i in 2 4; do kill -TERM "$(eval echo \$SRV_$i)"; wait_pid "$(eval echo \$SRV_$i)" 20; done
   for i in 1 2 3 4; do run "$UMOUNT" /mnt/ha$i; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# bench_snapshot (see the header).
+snap_ctl() { "$UBLKCTL" --socket "$SOCK" "$@"; }
+# snap_create VOL NAME: prints "wall_ms paused_us".
+snap_create() {
+  _t0=$(date +%s%N)
+  _j=$(snap_ctl -o json snapshot create "$1" "$2") || fail "snapshot create $1 $2: $_j"
+  _t1=$(date +%s%N)
+  _p=$(printf '%s\n' "$_j" | awk -F'[:,]' '/"paused_us"/ { gsub(/ /, "", $2); print $2 }')
+  echo "$(( (_t1 - _t0) / 1000000 )) ${_p:-0}"
+}
+# one_pass DEV NAME: one pass of 4k random writes over REGION, each block once; prints IOPS.
+one_pass() {
+  "$FIO" --name="$2" --filename="$1" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=32 --size=$REGION --randrepeat=0 --minimal > "$T/$2.terse" 2> "$T/$2.err" \
+    || fail "fio $2: $(head -c 300 "$T/$2.err")"
+  awk -F';' '{print $49}' "$T/$2.terse"
+}
+# maxlat_run DEV NAME SNAPS: fio 4k randwrite QD8 for 12 s, SNAPS snapshots taken 3 s apart
+# from 3 s in; prints the worst write latency in ms.
+maxlat_run() {
+  "$FIO" --name="$2" --filename="$1" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=8 --size=$REGION --time_based --runtime=12 --norandommap --randrepeat=0 \
+    --minimal > "$T/$2.terse" 2> "$T/$2.err" &
+  _f=$!
+  _i=0
+  while [ $_i -lt "$3" ]; do
+    sleep 3; _i=$((_i + 1))
+    snap_create snap "$2-$_i" > /dev/null
+  done
+  wait $_f || fail "fio $2: $(head -c 300 "$T/$2.err")"
+  awk -F';' '{printf "%.1f", $80 / 1000}' "$T/$2.terse"
+}
+bench_snapshot() {
+  need_ublk
+  set -- $VM_DISKS
+  [ $# -ge 1 ] || fail "need a virtio disk, have: $VM_DISKS"
+  run "$MKFS_EXT4" -F -q "$1"
+  mkdir -p /mnt/bsnap
+  run "$MOUNT" -t ext4 "$1" /mnt/bsnap
+  LOG_LEVEL=warn QUEUES=1 DEPTH=128 mkconf "$T/ublkd.conf" flat 1GiB /mnt/bsnap/flat.img
+  for v in "snap 1GiB 1" "big 16GiB 2"; do
+    set -- $v
+    printf '\n[[volume]]\nname = "%s"\nsize = "%s"\nblock_size = 4096\nqueues = 1\ndepth = 128\ndevice_id = %s\nreplicas = [ { local = "/mnt/bsnap/%s.img" } ]\n' \
+      "$1" "$2" "$3" "$1" >> "$T/ublkd.conf"
+  done
+  cp "$T/ublkd.conf" "$T/last.conf"
+  start_ublkd "$T/ublkd.conf"
+  wait_dev /dev/ublkb0; wait_dev /dev/ublkb1; wait_dev /dev/ublkb2
+  for d in /dev/ublkb0 /dev/ublkb1; do
+    run "$FIO" --name=fill --filename=$d --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+      --iodepth=4 --size=$REGION --output=/dev/null
+  done
+  # Fragment: scattered 4k writes all over each volume.
+  for d in /dev/ublkb1 /dev/ublkb2; do
+    run "$FIO" --name=frag --filename=$d --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+      --iodepth=32 --time_based --runtime=15 --norandommap --randrepeat=0 --output=/dev/null
+  done
+  for v in "snap 1g" "big 16g"; do
+    set -- $v
+    walls="" paused=""
+    for i in 1 2 3 4 5; do
+      set -- $(snap_create "$1" "t$i") "$1" "$2"
+      walls="$walls $1" paused="$paused $2"
+      shift 2
+    done
+    w=$(median $walls) p=$(median $paused)
+    echo "RESULT snapshot_create_ms_$2=$w"
+    echo "RESULT snapshot_paused_us_$2=$p"
+    printf 'TABLE snapshot create %-4s wall %s ms (runs:%s), writes held %s us (runs:%s)\n' "$2" "$w" "$walls" "$p" "$paused"
+  done
+  base=$(maxlat_run /dev/ublkb1 lat-base 0)
+  during=$(maxlat_run /dev/ublkb1 lat-snap 3)
+  echo "RESULT snapshot_maxlat_base_ms=$base"
+  echo "RESULT snapshot_maxlat_create_ms=$during"
+  # Two more, with writes between: 10 snapshots, each layer with its own blocks.
+  for i in 9 10; do
+    run "$FIO" --name=between --filename=/dev/ublkb1 --ioengine=io_uring --direct=1 --rw=randwrite \
+      --bs=4k --iodepth=32 --size=$REGION --time_based --runtime=3 --norandommap --randrepeat=0 --output=/dev/null
+    snap_create snap "s$i" > /dev/null
+  done
+  n=$(snap_ctl -o json snapshot list snap | grep -c '"uuid"')
+  [ "$n" = 10 ] || fail "snap has $n snapshots, expected 10"
+  # Reads of blocks spread over the layers, then writes, each against flat back to back.
+  set -- $(fio_run /dev/ublkb0 randread 4k 32 flat_randread) $(fio_run /dev/ublkb1 randread 4k 32 snap_randread)
+  echo "RESULT ratio_layered_vs_plain_randread=$(awk -v a="$1" -v b="$4" 'BEGIN { printf "%.2f", b / a }')"
+  printf 'TABLE randread qd32  flat %s IOPS  10 snapshots %s IOPS\n' "$1" "$4"
+  # The first pass after a snapshot: every write lands on a block only older layers have.
+  snap_create snap first > /dev/null
+  f=$(one_pass /dev/ublkb0 flat_pass) l=$(one_pass /dev/ublkb1 snap_pass)
+  echo "RESULT ratio_first_write_vs_plain=$(awk -v a="$f" -v b="$l" 'BEGIN { printf "%.2f", b / a }')"
+  printf 'TABLE first pass   flat %s IOPS  after a snapshot %s IOPS\n' "$f" "$l"
+  # Steady state: the head now holds every block of the region.
+  set -- $(fio_run /dev/ublkb0 randwrite 4k 32 flat_randwrite) $(fio_run /dev/ublkb1 randwrite 4k 32 snap_randwrite)
+  echo "RESULT ratio_layered_vs_plain_randwrite=$(awk -v a="$1" -v b="$4" 'BEGIN { printf "%.2f", b / a }')"
+  printf 'TABLE randwrite qd32 flat %s IOPS  11 snapshots %s IOPS\n' "$1" "$4"
+  stop_ublkd 60 || fail "ublkd did not stop cleanly"
+  run "$UMOUNT" /mnt/bsnap
 }

@@ -1,15 +1,16 @@
-# timeout: 1500
+# timeout: 1700
 #
 # End-to-end tests of ublkd on the real ublk driver. Every scenario asserts on data (checksums),
 # exit codes and kernel logs; none passes if the driver or the binaries are missing (need_ublk).
 # Helpers (run, fail, mkconf, start_ublkd, ...) are in tests/vm/lib.sh. Each scenario runs in
 # its own scratch dir $T (tmpfs) and leaves no daemon, mount or device behind on success.
 
-SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify metrics_under_fio sigint_clean sigterm_hand_over kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
+SCENARIOS="bad_config dd_pattern ext4_fsck fio_verify snapshot_ext4 metrics_under_fio sigint_clean sigterm_hand_over kill9_recover mirror_fault source_error_writes lost_state_dir ops_guards unclean_restart two_volumes"
 timeout_bad_config=120
 timeout_dd_pattern=120
 timeout_ext4_fsck=240
 timeout_fio_verify=300
+timeout_snapshot_ext4=300
 timeout_sigint_clean=120
 timeout_sigterm_hand_over=360
 timeout_kill9_recover=360
@@ -158,6 +159,64 @@ fio_verify() {
       --ioengine=io_uring --direct=1 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
       --output="$T/seqwrite.fio.log"
   fio_ok "$T/seqwrite.fio.log"
+  stop_daemon_clean
+  no_kernel_errors ublkb0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots through the real device, two replicas: ext4 mounted, a writer running, `snapshot
+# create --freeze` (FIFREEZE around the barrier); more files after it; the snapshot is on both
+# replicas; revert is refused while mounted; after umount it rolls the volume back: the files
+# from before are intact, the ones after are gone, fsck is clean, and the volume still takes
+# writes and verifies after.
+snapshot_ext4() {
+  need_ublk
+  ext4_on_fresh_volume "$T/r0.img" "$T/r1.img"
+  mkdir -p $M/before
+  i=0
+  while [ $i -lt 16 ]; do
+    run dd if=/dev/urandom of=$M/before/f$i bs=4k count=$(( (i * 53 % 61) + 1 ))
+    i=$((i + 1))
+  done
+  (cd $M && find before -type f | sort | xargs sha256sum) > "$T/before.sums"
+  # A writer keeps the filesystem busy across the snapshot.
+  ( j=0; while [ $j -lt 200 ]; do dd if=/dev/urandom of=$M/busy$((j % 8)) bs=64k count=2 2>/dev/null; j=$((j + 1)); done ) &
+  _w=$!
+  sleep 1
+  "$UBLKCTL" --socket "$SOCK" snapshot create vol0 s1 --freeze > "$T/create.out" 2>&1 \
+    || fail "snapshot create failed: $(cat "$T/create.out")"
+  cat "$T/create.out"
+  grep -q "on 2 replica" "$T/create.out" || fail "the snapshot is not on both replicas: $(cat "$T/create.out")"
+  wait $_w
+  # The freeze was thawed: the filesystem takes writes.
+  mkdir -p $M/after
+  run dd if=/dev/urandom of=$M/after/new bs=1M count=4
+  run rm -f $M/before/f3
+  run sync
+  "$UBLKCTL" --socket "$SOCK" snapshot list vol0 --output json > "$T/list.json" 2>&1 || fail "snapshot list: $(cat "$T/list.json")"
+  cat "$T/list.json"
+  grep -q '"name": "s1"' "$T/list.json" || fail "s1 not listed"
+  grep -q '"missing": \[\]' "$T/list.json" || fail "a replica lacks s1: $(cat "$T/list.json")"
+  # Revert needs the device unused.
+  if "$UBLKCTL" --socket "$SOCK" snapshot revert vol0 s1 > "$T/busy.out" 2>&1; then
+    fail "revert went through with the filesystem mounted"
+  fi
+  grep -q "in use" "$T/busy.out" || fail "the refusal does not say the device is in use: $(cat "$T/busy.out")"
+  umount_checked $M $DEV
+  "$UBLKCTL" --socket "$SOCK" snapshot revert vol0 s1 > "$T/revert.out" 2>&1 || fail "revert: $(cat "$T/revert.out")"
+  cat "$T/revert.out"
+  fsck_clean $DEV
+  run "$MOUNT" -t ext4 $DEV $M
+  (cd $M && sha256sum -c "$T/before.sums") > "$T/verify.out" 2>&1 \
+    || fail "files from before the snapshot differ after the revert: $(grep -v ': OK$' "$T/verify.out" | head -n 3 | tr '\n' ' ')"
+  [ ! -e $M/after/new ] || fail "a file written after the snapshot survived the revert"
+  # The reverted volume takes writes, and they verify.
+  umount_checked $M $DEV
+  run "$FIO" --name=after --filename=$DEV --rw=randwrite --bs=4k --iodepth=16 --ioengine=io_uring \
+      --direct=1 --size=32M --offset=200M --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$T/after.fio"
+  fio_ok "$T/after.fio"
+  "$UBLKCTL" --socket "$SOCK" verify vol0 > "$T/verify2.out" 2>&1 || fail "the replicas differ after the revert: $(cat "$T/verify2.out")"
+  "$UBLKCTL" --socket "$SOCK" snapshot delete vol0 s1 > "$T/delete.out" 2>&1 || fail "delete: $(cat "$T/delete.out")"
   stop_daemon_clean
   no_kernel_errors ublkb0
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use replication::rebuild::{Ended, HistoryEntry, Work};
-use ublkd::control::{call, HaAction, RebuildAction, Request};
+use ublkd::control::{call, HaAction, RebuildAction, Request, SnapshotCmd};
 use ublkd::daemon::Orphan;
 use ublkd::volume::VolumeStatus;
 
@@ -146,6 +146,48 @@ enum Cmd {
     Replica {
         #[command(subcommand)]
         cmd: ReplicaCmd,
+    },
+    /// Snapshots of a volume: crash-consistent across its replicas, taken in
+    /// milliseconds whatever the size.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCli,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCli {
+    /// Take a snapshot: every write acknowledged before it is in it, none after,
+    /// on every replica (all must be online).
+    Create {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+        /// The snapshot's name: 1 to 64 letters, digits, '-', '_' or '.'.
+        name: String,
+        /// Freeze the filesystem mounted from the device around it (FIFREEZE), so
+        /// the snapshot is clean, not only crash-consistent; it is always thawed.
+        #[arg(long)]
+        freeze: bool,
+    },
+    /// The volume's snapshots: name, uuid, creation, space, replicas holding them.
+    List {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+    },
+    /// Delete a snapshot: hidden at once, its space merged back in the background.
+    Delete {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+        /// The snapshot: its name or uuid.
+        snapshot: String,
+    },
+    /// Roll the volume back to a snapshot. The device must not be in use: unmount
+    /// it first. Later snapshots are kept; what was written since is gone.
+    Revert {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+        /// The snapshot: its name or uuid.
+        snapshot: String,
     },
 }
 
@@ -365,6 +407,38 @@ fn run(cli: Cli) -> Result<()> {
             replica: replica.clone(),
             to: to.clone(),
         },
+        Cmd::Snapshot { cmd } => {
+            let (volume, action) = match cmd {
+                SnapshotCli::Create {
+                    volume,
+                    name,
+                    freeze,
+                } => (
+                    volume,
+                    SnapshotCmd::Create {
+                        name: name.clone(),
+                        freeze: *freeze,
+                    },
+                ),
+                SnapshotCli::List { volume } => (volume, SnapshotCmd::List),
+                SnapshotCli::Delete { volume, snapshot } => (
+                    volume,
+                    SnapshotCmd::Delete {
+                        snapshot: snapshot.clone(),
+                    },
+                ),
+                SnapshotCli::Revert { volume, snapshot } => (
+                    volume,
+                    SnapshotCmd::Revert {
+                        snapshot: snapshot.clone(),
+                    },
+                ),
+            };
+            Request::Snapshot {
+                volume: volume.clone(),
+                action,
+            }
+        }
         Cmd::List => Request::List,
         Cmd::Status { volume } => Request::Status {
             volume: volume.clone(),
@@ -466,6 +540,59 @@ fn run(cli: Cli) -> Result<()> {
     }
     if not_ok {
         std::process::exit(EXIT_NOT_OK);
+    }
+    Ok(())
+}
+
+/// A snapshot command's answer, for people.
+fn print_snapshot(cmd: SnapshotCli, v: serde_json::Value) -> Result<()> {
+    match cmd {
+        SnapshotCli::Create { volume, name, .. } => {
+            let already = v["already"].as_bool().unwrap_or(false);
+            println!(
+                "snapshot {name} of {volume}{} ({}) on {} replica(s); writes held {:.1} ms",
+                if already { " was already taken" } else { " taken" },
+                v["uuid"].as_str().unwrap_or("?"),
+                v["replicas"],
+                v["paused_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+            );
+        }
+        SnapshotCli::List { volume } => {
+            let list = v.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("{volume} has no snapshot");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<36} {:<20} {:>10} {:>12}  REPLICAS",
+                "NAME", "UUID", "CREATED (UTC)", "OWNED", "RECLAIMABLE"
+            );
+            for s in list {
+                let on = s["on"].as_array().map_or(0, |a| a.len());
+                let missing = s["missing"].as_array().map_or(0, |a| a.len());
+                let mut state = format!("{on}/{}", on + missing);
+                if s["deleting"].as_bool() == Some(true) {
+                    state.push_str(" (deleting)");
+                }
+                println!(
+                    "{:<20} {:<36} {:<20} {:>10} {:>12}  {state}",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["uuid"].as_str().unwrap_or("?"),
+                    utc(s["created_ms"].as_u64().unwrap_or(0)),
+                    human(s["owned_bytes"].as_u64().unwrap_or(0)),
+                    human(s["reclaimable_bytes"].as_u64().unwrap_or(0)),
+                );
+            }
+        }
+        SnapshotCli::Delete { volume, .. } => println!(
+            "deleted snapshot {} of {volume} on {} replica(s); its space comes back in the background",
+            v["name"].as_str().unwrap_or("?"),
+            v["replicas"]
+        ),
+        SnapshotCli::Revert { volume, .. } => println!(
+            "{volume} reverted to snapshot {}; later snapshots are kept",
+            v["name"].as_str().unwrap_or("?")
+        ),
     }
     Ok(())
 }
@@ -579,6 +706,7 @@ fn print_answer(cmd: Cmd, v: serde_json::Value) -> Result<()> {
             RebuildCmd::Watch { .. } => unreachable!("handled above"),
         },
         Cmd::Verify { .. } => unreachable!("handled above"),
+        Cmd::Snapshot { cmd } => print_snapshot(cmd, v)?,
         Cmd::Events { .. }
         | Cmd::Completions { .. }
         | Cmd::Man { .. }

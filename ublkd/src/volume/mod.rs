@@ -444,6 +444,93 @@ impl VolumeShared {
         .map_err(|e| DaemonError::volume(&self.cfg().name, e.to_string()))
     }
 
+    /// A snapshot command (see `replication::snapshot`).
+    pub fn snapshot(
+        &self,
+        action: &crate::control::SnapshotCmd,
+    ) -> Result<serde_json::Value, DaemonError> {
+        use crate::control::SnapshotCmd;
+        let name = self.cfg().name;
+        let fail = |e: replication::ReplicationError| DaemonError::volume(&name, e.to_string());
+        let (health, ranges, device) = {
+            let live = self.live.lock().unwrap();
+            match (&live.health, &live.ranges) {
+                (Some(h), Some(r)) => (h.clone(), r.clone(), live.device_id),
+                _ => {
+                    return Err(DaemonError::volume(
+                        &name,
+                        "not serving: start it first (ublkctl recover)",
+                    ))
+                }
+            }
+        };
+        let json = |v: serde_json::Value| Ok(v);
+        match action {
+            SnapshotCmd::Create { name: snap, freeze } => {
+                if !wire::names::valid_name(snap) || snap.len() > 64 {
+                    return Err(DaemonError::BadRequest(format!(
+                        "snapshot name {snap:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+                    )));
+                }
+                let existing = replication::snapshots::list(&health).map_err(fail)?;
+                if existing.iter().any(|s| s.name == *snap && !s.deleting) {
+                    return Err(DaemonError::Refused(format!(
+                        "volume {name} already has a snapshot {snap:?}: pick another name, or delete it first"
+                    )));
+                }
+                let _frozen = match (freeze, device) {
+                    (false, _) => None,
+                    (true, None) => {
+                        return Err(DaemonError::volume(
+                            &name,
+                            "--freeze: the volume has no device",
+                        ))
+                    }
+                    (true, Some(id)) => Some(
+                        crate::freeze::Frozen::device(id)
+                            .map_err(|e| DaemonError::volume(&name, format!("--freeze: {e}")))?,
+                    ),
+                };
+                let created = replication::snapshots::create(
+                    &health,
+                    &ranges,
+                    wire::SnapshotUuid::random(),
+                    snap,
+                    replication::dirty_file::unix_ms(),
+                )
+                .map_err(fail)?;
+                json(serde_json::to_value(created).expect("serializes"))
+            }
+            SnapshotCmd::List => json(
+                serde_json::to_value(replication::snapshots::list(&health).map_err(fail)?)
+                    .expect("serializes"),
+            ),
+            SnapshotCmd::Delete { snapshot } => {
+                let s = replication::snapshots::find(&health, snapshot).map_err(fail)?;
+                let n = replication::snapshots::delete(&health, s.uuid).map_err(fail)?;
+                json(serde_json::json!({ "uuid": s.uuid, "name": s.name, "replicas": n }))
+            }
+            SnapshotCmd::Revert { snapshot } => {
+                let s = replication::snapshots::find(&health, snapshot).map_err(fail)?;
+                let Some(id) = device else {
+                    return Err(DaemonError::volume(&name, "the volume has no device"));
+                };
+                // Held through the revert: no mount can start meanwhile, and the
+                // page cache is dropped after it.
+                let dev = crate::freeze::Exclusive::device(id)
+                    .map_err(|e| DaemonError::volume(&name, format!("revert: {e}")))?;
+                let took =
+                    replication::snapshots::revert(&health, &ranges, s.uuid).map_err(fail)?;
+                dev.drop_cache();
+                json(serde_json::json!({
+                    "uuid": s.uuid,
+                    "name": s.name,
+                    "paused_us": took.as_micros() as u64,
+                }))
+            }
+        }
+    }
+
     /// A replica of the running set as an operator names it: its location, or
     /// `#N` with N its slot as `status` shows it. Returns its slot and location.
     pub fn replica_named(
@@ -1603,6 +1690,8 @@ fn serve(
             }
         }
     };
+    // Before the first write: a barrier the previous owner died in is undone.
+    replication::snapshots::settle_half_taken(health);
     {
         let mut live = shared.live.lock().unwrap();
         live.generation = generation;

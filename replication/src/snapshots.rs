@@ -1,0 +1,371 @@
+//! Volume snapshots, owner side: one ordered barrier across the replicas.
+//!
+//! **Create.** Take the whole volume in the range table: that waits until every
+//! earlier mutation has completed on every replica and holds every later one
+//! (the drain DRBD's `suspend-io` lacks). Then CREATE on every replica; if one
+//! fails, UNDO where this call took it (the heads above are provably empty: the
+//! range is still held), and report the failure: no partial snapshot. Release.
+//! Reads and flushes go on meanwhile; the pause writes see is the drain plus one
+//! metadata commit per replica.
+//!
+//! A snapshot needs every replica online: one out (faulted, rebuilding) would
+//! come back without it, since rebuilds do not carry snapshots yet.
+//!
+//! **Revert** runs under the same barrier and needs the volume unused (the
+//! daemon checks that no one has the device open); **delete** hides the snapshot
+//! at once and each replica merges its space back in the background.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wire::control::{SnapshotAction, SnapshotEntry};
+use wire::SnapshotUuid;
+
+use crate::backing::Backing;
+use crate::error::ReplicationError;
+use crate::health::{indices, Health};
+use crate::ranges::RangeTable;
+use crate::state::ReplicaState;
+
+/// Test-only: take snapshots without the drain, so the barrier test can show it
+/// catches what the drain prevents. Never set outside tests.
+#[doc(hidden)]
+pub static SKIP_DRAIN_FOR_TESTS: AtomicBool = AtomicBool::new(false);
+
+/// What a create did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub uuid: SnapshotUuid,
+    pub name: String,
+    pub created_ms: u64,
+    pub replicas: usize,
+    /// How long writes were held (drain + the replicas' commits).
+    pub paused_us: u64,
+    /// The snapshot existed already on every replica (a retried create).
+    pub already: bool,
+}
+
+/// A snapshot of the volume, as the replicas hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeSnapshot {
+    pub uuid: SnapshotUuid,
+    pub name: String,
+    pub created_ms: u64,
+    /// The largest of the replicas' figures (they differ when their histories do).
+    pub owned_bytes: u64,
+    pub reclaimable_bytes: u64,
+    pub deleting: bool,
+    /// Replicas (locations) that hold it, and online ones that do not.
+    pub on: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+fn online(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
+    let snap = health.snapshot();
+    if let Some(s) = snap
+        .slots
+        .iter()
+        .find(|s| !matches!(s.state, ReplicaState::Online | ReplicaState::Removed))
+    {
+        return Err(ReplicationError::SnapshotRefused(format!(
+            "replica {} is {}: snapshots need every replica online (a rebuild does not carry them yet); try again once `ublkctl status` shows it online",
+            s.location,
+            s.state.name()
+        )));
+    }
+    indices(health.read_mask())
+        .map(|slot| {
+            let b = health
+                .backing(slot)
+                .ok_or(ReplicationError::NoSuchSlot(slot))?;
+            Ok((b.location(), b))
+        })
+        .collect()
+}
+
+fn act(
+    b: &Backing,
+    action: &SnapshotAction,
+) -> Result<wire::control::SnapshotReply, ReplicationError> {
+    b.snapshot_action(action)
+}
+
+/// Take snapshot `uuid` of the running volume (see the module docs).
+pub fn create(
+    health: &Arc<Health>,
+    ranges: &RangeTable,
+    uuid: SnapshotUuid,
+    name: &str,
+    created_ms: u64,
+) -> Result<Created, ReplicationError> {
+    let replicas = online(health)?;
+    let guard = (!SKIP_DRAIN_FOR_TESTS.load(Ordering::SeqCst))
+        .then(|| futures::executor::block_on(ranges.lock(0, health.size().0, &None)));
+    let t0 = Instant::now();
+    let action = SnapshotAction::Create {
+        uuid,
+        name: name.to_string(),
+        created_ms,
+    };
+    let mut taken = Vec::new();
+    let mut failed = None;
+    for (location, b) in &replicas {
+        match act(b, &action) {
+            Ok(r) => taken.push((location, b, r.done)),
+            Err(e) => {
+                failed = Some((location.clone(), e));
+                break;
+            }
+        }
+    }
+    if let Some((replica, e)) = failed {
+        for (location, b, done) in taken {
+            if done {
+                if let Err(u) = act(b, &SnapshotAction::Undo { uuid }) {
+                    tracing::error!(volume = health.volume(), replica = %location, error = %u,
+                        "cannot undo a snapshot its barrier failed: the next activation undoes it");
+                }
+            }
+        }
+        drop(guard);
+        return Err(ReplicationError::SnapshotFailed {
+            replica,
+            error: e.to_string(),
+        });
+    }
+    let paused = t0.elapsed();
+    drop(guard);
+    let already = taken.iter().all(|(_, _, done)| !done);
+    tracing::info!(volume = health.volume(), snapshot = %uuid, name, replicas = taken.len(),
+        paused_us = paused.as_micros() as u64, "snapshot taken");
+    Ok(Created {
+        uuid,
+        name: name.to_string(),
+        created_ms,
+        replicas: taken.len(),
+        paused_us: paused.as_micros() as u64,
+        already,
+    })
+}
+
+/// The snapshots of the online replicas, oldest first.
+pub fn list(health: &Health) -> Result<Vec<VolumeSnapshot>, ReplicationError> {
+    let snap = health.snapshot();
+    let mut per_replica: Vec<(String, Vec<SnapshotEntry>)> = Vec::new();
+    for slot in indices(health.read_mask()) {
+        let Some(b) = health.backing(slot) else {
+            continue;
+        };
+        per_replica.push((b.location(), act(&b, &SnapshotAction::List)?.snapshots));
+    }
+    let _ = snap;
+    Ok(merge_lists(&per_replica))
+}
+
+/// One list from the replicas' lists: which hold each snapshot, which lack it.
+pub fn merge_lists(per_replica: &[(String, Vec<SnapshotEntry>)]) -> Vec<VolumeSnapshot> {
+    let mut out: Vec<VolumeSnapshot> = Vec::new();
+    for (location, entries) in per_replica {
+        for e in entries {
+            match out.iter_mut().find(|s| s.uuid == e.uuid) {
+                Some(s) => {
+                    s.owned_bytes = s.owned_bytes.max(e.owned_bytes);
+                    s.reclaimable_bytes = s.reclaimable_bytes.max(e.reclaimable_bytes);
+                    s.deleting |= e.deleting;
+                    s.on.push(location.clone());
+                }
+                None => out.push(VolumeSnapshot {
+                    uuid: e.uuid,
+                    name: e.name.clone(),
+                    created_ms: e.created_ms,
+                    owned_bytes: e.owned_bytes,
+                    reclaimable_bytes: e.reclaimable_bytes,
+                    deleting: e.deleting,
+                    on: vec![location.clone()],
+                    missing: Vec::new(),
+                }),
+            }
+        }
+    }
+    for s in &mut out {
+        s.missing = per_replica
+            .iter()
+            .map(|(l, _)| l.clone())
+            .filter(|l| !s.on.contains(l))
+            .collect();
+    }
+    out.sort_by(|a, b| (a.created_ms, &a.name).cmp(&(b.created_ms, &b.name)));
+    out
+}
+
+/// After an owner died mid-barrier: the volume's newest snapshot, held by some
+/// online replicas and lacked by others, is undone where it is. No write can
+/// have followed it (the barrier held them; run this before the volume serves),
+/// and a replica whose head has data after it refuses the undo and keeps it.
+/// Returns the replicas (locations) it was undone on.
+pub fn settle_half_taken(health: &Health) -> Vec<(String, SnapshotUuid)> {
+    let mut per_replica = Vec::new();
+    let mut backings = Vec::new();
+    for slot in indices(health.read_mask()) {
+        let Some(b) = health.backing(slot) else {
+            continue;
+        };
+        match act(&b, &SnapshotAction::List) {
+            Ok(r) => {
+                per_replica.push((b.location(), r.snapshots));
+                backings.push(b);
+            }
+            // Cannot tell (a remote replica without snapshots): nothing to settle.
+            Err(_) => return Vec::new(),
+        }
+    }
+    let merged = merge_lists(&per_replica);
+    let Some(newest) = merged.iter().max_by_key(|s| s.created_ms) else {
+        return Vec::new();
+    };
+    if newest.missing.is_empty() {
+        return Vec::new();
+    }
+    let mut undone = Vec::new();
+    for b in &backings {
+        let location = b.location();
+        if !newest.on.contains(&location) {
+            continue;
+        }
+        match act(b, &SnapshotAction::Undo { uuid: newest.uuid }) {
+            Ok(r) if r.done => {
+                tracing::warn!(volume = health.volume(), replica = %location, snapshot = %newest.uuid,
+                    name = %newest.name, "undid a snapshot an interrupted barrier left half taken");
+                undone.push((location, newest.uuid));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::info!(volume = health.volume(), replica = %location, snapshot = %newest.uuid,
+                error = %e, "kept a snapshot other replicas lack")
+            }
+        }
+    }
+    undone
+}
+
+/// The snapshot an operator names: its name, or its uuid.
+pub fn find(health: &Health, name_or_uuid: &str) -> Result<VolumeSnapshot, ReplicationError> {
+    let all = list(health)?;
+    let hits: Vec<_> = all
+        .iter()
+        .filter(|s| !s.deleting && (s.name == name_or_uuid || s.uuid.to_string() == name_or_uuid))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(ReplicationError::SnapshotRefused(format!(
+            "no snapshot {name_or_uuid:?} (ublkctl snapshot list shows them)"
+        ))),
+        _ => Err(ReplicationError::SnapshotRefused(format!(
+            "{} snapshots are named {name_or_uuid:?}: name one by its uuid",
+            hits.len()
+        ))),
+    }
+}
+
+/// Delete snapshot `uuid` on every online replica (its space comes back in the
+/// background). A replica that fails keeps it; a retry finishes the job.
+pub fn delete(health: &Health, uuid: SnapshotUuid) -> Result<usize, ReplicationError> {
+    let mut done = 0;
+    for slot in indices(health.read_mask()) {
+        let Some(b) = health.backing(slot) else {
+            continue;
+        };
+        act(&b, &SnapshotAction::Delete { uuid })?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// Roll the volume back to snapshot `uuid` under the barrier; the caller made
+/// sure nothing uses the device (its page cache would be stale). A replica that
+/// fails is faulted: it is no longer a copy of the volume.
+pub fn revert(
+    health: &Arc<Health>,
+    ranges: &RangeTable,
+    uuid: SnapshotUuid,
+) -> Result<Duration, ReplicationError> {
+    let replicas = online(health)?;
+    // Every replica must hold it, or the revert would leave them different.
+    for (location, b) in &replicas {
+        let has = act(b, &SnapshotAction::List)?
+            .snapshots
+            .iter()
+            .any(|s| s.uuid == uuid && !s.deleting);
+        if !has {
+            return Err(ReplicationError::SnapshotRefused(format!(
+                "replica {location} does not hold snapshot {uuid}: nothing was reverted"
+            )));
+        }
+    }
+    let _guard = futures::executor::block_on(ranges.lock(0, health.size().0, &None));
+    let t0 = Instant::now();
+    let mut failures = Vec::new();
+    for slot in indices(health.read_mask()) {
+        let Some(b) = health.backing(slot) else {
+            continue;
+        };
+        if let Err(e) = act(&b, &SnapshotAction::Revert { uuid }) {
+            failures.push((slot, b.location(), e.to_string()));
+        }
+    }
+    if failures.len() == replicas.len() {
+        return Err(ReplicationError::SnapshotFailed {
+            replica: failures[0].1.clone(),
+            error: failures[0].2.clone(),
+        });
+    }
+    for (slot, location, error) in failures {
+        tracing::error!(volume = health.volume(), replica = %location, %error, "revert failed: faulting the replica");
+        let reason = crate::state::FaultReason::IoError {
+            op: crate::state::IoOp::Snapshot,
+            errno: libc::EIO,
+        };
+        health.set_state(slot, ReplicaState::Faulted { reason })?;
+    }
+    Ok(t0.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u8, name: &str, created_ms: u64) -> SnapshotEntry {
+        SnapshotEntry {
+            uuid: SnapshotUuid([n; 16]),
+            name: name.into(),
+            created_ms,
+            owned_bytes: n as u64 * 100,
+            reclaimable_bytes: 0,
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn lists_merge_by_uuid_and_name_the_replicas_lacking_one() {
+        let lists = vec![
+            (
+                "a".to_string(),
+                vec![entry(1, "s1", 10), entry(2, "s2", 20)],
+            ),
+            ("b".to_string(), vec![entry(2, "s2", 20)]),
+            (
+                "c".to_string(),
+                vec![entry(1, "s1", 10), entry(2, "s2", 20)],
+            ),
+        ];
+        let merged = merge_lists(&lists);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].name, "s1");
+        assert_eq!(merged[0].on, ["a", "c"]);
+        assert_eq!(merged[0].missing, ["b"]);
+        assert_eq!(merged[1].on, ["a", "b", "c"]);
+        assert!(merged[1].missing.is_empty());
+    }
+}
