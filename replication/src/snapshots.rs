@@ -200,49 +200,41 @@ pub fn merge_lists(per_replica: &[(String, Vec<SnapshotEntry>)]) -> Vec<VolumeSn
     out
 }
 
-/// After an owner died mid-barrier: the volume's newest snapshot, held by some
-/// online replicas and lacked by others, is undone where it is. No write can
-/// have followed it (the barrier held them; run this before the volume serves),
-/// and a replica whose head has data after it refuses the undo and keeps it.
-/// Returns the replicas (locations) it was undone on.
-pub fn settle_half_taken(health: &Health) -> Vec<(String, SnapshotUuid)> {
-    let mut per_replica = Vec::new();
-    let mut backings = Vec::new();
+/// After an owner died in the barrier of snapshot `uuid` (its record says it was
+/// under way): where some online replicas hold it and others lack it, it is
+/// undone where it is. No write can have followed it (the barrier held them; run
+/// this before the volume serves), and a replica whose head has data after it
+/// refuses the undo and keeps it. Held by all, it stays (the barrier got that
+/// far). Returns the replicas (locations) it was undone on.
+pub fn settle_half_taken(health: &Health, uuid: SnapshotUuid) -> Vec<(String, SnapshotUuid)> {
+    let mut holders = Vec::new();
+    let mut lacking = 0;
     for slot in indices(health.read_mask()) {
         let Some(b) = health.backing(slot) else {
             continue;
         };
         match act(&b, &SnapshotAction::List) {
-            Ok(r) => {
-                per_replica.push((b.location(), r.snapshots));
-                backings.push(b);
-            }
-            // Cannot tell (a remote replica without snapshots): nothing to settle.
+            Ok(r) if r.snapshots.iter().any(|s| s.uuid == uuid) => holders.push(b),
+            Ok(_) => lacking += 1,
+            // Cannot tell (a remote replica without snapshots): leave it.
             Err(_) => return Vec::new(),
         }
     }
-    let merged = merge_lists(&per_replica);
-    let Some(newest) = merged.iter().max_by_key(|s| s.created_ms) else {
-        return Vec::new();
-    };
-    if newest.missing.is_empty() {
+    if lacking == 0 {
         return Vec::new();
     }
     let mut undone = Vec::new();
-    for b in &backings {
+    for b in &holders {
         let location = b.location();
-        if !newest.on.contains(&location) {
-            continue;
-        }
-        match act(b, &SnapshotAction::Undo { uuid: newest.uuid }) {
+        match act(b, &SnapshotAction::Undo { uuid }) {
             Ok(r) if r.done => {
-                tracing::warn!(volume = health.volume(), replica = %location, snapshot = %newest.uuid,
-                    name = %newest.name, "undid a snapshot an interrupted barrier left half taken");
-                undone.push((location, newest.uuid));
+                tracing::warn!(volume = health.volume(), replica = %location, snapshot = %uuid,
+                    "undid a snapshot an interrupted barrier left half taken");
+                undone.push((location, uuid));
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::info!(volume = health.volume(), replica = %location, snapshot = %newest.uuid,
+                tracing::info!(volume = health.volume(), replica = %location, snapshot = %uuid,
                 error = %e, "kept a snapshot other replicas lack")
             }
         }

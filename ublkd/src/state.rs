@@ -82,6 +82,12 @@ pub struct VolumeRecord {
     /// live owner and roll back what it acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<Fenced>,
+    /// A snapshot whose barrier is under way (recorded before it holds writes,
+    /// cleared after): if the owner dies in it, the next start undoes it on the
+    /// replicas that took it. Only this one: a replica may lack an older snapshot
+    /// for good reasons (a full rebuild), and that is never undone elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_snapshot: Option<wire::SnapshotUuid>,
 }
 
 /// Why and since when a volume's record says it was fenced.
@@ -241,6 +247,7 @@ impl RecordV1 {
             replacing: Vec::new(),
             retired: Vec::new(),
             fenced: None,
+            pending_snapshot: None,
         }
     }
 }
@@ -267,6 +274,7 @@ impl VolumeRecord {
             replacing: Vec::new(),
             retired: Vec::new(),
             fenced: None,
+            pending_snapshot: None,
         }
     }
 

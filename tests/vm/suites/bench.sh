@@ -38,8 +38,8 @@
 #   bench_snapshot  snapshots (issue 18), three volumes whose replica files share ext4 on disk 1:
 #                 `flat` (never snapshotted: the flat store), `snap` (1 GiB) and `big` (16 GiB),
 #                 both fragmented by 4k random writes first. snapshot_create_ms_{1g,16g}: the
-#                 wall time of `ublkctl snapshot create` (process start, socket, barrier, the
-#                 replica's commit), median of 5, and the writes-held time the daemon reports;
+#                 daemon's time for `ublkctl snapshot create` (name check, list, record, barrier,
+#                 the replica's commit, the label), median of 5, and the writes-held time;
 #                 snapshot_maxlat_{create,base}_ms: the worst 4k write latency of fio QD8 across
 #                 three creates, and in the same run length without; with 10 snapshots on
 #                 `snap`, 4k QD32 randread (blocks spread over the layers) and steady randwrite
@@ -845,13 +845,14 @@ bench_ha() {
 # ---------------------------------------------------------------------------------------------
 # bench_snapshot (see the header).
 snap_ctl() { "$UBLKCTL" --socket "$SOCK" "$@"; }
-# snap_create VOL NAME: prints "wall_ms paused_us".
+# snap_create VOL NAME: prints "took_ms paused_us" (the daemon's own clock: the guest's date
+# has no sub-second field); on failure the error on stderr, status 1 (it runs in a command
+# substitution: the caller fails the scenario).
 snap_create() {
-  _t0=$(date +%s%N)
-  _j=$(snap_ctl -o json snapshot create "$1" "$2") || fail "snapshot create $1 $2: $_j"
-  _t1=$(date +%s%N)
+  _j=$(snap_ctl -o json snapshot create "$1" "$2") || { echo "snapshot create $1 $2: $_j" >&2; return 1; }
   _p=$(printf '%s\n' "$_j" | awk -F'[:,]' '/"paused_us"/ { gsub(/ /, "", $2); print $2 }')
-  echo "$(( (_t1 - _t0) / 1000000 )) ${_p:-0}"
+  _t=$(printf '%s\n' "$_j" | awk -F'[:,]' '/"took_us"/ { gsub(/ /, "", $2); print $2 }')
+  awk -v t="${_t:-0}" -v p="${_p:-0}" 'BEGIN { printf "%.1f %d\n", t / 1000, p }'
 }
 # one_pass DEV NAME: one pass of 4k random writes over REGION, each block once; prints IOPS.
 one_pass() {
@@ -870,7 +871,7 @@ maxlat_run() {
   _i=0
   while [ $_i -lt "$3" ]; do
     sleep 3; _i=$((_i + 1))
-    snap_create snap "$2-$_i" > /dev/null
+    snap_create snap "$2-$_i" > /dev/null 2>> "$T/create.err" || echo "snapshot $2-$_i failed" >> "$T/create.err"
   done
   wait $_f || fail "fio $2: $(head -c 300 "$T/$2.err")"
   awk -F';' '{printf "%.1f", $80 / 1000}' "$T/$2.terse"
@@ -901,27 +902,28 @@ bench_snapshot() {
       --iodepth=32 --time_based --runtime=15 --norandommap --randrepeat=0 --output=/dev/null
   done
   for v in "snap 1g" "big 16g"; do
-    set -- $v
+    vol=${v% *} tag=${v#* }
     walls="" paused=""
     for i in 1 2 3 4 5; do
-      set -- $(snap_create "$1" "t$i") "$1" "$2"
-      walls="$walls $1" paused="$paused $2"
-      shift 2
+      r=$(snap_create "$vol" "t$i" 2> "$T/create.err") || fail "$(cat "$T/create.err")"
+      walls="$walls ${r% *}" paused="$paused ${r#* }"
     done
     w=$(median $walls) p=$(median $paused)
-    echo "RESULT snapshot_create_ms_$2=$w"
-    echo "RESULT snapshot_paused_us_$2=$p"
-    printf 'TABLE snapshot create %-4s wall %s ms (runs:%s), writes held %s us (runs:%s)\n' "$2" "$w" "$walls" "$p" "$paused"
+    echo "RESULT snapshot_create_ms_$tag=$w"
+    echo "RESULT snapshot_paused_us_$tag=$p"
+    printf 'TABLE snapshot create %-4s wall %s ms (runs:%s), writes held %s us (runs:%s)\n' "$tag" "$w" "$walls" "$p" "$paused"
   done
+  : > "$T/create.err"
   base=$(maxlat_run /dev/ublkb1 lat-base 0)
   during=$(maxlat_run /dev/ublkb1 lat-snap 3)
+  [ ! -s "$T/create.err" ] || fail "$(cat "$T/create.err")"
   echo "RESULT snapshot_maxlat_base_ms=$base"
   echo "RESULT snapshot_maxlat_create_ms=$during"
   # Two more, with writes between: 10 snapshots, each layer with its own blocks.
   for i in 9 10; do
     run "$FIO" --name=between --filename=/dev/ublkb1 --ioengine=io_uring --direct=1 --rw=randwrite \
       --bs=4k --iodepth=32 --size=$REGION --time_based --runtime=3 --norandommap --randrepeat=0 --output=/dev/null
-    snap_create snap "s$i" > /dev/null
+    snap_create snap "s$i" > /dev/null || fail "snapshot s$i"
   done
   n=$(snap_ctl -o json snapshot list snap | grep -c '"uuid"')
   [ "$n" = 10 ] || fail "snap has $n snapshots, expected 10"
@@ -930,7 +932,7 @@ bench_snapshot() {
   echo "RESULT ratio_layered_vs_plain_randread=$(awk -v a="$1" -v b="$4" 'BEGIN { printf "%.2f", b / a }')"
   printf 'TABLE randread qd32  flat %s IOPS  10 snapshots %s IOPS\n' "$1" "$4"
   # The first pass after a snapshot: every write lands on a block only older layers have.
-  snap_create snap first > /dev/null
+  snap_create snap first > /dev/null || fail "snapshot first"
   f=$(one_pass /dev/ublkb0 flat_pass) l=$(one_pass /dev/ublkb1 snap_pass)
   echo "RESULT ratio_first_write_vs_plain=$(awk -v a="$f" -v b="$l" 'BEGIN { printf "%.2f", b / a }')"
   printf 'TABLE first pass   flat %s IOPS  after a snapshot %s IOPS\n' "$f" "$l"

@@ -452,10 +452,10 @@ impl VolumeShared {
         use crate::control::SnapshotCmd;
         let name = self.cfg().name;
         let fail = |e: replication::ReplicationError| DaemonError::volume(&name, e.to_string());
-        let (health, ranges, device) = {
+        let (health, ranges, device, sink) = {
             let live = self.live.lock().unwrap();
             match (&live.health, &live.ranges) {
-                (Some(h), Some(r)) => (h.clone(), r.clone(), live.device_id),
+                (Some(h), Some(r)) => (h.clone(), r.clone(), live.device_id, live.sink.clone()),
                 _ => {
                     return Err(DaemonError::volume(
                         &name,
@@ -467,6 +467,7 @@ impl VolumeShared {
         let json = |v: serde_json::Value| Ok(v);
         match action {
             SnapshotCmd::Create { name: snap, freeze } => {
+                let t0 = std::time::Instant::now();
                 if !wire::names::valid_name(snap) || snap.len() > 64 {
                     return Err(DaemonError::BadRequest(format!(
                         "snapshot name {snap:?}: 1 to 64 letters, digits, '-', '_' or '.'"
@@ -491,15 +492,29 @@ impl VolumeShared {
                             .map_err(|e| DaemonError::volume(&name, format!("--freeze: {e}")))?,
                     ),
                 };
+                let uuid = wire::SnapshotUuid::random();
+                // Recorded before writes are held: the next start undoes a barrier
+                // this process dies in.
+                if let Some(sink) = &sink {
+                    sink.edit(|r| r.pending_snapshot = Some(uuid))?;
+                }
                 let created = replication::snapshots::create(
                     &health,
                     &ranges,
-                    wire::SnapshotUuid::random(),
+                    uuid,
                     snap,
                     replication::dirty_file::unix_ms(),
-                )
-                .map_err(fail)?;
-                json(serde_json::to_value(created).expect("serializes"))
+                );
+                if let Some(sink) = &sink {
+                    if let Err(e) = sink.edit(|r| r.pending_snapshot = None) {
+                        tracing::warn!(volume = %name, error = %e, "cannot clear the snapshot under way from the record");
+                    }
+                }
+                let created = created.map_err(fail)?;
+                let mut v = serde_json::to_value(created).expect("serializes");
+                // The whole command as the daemon ran it (freeze, barrier, records).
+                v["took_us"] = (t0.elapsed().as_micros() as u64).into();
+                json(v)
             }
             SnapshotCmd::List => json(
                 serde_json::to_value(replication::snapshots::list(&health).map_err(fail)?)
@@ -1691,7 +1706,10 @@ fn serve(
         }
     };
     // Before the first write: a barrier the previous owner died in is undone.
-    replication::snapshots::settle_half_taken(health);
+    if let Some(uuid) = sink.record().pending_snapshot {
+        replication::snapshots::settle_half_taken(health, uuid);
+        sink.edit(|r| r.pending_snapshot = None)?;
+    }
     {
         let mut live = shared.live.lock().unwrap();
         live.generation = generation;
