@@ -401,6 +401,15 @@ impl Meta {
         }
     }
 
+    /// Whether the head's descriptor for block `b`'s grain waits for a commit (a
+    /// FUA write there is durable only once that descriptor is).
+    pub fn head_dirty(&self, b: u64) -> bool {
+        self.layers[&self.head]
+            .map
+            .get(&grain_of(b))
+            .is_some_and(|e| self.dirty.contains(&e.desc))
+    }
+
     /// Descriptor `s` must be written at the next commit.
     pub fn touch(&mut self, s: DescSlot) {
         if s.0 < self.desc_hwm {

@@ -22,7 +22,8 @@
 //! is two lookups at any depth. A snapshot leaves the index as it is (O(1)).
 //!
 //! **Writes.** A write to blocks the head has goes in place, with no metadata
-//! (the flat store's path). A first touch takes the grain's lock, gets a pool
+//! (the flat store's path); with FUA over a block whose presence bit is not
+//! committed yet, the write commits it too (else a crash would lose the write). A first touch takes the grain's lock, gets a pool
 //! grain, writes the data (a sub-4 KiB write fills the rest of its block from the
 //! layer below: read-modify-write under that lock), then sets presence bits in
 //! memory. Descriptors reach the disk at the next FLUSH or FUA.
@@ -525,9 +526,15 @@ impl<R: RawIo> Layered<R> {
             return self.io.write_at(off, buf, fua).await;
         }
         self.check_range(off, buf.len() as u64)?;
+        let mut commit = false;
         let fast = {
             let m = self.shared.meta.read().unwrap();
             if m.is_layered() {
+                // A FUA write over blocks whose presence is not committed yet is
+                // durable only with that commit: a crash would find the layer below.
+                commit = fua
+                    && (off / BLOCK..=(off + buf.len() as u64 - 1) / BLOCK)
+                        .any(|b| m.head_dirty(b));
                 pieces(off, buf.len(), |b| m.head_has(b).map(Src::At))
             } else {
                 // The flat image: the volume's own offsets.
@@ -542,9 +549,12 @@ impl<R: RawIo> Layered<R> {
             for p in &ps {
                 if let Src::At(o) = p.src {
                     self.io
-                        .write_at(o, &buf[p.buf_off..p.buf_off + p.len], fua)
+                        .write_at(o, &buf[p.buf_off..p.buf_off + p.len], fua && !commit)
                         .await?;
                 }
+            }
+            if commit {
+                self.commit().await?;
             }
             return Ok(());
         }
