@@ -152,7 +152,6 @@ pub fn create(
 
 /// The snapshots of the online replicas, oldest first.
 pub fn list(health: &Health) -> Result<Vec<VolumeSnapshot>, ReplicationError> {
-    let snap = health.snapshot();
     let mut per_replica: Vec<(String, Vec<SnapshotEntry>)> = Vec::new();
     for slot in indices(health.read_mask()) {
         let Some(b) = health.backing(slot) else {
@@ -160,7 +159,6 @@ pub fn list(health: &Health) -> Result<Vec<VolumeSnapshot>, ReplicationError> {
         };
         per_replica.push((b.location(), act(&b, &SnapshotAction::List)?.snapshots));
     }
-    let _ = snap;
     Ok(merge_lists(&per_replica))
 }
 

@@ -113,14 +113,8 @@ mod tests {
         let dir = disk_dir();
         let path = dir.path().join("r.img");
         let (b, r) = open(&path);
-        b.write_label(&Label::new(
-            "v",
-            VolumeUuid([1; 16]),
-            ReplicaUuid([2; 16]),
-            SIZE,
-            4096,
-        ))
-        .unwrap();
+        let label = Label::new("v", VolumeUuid([1; 16]), ReplicaUuid([2; 16]), SIZE, 4096);
+        b.write_label(&label).unwrap();
         block_on(r.write(ByteOffset(0), &[1u8; 65536], false)).unwrap();
         assert!(!b.store().is_layered());
         let u = SnapshotUuid([3; 16]);
@@ -146,15 +140,8 @@ mod tests {
         ]
         .concat();
         assert_eq!(read(&r, 0, 16384), head);
-        // A relabel by an owner (a fresh label) keeps the format.
-        b.write_label(&Label::new(
-            "v",
-            VolumeUuid([1; 16]),
-            ReplicaUuid([2; 16]),
-            SIZE,
-            4096,
-        ))
-        .unwrap();
+        // A relabel by an owner (a fresh label, format 1) keeps the format.
+        b.write_label(&label).unwrap();
         drop((r, b));
         let (b, r) = open(&path);
         match b.read_label().unwrap() {

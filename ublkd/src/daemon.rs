@@ -652,7 +652,7 @@ pub fn ublk_device_ids() -> Vec<u32> {
 /// Why the device is in use, if it is: an exclusive opener (a mounted filesystem,
 /// an md/dm member) refuses our exclusive open with EBUSY; stacked devices show in
 /// `holders/`; any other process holding it open shows in `/proc/*/fd`.
-fn device_busy(id: u32) -> Option<String> {
+pub(crate) fn device_busy(id: u32) -> Option<String> {
     use std::os::unix::fs::OpenOptionsExt;
     let dev = format!("/dev/ublkb{id}");
     if let Err(e) = std::fs::OpenOptions::new()

@@ -109,8 +109,9 @@ impl Drop for Frozen {
     }
 }
 
-/// The device held open exclusively: refused while mounted or held by another
-/// exclusive opener, and keeps them out meanwhile.
+/// The device held open exclusively: refused while it is in use as `stop` sees it
+/// (mounted, a holder device on top, open by a process), and keeps exclusive
+/// openers (a mount) out meanwhile.
 pub struct Exclusive {
     file: File,
 }
@@ -118,6 +119,12 @@ pub struct Exclusive {
 impl Exclusive {
     pub fn device(id: u32) -> Result<Exclusive, String> {
         let path = device_path(id);
+        if let Some(why) = crate::daemon::device_busy(id) {
+            return Err(format!(
+                "{} is in use ({why}): unmount it and stop what uses it, then retry",
+                path.display()
+            ));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_EXCL)

@@ -410,6 +410,15 @@ impl Meta {
             .is_some_and(|e| self.dirty.contains(&e.desc))
     }
 
+    /// Descriptors of these pages must be written again (a commit failed).
+    pub fn redirty(&mut self, pages: impl Iterator<Item = u32>) {
+        for p in pages {
+            for i in 0..DESCS_PER_PAGE {
+                self.touch(DescSlot(p * DESCS_PER_PAGE + i));
+            }
+        }
+    }
+
     /// Descriptor `s` must be written at the next commit.
     pub fn touch(&mut self, s: DescSlot) {
         if s.0 < self.desc_hwm {

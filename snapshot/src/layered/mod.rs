@@ -197,6 +197,8 @@ pub enum Done {
 
 /// The state every queue's handle of one layered store shares.
 pub struct Shared {
+    /// Fixed at open (the copy in `meta` never changes): range checks take no lock.
+    geo: Geometry,
     meta: RwLock<Meta>,
     /// Mirrors `meta.is_layered()`: a flat image's I/O takes no lock. It changes
     /// only under the owner's barrier (no I/O in flight).
@@ -292,14 +294,12 @@ impl Shared {
                 Meta::load(&sup, descs).map_err(meta_err)?
             }
         };
-        if no_room.is_none() && meta.geo.volume_size != geo.volume_size {
-            unreachable!("checked above");
-        }
         Ok(Shared::with(meta, no_room, max_snapshots))
     }
 
     fn with(meta: Meta, no_room: Option<String>, max_snapshots: usize) -> Shared {
         Shared {
+            geo: meta.geo,
             layered: AtomicBool::new(meta.is_layered()),
             meta: RwLock::new(meta),
             no_room,
@@ -318,7 +318,7 @@ impl Shared {
 
     /// Where the store's parts are.
     pub fn geometry(&self) -> Geometry {
-        self.meta.read().unwrap().geo
+        self.geo
     }
 
     /// Whether the store was ever formatted (it has a superblock): its label
@@ -464,7 +464,7 @@ impl<R: RawIo> Layered<R> {
     }
 
     fn check_range(&self, off: u64, len: u64) -> IoResult {
-        let size = self.shared.meta.read().unwrap().geo.volume_size;
+        let size = self.shared.geo.volume_size;
         if off.checked_add(len).is_none_or(|e| e > size) {
             return Err(Errno::EINVAL);
         }
@@ -581,21 +581,29 @@ impl<R: RawIo> Layered<R> {
             }
         }
         let (b0, b1) = (off / BLOCK, (end - 1) / BLOCK);
-        let mut block = vec![0u8; BLOCK as usize];
+        // Per block: where the head keeps it, and for a partial block the head
+        // lacks, where the rest of it is read from (the grain locks keep it so).
+        let plan: Vec<(u64, Option<Src>)> = {
+            let m = self.shared.meta.read().unwrap();
+            let head = &m.layers[&m.head];
+            (b0..=b1)
+                .map(|b| {
+                    let bs = b * BLOCK;
+                    let entry = head.map[&VolGrain((b / BLOCKS_PER_GRAIN) as u32)];
+                    let target = m.geo.grain_offset(entry.pool.expect("allocated above"))
+                        + (b % BLOCKS_PER_GRAIN) * BLOCK;
+                    let present = entry.present & (1 << (b % BLOCKS_PER_GRAIN)) != 0;
+                    let whole = off <= bs && bs + BLOCK <= end;
+                    (target, (!present && !whole).then(|| m.resolve(b)))
+                })
+                .collect()
+        };
+        let mut block: Vec<u8> = Vec::new();
         let mut direct: Vec<Piece> = Vec::new();
-        for b in b0..=b1 {
+        for (b, (target, rmw)) in (b0..=b1).zip(plan) {
             let bs = b * BLOCK;
             let (from, to) = (off.max(bs), end.min(bs + BLOCK));
-            let (target, present, old) = {
-                let m = self.shared.meta.read().unwrap();
-                let head = &m.layers[&m.head];
-                let entry = head.map[&VolGrain((b / BLOCKS_PER_GRAIN) as u32)];
-                let target = m.geo.grain_offset(entry.pool.expect("allocated above"))
-                    + (b % BLOCKS_PER_GRAIN) * BLOCK;
-                let present = entry.present & (1 << (b % BLOCKS_PER_GRAIN)) != 0;
-                (target, present, m.resolve(b))
-            };
-            if present || (from == bs && to == bs + BLOCK) {
+            let Some(old) = rmw else {
                 push_piece(
                     &mut direct,
                     (from - off) as usize,
@@ -603,8 +611,9 @@ impl<R: RawIo> Layered<R> {
                     Src::At(target + (from - bs)),
                 );
                 continue;
-            }
+            };
             // Read-modify-write: the rest of the block from the layer below.
+            block.resize(BLOCK as usize, 0);
             match old {
                 Src::At(o) => self.io.read_at(o, &mut block).await?,
                 Src::Zero => block.fill(0),
@@ -913,16 +922,5 @@ impl<R: RawIo> Layered<R> {
             self.shared.meta.write().unwrap().release_pending();
         }
         Ok(true)
-    }
-}
-
-impl Meta {
-    /// Descriptors of these pages must be written again (a commit failed).
-    pub fn redirty(&mut self, pages: impl Iterator<Item = u32>) {
-        for p in pages {
-            for i in 0..DESCS_PER_PAGE {
-                self.touch(DescSlot(p * DESCS_PER_PAGE + i));
-            }
-        }
     }
 }
