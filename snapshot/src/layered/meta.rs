@@ -672,7 +672,28 @@ impl Meta {
     }
 
     /// Finish merging grain `g` of `s` (the copies of the plan are written).
+    /// The child's half of a `Copy` merge of grain `g` of `s`: it now has the
+    /// copied blocks (and the zero blocks it lacked). Idempotent; `s` is unchanged.
+    pub fn merge_grow_child(&mut self, s: LayerId, g: VolGrain, plan: &MergePlan) {
+        let MergePlan::Copy { child, blocks, .. } = *plan else {
+            return;
+        };
+        let es = self.layers[&s].map[&g];
+        let e = self
+            .layers
+            .get_mut(&child)
+            .expect("child")
+            .map
+            .get_mut(&g)
+            .expect("child entry");
+        let take_zero = es.zero & !(e.present | e.zero);
+        e.present |= blocks;
+        e.zero |= take_zero;
+        self.dirty.insert(e.desc);
+    }
+
     pub fn merge_finish(&mut self, s: LayerId, g: VolGrain, plan: &MergePlan) {
+        self.merge_grow_child(s, g, plan);
         let es = self
             .layers
             .get_mut(&s)
@@ -694,13 +715,7 @@ impl Meta {
                 self.dirty.insert(es.desc);
                 Some(child)
             }
-            MergePlan::Copy { child, blocks, .. } => {
-                let l = self.layers.get_mut(&child).expect("child");
-                let e = l.map.get_mut(&g).expect("child entry");
-                let take_zero = es.zero & !(e.present | e.zero);
-                e.present |= blocks;
-                e.zero |= take_zero;
-                self.dirty.insert(e.desc);
+            MergePlan::Copy { child, .. } => {
                 self.desc_owner[es.desc.0 as usize] = None;
                 self.dirty.insert(es.desc);
                 self.pending_desc.push(es.desc);

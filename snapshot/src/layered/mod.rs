@@ -842,6 +842,10 @@ impl<R: RawIo> Layered<R> {
     pub async fn revert(&self, uuid: SnapshotUuid) -> Result<Done, StoreError> {
         let _ops = self.shared.serial.lock(OPS).await;
         let _c = self.shared.serial.lock(COMMIT).await;
+        // The old head's uncommitted descriptors go out first: written after its
+        // release they would be zeroes, and a crash before the superblock that
+        // drops it would leave it listed but missing grains.
+        self.commit_locked(false).await.map_err(StoreError::Io)?;
         self.shared
             .meta
             .write()
@@ -913,6 +917,17 @@ impl<R: RawIo> Layered<R> {
                         .map_err(StoreError::Io)?;
                 }
             }
+        }
+        if let MergePlan::Copy { .. } = plan {
+            // The child's descriptor first, durable, then the freed one: the two
+            // may sit in different table pages, and a power loss that kept only
+            // the freeing would lose the copied blocks from the child's view.
+            self.shared
+                .meta
+                .write()
+                .unwrap()
+                .merge_grow_child(s, g, &plan);
+            self.commit().await.map_err(StoreError::Io)?;
         }
         self.shared.meta.write().unwrap().merge_finish(s, g, &plan);
         drop(_grain);

@@ -17,7 +17,9 @@ struct Inner {
     durable: Vec<u8>,
     /// What reads see: durable plus every unsynced write.
     volatile: Vec<u8>,
-    pending: Vec<(u64, Vec<u8>)>,
+    /// Unsynced writes in issue order; a FUA write is there too (marked), so a
+    /// crash never lets an older cached write land over it.
+    pending: Vec<(u64, Vec<u8>, bool)>,
     /// Operations left before the disk dies (`None`: never).
     ops_left: Option<u64>,
     ops: u64,
@@ -126,9 +128,9 @@ impl SimDisk {
         let mut g = self.inner.lock().unwrap();
         let pending = std::mem::take(&mut g.pending);
         let fill = g.fill();
-        for (off, data) in pending {
+        for (off, data, fua) in pending {
             for (i, s) in data.chunks(SECTOR).enumerate() {
-                if rng.below(2) == 0 {
+                if fua || rng.below(2) == 0 {
                     put(&mut g.durable, off + (i * SECTOR) as u64, s, fill);
                 }
             }
@@ -181,9 +183,8 @@ impl RawIo for Arc<SimDisk> {
         put(&mut g.volatile, off, buf, fill);
         if fua {
             put(&mut g.durable, off, buf, fill);
-        } else {
-            g.pending.push((off, buf.to_vec()));
         }
+        g.pending.push((off, buf.to_vec(), fua));
         Ok(())
     }
 
@@ -191,7 +192,7 @@ impl RawIo for Arc<SimDisk> {
         let mut g = self.op()?;
         let pending = std::mem::take(&mut g.pending);
         let fill = g.fill();
-        for (off, data) in pending {
+        for (off, data, _) in pending {
             put(&mut g.durable, off, &data, fill);
         }
         g.syncs += 1;
