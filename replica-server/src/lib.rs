@@ -43,8 +43,8 @@ use wire::control::{
     StatReply, StatRequest,
 };
 use wire::frame::{
-    encode_extents, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, EXTENT_RECORD_LEN,
-    FLAG_FUA, FLAG_NO_UNMAP, MAX_EXTENTS, REQUEST_HEADER_LEN,
+    encode_extents, Op, Opener, ReplyHeader, RequestHeader, Sealer, Status, View,
+    EXTENT_RECORD_LEN, FLAG_FUA, FLAG_NO_UNMAP, FLAG_VIEW, MAX_EXTENTS, REQUEST_HEADER_LEN,
 };
 use wire::handshake::{Secret, HANDSHAKE_TIMEOUT};
 use wire::{ByteLen, RequestId, SessionId};
@@ -486,10 +486,13 @@ impl Server {
                         continue;
                     }
                 };
-                if h.op == Op::Snapshot && !keys_features.has(wire::version::Features::SNAPSHOTS) {
-                    break Err(ReplicationError::Protocol(
-                        "SNAPSHOT on a session that did not agree on snapshots".into(),
-                    ));
+                if (h.op == Op::Snapshot || h.flags & FLAG_VIEW != 0)
+                    && !keys_features.has(wire::version::Features::SNAPSHOTS)
+                {
+                    break Err(ReplicationError::Protocol(format!(
+                        "{:?} of a snapshot on a session that did not agree on snapshots",
+                        h.op
+                    )));
                 }
                 if !matches!(h.op, Op::SetLabel | Op::Snapshot)
                     && (h.offset.0.saturating_add(h.len as u64) > sess.hosted.size
@@ -743,10 +746,23 @@ async fn serve_fenced(
         );
     }
     let (off, len) = (h.offset, h.len as usize);
+    let view = if h.flags & FLAG_VIEW != 0 {
+        match View::decode(h.op, payload.bytes()) {
+            Ok(v) => Some(v),
+            Err(e) => return Reply::message(Status::Invalid, h.id, &e.to_string()),
+        }
+    } else {
+        None
+    };
+    let snapshot = view.and_then(|v| v.of);
     let res = match h.op {
         Op::Read => {
             let mut buf = PooledBuf::take(len);
-            match replica.read(off, buf.as_mut_slice()).await {
+            let read = match snapshot {
+                Some(u) => replica.read_snapshot(u, off, buf.as_mut_slice()).await,
+                None => replica.read(off, buf.as_mut_slice()).await,
+            };
+            match read {
                 Ok(()) => {
                     return Reply {
                         payload: Payload::Aligned(buf, len),
@@ -762,7 +778,10 @@ async fn serve_fenced(
                 .await
         }
         Op::Flush => replica.flush().await,
-        Op::Checksum => match replica.checksum(off, ByteLen(len as u64)).await {
+        Op::Checksum => match replica
+            .checksum_of(snapshot, off, ByteLen(len as u64))
+            .await
+        {
             Ok(crc) => {
                 return Reply {
                     payload: Payload::Vec(crc.to_vec()),
@@ -774,9 +793,19 @@ async fn serve_fenced(
         Op::DataExtents => {
             let range = ByteLen(len as u64);
             // Storage that cannot tell (a block device) answers all of it as data.
-            let extents = replica
-                .data_extents(off, range)
-                .unwrap_or_else(|| vec![(off, range)]);
+            let extents = match view {
+                Some(v) => match replica.diff_extents(v.of, v.since, off, range) {
+                    Ok(e) => e,
+                    Err(errno) => {
+                        return Reply {
+                            aux: errno.0 as u64,
+                            ..Reply::new(Status::IoError, h.id)
+                        }
+                    }
+                },
+                None => replica.data_extents(off, range),
+            }
+            .unwrap_or_else(|| vec![(off, range)]);
             return Reply {
                 payload: Payload::Vec(encode_extents(&extents)),
                 ..Reply::new(Status::Ok, h.id)

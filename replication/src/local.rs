@@ -7,6 +7,7 @@ pub use snapshot::replica::LocalReplica;
 use crate::ids::{ByteLen, ByteOffset};
 use crate::replica::{ExtentsFuture, IoFuture, Replica};
 use crate::uring::Uring;
+use wire::SnapshotUuid;
 
 impl<U: Uring> Replica for LocalReplica<U> {
     fn location(&self) -> &str {
@@ -37,6 +38,40 @@ impl<U: Uring> Replica for LocalReplica<U> {
         Box::pin(std::future::ready(Ok(LocalReplica::data_extents(
             self, offset, len,
         ))))
+    }
+
+    fn read_snapshot<'a>(
+        &'a self,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a> {
+        Box::pin(LocalReplica::read_snapshot(self, of, offset, buf))
+    }
+
+    fn diff_extents(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> ExtentsFuture<'_> {
+        Box::pin(std::future::ready(LocalReplica::diff_extents(
+            self, of, since, offset, len,
+        )))
+    }
+
+    fn checksum_snapshot<'a>(
+        &'a self,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        len: ByteLen,
+        out: &'a mut [u8; 4],
+    ) -> IoFuture<'a> {
+        Box::pin(async move {
+            *out = LocalReplica::checksum_of(self, Some(of), offset, len).await?;
+            Ok(())
+        })
     }
 
     fn checksum<'a>(

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use crate::error::Errno;
 use crate::ids::{ByteLen, ByteOffset};
 pub use wire::frame::{Extent, MAX_EXTENTS};
+use wire::SnapshotUuid;
 
 pub type IoResult = Result<(), Errno>;
 /// **Contract: poll every `IoFuture` to completion; never drop one that is pending.**
@@ -53,6 +54,46 @@ pub trait Replica {
     fn data_extents(&self, _offset: ByteOffset, _len: ByteLen) -> ExtentsFuture<'_> {
         Box::pin(std::future::ready(Ok(None)))
     }
+    /// Fill `buf` from snapshot `of` at `offset` (rebuild, verify, export).
+    /// `ENOENT`: this replica lacks that snapshot; `EOPNOTSUPP`: it keeps none.
+    fn read_snapshot<'a>(
+        &'a self,
+        _of: SnapshotUuid,
+        _offset: ByteOffset,
+        _buf: &'a mut [u8],
+    ) -> IoFuture<'a> {
+        Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))))
+    }
+    /// Where view `of` (a snapshot; `None`: the head) may differ from view
+    /// `since` (an older snapshot; `None`: zeroes), as [`Replica::data_extents`]
+    /// reports data: a rebuild copies a layer through it. Errors as for
+    /// [`Replica::read_snapshot`].
+    fn diff_extents(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> ExtentsFuture<'_> {
+        if of.is_none() && since.is_none() {
+            return self.data_extents(offset, len);
+        }
+        Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))))
+    }
+    /// [`Replica::checksum`] of snapshot `of`. This default reads it here.
+    fn checksum_snapshot<'a>(
+        &'a self,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        len: ByteLen,
+        out: &'a mut [u8; 4],
+    ) -> IoFuture<'a> {
+        Box::pin(async move {
+            let mut buf = vec![0u8; len.0.min(CHECKSUM_CHUNK) as usize];
+            *out = checksum_through(self, Some(of), &mut buf, offset, len).await?;
+            Ok(())
+        })
+    }
     /// CRC32C of `[offset, offset + len)` into `out`, computed where the data is: a
     /// remote replica asks its server (the data does not cross the network). This
     /// default reads the range here, 1 MiB at a time.
@@ -64,17 +105,19 @@ pub trait Replica {
     ) -> IoFuture<'a> {
         Box::pin(async move {
             let mut buf = vec![0u8; len.0.min(CHECKSUM_CHUNK) as usize];
-            *out = checksum_through(self, &mut buf, offset, len).await?;
+            *out = checksum_through(self, None, &mut buf, offset, len).await?;
             Ok(())
         })
     }
 }
 
 /// CRC32C (little-endian bytes) of `[offset, offset + len)` of `r`, read through
-/// `buf` (at most its length at a time): the loop of every [`Replica::checksum`]
+/// `buf` (at most its length at a time; of snapshot `of`, or the head): the loop
+/// of every [`Replica::checksum`]
 /// that reads the data itself, whatever buffer its reads need.
 pub async fn checksum_through<R: Replica + ?Sized>(
     r: &R,
+    of: Option<SnapshotUuid>,
     buf: &mut [u8],
     offset: ByteOffset,
     len: ByteLen,
@@ -83,7 +126,11 @@ pub async fn checksum_through<R: Replica + ?Sized>(
     let mut at = 0;
     while at < len.0 {
         let n = (len.0 - at).min(buf.len() as u64) as usize;
-        r.read(ByteOffset(offset.0 + at), &mut buf[..n]).await?;
+        let at_off = ByteOffset(offset.0 + at);
+        match of {
+            Some(u) => r.read_snapshot(u, at_off, &mut buf[..n]).await?,
+            None => r.read(at_off, &mut buf[..n]).await?,
+        }
         crc = crc32c::crc32c_append(crc, &buf[..n]);
         at += n as u64;
     }

@@ -26,6 +26,7 @@ use wire::SnapshotUuid;
 use crate::backing::Backing;
 use crate::error::ReplicationError;
 use crate::health::{indices, Health};
+use crate::ids::ByteOffset;
 use crate::ranges::RangeTable;
 use crate::state::ReplicaState;
 
@@ -62,7 +63,8 @@ pub struct VolumeSnapshot {
     pub missing: Vec<String>,
 }
 
-fn online(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
+/// Every replica, which must be online (a revert: one out would miss it).
+fn all_online(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
     let snap = health.snapshot();
     if let Some(s) = snap
         .slots
@@ -70,11 +72,39 @@ fn online(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
         .find(|s| !matches!(s.state, ReplicaState::Online | ReplicaState::Removed))
     {
         return Err(ReplicationError::SnapshotRefused(format!(
-            "replica {} is {}: snapshots need every replica online (a rebuild does not carry them yet); try again once `ublkctl status` shows it online",
+            "replica {} is {}: a revert needs every replica online; try again once `ublkctl status` shows it online",
             s.location,
             s.state.name()
         )));
     }
+    online(health)
+}
+
+/// The online replicas, for a create: one that is out gets the snapshot from its
+/// rebuild, but one rebuilding now would miss it (its head is half copied), so
+/// that waits. The caller holds the snapshot gate.
+fn for_create(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
+    let snap = health.snapshot();
+    if let Some(s) = snap
+        .slots
+        .iter()
+        .find(|s| matches!(s.state, ReplicaState::Rebuilding { .. }))
+    {
+        return Err(ReplicationError::SnapshotRefused(format!(
+            "replica {} is rebuilding: a snapshot now would miss it; try again once `ublkctl status` shows it online",
+            s.location
+        )));
+    }
+    let replicas = online(health)?;
+    if replicas.is_empty() {
+        return Err(ReplicationError::SnapshotRefused(
+            "no replica is online".into(),
+        ));
+    }
+    Ok(replicas)
+}
+
+fn online(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
     indices(health.read_mask())
         .map(|slot| {
             let b = health
@@ -100,7 +130,8 @@ pub fn create(
     name: &str,
     created_ms: u64,
 ) -> Result<Created, ReplicationError> {
-    let replicas = online(health)?;
+    let _gate = health.snapshot_gate();
+    let replicas = for_create(health)?;
     let guard = (!SKIP_DRAIN_FOR_TESTS.load(Ordering::SeqCst))
         .then(|| futures::executor::block_on(ranges.lock(0, health.size().0, &None)));
     let t0 = Instant::now();
@@ -259,11 +290,13 @@ pub fn find(health: &Health, name_or_uuid: &str) -> Result<VolumeSnapshot, Repli
     }
 }
 
-/// Delete snapshot `uuid` on every online replica (its space comes back in the
-/// background). A replica that fails keeps it; a retry finishes the job.
+/// Delete snapshot `uuid` on every online or rebuilding replica (its space comes
+/// back in the background); one that is out drops it at its rebuild. A replica
+/// that fails keeps it; a retry finishes the job.
 pub fn delete(health: &Health, uuid: SnapshotUuid) -> Result<usize, ReplicationError> {
     let mut done = 0;
-    for slot in indices(health.read_mask()) {
+    let _gate = health.snapshot_gate();
+    for slot in indices(health.write_mask()) {
         let Some(b) = health.backing(slot) else {
             continue;
         };
@@ -281,7 +314,7 @@ pub fn revert(
     ranges: &RangeTable,
     uuid: SnapshotUuid,
 ) -> Result<Duration, ReplicationError> {
-    let replicas = online(health)?;
+    let replicas = all_online(health)?;
     // Every replica must hold it, or the revert would leave them different.
     for (location, b) in &replicas {
         let has = act(b, &SnapshotAction::List)?
@@ -317,7 +350,8 @@ pub fn revert(
             op: crate::state::IoOp::Snapshot,
             errno: libc::EIO,
         };
-        health.set_state(slot, ReplicaState::Faulted { reason })?;
+        // Its map must name the whole volume: the rollback changed anything.
+        health.fault_missing(slot, reason, &[(ByteOffset(0), health.size())])?;
     }
     Ok(t0.elapsed())
 }

@@ -111,6 +111,10 @@ pub enum RebuildStop {
     NoSource,
     /// The activity log could not be committed (the owner's state dir failed).
     LogFailed,
+    /// A snapshot could not be copied (the source lacked it, or a side failed).
+    SnapshotCopy {
+        errno: i32,
+    },
 }
 
 impl FaultReason {
@@ -172,6 +176,13 @@ impl std::fmt::Display for FaultReason {
             FaultReason::RebuildStopped {
                 why: RebuildStop::LogFailed,
             } => f.write_str("its rebuild stopped: the activity log could not be saved"),
+            FaultReason::RebuildStopped {
+                why: RebuildStop::SnapshotCopy { errno },
+            } => write!(
+                f,
+                "its rebuild stopped: a snapshot could not be copied to it ({})",
+                Errno(*errno)
+            ),
             FaultReason::Legacy { detail } => f.write_str(detail),
         }
     }

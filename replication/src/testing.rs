@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::Errno;
 use crate::ids::{ByteLen, ByteOffset};
 use crate::replica::{IoFuture, Replica};
+use wire::SnapshotUuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -46,8 +47,8 @@ pub struct MemStore {
     /// With [`MemStore::track_durable`]: the contents as of the last flush, and the
     /// byte ranges written since.
     durable: Mutex<Option<Durable>>,
-    /// Snapshots by name only (no data): for tests of the barrier's logic.
-    snapshots: Mutex<Vec<wire::control::SnapshotEntry>>,
+    /// Snapshots, oldest first, each with a copy of the data (small volumes).
+    snapshots: Mutex<Vec<(wire::control::SnapshotEntry, Vec<u8>)>>,
     /// Snapshot operations fail with EIO.
     pub fail_snapshots: std::sync::atomic::AtomicBool,
 }
@@ -59,7 +60,7 @@ type ReadHook = (u64, Box<dyn FnOnce() + Send>);
 type Durable = (Vec<u8>, Vec<(usize, usize)>);
 
 impl MemStore {
-    /// A snapshot operation on the names it keeps (see the field).
+    /// A snapshot operation: a create copies the data, a revert copies it back.
     pub fn snapshot_action(
         &self,
         action: &wire::control::SnapshotAction,
@@ -77,30 +78,61 @@ impl MemStore {
                 name,
                 created_ms,
             } => {
-                let new = !snaps.iter().any(|s| s.uuid == *uuid);
+                let new = !snaps.iter().any(|(s, _)| s.uuid == *uuid);
                 if new {
-                    snaps.push(SnapshotEntry {
+                    let entry = SnapshotEntry {
                         uuid: *uuid,
                         name: name.clone(),
                         created_ms: *created_ms,
                         owned_bytes: 0,
                         reclaimable_bytes: 0,
                         deleting: false,
-                    });
+                    };
+                    snaps.push((entry, self.data.lock().unwrap().clone()));
                 }
                 new
             }
             A::Undo { uuid } | A::Delete { uuid } => {
                 let before = snaps.len();
-                snaps.retain(|s| s.uuid != *uuid);
+                snaps.retain(|(s, _)| s.uuid != *uuid);
                 snaps.len() != before
             }
-            A::Revert { .. } | A::List => false,
+            A::Revert { uuid } => match snaps.iter().find(|(s, _)| s.uuid == *uuid) {
+                Some((_, d)) => {
+                    self.data.lock().unwrap().copy_from_slice(d);
+                    true
+                }
+                None => {
+                    return Err(crate::ReplicationError::Store(
+                        snapshot::StoreError::NoSuchSnapshot(*uuid),
+                    ))
+                }
+            },
+            A::Reset => {
+                let had = !snaps.is_empty();
+                snaps.clear();
+                had
+            }
+            A::List => false,
         };
         Ok(SnapshotReply {
             done,
-            snapshots: snaps.clone(),
+            snapshots: snaps.iter().map(|(e, _)| e.clone()).collect(),
         })
+    }
+
+    /// Snapshot `uuid`'s data at `[offset, offset + len)`.
+    fn snapshot_bytes(
+        &self,
+        uuid: SnapshotUuid,
+        r: std::ops::Range<usize>,
+    ) -> Result<Vec<u8>, Errno> {
+        let snaps = self.snapshots.lock().unwrap();
+        let (_, d) = snaps
+            .iter()
+            .find(|(s, _)| s.uuid == uuid)
+            .ok_or(Errno(libc::ENOENT))?;
+        Ok(d[r].to_vec())
     }
 
     pub fn new(size: usize) -> Arc<MemStore> {
@@ -357,6 +389,64 @@ impl Replica for MemReplica {
             buf.copy_from_slice(&data[range(offset, buf.len() as u64)]);
             Ok(())
         };
+        Box::pin(std::future::ready(res))
+    }
+
+    fn read_snapshot<'a>(
+        &'a self,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a> {
+        self.store.reads.fetch_add(1, Ordering::SeqCst);
+        let res = match self.store.error(true) {
+            Some(e) => Err(e),
+            None => self
+                .store
+                .snapshot_bytes(of, range(offset, buf.len() as u64))
+                .map(|d| buf.copy_from_slice(&d)),
+        };
+        Box::pin(std::future::ready(res))
+    }
+
+    /// Compares the two views 4 KiB at a time.
+    fn diff_extents(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> crate::replica::ExtentsFuture<'_> {
+        let r = range(offset, len.0);
+        let view = |v: Option<SnapshotUuid>| match v {
+            Some(u) => self.store.snapshot_bytes(u, r.clone()),
+            None => Ok(self.store.data.lock().unwrap()[r.clone()].to_vec()),
+        };
+        let res = (|| {
+            let a = view(of)?;
+            let b = match since {
+                Some(_) => view(since)?,
+                None => vec![0u8; a.len()],
+            };
+            let mut out: Vec<crate::replica::Extent> = Vec::new();
+            for (i, (x, y)) in a.chunks(4096).zip(b.chunks(4096)).enumerate() {
+                if x == y {
+                    continue;
+                }
+                let at = offset.0 + i as u64 * 4096;
+                let n = x.len() as u64;
+                match out.last_mut() {
+                    Some((o, l)) if o.0 + l.0 == at => l.0 += n,
+                    _ => out.push((ByteOffset(at), ByteLen(n))),
+                }
+            }
+            if out.len() > crate::replica::MAX_EXTENTS {
+                out.truncate(crate::replica::MAX_EXTENTS);
+                let (o, l) = out.last_mut().expect("MAX_EXTENTS > 0");
+                l.0 = offset.0 + len.0 - o.0;
+            }
+            Ok(Some(out))
+        })();
         Box::pin(std::future::ready(res))
     }
 

@@ -297,6 +297,33 @@ impl LocalBacking {
         now(self.ops().revert(uuid))
     }
 
+    /// Drop every snapshot (a full rebuild's target): the store is plain again
+    /// and so is its label, in both slots, so a crash after this opens it plain.
+    pub fn reset_snapshots(&self) -> Result<Done, StoreError> {
+        let done = now(self.ops().reset())?;
+        let current = match self.label.lock().unwrap().as_ref() {
+            Some((_, Some(l))) => Some(l.clone()),
+            _ => None,
+        };
+        if let Some(l) = current.filter(|l| l.format == label::LABEL_FORMAT_LAYERED) {
+            self.write_label(&l)?;
+            self.write_label(&l)?;
+        }
+        Ok(done)
+    }
+
+    /// Where snapshot `of` (`None`: the head) may differ from snapshot `since`
+    /// (`None`: zeroes); see [`Layered::diff_extents`]. Blocking.
+    pub fn diff_extents(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> Result<Option<Vec<Extent>>, Errno> {
+        self.ops().diff_extents(of, since, offset.0, len.0)
+    }
+
     /// One grain of a deleted snapshot's merge; `false` when none is left.
     pub fn merge_step(&self) -> Result<bool, StoreError> {
         now(self.ops().merge_step())
@@ -317,6 +344,7 @@ impl LocalBacking {
             SnapshotAction::Undo { uuid } => self.unsnapshot(*uuid)?,
             SnapshotAction::Delete { uuid } => self.delete_snapshot(*uuid)?,
             SnapshotAction::Revert { uuid } => self.revert(*uuid)?,
+            SnapshotAction::Reset => self.reset_snapshots()?,
             SnapshotAction::List => Done::AlreadyDone,
         };
         self.resume_merge();
@@ -355,6 +383,11 @@ impl LocalBacking {
             self.merging
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// Read the head, the volume as it is (blocking: tests, tools).
+    pub fn read_head(&self, off: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        now(self.ops().read(off, buf))
     }
 
     /// Read snapshot `uuid` (blocking: export, tests).

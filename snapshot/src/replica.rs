@@ -61,16 +61,51 @@ impl<U: Uring> LocalReplica<U> {
         self.store.data_extents(offset.0, len.0)
     }
 
+    /// Fill `buf` from snapshot `uuid` at `offset` (`ENOENT`: no such snapshot).
+    pub async fn read_snapshot(
+        &self,
+        uuid: wire::SnapshotUuid,
+        offset: ByteOffset,
+        buf: &mut [u8],
+    ) -> IoResult {
+        self.store.read_snapshot(uuid, offset.0, buf).await
+    }
+
+    /// Where view `of` may differ from view `since` (see
+    /// [`Layered::diff_extents`]).
+    pub fn diff_extents(
+        &self,
+        of: Option<wire::SnapshotUuid>,
+        since: Option<wire::SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> Result<Option<Vec<Extent>>, Errno> {
+        self.store.diff_extents(of, since, offset.0, len.0)
+    }
+
     /// CRC32C (little-endian bytes) of the range, read through an aligned buffer
     /// so it goes `O_DIRECT` like the data path (no page cache filled by a verify).
     pub async fn checksum(&self, offset: ByteOffset, len: ByteLen) -> Result<[u8; 4], Errno> {
+        self.checksum_of(None, offset, len).await
+    }
+
+    /// [`LocalReplica::checksum`] of snapshot `of` (`None`: the head).
+    pub async fn checksum_of(
+        &self,
+        of: Option<wire::SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> Result<[u8; 4], Errno> {
         let mut buf = AlignedBuf::zeroed(len.0.min(crate::CHECKSUM_CHUNK) as usize);
         let mut crc = 0u32;
         let mut at = 0;
         while at < len.0 {
             let n = (len.0 - at).min(buf.as_slice().len() as u64) as usize;
             let chunk = &mut buf.as_mut_slice()[..n];
-            self.store.read(offset.0 + at, chunk).await?;
+            match of {
+                Some(u) => self.store.read_snapshot(u, offset.0 + at, chunk).await?,
+                None => self.store.read(offset.0 + at, chunk).await?,
+            }
             crc = crc32c::crc32c_append(crc, chunk);
             at += n as u64;
         }

@@ -1163,16 +1163,68 @@ fn a_snapshot_is_taken_on_remote_replicas_too_and_survives_a_server_restart() {
         .unwrap();
     assert_eq!(listed.snapshots.len(), 1);
     assert_eq!(listed.snapshots[0].uuid, uuid);
-    // A snapshot needs every replica online: refused, and said why.
-    let err = replication::snapshots::create(
-        &owner.health,
-        &owner.ranges,
-        wire::SnapshotUuid::random(),
-        "s2",
-        2,
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("online"), "{err}");
+    // Taken while it is out: on the two others, and it gets it from its partial
+    // rebuild (a local source, a remote target).
+    let s2 = wire::SnapshotUuid::random();
+    let created =
+        replication::snapshots::create(&owner.health, &owner.ranges, s2, "s2", 2).unwrap();
+    assert_eq!(created.replicas, 2, "the faulted one is skipped");
+    let rebuild = |slot: u8, kind| {
+        let out = replication::rebuild::rebuild(
+            &owner.health,
+            &owner.ranges,
+            replication::SlotIndex(slot),
+            kind,
+            replication::rebuild::CopyConfig::default(),
+            &replication::rebuild::Progress::default(),
+        )
+        .unwrap();
+        assert!(
+            matches!(out, replication::rebuild::Outcome::Done { .. }),
+            "{out:?}"
+        );
+    };
+    let fault = |slot: u8| {
+        owner
+            .health
+            .fault_missing(
+                replication::SlotIndex(slot),
+                FaultReason::ConnectionLost,
+                &[],
+            )
+            .unwrap()
+    };
+    let more = |from: &Vec<u64>, seq: u64| {
+        let w = workload_from(&nexus, from.clone(), seq, 300, 8, u64::MAX, || {});
+        assert_eq!(w.errors, 0);
+        w.expected
+    };
+    let slots = owner.health.snapshot().slots;
+    let slot_of = |pred: &dyn Fn(&replication::health::SlotStatus) -> bool| {
+        slots.iter().find(|s| pred(s)).unwrap().slot.get() as u8
+    };
+    let out = slot_of(&|s| matches!(s.state, ReplicaState::Faulted { .. }));
+    let local = slot_of(&|s| s.location.ends_with("local.img"));
+    let at_s3 = more(&after.expected, 2 << 32);
+    rebuild(out, replication::state::RebuildKind::Partial);
+    // The local replica out while s3 is taken: its partial rebuild reads s3 from
+    // a replica server (READ of a snapshot view over the wire).
+    fault(local);
+    let s3 = wire::SnapshotUuid::random();
+    replication::snapshots::create(&owner.health, &owner.ranges, s3, "s3", 3).unwrap();
+    let at_head = more(&at_s3, 3 << 32);
+    rebuild(local, replication::state::RebuildKind::Partial);
+    // And a full rebuild of it: every layer through the server's diffs.
+    fault(local);
+    let head = more(&at_head, 4 << 32);
+    rebuild(local, replication::state::RebuildKind::Full);
+    flush(&nexus);
+    assert_eq!(owner.states(), ["online", "online", "online"]);
+    let list = replication::snapshots::list(&owner.health).unwrap();
+    assert!(
+        list.iter().all(|s| s.on.len() == 3 && s.missing.is_empty()),
+        "{list:?}"
+    );
     // What each image holds, read with the servers and the owner stopped.
     drop(nexus);
     drop(owner);
@@ -1190,17 +1242,12 @@ fn a_snapshot_is_taken_on_remote_replicas_too_and_survives_a_server_restart() {
         "the head moved on after the snapshot"
     );
     for img in &images {
-        assert_eq!(
-            stamps_of(img, Some(uuid)),
-            before.expected,
-            "{}: the snapshot",
-            img.display()
-        );
-        assert_eq!(
-            stamps_of(img, None),
-            after.expected,
-            "{}: the head",
-            img.display()
-        );
+        let at = |of, want: &Vec<u64>, what: &str| {
+            assert!(stamps_of(img, of) == *want, "{}: {what}", img.display());
+        };
+        at(Some(uuid), &before.expected, "s1");
+        at(Some(s2), &after.expected, "s2");
+        at(Some(s3), &at_s3, "s3");
+        at(None, &head, "the head");
     }
 }

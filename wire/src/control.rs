@@ -154,6 +154,9 @@ pub enum SnapshotAction {
     Revert {
         uuid: SnapshotUuid,
     },
+    /// Drop every snapshot and the head's own data (a full rebuild's target,
+    /// which is rewritten whole: no I/O to it in flight).
+    Reset,
     List,
 }
 

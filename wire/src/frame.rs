@@ -20,7 +20,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
-use crate::ids::{ByteLen, ByteOffset, FrameSeq, Generation, RequestId, SessionId, VolumeTag};
+use crate::ids::{
+    ByteLen, ByteOffset, FrameSeq, Generation, RequestId, SessionId, SnapshotUuid, VolumeTag,
+};
 
 /// Largest data payload (and READ length): the largest ublk request (`max_io`).
 pub const MAX_DATA: u32 = 32 << 20;
@@ -119,6 +121,59 @@ impl Op {
 pub const FLAG_FUA: u8 = 1;
 /// WRITE_ZEROES: keep the range allocated.
 pub const FLAG_NO_UNMAP: u8 = 2;
+/// READ, CHECKSUM, DATA_EXTENTS: the payload is a [`View`] (a snapshot instead of
+/// the head); sessions with feature `SNAPSHOTS` only.
+pub const FLAG_VIEW: u8 = 4;
+/// Bytes of a [`View`] payload.
+pub const VIEW_LEN: usize = 32;
+
+/// Which data a READ, CHECKSUM or DATA_EXTENTS with [`FLAG_VIEW`] covers: snapshot
+/// `of` (`None`: the head, DATA_EXTENTS only), and for DATA_EXTENTS only, where it
+/// may differ from the older snapshot `since` (a rebuild copies a layer through
+/// it). Encoded as the two uuids, a nil one for `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub of: Option<SnapshotUuid>,
+    pub since: Option<SnapshotUuid>,
+}
+
+impl View {
+    pub fn encode(&self) -> [u8; VIEW_LEN] {
+        let mut b = [0u8; VIEW_LEN];
+        b[..16].copy_from_slice(&self.of.unwrap_or_default().0);
+        b[16..].copy_from_slice(&self.since.unwrap_or_default().0);
+        b
+    }
+
+    /// The view of a request of `op` (its header checked): what each op allows.
+    pub fn decode(op: Op, payload: &[u8]) -> Result<View, WireError> {
+        let bad = |why| Err(WireError::Malformed { op, why });
+        if payload.len() != VIEW_LEN {
+            return bad("a view is 32 bytes");
+        }
+        let uuid = |b: &[u8]| {
+            let u = SnapshotUuid(b.try_into().expect("16 bytes"));
+            (!u.is_nil()).then_some(u)
+        };
+        let v = View {
+            of: uuid(&payload[..16]),
+            since: uuid(&payload[16..]),
+        };
+        match op {
+            Op::Read | Op::Checksum if v.of.is_none() || v.since.is_some() => {
+                bad("a read's view names one snapshot and no `since`")
+            }
+            Op::DataExtents if v.of.is_none() && v.since.is_none() => {
+                bad("a view names a snapshot")
+            }
+            Op::DataExtents if v.of.is_some() && v.of == v.since => {
+                bad("a view differs from itself nowhere: `of` equals `since`")
+            }
+            Op::Read | Op::Checksum | Op::DataExtents => Ok(v),
+            _ => bad("no view on this op"),
+        }
+    }
+}
 
 /// A request as the sender fills it in and the receiver sees it once checked.
 /// The sequence number and the tags are added by [`Sealer`], checked by [`Opener`].
@@ -213,6 +268,7 @@ impl RequestHeader {
         let allowed_flags = match self.op {
             Op::Write => FLAG_FUA,
             Op::WriteZeroes => FLAG_NO_UNMAP,
+            Op::Read | Op::Checksum | Op::DataExtents => FLAG_VIEW,
             _ => 0,
         };
         if self.flags & !allowed_flags != 0 {
@@ -235,15 +291,22 @@ impl RequestHeader {
         let unfenced_ids_set = self.generation.0 != 0 || self.session.0 != 0 || self.volume.0 != 0;
         match self.op {
             Op::Read if self.len == 0 || self.len > MAX_DATA => bad("length must be 1..=MAX_DATA"),
-            Op::Read if self.payload_len != 0 => bad("carries a payload"),
             Op::Checksum if self.len == 0 || self.len > MAX_CHECKSUM => {
                 bad("length must be 1..=MAX_CHECKSUM")
             }
-            Op::Checksum if self.payload_len != 0 => bad("carries a payload"),
             Op::DataExtents if self.len == 0 || self.len > MAX_EXTENTS_RANGE => {
                 bad("length must be 1..=MAX_EXTENTS_RANGE")
             }
-            Op::DataExtents if self.payload_len != 0 => bad("carries a payload"),
+            Op::Read | Op::Checksum | Op::DataExtents
+                if self.flags & FLAG_VIEW != 0 && self.payload_len as usize != VIEW_LEN =>
+            {
+                bad("a view payload is 32 bytes")
+            }
+            Op::Read | Op::Checksum | Op::DataExtents
+                if self.flags & FLAG_VIEW == 0 && self.payload_len != 0 =>
+            {
+                bad("carries a payload")
+            }
             Op::Write if self.len == 0 || self.payload_len != self.len => {
                 bad("payload length must equal the (non-zero) length")
             }
@@ -869,6 +932,50 @@ mod tests {
         b[4] = 8;
         b[32..36].copy_from_slice(&4096u32.to_le_bytes());
         assert_eq!(RequestHeader::parse(&b).unwrap().0.op, Op::DataExtents);
+    }
+
+    #[test]
+    fn views_ride_on_reads_checksums_and_extents_only_as_32_bytes() {
+        let req = |op: Op, flags: u8, payload: &[u8]| {
+            let mut h = RequestHeader::new(op, RequestId(1));
+            (h.offset, h.len, h.flags) = (ByteOffset(0), 4096, flags);
+            h.payload_len = payload.len() as u32;
+            let b = Sealer::new(key(8)).seal_request(&h, payload);
+            Opener::new(key(8)).open_request(&b).map(|(got, _)| got)
+        };
+        let (s1, s2) = (SnapshotUuid([1; 16]), SnapshotUuid([2; 16]));
+        let snap = View {
+            of: Some(s1),
+            since: None,
+        };
+        for op in [Op::Read, Op::Checksum, Op::DataExtents] {
+            let got = req(op, FLAG_VIEW, &snap.encode()).expect("a snapshot view");
+            assert_eq!(got.flags, FLAG_VIEW);
+            assert_eq!(View::decode(op, &snap.encode()), Ok(snap));
+            assert!(req(op, FLAG_VIEW, &[0; 16]).is_err(), "{op:?}: short view");
+            assert!(req(op, 0, &snap.encode()).is_err(), "{op:?}: no flag");
+        }
+        assert!(req(Op::Write, FLAG_VIEW, &[0; 4096]).is_err());
+        let diff = View {
+            of: None,
+            since: Some(s2),
+        };
+        assert_eq!(View::decode(Op::DataExtents, &diff.encode()), Ok(diff));
+        assert!(
+            View::decode(Op::Read, &diff.encode()).is_err(),
+            "no head view"
+        );
+        let both = View {
+            of: Some(s1),
+            since: Some(s2),
+        };
+        assert!(View::decode(Op::Checksum, &both.encode()).is_err());
+        assert!(View::decode(Op::DataExtents, &[0; VIEW_LEN]).is_err());
+        let same = View {
+            of: Some(s1),
+            since: Some(s1),
+        };
+        assert!(View::decode(Op::DataExtents, &same.encode()).is_err());
     }
 
     fn records(v: &[(u64, u64)]) -> Vec<u8> {

@@ -382,6 +382,7 @@ pub struct Health {
     logs: Option<LogDir>,
     al: Option<ActivityLog>,
     dirty_files: Mutex<std::collections::HashMap<ReplicaUuid, DirtyFile>>,
+    snapshot_gate: Mutex<()>,
     pub stats: IoStats,
 }
 
@@ -534,6 +535,7 @@ impl Health {
             logs: cfg.logs,
             al,
             dirty_files: Mutex::default(),
+            snapshot_gate: Mutex::new(()),
             stats: IoStats::default(),
         });
         h.publish_masks(&h.inner.lock().unwrap());
@@ -1095,7 +1097,13 @@ impl Health {
             .clone()
     }
 
-    /// The dirty map of `slot`: what it lacks (`None`: unknown, or nothing).
+    /// Held by a snapshot's barrier, and by a rebuild from its last look at the
+    /// volume's snapshots until its target takes writes: no snapshot is taken
+    /// in between that the target would miss.
+    pub fn snapshot_gate(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.snapshot_gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Application requests served so far (a rebuild yields while it grows).
     pub fn app_requests(&self) -> u64 {
         let s = &self.stats;
@@ -1117,6 +1125,7 @@ impl Health {
         inner.slots.get(slot.get())?.unflushed.clone()
     }
 
+    /// The dirty map of `slot`: what it lacks (`None`: unknown, or nothing).
     pub fn dirty_map(&self, slot: SlotIndex) -> Option<Arc<DirtyMap>> {
         let inner = self.inner.lock().unwrap();
         inner.slots.get(slot.get())?.dirty.clone()

@@ -35,10 +35,13 @@ use crate::local::AlignedBuf;
 use crate::ranges::RangeTable;
 use crate::replica::Replica;
 use crate::state::{FaultReason, IoOp, RebuildKind, RebuildStop, ReplicaState};
+use wire::SnapshotUuid;
 
+mod layers;
 mod manager;
 mod resync;
 
+pub use layers::{plan_partial, NeedFull, PartialPlan};
 pub use manager::{
     full_why, map_expired, next_rebuild, retry_delay, Candidate, Ended, FullWhy, HistoryEntry,
     Manager, ManagerConfig, NodeLimits, PartialWindow, Running, Trigger, Work,
@@ -295,7 +298,46 @@ pub fn rebuild(
         .backing(slot)
         .ok_or(ReplicationError::NoSuchSlot(slot))?
         .thread_handle()?;
-    let map = health.begin_rebuild(slot, kind)?;
+    // A copy takes whole regions of the map: one at least, whatever the config.
+    let chunk = ByteLen(cfg.chunk.0.max(u64::from(health.grain().0)));
+    // Snapshots first (see `layers`): a partial target catches up on them
+    // before it takes writes; a full one takes them once it joined.
+    let mut kind = kind;
+    let mut joined = None;
+    if kind == RebuildKind::Partial {
+        match layers::carry_partial(health, slot, target.as_ref(), chunk) {
+            Ok(layers::Partial::Joined(map)) => joined = Some(map),
+            Ok(layers::Partial::NeedFull(why)) => {
+                tracing::warn!(volume = health.volume(), replica = target.location(), %why,
+                    "the partial rebuild becomes a full one to carry the snapshots");
+                kind = RebuildKind::Full;
+            }
+            Err(layers::Carry::Stop(reason)) => return Ok(Outcome::Stopped { bytes: 0, reason }),
+            Err(layers::Carry::Error(e)) => return Err(e),
+        }
+    }
+    let map = match joined {
+        Some(map) => map,
+        None => {
+            let _gate = health.snapshot_gate();
+            health.begin_rebuild(slot, kind)?
+        }
+    };
+    let base = if kind == RebuildKind::Full {
+        match layers::carry_full(health, slot, target.as_ref(), chunk) {
+            Ok(base) => base,
+            Err(layers::Carry::Stop(reason)) => return stop(health, slot, 0, reason),
+            Err(layers::Carry::Error(e)) => {
+                let reason = FaultReason::RebuildStopped {
+                    why: RebuildStop::SnapshotCopy { errno: libc::EIO },
+                };
+                tracing::warn!(volume = health.volume(), error = %e, "the rebuild could not copy the snapshots");
+                return stop(health, slot, 0, reason);
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(
         volume = health.volume(),
         replica = target.location(),
@@ -310,8 +352,6 @@ pub fn rebuild(
         &None,
     )));
     let t0 = Instant::now();
-    // A copy takes whole regions of the map: one at least, whatever the config.
-    let chunk = ByteLen(cfg.chunk.0.max(u64::from(map.grain().0)));
     let mut copier = Copier {
         health,
         ranges,
@@ -328,6 +368,7 @@ pub fn rebuild(
         sources: Handles::default(),
         cursor: ByteOffset(0),
         pace_due: false,
+        base,
     };
     progress.total.store(map.dirty_bytes(), Ordering::Release);
     progress.done.store(0, Ordering::Release);
@@ -441,6 +482,9 @@ struct Copier<'a> {
     cursor: ByteOffset,
     /// The pacer may want a pause once the chunks in flight are done.
     pace_due: bool,
+    /// The snapshot the target's head equals where the map marks it (a full
+    /// rebuild's newest layer): only where a source's head differs is copied.
+    base: Option<SnapshotUuid>,
 }
 
 /// What one chunk's copy needs: shared by the chunks in flight.
@@ -452,6 +496,7 @@ struct Chunks<'a> {
     /// The target's slot: it must still be in the write set.
     slot: SlotIndex,
     map: &'a DirtyMap,
+    base: Option<SnapshotUuid>,
 }
 
 impl Copier<'_> {
@@ -550,6 +595,7 @@ impl Copier<'_> {
             target: self.target,
             slot: self.slot,
             map: self.map,
+            base: self.base,
         };
         let mut sources = std::mem::take(&mut self.sources);
         let Some(handle) = sources.get(self.health, src) else {
@@ -708,6 +754,27 @@ impl Chunks<'_> {
         // (the range is ours), and a failure below marks it again.
         self.map.clear(offset, len);
         let res = async {
+            if let Some(base) = self.base {
+                // Asked under the range lock, like the holes below. A source
+                // without the snapshot cannot tell: the whole chunk is copied.
+                if let Ok(Some(changed)) = source.diff_extents(None, Some(base), offset, len).await
+                {
+                    for &(o, l) in &changed {
+                        let at = (o.0 - offset.0) as usize;
+                        let part = &mut buf[at..at + l.0 as usize];
+                        source.read(o, part).await.map_err(Lane::Source)?;
+                    }
+                    still_source()?;
+                    for &(o, l) in &changed {
+                        let at = (o.0 - offset.0) as usize;
+                        self.target
+                            .write(o, &buf[at..at + l.0 as usize], false)
+                            .await
+                            .map_err(Lane::Target)?;
+                    }
+                    return Ok(());
+                }
+            }
             // Asked under the range lock: no write can land in the hole meanwhile.
             if matches!(source.data_extents(offset, len).await, Ok(Some(e)) if e.is_empty()) {
                 still_source()?;
@@ -902,6 +969,7 @@ pub(crate) mod tests {
             sources: Handles::default(),
             cursor: ByteOffset(0),
             pace_due: false,
+            base: None,
         };
         copier.copy_all().unwrap();
         h.end_rebuild(slot, Ok(())).unwrap();

@@ -40,12 +40,14 @@ use wire::control::{
     OpenRequest, StatReply, StatRequest,
 };
 use wire::frame::{
-    decode_extents, Extent, Op, Opener, RequestHeader, Sealer, Status, FLAG_FUA, FLAG_NO_UNMAP,
-    MAX_EXTENTS_RANGE, REPLY_HEADER_LEN,
+    decode_extents, Extent, Op, Opener, RequestHeader, Sealer, Status, View, FLAG_FUA,
+    FLAG_NO_UNMAP, FLAG_VIEW, MAX_EXTENTS_RANGE, REPLY_HEADER_LEN, VIEW_LEN,
 };
 use wire::handshake::Secret;
 use wire::label::Label;
-use wire::{ByteLen, ByteOffset, Generation, ReplicaUuid, RequestId, SessionId, VolumeTag};
+use wire::{
+    ByteLen, ByteOffset, Generation, ReplicaUuid, RequestId, SessionId, SnapshotUuid, VolumeTag,
+};
 
 use super::conn::{client_handshake, exchange};
 use crate::error::{Errno, ReplicationError};
@@ -115,6 +117,10 @@ enum JobData {
     /// A control request (SNAPSHOT) and where its answer goes: the reply's JSON,
     /// or the server's message when it refused.
     Control(Vec<u8>, ControlSlot),
+    /// READ or CHECKSUM of a snapshot: the view sent, the answer's destination.
+    ViewRead(RawBuf, [u8; VIEW_LEN]),
+    /// DATA_EXTENTS between views: the view sent, where the answer goes.
+    ViewExtents(Arc<Mutex<Option<Vec<Extent>>>>, [u8; VIEW_LEN]),
 }
 
 type ControlSlot = Arc<Mutex<Option<Result<Vec<u8>, String>>>>;
@@ -139,6 +145,7 @@ impl Job {
                 std::slice::from_raw_parts(b.ptr, b.len)
             },
             (JobData::Owned(v), _) | (JobData::Control(v, _), _) => v,
+            (JobData::ViewRead(_, v), _) | (JobData::ViewExtents(_, v), _) => v,
             _ => &[],
         }
     }
@@ -741,7 +748,7 @@ async fn reader(
             Status::Ok if job.op == Op::DataExtents => {
                 match decode_extents(ByteOffset(job.offset), ByteLen(job.len.into()), &payload) {
                     Ok(extents) => {
-                        if let JobData::Extents(slot) = &job.data {
+                        if let JobData::Extents(slot) | JobData::ViewExtents(slot, _) = &job.data {
                             *slot.lock().unwrap() = Some(extents);
                         }
                         Ok(())
@@ -757,7 +764,7 @@ async fn reader(
                 }
             }
             Status::Ok if matches!(job.op, Op::Read | Op::Checksum) => {
-                let JobData::Borrowed(b) = job.data else {
+                let (JobData::Borrowed(b) | JobData::ViewRead(b, _)) = job.data else {
                     unreachable!("a read has a buffer")
                 };
                 if payload.len() != b.len {
@@ -1015,6 +1022,19 @@ pub struct RemoteReplica {
 }
 
 impl RemoteReplica {
+    /// The encoded view, when the session agreed on snapshots (a server without
+    /// them would close the connection on it).
+    fn view(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+    ) -> Option<[u8; VIEW_LEN]> {
+        let features = wire::version::Features(self.client.shared.features.load(Ordering::SeqCst));
+        features
+            .has(wire::version::Features::SNAPSHOTS)
+            .then(|| View { of, since }.encode())
+    }
+
     fn io(&self, op: Op, flags: u8, offset: u64, len: u64, data: JobData) -> IoFuture<'static> {
         let Ok(len32) = u32::try_from(len) else {
             return Box::pin(std::future::ready(Err(Errno::EINVAL)));
@@ -1094,6 +1114,69 @@ impl Replica for RemoteReplica {
         let slot = Arc::new(Mutex::new(None));
         let data = JobData::Extents(slot.clone());
         let done = self.io(Op::DataExtents, 0, offset.0, len.0, data);
+        Box::pin(async move {
+            done.await?;
+            Ok(slot.lock().unwrap().take())
+        })
+    }
+
+    fn read_snapshot<'a>(
+        &'a self,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a> {
+        let Some(view) = self.view(Some(of), None) else {
+            return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
+        };
+        let raw = RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        };
+        let data = JobData::ViewRead(raw, view);
+        self.io(Op::Read, FLAG_VIEW, offset.0, buf.len() as u64, data)
+    }
+
+    fn checksum_snapshot<'a>(
+        &'a self,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        len: ByteLen,
+        out: &'a mut [u8; 4],
+    ) -> IoFuture<'a> {
+        let Some(view) = self.view(Some(of), None) else {
+            return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
+        };
+        let raw = RawBuf {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        let data = JobData::ViewRead(raw, view);
+        self.io(Op::Checksum, FLAG_VIEW, offset.0, len.0, data)
+    }
+
+    fn diff_extents(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> ExtentsFuture<'_> {
+        if of.is_none() && since.is_none() {
+            return self.data_extents(offset, len);
+        }
+        let Some(view) = self.view(of, since) else {
+            return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
+        };
+        if !(1..=u64::from(MAX_EXTENTS_RANGE)).contains(&len.0)
+            || !offset.0.is_multiple_of(512)
+            || !len.0.is_multiple_of(512)
+        {
+            return Box::pin(std::future::ready(Ok(None)));
+        }
+        let slot = Arc::new(Mutex::new(None));
+        let data = JobData::ViewExtents(slot.clone(), view);
+        let done = self.io(Op::DataExtents, FLAG_VIEW, offset.0, len.0, data);
         Box::pin(async move {
             done.await?;
             Ok(slot.lock().unwrap().take())

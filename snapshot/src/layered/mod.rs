@@ -450,6 +450,32 @@ fn pieces(off: u64, len: usize, mut resolve: impl FnMut(u64) -> Option<Src>) -> 
     Some(v)
 }
 
+/// The runs of whole blocks of `[off, off + len)` for which `data` holds,
+/// clipped to the range: sorted, merged, at most `MAX_EXTENTS` (past that the
+/// last runs to the range's end, over-reporting, which is safe).
+fn block_runs(off: u64, len: u64, data: impl Fn(u64) -> bool) -> Vec<crate::Extent> {
+    let end = off + len;
+    let mut out: Vec<crate::Extent> = Vec::new();
+    let mut at = off;
+    while at < end {
+        let b = at / BLOCK;
+        let next = ((b + 1) * BLOCK).min(end);
+        if data(b) {
+            let full = out.len() == crate::MAX_EXTENTS;
+            match out.last_mut() {
+                Some((o, l)) if o.0 + l.0 == at => l.0 = next - o.0,
+                Some((o, l)) if full => {
+                    l.0 = end - o.0;
+                    break;
+                }
+                _ => out.push((crate::ByteOffset(at), crate::ByteLen(next - at))),
+            }
+        }
+        at = next;
+    }
+    out
+}
+
 impl<R: RawIo> Layered<R> {
     pub fn new(shared: Arc<Shared>, io: R) -> Layered<R> {
         Layered { shared, io }
@@ -681,26 +707,44 @@ impl<R: RawIo> Layered<R> {
             return self.io.extents(off, len);
         }
         let m = self.shared.meta.read().unwrap();
-        let end = off + len;
-        let mut out: Vec<crate::Extent> = Vec::new();
-        let mut at = off;
-        while at < end {
-            let b = at / BLOCK;
-            let next = ((b + 1) * BLOCK).min(end);
-            if b < m.geo.volume_blocks() && m.resolve(b) != Src::Zero {
-                let full = out.len() == crate::MAX_EXTENTS;
-                match out.last_mut() {
-                    Some((o, l)) if o.0 + l.0 == at => l.0 = next - o.0,
-                    Some((o, l)) if full => {
-                        l.0 = end - o.0;
-                        break;
-                    }
-                    _ => out.push((crate::ByteOffset(at), crate::ByteLen(next - at))),
-                }
-            }
-            at = next;
+        let blocks = m.geo.volume_blocks();
+        Some(block_runs(off, len, |b| {
+            b < blocks && m.resolve(b) != Src::Zero
+        }))
+    }
+
+    /// The parts of `[off, off + len)` where view `of` (a snapshot; `None`: the
+    /// head) may differ from view `since` (an older snapshot; `None`: zeroes, so
+    /// the view's data): per block, where the two resolve to different places.
+    /// Over-reports, never under-reports (a grain a merge moved counts as
+    /// changed). `ENOENT` names a snapshot the store lacks or is deleting; a
+    /// rebuild reads the layers through it, oldest first.
+    pub fn diff_extents(
+        &self,
+        of: Option<SnapshotUuid>,
+        since: Option<SnapshotUuid>,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<Vec<crate::Extent>>, Errno> {
+        self.check_range(off, len)?;
+        let m = self.shared.meta.read().unwrap();
+        let find = |u: SnapshotUuid| {
+            m.find(u)
+                .filter(|s| !m.layers[s].rec.deleting)
+                .ok_or(Errno(libc::ENOENT))
+        };
+        let of = of.map(find).transpose()?;
+        let since = since.map(find).transpose()?;
+        if of.is_none() && since.is_none() {
+            drop(m);
+            return Ok(self.data_extents(off, len));
         }
-        Some(out)
+        let at_of = |b| of.map_or_else(|| m.resolve(b), |l| m.resolve_in(l, b));
+        let differs = |b: u64| match since {
+            None => at_of(b) != Src::Zero,
+            Some(s) => at_of(b) != m.resolve_in(s, b),
+        };
+        Ok(Some(block_runs(off, len, differs)))
     }
 
     /// FLUSH: every completed write durable, with the metadata that finds it.
@@ -856,6 +900,23 @@ impl<R: RawIo> Layered<R> {
         drop(_c);
         self.shared.grace();
         self.shared.meta.write().unwrap().release_pending();
+        Ok(Done::Done)
+    }
+
+    /// Drop every snapshot and the head's own data: the store is its base
+    /// again, unformatted (its old table is ignored: the next format has a new
+    /// store id). For a full rebuild, which rewrites the whole volume; the caller
+    /// labels the replica plain. `AlreadyDone` when it had no store.
+    pub async fn reset(&self) -> Result<Done, StoreError> {
+        let _ops = self.shared.serial.lock(OPS).await;
+        let _c = self.shared.serial.lock(COMMIT).await;
+        let mut m = self.shared.meta.write().unwrap();
+        if m.seq == 0 && !m.is_layered() {
+            return Ok(Done::AlreadyDone);
+        }
+        *m = Meta::fresh(self.shared.geo, u64::from_le_bytes(wire::random::bytes()));
+        drop(m);
+        self.shared.sync_flag();
         Ok(Done::Done)
     }
 

@@ -384,6 +384,116 @@ fn an_old_store_on_a_reused_device_is_ignored() {
     assert!(err.to_string().contains("no superblock"), "{err}");
 }
 
+fn extents(s: &Layered<Arc<SimDisk>>, of: Option<u8>, since: Option<u8>) -> Vec<(u64, u64)> {
+    s.diff_extents(of.map(uuid), since.map(uuid), 0, SIZE)
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|(o, l)| (o.0, l.0))
+        .collect()
+}
+
+#[test]
+fn diff_extents_name_what_a_view_changed_since_an_older_one() {
+    let disk = SimDisk::new();
+    let s = open(&disk);
+    write(&s, 0, &[1u8; 4096]);
+    snap(&s, 1);
+    write(&s, 8192, &[2u8; 4096]);
+    block_on(s.write_zeroes(16384, 4096, false)).unwrap();
+    snap(&s, 2);
+    write(&s, 32768, &[3u8; 512]);
+    assert_eq!(extents(&s, Some(2), Some(1)), [(8192, 4096), (16384, 4096)]);
+    assert_eq!(extents(&s, None, Some(2)), [(32768, 4096)]);
+    assert_eq!(
+        extents(&s, None, Some(1)),
+        [(8192, 4096), (16384, 4096), (32768, 4096)]
+    );
+    assert_eq!(extents(&s, Some(1), None), [(0, SIZE)], "the base is data");
+    assert_eq!(
+        extents(&s, Some(2), None),
+        [(0, 16384), (20480, SIZE - 20480)],
+        "a zeroed block is a hole"
+    );
+    let err = |of: Option<u8>, since: Option<u8>| {
+        s.diff_extents(of.map(uuid), since.map(uuid), 0, SIZE)
+            .unwrap_err()
+    };
+    assert_eq!(err(Some(7), None).0, libc::ENOENT);
+    assert_eq!(err(None, Some(7)).0, libc::ENOENT);
+    assert_eq!(
+        s.diff_extents(None, None, SIZE - 4096, 8192).unwrap_err().0,
+        libc::EINVAL
+    );
+    block_on(s.delete(uuid(1))).unwrap();
+    assert_eq!(err(Some(1), None).0, libc::ENOENT, "a deleted one is gone");
+}
+
+/// What a full rebuild does: each layer written through its diff from the one
+/// before, then snapshotted, then the head's diff from the newest; every view of
+/// the copy reads as the original's.
+#[test]
+fn layers_replayed_through_their_diffs_rebuild_every_snapshot() {
+    let src_disk = SimDisk::new();
+    let src = open(&src_disk);
+    let mut rng = Rng::new(7);
+    for n in 1..=6u8 {
+        for _ in 0..12 {
+            let off = rng.below(SIZE / 512) * 512;
+            let len = (rng.below(16) + 1) * 512;
+            let len = len.min(SIZE - off);
+            if rng.below(5) == 0 {
+                block_on(src.write_zeroes(off, len, false)).unwrap();
+            } else {
+                write(&src, off, &vec![n * 10 + rng.below(9) as u8; len as usize]);
+            }
+        }
+        snap(&src, n);
+    }
+    write(&src, 4096 * 3, &[99u8; 8192]);
+    let dst_disk = SimDisk::new();
+    // The target had a stale history of its own: reset drops it.
+    let dst = open(&dst_disk);
+    write(&dst, 0, &[5u8; 65536]);
+    snap(&dst, 200);
+    write(&dst, 0, &[6u8; 4096]);
+    assert_eq!(block_on(dst.reset()).unwrap(), Done::Done);
+    assert!(dst.shared().list().is_empty() && !dst.shared().is_layered());
+    assert_eq!(block_on(dst.reset()).unwrap(), Done::AlreadyDone);
+    let copy = |of: Option<u8>, since: Option<u8>| {
+        if since.is_none() {
+            block_on(dst.write_zeroes(0, SIZE, false)).unwrap();
+        }
+        for (o, l) in extents(&src, of, since) {
+            let data = match of {
+                Some(n) => read_snap(&src, uuid(n), o, l as usize),
+                None => read(&src, o, l as usize),
+            };
+            write(&dst, o, &data);
+        }
+    };
+    let mut prev = None;
+    for n in 1..=6u8 {
+        copy(Some(n), prev);
+        snap(&dst, n);
+        prev = Some(n);
+    }
+    copy(None, prev);
+    block_on(dst.flush()).unwrap();
+    let dst = open(&dst_disk);
+    dst.shared().check().unwrap();
+    for n in 1..=6u8 {
+        assert_eq!(
+            read_snap(&dst, uuid(n), 0, SIZE as usize),
+            read_snap(&src, uuid(n), 0, SIZE as usize),
+            "snapshot {n}"
+        );
+    }
+    assert_eq!(read(&dst, 0, SIZE as usize), read(&src, 0, SIZE as usize));
+    let names: Vec<_> = dst.shared().list().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["s1", "s2", "s3", "s4", "s5", "s6"]);
+}
+
 #[test]
 fn a_device_too_small_for_a_reserve_is_refused_with_the_size_it_needs() {
     let err = Geometry::for_device(1 << 30, (1 << 30) + 65536).unwrap_err();
