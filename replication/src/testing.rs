@@ -121,6 +121,16 @@ impl MemStore {
         })
     }
 
+    /// Overwrite snapshot `uuid`'s data at `offset` (rot in a layer, for tests).
+    pub fn snapshot_put(&self, uuid: SnapshotUuid, offset: usize, data: &[u8]) {
+        let mut snaps = self.snapshots.lock().unwrap();
+        let (_, d) = snaps
+            .iter_mut()
+            .find(|(s, _)| s.uuid == uuid)
+            .expect("no such snapshot");
+        d[offset..offset + data.len()].copy_from_slice(data);
+    }
+
     /// Snapshot `uuid`'s data at `[offset, offset + len)`.
     fn snapshot_bytes(
         &self,

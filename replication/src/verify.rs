@@ -28,6 +28,10 @@ use crate::ids::{ByteLen, ByteOffset, SlotIndex};
 use crate::ranges::RangeTable;
 use crate::rebuild::Progress;
 use crate::replica::Replica;
+use wire::SnapshotUuid;
+
+/// A replica's CRC32C of a region: its slot, its location, the sum.
+pub type Checksum = (SlotIndex, String, u32);
 
 /// A region where the online replicas disagree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,12 +125,33 @@ pub struct Report {
     /// The online replicas compared, by location.
     pub replicas: Vec<String>,
     pub mismatches: Vec<Mismatch>,
+    /// Every snapshot, compared on the replicas holding it.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotCheck>,
+}
+
+/// One snapshot's verify: snapshots are immutable, so no lock and no recheck; a
+/// difference is real. It is not repaired here (a layer is not rewritten in
+/// place): a full rebuild of the replica that is wrong recreates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCheck {
+    pub uuid: SnapshotUuid,
+    pub name: String,
+    pub bytes: u64,
+    /// Online replicas that lack it although others hold it.
+    pub missing: Vec<String>,
+    /// Regions where its holders differ, each holder's checksum.
+    pub mismatches: Vec<(ByteOffset, ByteLen, Vec<Checksum>)>,
 }
 
 impl Report {
-    /// Every region matched (or was repaired).
+    /// Every region matched (or was repaired), and every snapshot.
     pub fn clean(&self) -> bool {
         self.mismatches.iter().all(|m| m.repaired)
+            && self
+                .snapshots
+                .iter()
+                .all(|s| s.missing.is_empty() && s.mismatches.is_empty())
     }
 }
 
@@ -181,7 +206,78 @@ pub fn verify(
         report.bytes = at;
         progress.done.store(at, Ordering::Release);
     }
+    if !progress.cancel.load(Ordering::Acquire) {
+        report.snapshots = verify_snapshots(health, &handles, region, progress)?;
+    }
     Ok(report)
+}
+
+/// Compare every snapshot the online replicas hold, region by region, on the
+/// replicas holding it (see [`SnapshotCheck`]).
+fn verify_snapshots(
+    health: &Health,
+    handles: &[Handle],
+    region: ByteLen,
+    progress: &Progress,
+) -> Result<Vec<SnapshotCheck>, ReplicationError> {
+    let list: Vec<_> = match crate::snapshots::list(health) {
+        Ok(l) => l.into_iter().filter(|s| !s.deleting).collect(),
+        // A replica server from before snapshots: the volume has none.
+        Err(ReplicationError::SnapshotRefused(_)) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let size = health.size().0;
+    progress
+        .total
+        .fetch_add(size * list.len() as u64, Ordering::AcqRel);
+    let mut out = Vec::new();
+    for snap in list {
+        let holders: Vec<&Handle> = handles
+            .iter()
+            .filter(|(_, loc, _)| snap.on.contains(loc))
+            .collect();
+        let mut check = SnapshotCheck {
+            uuid: snap.uuid,
+            name: snap.name.clone(),
+            bytes: 0,
+            missing: snap.missing.clone(),
+            mismatches: Vec::new(),
+        };
+        let mut at = 0;
+        while at < size && holders.len() > 1 {
+            if progress.cancel.load(Ordering::Acquire) {
+                break;
+            }
+            let len = region.0.min(size - at);
+            let sums = snapshot_checksums(&holders, snap.uuid, ByteOffset(at), ByteLen(len))?;
+            if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
+                tracing::warn!(volume = health.volume(), snapshot = %snap.name, offset = at, len,
+                    checksums = ?sums, "a snapshot differs between replicas");
+                check.mismatches.push((ByteOffset(at), ByteLen(len), sums));
+            }
+            at += len;
+            check.bytes = at;
+            progress.done.fetch_add(len, Ordering::AcqRel);
+        }
+        out.push(check);
+    }
+    Ok(out)
+}
+
+fn snapshot_checksums(
+    replicas: &[&Handle],
+    of: SnapshotUuid,
+    offset: ByteOffset,
+    len: ByteLen,
+) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
+    let mut outs = vec![[0u8; 4]; replicas.len()];
+    let results = futures::executor::block_on(join_all(
+        replicas
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|((_, _, r), out)| r.checksum_snapshot(of, offset, len, out)),
+    ));
+    collect_sums(replicas, results, outs, offset)
 }
 
 type Handle = (SlotIndex, String, Box<dyn Replica>);
@@ -291,6 +387,15 @@ fn checksums(
             .zip(outs.iter_mut())
             .map(|((_, _, r), out)| r.checksum(offset, len, out)),
     ));
+    collect_sums(replicas, results, outs, offset)
+}
+
+fn collect_sums(
+    replicas: &[&Handle],
+    results: Vec<Result<(), crate::error::Errno>>,
+    outs: Vec<[u8; 4]>,
+    offset: ByteOffset,
+) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
     replicas
         .iter()
         .zip(results)
@@ -500,6 +605,44 @@ mod tests {
         for (sums, want) in table {
             assert_eq!(repair_source(sums), *want, "{sums:?}");
         }
+    }
+
+    #[test]
+    fn every_snapshot_is_compared_and_a_rotten_or_missing_one_reported() {
+        use wire::control::SnapshotAction;
+        let (stores, h, ranges) = filled(3);
+        let (a, b) = (SnapshotUuid([1; 16]), SnapshotUuid([2; 16]));
+        crate::snapshots::create(&h, &ranges, a, "a", 1).unwrap();
+        let n = crate::testing::test_nexus(&h, ranges.clone());
+        crate::testing::write_through(&n, 0, 8192, 0x55).unwrap();
+        crate::snapshots::create(&h, &ranges, b, "b", 2).unwrap();
+        let run = || {
+            verify(
+                &h,
+                &ranges,
+                ByteLen(64 << 10),
+                Repair::No,
+                &Progress::default(),
+            )
+        };
+        let r = run().unwrap();
+        assert!(r.clean(), "{r:?}");
+        assert_eq!(r.snapshots.len(), 2);
+        assert!(r.snapshots.iter().all(|s| s.bytes == h.size().0));
+        // Rot in one replica's copy of `a`, and `b` gone from another.
+        stores[2].snapshot_put(a, 70 << 10, &[9; 512]);
+        stores[1]
+            .snapshot_action(&SnapshotAction::Delete { uuid: b })
+            .unwrap();
+        let r = run().unwrap();
+        assert!(!r.clean());
+        assert!(r.mismatches.is_empty(), "the heads agree");
+        let sa = r.snapshots.iter().find(|s| s.name == "a").unwrap();
+        assert_eq!(sa.mismatches.len(), 1);
+        assert_eq!(sa.mismatches[0].0, ByteOffset(64 << 10));
+        let sb = r.snapshots.iter().find(|s| s.name == "b").unwrap();
+        assert_eq!(sb.missing.len(), 1, "{sb:?}");
+        assert!(sb.mismatches.is_empty());
     }
 
     #[test]

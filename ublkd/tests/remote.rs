@@ -1225,6 +1225,37 @@ fn a_snapshot_is_taken_on_remote_replicas_too_and_survives_a_server_restart() {
         list.iter().all(|s| s.on.len() == 3 && s.missing.is_empty()),
         "{list:?}"
     );
+    // Verify compares each snapshot too (CHECKSUM of a view on the servers).
+    let report = replication::verify::verify(
+        &owner.health,
+        &owner.ranges,
+        ByteLen(1 << 20),
+        replication::verify::Repair::No,
+        &replication::rebuild::Progress::default(),
+    )
+    .unwrap();
+    assert!(report.clean(), "{report:?}");
+    assert_eq!(report.snapshots.len(), 3);
+    assert!(report.snapshots.iter().all(|s| s.bytes == SIZE));
+    let sum = |b: replication::backing::Backing, of: Option<wire::SnapshotUuid>| {
+        let h = b.thread_handle().unwrap();
+        let mut out = [0u8; 4];
+        let len = ByteLen(1 << 20);
+        futures::executor::block_on(match of {
+            Some(u) => h.checksum_snapshot(u, ByteOffset(0), len, &mut out),
+            None => h.checksum(ByteOffset(0), len, &mut out),
+        })
+        .unwrap();
+        out
+    };
+    let remote = replication::backing::Backing::Remote(owner.clients[0].clone());
+    let local = owner.health.backing(replication::SlotIndex(local)).unwrap();
+    assert_eq!(sum(remote.clone(), Some(uuid)), sum(local, Some(uuid)));
+    assert_ne!(
+        sum(remote.clone(), Some(uuid)),
+        sum(remote, None),
+        "the server checksummed the snapshot, not the head"
+    );
     // What each image holds, read with the servers and the owner stopped.
     drop(nexus);
     drop(owner);

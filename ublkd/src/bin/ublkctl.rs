@@ -992,8 +992,42 @@ fn print_verify(r: &replication::verify::Report) {
         };
         println!("    {verb} from {}", m.source);
     }
-    if r.mismatches.is_empty() {
+    for snap in &r.snapshots {
+        for m in &snap.missing {
+            println!(
+                "  snapshot {}: MISSING on {m} (a full rebuild of that replica gives it back)",
+                snap.name
+            );
+        }
+        for (off, len, sums) in &snap.mismatches {
+            let sums: Vec<String> = sums
+                .iter()
+                .map(|(s, loc, c)| format!("#{} {loc}: {c:08x}", s.0))
+                .collect();
+            println!(
+                "  snapshot {}: DIFFERS at {}..{}: {} (not repaired: a full rebuild of the wrong replica recreates it)",
+                snap.name,
+                off.0,
+                off.0 + len.0,
+                sums.join(", ")
+            );
+        }
+    }
+    if !r.snapshots.is_empty() {
+        let bad = r
+            .snapshots
+            .iter()
+            .filter(|s| !s.missing.is_empty() || !s.mismatches.is_empty())
+            .count();
+        println!(
+            "{} snapshot(s) compared, {bad} with findings",
+            r.snapshots.len()
+        );
+    }
+    if r.mismatches.is_empty() && r.clean() {
         println!("replicas identical");
+    } else if r.mismatches.is_empty() {
+        println!("the heads are identical; the snapshots above are not");
     } else if r.clean() {
         println!(
             "{} region(s) differed and were rewritten (sources above)",
