@@ -74,6 +74,8 @@ pub enum ReplicationError {
     SnapshotRefused(String),
     #[error("snapshot failed on replica {replica}: {error} (nothing was kept: the replicas that took it undid it)")]
     SnapshotFailed { replica: String, error: String },
+    #[error("export stopped: {0}")]
+    Export(String),
 
     // Remote replicas.
     #[error("cannot connect to replica server {addr}: {source}")]

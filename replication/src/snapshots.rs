@@ -26,7 +26,7 @@ use wire::SnapshotUuid;
 use crate::backing::Backing;
 use crate::error::ReplicationError;
 use crate::health::{indices, Health};
-use crate::ids::ByteOffset;
+use crate::ids::{ByteOffset, SlotIndex};
 use crate::ranges::RangeTable;
 use crate::state::ReplicaState;
 
@@ -354,6 +354,128 @@ pub fn revert(
         health.fault_missing(slot, reason, &[(ByteOffset(0), health.size())])?;
     }
     Ok(t0.elapsed())
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Exported {
+    /// The replica it was read from.
+    pub replica: String,
+    /// Bytes read from the snapshot (its data, or what changed since the older).
+    pub bytes_read: u64,
+    /// Bytes the image file holds as data.
+    pub bytes_written: u64,
+    pub millis: u64,
+}
+
+/// Export snapshot `uuid` to `w`: all of its data, or with `since` only where it
+/// differs from that older snapshot (for an image over the older one's export),
+/// in whole clusters. Read from an online replica holding both, local first;
+/// the snapshot does not change, so nothing is locked against the application.
+/// `progress` counts the volume's bytes gone through.
+pub fn export(
+    health: &Health,
+    uuid: SnapshotUuid,
+    since: Option<SnapshotUuid>,
+    mut w: Box<dyn snapshot::export::ImageWriter + Send>,
+    progress: &crate::rebuild::Progress,
+) -> Result<Exported, ReplicationError> {
+    use snapshot::export::CLUSTER;
+    let t0 = Instant::now();
+    let all = list(health)?;
+    let on = |u: SnapshotUuid| -> Vec<String> {
+        all.iter()
+            .find(|s| s.uuid == u && !s.deleting)
+            .map(|s| s.on.clone())
+            .unwrap_or_default()
+    };
+    let holders: Vec<String> = on(uuid)
+        .into_iter()
+        .filter(|l| since.is_none_or(|s| on(s).contains(l)))
+        .collect();
+    let online: Vec<SlotIndex> = indices(health.read_mask()).collect();
+    let local = health.local_mask();
+    let slot = online
+        .iter()
+        .copied()
+        .filter(|s| {
+            health
+                .backing(*s)
+                .is_some_and(|b| holders.contains(&b.location()))
+        })
+        .min_by_key(|s| local & (1 << s.get()) == 0)
+        .ok_or_else(|| {
+            ReplicationError::SnapshotRefused(
+                "no online replica holds the snapshot (and the older one, with --since)".into(),
+            )
+        })?;
+    let backing = health
+        .backing(slot)
+        .ok_or(ReplicationError::NoSuchSlot(slot))?;
+    let replica = backing.location();
+    let h = backing.thread_handle()?;
+    let read_err = |at: u64, e: crate::error::Errno| {
+        ReplicationError::Export(format!(
+            "reading the snapshot from {replica} at offset {at} failed: {e}; run it again"
+        ))
+    };
+    let size = health.size().0;
+    let window = u64::from(wire::frame::MAX_EXTENTS_RANGE);
+    let mut buf = crate::local::AlignedBuf::zeroed(16 * CLUSTER as usize);
+    let (mut read, mut at) = (0u64, 0u64);
+    progress.total.store(size, Ordering::Release);
+    while at < size {
+        if progress.cancel.load(Ordering::Acquire) {
+            return Err(ReplicationError::Export("cancelled".into()));
+        }
+        let len = (size - at).min(window);
+        let extents = futures::executor::block_on(h.diff_extents(
+            Some(uuid),
+            since,
+            ByteOffset(at),
+            crate::ids::ByteLen(len),
+        ))
+        .map_err(|e| read_err(at, e))?
+        .unwrap_or_else(|| vec![(ByteOffset(at), crate::ids::ByteLen(len))]);
+        // Whole clusters: an image maps clusters, and the rest of a changed
+        // one is the snapshot's too.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in extents {
+            let (a, b) = (
+                o.0 / CLUSTER * CLUSTER,
+                (o.0 + l.0).div_ceil(CLUSTER) * CLUSTER,
+            );
+            match runs.last_mut() {
+                Some((_, e)) if *e >= a => *e = (*e).max(b),
+                _ => runs.push((a, b)),
+            }
+        }
+        for (a, b) in runs {
+            let mut o = a;
+            while o < b.min(size) {
+                let n = (b.min(size) - o).min(buf.as_slice().len() as u64) as usize;
+                let chunk = &mut buf.as_mut_slice()[..n];
+                futures::executor::block_on(h.read_snapshot(uuid, ByteOffset(o), chunk))
+                    .map_err(|e| read_err(o, e))?;
+                w.write(o, chunk)
+                    .map_err(|e| ReplicationError::Export(format!("writing the image: {e}")))?;
+                read += n as u64;
+                o += n as u64;
+                progress.done.store(o, Ordering::Release);
+            }
+        }
+        at += len;
+        progress.done.store(at, Ordering::Release);
+    }
+    let written = w
+        .finish()
+        .map_err(|e| ReplicationError::Export(format!("finishing the image: {e}")))?;
+    Ok(Exported {
+        replica,
+        bytes_read: read,
+        bytes_written: written,
+        millis: t0.elapsed().as_millis() as u64,
+    })
 }
 
 #[cfg(test)]

@@ -6,12 +6,14 @@
 //! - [`layered`]: the copy-on-write store: the same container with snapshot
 //!   layers after the label (format, write order and crash rules in its docs).
 //! - [`replica`]: a local replica's per-queue handle over its store.
+//! - [`export`]: the image files a snapshot is exported to (raw, qcow2).
 //! - [`uring`]: who executes the io_uring entries of a store (a ublk queue's ring,
 //!   the server's per-connection ring, or a private blocking one).
 //! - [`signature`]: what known data (a filesystem, LVM) a store holds, before it is
 //!   adopted as a replica.
 
 pub mod error;
+pub mod export;
 pub mod flat;
 pub mod layered;
 pub mod replica;

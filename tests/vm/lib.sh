@@ -20,6 +20,7 @@ UMOUNT=/usr/bin/umount
 FIO=/usr/bin/fio
 MDADM=/usr/sbin/mdadm
 QEMU_NBD=/usr/bin/qemu-nbd
+QEMU_IMG=/usr/bin/qemu-img
 NBD_CLIENT=/usr/sbin/nbd-client
 SOCK=/run/ublkd/ublkd.sock
 DEFAULT_TIMEOUT=180

@@ -107,6 +107,40 @@ pub enum SnapshotCmd {
     Revert {
         snapshot: String,
     },
+    /// Write one to an image file: all of it, or with `since` what changed since
+    /// that older one (qcow2 over `backing_file`, the older one's export).
+    Export {
+        snapshot: String,
+        /// Absolute, as the client sees it: opened in the client's mount
+        /// namespace (its `/proc/PID/root`), owned by the client's user.
+        path: String,
+        format: ExportFormat,
+        #[serde(default)]
+        since: Option<String>,
+        #[serde(default)]
+        backing_file: Option<String>,
+        /// Replace an existing file.
+        #[serde(default)]
+        force: bool,
+    },
+}
+
+/// The image formats of `snapshot export`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// The volume's bytes at their offsets; zeroes are holes (sparse).
+    Raw,
+    /// qcow2 v3 (64 KiB clusters): what qemu and `qemu-img` read.
+    Qcow2,
+}
+
+/// Who sent a control request (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -149,7 +183,11 @@ pub enum Response {
     Error(String),
 }
 
-fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonError> {
+fn handle(
+    daemon: &Daemon,
+    req: Request,
+    peer: Option<Peer>,
+) -> Result<serde_json::Value, DaemonError> {
     Ok(match req {
         Request::List => json(&daemon.list()),
         Request::Status { volume } => json(&daemon.status(&volume)?),
@@ -189,7 +227,7 @@ fn handle(daemon: &Daemon, req: Request) -> Result<serde_json::Value, DaemonErro
         Request::Server => json(&daemon.server_status()?),
         Request::LogLevel { filter } => json(&daemon.set_log_filter(&filter)?),
         Request::Rebuild { volume, action } => daemon.rebuild(&volume, &action)?,
-        Request::Snapshot { volume, action } => daemon.snapshot(&volume, &action)?,
+        Request::Snapshot { volume, action } => daemon.snapshot(&volume, &action, peer)?,
         Request::Verify {
             volume,
             repair,
@@ -312,6 +350,14 @@ fn serve_conn(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut out = conn.try_clone()?;
     let refused = peer_allowed(&conn).err();
+    let peer = {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        getsockopt(&conn, PeerCredentials).ok().map(|c| Peer {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        })
+    };
     let mut reader = BufReader::new(conn).take(MAX_REQUEST);
     let mut line = String::new();
     loop {
@@ -328,7 +374,7 @@ fn serve_conn(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
             }
             (None, Ok(req)) => {
                 tracing::debug!(?req, "control request");
-                match handle(daemon, req) {
+                match handle(daemon, req, peer) {
                     Ok(v) => Response::Ok(v),
                     Err(e) => Response::Error(e.to_string()),
                 }
@@ -396,6 +442,17 @@ mod tests {
             Request::Rebuild {
                 volume: "v".into(),
                 action: RebuildAction::History,
+            },
+            Request::Snapshot {
+                volume: "v".into(),
+                action: SnapshotCmd::Export {
+                    snapshot: "s2".into(),
+                    path: "/tmp/s2.qcow2".into(),
+                    format: ExportFormat::Qcow2,
+                    since: Some("s1".into()),
+                    backing_file: Some("s1.qcow2".into()),
+                    force: false,
+                },
             },
         ];
         for r in reqs {

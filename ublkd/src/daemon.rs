@@ -517,8 +517,9 @@ impl Daemon {
         &self,
         name: &str,
         action: &crate::control::SnapshotCmd,
+        peer: Option<crate::control::Peer>,
     ) -> Result<serde_json::Value, DaemonError> {
-        self.running(name)?.snapshot(action)
+        self.running(name)?.snapshot(action, peer)
     }
 
     fn running(

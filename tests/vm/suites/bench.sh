@@ -45,7 +45,9 @@
 #                 `snap`, 4k QD32 randread (blocks spread over the layers) and steady randwrite
 #                 (the head holds the blocks) against `flat`, and the first pass of random
 #                 writes right after a snapshot (every write a first touch) against the same
-#                 pass on `flat`, each pair run back to back.
+#                 pass on `flat`, each pair run back to back; snapshot_export_mib_s: a 1 GiB
+#                 snapshot exported raw to ext4 on disk 2, against dd copying the device there
+#                 (ratio_export_vs_dd).
 # Workloads (fio, io_uring, direct=1, one job: the guest has one vCPU, so one ublk queue):
 # 4k randread/randwrite at QD1 and QD32, 128k sequential write at QD8.
 # Prints `RESULT name=value` lines (the host collects them) and a table.
@@ -940,6 +942,30 @@ bench_snapshot() {
   set -- $(fio_run /dev/ublkb0 randwrite 4k 32 flat_randwrite) $(fio_run /dev/ublkb1 randwrite 4k 32 snap_randwrite)
   echo "RESULT ratio_layered_vs_plain_randwrite=$(awk -v a="$1" -v b="$4" 'BEGIN { printf "%.2f", b / a }')"
   printf 'TABLE randwrite qd32 flat %s IOPS  11 snapshots %s IOPS\n' "$1" "$4"
+  # Export: snapshot `first` of `snap` (1 GiB) to a raw file on ext4 on disk 2, against dd
+  # copying the device itself to the same filesystem (both read 1 GiB from disk 1).
+  set -- $VM_DISKS
+  run "$MKFS_EXT4" -F -q "$2"
+  mkdir -p /mnt/bexp
+  run "$MOUNT" -t ext4 "$2" /mnt/bexp
+  _j=$(snap_ctl -o json snapshot export snap first /mnt/bexp/first.raw) || fail "export: $_j"
+  ems=$(printf '%s\n' "$_j" | awk -F'[:,]' '/"millis"/ { gsub(/ /, "", $2); print $2 }')
+  run sync
+  rm -f /mnt/bexp/first.raw
+  dd if=/dev/ublkb1 of=/mnt/bexp/dd.raw bs=1M iflag=direct conv=fsync 2> "$T/dd.err" \
+    || fail "dd: $(cat "$T/dd.err")"
+  cat "$T/dd.err"
+  # busybox dd: "... copied, S seconds, ..."
+  dsec=$(awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^second/) print $(i - 1) }' "$T/dd.err")
+  [ -n "$ems" ] && [ -n "$dsec" ] || fail "no export time ($ems) or dd time ($dsec)"
+  emib=$(awk -v ms="$ems" 'BEGIN { printf "%.1f", 1024 / (ms / 1000) }')
+  dmib=$(awk -v s="$dsec" 'BEGIN { printf "%.1f", 1024 / s }')
+  echo "RESULT snapshot_export_mib_s=$emib"
+  echo "RESULT dd_device_mib_s=$dmib"
+  echo "RESULT ratio_export_vs_dd=$(awk -v a="$dmib" -v b="$emib" 'BEGIN { printf "%.2f", b / a }')"
+  printf 'TABLE export 1 GiB  %s MiB/s   dd of the device %s MiB/s\n' "$emib" "$dmib"
+  rm -f /mnt/bexp/dd.raw
+  run "$UMOUNT" /mnt/bexp
   stop_ublkd 60 || fail "ublkd did not stop cleanly"
   run "$UMOUNT" /mnt/bsnap
 }

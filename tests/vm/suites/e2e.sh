@@ -166,7 +166,9 @@ fio_verify() {
 # ---------------------------------------------------------------------------------------------
 # Snapshots through the real device, two replicas: ext4 mounted, a writer running, `snapshot
 # create --freeze` (FIFREEZE around the barrier); more files after it; the snapshot is on both
-# replicas; revert is refused while mounted; after umount it rolls the volume back: the files
+# replicas; exported raw and qcow2 while the volume runs (qemu-img checks and compares them; the
+# raw one fscks clean and mounts read-only with the files from before the snapshot, none after);
+# revert is refused while mounted; after umount it rolls the volume back: the files
 # from before are intact, the ones after are gone, fsck is clean, and the volume still takes
 # writes and verifies after.
 snapshot_ext4() {
@@ -197,6 +199,28 @@ snapshot_ext4() {
   cat "$T/list.json"
   grep -q '"name": "s1"' "$T/list.json" || fail "s1 not listed"
   grep -q '"missing": \[\]' "$T/list.json" || fail "a replica lacks s1: $(cat "$T/list.json")"
+  # Exported while the volume runs on: raw and qcow2 read back as the same disk (qemu-img),
+  # and the raw one is a clean ext4 (the freeze) with the files from before, none from after.
+  "$UBLKCTL" --socket "$SOCK" snapshot export vol0 s1 "$T/s1.raw" > "$T/export.out" 2>&1 \
+    || fail "export (raw): $(cat "$T/export.out")"
+  cat "$T/export.out"
+  "$UBLKCTL" --socket "$SOCK" snapshot export vol0 s1 "$T/s1.qcow2" --format qcow2 > "$T/export2.out" 2>&1 \
+    || fail "export (qcow2): $(cat "$T/export2.out")"
+  cat "$T/export2.out"
+  if "$UBLKCTL" --socket "$SOCK" snapshot export vol0 s1 "$T/s1.raw" > "$T/exists.out" 2>&1; then
+    fail "an export replaced an existing file without --force"
+  fi
+  grep -q "exists" "$T/exists.out" || fail "the refusal does not say the file exists: $(cat "$T/exists.out")"
+  run "$QEMU_IMG" check "$T/s1.qcow2"
+  run "$QEMU_IMG" compare "$T/s1.raw" "$T/s1.qcow2"
+  fsck_clean "$T/s1.raw"
+  mkdir -p /mnt/s1
+  run "$MOUNT" -o ro,loop "$T/s1.raw" /mnt/s1
+  (cd /mnt/s1 && sha256sum -c "$T/before.sums") > "$T/s1.verify" 2>&1 \
+    || fail "files of the snapshot's export differ: $(grep -v ': OK$' "$T/s1.verify" | head -n 3 | tr '\n' ' ')"
+  [ ! -e /mnt/s1/after/new ] || fail "a file written after the snapshot is in its export"
+  run "$UMOUNT" /mnt/s1
+  rm -f "$T/s1.raw" "$T/s1.qcow2"
   # Revert needs the device unused.
   if "$UBLKCTL" --socket "$SOCK" snapshot revert vol0 s1 > "$T/busy.out" 2>&1; then
     fail "revert went through with the filesystem mounted"

@@ -189,6 +189,30 @@ enum SnapshotCli {
         /// The snapshot: its name or uuid.
         snapshot: String,
     },
+    /// Write a snapshot to an image file on this node, while the volume runs:
+    /// raw (sparse) or qcow2, whole, or with --since only what changed since an
+    /// older snapshot (a qcow2 over that one's export). qemu and `qemu-img` read
+    /// both formats; a progress bar on a terminal.
+    Export {
+        /// The volume (its name in the config; `ublkctl list` shows them).
+        volume: String,
+        /// The snapshot: its name or uuid.
+        snapshot: String,
+        /// The image file to create (it must not exist, unless --force).
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: ublkd::control::ExportFormat,
+        /// Only what changed since this older snapshot (qcow2 only).
+        #[arg(long, requires = "backing_file")]
+        since: Option<String>,
+        /// With --since: the older snapshot's qcow2 export, as qemu should open
+        /// it (relative to FILE, or absolute).
+        #[arg(long, requires = "since")]
+        backing_file: Option<String>,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -433,6 +457,32 @@ fn run(cli: Cli) -> Result<()> {
                         snapshot: snapshot.clone(),
                     },
                 ),
+                SnapshotCli::Export {
+                    volume,
+                    snapshot,
+                    file,
+                    format,
+                    since,
+                    backing_file,
+                    force,
+                } => {
+                    // The daemon opens it in our mount namespace: absolute here.
+                    let path = std::path::absolute(file)
+                        .with_context(|| format!("the path {}", file.display()))?;
+                    let action = SnapshotCmd::Export {
+                        snapshot: snapshot.clone(),
+                        path: path.to_string_lossy().into_owned(),
+                        format: *format,
+                        since: since.clone(),
+                        backing_file: backing_file.clone(),
+                        force: *force,
+                    };
+                    let req = Request::Snapshot {
+                        volume: volume.clone(),
+                        action,
+                    };
+                    return export(&socket, volume, &req, cli.output);
+                }
             };
             Request::Snapshot {
                 volume: volume.clone(),
@@ -593,7 +643,73 @@ fn print_snapshot(cmd: SnapshotCli, v: serde_json::Value) -> Result<()> {
             "{volume} reverted to snapshot {}; later snapshots are kept",
             v["name"].as_str().unwrap_or("?")
         ),
+        SnapshotCli::Export { .. } => unreachable!("handled by export()"),
     }
+    Ok(())
+}
+
+/// `snapshot export`: the request on a thread, the volume's status polled for a
+/// progress bar meanwhile (on a terminal).
+fn export(socket: &std::path::Path, volume: &str, req: &Request, output: Output) -> Result<()> {
+    use std::io::IsTerminal;
+    let (sock, r) = (socket.to_path_buf(), req.clone());
+    let job = std::thread::spawn(move || call(&sock, &r));
+    let tty = std::io::stdout().is_terminal() && output == Output::Text;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    while !job.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if !tty {
+            continue;
+        }
+        let status = call(
+            socket,
+            &Request::Status {
+                volume: volume.to_string(),
+            },
+        )
+        .ok()
+        .and_then(|v| serde_json::from_value::<VolumeStatus>(v).ok());
+        if let Some(e) = status.and_then(|s| s.export) {
+            let b = bar.get_or_insert_with(|| {
+                let b = indicatif::ProgressBar::new(e.total);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                b.set_message(format!("export {}", e.snapshot));
+                b
+            });
+            b.set_length(e.total);
+            b.set_position(e.done);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let v = job.join().expect("the export thread")?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let (read, written, ms) = (
+        v["bytes_read"].as_u64().unwrap_or(0),
+        v["bytes_written"].as_u64().unwrap_or(0),
+        v["millis"].as_u64().unwrap_or(0).max(1),
+    );
+    println!(
+        "exported snapshot {} of {volume} ({}) to {}: {} read from {}, {} of data written, in {:.1} s ({}/s)",
+        v["snapshot"].as_str().unwrap_or("?"),
+        human(v["size"].as_u64().unwrap_or(0)),
+        v["path"].as_str().unwrap_or("?"),
+        human(read),
+        v["replica"].as_str().unwrap_or("?"),
+        human(written),
+        ms as f64 / 1000.0,
+        human(read * 1000 / ms)
+    );
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 
 pub mod activate;
 mod device;
+mod export;
 
 pub use device::pid_alive;
 
@@ -87,6 +88,9 @@ pub struct VolumeStatus {
     /// Dropped replicas whose storage is kept until `ublkctl replica reclaim`.
     #[serde(default)]
     pub retired: Vec<crate::state::Retired>,
+    /// The snapshot export under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<export::ExportStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +157,8 @@ struct Live {
     replacing: Vec<(wire::ReplicaUuid, wire::ReplicaUuid)>,
     /// The record while serving (it owns the HA monitor's substitutions).
     sink: Option<Arc<RecordSink>>,
+    /// The snapshot export under way (status shows its progress).
+    export: Option<export::Running>,
 }
 
 /// A retired replica and what reclaiming it did (`Err`: it stays retired).
@@ -448,6 +454,7 @@ impl VolumeShared {
     pub fn snapshot(
         &self,
         action: &crate::control::SnapshotCmd,
+        peer: Option<crate::control::Peer>,
     ) -> Result<serde_json::Value, DaemonError> {
         use crate::control::SnapshotCmd;
         let name = self.cfg().name;
@@ -542,6 +549,25 @@ impl VolumeShared {
                     "name": s.name,
                     "paused_us": took.as_micros() as u64,
                 }))
+            }
+            SnapshotCmd::Export {
+                snapshot,
+                path,
+                format,
+                since,
+                backing_file,
+                force,
+            } => {
+                let req = export::Request {
+                    snapshot,
+                    path,
+                    format: *format,
+                    since: since.as_deref(),
+                    backing_file: backing_file.as_deref(),
+                    force: *force,
+                    peer,
+                };
+                json(self.export(&health, req)?)
             }
         }
     }
@@ -673,6 +699,7 @@ impl VolumeShared {
             },
             replicas,
             rebuild: live.rebuilds.as_ref().and_then(|m| m.running()),
+            export: live.export.as_ref().map(export::Running::status),
             io,
             substitutions: current
                 .as_ref()
