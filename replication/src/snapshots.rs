@@ -49,7 +49,7 @@ pub struct Created {
 }
 
 /// A snapshot of the volume, as the replicas hold it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct VolumeSnapshot {
     pub uuid: SnapshotUuid,
     pub name: String,
@@ -80,19 +80,22 @@ fn all_online(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationErro
     online(health)
 }
 
-/// The online replicas, for a create: one that is out gets the snapshot from its
-/// rebuild, but one rebuilding now would miss it (its head is half copied), so
-/// that waits. The caller holds the snapshot gate.
+/// The online replicas, for a create: a faulted one gets the snapshot from its
+/// rebuild, but one rebuilding now would miss it (its head is half copied), and
+/// one connecting may come back online without a rebuild, so those wait. The
+/// caller holds the snapshot gate.
 fn for_create(health: &Health) -> Result<Vec<(String, Backing)>, ReplicationError> {
     let snap = health.snapshot();
-    if let Some(s) = snap
-        .slots
-        .iter()
-        .find(|s| matches!(s.state, ReplicaState::Rebuilding { .. }))
-    {
+    if let Some(s) = snap.slots.iter().find(|s| {
+        matches!(
+            s.state,
+            ReplicaState::Rebuilding { .. } | ReplicaState::Connecting
+        )
+    }) {
         return Err(ReplicationError::SnapshotRefused(format!(
-            "replica {} is rebuilding: a snapshot now would miss it; try again once `ublkctl status` shows it online",
-            s.location
+            "replica {} is {}: a snapshot now would miss it; try again once `ublkctl status` shows it online",
+            s.location,
+            s.state.name()
         )));
     }
     let replicas = online(health)?;
@@ -377,7 +380,7 @@ pub fn export(
     health: &Health,
     uuid: SnapshotUuid,
     since: Option<SnapshotUuid>,
-    mut w: Box<dyn snapshot::export::ImageWriter + Send>,
+    w: Box<dyn snapshot::export::ImageWriter + Send>,
     progress: &crate::rebuild::Progress,
 ) -> Result<Exported, ReplicationError> {
     use snapshot::export::CLUSTER;
@@ -421,55 +424,85 @@ pub fn export(
     };
     let size = health.size().0;
     let window = u64::from(wire::frame::MAX_EXTENTS_RANGE);
-    let mut buf = crate::local::AlignedBuf::zeroed(16 * CLUSTER as usize);
+    // The image is written on a thread of its own, a chunk behind the reads: the
+    // two overlap instead of taking turns.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, crate::local::AlignedBuf, usize)>(2);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<crate::local::AlignedBuf>();
+    for _ in 0..3 {
+        let _ = back_tx.send(crate::local::AlignedBuf::zeroed(64 * CLUSTER as usize));
+    }
+    let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut w = w;
+        for (o, buf, n) in rx {
+            w.write(o, &buf.as_slice()[..n])?;
+            if back_tx.send(buf).is_err() {
+                break;
+            }
+        }
+        w.finish()
+    });
     let (mut read, mut at) = (0u64, 0u64);
     progress.total.store(size, Ordering::Release);
-    while at < size {
-        if progress.cancel.load(Ordering::Acquire) {
-            return Err(ReplicationError::Export("cancelled".into()));
-        }
-        let len = (size - at).min(window);
-        let extents = futures::executor::block_on(h.diff_extents(
-            Some(uuid),
-            since,
-            ByteOffset(at),
-            crate::ids::ByteLen(len),
-        ))
-        .map_err(|e| read_err(at, e))?
-        .unwrap_or_else(|| vec![(ByteOffset(at), crate::ids::ByteLen(len))]);
-        // Whole clusters: an image maps clusters, and the rest of a changed
-        // one is the snapshot's too.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (o, l) in extents {
-            let (a, b) = (
-                o.0 / CLUSTER * CLUSTER,
-                (o.0 + l.0).div_ceil(CLUSTER) * CLUSTER,
-            );
-            match runs.last_mut() {
-                Some((_, e)) if *e >= a => *e = (*e).max(b),
-                _ => runs.push((a, b)),
+    let reading = (|| -> Result<(), ReplicationError> {
+        while at < size {
+            if progress.cancel.load(Ordering::Acquire) {
+                return Err(ReplicationError::Export("cancelled".into()));
             }
-        }
-        for (a, b) in runs {
-            let mut o = a;
-            while o < b.min(size) {
-                let n = (b.min(size) - o).min(buf.as_slice().len() as u64) as usize;
-                let chunk = &mut buf.as_mut_slice()[..n];
-                futures::executor::block_on(h.read_snapshot(uuid, ByteOffset(o), chunk))
+            let len = (size - at).min(window);
+            let extents = futures::executor::block_on(h.diff_extents(
+                Some(uuid),
+                since,
+                ByteOffset(at),
+                crate::ids::ByteLen(len),
+            ))
+            .map_err(|e| read_err(at, e))?
+            .unwrap_or_else(|| vec![(ByteOffset(at), crate::ids::ByteLen(len))]);
+            // Whole clusters: an image maps clusters, and the rest of a changed
+            // one is the snapshot's too.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for (o, l) in extents {
+                let (a, b) = (
+                    o.0 / CLUSTER * CLUSTER,
+                    (o.0 + l.0).div_ceil(CLUSTER) * CLUSTER,
+                );
+                match runs.last_mut() {
+                    Some((_, e)) if *e >= a => *e = (*e).max(b),
+                    _ => runs.push((a, b)),
+                }
+            }
+            for (a, b) in runs {
+                let mut o = a;
+                while o < b.min(size) {
+                    // A buffer back from the writer; none: it stopped (its error
+                    // is the answer).
+                    let Ok(mut buf) = back_rx.recv() else {
+                        return Ok(());
+                    };
+                    let n = (b.min(size) - o).min(buf.as_slice().len() as u64) as usize;
+                    futures::executor::block_on(h.read_snapshot(
+                        uuid,
+                        ByteOffset(o),
+                        &mut buf.as_mut_slice()[..n],
+                    ))
                     .map_err(|e| read_err(o, e))?;
-                w.write(o, chunk)
-                    .map_err(|e| ReplicationError::Export(format!("writing the image: {e}")))?;
-                read += n as u64;
-                o += n as u64;
-                progress.done.store(o, Ordering::Release);
+                    if tx.send((o, buf, n)).is_err() {
+                        return Ok(());
+                    }
+                    read += n as u64;
+                    o += n as u64;
+                    progress.done.store(o, Ordering::Release);
+                }
             }
+            at += len;
+            progress.done.store(at, Ordering::Release);
         }
-        at += len;
-        progress.done.store(at, Ordering::Release);
-    }
-    let written = w
-        .finish()
-        .map_err(|e| ReplicationError::Export(format!("finishing the image: {e}")))?;
+        Ok(())
+    })();
+    drop(tx);
+    let written = writer.join().expect("the image writer");
+    reading?;
+    let written =
+        written.map_err(|e| ReplicationError::Export(format!("writing the image: {e}")))?;
     Ok(Exported {
         replica,
         bytes_read: read,
@@ -491,6 +524,29 @@ mod tests {
             reclaimable_bytes: 0,
             deleting: false,
         }
+    }
+
+    #[test]
+    fn a_create_skips_a_faulted_replica_and_waits_for_one_rebuilding() {
+        use crate::ids::SlotIndex;
+        use crate::state::{FaultReason, RebuildKind};
+        let (stores, h) = crate::testing::mem_volume(3);
+        let ranges = RangeTable::new();
+        let take = |n: u8| create(&h, &ranges, SnapshotUuid([n; 16]), &format!("s{n}"), 1);
+        h.fault_missing(SlotIndex(2), FaultReason::ConnectionLost, &[])
+            .unwrap();
+        assert_eq!(take(2).unwrap().replicas, 2, "the faulted one skipped");
+        h.begin_rebuild(SlotIndex(2), RebuildKind::Full).unwrap();
+        let err = take(3).unwrap_err().to_string();
+        assert!(err.contains("rebuilding"), "{err}");
+        let held = |i: usize| {
+            stores[i]
+                .snapshot_action(&SnapshotAction::List)
+                .unwrap()
+                .snapshots
+                .len()
+        };
+        assert_eq!((held(0), held(1), held(2)), (1, 1, 0));
     }
 
     #[test]

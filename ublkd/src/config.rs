@@ -237,6 +237,8 @@ pub struct VolumeConfig {
     /// Replica servers (`host:port`, canonical form) the HA monitor may place a
     /// replacement replica on; distinct.
     pub spares: Vec<String>,
+    /// Scheduled snapshots and their retention (key `snapshots`).
+    pub snapshots: Option<crate::schedule::Schedule>,
 }
 
 /// One replica of a volume.
@@ -621,6 +623,16 @@ struct RawVolume {
     replicas: Option<Spanned<Vec<Spanned<RawReplica>>>>,
     partial_window_s: Option<Spanned<i64>>,
     spares: Option<Spanned<Vec<Spanned<String>>>>,
+    snapshots: Option<Spanned<RawSchedule>>,
+}
+
+/// `snapshots = { every = "1h", keep = 24, freeze = true }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    every: Option<Spanned<String>>,
+    keep: Option<Spanned<i64>>,
+    freeze: Option<Spanned<bool>>,
 }
 
 /// One element of `replicas`. Each replica kind is a key (`local`,
@@ -1051,6 +1063,52 @@ impl Validator<'_> {
     }
 
     /// Checks an integer against an inclusive range.
+    fn schedule(
+        &self,
+        v: &Spanned<RawSchedule>,
+        section: &Option<String>,
+    ) -> Result<crate::schedule::Schedule, ConfigError> {
+        let raw = v.get_ref();
+        let every = raw.every.as_ref().ok_or_else(|| {
+            self.invalid(
+                &v.span(),
+                section,
+                "snapshots",
+                "needs `every` (e.g. \"1h\") and `keep` (e.g. 24)",
+            )
+        })?;
+        let every_ms = parse_duration_ms(every.get_ref())
+            .ok()
+            .filter(|ms| *ms >= crate::schedule::MIN_EVERY_MS)
+            .ok_or_else(|| {
+                self.invalid(
+                    &every.span(),
+                    section,
+                    "snapshots.every",
+                    format!(
+                        "{:?}: a time of at least a minute with s, m, h or d, e.g. \"1h\"",
+                        every.get_ref()
+                    ),
+                )
+            })?;
+        let keep = raw.keep.as_ref().ok_or_else(|| {
+            self.invalid(
+                &v.span(),
+                section,
+                "snapshots",
+                "needs `keep`: how many scheduled snapshots to keep (e.g. 24)",
+            )
+        })?;
+        // One below the store's limit: the next is taken before the oldest goes.
+        let limit = snapshot::layered::DEFAULT_MAX_SNAPSHOTS as i64 - 1;
+        let keep = self.ranged(keep, section, "snapshots.keep", 1, limit)? as u32;
+        Ok(crate::schedule::Schedule {
+            every_ms,
+            keep,
+            freeze: raw.freeze.as_ref().is_some_and(|f| *f.get_ref()),
+        })
+    }
+
     fn ranged(
         &self,
         v: &Spanned<i64>,
@@ -1298,6 +1356,11 @@ impl Validator<'_> {
             }
         }
 
+        let snapshots = match &raw.snapshots {
+            Some(v) => Some(self.schedule(v, &section)?),
+            None => None,
+        };
+
         Ok(VolumeConfig {
             name,
             size,
@@ -1309,6 +1372,7 @@ impl Validator<'_> {
             replicas,
             partial_window_s,
             spares,
+            snapshots,
         })
     }
 
@@ -1766,6 +1830,25 @@ impl<'de> Deserialize<'de> for Node {
 // Tests
 // ---------------------------------------------------------------------------
 
+/// "90s", "30m", "2h", "1d" (or plain seconds) in milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number with s, m, h or d, e.g. 30m"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86400),
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d, e.g. 30m")),
+    };
+    Ok(secs.saturating_mul(1000))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1969,6 +2052,7 @@ replicas = [
                 ],
                 partial_window_s: None,
                 spares: vec![],
+                snapshots: None,
             }
         );
         let v1 = c.volume("Vol_1.b-2").unwrap();

@@ -466,6 +466,7 @@ impl Daemon {
                 | Change::ReplicaRemoved { volume, .. }
                 | Change::ReplicaReplaced { volume, .. }
                 | Change::Spares { volume, .. }
+                | Change::Schedule { volume, .. }
                 | Change::AtNextStart { volume, .. } => {
                     per_volume
                         .entry(volume.clone())

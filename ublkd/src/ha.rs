@@ -769,12 +769,12 @@ impl StopFlag {
         self.wake.notify_all();
     }
 
-    fn is_stopped(&self) -> bool {
+    pub fn is_stopped(&self) -> bool {
         *self.stopped.lock().unwrap()
     }
 
     /// Wait up to `d`; whether it stopped.
-    fn wait(&self, d: Duration) -> bool {
+    pub fn wait(&self, d: Duration) -> bool {
         let g = self.stopped.lock().unwrap();
         *self.wake.wait_timeout_while(g, d, |s| !*s).unwrap().0
     }

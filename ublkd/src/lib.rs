@@ -20,6 +20,7 @@ pub mod ha;
 pub mod lifecycle;
 pub mod metrics;
 pub mod reload;
+pub mod schedule;
 pub mod state;
 pub mod volume;
 

@@ -271,6 +271,13 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
             .name("ha-monitor".into())
             .spawn(move || ublkd::ha::run(&d, &stop))?
     };
+    // Scheduled snapshots (volumes with `snapshots = { every, keep }`).
+    let schedule_thread = {
+        let (d, stop) = (daemon.clone(), ha_stop.clone());
+        std::thread::Builder::new()
+            .name("snapshots".into())
+            .spawn(move || ublkd::schedule::run(&d, &stop))?
+    };
     tracing::info!(socket = %socket.display(), "ublkd running");
 
     loop {
@@ -296,6 +303,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
                 tracing::info!("SIGTERM: handing the devices over to the next ublkd");
                 ha_stop.stop();
                 let _ = ha_thread.join();
+                let _ = schedule_thread.join();
                 let (clean, not_clean) = daemon.hand_over_all(HAND_OVER_WAIT);
                 let _ = std::fs::remove_file(&socket);
                 tracing::info!(
@@ -311,6 +319,7 @@ fn run(config: &std::path::Path, log_level: Option<&str>) -> Result<()> {
                 // No replacement may start while the volumes stop.
                 ha_stop.stop();
                 let _ = ha_thread.join();
+                let _ = schedule_thread.join();
                 daemon.stop_all();
                 let _ = net_stop.send(());
                 let _ = net_thread.join();

@@ -35,6 +35,11 @@ pub enum Change {
         volume: String,
         spares: Vec<String>,
     },
+    /// A volume's snapshot schedule changed: its next round follows the new one.
+    Schedule {
+        volume: String,
+        schedule: Option<crate::schedule::Schedule>,
+    },
     /// The partial-rebuild window: `[rebuild] partial_window_s` (`volume` none) or
     /// a volume's override. Running volumes take it at their next decision.
     PartialWindow {
@@ -95,6 +100,23 @@ impl std::fmt::Display for Change {
             Change::Spares { volume, spares } => {
                 write!(f, "volume {volume}: spares are now [{}]", spares.join(", "))
             }
+            Change::Schedule {
+                volume,
+                schedule: Some(s),
+            } => write!(
+                f,
+                "volume {volume}: a snapshot every {} s, the newest {} kept{}",
+                s.every_ms / 1000,
+                s.keep,
+                if s.freeze { ", frozen" } else { "" }
+            ),
+            Change::Schedule {
+                volume,
+                schedule: None,
+            } => write!(
+                f,
+                "volume {volume}: no snapshot schedule (the scheduled snapshots are kept)"
+            ),
             Change::PartialWindow {
                 volume: None,
                 window_s,
@@ -252,6 +274,12 @@ pub fn plan(old: &Config, new: &Config) -> Result<Vec<Change>, Refused> {
                     changes.push(Change::Spares {
                         volume: v.name.clone(),
                         spares: v.spares.clone(),
+                    });
+                }
+                if o.snapshots != v.snapshots {
+                    changes.push(Change::Schedule {
+                        volume: v.name.clone(),
+                        schedule: v.snapshots,
                     });
                 }
                 for (key, changed) in [
@@ -445,6 +473,45 @@ mod tests {
             ]
         );
         assert!(plan(&new, &new).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_schedule_applies_live_and_a_bad_one_is_refused_naming_the_key() {
+        let old = cfg(&vol("v", "1GiB", &["a"]));
+        let with = |t: &str| {
+            vol("v", "1GiB", &["a"]).replace("replicas", &format!("snapshots = {t}\nreplicas"))
+        };
+        let new = cfg(&with("{ every = \"1h\", keep = 24, freeze = true }"));
+        let want = crate::schedule::Schedule {
+            every_ms: 3_600_000,
+            keep: 24,
+            freeze: true,
+        };
+        assert_eq!(
+            plan(&old, &new).unwrap(),
+            vec![Change::Schedule {
+                volume: "v".into(),
+                schedule: Some(want),
+            }]
+        );
+        assert_eq!(
+            plan(&new, &old).unwrap(),
+            vec![Change::Schedule {
+                volume: "v".into(),
+                schedule: None,
+            }]
+        );
+        for (bad, says) in [
+            ("{ every = \"30s\", keep = 2 }", "snapshots.every"),
+            ("{ every = \"1x\", keep = 2 }", "snapshots.every"),
+            ("{ every = \"1h\", keep = 0 }", "snapshots.keep"),
+            ("{ every = \"1h\", keep = 32 }", "snapshots.keep"),
+            ("{ every = \"1h\" }", "needs `keep`"),
+            ("{ every = \"1h\", keep = 2, often = true }", "often"),
+        ] {
+            let e = Config::parse(&with(bad), "t.toml").unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -250,28 +250,14 @@ enum MaintenanceCmd {
     },
 }
 
-/// "90s", "30m", "2h", "1d" (or plain seconds) in milliseconds.
+/// "90s", "30m", "2h", "1d" (or plain seconds) in milliseconds, not zero.
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: a number with s, m, h or d, e.g. 30m"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86400),
-        _ => return Err(format!("{s:?}: the unit is s, m, h or d, e.g. 30m")),
-    };
-    if secs == 0 {
-        return Err(
-            "a maintenance of 0 s ends at once: leave --for out to keep it until ended".into(),
-        );
+    match ublkd::config::parse_duration_ms(s)? {
+        0 => {
+            Err("a maintenance of 0 s ends at once: leave --for out to keep it until ended".into())
+        }
+        ms => Ok(ms),
     }
-    Ok(secs.saturating_mul(1000))
 }
 
 #[derive(Subcommand)]
@@ -1111,7 +1097,7 @@ fn print_verify(r: &replication::verify::Report) {
     for snap in &r.snapshots {
         for m in &snap.missing {
             println!(
-                "  snapshot {}: MISSING on {m} (a full rebuild of that replica gives it back)",
+                "  snapshot {}: MISSING on {m} (`ublkctl replica replace`: the new replica's full rebuild gives it every snapshot)",
                 snap.name
             );
         }
@@ -1121,7 +1107,7 @@ fn print_verify(r: &replication::verify::Report) {
                 .map(|(s, loc, c)| format!("#{} {loc}: {c:08x}", s.0))
                 .collect();
             println!(
-                "  snapshot {}: DIFFERS at {}..{}: {} (not repaired: a full rebuild of the wrong replica recreates it)",
+                "  snapshot {}: DIFFERS at {}..{}: {} (not repaired in place: replace the wrong replica, `ublkctl replica replace`)",
                 snap.name,
                 off.0,
                 off.0 + len.0,
@@ -1360,6 +1346,29 @@ fn print_status(s: &VolumeStatus) {
             utc(r.since.0),
             r.why,
             s.name
+        );
+    }
+    if let Some(sch) = &s.schedule {
+        println!(
+            "  snapshots: every {} s, the newest {} `auto-` ones kept{}",
+            sch.every_s,
+            sch.keep,
+            if sch.freeze { ", frozen" } else { "" }
+        );
+        if let (Some(at), Some(e)) = (sch.failed_ms, &sch.error) {
+            println!(
+                "      last round FAILED at {}: {e} (retried every 30 s)",
+                utc(at)
+            );
+        }
+    }
+    if let Some(e) = &s.export {
+        println!(
+            "  exporting snapshot {} to {}: {} of {}",
+            e.snapshot,
+            e.path,
+            human(e.done),
+            human(e.total)
         );
     }
     if let Some(b) = &s.rebuild {

@@ -91,6 +91,22 @@ pub struct VolumeStatus {
     /// The snapshot export under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<export::ExportStatus>,
+    /// The snapshot schedule (config `snapshots`), and its last failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleStatus>,
+}
+
+/// What status shows of a volume's snapshot schedule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleStatus {
+    pub every_s: u64,
+    pub keep: u32,
+    pub freeze: bool,
+    /// The last round that failed (Unix ms) and why; none since one worked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +175,9 @@ struct Live {
     sink: Option<Arc<RecordSink>>,
     /// The snapshot export under way (status shows its progress).
     export: Option<export::Running>,
+    /// The snapshot schedule's last round that failed, and why (cleared by one
+    /// that worked).
+    schedule_error: Option<(u64, String)>,
 }
 
 /// A retired replica and what reclaiming it did (`Err`: it stays retired).
@@ -451,6 +470,62 @@ impl VolumeShared {
     }
 
     /// A snapshot command (see `replication::snapshot`).
+    /// One round of the volume's snapshot schedule (see `crate::schedule`).
+    pub fn scheduled_round(&self) {
+        use crate::control::SnapshotCmd;
+        use crate::schedule::{plan, Action};
+        let Some(sch) = self.cfg().snapshots else {
+            return;
+        };
+        if !self.state().is_serving() {
+            return;
+        }
+        let name = self.cfg().name;
+        let result = (|| -> Result<usize, DaemonError> {
+            let list: Vec<replication::snapshots::VolumeSnapshot> =
+                serde_json::from_value(self.snapshot(&SnapshotCmd::List, None)?)
+                    .map_err(|e| DaemonError::volume(&name, e.to_string()))?;
+            let snaps: Vec<(String, u64)> = list
+                .into_iter()
+                .filter(|s| !s.deleting)
+                .map(|s| (s.name, s.created_ms))
+                .collect();
+            let actions = plan(&sch, replication::dirty_file::unix_ms(), &snaps);
+            for a in &actions {
+                match a {
+                    Action::Create { name: snap } => {
+                        self.snapshot(
+                            &SnapshotCmd::Create {
+                                name: snap.clone(),
+                                freeze: sch.freeze,
+                            },
+                            None,
+                        )?;
+                        tracing::info!(volume = %name, snapshot = %snap, "scheduled snapshot taken");
+                    }
+                    Action::Delete { name: snap } => {
+                        self.snapshot(
+                            &SnapshotCmd::Delete {
+                                snapshot: snap.clone(),
+                            },
+                            None,
+                        )?;
+                        tracing::info!(volume = %name, snapshot = %snap, "scheduled snapshot past `keep` deleted");
+                    }
+                }
+            }
+            Ok(actions.len())
+        })();
+        let mut live = self.live.lock().unwrap();
+        match result {
+            Ok(_) => live.schedule_error = None,
+            Err(e) => {
+                tracing::warn!(volume = %name, error = %e, "snapshot schedule: round failed, retried in 30 s");
+                live.schedule_error = Some((replication::dirty_file::unix_ms(), e.to_string()));
+            }
+        }
+    }
+
     pub fn snapshot(
         &self,
         action: &crate::control::SnapshotCmd,
@@ -700,6 +775,13 @@ impl VolumeShared {
             replicas,
             rebuild: live.rebuilds.as_ref().and_then(|m| m.running()),
             export: live.export.as_ref().map(export::Running::status),
+            schedule: self.cfg().snapshots.map(|s| ScheduleStatus {
+                every_s: s.every_ms / 1000,
+                keep: s.keep,
+                freeze: s.freeze,
+                failed_ms: live.schedule_error.as_ref().map(|e| e.0),
+                error: live.schedule_error.as_ref().map(|e| e.1.clone()),
+            }),
             io,
             substitutions: current
                 .as_ref()
