@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 /// written by one).
 pub fn long_version() -> String {
     format!(
-        "{}\nreplica protocol v{} (serves v2 owners too), replica label format {}, state record v{}",
+        "{}\nreplica protocol v{} (serves v2 owners too), replica label formats {} and {} (with snapshots), state record v{}",
         env!("CARGO_PKG_VERSION"),
         wire::version::ProtocolVersion::CURRENT.number(),
         wire::label::LABEL_FORMAT,
+        wire::label::LABEL_FORMAT_LAYERED,
         crate::state::RECORD_VERSION,
     )
 }

@@ -354,6 +354,60 @@ impl Collector for Scrape {
             Rows::Histogram(latency),
         )?;
 
+        // Snapshots (as the scheduler's round last listed them: no I/O per scrape).
+        let snaps: Vec<_> = vols
+            .iter()
+            .filter_map(|v| Some((vol(v), v.snapshots.as_ref()?)))
+            .collect();
+        for (name, help, f) in [
+            (
+                "ublkd_volume_snapshots",
+                "The volume's snapshots (deleted ones being merged back not counted).",
+                (|s| s.count as f64) as fn(&crate::volume::SnapshotsStatus) -> f64,
+            ),
+            (
+                "ublkd_volume_snapshots_deleting",
+                "Deleted snapshots whose space is still being merged back.",
+                |s| s.deleting as f64,
+            ),
+            (
+                "ublkd_volume_snapshots_partial",
+                "Snapshots some online replica lacks.",
+                |s| s.partial as f64,
+            ),
+        ] {
+            family(
+                &mut enc,
+                name,
+                help,
+                None,
+                Rows::Gauge(snaps.iter().map(|(l, s)| (l.clone(), f(s))).collect()),
+            )?;
+        }
+        family(
+            &mut enc,
+            "ublkd_volume_snapshots_owned",
+            "What the volume's snapshots own (their own grains, on the replica holding the most).",
+            Some(Unit::Bytes),
+            Rows::Gauge(
+                snaps
+                    .iter()
+                    .map(|(l, s)| (l.clone(), s.owned_bytes as f64))
+                    .collect(),
+            ),
+        )?;
+        family(
+            &mut enc,
+            "ublkd_volume_snapshot_schedule_failing",
+            "1 while the volume's snapshot schedule's last round failed (status says why).",
+            None,
+            Rows::Gauge(
+                vols.iter()
+                    .filter_map(|v| Some((vol(v), flag(v.schedule.as_ref()?.error.is_some()))))
+                    .collect(),
+            ),
+        )?;
+
         // Replicas.
         let rep = |v: &crate::volume::VolumeStatus, r: &crate::volume::ReplicaStatus| {
             vec![("volume", v.name.clone()), ("replica", r.path.clone())]

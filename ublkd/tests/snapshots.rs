@@ -101,6 +101,15 @@ fn a_schedule_round_takes_an_auto_snapshot_once_per_every_and_leaves_an_operator
     let st = node.daemon.status("sv").unwrap();
     let sch = st.schedule.expect("the schedule in status");
     assert_eq!((sch.every_s, sch.keep, sch.error), (3600, 2, None));
+    let listed = st.snapshots.expect("the round listed the snapshots");
+    assert_eq!((listed.count, listed.deleting, listed.partial), (2, 0, 0));
+    // The same in the metrics, with no I/O per scrape.
+    let text = ublkd::metrics::render(&node.daemon);
+    assert!(
+        text.contains("ublkd_volume_snapshots{volume=\"sv\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("ublkd_volume_snapshot_schedule_failing{volume=\"sv\"} 0"));
     drop(nexus);
 }
 

@@ -94,6 +94,42 @@ pub struct VolumeStatus {
     /// The snapshot schedule (config `snapshots`), and its last failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<ScheduleStatus>,
+    /// The volume's snapshots, as last listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotsStatus>,
+}
+
+/// The volume's snapshots as the scheduler's last round listed them (every 30 s).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SnapshotsStatus {
+    pub count: usize,
+    /// Deleted, their space still being merged back.
+    pub deleting: usize,
+    /// What they own on the replica owning the most (their own grains).
+    pub owned_bytes: u64,
+    /// Held by only some of the online replicas (a rebuild or a repair will fix).
+    pub partial: usize,
+    pub listed_ms: u64,
+    /// When the newest scheduled (`auto-`) one was taken.
+    #[serde(default)]
+    pub newest_auto_ms: Option<u64>,
+}
+
+impl SnapshotsStatus {
+    fn of(list: &[replication::snapshots::VolumeSnapshot]) -> SnapshotsStatus {
+        SnapshotsStatus {
+            count: list.iter().filter(|s| !s.deleting).count(),
+            deleting: list.iter().filter(|s| s.deleting).count(),
+            owned_bytes: list.iter().map(|s| s.owned_bytes).sum(),
+            partial: list.iter().filter(|s| !s.missing.is_empty()).count(),
+            listed_ms: replication::dirty_file::unix_ms(),
+            newest_auto_ms: list
+                .iter()
+                .filter(|s| !s.deleting && s.name.starts_with(crate::schedule::AUTO_PREFIX))
+                .map(|s| s.created_ms)
+                .max(),
+        }
+    }
 }
 
 /// What status shows of a volume's snapshot schedule.
@@ -178,6 +214,8 @@ struct Live {
     /// The snapshot schedule's last round that failed, and why (cleared by one
     /// that worked).
     schedule_error: Option<(u64, String)>,
+    /// The volume's snapshots as last listed (by the scheduler's round).
+    snapshots: Option<SnapshotsStatus>,
 }
 
 /// A retired replica and what reclaiming it did (`Err`: it stays retired).
@@ -471,20 +509,43 @@ impl VolumeShared {
 
     /// A snapshot command (see `replication::snapshot`).
     /// One round of the volume's snapshot schedule (see `crate::schedule`).
+    /// Also refreshes what status and metrics show of the volume's snapshots.
     pub fn scheduled_round(&self) {
         use crate::control::SnapshotCmd;
         use crate::schedule::{plan, Action};
-        let Some(sch) = self.cfg().snapshots else {
-            return;
-        };
         if !self.state().is_serving() {
             return;
         }
+        // A list costs every replica a walk of its maps (a round trip for a
+        // remote one): only when a create may be due, else every 10 minutes.
+        let now = replication::dirty_file::unix_ms();
+        let cached = self.live.lock().unwrap().snapshots.clone();
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|c| now.saturating_sub(c.listed_ms) < 600_000);
+        let due = match (self.cfg().snapshots, &cached) {
+            (None, _) => false,
+            (Some(sch), Some(c)) => c.newest_auto_ms.is_none_or(|t| {
+                now + crate::schedule::ROUND.as_millis() as u64 >= t + sch.every_ms
+            }),
+            (Some(_), None) => true,
+        };
+        if fresh && !due {
+            return;
+        }
         let name = self.cfg().name;
+        let listed = self.snapshot(&SnapshotCmd::List, None).and_then(|v| {
+            serde_json::from_value::<Vec<replication::snapshots::VolumeSnapshot>>(v)
+                .map_err(|e| DaemonError::volume(&name, e.to_string()))
+        });
+        if let Ok(list) = &listed {
+            self.live.lock().unwrap().snapshots = Some(SnapshotsStatus::of(list));
+        }
+        let Some(sch) = self.cfg().snapshots else {
+            return;
+        };
         let result = (|| -> Result<usize, DaemonError> {
-            let list: Vec<replication::snapshots::VolumeSnapshot> =
-                serde_json::from_value(self.snapshot(&SnapshotCmd::List, None)?)
-                    .map_err(|e| DaemonError::volume(&name, e.to_string()))?;
+            let list = listed?;
             let snaps: Vec<(String, u64)> = list
                 .into_iter()
                 .filter(|s| !s.deleting)
@@ -547,6 +608,12 @@ impl VolumeShared {
             }
         };
         let json = |v: serde_json::Value| Ok(v);
+        if !matches!(action, SnapshotCmd::List | SnapshotCmd::Export { .. }) {
+            // What status and metrics show is listed again at the next round.
+            if let Some(c) = self.live.lock().unwrap().snapshots.as_mut() {
+                c.listed_ms = 0;
+            }
+        }
         match action {
             SnapshotCmd::Create { name: snap, freeze } => {
                 let t0 = std::time::Instant::now();
@@ -775,6 +842,7 @@ impl VolumeShared {
             replicas,
             rebuild: live.rebuilds.as_ref().and_then(|m| m.running()),
             export: live.export.as_ref().map(export::Running::status),
+            snapshots: live.snapshots.clone(),
             schedule: self.cfg().snapshots.map(|s| ScheduleStatus {
                 every_s: s.every_ms / 1000,
                 keep: s.keep,
