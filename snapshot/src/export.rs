@@ -42,8 +42,12 @@ pub trait ImageWriter {
     fn finish(self: Box<Self>) -> std::io::Result<u64>;
 }
 
+/// Whether `b` is all zeroes, 16 bytes at a time: a byte loop over a gigabyte of
+/// zeroes was a large part of an export's time.
 fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+    // SAFETY: any bytes are a valid u128.
+    let (head, body, tail) = unsafe { b.align_to::<u128>() };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 /// A raw image: the volume's bytes at their offsets, zeroes left as holes.
@@ -295,6 +299,18 @@ pub fn writer(
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn zero_detection_sees_one_byte_anywhere() {
+        let mut b = vec![0u8; 4096 + 3];
+        assert!(is_zero(&b[1..]) && is_zero(&b[..]) && is_zero(&[]));
+        for at in [0, 1, 15, 16, 17, 2048, 4095, 4098] {
+            b[at] = 1;
+            assert!(!is_zero(&b), "{at}");
+            assert!(!is_zero(&b[at..]), "{at}");
+            b[at] = 0;
+        }
+    }
 
     /// `qemu-img` from qemu-utils (CI installs it): the reader these images are for.
     fn qemu_img(args: &[&str]) -> (bool, String) {

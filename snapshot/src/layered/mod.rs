@@ -70,7 +70,7 @@ use crate::error::{Errno, StoreError};
 use crate::IoResult;
 pub use format::Geometry;
 use format::{
-    decode_desc, encode_super, pick_super, DescSlot, FormatError, VolGrain, BLOCK,
+    decode_desc, encode_super, pick_super, DescSlot, FormatError, LayerId, VolGrain, BLOCK,
     BLOCKS_PER_GRAIN, DESCS_PER_PAGE, DESC_LEN, DESC_PAGE, GRAIN, MAX_NAME, SB_SLOT,
 };
 use locks::KeyLocks;
@@ -739,10 +739,21 @@ impl<R: RawIo> Layered<R> {
             drop(m);
             return Ok(self.data_extents(off, len));
         }
-        let at_of = |b| of.map_or_else(|| m.resolve(b), |l| m.resolve_in(l, b));
-        let differs = |b: u64| match since {
-            None => at_of(b) != Src::Zero,
-            Some(s) => at_of(b) != m.resolve_in(s, b),
+        let of = of.unwrap_or(m.head);
+        // Whole grains at a time: the walk goes block by block, in order.
+        let grain = |l: LayerId, g: u64| (g, m.resolve_grain_in(l, g));
+        let cache =
+            std::cell::RefCell::new((grain(of, off / GRAIN), since.map(|s| grain(s, off / GRAIN))));
+        let differs = |b: u64| {
+            let (g, i) = (b / BLOCKS_PER_GRAIN, (b % BLOCKS_PER_GRAIN) as usize);
+            let mut c = cache.borrow_mut();
+            if c.0 .0 != g {
+                *c = (grain(of, g), since.map(|s| grain(s, g)));
+            }
+            match &c.1 {
+                None => c.0 .1[i] != Src::Zero,
+                Some((_, older)) => c.0 .1[i] != older[i],
+            }
         };
         Ok(Some(block_runs(off, len, differs)))
     }

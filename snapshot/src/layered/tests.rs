@@ -429,6 +429,37 @@ fn diff_extents_name_what_a_view_changed_since_an_older_one() {
     assert_eq!(err(Some(1), None).0, libc::ENOENT, "a deleted one is gone");
 }
 
+#[test]
+fn a_grain_resolves_as_its_blocks_do_in_every_layer() {
+    let disk = SimDisk::new();
+    let s = open(&disk);
+    let mut rng = Rng::new(3);
+    for n in 1..=5u8 {
+        for _ in 0..20 {
+            let off = rng.below(SIZE / 512) * 512;
+            let len = ((rng.below(24) + 1) * 512).min(SIZE - off);
+            if rng.below(4) == 0 {
+                block_on(s.write_zeroes(off, len, false)).unwrap();
+            } else {
+                write(&s, off, &vec![n; len as usize]);
+            }
+        }
+        snap(&s, n);
+    }
+    block_on(s.delete(uuid(3))).unwrap();
+    let m = s.shared().meta.read().unwrap();
+    let layers: Vec<_> = m.layers.keys().copied().collect();
+    for l in layers {
+        for g in 0..m.geo.volume_grains() as u64 {
+            let got = m.resolve_grain_in(l, g);
+            for (i, src) in got.iter().enumerate() {
+                let b = g * super::format::BLOCKS_PER_GRAIN + i as u64;
+                assert_eq!(*src, m.resolve_in(l, b), "layer {l:?} block {b}");
+            }
+        }
+    }
+}
+
 /// What a full rebuild does: each layer written through its diff from the one
 /// before, then snapshotted, then the head's diff from the newest; every view of
 /// the copy reads as the original's.
