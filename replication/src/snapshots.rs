@@ -49,7 +49,7 @@ pub struct Created {
 }
 
 /// A snapshot of the volume, as the replicas hold it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VolumeSnapshot {
     pub uuid: SnapshotUuid,
     pub name: String,

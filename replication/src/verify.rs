@@ -195,7 +195,7 @@ pub fn verify(
         let (offset, rlen) = (ByteOffset(at), ByteLen(len));
         // A replica that left the read set meanwhile is no longer compared.
         let current = online_now(health, &handles)?;
-        let sums = checksums(&current, offset, rlen)?;
+        let sums = checksums(&current, None, offset, rlen)?;
         if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
             report.rechecked += 1;
             if let Some(m) = locked_region(health, ranges, &handles, repair, offset, rlen)? {
@@ -249,7 +249,7 @@ fn verify_snapshots(
                 break;
             }
             let len = region.0.min(size - at);
-            let sums = snapshot_checksums(&holders, snap.uuid, ByteOffset(at), ByteLen(len))?;
+            let sums = checksums(&holders, Some(snap.uuid), ByteOffset(at), ByteLen(len))?;
             if sums.iter().any(|(_, _, c)| *c != sums[0].2) {
                 tracing::warn!(volume = health.volume(), snapshot = %snap.name, offset = at, len,
                     checksums = ?sums, "a snapshot differs between replicas");
@@ -262,22 +262,6 @@ fn verify_snapshots(
         out.push(check);
     }
     Ok(out)
-}
-
-fn snapshot_checksums(
-    replicas: &[&Handle],
-    of: SnapshotUuid,
-    offset: ByteOffset,
-    len: ByteLen,
-) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
-    let mut outs = vec![[0u8; 4]; replicas.len()];
-    let results = futures::executor::block_on(join_all(
-        replicas
-            .iter()
-            .zip(outs.iter_mut())
-            .map(|((_, _, r), out)| r.checksum_snapshot(of, offset, len, out)),
-    ));
-    collect_sums(replicas, results, outs, offset)
 }
 
 type Handle = (SlotIndex, String, Box<dyn Replica>);
@@ -318,7 +302,7 @@ fn locked_region(
         let current = online_now(health, handles)?;
         let mask = current.iter().fold(0u64, |m, (s, _, _)| m | 1 << s.get());
         let still = || health.read_mask() & mask == mask;
-        let sums = checksums(&current, offset, rlen)?;
+        let sums = checksums(&current, None, offset, rlen)?;
         if !still() {
             continue;
         }
@@ -375,27 +359,20 @@ enum Rewrite {
     SourceLeft,
 }
 
+/// Each replica's checksum of the region of snapshot `of` (`None`: the head).
 fn checksums(
     replicas: &[&Handle],
+    of: Option<SnapshotUuid>,
     offset: ByteOffset,
     len: ByteLen,
 ) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
     let mut outs = vec![[0u8; 4]; replicas.len()];
-    let results = futures::executor::block_on(join_all(
-        replicas
-            .iter()
-            .zip(outs.iter_mut())
-            .map(|((_, _, r), out)| r.checksum(offset, len, out)),
-    ));
-    collect_sums(replicas, results, outs, offset)
-}
-
-fn collect_sums(
-    replicas: &[&Handle],
-    results: Vec<Result<(), crate::error::Errno>>,
-    outs: Vec<[u8; 4]>,
-    offset: ByteOffset,
-) -> Result<Vec<(SlotIndex, String, u32)>, ReplicationError> {
+    let results = futures::executor::block_on(join_all(replicas.iter().zip(outs.iter_mut()).map(
+        |((_, _, r), out)| match of {
+            Some(u) => r.checksum_snapshot(u, offset, len, out),
+            None => r.checksum(offset, len, out),
+        },
+    )));
     replicas
         .iter()
         .zip(results)

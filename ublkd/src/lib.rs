@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod reload;
 pub mod schedule;
 pub mod state;
+pub mod utc;
 pub mod volume;
 
 pub use error::DaemonError;

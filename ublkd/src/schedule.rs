@@ -39,27 +39,11 @@ pub enum Action {
 /// The name of a scheduled snapshot taken at `ms` (UTC, to the second; sorts by
 /// time).
 pub fn auto_name(ms: u64) -> String {
-    let (days, rem) = ((ms / 1000) / 86_400, (ms / 1000) % 86_400);
-    let (y, m, d) = civil(days as i64);
+    let t = crate::utc::utc(ms);
     format!(
-        "{AUTO_PREFIX}{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{AUTO_PREFIX}{:04}{:02}{:02}-{:02}{:02}{:02}",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
-}
-
-/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Pure: given the volume's snapshots (name, creation ms; deleting ones left

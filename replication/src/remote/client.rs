@@ -112,15 +112,14 @@ enum JobData {
     Borrowed(RawBuf),
     /// A control payload the job owns (SET_LABEL).
     Owned(Vec<u8>),
-    /// Where the reader puts a DATA_EXTENTS answer, checked, before it completes.
-    Extents(Arc<Mutex<Option<Vec<Extent>>>>),
+    /// Where the reader puts a DATA_EXTENTS answer, checked, before it completes;
+    /// the view it asks about, if not the head's data.
+    Extents(Arc<Mutex<Option<Vec<Extent>>>>, Option<[u8; VIEW_LEN]>),
     /// A control request (SNAPSHOT) and where its answer goes: the reply's JSON,
     /// or the server's message when it refused.
     Control(Vec<u8>, ControlSlot),
     /// READ or CHECKSUM of a snapshot: the view sent, the answer's destination.
     ViewRead(RawBuf, [u8; VIEW_LEN]),
-    /// DATA_EXTENTS between views: the view sent, where the answer goes.
-    ViewExtents(Arc<Mutex<Option<Vec<Extent>>>>, [u8; VIEW_LEN]),
 }
 
 type ControlSlot = Arc<Mutex<Option<Result<Vec<u8>, String>>>>;
@@ -145,7 +144,7 @@ impl Job {
                 std::slice::from_raw_parts(b.ptr, b.len)
             },
             (JobData::Owned(v), _) | (JobData::Control(v, _), _) => v,
-            (JobData::ViewRead(_, v), _) | (JobData::ViewExtents(_, v), _) => v,
+            (JobData::ViewRead(_, v), _) | (JobData::Extents(_, Some(v)), _) => v,
             _ => &[],
         }
     }
@@ -748,7 +747,7 @@ async fn reader(
             Status::Ok if job.op == Op::DataExtents => {
                 match decode_extents(ByteOffset(job.offset), ByteLen(job.len.into()), &payload) {
                     Ok(extents) => {
-                        if let JobData::Extents(slot) | JobData::ViewExtents(slot, _) = &job.data {
+                        if let JobData::Extents(slot, _) = &job.data {
                             *slot.lock().unwrap() = Some(extents);
                         }
                         Ok(())
@@ -1035,6 +1034,55 @@ impl RemoteReplica {
             .then(|| View { of, since }.encode())
     }
 
+    /// READ or CHECKSUM of snapshot `of` into `out` (the data, or the 4-byte sum).
+    fn snapshot_into<'a>(
+        &'a self,
+        op: Op,
+        of: SnapshotUuid,
+        offset: ByteOffset,
+        len: u64,
+        out: &'a mut [u8],
+    ) -> IoFuture<'a> {
+        let Some(view) = self.view(Some(of), None) else {
+            return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
+        };
+        let raw = RawBuf {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        self.io(op, FLAG_VIEW, offset.0, len, JobData::ViewRead(raw, view))
+    }
+
+    /// DATA_EXTENTS of the head's data, or of a view. A range the op cannot carry
+    /// (too long, not 512-aligned: the server would close the connection) is
+    /// simply unknown.
+    fn extents(
+        &self,
+        view: Option<[u8; VIEW_LEN]>,
+        offset: ByteOffset,
+        len: ByteLen,
+    ) -> ExtentsFuture<'_> {
+        if !(1..=u64::from(MAX_EXTENTS_RANGE)).contains(&len.0)
+            || !offset.0.is_multiple_of(512)
+            || !len.0.is_multiple_of(512)
+        {
+            return Box::pin(std::future::ready(Ok(None)));
+        }
+        let flags = if view.is_some() { FLAG_VIEW } else { 0 };
+        let slot = Arc::new(Mutex::new(None));
+        let done = self.io(
+            Op::DataExtents,
+            flags,
+            offset.0,
+            len.0,
+            JobData::Extents(slot.clone(), view),
+        );
+        Box::pin(async move {
+            done.await?;
+            Ok(slot.lock().unwrap().take())
+        })
+    }
+
     fn io(&self, op: Op, flags: u8, offset: u64, len: u64, data: JobData) -> IoFuture<'static> {
         let Ok(len32) = u32::try_from(len) else {
             return Box::pin(std::future::ready(Err(Errno::EINVAL)));
@@ -1102,22 +1150,9 @@ impl Replica for RemoteReplica {
         self.io(Op::Checksum, 0, offset.0, len.0, JobData::Borrowed(raw))
     }
 
-    /// Asks the server (DATA_EXTENTS). A range the op cannot carry (too long, not
-    /// 512-aligned: the server would close the connection) is simply unknown.
+    /// Asks the server (DATA_EXTENTS).
     fn data_extents(&self, offset: ByteOffset, len: ByteLen) -> ExtentsFuture<'_> {
-        if !(1..=u64::from(MAX_EXTENTS_RANGE)).contains(&len.0)
-            || !offset.0.is_multiple_of(512)
-            || !len.0.is_multiple_of(512)
-        {
-            return Box::pin(std::future::ready(Ok(None)));
-        }
-        let slot = Arc::new(Mutex::new(None));
-        let data = JobData::Extents(slot.clone());
-        let done = self.io(Op::DataExtents, 0, offset.0, len.0, data);
-        Box::pin(async move {
-            done.await?;
-            Ok(slot.lock().unwrap().take())
-        })
+        self.extents(None, offset, len)
     }
 
     fn read_snapshot<'a>(
@@ -1126,15 +1161,8 @@ impl Replica for RemoteReplica {
         offset: ByteOffset,
         buf: &'a mut [u8],
     ) -> IoFuture<'a> {
-        let Some(view) = self.view(Some(of), None) else {
-            return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
-        };
-        let raw = RawBuf {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-        };
-        let data = JobData::ViewRead(raw, view);
-        self.io(Op::Read, FLAG_VIEW, offset.0, buf.len() as u64, data)
+        let len = buf.len() as u64;
+        self.snapshot_into(Op::Read, of, offset, len, buf)
     }
 
     fn checksum_snapshot<'a>(
@@ -1144,15 +1172,7 @@ impl Replica for RemoteReplica {
         len: ByteLen,
         out: &'a mut [u8; 4],
     ) -> IoFuture<'a> {
-        let Some(view) = self.view(Some(of), None) else {
-            return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
-        };
-        let raw = RawBuf {
-            ptr: out.as_mut_ptr(),
-            len: out.len(),
-        };
-        let data = JobData::ViewRead(raw, view);
-        self.io(Op::Checksum, FLAG_VIEW, offset.0, len.0, data)
+        self.snapshot_into(Op::Checksum, of, offset, len.0, out)
     }
 
     fn diff_extents(
@@ -1168,19 +1188,7 @@ impl Replica for RemoteReplica {
         let Some(view) = self.view(of, since) else {
             return Box::pin(std::future::ready(Err(Errno(libc::EOPNOTSUPP))));
         };
-        if !(1..=u64::from(MAX_EXTENTS_RANGE)).contains(&len.0)
-            || !offset.0.is_multiple_of(512)
-            || !len.0.is_multiple_of(512)
-        {
-            return Box::pin(std::future::ready(Ok(None)));
-        }
-        let slot = Arc::new(Mutex::new(None));
-        let data = JobData::ViewExtents(slot.clone(), view);
-        let done = self.io(Op::DataExtents, FLAG_VIEW, offset.0, len.0, data);
-        Box::pin(async move {
-            done.await?;
-            Ok(slot.lock().unwrap().take())
-        })
+        self.extents(Some(view), offset, len)
     }
 
     fn discard(&self, offset: ByteOffset, len: ByteLen) -> IoFuture<'_> {

@@ -534,10 +534,13 @@ impl VolumeShared {
             return;
         }
         let name = self.cfg().name;
-        let listed = self.snapshot(&SnapshotCmd::List, None).and_then(|v| {
-            serde_json::from_value::<Vec<replication::snapshots::VolumeSnapshot>>(v)
-                .map_err(|e| DaemonError::volume(&name, e.to_string()))
-        });
+        let listed = self
+            .serving_parts()
+            .map_err(|e| DaemonError::volume(&name, e))
+            .and_then(|(health, _)| {
+                replication::snapshots::list(&health)
+                    .map_err(|e| DaemonError::volume(&name, e.to_string()))
+            });
         if let Ok(list) = &listed {
             self.live.lock().unwrap().snapshots = Some(SnapshotsStatus::of(list));
         }
